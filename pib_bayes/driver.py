@@ -1,0 +1,370 @@
+"""``pib_bayes.sample``: run Langevin chains on the PIB energy and return a :class:`Posterior`.
+
+Chains are independent: chain k has its own noise generator and its own data-order generator,
+both derived from ``seed`` with ``numpy.random.SeedSequence(seed).spawn``. ``num_chains`` chains
+run either *vectorized* (one batched computation, ``torch.func.vmap`` over the stacked weights)
+or *sequentially* (one after another); since each chain only ever touches its own streams, both
+give the same draws to float tolerance, and a chain gives the same draws as when run alone.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+from torch.func import functional_call, vmap
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+from . import __version__
+from .data import LoaderBatcher, TensorBatcher, as_tensors
+from .energy import Energy, LossFn
+from .posterior import Posterior
+from .prior import GaussianPrior, Prior
+from .samplers.core import GaussianNoise, Kernel
+from .samplers.kernels import build_kernel
+from .samplers.schedules import Schedule, as_schedule
+
+__all__ = ["sample", "chain_seeds"]
+
+StatFn = Callable[[dict[str, Tensor]], Tensor]
+
+
+def chain_seeds(seed: int, num_chains: int) -> list[tuple[int, int, int]]:
+    """Per chain ``(noise_seed, data_seed, init_seed)``, independent streams derived from ``seed``.
+
+    >>> chain_seeds(0, 2) == chain_seeds(0, 2), chain_seeds(0, 2)[0] != chain_seeds(0, 2)[1]
+    (True, True)
+    """
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
+        raise ValueError(f"seed: must be an int >= 0, got {seed!r}")
+    out = []
+    for child in np.random.SeedSequence(int(seed)).spawn(num_chains):
+        words = child.generate_state(3, dtype=np.uint64)
+        out.append(tuple(int(w) >> 1 for w in words))  # torch seeds must fit in int64
+    return out  # type: ignore[return-value]
+
+
+def _generator(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def _positive_int(name: str, value: object, minimum: int = 1) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
+        raise ValueError(f"{name}: must be an int >= {minimum}, got {value!r}")
+    return int(value)
+
+
+@dataclass
+class _Group:
+    """A set of chains advanced together (all chains when vectorized, one when sequential)."""
+
+    chains: list[int]
+    params: list[Tensor]          # each (K, *shape), requires_grad leaves
+    state: dict[str, list[Tensor]]
+    noise: GaussianNoise
+    batcher: TensorBatcher | LoaderBatcher
+    vectorized: bool
+
+
+class _Sampler:
+    def __init__(self, energy: Energy, names: list[str], fixed: dict[str, Tensor], kernel: Kernel,
+                 schedule: Schedule, stat_fns: Mapping[str, StatFn]) -> None:
+        self.energy, self.names, self.fixed = energy, names, fixed
+        self.kernel, self.schedule, self.stat_fns = kernel, schedule, dict(stat_fns)
+
+    # ---- energies -----------------------------------------------------------------
+    def _one(self, p: dict[str, Tensor], x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+        return self.energy.functional(p, x, y, self.fixed)
+
+    def energies(self, group: _Group, x: Tensor, y: Tensor, stacked: bool) -> tuple[Tensor, Tensor]:
+        """(U, loss) per chain of the group, each (K,)."""
+        if not group.vectorized:
+            u, loss = self._one({n: p[0] for n, p in zip(self.names, group.params)},
+                                x[0] if stacked else x, y[0] if stacked else y)
+            return u.reshape(1), loss.reshape(1)
+        in_dims = (0, 0 if stacked else None, 0 if stacked else None)
+        return vmap(self._one, in_dims=in_dims)(dict(zip(self.names, group.params)), x, y)
+
+    # ---- one step -----------------------------------------------------------------
+    def gradients(self, group: _Group) -> tuple[Tensor, Tensor, tuple[Tensor, ...]]:
+        """U and loss per chain at the current weights, and grad U on the next minibatch."""
+        x, y, stacked = group.batcher.next()
+        with torch.enable_grad():
+            u, loss = self.energies(group, x, y, stacked)
+            # chains are independent, so the gradient of the sum is each chain's own gradient
+            grads = torch.autograd.grad(u.sum(), group.params)
+        return u.detach(), loss.detach(), grads
+
+    def move(self, group: _Group, grads: Sequence[Tensor], t: int, with_stats: bool) -> dict[str, Tensor]:
+        h = self.schedule.step_size(t)
+        with torch.no_grad():
+            return self.kernel.step(group.params, list(grads), group.state, h, group.noise,
+                                    self.schedule.noise_scale(t), batch_ndim=1, with_stats=with_stats)
+
+
+def sample(
+    model: nn.Module,
+    loss_fn: str | LossFn,
+    data: tuple[Tensor, Tensor] | DataLoader | Any,
+    *,
+    beta: float,
+    prior: Prior | float | torch.distributions.Distribution | None = None,
+    sampler: str | Kernel = "sgld",
+    step_size: float | Schedule = 1e-4,
+    num_chains: int = 1,
+    num_warmup: int = 1000,
+    num_draws: int = 1000,
+    thin: int = 1,
+    batch_size: int | None = None,
+    seed: int = 0,
+    progress: bool = False,
+    keep: Sequence[str] | None = None,
+    init: str | Mapping[str, Tensor] = "model",
+    chain_method: str = "auto",
+    task: str | None = None,
+    stat_fns: Mapping[str, StatFn] | None = None,
+    sampler_kwargs: Mapping[str, Any] | None = None,
+) -> Posterior:
+    """Sample the PIB Gibbs posterior ``q*(w|S) ∝ p(w) exp(-L_S(w)/beta)`` (SPEC §1-2).
+
+    Each chain runs the chosen kernel on the minibatch energy
+    ``U_B(w) = mean_{i in B} l_i(w)/beta - log p(w)``; e.g. SGLD:
+    ``w <- w - h_t grad U_B(w) + sqrt(2 h_t) xi``. The first ``num_warmup`` steps are discarded,
+    then every ``thin``-th step (only in sampling phases for a cyclical schedule) is kept until
+    ``num_draws`` draws per chain are stored. A draw is the weights *before* the step taken
+    from them, stored with its energy and minibatch loss.
+
+    Args:
+        model: the torch module; its trainable parameters are sampled, buffers and frozen
+            parameters (``requires_grad=False``) are held fixed at their current values, and it is
+            evaluated in ``eval()`` mode (so BatchNorm uses its running statistics).
+        loss_fn: per-example loss ``(output, target) -> (B,)`` or ``"cross_entropy"`` /
+            ``"gaussian"``. With the NLL as loss, ``beta = 1/n`` is the Bayesian posterior.
+        data: ``(x, y)`` tensors or a TensorDataset (minibatched here, per-chain shuffles),
+            or a DataLoader (iterated as is).
+        beta: PIB trade-off > 0 (beta = T/n for temperature T).
+        prior: a :class:`~pib_bayes.prior.Prior`, a float sigma_0 (Gaussian centred at the
+            initial weights), a torch distribution, or None (sigma_0 = 1).
+        sampler: ``"sgld"``, ``"psgld"``, ``"sghmc"``, ``"csgld"`` (SGLD + a cyclical schedule) or
+            a built :class:`~pib_bayes.samplers.Kernel`; ``sampler_kwargs`` go to its builder.
+        step_size: a float (constant) or a :class:`~pib_bayes.samplers.Schedule`.
+        num_chains, num_warmup, num_draws, thin: chain layout.
+        batch_size: minibatch size for tensor data (None = full batch).
+        seed: root seed; chains get independent streams (:func:`chain_seeds`).
+        progress: show a tqdm bar per chain group.
+        keep: names of the parameters whose draws are stored (default all); the others are
+            still sampled.
+        init: ``"model"`` (every chain starts at the module's weights), ``"prior"`` (a draw from
+            a Gaussian prior per chain), or a mapping name -> (num_chains, *shape) tensors.
+        chain_method: ``"vectorized"``, ``"sequential"`` or ``"auto"`` (vectorized when vmap
+            can run the model, else sequential; the choice and reason land in metadata).
+        task: "classification" or "regression" (inferred from the loss when possible).
+        stat_fns: name -> function of one chain's parameter dict returning a scalar, evaluated
+            at every kept draw and stored in ``sample_stats`` (e.g. an IIW tracker).
+
+    Returns:
+        A :class:`~pib_bayes.Posterior`. Chains whose energy or weights become non-finite stop,
+        are flagged in ``diverged``/``divergence_step`` and hold NaN draws from then on; the
+        others continue.
+
+    >>> import torch
+    >>> from torch import nn
+    >>> from pib_bayes import sample
+    >>> x, y = torch.randn(64, 3), torch.randn(64, 1)
+    >>> post = sample(nn.Linear(3, 1), "gaussian", (x, y), beta=1 / 64, step_size=1e-3,
+    ...               num_chains=2, num_warmup=50, num_draws=20, seed=0)
+    >>> post.draws["weight"].shape
+    torch.Size([2, 20, 1, 3])
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
+    energy = Energy(model, loss_fn, prior, beta, task)
+    schedule = as_schedule(step_size)
+    if str(sampler).lower() == "csgld" and not hasattr(schedule, "cycle_length"):
+        raise ValueError("step_size: sampler='csgld' needs a pib_bayes.samplers.Cyclical schedule")
+    kernel = build_kernel(sampler, **dict(sampler_kwargs or {}))
+    num_chains = _positive_int("num_chains", num_chains)
+    num_draws = _positive_int("num_draws", num_draws)
+    num_warmup = _positive_int("num_warmup", num_warmup, minimum=0)
+    thin = _positive_int("thin", thin)
+    if chain_method not in ("auto", "vectorized", "sequential"):
+        raise ValueError(f"chain_method: expected 'auto', 'vectorized' or 'sequential', got {chain_method!r}")
+
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    if not named:
+        raise ValueError("model: has no trainable parameters (requires_grad=True) to sample")
+    names = [n for n, _ in named]
+    keep_names = names if keep is None else list(keep)
+    unknown = [n for n in keep_names if n not in names]
+    if unknown:
+        raise ValueError(f"keep: unknown parameter names {unknown}; trainable parameters are {names}")
+    fixed = {n: b.detach().clone() for n, b in model.named_buffers()}
+    fixed.update({n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad})
+
+    tensors = as_tensors(data)
+    seeds = chain_seeds(seed, num_chains)
+    init_params = _initial_params(named, init, num_chains, energy.prior, seeds)
+
+    def make_batcher(chains: list[int]) -> TensorBatcher | LoaderBatcher:
+        if tensors is None:
+            if batch_size is not None:
+                raise ValueError("batch_size: set the batch size on the DataLoader itself")
+            return LoaderBatcher(data)
+        return TensorBatcher(tensors[0], tensors[1], batch_size, [_generator(seeds[c][1]) for c in chains])
+
+    runner = _Sampler(energy, names, fixed, kernel, schedule, stat_fns or {})
+
+    def make_group(chains: list[int], vectorized: bool) -> _Group:
+        params = [init_params[n][chains].clone().requires_grad_(True) for n in names]
+        noise = GaussianNoise([_generator(seeds[c][0]) for c in chains], batched=True)
+        with torch.no_grad():
+            state = kernel.init([p.detach() for p in params])
+        return _Group(chains, params, state, noise, make_batcher(chains), vectorized)
+
+    method, reason = chain_method, "requested"
+    if num_chains == 1:
+        method, reason = "sequential", "one chain"
+    elif chain_method in ("auto", "vectorized"):
+        probe = make_group(list(range(num_chains)), True)
+        try:
+            x, y, stacked = probe.batcher.next()
+            runner.energies(probe, x, y, stacked)
+            method, reason = "vectorized", "vmap runs the model" if chain_method == "auto" else "requested"
+        except Exception as err:  # vmap cannot run every module (data-dependent control flow, ...)
+            if chain_method == "vectorized":
+                raise ValueError(f"chain_method: 'vectorized' failed, vmap cannot run this model ({err}); "
+                                 "use chain_method='sequential'") from err
+            method, reason = "sequential", f"vmap failed: {type(err).__name__}: {err}"
+
+    groups = ([make_group(list(range(num_chains)), True)] if method == "vectorized"
+              else [make_group([c], False) for c in range(num_chains)])
+
+    dtype = init_params[names[0]].dtype
+    draws = {n: torch.full((num_chains, num_draws, *init_params[n].shape[1:]), math.nan, dtype=dtype)
+             for n in keep_names}
+    stats: dict[str, Tensor] = {
+        "energy": torch.full((num_chains, num_draws), math.nan, dtype=dtype),
+        "loss": torch.full((num_chains, num_draws), math.nan, dtype=dtype),
+        "step_size": torch.full((num_chains, num_draws), math.nan, dtype=torch.float64),
+        "diverging": torch.zeros((num_chains, num_draws), dtype=torch.bool),
+    }
+    diverged = torch.zeros(num_chains, dtype=torch.bool)
+    divergence_step = torch.full((num_chains,), -1, dtype=torch.long)
+    model_was_training = model.training
+    model.eval()
+    try:
+        for group in groups:
+            _run_group(runner, group, names, keep_names, num_warmup, num_draws, thin, draws, stats,
+                       diverged, divergence_step, progress)
+    finally:
+        model.train(model_was_training)
+
+    loss_desc = getattr(energy.loss_fn, "__name__", None) or repr(energy.loss_fn)
+    metadata = {
+        "library": "pib_bayes", "version": __version__, "beta": energy.beta, "prior": repr(energy.prior),
+        "sampler": kernel.name, "sampler_settings": dict(kernel.settings), "schedule": schedule.to_dict(),
+        "num_chains": num_chains, "num_warmup": num_warmup, "num_draws": num_draws, "thin": thin,
+        "batch_size": batch_size if tensors is not None else getattr(data, "batch_size", None),
+        "n": int(tensors[0].shape[0]) if tensors is not None else None,
+        "seed": int(seed), "chain_method": method, "chain_method_reason": reason, "task": energy.task,
+        "loss": loss_desc, "noise_std": getattr(energy.loss_fn, "noise_std", None), "init": init
+        if isinstance(init, str) else "given", "sampled_params": names, "kept_params": keep_names,
+    }
+    return Posterior(draws, stats, metadata, fixed, diverged, divergence_step, model=model)
+
+
+def _initial_params(named: list[tuple[str, Tensor]], init: str | Mapping[str, Tensor], num_chains: int,
+                    prior: Prior, seeds: list[tuple[int, int, int]]) -> dict[str, Tensor]:
+    if isinstance(init, str):
+        if init == "model":
+            return {n: p.detach().unsqueeze(0).repeat(num_chains, *[1] * p.dim()) for n, p in named}
+        if init == "prior":
+            if not isinstance(prior, GaussianPrior):
+                raise ValueError("init: 'prior' needs a GaussianPrior; pass init as tensors instead")
+            current = {n: p.detach() for n, p in named}
+            per_chain = [prior.sample_like(current, _generator(seeds[c][2])) for c in range(num_chains)]
+            return {n: torch.stack([d[n] for d in per_chain]) for n, _ in named}
+        raise ValueError(f"init: expected 'model', 'prior' or a mapping of tensors, got {init!r}")
+    out = {}
+    for n, p in named:
+        if n not in init:
+            raise ValueError(f"init: missing parameter {n!r}")
+        v = torch.as_tensor(init[n], dtype=p.dtype)
+        if tuple(v.shape) != (num_chains, *p.shape):
+            raise ValueError(f"init: {n!r} must have shape {(num_chains, *p.shape)}, got {tuple(v.shape)}")
+        out[n] = v.clone()
+    extra = set(init) - {n for n, _ in named}
+    if extra:
+        raise ValueError(f"init: unknown parameter names {sorted(extra)}")
+    return out
+
+
+def _run_group(runner: _Sampler, group: _Group, names: list[str], keep_names: list[str], num_warmup: int,
+               num_draws: int, thin: int, draws: dict[str, Tensor], stats: dict[str, Tensor], diverged: Tensor,
+               divergence_step: Tensor, progress: bool) -> None:
+    schedule = runner.schedule
+    idx = torch.tensor(group.chains)
+    keep_pos = [names.index(n) for n in keep_names]
+    alive = torch.ones(len(group.chains), dtype=torch.bool)
+    kept, counter, t = 0, 0, 0
+    desc = f"chain {group.chains[0]}" if len(group.chains) == 1 else f"{len(group.chains)} chains"
+    bar = tqdm(total=num_draws, desc=desc, disable=not progress, leave=False)
+    try:
+        while kept < num_draws:
+            u, loss, grads = runner.gradients(group)
+            finite = torch.isfinite(u)
+            newly = alive & ~finite
+            if bool(newly.any()):
+                for j in torch.nonzero(newly).flatten().tolist():
+                    c = group.chains[j]
+                    diverged[c] = True
+                    divergence_step[c] = t
+                alive &= finite
+                with torch.no_grad():
+                    for p in group.params:
+                        p[newly] = math.nan
+            record = t >= num_warmup and schedule.collect(t)
+            if record:
+                record = counter % thin == 0
+                counter += 1
+            if record:
+                with torch.no_grad():
+                    for n, pos in zip(keep_names, keep_pos):
+                        draws[n][idx, kept] = group.params[pos].detach()
+                    stats["energy"][idx, kept] = u.to(stats["energy"].dtype)
+                    stats["loss"][idx, kept] = loss.to(stats["loss"].dtype)
+                    stats["step_size"][idx, kept] = schedule.step_size(t)
+                    stats["diverging"][idx, kept] = ~alive
+                    for name, fn in runner.stat_fns.items():
+                        vals = torch.stack([
+                            torch.as_tensor(fn({n: p[j].detach() for n, p in zip(names, group.params)}))
+                            if bool(alive[j]) else torch.tensor(math.nan) for j in range(len(group.chains))])
+                        stats.setdefault(name, torch.full(stats["energy"].shape, math.nan,
+                                                          dtype=torch.float64))[idx, kept] = vals.double()
+                kept += 1
+                bar.update(1)
+                if kept == num_draws:
+                    break
+            step_stats = runner.move(group, grads, t, record)
+            if record:
+                for name, val in step_stats.items():
+                    stats.setdefault(name, torch.full(stats["energy"].shape, math.nan,
+                                                      dtype=torch.float64))[idx, kept - 1] = val.double()
+            if not bool(alive.all()):
+                with torch.no_grad():
+                    for p in group.params:
+                        p[~alive] = math.nan
+            if not alive.any():
+                # every chain of the group diverged: nothing left to run
+                break
+            t += 1
+    finally:
+        bar.close()
+    for n in keep_names:
+        draws[n][idx[~alive]] = math.nan

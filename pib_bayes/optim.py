@@ -1,0 +1,174 @@
+"""Langevin samplers as ``torch.optim.Optimizer`` s, for users' own training loops.
+
+They follow torch.optim's conventions (param groups, ``state_dict``, multi-tensor "foreach"
+updates) and call the same kernels as :func:`pib_bayes.sample`, so from the same seed and data the
+two produce identical trajectories. The gradient must be that of the energy
+``U_B(w) = mean_B l / beta - log p(w)`` (see :class:`pib_bayes.Energy`), not of the bare loss.
+
+>>> import torch
+>>> from torch import nn
+>>> from pib_bayes import Energy
+>>> from pib_bayes.optim import SGLD
+>>> torch.manual_seed(0) and None
+>>> model = nn.Linear(3, 1)
+>>> energy = Energy(model, "gaussian", prior=1.0, beta=0.05)
+>>> opt = SGLD(model.parameters(), lr=1e-3, generator=torch.Generator().manual_seed(1))
+>>> x, y = torch.randn(32, 3), torch.randn(32, 1)
+>>> for _ in range(10):
+...     opt.zero_grad()
+...     energy.of_module(x, y).backward()
+...     opt.step()
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.optim import Optimizer
+from torch.optim.lr_scheduler import LRScheduler
+
+from .samplers.core import GaussianNoise, Kernel
+from .samplers.kernels import build_psgld, build_sghmc, build_sgld
+from .samplers.schedules import Schedule
+
+__all__ = ["SGLD", "PSGLD", "SGHMC", "ScheduleLR"]
+
+
+def _default_generator() -> torch.Generator:
+    # Seeded from the global RNG, so torch.manual_seed(...) makes the noise reproducible.
+    return torch.Generator().manual_seed(int(torch.randint(0, 2**62, (1,)).item()))
+
+
+class _LangevinOptimizer(Optimizer):
+    _hyper: tuple[str, ...] = ()
+
+    def __init__(self, params: Iterable[Tensor] | Iterable[dict], defaults: dict[str, Any],
+                 generator: torch.Generator | None) -> None:
+        lr = defaults["lr"]
+        if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not lr > 0:
+            raise ValueError(f"lr: the step size must be a number > 0, got {lr!r}")
+        if not 0.0 <= defaults["noise_scale"]:
+            raise ValueError(f"noise_scale: must be >= 0 (1 = exact Langevin), got {defaults['noise_scale']}")
+        super().__init__(params, defaults)
+        self.generator = generator if generator is not None else _default_generator()
+        self._noise: dict[int, GaussianNoise] = {}
+        self._kernels: dict[tuple, Kernel] = {}
+
+    def _build(self, **hyper: Any) -> Kernel:
+        raise NotImplementedError
+
+    def _kernel(self, group: dict) -> Kernel:
+        key = tuple(group[h] for h in self._hyper)
+        if key not in self._kernels:
+            self._kernels[key] = self._build(**{h: group[h] for h in self._hyper})
+        return self._kernels[key]
+
+    @torch.no_grad()
+    def step(self, closure=None):  # type: ignore[override]
+        """One Langevin step on every parameter that has a gradient."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for index, group in enumerate(self.param_groups):
+            params = [p for p in group["params"] if p.grad is not None]
+            if not params:
+                continue
+            grads = [p.grad for p in params]
+            kernel = self._kernel(group)
+            missing = [p for p in params if len(self.state[p]) < len(kernel.state_names)]
+            if missing:
+                fresh = kernel.init(missing)
+                for name in kernel.state_names:
+                    for p, buf in zip(missing, fresh[name]):
+                        self.state[p][name] = buf
+            state = {name: [self.state[p][name] for p in params] for name in kernel.state_names}
+            noise = self._noise.setdefault(index, GaussianNoise(self.generator))
+            kernel.step(params, grads, state, float(group["lr"]), noise, float(group["noise_scale"]))
+        return loss
+
+    def state_dict(self) -> dict[str, Any]:  # type: ignore[override]
+        out = super().state_dict()
+        out["generator_state"] = self.generator.get_state()
+        return out
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:  # type: ignore[override]
+        state_dict = dict(state_dict)
+        gen_state = state_dict.pop("generator_state", None)
+        super().load_state_dict(state_dict)
+        if gen_state is not None:
+            self.generator.set_state(gen_state)
+
+
+class SGLD(_LangevinOptimizer):
+    """SGLD (Welling & Teh 2011): ``w <- w - lr * grad + noise_scale * sqrt(2 lr) * xi``.
+
+    Args:
+        params: parameters or param groups, as for any torch optimizer.
+        lr: step size h (per group; torch LR schedulers and :class:`ScheduleLR` may change it,
+            the noise follows it).
+        noise_scale: 1 for exact Langevin dynamics, 0 for plain gradient descent (the
+            exploration phase of cyclical SGLD).
+        generator: a ``torch.Generator`` for the noise (its state is saved in ``state_dict``).
+    """
+
+    def __init__(self, params, lr: float, *, noise_scale: float = 1.0,
+                 generator: torch.Generator | None = None) -> None:
+        super().__init__(params, {"lr": lr, "noise_scale": noise_scale}, generator)
+
+    def _build(self) -> Kernel:
+        return build_sgld()
+
+
+class PSGLD(_LangevinOptimizer):
+    """pSGLD (Li et al. 2016) with an RMSprop preconditioner; see :func:`~pib_bayes.samplers.build_psgld`."""
+
+    _hyper = ("alpha", "eps")
+
+    def __init__(self, params, lr: float, *, alpha: float = 0.99, eps: float = 1e-5, noise_scale: float = 1.0,
+                 generator: torch.Generator | None = None) -> None:
+        super().__init__(params, {"lr": lr, "alpha": alpha, "eps": eps, "noise_scale": noise_scale}, generator)
+        build_psgld(alpha, eps)  # validate now, not at the first step
+
+    def _build(self, alpha: float, eps: float) -> Kernel:
+        return build_psgld(alpha, eps)
+
+
+class SGHMC(_LangevinOptimizer):
+    """SGHMC (Chen et al. 2014) in momentum form; ``lr`` is eta; see :func:`~pib_bayes.samplers.build_sghmc`."""
+
+    _hyper = ("friction",)
+
+    def __init__(self, params, lr: float, *, friction: float = 0.1, noise_scale: float = 1.0,
+                 generator: torch.Generator | None = None) -> None:
+        super().__init__(params, {"lr": lr, "friction": friction, "noise_scale": noise_scale}, generator)
+        build_sghmc(friction)
+
+    def _build(self, friction: float) -> Kernel:
+        return build_sghmc(friction)
+
+
+class ScheduleLR(LRScheduler):
+    """Drive an optimizer's ``lr`` *and* ``noise_scale`` from a :class:`~pib_bayes.samplers.Schedule`.
+
+    With :class:`~pib_bayes.samplers.Cyclical` this is cyclical SGLD in a hand-written loop: call
+    ``scheduler.step()`` after each ``optimizer.step()`` and keep draws where
+    ``scheduler.collecting`` is true.
+    """
+
+    def __init__(self, optimizer: Optimizer, schedule: Schedule, last_epoch: int = -1) -> None:
+        self.schedule = schedule
+        super().__init__(optimizer, last_epoch)
+
+    def get_lr(self) -> list[float]:  # type: ignore[override]
+        t = max(self.last_epoch, 0)
+        for group in self.optimizer.param_groups:
+            group["noise_scale"] = self.schedule.noise_scale(t)
+        return [self.schedule.step_size(t) for _ in self.optimizer.param_groups]
+
+    @property
+    def collecting(self) -> bool:
+        return self.schedule.collect(max(self.last_epoch, 0))

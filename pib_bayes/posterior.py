@@ -1,0 +1,247 @@
+"""The :class:`Posterior`: draws of the sampled weights, their statistics and metadata.
+
+Draws are kept per parameter name with shape ``(chain, draw, *param_shape)``, exactly the
+``chain``/``draw`` layout ArviZ expects (SPEC §4). Per-draw sample statistics (energy, minibatch
+loss, step size, divergence flag, sampler-specific ones) have shape ``(chain, draw)``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import warnings
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.func import functional_call, vmap
+
+from .io import FormatError, load_payload, save_payload
+
+__all__ = ["Posterior", "Prediction", "FORMAT_VERSION"]
+
+FORMAT_VERSION = 1
+
+
+@dataclass
+class Prediction:
+    """Posterior-predictive summaries over M draws.
+
+    Classification: ``mean`` = (1/M) sum_m softmax(f(x; w_m)) with shape (B, K), ``per_draw`` the
+    (M, B, K) probabilities. Regression: ``mean`` = (1/M) sum_m f(x; w_m), ``per_draw`` the
+    (M, B, ...) outputs, ``epistemic_variance`` their variance over draws, ``aleatoric_variance``
+    the observation noise s^2 (when the loss was :class:`~pib_bayes.GaussianLoss`) and
+    ``variance`` their sum.
+    """
+
+    task: str
+    mean: Tensor
+    per_draw: Tensor
+    epistemic_variance: Tensor | None = None
+    aleatoric_variance: Tensor | None = None
+
+    @property
+    def variance(self) -> Tensor | None:
+        if self.epistemic_variance is None:
+            return None
+        return self.epistemic_variance + (self.aleatoric_variance if self.aleatoric_variance is not None else 0.0)
+
+
+@dataclass
+class Posterior:
+    """Posterior draws of a torch model's weights.
+
+    Attributes:
+        draws: name -> tensor (chain, draw, *param_shape).
+        sample_stats: name -> tensor (chain, draw): ``energy`` (U_B at the kept step),
+            ``loss`` (minibatch mean loss), ``step_size``, ``diverging`` (bool), and
+            sampler-specific statistics.
+        metadata: beta, prior, sampler settings, seed, library version, chain method, ...
+        fixed: name -> tensor of everything not sampled (buffers, frozen parameters), held at
+            the values they had when sampling started.
+        diverged: bool (chain,), true for chains stopped by a non-finite energy or weight.
+        divergence_step: per chain, the global step at which it diverged, or -1.
+        model: the module the draws belong to (needed by :meth:`predict`; not saved).
+    """
+
+    draws: dict[str, Tensor]
+    sample_stats: dict[str, Tensor]
+    metadata: dict[str, Any]
+    fixed: dict[str, Tensor] = field(default_factory=dict)
+    diverged: Tensor | None = None
+    divergence_step: Tensor | None = None
+    model: nn.Module | None = None
+
+    def __post_init__(self) -> None:
+        if not self.draws:
+            raise ValueError("draws: a Posterior needs at least one parameter")
+        shapes = {tuple(v.shape[:2]) for v in self.draws.values()}
+        if len(shapes) != 1:
+            raise ValueError(f"draws: every parameter needs the same (chain, draw) leading shape, got {shapes}")
+        c = self.num_chains
+        if self.diverged is None:
+            self.diverged = torch.zeros(c, dtype=torch.bool)
+        if self.divergence_step is None:
+            self.divergence_step = torch.full((c,), -1, dtype=torch.long)
+
+    # ----------------------------------------------------------------- shape
+    @property
+    def num_chains(self) -> int:
+        return next(iter(self.draws.values())).shape[0]
+
+    @property
+    def num_draws(self) -> int:
+        return next(iter(self.draws.values())).shape[1]
+
+    @property
+    def param_names(self) -> list[str]:
+        return list(self.draws)
+
+    @property
+    def num_params(self) -> int:
+        return sum(v[0, 0].numel() for v in self.draws.values())
+
+    @property
+    def good_chains(self) -> list[int]:
+        """Indices of the chains that did not diverge."""
+        assert self.diverged is not None
+        return [c for c in range(self.num_chains) if not bool(self.diverged[c])]
+
+    def _chains(self, include_diverged: bool) -> list[int]:
+        chains = list(range(self.num_chains)) if include_diverged else self.good_chains
+        if not include_diverged and len(chains) < self.num_chains:
+            bad = [c for c in range(self.num_chains) if c not in chains]
+            warnings.warn(f"chains {bad} diverged (steps {[int(self.divergence_step[c]) for c in bad]}) "
+                          "and are left out; pass include_diverged=True to keep them", stacklevel=3)
+        if not chains:
+            raise ValueError("every chain diverged: reduce the step size or check the model and data")
+        return chains
+
+    def flat(self, names: Sequence[str] | None = None) -> Tensor:
+        """All (or the named) parameters flattened: tensor (chain, draw, D) in parameter order."""
+        names = list(names) if names is not None else self.param_names
+        unknown = [n for n in names if n not in self.draws]
+        if unknown:
+            raise KeyError(f"names: unknown parameters {unknown}; available: {self.param_names}")
+        c, n = self.num_chains, self.num_draws
+        return torch.cat([self.draws[k].reshape(c, n, -1) for k in names], dim=2)
+
+    def draws_for_prediction(self, include_diverged: bool = False) -> dict[str, Tensor]:
+        """name -> (M, *shape), M = kept chains x draws (chain-major)."""
+        chains = self._chains(include_diverged)
+        return {k: v[chains].reshape(-1, *v.shape[2:]) for k, v in self.draws.items()}
+
+    # ------------------------------------------------------------- predict
+    @torch.no_grad()
+    def predict(self, x: Tensor, *, chunk_size: int = 64, include_diverged: bool = False,
+                model: nn.Module | None = None) -> Prediction:
+        """Posterior predictive at inputs ``x`` over every kept draw.
+
+        Runs ``torch.func.functional_call`` vmapped over ``chunk_size`` draws at a time, so
+        memory is bounded by ``chunk_size * len(x) * outputs``. Chains flagged as diverged are
+        left out (with a warning) unless ``include_diverged``.
+
+        Classification: p(y|x,S) ≈ (1/M) sum_m softmax(f(x; w_m)) (SPEC §4).
+        """
+        model = model or self.model
+        if model is None:
+            raise ValueError("model: this Posterior has no model attached; pass model= or Posterior.load(..., model=)")
+        if not isinstance(x, Tensor):
+            raise TypeError(f"x: expected a tensor, got {type(x).__name__}")
+        if chunk_size < 1:
+            raise ValueError(f"chunk_size: must be >= 1, got {chunk_size}")
+        draws = self.draws_for_prediction(include_diverged)
+        m = next(iter(draws.values())).shape[0]
+        fixed = self.fixed
+        was_training = model.training
+        model.eval()
+        try:
+            def f(p: dict[str, Tensor]) -> Tensor:
+                return functional_call(model, {**fixed, **p}, (x,))
+
+            batched = vmap(f)
+            outs = []
+            for start in range(0, m, chunk_size):
+                chunk = {k: v[start:start + chunk_size] for k, v in draws.items()}
+                out = batched(chunk)
+                if self.task == "classification":
+                    out = torch.softmax(out, dim=-1)
+                outs.append(out)
+        finally:
+            model.train(was_training)
+        per_draw = torch.cat(outs)
+        mean = per_draw.mean(0)
+        if self.task == "classification":
+            return Prediction("classification", mean, per_draw)
+        var = per_draw.var(0, unbiased=False)
+        noise_std = self.metadata.get("noise_std")
+        aleatoric = torch.full_like(var, float(noise_std) ** 2) if noise_std is not None else None
+        return Prediction("regression", mean, per_draw, var, aleatoric)
+
+    @property
+    def task(self) -> str:
+        return self.metadata.get("task", "regression")
+
+    # -------------------------------------------------------------- arviz
+    def to_arviz(self, *args: Any, **kwargs: Any):
+        """ArviZ export; see :func:`pib_bayes.diagnostics.to_arviz`."""
+        from .diagnostics import to_arviz
+
+        return to_arviz(self, *args, **kwargs)
+
+    # ------------------------------------------------------------ save/load
+    def save(self, path: str | os.PathLike) -> None:
+        """Write the posterior to ``path`` (format described in :mod:`pib_bayes.io`), atomically.
+
+        Saved: draws, sample statistics, fixed tensors, divergence flags, metadata (as JSON).
+        Not saved: the model itself (pass it to :meth:`load`).
+        """
+        payload = {
+            "draws": {k: v.contiguous() for k, v in self.draws.items()},
+            "sample_stats": {k: v.contiguous() for k, v in self.sample_stats.items()},
+            "fixed": {k: v.contiguous() for k, v in self.fixed.items()},
+            "diverged": self.diverged,
+            "divergence_step": self.divergence_step,
+            "metadata_json": json.dumps(self.metadata, default=str),
+        }
+        save_payload(path, "posterior", FORMAT_VERSION, payload)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, model: nn.Module | None = None) -> Posterior:
+        """Read a file written by :meth:`save`; a corrupt, truncated or foreign file raises ``FormatError``."""
+        payload = load_payload(path, "posterior", (FORMAT_VERSION,))
+        try:
+            post = cls(
+                draws=dict(payload["draws"]),
+                sample_stats=dict(payload["sample_stats"]),
+                metadata=json.loads(payload["metadata_json"]),
+                fixed=dict(payload["fixed"]),
+                diverged=payload["diverged"],
+                divergence_step=payload["divergence_step"],
+                model=model,
+            )
+        except (KeyError, TypeError, ValueError) as err:
+            raise FormatError(f"{path}: incomplete posterior payload ({err})") from None
+        if model is not None:
+            post.check_model(model)
+        return post
+
+    def check_model(self, model: nn.Module) -> None:
+        """Raise ``ValueError`` unless every draw matches a parameter of ``model`` in shape."""
+        shapes = {n: tuple(p.shape) for n, p in model.named_parameters()}
+        for name, v in self.draws.items():
+            if name not in shapes:
+                raise ValueError(f"model: has no parameter {name!r} that the posterior holds")
+            if tuple(v.shape[2:]) != shapes[name]:
+                raise ValueError(f"model: {name!r} has shape {shapes[name]}, the draws {tuple(v.shape[2:])}")
+
+    def __repr__(self) -> str:
+        assert self.diverged is not None
+        return (f"Posterior(chains={self.num_chains}, draws={self.num_draws}, params={self.num_params:,} in "
+                f"{len(self.draws)} tensors, diverged={int(self.diverged.sum())}, "
+                f"beta={self.metadata.get('beta')}, sampler={self.metadata.get('sampler')!r})")
+
+

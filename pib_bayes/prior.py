@@ -1,0 +1,201 @@
+"""Priors p(w) over the sampled parameters (SPEC §1).
+
+A prior maps a dict ``{name: tensor}`` of parameters to ``log p(w)``. Parameters may carry
+``batch_ndim`` leading batch dimensions (the chain dimension when chains run batched); the
+log-density is summed over the remaining, per-parameter dimensions, so the result has the
+batch shape.
+
+The default prior is the isotropic Gaussian ``N(theta_0, sigma_0^2 I)`` with ``theta_0`` the
+initial weights (the paper's choice), or zeros, or any state dict (e.g. a data-dependent prior
+mean fitted on a held-out split, never on the sample S itself).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from typing import Protocol, runtime_checkable
+
+import torch
+from torch import Tensor, nn
+
+__all__ = ["Prior", "GaussianPrior", "DistributionPrior", "FlatPrior", "as_prior"]
+
+
+@runtime_checkable
+class Prior(Protocol):
+    """Anything with ``log_prob(params, batch_ndim=0) -> Tensor``."""
+
+    def log_prob(self, params: Mapping[str, Tensor], batch_ndim: int = 0) -> Tensor: ...
+
+
+def _sum_event(t: Tensor, batch_ndim: int) -> Tensor:
+    return t.sum(dim=tuple(range(batch_ndim, t.dim()))) if t.dim() > batch_ndim else t
+
+
+class GaussianPrior:
+    """Diagonal Gaussian prior ``N(theta_0, diag(sigma_0^2))``.
+
+    ``log p(w) = sum_j [ -(w_j - theta_0j)^2 / (2 sigma_0j^2) - log sigma_0j - log(2 pi)/2 ]``
+
+    Args:
+        std: ``sigma_0``: one float for all parameters, or a mapping name -> float/tensor
+            (per layer or per weight). Names missing from the mapping use ``default_std``.
+        mean: ``theta_0``: a mapping name -> tensor; parameters missing from it have mean 0.
+        default_std: sigma for names absent from a ``std`` mapping.
+
+    Use :meth:`from_module` to centre it on a module's current (initial) weights.
+
+    >>> import torch
+    >>> prior = GaussianPrior(std=2.0)
+    >>> float(prior.log_prob({"w": torch.zeros(3)}))  # 3 * (-log 2 - log(2 pi)/2)
+    -4.836...
+    """
+
+    def __init__(
+        self,
+        std: float | Mapping[str, float | Tensor] = 1.0,
+        mean: Mapping[str, Tensor] | None = None,
+        default_std: float = 1.0,
+    ) -> None:
+        self.std = dict(std) if isinstance(std, Mapping) else float(std)
+        self.default_std = float(default_std)
+        self.mean = {k: v.detach().clone() for k, v in (mean or {}).items()}
+        for name, s in self._std_items():
+            if not bool(torch.all(torch.as_tensor(s) > 0)):
+                raise ValueError(f"std: prior standard deviation for {name!r} must be > 0, got {s}")
+
+    def _std_items(self):
+        if isinstance(self.std, dict):
+            return list(self.std.items()) + [("<default>", self.default_std)]
+        return [("<all>", self.std)]
+
+    def std_of(self, name: str) -> float | Tensor:
+        if isinstance(self.std, dict):
+            return self.std.get(name, self.default_std)
+        return self.std
+
+    @classmethod
+    def from_module(
+        cls,
+        module: nn.Module,
+        std: float | Mapping[str, float | Tensor] = 1.0,
+        mean: str | Mapping[str, Tensor] = "init",
+    ) -> GaussianPrior:
+        """Prior for ``module``'s trainable parameters.
+
+        ``mean="init"`` centres it on the module's current weights, ``"zeros"`` on 0, or pass a
+        state dict (missing names fall back to the current weights).
+        """
+        current = {n: p.detach().clone() for n, p in module.named_parameters() if p.requires_grad}
+        if isinstance(mean, str):
+            if mean == "init":
+                centre = current
+            elif mean == "zeros":
+                centre = {}
+            else:
+                raise ValueError(f"mean: expected 'init', 'zeros' or a state dict, got {mean!r}")
+        else:
+            unknown = set(mean) - set(current)
+            if unknown:
+                raise ValueError(f"mean: names {sorted(unknown)} are not trainable parameters of the module")
+            centre = dict(current)
+            for n, v in mean.items():
+                if tuple(v.shape) != tuple(current[n].shape):
+                    raise ValueError(
+                        f"mean: {n!r} has shape {tuple(v.shape)}, the parameter has {tuple(current[n].shape)}"
+                    )
+                centre[n] = v.detach().to(current[n].dtype).clone()
+        if isinstance(std, Mapping):
+            unknown = set(std) - set(current)
+            if unknown:
+                raise ValueError(f"std: names {sorted(unknown)} are not trainable parameters of the module")
+        return cls(std=std, mean=centre)
+
+    def log_prob(self, params: Mapping[str, Tensor], batch_ndim: int = 0) -> Tensor:
+        total: Tensor | float = 0.0
+        for name, w in params.items():
+            s = torch.as_tensor(self.std_of(name), dtype=w.dtype, device=w.device)
+            m = self.mean.get(name)
+            z = (w - m.to(w.device)) / s if m is not None else w / s
+            lp = -0.5 * z.square() - torch.log(s) - 0.5 * math.log(2 * math.pi)
+            lp = lp.expand_as(w) if lp.shape != w.shape else lp
+            total = total + _sum_event(lp, batch_ndim)
+        return torch.as_tensor(total)
+
+    def sample_like(self, params: Mapping[str, Tensor], generator: torch.Generator | None = None) -> dict:
+        """One draw from the prior with the shapes of ``params``."""
+        out = {}
+        for name, w in params.items():
+            s = torch.as_tensor(self.std_of(name), dtype=w.dtype)
+            m = self.mean.get(name, torch.zeros_like(w))
+            out[name] = m + s * torch.randn(w.shape, generator=generator, dtype=w.dtype)
+        return out
+
+    def __repr__(self) -> str:
+        std = self.std if not isinstance(self.std, dict) else {k: float(torch.as_tensor(v).mean())
+                                                                 for k, v in self.std.items()}
+        centred = "zeros" if not self.mean else f"{len(self.mean)} tensors"
+        return f"GaussianPrior(std={std}, mean={centred})"
+
+
+class DistributionPrior:
+    """Any ``torch.distributions`` / Pyro distribution, applied elementwise.
+
+    ``dist`` is either one distribution broadcast to every weight (e.g. ``Laplace(0, 1)``), or a
+    mapping name -> distribution whose ``log_prob`` accepts that parameter's tensor.
+
+    >>> import torch
+    >>> prior = DistributionPrior(torch.distributions.Laplace(0.0, 1.0))
+    >>> float(prior.log_prob({"w": torch.zeros(2)}))  # 2 * log(1/2)
+    -1.386...
+    """
+
+    def __init__(self, dist: torch.distributions.Distribution | Mapping[str, torch.distributions.Distribution]):
+        self.dist = dist
+
+    def log_prob(self, params: Mapping[str, Tensor], batch_ndim: int = 0) -> Tensor:
+        total: Tensor | float = 0.0
+        for name, w in params.items():
+            d = self.dist[name] if isinstance(self.dist, Mapping) else self.dist
+            lp = d.log_prob(w)
+            total = total + _sum_event(lp, batch_ndim)
+        return torch.as_tensor(total)
+
+    def __repr__(self) -> str:
+        return f"DistributionPrior({self.dist!r})"
+
+
+class FlatPrior:
+    """Improper flat prior, ``log p(w) = 0`` (pure Gibbs measure of the loss)."""
+
+    def log_prob(self, params: Mapping[str, Tensor], batch_ndim: int = 0) -> Tensor:
+        w = next(iter(params.values()))
+        return torch.zeros(w.shape[:batch_ndim], dtype=w.dtype)
+
+    def __repr__(self) -> str:
+        return "FlatPrior()"
+
+
+def as_prior(prior: object, module: nn.Module) -> Prior:
+    """Normalise the ``prior=`` argument of the public API.
+
+    ``None`` -> ``GaussianPrior.from_module(module, std=1.0, mean="init")``; a float -> the same with
+    that sigma_0; a torch distribution -> :class:`DistributionPrior`; a :class:`Prior` as is.
+    """
+    if prior is None:
+        return GaussianPrior.from_module(module, std=1.0, mean="init")
+    if isinstance(prior, bool):
+        raise TypeError("prior: expected None, a float sigma_0, a torch distribution or a Prior, got a bool")
+    if isinstance(prior, (int, float)):
+        if not prior > 0 or not math.isfinite(prior):
+            raise ValueError(f"prior: sigma_0 must be a finite float > 0, got {prior}")
+        return GaussianPrior.from_module(module, std=float(prior), mean="init")
+    if isinstance(prior, torch.distributions.Distribution):
+        return DistributionPrior(prior)
+    if isinstance(prior, Prior):
+        return prior
+    raise TypeError(
+        f"prior: expected None, a float sigma_0, a torch distribution or an object with log_prob(params), "
+        f"got {type(prior).__name__}"
+    )
