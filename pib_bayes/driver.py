@@ -22,6 +22,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from . import __version__
+from .batched import batched_forward
 from .data import LoaderBatcher, TensorBatcher, as_tensors
 from .energy import Energy, LossFn
 from .posterior import Posterior
@@ -77,6 +78,8 @@ class _Sampler:
                  schedule: Schedule, stat_fns: Mapping[str, StatFn]) -> None:
         self.energy, self.names, self.fixed = energy, names, fixed
         self.kernel, self.schedule, self.stat_fns = kernel, schedule, dict(stat_fns)
+        # hand-batched forward (e.g. baddbmm for MLPs) is much faster than vmap for small layers
+        self.fast_forward = batched_forward(energy.model) if not fixed else None
 
     # ---- energies -----------------------------------------------------------------
     def _one(self, p: dict[str, Tensor], x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
@@ -88,8 +91,13 @@ class _Sampler:
             u, loss = self._one({n: p[0] for n, p in zip(self.names, group.params)},
                                 x[0] if stacked else x, y[0] if stacked else y)
             return u.reshape(1), loss.reshape(1)
-        in_dims = (0, 0 if stacked else None, 0 if stacked else None)
-        return vmap(self._one, in_dims=in_dims)(dict(zip(self.names, group.params)), x, y)
+        params = dict(zip(self.names, group.params))
+        in_dims = (0, 0 if stacked else None)
+        if self.fast_forward is not None:
+            out = self.fast_forward(params, x, stacked)
+            loss = vmap(self.energy.mean_loss, in_dims=in_dims)(out, y)
+            return loss / self.energy.beta - self.energy.prior.log_prob(params, batch_ndim=1), loss
+        return vmap(self._one, in_dims=(0, *in_dims))(params, x, y)
 
     # ---- one step -----------------------------------------------------------------
     def gradients(self, group: _Group) -> tuple[Tensor, Tensor, tuple[Tensor, ...]]:

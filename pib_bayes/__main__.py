@@ -1,0 +1,8 @@
+"""``python -m pib_bayes demo``."""
+
+import sys
+
+from .cli import main
+
+if __name__ == "__main__":
+    sys.exit(main())
