@@ -1,0 +1,116 @@
+"""The one place that knows which ArviZ is installed (gated on ``arviz.__version__``).
+
+ArviZ 0.x builds an ``InferenceData`` (``az.from_dict(posterior=..., sample_stats=...)``) and
+plots with ``az.plot_trace``/``az.plot_rank`` returning matplotlib axes; ArviZ 1.x builds an
+``xarray.DataTree`` (``az.from_dict({"posterior": {...}, ...})``) and plots through arviz-plots,
+returning a ``PlotCollection``. Everything else in pib_bayes goes through the functions here.
+Tested against the 0.x series (what installs in CI); the 1.x branches follow the arviz-base /
+arviz-stats / arviz-plots APIs and are not exercised by the test suite yet.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import arviz as az
+import numpy as np
+import xarray as xr
+from packaging.version import Version
+
+__all__ = ["ARVIZ_VERSION", "ARVIZ_1", "from_datasets", "group_names", "get_group", "to_netcdf",
+           "from_netcdf", "diagnose", "plot_trace", "plot_rank"]
+
+ARVIZ_VERSION = Version(az.__version__)
+ARVIZ_1 = ARVIZ_VERSION >= Version("1.0.0")
+
+
+def from_datasets(groups: Mapping[str, xr.Dataset]) -> Any:
+    """InferenceData (0.x) or DataTree (1.x) holding the given ``{group name: Dataset}``.
+
+    The datasets are built by the caller with explicit dims and coords, so the same variable
+    name (``y``) may have different dims in different groups (log-likelihood vs. predictive).
+    """
+    groups = {g: ds for g, ds in groups.items() if ds is not None and len(ds.data_vars)}
+    if ARVIZ_1:  # pragma: no cover - exercised only where arviz>=1 installs
+        return xr.DataTree.from_dict(dict(groups))
+    return az.InferenceData(**groups)
+
+
+def group_names(data: Any) -> list[str]:
+    """Names of the groups present (``posterior``, ``sample_stats``, ...)."""
+    if ARVIZ_1:  # pragma: no cover
+        return list(data.children)
+    return list(data.groups())
+
+
+def get_group(data: Any, name: str) -> xr.Dataset:
+    """One group as an ``xarray.Dataset``."""
+    if ARVIZ_1:  # pragma: no cover
+        return data[name].to_dataset()
+    return data[name]
+
+
+def to_netcdf(data: Any, path: str | os.PathLike) -> str:
+    """Write InferenceData/DataTree to a netCDF file (h5netcdf engine) and return the path."""
+    data.to_netcdf(os.fspath(path), engine="h5netcdf")  # same method name on InferenceData and DataTree
+    return os.fspath(path)
+
+
+def from_netcdf(path: str | os.PathLike) -> Any:
+    """Read what :func:`to_netcdf` wrote."""
+    if ARVIZ_1:  # pragma: no cover
+        return xr.open_datatree(os.fspath(path), engine="h5netcdf").load()
+    return az.from_netcdf(os.fspath(path))
+
+
+def diagnose(dataset: xr.Dataset) -> dict[str, xr.Dataset]:
+    """ArviZ diagnostics of every variable of a ``(chain, draw)`` dataset.
+
+    Returns ``r_hat`` (rank-normalised split R-hat), ``ess_bulk``, ``ess_tail``, ``mcse_mean``,
+    ``mcse_sd`` (Vehtari et al. 2021), each a dataset with one value per variable.
+    """
+    return {
+        "r_hat": az.rhat(dataset, method="rank"),
+        "ess_bulk": az.ess(dataset, method="bulk"),
+        "ess_tail": az.ess(dataset, method="tail"),
+        "mcse_mean": az.mcse(dataset, method="mean"),
+        "mcse_sd": az.mcse(dataset, method="sd"),
+    }
+
+
+def _save_collection(pc: Any, path: str) -> None:  # pragma: no cover - arviz>=1 only
+    pc.savefig(path)
+
+
+def plot_trace(data: Any, path: str, var_names: Sequence[str] | None = None) -> str:
+    """Trace plot (density + trace per chain) written to ``path``."""
+    import matplotlib.pyplot as plt
+
+    names = list(var_names) if var_names is not None else None
+    if ARVIZ_1:  # pragma: no cover
+        _save_collection(az.plot_trace_dist(data, var_names=names, backend="matplotlib"), path)
+        return path
+    axes = az.plot_trace(data, var_names=names, compact=False, show=False)
+    fig = np.asarray(axes).ravel()[0].get_figure()
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def plot_rank(data: Any, path: str, var_names: Sequence[str] | None = None) -> str:
+    """Rank plot (rank histograms per chain, Vehtari et al. 2021) written to ``path``."""
+    import matplotlib.pyplot as plt
+
+    names = list(var_names) if var_names is not None else None
+    if ARVIZ_1:  # pragma: no cover
+        _save_collection(az.plot_rank(data, var_names=names, backend="matplotlib"), path)
+        return path
+    axes = az.plot_rank(data, var_names=names, show=False)
+    fig = np.asarray(axes).ravel()[0].get_figure()
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
