@@ -1,0 +1,16 @@
+"""Information in the weights, I(w; S) (SPEC §3): estimators, tracking and PIB-regularised training.
+
+- :func:`fisher`: the paper's fast Δθᵀ F Δθ estimator per layer, by forward-mode JVP;
+- :func:`kl`: KL(N(mean, cov of the draws) ‖ prior), an upper bound on I(w;S);
+- :func:`channel`: ½ log det(I + W⁻¹ B_c) from posteriors on several resamples of the data;
+- :class:`IIWTracker` / :func:`iiw_stat_fns`: IIW curves during training or sampling, :meth:`IIWTracker.peak`;
+- :class:`IIWRegularizer`: a differentiable IIW term for minimising L_S + β·IIW;
+- :func:`fit_prior_mean`: a data-dependent prior mean fitted on a held-out split.
+
+Every estimator returns an :class:`IIWResult`.
+"""
+
+from .result import IIWResult
+from .samples import STRUCTURES, channel, kl, ledoit_wolf
+
+__all__ = ["IIWResult", "kl", "channel", "ledoit_wolf", "STRUCTURES"]
