@@ -84,33 +84,46 @@ def _save_collection(pc: Any, path: str) -> None:  # pragma: no cover - arviz>=1
     pc.savefig(path)
 
 
-def plot_trace(data: Any, path: str, var_names: Sequence[str] | None = None) -> str:
-    """Trace plot (density + trace per chain) written to ``path``."""
-    import matplotlib.pyplot as plt
+def _var_names(data: Any, var_names: Sequence[str] | None) -> list[str]:
+    return list(var_names) if var_names is not None else list(get_group(data, "posterior").data_vars)
 
-    names = list(var_names) if var_names is not None else None
+
+def _num_panels(data: Any, names: Sequence[str]) -> int:
+    """One panel per scalar: a variable with extra dims gets one per element (compact=False)."""
+    post = get_group(data, "posterior")
+    return sum(int(np.prod([post[n].sizes[d] for d in post[n].dims if d not in ("chain", "draw")]))
+               for n in names)
+
+
+def _figure(rows: int, cols: int, width: float, height_per_row: float) -> tuple[Any, np.ndarray]:
+    # a bare Figure (Agg canvas on savefig): no pyplot state, nothing ever shown
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(width, max(2.0, height_per_row * rows)))
+    return fig, np.asarray(fig.subplots(rows, cols, squeeze=False))
+
+
+def plot_trace(data: Any, path: str, var_names: Sequence[str] | None = None) -> str:
+    """ArviZ trace plot (marginal density + trace per chain, one row per variable) written to ``path``."""
+    names = _var_names(data, var_names)
     if ARVIZ_1:  # pragma: no cover
         _save_collection(az.plot_trace_dist(data, var_names=names, backend="matplotlib"), path)
         return path
-    axes = az.plot_trace(data, var_names=names, compact=False, show=False)
-    fig = np.asarray(axes).ravel()[0].get_figure()
+    fig, axes = _figure(_num_panels(data, names), 2, 10.0, 2.0)
+    az.plot_trace(data, var_names=names, compact=False, axes=axes, show=False)
     fig.tight_layout()
     fig.savefig(path)
-    plt.close(fig)
     return path
 
 
 def plot_rank(data: Any, path: str, var_names: Sequence[str] | None = None) -> str:
-    """Rank plot (rank histograms per chain, Vehtari et al. 2021) written to ``path``."""
-    import matplotlib.pyplot as plt
-
-    names = list(var_names) if var_names is not None else None
+    """ArviZ rank plot (rank histogram per chain, Vehtari et al. 2021) written to ``path``."""
+    names = _var_names(data, var_names)
     if ARVIZ_1:  # pragma: no cover
         _save_collection(az.plot_rank(data, var_names=names, backend="matplotlib"), path)
         return path
-    axes = az.plot_rank(data, var_names=names, show=False)
-    fig = np.asarray(axes).ravel()[0].get_figure()
+    fig, axes = _figure(_num_panels(data, names), 1, 6.0, 2.0)
+    az.plot_rank(data, var_names=names, ax=axes.ravel(), show=False)
     fig.tight_layout()
     fig.savefig(path)
-    plt.close(fig)
     return path
