@@ -314,7 +314,7 @@ def to_arviz(post: Posterior, *, params: None | Sequence[str] | str = None, num_
     Groups:
         ``posterior``: one variable per parameter, dims ``(chain, draw, <name>_dim_0, ...)`` with
         integer coords (``params=None``: all stored parameters; a list: those; ``"projections"``:
-        one variable ``projection`` (chain, draw, projection) of :func:`random_projections`).
+        one variable ``projection`` (chain, draw, direction) of :func:`random_projections`).
         ``sample_stats``: every per-draw statistic (``energy``, ``loss``, ``step_size``,
         ``diverging``, IIW and sampler statistics when tracked).
         With ``data=(x, y)``: ``log_likelihood`` (``y``: chain, draw, obs; see
@@ -342,8 +342,8 @@ def to_arviz(post: Posterior, *, params: None | Sequence[str] | str = None, num_
             raise ValueError(f"params: expected None, a list of parameter names or 'projections', "
                              f"got {params!r}")
         proj = random_projections(post, num_projections, seed, chains).numpy()
-        posterior = xr.Dataset({"projection": (("chain", "draw", "projection"), proj)},
-                               coords={**base, "projection": np.arange(num_projections)})
+        posterior = xr.Dataset({"projection": (("chain", "draw", "direction"), proj)},
+                               coords={**base, "direction": np.arange(num_projections)})
         attrs["projection_seed"] = seed
     else:
         names = post.param_names if params is None else list(params)
