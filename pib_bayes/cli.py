@@ -1,38 +1,984 @@
-"""Command line: ``pib-bayes demo`` (more subcommands build on the same parser)."""
+"""Command line ``pib-bayes``: ``demo``, ``sample``, ``diagnose``, ``iiw``, ``predict``.
+
+Exit codes (also in docs/cli.md):
+
+* 0: success;
+* 1: unexpected internal error (a bug: the traceback is printed);
+* 2: bad usage or input: a config key, a missing file, a run directory that exists, data that
+  cannot be read; the message names the argument or ``section.key`` and the fix;
+* 3: the run finished but produced no usable result (every chain diverged);
+* 4: ``diagnose --strict`` found a quantity with R-hat or ESS outside the limits.
+
+With ``--json`` the command prints exactly one JSON object on stdout (errors too:
+``{"error": ..., "key": ..., "exit_code": ...}``); progress bars (tqdm, on stderr) are off with
+``--quiet`` or ``--json``.
+"""
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
+import os
+import shutil
 import sys
+import tempfile
+import time
+import traceback
+import warnings
 from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
 
-__all__ = ["main", "build_parser"]
+__all__ = [
+    "main",
+    "build_parser",
+    "run_sample",
+    "run_iiw",
+    "iiw_peak",
+    "fisher_iiw",
+    "EXIT_OK",
+    "EXIT_INTERNAL",
+    "EXIT_USAGE",
+    "EXIT_FAILED",
+    "EXIT_DIAGNOSTICS",
+]
+
+EXIT_OK, EXIT_INTERNAL, EXIT_USAGE, EXIT_FAILED, EXIT_DIAGNOSTICS = 0, 1, 2, 3, 4
+
+RUN_FILES = {
+    "posterior.pt": "the draws (Posterior.save format, see pib_bayes.io)",
+    "config.json": "the validated config with every default filled in, plus the resolved data dimensions",
+    "config.toml": "the TOML file as given",
+    "summary.json": "what the run did: data, beta, timings, divergences, train/test metrics",
+}
 
 
+class UsageError(Exception):
+    """Bad input from the user; ``key`` names the argument or config key."""
+
+    def __init__(self, key: str, message: str) -> None:
+        self.key = key
+        super().__init__(f"{key}: {message}")
+
+
+# --------------------------------------------------------------------------------- file helpers
+def _atomic_write_text(path: Path, text: str) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def _atomic_savefig(fig: Any, path: Path) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        fig.savefig(tmp, format=path.suffix.lstrip(".") or "png", dpi=110, bbox_inches="tight")
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def _write_csv(path: Path, header: list[str], rows: list[list[Any]]) -> None:
+    import csv
+    import io
+
+    buf = io.StringIO()
+    w = csv.writer(buf)
+    w.writerow(header)
+    w.writerows(rows)
+    _atomic_write_text(path, buf.getvalue())
+
+
+def _json_default(obj: Any) -> Any:
+    try:
+        import numpy as np
+
+        if isinstance(obj, np.generic):
+            return obj.item()
+    except ImportError:  # pragma: no cover
+        pass
+    return str(obj)
+
+
+def _dumps(obj: Any) -> str:
+    def clean(v: Any) -> Any:  # JSON has no NaN: write null
+        if isinstance(v, float) and not math.isfinite(v):
+            return None
+        if isinstance(v, dict):
+            return {k: clean(x) for k, x in v.items()}
+        if isinstance(v, (list, tuple)):
+            return [clean(x) for x in v]
+        return v
+
+    return json.dumps(clean(json.loads(json.dumps(obj, default=_json_default))), indent=2)
+
+
+class _StagedDir:
+    """Build a directory under a temporary name next to ``target`` and move it into place on success."""
+
+    def __init__(self, target: Path, overwrite: bool) -> None:
+        self.target = target
+        self.overwrite = overwrite
+
+    def __enter__(self) -> Path:
+        self.target.parent.mkdir(parents=True, exist_ok=True)
+        self.tmp = Path(tempfile.mkdtemp(dir=self.target.parent, prefix=f".{self.target.name}.partial-"))
+        return self.tmp
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is not None:
+            shutil.rmtree(self.tmp, ignore_errors=True)
+            return
+        old = None
+        if self.target.exists():
+            if not self.overwrite:  # checked before the run too; someone created it meanwhile
+                shutil.rmtree(self.tmp, ignore_errors=True)
+                raise UsageError("output.dir", f"{self.target} appeared while running; nothing overwritten")
+            old = self.target.with_name(f".{self.target.name}.old-{os.getpid()}")
+            os.replace(self.target, old)
+        os.replace(self.tmp, self.target)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+
+
+def _check_output_dir(cfg: dict, command: str) -> Path:
+    out = cfg["output"]["dir"]
+    if not out:
+        raise UsageError(
+            "output.dir",
+            f'is required for `{command}`: set [output] dir = "runs/name" in the config or pass --output DIR',
+        )
+    path = Path(out)
+    if path.exists() and not cfg["output"]["overwrite"]:
+        raise UsageError(
+            "output.dir",
+            f"{path} already exists; pass --overwrite (or set [output] overwrite = "
+            "true) to replace it, or choose another directory",
+        )
+    if path.exists() and not path.is_dir():
+        raise UsageError("output.dir", f"{path} exists and is not a directory")
+    return path
+
+
+def _emit(args: argparse.Namespace, result: dict, text: str) -> None:
+    print(_dumps(result) if args.json else text)
+
+
+# ---------------------------------------------------------------------------------------- demo
 def _cmd_demo(args: argparse.Namespace) -> int:
     from .demo import format_demo, run_demo
 
     result = run_demo(quick=args.quick, seed=args.seed, progress=not args.quiet and not args.json)
-    print(json.dumps(result, indent=2) if args.json else format_demo(result))
-    return 0
+    print(_dumps(result) if args.json else format_demo(result))
+    return EXIT_OK
+
+
+# ------------------------------------------------------------------------------------- helpers
+def _loss_for(cfg: dict, task: str) -> Any:
+    from .energy import GaussianLoss
+
+    loss = cfg["posterior"]["loss"]
+    if loss == "auto":
+        loss = "cross_entropy" if task == "classification" else "gaussian"
+    if loss == "gaussian":
+        if task == "classification":
+            raise UsageError(
+                "posterior.loss",
+                'is "gaussian" but the data are class labels; use "cross_entropy" '
+                'or set data.task = "regression"',
+            )
+        return GaussianLoss(cfg["posterior"]["noise_std"])
+    if task == "regression":
+        raise UsageError(
+            "posterior.loss", 'is "cross_entropy" but the targets are real-valued; use "gaussian"'
+        )
+    return "cross_entropy"
+
+
+def _schedule_for(cfg: dict, total_steps: int) -> Any:
+    from .samplers import Constant, Cosine, Cyclical, PolynomialDecay
+
+    s = cfg["sampler"]
+    h = s["step_size"]
+    if s["schedule"] == "constant":
+        return Constant(h)
+    if s["schedule"] == "polynomial":
+        # h_t = a (b + t)^-gamma with a chosen so that h_0 = step_size
+        return PolynomialDecay(a=h * s["b"] ** s["gamma"], b=s["b"], gamma=s["gamma"])
+    if s["schedule"] == "cosine":
+        return Cosine(h, total_steps=max(total_steps, 1), min_step_size=s["min_step_size"])
+    return Cyclical(h, cycle_length=s["cycle_length"], exploration_fraction=s["exploration_fraction"])
+
+
+def _beta_for(cfg: dict, n_train: int) -> tuple[float, str]:
+    post = cfg["posterior"]
+    if post["beta"] is not None:
+        return float(post["beta"]), "beta"
+    temperature = 1.0 if post["temperature"] is None else float(post["temperature"])
+    return temperature / n_train, f"temperature={temperature:g} / n={n_train}"
+
+
+def _batch(cfg_value: int, n: int) -> int | None:
+    return None if cfg_value == 0 or cfg_value >= n else cfg_value
+
+
+def _pretrain(model: Any, loss_fn: Any, data: Any, cfg: dict, seed: int, progress: bool) -> dict:
+    import torch
+    from tqdm.auto import tqdm
+
+    steps = cfg["pretrain"]["steps"]
+    if steps == 0:
+        return {"steps": 0}
+    from .energy import resolve_loss
+
+    fn, _ = resolve_loss(loss_fn, data.task)
+    opt = torch.optim.Adam(model.parameters(), lr=cfg["pretrain"]["lr"])
+    n = len(data.y_train)
+    bs = _batch(cfg["pretrain"]["batch_size"], n) or n
+    gen = torch.Generator().manual_seed(seed + 1)
+    perm, pos = torch.randperm(n, generator=gen), 0
+    model.train()
+    for _ in tqdm(range(steps), desc="pretrain (Adam)", disable=not progress, leave=False):
+        if pos + bs > n:
+            perm, pos = torch.randperm(n, generator=gen), 0
+        idx = perm[pos : pos + bs]
+        pos += bs
+        opt.zero_grad()
+        fn(model(data.x_train[idx]), data.y_train[idx]).mean().backward()
+        opt.step()
+    model.eval()
+    with torch.no_grad():
+        point = _point_metrics(model, data)
+    return {"steps": steps, "lr": cfg["pretrain"]["lr"], **point}
+
+
+def _point_metrics(model: Any, data: Any) -> dict:
+    import torch
+
+    out = {}
+    for split, x, y in (("train", data.x_train, data.y_train), ("test", data.x_test, data.y_test)):
+        if len(y) == 0:
+            continue
+        with torch.no_grad():
+            f = model(x)
+        if data.task == "classification":
+            out[f"{split}_accuracy"] = float((f.argmax(-1) == y).double().mean())
+            out[f"{split}_nll"] = float(torch.nn.functional.cross_entropy(f, y))
+        else:
+            out[f"{split}_rmse"] = float((f - y).square().mean().sqrt())
+    return out
+
+
+def _predictive_metrics(pred: Any, y: Any, task: str, level: float = 0.9) -> dict:
+    """Scores of a posterior-predictive :class:`~pib_bayes.Prediction` (from :mod:`pib_bayes.uncertainty`).
+
+    Classification: accuracy, NLL, Brier, ECE (15 equal-width bins). Regression: RMSE of the
+    predictive mean, Gaussian and mixture NLL, empirical coverage of the central ``level`` interval.
+    """
+    from .uncertainty import classification_uncertainty, regression_uncertainty
+
+    if task == "classification":
+        u = classification_uncertainty(pred, y)
+        return {"accuracy": u.accuracy, "nll": u.nll, "brier": u.brier, "ece": u.ece}
+    r = regression_uncertainty(pred, y.reshape(pred.mean.shape), level=level)
+    rmse = float((r.mean.double() - y.double().reshape(r.mean.shape)).square().mean().sqrt())
+    return {
+        "rmse": rmse,
+        "nll_gaussian": r.nll_gaussian,
+        "nll_mixture": r.nll_mixture,
+        f"coverage_{int(round(100 * level))}": r.coverage,
+    }
+
+
+def _resolve_config(args: argparse.Namespace) -> tuple[dict, Path]:
+    from .config import load_config
+
+    cfg = load_config(args.config, getattr(args, "output", None))
+    if getattr(args, "overwrite", False):
+        cfg["output"]["overwrite"] = True
+    return cfg, Path(args.config).resolve().parent
+
+
+# -------------------------------------------------------------------------------------- sample
+def run_sample(
+    cfg: dict, base_dir: Path, progress: bool, config_text: str | None = None
+) -> tuple[dict, Path]:
+    """Everything ``pib-bayes sample`` does; returns (summary dict, run directory)."""
+    import torch
+
+    from .config import build_model, load_data
+    from .driver import sample
+    from .prior import GaussianPrior
+
+    out_dir = _check_output_dir(cfg, "sample")
+    t0 = time.perf_counter()
+    data = load_data(cfg["data"], base_dir)
+    run = cfg["run"]
+    model = build_model(cfg["model"], data.input_dim, data.output_dim, seed=run["seed"])
+    if data.x_train.dim() > 2 and cfg["model"]["factory"] is None:
+        data.x_train, data.x_test = data.x_train.flatten(1), data.x_test.flatten(1)
+    loss_fn = _loss_for(cfg, data.task)
+    # the prior is centred on the random initialisation (or 0), fixed BEFORE any pretraining on S
+    prior = GaussianPrior.from_module(
+        model, std=cfg["posterior"]["prior_std"], mean=cfg["posterior"]["prior_mean"]
+    )
+    pre = _pretrain(model, loss_fn, data, cfg, run["seed"], progress)
+    n = len(data.y_train)
+    beta, beta_from = _beta_for(cfg, n)
+    total_steps = run["warmup"] + run["draws"] * run["thin"]
+    schedule = _schedule_for(cfg, total_steps)
+    t1 = time.perf_counter()
+    post = sample(
+        model,
+        loss_fn,
+        (data.x_train, data.y_train),
+        beta=beta,
+        prior=prior,
+        sampler=cfg["sampler"]["name"],
+        step_size=schedule,
+        num_chains=run["chains"],
+        num_warmup=run["warmup"],
+        num_draws=run["draws"],
+        thin=run["thin"],
+        batch_size=_batch(run["batch_size"], n),
+        seed=run["seed"],
+        progress=progress,
+        chain_method=run["chain_method"],
+        task=data.task,
+        sampler_kwargs=cfg["sampler"]["kwargs"],
+    )
+    t_sample = time.perf_counter() - t1
+    diverged = [int(c) for c in torch.nonzero(post.diverged).flatten().tolist()]
+    metrics: dict[str, Any] = {}
+    if len(diverged) < post.num_chains:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            metrics["train"] = _predictive_metrics(post.predict(data.x_train), data.y_train, data.task)
+            if len(data.y_test):
+                metrics["test"] = _predictive_metrics(post.predict(data.x_test), data.y_test, data.task)
+    summary = {
+        "run_dir": str(out_dir),
+        "data": data.info(),
+        "beta": beta,
+        "beta_from": beta_from,
+        "model": repr(model).splitlines()[0] + ("..." if len(repr(model).splitlines()) > 1 else ""),
+        "num_params": post.num_params,
+        "sampler": cfg["sampler"]["name"],
+        "schedule": repr(schedule),
+        "chains": post.num_chains,
+        "draws_per_chain": post.num_draws,
+        "chain_method": post.metadata.get("chain_method"),
+        "diverged_chains": diverged,
+        "divergence_steps": [int(post.divergence_step[c]) for c in diverged],
+        "mean_energy_per_chain": [float(v) for v in post.sample_stats["energy"].nanmean(1).tolist()],
+        "pretrain": pre,
+        "posterior_predictive": metrics,
+        "seconds": {"total": round(time.perf_counter() - t0, 2), "sampling": round(t_sample, 2)},
+        "files": dict(RUN_FILES),
+    }
+    resolved = dict(cfg)
+    resolved["resolved"] = {
+        **data.info(),
+        "beta": beta,
+        "feature_mean": data.feature_mean.tolist() if data.feature_mean is not None else None,
+        "feature_std": data.feature_std.tolist() if data.feature_std is not None else None,
+        "base_dir": str(base_dir),
+    }
+    with _StagedDir(out_dir, cfg["output"]["overwrite"]) as tmp:
+        post.save(tmp / "posterior.pt")
+        _atomic_write_text(tmp / "config.json", _dumps(resolved))
+        if config_text is not None:
+            _atomic_write_text(tmp / "config.toml", config_text)
+        _atomic_write_text(tmp / "summary.json", _dumps(summary))
+    return summary, out_dir
+
+
+def _format_sample(s: dict) -> str:
+    lines = [
+        f"run written to {s['run_dir']}",
+        f"  data: {s['data']['description']}: {s['data']['task']}, n_train={s['data']['n_train']}, "
+        f"n_test={s['data']['n_test']}",
+        f"  beta = {s['beta']:.4g} ({s['beta_from']}); {s['num_params']:,} weights",
+        f"  {s['chains']} {s['sampler']} chains x {s['draws_per_chain']} draws ({s['chain_method']}), "
+        f"schedule {s['schedule']}",
+        f"  diverged chains: {s['diverged_chains'] or 'none'}; sampling took {s['seconds']['sampling']} s",
+    ]
+    for split, m in s["posterior_predictive"].items():
+        lines.append(f"  posterior predictive, {split}: " + ", ".join(f"{k}={v:.4f}" for k, v in m.items()))
+    lines.append("  next: pib-bayes diagnose " + s["run_dir"])
+    return "\n".join(lines)
+
+
+def _cmd_sample(args: argparse.Namespace) -> int:
+    cfg, base = _resolve_config(args)
+    text = Path(args.config).read_text()
+    summary, _ = run_sample(cfg, base, progress=not args.quiet and not args.json, config_text=text)
+    _emit(args, summary, _format_sample(summary))
+    if len(summary["diverged_chains"]) == summary["chains"]:
+        print("error: every chain diverged; lower sampler.step_size or check the data", file=sys.stderr)
+        return EXIT_FAILED
+    return EXIT_OK
+
+
+# ------------------------------------------------------------------------------------ run dirs
+def _load_run(run_dir: str) -> tuple[dict, Any, Any]:
+    """(config, Posterior with its model, Dataset) of a run directory written by ``sample``."""
+    from .config import build_model, load_data
+    from .io import FormatError
+    from .posterior import Posterior
+
+    path = Path(run_dir)
+    if not path.is_dir():
+        raise UsageError(
+            "RUN_DIR", f"no directory {run_dir!r}; pass a directory written by `pib-bayes sample`"
+        )
+    for name in ("config.json", "posterior.pt"):
+        if not (path / name).is_file():
+            raise UsageError(
+                "RUN_DIR", f"{run_dir} has no {name}; is it a run directory of `pib-bayes sample`?"
+            )
+    cfg = json.loads((path / "config.json").read_text())
+    res = cfg["resolved"]
+    model = build_model(cfg["model"], res["input_dim"], res["output_dim"], seed=cfg["run"]["seed"])
+    try:
+        post = Posterior.load(path / "posterior.pt", model=model)
+    except FormatError as err:
+        raise UsageError("RUN_DIR", f"{err}") from None
+    data = load_data(cfg["data"], res.get("base_dir"))
+    if res.get("feature_mean") is not None:
+        import torch
+
+        data.x_train = (data.x_train - torch.tensor(res["feature_mean"])) / torch.tensor(res["feature_std"])
+        data.x_test = (data.x_test - torch.tensor(res["feature_mean"])) / torch.tensor(res["feature_std"])
+    if data.x_train.dim() > 2 and cfg["model"]["factory"] is None:
+        data.x_train, data.x_test = data.x_train.flatten(1), data.x_test.flatten(1)
+    return cfg, post, data
+
+
+# ------------------------------------------------------------------------------------ diagnose
+def _cmd_diagnose(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    from .diagnostics import ConvergenceWarning, summary
+
+    cfg, post, data = _load_run(args.run_dir)
+    run_dir = Path(args.run_dir)
+    eval_x, eval_y = (data.x_test, data.y_test) if len(data.y_test) else (data.x_train, data.y_train)
+    n_eval = min(len(eval_y), args.max_examples)
+    probe = eval_x[: args.probes] if args.probes else None
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        table = summary(
+            post,
+            data=(eval_x[:n_eval], eval_y[:n_eval]),
+            probe_x=probe,
+            num_projections=args.projections,
+            seed=args.seed,
+        )
+    conv = [str(w.message) for w in caught if issubclass(w.category, ConvergenceWarning)]
+    other = [str(w.message) for w in caught if not issubclass(w.category, ConvergenceWarning)]
+    rows = [
+        [name, *[row[c] for c in ("mean", "sd", "mcse_mean", "ess_bulk", "ess_tail", "r_hat")], row["kind"]]
+        for name, row in table.iterrows()
+    ]
+    header = ["quantity", "mean", "sd", "mcse_mean", "ess_bulk", "ess_tail", "r_hat", "kind"]
+    _write_csv(run_dir / "diagnostics.csv", header, rows)
+    rhat_ok = bool((table["r_hat"] <= table.attrs["rhat_threshold"]).all())
+    ess_ok = bool((table["ess_bulk"] >= table.attrs["min_ess"]).all())
+    plots: list[str] = []
+    if not args.no_plots:
+        plots = _diagnostic_plots(post, run_dir, data, args)
+    result = {
+        "run_dir": str(run_dir),
+        "chains_used": table.attrs["chains"],
+        "excluded_chains": table.attrs["excluded_chains"],
+        "log_lik_on": f"{'test' if len(data.y_test) else 'train'} split, first {n_eval} examples",
+        "rhat_ok": rhat_ok,
+        "ess_ok": ess_ok,
+        "warnings": conv,
+        "other_warnings": other,
+        "table": {
+            name: {k: (float(v) if isinstance(v, (float, np.floating)) else v) for k, v in row.items()}
+            for name, row in table.iterrows()
+        },
+        "files": ["diagnostics.csv", "diagnostics.json", *plots],
+    }
+    _atomic_write_text(run_dir / "diagnostics.json", _dumps(result))
+    lines = [
+        f"diagnostics of {run_dir} (chains {table.attrs['chains']}; log_lik on {result['log_lik_on']})",
+        "",
+        f"  {'quantity':<14} {'mean':>11} {'sd':>10} {'mcse':>9} {'ess_bulk':>9} {'ess_tail':>9} "
+        f"{'r_hat':>7}",
+    ]
+    for name, row in table.iterrows():
+        lines.append(
+            f"  {name:<14} {row['mean']:11.4g} {row['sd']:10.4g} {row['mcse_mean']:9.3g} "
+            f"{row['ess_bulk']:9.1f} {row['ess_tail']:9.1f} {row['r_hat']:7.3f}"
+        )
+    lines += [
+        "",
+        f"  R-hat <= {table.attrs['rhat_threshold']}: {'yes' if rhat_ok else 'NO'};  "
+        f"bulk ESS >= {table.attrs['min_ess']:.0f}: {'yes' if ess_ok else 'NO'}",
+    ]
+    lines += [f"  warning: {w}" for w in conv]
+    lines.append(f"  wrote: {', '.join(result['files'])} in {run_dir}")
+    _emit(args, result, "\n".join(lines))
+    if args.strict and not (rhat_ok and ess_ok):
+        return EXIT_DIAGNOSTICS
+    return EXIT_OK
+
+
+def _diagnostic_plots(post: Any, run_dir: Path, data: Any, args: argparse.Namespace) -> list[str]:
+    """trace.png, rank.png (ArviZ, via :mod:`pib_bayes.plots`) and energy.png of a run."""
+    from .plots import plot_energy, plot_rank, plot_trace
+
+    probe = data.x_test[:2] if len(data.y_test) else None
+    jobs = [
+        (
+            "trace.png",
+            lambda p: plot_trace(
+                post, p, probe_x=probe, num_projections=min(args.projections, 4), seed=args.seed
+            ),
+        ),
+        (
+            "rank.png",
+            lambda p: plot_rank(
+                post, p, probe_x=probe, num_projections=min(args.projections, 4), seed=args.seed
+            ),
+        ),
+        ("energy.png", lambda p: plot_energy(post, p)),
+    ]
+    written = []
+    for name, job in jobs:
+        fd, tmp = tempfile.mkstemp(dir=run_dir, prefix=f".{name}.", suffix=".png")
+        os.close(fd)
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                job(tmp)
+            os.replace(tmp, run_dir / name)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+        written.append(name)
+    return written
+
+
+# ------------------------------------------------------------------------------------- predict
+def _load_inputs(source: str, cfg: dict) -> tuple[Any, Any | None, str]:
+    """(x, y or None, description) from --input: a built-in name, an IDX dir, a .npz or a .csv."""
+    import numpy
+    import torch
+
+    from .config import ConfigError, load_arrays
+
+    res = cfg["resolved"]
+    path = Path(source)
+    if path.suffix.lower() == ".csv" and path.is_file():
+        rows = numpy.loadtxt(path, delimiter=",", ndmin=2, skiprows=_csv_header_rows(path))
+        if rows.shape[1] == res["input_dim"]:
+            return torch.tensor(rows, dtype=torch.float32), None, f"csv {path} (features only)"
+    if path.suffix.lower() == ".npz" and path.is_file():
+        with numpy.load(path, allow_pickle=False) as npz:
+            if cfg["data"]["y_key"] not in npz:
+                if cfg["data"]["x_key"] not in npz:
+                    raise UsageError(
+                        "--input",
+                        f"{path} has no array {cfg['data']['x_key']!r}; its arrays are {list(npz.keys())}",
+                    )
+                return (
+                    torch.tensor(npz[cfg["data"]["x_key"]], dtype=torch.float32),
+                    None,
+                    f"npz {path} (no labels)",
+                )
+    data_cfg = {**cfg["data"], "source": source}
+    try:
+        x, y, desc = load_arrays(data_cfg, None)
+    except ConfigError as err:
+        raise UsageError("--input", str(err).split(": ", 1)[1]) from None
+    if res["task"] == "classification":
+        y = y.long().reshape(-1)
+    return x, y, desc
+
+
+def _csv_header_rows(path: Path) -> int:
+    first = path.open().readline().split(",")
+    try:
+        [float(c) for c in first]
+        return 0
+    except ValueError:
+        return 1
+
+
+def _cmd_predict(args: argparse.Namespace) -> int:
+    import torch
+
+    cfg, post, data = _load_run(args.run_dir)
+    res = cfg["resolved"]
+    if args.input is None:
+        x, y, desc = data.x_test, data.y_test, "the run's held-out test split"
+        if len(y) == 0:
+            raise UsageError("--input", "the run has no test split (data.test_fraction = 0); pass --input")
+    else:
+        x, y, desc = _load_inputs(args.input, cfg)
+        if res.get("feature_mean") is not None:
+            x = (x - torch.tensor(res["feature_mean"])) / torch.tensor(res["feature_std"])
+        if x.dim() > 2 and cfg["model"]["factory"] is None:
+            x = x.flatten(1)
+        if cfg["model"]["factory"] is None and x.shape[1] != res["input_dim"]:
+            raise UsageError(
+                "--input", f"has {x.shape[1]} features, the model was sampled with {res['input_dim']}"
+            )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pred = post.predict(x)
+    out_path = Path(args.output) if args.output else Path(args.run_dir) / "predictions.csv"
+    if out_path.parent and not out_path.parent.exists():
+        raise UsageError("--output", f"folder {out_path.parent} does not exist")
+    if res["task"] == "classification":
+        from .uncertainty import classification_uncertainty
+
+        u = classification_uncertainty(pred)
+        p = u.mean_probs.double()
+        header = [
+            "index",
+            "predicted",
+            "confidence",
+            "entropy",
+            "aleatoric",
+            "epistemic_mi",
+            *[f"p{k}" for k in range(p.shape[1])],
+        ] + (["label"] if y is not None else [])
+        rows = [
+            [
+                i,
+                int(p[i].argmax()),
+                f"{float(p[i].max()):.6g}",
+                f"{float(u.predictive_entropy[i]):.6g}",
+                f"{float(u.expected_entropy[i]):.6g}",
+                f"{float(u.mutual_information[i]):.6g}",
+                *[f"{v:.6g}" for v in p[i].tolist()],
+            ]
+            + ([int(y[i])] if y is not None else [])
+            for i in range(len(p))
+        ]
+    else:
+        from .uncertainty import regression_uncertainty
+
+        r = regression_uncertainty(pred, level=args.level)
+        cols = {
+            "mean": r.mean,
+            "sd": r.variance.sqrt(),
+            "lower": r.lower,
+            "upper": r.upper,
+            "epistemic_var": r.epistemic_variance,
+        }
+        flat = {k: v.double().reshape(len(x), -1)[:, 0] for k, v in cols.items()}
+        pct = int(round(100 * args.level))
+        header = ["index", "mean", "sd", f"lower_{pct}", f"upper_{pct}", "epistemic_var"] + (
+            ["target"] if y is not None else []
+        )
+        rows = [
+            [i, *[f"{float(flat[k][i]):.6g}" for k in cols]]
+            + ([float(y.reshape(len(x), -1)[i, 0])] if y is not None else [])
+            for i in range(len(x))
+        ]
+    _write_csv(out_path, header, rows)
+    result: dict[str, Any] = {
+        "run_dir": str(args.run_dir),
+        "input": desc,
+        "n": len(x),
+        "task": res["task"],
+        "draws_used": int(pred.per_draw.shape[0]),
+        "output": str(out_path),
+    }
+    if y is not None:
+        result["metrics"] = _predictive_metrics(pred, y, res["task"], args.level)
+    text = [f"predicted {len(x)} examples ({desc}) with {result['draws_used']} posterior draws -> {out_path}"]
+    if "metrics" in result:
+        text.append("  " + ", ".join(f"{k}={v:.4f}" for k, v in result["metrics"].items()))
+    _emit(args, result, "\n".join(text))
+    return EXIT_OK
+
+
+# ----------------------------------------------------------------------------------------- iiw
+def fisher_iiw(model: Any, loss_fn: Any, data: tuple[Any, Any], theta_0: dict) -> dict:
+    """The paper's Fisher IIW ``Δθᵀ F Δθ`` per layer and in total, from :func:`pib_bayes.iiw.fisher`.
+
+    Returns a dict with ``total``, ``per_group``, ``method`` and ``units``: the paper's raw scale
+    (``raw_total`` of the result) when the estimator reports it, else the result's own units.
+    """
+    try:
+        from .iiw import fisher
+    except ImportError:
+        raise UsageError(
+            "iiw",
+            "pib_bayes.iiw.fisher is not available in this installation; update pib_bayes "
+            "(the Fisher estimator of SPEC §3a is needed to track IIW)",
+        ) from None
+    r = fisher(model, loss_fn, data, theta_0)
+    if r.raw_total is not None and r.raw_per_group is not None:
+        return {
+            "total": float(r.raw_total),
+            "per_group": {k: float(v) for k, v in r.raw_per_group.items()},
+            "method": r.method,
+            "units": "raw (paper's Δθᵀ F Δθ)",
+        }
+    return {
+        "total": float(r.total),
+        "per_group": {k: float(v) for k, v in r.per_group.items()},
+        "method": r.method,
+        "units": r.units,
+    }
+
+
+def iiw_peak(curve: Sequence[float], smooth: int = 3) -> dict:
+    """Locate the fitting -> compression transition of an IIW curve.
+
+    The curve is smoothed with a centred moving average of ``smooth`` points (shorter windows at
+    the ends); the peak is the maximum of the smoothed curve and ``relative_fall`` =
+    (smoothed peak - smoothed last value) / smoothed peak, the share of the peak lost by the end.
+    ``interior`` is true when the peak is neither the first nor the last point.
+
+    >>> p = iiw_peak([0, 1, 3, 4, 3, 2, 2], smooth=1)
+    >>> p["index"], p["relative_fall"], p["interior"]
+    (3, 0.5, True)
+    """
+    import numpy as np
+
+    v = np.asarray(list(curve), dtype=float)
+    if v.size == 0 or not np.all(np.isfinite(v)):
+        raise ValueError("curve: needs at least one finite value and no NaN/Inf")
+    if smooth < 1:
+        raise ValueError(f"smooth: must be >= 1, got {smooth}")
+    half = smooth // 2
+    s = np.array([v[max(0, i - half) : i + half + 1].mean() for i in range(v.size)])
+    k = int(np.argmax(s))
+    fall = float((s[k] - s[-1]) / s[k]) if s[k] > 0 else 0.0
+    return {
+        "index": k,
+        "epoch": k,
+        "value": float(v[k]),
+        "smoothed_peak": float(s[k]),
+        "final": float(v[-1]),
+        "relative_fall": fall,
+        "interior": bool(0 < k < v.size - 1),
+        "smooth": smooth,
+    }
+
+
+def run_iiw(cfg: dict, base_dir: Path, progress: bool) -> tuple[dict, Path]:
+    """Train with SGD/Adam and record the Fisher IIW after every epoch (what ``pib-bayes iiw`` does)."""
+    import torch
+    from tqdm.auto import tqdm
+
+    from .config import build_model, load_data
+
+    out_dir = _check_output_dir(cfg, "iiw")
+    t0 = time.perf_counter()
+    data = load_data(cfg["data"], base_dir)
+    run, icfg = cfg["run"], cfg["iiw"]
+    model = build_model(cfg["model"], data.input_dim, data.output_dim, seed=run["seed"])
+    if data.x_train.dim() > 2 and cfg["model"]["factory"] is None:
+        data.x_train, data.x_test = data.x_train.flatten(1), data.x_test.flatten(1)
+    loss_fn = _loss_for(cfg, data.task)
+    from .energy import resolve_loss
+
+    fn, _ = resolve_loss(loss_fn, data.task)
+    theta_0 = {k: v.detach().clone() for k, v in model.named_parameters()}
+    if icfg["optimizer"] == "sgd":
+        opt = torch.optim.SGD(model.parameters(), lr=icfg["lr"], momentum=icfg["momentum"])
+    else:
+        opt = torch.optim.Adam(model.parameters(), lr=icfg["lr"])
+    n = len(data.y_train)
+    bs = min(icfg["batch_size"], n)
+    gen = torch.Generator().manual_seed(run["seed"] + 7)
+    m = min(icfg["fisher_examples"], n)
+    fisher_x, fisher_y = data.x_train[:m], data.y_train[:m]
+    rows = []
+    for epoch in tqdm(range(icfg["epochs"] + 1), desc="epochs", disable=not progress, leave=False):
+        if epoch > 0:
+            model.train()
+            perm = torch.randperm(n, generator=gen)
+            for start in range(0, n - bs + 1, bs):
+                idx = perm[start : start + bs]
+                opt.zero_grad()
+                fn(model(data.x_train[idx]), data.y_train[idx]).mean().backward()
+                opt.step()
+        model.eval()
+        est = fisher_iiw(model, loss_fn, (fisher_x, fisher_y), theta_0)
+        point = _point_metrics(model, data)
+        rows.append(
+            {
+                "epoch": epoch,
+                "iiw": est["total"],
+                **{f"iiw[{k}]": v for k, v in est["per_group"].items()},
+                **point,
+            }
+        )
+    curve = [r["iiw"] for r in rows]
+    peak = iiw_peak(curve)
+    result = {
+        "run_dir": str(out_dir),
+        "data": data.info(),
+        "optimizer": icfg["optimizer"],
+        "lr": icfg["lr"],
+        "epochs": icfg["epochs"],
+        "fisher_examples": m,
+        "iiw_method": est["method"],
+        "iiw_units": est["units"],
+        "peak": peak,
+        "final": rows[-1],
+        "seconds": round(time.perf_counter() - t0, 2),
+        "files": ["iiw.csv", "iiw.png", "iiw.json", "config.json"],
+    }
+    with _StagedDir(out_dir, cfg["output"]["overwrite"]) as tmp:
+        header = list(rows[0])
+        _write_csv(tmp / "iiw.csv", header, [[r.get(h) for h in header] for r in rows])
+        _plot_iiw_curve(tmp / "iiw.png", rows, peak)
+        _atomic_write_text(tmp / "config.json", _dumps(cfg))
+        _atomic_write_text(tmp / "iiw.json", _dumps({**result, "curve": rows}))
+    return result, out_dir
+
+
+def _plot_iiw_curve(path: Path, rows: list[dict], peak: dict) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.plot([r["epoch"] for r in rows], [r["iiw"] for r in rows], "o-", ms=3, label="IIW (Fisher)")
+    if peak.get("index") is not None:
+        ax.axvline(
+            rows[peak["index"]]["epoch"],
+            color="C3",
+            ls="--",
+            lw=1,
+            label=f"peak (epoch {rows[peak['index']]['epoch']}, fall {100 * peak['relative_fall']:.0f}%)",
+        )
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("IIW")
+    ax.legend(fontsize=8)
+    _atomic_savefig(fig, path)
+    plt.close(fig)
+
+
+def _cmd_iiw(args: argparse.Namespace) -> int:
+    cfg, base = _resolve_config(args)
+    if args.epochs is not None:
+        cfg["iiw"]["epochs"] = args.epochs
+    result, _ = run_iiw(cfg, base, progress=not args.quiet and not args.json)
+    pk = result["peak"]
+    text = [
+        f"IIW curve written to {result['run_dir']} ({result['epochs']} epochs, {result['optimizer']}, "
+        f"lr={result['lr']}, Fisher on {result['fisher_examples']} examples, {result['iiw_units']})",
+        f"  peak at epoch {pk['epoch']} (IIW {pk['value']:.4g}); after it IIW falls "
+        f"{100 * pk['relative_fall']:.1f}% (to {pk['final']:.4g})",
+        "  final: "
+        + ", ".join(
+            f"{k}={v:.4g}" for k, v in result["final"].items() if k != "epoch" and not k.startswith("iiw[")
+        ),
+    ]
+    _emit(args, result, "\n".join(text))
+    return EXIT_OK
+
+
+# -------------------------------------------------------------------------------------- parser
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument(
+        "--json", action="store_true", help="print one JSON object (machine-readable) instead of text"
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="pib-bayes", description="Sample PIB Gibbs posteriors of torch models.")
+    """The ``pib-bayes`` argument parser (subcommands demo, sample, diagnose, iiw, predict)."""
+    parser = argparse.ArgumentParser(
+        prog="pib-bayes",
+        description="Sample PIB Gibbs posteriors of torch models.",
+        epilog="exit codes: 0 ok, 1 internal error, 2 bad input/config, "
+        "3 every chain diverged, 4 diagnose --strict failed",
+    )
     sub = parser.add_subparsers(dest="command", required=True)
+
     demo = sub.add_parser("demo", help="sample a small MLP posterior on embedded data and compare predictors")
     demo.add_argument("--quick", action="store_true", help="tiny settings (seconds)")
     demo.add_argument("--seed", type=int, default=0)
-    demo.add_argument("--quiet", action="store_true", help="no progress bars")
-    demo.add_argument("--json", action="store_true", help="machine-readable output")
+    _common(demo)
     demo.set_defaults(func=_cmd_demo)
+
+    s = sub.add_parser("sample", help="sample a posterior from a TOML run config into a run directory")
+    s.add_argument("--config", required=True, help="TOML run file (see docs/cli.md)")
+    s.add_argument("--output", help="run directory (overrides [output] dir)")
+    s.add_argument("--overwrite", action="store_true", help="replace an existing run directory")
+    _common(s)
+    s.set_defaults(func=_cmd_sample)
+
+    d = sub.add_parser("diagnose", help="R-hat/ESS/MCSE table (ArviZ) and trace/rank plots of a run")
+    d.add_argument("run_dir", metavar="RUN_DIR")
+    d.add_argument("--projections", type=int, default=4, help="random projections of the weights to diagnose")
+    d.add_argument("--probes", type=int, default=2, help="held-out inputs whose predictions are diagnosed")
+    d.add_argument("--max-examples", type=int, default=1000, help="examples in the log-likelihood quantity")
+    d.add_argument("--seed", type=int, default=0, help="seed of the random projections")
+    d.add_argument("--no-plots", action="store_true", help="skip trace.png, rank.png, energy.png")
+    d.add_argument("--strict", action="store_true", help="exit 4 when R-hat or ESS is outside the limits")
+    _common(d)
+    d.set_defaults(func=_cmd_diagnose)
+
+    i = sub.add_parser(
+        "iiw", help="train (SGD/Adam) while tracking the Fisher IIW; plot the curve and its peak"
+    )
+    i.add_argument("--config", required=True, help="TOML file: [model], [data], [iiw], [output]")
+    i.add_argument("--output", help="output directory (overrides [output] dir)")
+    i.add_argument("--overwrite", action="store_true")
+    i.add_argument("--epochs", type=int, help="overrides [iiw] epochs")
+    _common(i)
+    i.set_defaults(func=_cmd_iiw)
+
+    p = sub.add_parser("predict", help="posterior-predictive probabilities/intervals of a run on new inputs")
+    p.add_argument("run_dir", metavar="RUN_DIR")
+    p.add_argument(
+        "--input", help="a built-in name, an IDX directory, .npz or .csv (default: the run's test split)"
+    )
+    p.add_argument("--output", help="CSV to write (default RUN_DIR/predictions.csv)")
+    p.add_argument("--level", type=float, default=0.9, help="central credible level of regression intervals")
+    _common(p)
+    p.set_defaults(func=_cmd_predict)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of ``pib-bayes``; returns the exit code (see the module docstring)."""
     args = build_parser().parse_args(argv)
-    return int(args.func(args))
+    from .config import ConfigError
+
+    def fail(key: str, message: str, code: int) -> int:
+        if getattr(args, "json", False):
+            print(_dumps({"error": message, "key": key, "exit_code": code}))
+        print(f"error: {message}", file=sys.stderr)
+        return code
+
+    try:
+        return int(args.func(args))
+    except (ConfigError, UsageError) as err:
+        return fail(err.key, str(err), EXIT_USAGE)
+    except (FileNotFoundError, ValueError) as err:  # validation errors of the library name their argument
+        return fail(str(err).split(":", 1)[0], str(err), EXIT_USAGE)
+    except KeyboardInterrupt:
+        return fail("<interrupt>", "interrupted; nothing half-written was left in the output directory", 130)
+    except Exception as err:  # a bug: show everything
+        traceback.print_exc()
+        return fail("<internal>", f"internal error {type(err).__name__}: {err}", EXIT_INTERNAL)
 
 
 if __name__ == "__main__":
