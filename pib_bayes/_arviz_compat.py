@@ -10,8 +10,10 @@ arviz-stats / arviz-plots APIs and are not exercised by the test suite yet.
 
 from __future__ import annotations
 
+import contextlib
 import os
-from collections.abc import Mapping, Sequence
+import warnings
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import arviz as az
@@ -88,6 +90,16 @@ def _var_names(data: Any, var_names: Sequence[str] | None) -> list[str]:
     return list(var_names) if var_names is not None else list(get_group(data, "posterior").data_vars)
 
 
+@contextlib.contextmanager
+def _quiet_arviz_plotting() -> Iterator[None]:
+    # arviz 0.x calls a matplotlib helper deprecated in matplotlib 3.11, once per artist: not ours to fix
+    from matplotlib import MatplotlibDeprecationWarning
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", category=MatplotlibDeprecationWarning, module=r"arviz\.")
+        yield
+
+
 def _num_panels(data: Any, names: Sequence[str]) -> int:
     """One panel per scalar: a variable with extra dims gets one per element (compact=False)."""
     post = get_group(data, "posterior")
@@ -110,7 +122,8 @@ def plot_trace(data: Any, path: str, var_names: Sequence[str] | None = None) -> 
         _save_collection(az.plot_trace_dist(data, var_names=names, backend="matplotlib"), path)
         return path
     fig, axes = _figure(_num_panels(data, names), 2, 10.0, 2.0)
-    az.plot_trace(data, var_names=names, compact=False, axes=axes, show=False)
+    with _quiet_arviz_plotting():
+        az.plot_trace(data, var_names=names, compact=False, axes=axes, show=False)
     fig.tight_layout()
     fig.savefig(path)
     return path
@@ -123,7 +136,8 @@ def plot_rank(data: Any, path: str, var_names: Sequence[str] | None = None) -> s
         _save_collection(az.plot_rank(data, var_names=names, backend="matplotlib"), path)
         return path
     fig, axes = _figure(_num_panels(data, names), 1, 6.0, 2.0)
-    az.plot_rank(data, var_names=names, ax=axes.ravel(), show=False)
+    with _quiet_arviz_plotting():
+        az.plot_rank(data, var_names=names, ax=axes.ravel(), show=False)
     fig.tight_layout()
     fig.savefig(path)
     return path
