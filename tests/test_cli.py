@@ -1,0 +1,288 @@
+"""The pib-bayes command line: every subcommand end to end on tiny settings, config checks, exit codes."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from pib_bayes import Posterior
+from pib_bayes.cli import EXIT_FAILED, EXIT_OK, EXIT_USAGE, iiw_peak, main
+from pib_bayes.config import ConfigError, build_model, load_data, validate_config
+from pib_bayes.mnist import write_idx
+
+TINY = """
+[model]
+hidden = [8]
+activation = "tanh"
+[data]
+source = "{source}"
+n = 150
+test_fraction = 0.2
+[pretrain]
+steps = 30
+[posterior]
+temperature = 1.0
+[sampler]
+step_size = 2e-4
+[run]
+chains = 2
+warmup = 10
+draws = 8
+thin = 1
+batch_size = 32
+"""
+
+
+def _cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    return subprocess.run(
+        [sys.executable, "-m", "pib_bayes", *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+    )
+
+
+def _write(tmp_path: Path, text: str, name: str = "run.toml") -> Path:
+    p = tmp_path / name
+    p.write_text(textwrap.dedent(text))
+    return p
+
+
+# ------------------------------------------------------------------------- end to end (subprocess)
+def test_sample_diagnose_predict_end_to_end(tmp_path):
+    _write(tmp_path, TINY.format(source="spirals"))
+    r = _cli("sample", "--config", "run.toml", "--output", "runs/a", "--json", cwd=tmp_path)
+    assert r.returncode == EXIT_OK, r.stderr
+    out = json.loads(r.stdout)
+    run = tmp_path / "runs" / "a"
+    assert sorted(p.name for p in run.iterdir()) == [
+        "config.json",
+        "config.toml",
+        "posterior.pt",
+        "summary.json",
+    ]
+    assert out["chains"] == 2 and out["draws_per_chain"] == 8 and out["data"]["n_train"] == 120
+    assert out["beta"] == pytest.approx(1 / 120)
+    assert 0 <= out["posterior_predictive"]["test"]["accuracy"] <= 1
+    assert not list((tmp_path / "runs").glob(".*partial*"))  # no staging directory left behind
+    cfg = json.loads((run / "config.json").read_text())
+    model = build_model(cfg["model"], 2, 3)
+    post = Posterior.load(run / "posterior.pt", model=model)
+    assert post.num_chains == 2 and post.num_draws == 8 and post.metadata["beta"] == pytest.approx(1 / 120)
+
+    r = _cli("diagnose", "runs/a", "--json", cwd=tmp_path)
+    assert r.returncode == EXIT_OK, r.stderr
+    diag = json.loads(r.stdout)
+    assert {"energy", "loss", "log_lik"} <= set(diag["table"])
+    assert all(np.isfinite(v["ess_bulk"]) for v in diag["table"].values())
+    for name in ("diagnostics.csv", "diagnostics.json", "trace.png", "rank.png", "energy.png"):
+        assert (run / name).stat().st_size > 0, name
+    assert (run / "trace.png").read_bytes()[:4] == b"\x89PNG"
+    # --strict turns "not converged" (8 draws cannot reach ESS 200) into exit code 4
+    r = _cli("diagnose", "runs/a", "--strict", "--no-plots", "--quiet", cwd=tmp_path)
+    assert r.returncode == 4 and "R-hat" in r.stdout
+
+    r = _cli("predict", "runs/a", "--json", "--output", "pred.csv", cwd=tmp_path)
+    assert r.returncode == EXIT_OK, r.stderr
+    pred = json.loads(r.stdout)
+    assert pred["n"] == 30 and pred["metrics"]["accuracy"] == pytest.approx(
+        out["posterior_predictive"]["test"]["accuracy"]
+    )
+    rows = list(csv.DictReader((tmp_path / "pred.csv").open()))
+    assert len(rows) == 30
+    probs = np.array([[float(r[f"p{k}"]) for k in range(3)] for r in rows])
+    np.testing.assert_allclose(probs.sum(1), 1.0, atol=1e-5)
+    ent = np.array([float(r["entropy"]) for r in rows])
+    split = np.array([float(r["aleatoric"]) + float(r["epistemic_mi"]) for r in rows])
+    np.testing.assert_allclose(ent, split, atol=1e-5)
+
+    # text mode (no --json) prints a human summary; an existing run directory is refused
+    r = _cli("sample", "--config", "run.toml", "--output", "runs/a", "--quiet", cwd=tmp_path)
+    assert r.returncode == EXIT_USAGE and "output.dir" in r.stderr and "--overwrite" in r.stderr
+
+
+def test_bad_config_exits_2_naming_the_key(tmp_path):
+    _write(tmp_path, TINY.format(source="spirals").replace("step_size", "stepsize"))
+    r = _cli("sample", "--config", "run.toml", "--output", "o", cwd=tmp_path)
+    assert r.returncode == EXIT_USAGE
+    assert "sampler.stepsize" in r.stderr and "step_size" in r.stderr
+    _write(tmp_path, TINY.format(source="spirals").replace("chains = 2", 'chains = "two"'))
+    r = _cli("sample", "--config", "run.toml", "--output", "o", "--json", cwd=tmp_path)
+    assert r.returncode == EXIT_USAGE
+    err = json.loads(r.stdout)
+    assert err["key"] == "run.chains" and err["exit_code"] == EXIT_USAGE and "chains = 4" in err["error"]
+    assert not (tmp_path / "o").exists()
+
+
+def test_demo_quick_json(tmp_path):
+    r = _cli("demo", "--quick", "--json", cwd=tmp_path)
+    assert r.returncode == EXIT_OK, r.stderr
+    res = json.loads(r.stdout)
+    assert res["chains"] == 4 and 0 <= res["posterior_predictive"]["accuracy"] <= 1
+
+
+def test_iiw_subcommand(tmp_path):
+    try:
+        from pib_bayes.iiw import fisher  # noqa: F401
+    except ImportError:
+        pytest.skip("pib_bayes.iiw.fisher has not landed in this checkout")
+    _write(tmp_path, TINY.format(source="spirals") + "\n[iiw]\nepochs = 4\nlr = 0.1\nbatch_size = 32\n")
+    r = _cli("iiw", "--config", "run.toml", "--output", "iiwrun", "--json", cwd=tmp_path)
+    assert r.returncode == EXIT_OK, r.stderr
+    res = json.loads(r.stdout)
+    rows = list(csv.DictReader((tmp_path / "iiwrun" / "iiw.csv").open()))
+    assert [int(r["epoch"]) for r in rows] == [0, 1, 2, 3, 4]
+    assert float(rows[0]["iiw"]) == pytest.approx(0.0, abs=1e-12)  # Δθ = 0 before training
+    assert float(rows[-1]["iiw"]) > 0
+    assert (tmp_path / "iiwrun" / "iiw.png").read_bytes()[:4] == b"\x89PNG"
+    assert 0 <= res["peak"]["index"] <= 4
+
+
+# ----------------------------------------------------------------------------- in-process checks
+def _cfg(**sections):
+    raw = {"data": {"source": "spirals", "n": 100}, "output": {"dir": "x"}}
+    for k, v in sections.items():
+        raw.setdefault(k, {}).update(v)
+    return raw
+
+
+@pytest.mark.parametrize(
+    "raw, key",
+    [
+        ({"sampelr": {}}, "sampelr"),
+        ({"run": {"draws": 0}}, "run.draws"),
+        ({"run": {"chains": 1.5}}, "run.chains"),
+        ({"posterior": {"beta": -1.0}}, "posterior.beta"),
+        ({"posterior": {"beta": 0.1, "temperature": 1.0}}, "posterior.beta"),
+        ({"sampler": {"name": "nuts"}}, "sampler.name"),
+        ({"sampler": {"name": "csgld", "schedule": "constant"}}, "sampler.schedule"),
+        ({"model": {"activation": "swish"}}, "model.activation"),
+        ({"model": {"hidden": [16, 0]}}, "model.hidden"),
+        ({"model": {"factory": "nocolon"}}, "model.factory"),
+        ({"data": {"test_fraction": 1.0}}, "data.test_fraction"),
+        ({"output": {"overwrite": "yes"}}, "output.overwrite"),
+    ],
+)
+def test_validation_names_the_key(raw, key):
+    with pytest.raises(ConfigError) as err:
+        validate_config(_cfg(**raw))
+    assert err.value.key == key and str(err.value).startswith(key)
+
+
+def test_missing_source_and_defaults():
+    with pytest.raises(ConfigError, match="data.source: is required"):
+        validate_config({"run": {"chains": 2}})
+    cfg = validate_config(_cfg(sampler={"name": "csgld"}))
+    assert cfg["sampler"]["schedule"] == "cyclical" and cfg["run"]["chains"] == 4
+    assert cfg["posterior"]["beta"] is None and cfg["posterior"]["temperature"] is None
+
+
+def test_data_sources_npz_csv_idx(tmp_path):
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(40, 3)).astype(np.float32)
+    y = (x[:, 0] > 0).astype(np.int64)
+    np.savez(tmp_path / "d.npz", x=x, y=y)
+    d = load_data(
+        validate_config(_cfg(data={"source": str(tmp_path / "d.npz"), "test_fraction": 0.25}))["data"]
+    )
+    assert d.task == "classification" and d.input_dim == 3 and d.output_dim == 2 and len(d.y_test) == 10
+    # the split is a permutation of the file's rows
+    got = torch.cat([d.x_train, d.x_test]).numpy()
+    np.testing.assert_allclose(np.sort(got[:, 0]), np.sort(x[:, 0]))
+
+    with open(tmp_path / "r.csv", "w") as f:
+        f.write("a,target,b\n")
+        for i in range(30):
+            f.write(f"{i / 10},{0.5 * i + 0.25},{-i}\n")
+    cfg = validate_config(
+        _cfg(data={"source": str(tmp_path / "r.csv"), "target": "target", "standardize": True})
+    )
+    d = load_data(cfg["data"])
+    assert d.task == "regression" and d.input_dim == 2 and d.y_train.shape[1] == 1
+    assert abs(float(d.x_train.mean())) < 1e-5
+    with pytest.raises(ConfigError, match="data.target"):
+        load_data(validate_config(_cfg(data={"source": str(tmp_path / "r.csv"), "target": "nope"}))["data"])
+
+    idx = tmp_path / "mnist"
+    idx.mkdir()
+    write_idx(idx / "t10k-images-idx3-ubyte.gz", rng.integers(0, 255, (20, 28, 28)))
+    write_idx(idx / "t10k-labels-idx1-ubyte.gz", np.arange(20) % 10)
+    d = load_data(validate_config(_cfg(data={"source": str(idx), "test_fraction": 0.5}))["data"])
+    assert d.input_dim == 784 and d.output_dim == 10 and len(d.y_train) == 10
+
+
+def test_factory_model_gets_data_dimensions(tmp_path, monkeypatch):
+    (tmp_path / "mynets.py").write_text(
+        textwrap.dedent("""
+        from torch import nn
+        def make(input_dim, output_dim, width=5):
+            return nn.Sequential(nn.Linear(input_dim, width), nn.ReLU(), nn.Linear(width, output_dim))
+    """)
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    cfg = validate_config(_cfg(model={"factory": "mynets:make", "kwargs": {"width": 7}}))
+    model = build_model(cfg["model"], 2, 3)
+    assert model[0].in_features == 2 and model[0].out_features == 7 and model[2].out_features == 3
+    with pytest.raises(ConfigError, match="model.factory"):
+        build_model(validate_config(_cfg(model={"factory": "mynets:nothing"}))["model"], 2, 3)
+    with pytest.raises(ConfigError, match="model.kwargs"):
+        build_model(
+            validate_config(_cfg(model={"factory": "mynets:make", "kwargs": {"depth": 2}}))["model"], 2, 3
+        )
+
+
+def test_regression_run_and_features_only_predict(tmp_path, capsys):
+    cfg = TINY.format(source="regression").replace("[posterior]", "[posterior]\nnoise_std = 0.3")
+    _write(tmp_path, cfg)
+    out = tmp_path / "reg"
+    assert (
+        main(["sample", "--config", str(tmp_path / "run.toml"), "--output", str(out), "--quiet"]) == EXIT_OK
+    )
+    np.savetxt(tmp_path / "grid.csv", np.linspace(-2, 2, 11)[:, None], delimiter=",")
+    capsys.readouterr()
+    assert main(["predict", str(out), "--input", str(tmp_path / "grid.csv"), "--json"]) == EXIT_OK
+    res = json.loads(capsys.readouterr().out)
+    assert res["n"] == 11 and "metrics" not in res
+    rows = list(csv.DictReader((out / "predictions.csv").open()))
+    lo, mean, hi = (np.array([float(r[k]) for r in rows]) for k in ("lower_90", "mean", "upper_90"))
+    assert np.all(lo < mean) and np.all(mean < hi)
+    # the Gaussian loss's noise is part of the predictive variance: sd >= noise_std
+    assert np.all(np.array([float(r["sd"]) for r in rows]) >= 0.3 - 1e-6)
+
+
+def test_failed_run_leaves_nothing_and_all_diverged_exits_3(tmp_path, capsys):
+    _write(tmp_path, TINY.format(source="spirals") + "\n[sampler.kwargs]\nfriction = 0.5\n")
+    out = tmp_path / "fail"
+    # friction is not an SGLD setting: the kernel builder refuses it, before anything is written
+    assert (
+        main(["sample", "--config", str(tmp_path / "run.toml"), "--output", str(out), "--quiet"])
+        == EXIT_USAGE
+    )
+    assert "sampler_kwargs" in capsys.readouterr().err
+    assert not out.exists() and not list(tmp_path.glob(".fail*"))
+    _write(tmp_path, TINY.format(source="spirals").replace("step_size = 2e-4", "step_size = 1e6"))
+    code = main(["sample", "--config", str(tmp_path / "run.toml"), "--output", str(out), "--quiet"])
+    assert code == EXIT_FAILED
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["diverged_chains"] == [0, 1]
+
+
+def test_iiw_peak_definition():
+    p = iiw_peak([0.0, 1.0, 2.0, 4.0, 3.0, 1.0, 1.0], smooth=3)  # smoothed: .5 1 2.33 3 2.67 1.67 1
+    assert p["index"] == 3 and p["interior"] and p["value"] == 4.0
+    assert p["relative_fall"] == pytest.approx((3 - 1) / 3)
+    assert not iiw_peak([0, 1, 2, 3])["interior"]
+    with pytest.raises(ValueError, match="curve"):
+        iiw_peak([0.0, float("nan")])
