@@ -83,6 +83,9 @@ def diagnose(dataset: xr.Dataset) -> dict[str, xr.Dataset]:
 
 
 def _save_collection(pc: Any, path: str) -> None:  # pragma: no cover - arviz>=1 only
+    if not hasattr(pc, "savefig"):
+        raise RuntimeError(f"arviz {ARVIZ_VERSION}: the PlotCollection has no savefig; "
+                           "pib_bayes._arviz_compat needs updating for this ArviZ release")
     pc.savefig(path)
 
 
