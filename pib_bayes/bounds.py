@@ -148,6 +148,10 @@ def as_nats(value: object, name: str = "kl") -> float:
     >>> as_nats(Est()), as_nats(1)
     (2.5, 1.0)
     """
+    units = getattr(value, "units", "nats")
+    if units != "nats":
+        raise ValueError(f"{name}: the estimate is in units {units!r}; bounds need nats (e.g. the Fisher "
+                         "estimate with units='nats', or pib_bayes.iiw.kl / channel)")
     raw = getattr(value, "total", value)
     if isinstance(raw, Tensor):
         raw = raw.item() if raw.numel() == 1 else raw
@@ -471,6 +475,8 @@ class _Split:
     gibbs_bce: float
     gibbs_error_mcse: float
     gibbs_bce_mcse: float
+    gibbs_error_ess: float
+    gibbs_bce_ess: float
 
     def as_dict(self) -> dict[str, float]:
         return dict(self.__dict__)
@@ -497,20 +503,22 @@ class BoundsReport:
     n_prior: int | None
     p_min: float
     notes: list[str]
+    mc_delta: float | None = None
 
     @property
     def gap(self) -> dict[str, float] | None:
         """Measured generalization gap, heldout minus train, per metric."""
         if self.heldout is None:
             return None
-        return {k: self.heldout[k] - self.train[k] for k in self.train if k != "n" and not k.endswith("mcse")}
+        return {k: self.heldout[k] - self.train[k] for k in _METRICS}
 
     def to_dict(self) -> dict[str, Any]:
         return {"train": dict(self.train), "heldout": None if self.heldout is None else dict(self.heldout),
                 "gap": self.gap, "kl": self.kl, "kl_method": self.kl_method,
                 "iiw": [dict(d) for d in self.iiw],
                 "bounds": {k: [b.to_dict() for b in v] for k, v in self.bounds.items()},
-                "delta": self.delta, "n": self.n, "n_prior": self.n_prior, "p_min": self.p_min,
+                "delta": self.delta, "mc_delta": self.mc_delta, "n": self.n, "n_prior": self.n_prior,
+                "p_min": self.p_min,
                 "notes": list(self.notes)}
 
     def __str__(self) -> str:
@@ -546,15 +554,20 @@ class BoundsReport:
         return "\n".join(out)
 
 
-def _mcse(per_draw: np.ndarray) -> float:
-    """MCSE of the mean of a (chain, draw) series, from ArviZ."""
+_METRICS = ("bma_error", "bma_nll", "gibbs_error", "gibbs_nll", "gibbs_bce")
+
+
+def _mcse_ess(per_draw: np.ndarray) -> tuple[float, float]:
+    """MCSE and bulk ESS of the mean of a (chain, draw) series, from ArviZ (capped at the draw count)."""
     import arviz as az
 
+    m = per_draw.size
     if per_draw.shape[1] < 4:
-        return float("nan")
+        return float("nan"), float(m)
     if np.ptp(per_draw) == 0:
-        return 0.0
-    return float(az.mcse(per_draw, method="mean"))
+        return 0.0, float(m)
+    ess = float(az.ess(per_draw, method="bulk"))
+    return float(az.mcse(per_draw, method="mean")), min(ess, float(m))
 
 
 @torch.no_grad()
@@ -584,8 +597,9 @@ def _evaluate(post: Posterior, x: Tensor, y: Tensor, p_min: float, chunk: int, i
     chains = post.num_chains if include_diverged else len(post.good_chains)
     err = (draw_err / n).numpy().reshape(chains, -1)
     bce = (draw_bce / n).numpy().reshape(chains, -1)
+    (err_se, err_ess), (bce_se, bce_ess) = _mcse_ess(err), _mcse_ess(bce)
     return _Split(n, sums["bma_error"] / n, sums["bma_nll"] / n, float(err.mean()),
-                  float(draw_nll.mean() / n), float(bce.mean()), _mcse(err), _mcse(bce))
+                  float(draw_nll.mean() / n), float(bce.mean()), err_se, bce_se, err_ess, bce_ess)
 
 
 def _labels(data: object, name: str) -> tuple[Tensor, Tensor]:
@@ -612,7 +626,8 @@ def _iiw_list(iiw: object) -> list[dict[str, Any]]:
 def report(posterior: Posterior, train: tuple[Tensor, Tensor], heldout: tuple[Tensor, Tensor] | None = None,
            *,
            prior: Prior | None = None, kl: object = None, iiw: object = None, delta: float = 0.05,
-           n_prior: int | None = None, p_min: float = 1e-4, structure: str = "diag", chunk_size: int = 1024,
+           n_prior: int | None = None, p_min: float = 1e-4, mc_delta: float | None = None,
+           structure: str = "diag", chunk_size: int = 1024,
            include_diverged: bool = False) -> BoundsReport:
     """Measured risks next to the generalization bounds for a sampled (classification) posterior.
 
@@ -641,13 +656,17 @@ def report(posterior: Posterior, train: tuple[Tensor, Tensor], heldout: tuple[Te
             simultaneous).
         n_prior: size of the prior's split, only recorded.
         p_min: probability floor of the bounded cross-entropy.
+        mc_delta: if set, account for the Monte-Carlo error of the Gibbs train risk ``hat L_S`` estimated from
+            the draws (Langford & Caruana 2002): the bounds start from ``kl^{-1}(hat L_S, log(1/mc_delta)/m)``
+            with m the draws' effective sample size (ArviZ), and hold with probability >= 1 - delta - mc_delta
+            (exactly for independent draws). Default: the plug-in estimate, its MCSE reported in ``notes``.
         structure: covariance structure for the KL estimate (passed to ``pib_bayes.iiw.kl``).
         chunk_size: examples evaluated at once (memory ~ draws x chunk_size x classes).
 
     Assumptions, stated in ``notes``: the Gibbs train risk is a Monte-Carlo average over the kept draws
-    (its ArviZ MCSE is reported, not added to the bound); a KL estimated from the draws by a Gaussian fit
-    is exact only if q is Gaussian, and for a Gaussian prior it *understates* KL(q||p) for a non-Gaussian
-    q (the Gaussian has the largest entropy for its covariance).
+    (its ArviZ MCSE is reported; ``mc_delta`` adds it to the bound); a KL estimated from the draws by a
+    Gaussian fit is exact only if q is Gaussian, and for a Gaussian prior it *understates* KL(q||p) for a
+    non-Gaussian q (the Gaussian has the largest entropy for its covariance).
     """
     if not isinstance(posterior, Posterior):
         raise TypeError(f"posterior: expected a pib_bayes.Posterior, got {type(posterior).__name__}")
@@ -655,6 +674,10 @@ def report(posterior: Posterior, train: tuple[Tensor, Tensor], heldout: tuple[Te
         raise ValueError(f"posterior: report() needs a classification posterior (0-1 error, cross-entropy), "
                          f"got task {posterior.task!r}; use mi_bound/pac_bayes_bounds with your loss's range")
     delta = _check_delta(delta)
+    if mc_delta is not None:
+        mc_delta = _check_delta(mc_delta)
+        if delta + mc_delta >= 1:
+            raise ValueError(f"mc_delta: delta + mc_delta must be < 1, got {delta} + {mc_delta}")
     if not 0.0 < p_min < 1.0:
         raise ValueError(f"p_min: the probability floor must be in (0, 1), e.g. 1e-4, got {p_min!r}")
     if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
@@ -690,8 +713,16 @@ def report(posterior: Posterior, train: tuple[Tensor, Tensor], heldout: tuple[Te
 
     bounds: dict[str, list[Bound]] = {"0-1 error": [], "bounded CE": []}
     if kl_value is not None:
-        bounds["0-1 error"] = pac_bayes_bounds(tr.gibbs_error, kl_value, n, delta)
-        bounds["bounded CE"] = pac_bayes_bounds(tr.gibbs_bce, kl_value, n, delta)
+        for loss, (estimate, ess) in {"0-1 error": (tr.gibbs_error, tr.gibbs_error_ess),
+                                      "bounded CE": (tr.gibbs_bce, tr.gibbs_bce_ess)}.items():
+            emp = estimate
+            # sample convergence (Langford & Caruana 2002): kl(hat L_S || L_S(Q)) <= log(1/mc_delta) / m
+            if mc_delta is not None:
+                emp = kl_inverse(min(max(estimate, 0.0), 1.0), math.log(1.0 / mc_delta) / ess)
+            bounds[loss] = pac_bayes_bounds(emp, kl_value, n, delta)
+            if mc_delta is not None:
+                for b in bounds[loss]:
+                    b.details.update(mc_delta=mc_delta, empirical_estimate=estimate, draws_ess=ess)
     for est in estimates:
         b = mi_bound(est["value"], n, empirical=tr.gibbs_error, loss_range=(0.0, 1.0), method=est["method"])
         b.details["label"] = f"IIW {est['label']}"
@@ -717,5 +748,10 @@ def report(posterior: Posterior, train: tuple[Tensor, Tensor], heldout: tuple[Te
     elif gaussian_fit:
         notes.append("KL from a Gaussian fit of the draws: exact only if q is Gaussian; for a Gaussian prior "
                      "it understates KL(q||p) otherwise.")
+    if mc_delta is not None and kl_value is not None:
+        notes.append(f"mc_delta = {mc_delta:g}: the PAC-Bayes bounds start from an upper confidence bound on "
+                     "the Gibbs train risk (kl-inverse over the draws' ESS); each holds with probability >= "
+                     f"{1 - delta - mc_delta:g}, exactly for independent draws, approximately (ESS) for "
+                     "MCMC.")
     return BoundsReport(tr.as_dict(), None if ho is None else ho.as_dict(), kl_value, kl_method, estimates,
-                        bounds, delta, n, n_prior, p_min, notes)
+                        bounds, delta, n, n_prior, p_min, notes, mc_delta)

@@ -377,6 +377,29 @@ def test_report_on_a_sampled_posterior(sampled):
     assert small.train["bma_nll"] == pytest.approx(rep.train["bma_nll"], rel=1e-9)
 
 
+def test_report_mc_delta_and_iiw_results(sampled):
+    post, prior, train, _, _ = sampled
+    from pib_bayes.iiw import IIWResult
+    from pib_bayes.iiw import kl as iiw_kl
+    est = iiw_kl(post, prior, structure="diag")
+    plain = B.report(post, train, kl=est, iiw=[est])
+    rep = B.report(post, train, kl=est, iiw=[est], mc_delta=0.01)
+    assert rep.train["gibbs_error_ess"] <= post.num_chains * post.num_draws
+    for loss, key in (("0-1 error", "gibbs_error"), ("bounded CE", "gibbs_bce")):
+        upper = B.kl_inverse(rep.train[key], math.log(100) / rep.train[f"{key}_ess"])
+        for b, b0 in zip(rep.bounds[loss][:3], plain.bounds[loss][:3], strict=True):
+            assert b.empirical == pytest.approx(upper, abs=1e-12) and b.empirical > rep.train[key]
+            assert b.value > b0.value and b.details["mc_delta"] == 0.01
+    mi = rep.bounds["0-1 error"][3]
+    assert mi.name == "mutual-information" and mi.empirical == rep.train["gibbs_error"]  # in expectation
+    assert mi.details["method"] == "kl" and "mc_delta" in str(rep)
+    raw = IIWResult({"a": 1.0}, 1.0, "fisher-jvp", "raw")
+    with pytest.raises(ValueError, match="units"):
+        B.report(post, train, kl=1.0, iiw=raw)
+    with pytest.raises(ValueError, match="mc_delta"):
+        B.report(post, train, kl=1.0, delta=0.5, mc_delta=0.5)
+
+
 def test_report_flags_vacuous_and_rejects_bad_input(sampled):
     post, prior, train, heldout, _ = sampled
     rep = B.report(post, train, kl=1e6)
