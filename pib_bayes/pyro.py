@@ -414,15 +414,18 @@ def posterior_from_mcmc(mcmc: pyro.infer.MCMC, model: torch.nn.Module | None = N
         raise ValueError("mcmc: has no samples; call mcmc.run(...) first")
     draws = {k: v.detach().clone() for k, v in samples.items()}
     c, n = next(iter(draws.values())).shape[:2]
-    diag_all = mcmc.diagnostics()  # name -> {"chain i": value} for the kernel's diagnostics()
-    per_chain = [{k: v[f"chain {i}"] for k, v in diag_all.items()
-                  if isinstance(v, dict) and f"chain {i}" in v} for i in range(c)]
+    per_chain = getattr(mcmc, "_diagnostics", None)  # the kernel's diagnostics() of each chain, as kept
+    kept = isinstance(per_chain, list) and len(per_chain) == c and all(isinstance(d, dict) for d in per_chain)
+    if not kept:
+        # public route (also computes ESS/R-hat of every site, which the private list skips)
+        diag_all = mcmc.diagnostics()
+        per_chain = [{k: v[f"chain {i}"] for k, v in diag_all.items()
+                      if isinstance(v, dict) and f"chain {i}" in v} for i in range(c)]
     diverging = torch.zeros(c, n, dtype=torch.bool)
     stats: dict[str, Tensor] = {}
     diverged = torch.zeros(c, dtype=torch.bool)
     divergence_step = torch.full((c,), -1, dtype=torch.long)
     for i, diag in enumerate(per_chain):
-        diag = diag or {}
         idx = [int(j) for j in diag.get("divergences", [])]
         if idx:
             diverging[i, idx] = True

@@ -432,6 +432,13 @@ def test_posterior_from_mcmc_records_energy_step_size_and_metadata():
     assert post.sample_stats["energy"][0].tolist() == pytest.approx(expected, rel=1e-12)
     samples = to_predictive_samples(post)
     assert samples["w"].shape == (15, 3, D)
+    # the same statistics through the public MCMC.diagnostics() route (an MCMC without the private list)
+    class PublicOnly:
+        kernel, warmup_steps = mcmc.kernel, mcmc.warmup_steps
+        get_samples, diagnostics = mcmc.get_samples, mcmc.diagnostics
+
+    again = posterior_from_mcmc(PublicOnly())
+    assert all(torch.equal(again.sample_stats[k], post.sample_stats[k]) for k in post.sample_stats)
 
 
 def _full_energy(w: torch.Tensor, temperature: float) -> float:
