@@ -55,7 +55,9 @@ def sequential_chains(monkeypatch):
     import pyro.infer.mcmc.api as api
 
     monkeypatch.setattr(api.mp, "cpu_count", lambda: 1)
-    warnings.filterwarnings("ignore", message="num_chains=.*Chains will be drawn sequentially")
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="num_chains=.*Chains will be drawn sequentially")
+        yield
 
 
 def regression_model(replicas: int):
@@ -248,6 +250,31 @@ def test_nuts_reference_and_sgld_agree_with_closed_form(full_batch_sgld):
                           seed=0, sampler=wrong_noise_sgld())
     zw = compare(w_wrong)
     assert max(abs(zw["var[0]"]), abs(zw["var[1]"])) > Z_MAX, zw
+
+
+def test_other_samplers_run_the_shared_core_on_the_chain_noise_stream():
+    # pSGLD through LangevinKernel: two steps equal build_psgld(...).step on U(w) = |w|^2/2 driven by
+    # the noise generator of chain_seeds(seed, 1)[0], i.e. the same core and stream as pib_bayes.sample
+    from pib_bayes import chain_seeds
+    from pib_bayes.samplers import GaussianNoise, build_psgld
+
+    def model():
+        pyro.sample("w", dist.Normal(torch.zeros(4, dtype=torch.float64), 1.0).to_event(1))
+
+    w0 = torch.tensor([0.5, -1.0, 2.0, 0.1], dtype=torch.float64)
+    kernel = LangevinKernel(model, "psgld", 0.01, seed=5, sampler_kwargs={"alpha": 0.9, "eps": 1e-3})
+    mcmc = MCMC(kernel, num_samples=2, warmup_steps=0, initial_params={"w": w0}, disable_progbar=True)
+    mcmc.run()
+    ref = build_psgld(alpha=0.9, eps=1e-3)
+    w = [w0.clone()]
+    state = ref.init(w)
+    noise = GaussianNoise(torch.Generator().manual_seed(chain_seeds(5, 1)[0][0]))
+    expected = []
+    for _ in range(2):
+        ref.step(w, [w[0].clone()], state, 0.01, noise)
+        expected.append(w[0].clone())
+    torch.testing.assert_close(mcmc.get_samples()["w"], torch.stack(expected), rtol=1e-12, atol=1e-12)
+    assert posterior_from_mcmc(mcmc).metadata["sampler_settings"] == {"alpha": 0.9, "eps": 1e-3}
 
 
 # ------------------------------------------------------------------------------ constrained sites
