@@ -737,8 +737,9 @@ def report(posterior: Posterior, train: tuple[Tensor, Tensor], heldout: tuple[Te
 
     kept = posterior.num_chains if include_diverged else len(posterior.good_chains)
     notes = [f"Gibbs train risks average {posterior.num_draws * kept} draws; MCSE (ArviZ) of the 0-1 error "
-             f"{tr.gibbs_error_mcse:.2g}, of the bounded CE {tr.gibbs_bce_mcse:.2g} (not added to "
-             "the bounds).",
+             f"{tr.gibbs_error_mcse:.2g}, of the bounded CE {tr.gibbs_bce_mcse:.2g} ("
+             + ("accounted for through mc_delta)." if mc_delta is not None else "not added to the bounds; "
+                "set mc_delta to add it)."),
              f"bounded CE = min(-log p_y, log(1/p_min)) / log(1/p_min) with p_min = {p_min:g}; multiply by "
              f"{math.log(1 / p_min):.3f} for nats.",
              "PAC-Bayes bounds need a prior chosen without the train examples and n = len(train); the "

@@ -231,7 +231,7 @@ def test_split_data_and_fit_prior():
     torch.manual_seed(0)
     model = nn.Linear(2, 3)
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    prior = B.fit_prior(model, "cross_entropy", (xp, yp), std=0.3, steps=200, lr=0.05)
+    prior = B.fit_prior(model, "cross_entropy", (xp, yp), std=0.3, steps=100, lr=0.05)
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # model untouched
     assert isinstance(prior, pb.GaussianPrior) and prior.std_of("weight") == 0.3
     fitted = nn.Linear(2, 3)
@@ -283,7 +283,7 @@ def test_reported_bound_holds_over_resamples_and_understated_kl_is_caught():
     # probability eta + (1 - 2 eta) angle(w, e_1)/pi. An overfitting regime (d = 40, n = 200, cold beta)
     # so that a bound ignoring most of the KL is visibly wrong.
     d, n_prior, n, eta, temperature, sigma0 = 40, 200, 200, 0.1, 0.2, 1.0
-    reps, m, m_true, delta = 300, 200, 4000, 0.05
+    reps, m, m_true, delta = 200, 150, 2000, 0.05
     rng = np.random.default_rng(2024)
     model = _SignClassifier(d)
     rows = []
@@ -310,7 +310,7 @@ def test_reported_bound_holds_over_resamples_and_understated_kl_is_caught():
     true_risk, emp, exact_train, inv, mca, cat, wrong, kl, mcse = a.T
     # the report's Gibbs train risk is the exact one up to its Monte-Carlo error (m iid draws)
     z = (emp - exact_train) / np.maximum(mcse, 1e-12)
-    assert abs(z.mean()) < 4 / math.sqrt(reps) + 0.1 and 0.6 < z.std() < 1.5
+    assert abs(z.mean()) < 4 * z.std() / math.sqrt(reps) and 0.7 < z.std() < 1.4, (z.mean(), z.std())
     # violations of a valid bound are Binomial(reps, <= delta): allow its 99.9% quantile
     allowed = binom.ppf(0.999, reps, delta)
     for name, values in (("kl-inverse", inv), ("mcallester", mca), ("catoni", cat)):
