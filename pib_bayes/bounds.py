@@ -571,8 +571,8 @@ def _mcse_ess(per_draw: np.ndarray) -> tuple[float, float]:
 
 
 @torch.no_grad()
-def _evaluate(post: Posterior, x: Tensor, y: Tensor, p_min: float, chunk: int, include_diverged: bool
-              ) -> _Split:
+def _evaluate(post: Posterior, x: Tensor, y: Tensor, p_min: float, chunk: int, include_diverged: bool,
+              name: str) -> _Split:
     n = x.shape[0]
     m = None
     sums = {"bma_error": 0.0, "bma_nll": 0.0}
@@ -582,7 +582,10 @@ def _evaluate(post: Posterior, x: Tensor, y: Tensor, p_min: float, chunk: int, i
         pred = post.predict(xb, include_diverged=include_diverged)
         per = pred.per_draw.double()  # (M, B, K)
         if m is None:
-            m = per.shape[0]
+            m, k = per.shape[0], per.shape[-1]
+            if int(y.min()) < 0 or int(y.max()) >= k:
+                raise ValueError(f"{name}: labels must lie in [0, {k - 1}] for a model with {k} classes, got "
+                                 f"[{int(y.min())}, {int(y.max())}]")
             draw_err = torch.zeros(m, dtype=torch.float64)
             draw_nll = torch.zeros(m, dtype=torch.float64)
             draw_bce = torch.zeros(m, dtype=torch.float64)
@@ -667,6 +670,20 @@ def report(posterior: Posterior, train: tuple[Tensor, Tensor], heldout: tuple[Te
     (its ArviZ MCSE is reported; ``mc_delta`` adds it to the bound); a KL estimated from the draws by a
     Gaussian fit is exact only if q is Gaussian, and for a Gaussian prior it *understates* KL(q||p) for a
     non-Gaussian q (the Gaussian has the largest entropy for its covariance).
+
+    >>> import torch
+    >>> from torch import nn
+    >>> from pib_bayes import Posterior
+    >>> g = torch.Generator().manual_seed(0)
+    >>> x = torch.randn(200, 2, generator=g)
+    >>> y = (x[:, 0] > 0).long()
+    >>> w = torch.tensor([[-1.0, 0.0], [1.0, 0.0]]) + 0.3 * torch.randn(1, 100, 2, 2, generator=g)
+    >>> post = Posterior({"weight": w}, {}, {"task": "classification"}, model=nn.Linear(2, 2, bias=False))
+    >>> rep = report(post, (x, y), kl=3.0, delta=0.05)
+    >>> [b.name for b in rep.bounds["0-1 error"]]
+    ['mcallester', 'catoni', 'kl-inverse', 'mutual-information']
+    >>> rep.bounds["0-1 error"][2].vacuous
+    False
     """
     if not isinstance(posterior, Posterior):
         raise TypeError(f"posterior: expected a pib_bayes.Posterior, got {type(posterior).__name__}")
@@ -686,11 +703,11 @@ def report(posterior: Posterior, train: tuple[Tensor, Tensor], heldout: tuple[Te
         _check_n(n_prior)
     xt, yt = _labels(train, "train")
     n = xt.shape[0]
-    tr = _evaluate(posterior, xt, yt, p_min, chunk_size, include_diverged)
+    tr = _evaluate(posterior, xt, yt, p_min, chunk_size, include_diverged, "train")
     ho = None
     if heldout is not None:
         xh, yh = _labels(heldout, "heldout")
-        ho = _evaluate(posterior, xh, yh, p_min, chunk_size, include_diverged)
+        ho = _evaluate(posterior, xh, yh, p_min, chunk_size, include_diverged, "heldout")
 
     kl_method = None
     if kl is None and prior is not None:

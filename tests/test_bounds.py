@@ -411,6 +411,8 @@ def test_report_flags_vacuous_and_rejects_bad_input(sampled):
         B.report(post, (train[0], train[1].float()), kl=1.0)
     with pytest.raises(ValueError, match="delta"):
         B.report(post, train, kl=1.0, delta=2.0)
+    with pytest.raises(ValueError, match="heldout: labels"):
+        B.report(post, train, (heldout[0], heldout[1] + 3), kl=1.0)
     with pytest.raises(TypeError, match="posterior"):
         B.report("post", train, kl=1.0)
     x = torch.randn(32, 2)
