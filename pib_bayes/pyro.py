@@ -80,8 +80,13 @@ class _SubsampleWith(Messenger):
             msg["value"] = perm[: fn.subsample_size].to(fn.device)
 
 
-def _chain_in_worker() -> bool:
-    return multiprocessing.parent_process() is not None
+def _worker_chain_index() -> int | None:
+    """None in the main process; in a worker process the chain index Pyro's ``MCMC`` gives it as the
+    process name (``str(i)``), or -1 when the name says nothing."""
+    if multiprocessing.parent_process() is None:
+        return None
+    name = multiprocessing.current_process().name
+    return int(name) if name.isdigit() else -1
 
 
 def _seed_triple(entropy: list[int]) -> tuple[int, int, int]:
@@ -126,10 +131,11 @@ class LangevinKernel(MCMCKernel):
             :meth:`setup` call since construction or :meth:`reset_seed`) uses the streams of
             :func:`pib_bayes.driver.chain_seeds` ``(seed, ...)[k]`` — the same noise as chain k of
             :func:`pib_bayes.sample` — and its initial point is drawn from the ``init_seed`` of that
-            triple without touching the global RNG. In a worker process (``MCMC`` with
-            ``num_chains`` below the CPU count runs chains in parallel processes) the chain index is
-            unknown, so the torch seed Pyro gives each worker (``torch.initial_seed() + chain``) is
-            mixed in: reproducible, but not the same draws as a sequential run.
+            triple without touching the global RNG. When ``MCMC`` runs chains in parallel worker
+            processes (``num_chains`` below the CPU count) chain k is read from the worker's
+            process name (Pyro names them ``"0"``, ``"1"``, ...), so the draws equal a sequential
+            run's; a worker with another name mixes in its torch seed instead (reproducible, but
+            different numbers).
         init_strategy: a Pyro init strategy (default ``init_to_uniform``, as Pyro's HMC), used
             unless ``MCMC(initial_params=...)`` (unconstrained values) is given.
 
@@ -183,10 +189,12 @@ class LangevinKernel(MCMCKernel):
         if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or seed < 0):
             raise ValueError(f"seed: must be None (use torch's global RNG) or an int >= 0, got {seed!r}")
         self.seed = seed
+        self._temperature: float | None = 1.0 if beta is None else (
+            None if num_data is None else num_data * self.beta)
         self.init_strategy = init_strategy
         self.transforms: dict[str, Any] | None = None
         self._chain_count = 0
-        self._pending_init: dict[str, Tensor] | None = None
+        self._pending_init: list[dict[str, Tensor]] = []
         self._initial_params: dict[str, Tensor] | None = None
         self._reset_chain_state()
         super().__init__()
@@ -214,10 +222,11 @@ class LangevinKernel(MCMCKernel):
         self._reset_chain_state()
         self._warmup_steps = int(warmup_steps)
         self._args, self._kwargs = args, kwargs
-        k = self._chain_count
+        worker = _worker_chain_index()
+        k = self._chain_count if worker is None or worker < 0 else worker
         if self.seed is None:
             seeds = _seed_triple([int(v) for v in torch.randint(0, _MAX_SEED, (2,))])
-        elif _chain_in_worker():
+        elif worker == -1:
             seeds = _seed_triple([self.seed, torch.initial_seed(), k])
         else:
             seeds = chain_seeds(self.seed, k + 1)[k]
@@ -234,8 +243,11 @@ class LangevinKernel(MCMCKernel):
                 torch.manual_seed(init_seed)
                 trace = self._prototype_trace()
         self._inspect(trace)
-        init = self._pending_init
-        self._pending_init = None
+        pending, self._pending_init = self._pending_init, []
+        init = None
+        if pending:
+            # parallel MCMC sets every worker's initial_params on this one object before forking
+            init = pending[worker] if worker is not None and 0 <= worker < len(pending) else pending[-1]
         if init is None:
             init = {name: self.transforms[name](trace.nodes[name]["value"].detach()) for name in self._names}
         else:
@@ -286,8 +298,11 @@ class LangevinKernel(MCMCKernel):
 
     # --------------------------------------------------------------- energy
     @property
-    def temperature(self) -> float:
-        """T = n * beta, the factor that divides the log likelihood (1 for the Bayesian posterior)."""
+    def temperature(self) -> float | None:
+        """T = n * beta, the factor that divides the log likelihood (1 for the Bayesian posterior).
+
+        None until :meth:`setup` has inferred n, when ``beta`` was given without ``num_data``.
+        """
         return self._temperature
 
     def potential_energy(self, params: Mapping[str, Tensor]) -> Tensor:
@@ -326,7 +341,7 @@ class LangevinKernel(MCMCKernel):
     @initial_params.setter
     def initial_params(self, params: Mapping[str, Tensor]) -> None:
         # MCMC sets this before each chain's setup(); setup() consumes it for that chain only
-        self._pending_init = dict(params)
+        self._pending_init.append(dict(params))
 
     def sample(self, params: Mapping[str, Tensor]) -> dict[str, Tensor]:
         """One Langevin step from ``params`` (unconstrained), returning the next draw."""
@@ -446,10 +461,9 @@ def posterior_from_mcmc(mcmc: pyro.infer.MCMC, model: torch.nn.Module | None = N
         "sampled_params": list(draws), "kept_params": list(draws),
     }
     if isinstance(kernel, LangevinKernel):
-        temperature = getattr(kernel, "_temperature", None)
         metadata.update({
             "sampler": kernel.kernel.name, "sampler_settings": dict(kernel.kernel.settings),
-            "schedule": kernel.schedule.to_dict(), "beta": kernel.beta, "temperature": temperature,
+            "schedule": kernel.schedule.to_dict(), "beta": kernel.beta, "temperature": kernel.temperature,
             "num_data": kernel.num_data, "seed": kernel.seed,
         })
     else:

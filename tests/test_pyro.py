@@ -374,8 +374,7 @@ def test_two_chains_are_independent_and_reproducible(sequential_chains, seed):
 
 @pytest.mark.parametrize("seed", [None, 7])
 def test_parallel_worker_chains_are_independent_and_reproducible(monkeypatch, seed):
-    # MCMC runs chains in forked worker processes when num_chains < cpu_count; there the kernel
-    # cannot count chains, and mixes in the per-worker torch seed Pyro sets (torch.initial_seed() + chain)
+    # MCMC runs chains in forked worker processes when num_chains < cpu_count
     import pyro.infer.mcmc.api as api
 
     monkeypatch.setattr(api.mp, "cpu_count", lambda: 3)
@@ -387,14 +386,25 @@ def test_parallel_worker_chains_are_independent_and_reproducible(monkeypatch, se
     w1, w2 = run(), run()
     assert torch.equal(w1, w2) and not torch.equal(w1[0], w1[1])
     assert abs(_chain_correlation(w1)) < Z_MAX / math.sqrt(200 * D)
+    if seed is not None:  # a worker knows its chain from its process name: same draws as sequential chains
+        monkeypatch.setattr(api.mp, "cpu_count", lambda: 1)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            assert torch.equal(_two_chain_run(seed), w1)
 
 
-def test_initial_params_from_mcmc_are_used_per_chain(sequential_chains):
+@pytest.mark.parametrize("cpus", [1, 3])  # sequential chains, then parallel worker processes
+def test_initial_params_from_mcmc_are_used_per_chain(monkeypatch, cpus):
+    import pyro.infer.mcmc.api as api
+
+    monkeypatch.setattr(api.mp, "cpu_count", lambda: cpus)
     init = {"w": torch.stack([torch.full((5, D), 3.0), torch.full((5, D), -3.0)]).double()}
     kernel = LangevinKernel(regression_model(5), "sgld", 1e-6, seed=0)  # tiny steps: stays near the start
     mcmc = MCMC(kernel, num_samples=2, warmup_steps=0, num_chains=2, initial_params=init,
                 disable_progbar=True)
-    mcmc.run()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        mcmc.run()
     w = mcmc.get_samples(group_by_chain=True)["w"]
     assert (w[0] - 3.0).abs().max() < 0.05 and (w[1] + 3.0).abs().max() < 0.05
 
