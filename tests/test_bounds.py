@@ -400,6 +400,22 @@ def test_report_mc_delta_and_iiw_results(sampled):
         B.report(post, train, kl=1.0, delta=0.5, mc_delta=0.5)
 
 
+def test_report_leaves_out_diverged_chains(sampled):
+    post, _, train, _, _ = sampled
+    draws = {k: v.clone() for k, v in post.draws.items()}
+    for v in draws.values():
+        v[0, 50:] = math.nan  # chain 0 diverged half way
+    bad = pb.Posterior(draws, post.sample_stats, post.metadata, post.fixed, torch.tensor([True, False]),
+                       torch.tensor([250, -1]), model=post.model)
+    only_good = pb.Posterior({k: v[1:] for k, v in post.draws.items()}, {}, post.metadata, post.fixed,
+                             model=post.model)
+    with pytest.warns(UserWarning, match="diverged"):
+        rep = B.report(bad, train, kl=5.0)
+    ref = B.report(only_good, train, kl=5.0)
+    assert rep.train == ref.train
+    assert [b.value for b in rep.bounds["0-1 error"]] == [b.value for b in ref.bounds["0-1 error"]]
+
+
 def test_report_flags_vacuous_and_rejects_bad_input(sampled):
     post, prior, train, heldout, _ = sampled
     rep = B.report(post, train, kl=1e6)
