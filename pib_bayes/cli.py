@@ -719,7 +719,10 @@ def fisher_iiw(model: Any, loss_fn: Any, data: tuple[Any, Any], theta_0: dict) -
     """
     try:
         from .iiw import fisher
-    except ImportError:
+
+        if not callable(fisher):  # the submodule, with a package that does not re-export the function
+            fisher = fisher.fisher
+    except (ImportError, AttributeError):
         raise UsageError(
             "iiw",
             "pib_bayes.iiw.fisher is not available in this installation; update pib_bayes "
