@@ -322,7 +322,7 @@ def test_pyromodule_mlp_samples_predicts_and_converts(sequential_chains):
     y = f + 0.1 * torch.randn(64, generator=g)
     bnn = BayesianMLP()
     kernel = LangevinKernel(bnn, "sgld", 2e-4, seed=0)
-    mcmc = MCMC(kernel, num_samples=100, warmup_steps=1500, num_chains=2, disable_progbar=True)
+    mcmc = MCMC(kernel, num_samples=100, warmup_steps=600, num_chains=2, disable_progbar=True)
     mcmc.run(x, y, 16)
     post = posterior_from_mcmc(mcmc)
     assert post.draws["fc1.weight"].shape == (2, 100, 16, 1) and post.draws["sigma"].shape == (2, 100)
@@ -400,10 +400,10 @@ def test_initial_params_from_mcmc_are_used_per_chain(monkeypatch, cpus):
     monkeypatch.setattr(api.mp, "cpu_count", lambda: cpus)
     init = {"w": torch.stack([torch.full((5, D), 3.0), torch.full((5, D), -3.0)]).double()}
     kernel = LangevinKernel(regression_model(5), "sgld", 1e-6, seed=0)  # tiny steps: stays near the start
-    mcmc = MCMC(kernel, num_samples=2, warmup_steps=0, num_chains=2, initial_params=init,
-                disable_progbar=True)
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
+        warnings.simplefilter("ignore")  # "Chains will be drawn sequentially" when cpus == 1
+        mcmc = MCMC(kernel, num_samples=2, warmup_steps=0, num_chains=2, initial_params=init,
+                    disable_progbar=True)
         mcmc.run()
     w = mcmc.get_samples(group_by_chain=True)["w"]
     assert (w[0] - 3.0).abs().max() < 0.05 and (w[1] + 3.0).abs().max() < 0.05
