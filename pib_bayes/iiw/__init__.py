@@ -10,7 +10,8 @@
 Every estimator returns an :class:`IIWResult`.
 """
 
+from .fisher import fisher
 from .result import IIWResult
 from .samples import STRUCTURES, channel, kl, ledoit_wolf
 
-__all__ = ["IIWResult", "kl", "channel", "ledoit_wolf", "STRUCTURES"]
+__all__ = ["IIWResult", "fisher", "kl", "channel", "ledoit_wolf", "STRUCTURES"]

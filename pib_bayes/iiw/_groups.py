@@ -38,12 +38,14 @@ def resolve_groups(names: Sequence[str], groups: Mapping[str, Sequence[str]] | N
         members = list(members)
         unknown = [m for m in members if m not in names]
         if unknown:
-            raise ValueError(f"groups: unknown parameter names {unknown} in group {g!r}; parameters are {names}")
+            raise ValueError(f"groups: unknown parameter names {unknown} in group {g!r}; parameters are "
+                             f"{names}")
         if not members:
             raise ValueError(f"groups: group {g!r} is empty")
         for m in members:
             if m in seen:
-                raise ValueError(f"groups: parameter {m!r} is in both {seen[m]!r} and {g!r}; use each name once")
+                raise ValueError(f"groups: parameter {m!r} is in both {seen[m]!r} and {g!r}; use each "
+                                 f"name once")
             seen[m] = str(g)
         out[str(g)] = [n for n in names if n in members]
     return out

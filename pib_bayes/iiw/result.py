@@ -42,7 +42,8 @@ class IIWResult:
         try:
             return self.per_group[group]
         except KeyError:
-            raise KeyError(f"group: {group!r} is not in this result; groups are {list(self.per_group)}") from None
+            raise KeyError(f"group: {group!r} is not in this result; groups are "
+                           f"{list(self.per_group)}") from None
 
     @property
     def groups(self) -> list[str]:

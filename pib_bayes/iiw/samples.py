@@ -64,7 +64,8 @@ def _check_shrinkage(shrinkage: object) -> None:
     if shrinkage in (None, "auto", "ledoit-wolf"):
         return
     if isinstance(shrinkage, bool) or not isinstance(shrinkage, (int, float)) or not 0 <= shrinkage <= 1:
-        raise ValueError(f"shrinkage: expected 'auto', 'ledoit-wolf', None or a float in [0, 1], got {shrinkage!r}")
+        raise ValueError(f"shrinkage: expected 'auto', 'ledoit-wolf', None or a float in [0, 1], got "
+                         f"{shrinkage!r}")
 
 
 def _full_cov(xc: Tensor, dof: int, shrinkage: object) -> tuple[Tensor, float | None]:
@@ -109,7 +110,8 @@ class _Gauss:
             self.psi = torch.maximum(psi, floor)
             self.rank = k
         if structure != "diag" and (self.var <= 0).any():
-            raise ValueError("draws: some coordinates never move (zero variance); the Gaussian fit is singular. "
+            raise ValueError("draws: some coordinates never move (zero variance); the Gaussian fit is "
+                             "singular. "
                              "Leave frozen parameters out of the posterior (keep=) or use more/longer chains")
 
     def logdet(self, idx: Tensor | None, group: str | None = None) -> Tensor:
@@ -124,7 +126,8 @@ class _Gauss:
             c = self.cov if idx is None else self.cov[idx][:, idx]
             sign, ld = torch.linalg.slogdet(c)
             if float(sign) <= 0:
-                raise ValueError("structure: the full sample covariance is singular; use shrinkage='ledoit-wolf', "
+                raise ValueError("structure: the full sample covariance is singular; use "
+                                 "shrinkage='ledoit-wolf', "
                                  "structure='lowrank' or more draws")
             return ld
         u, psi = (self.factor, self.psi) if idx is None else (self.factor[idx], self.psi[idx])
@@ -216,7 +219,8 @@ def _prior_vectors(prior: GaussianPrior, post: Posterior, names: list[str]) -> t
     for n in names:
         shape = post.draws[n].shape[2:]
         m = prior.mean.get(n)
-        mus.append((torch.zeros(shape, dtype=torch.float64) if m is None else m.to(torch.float64)).reshape(-1))
+        centre = torch.zeros(shape, dtype=torch.float64) if m is None else m.to(torch.float64)
+        mus.append(centre.reshape(-1))
         s = torch.as_tensor(prior.std_of(n), dtype=torch.float64)
         sds.append(s.expand(shape).reshape(-1))
     return torch.cat(mus), torch.cat(sds)
@@ -319,7 +323,8 @@ def kl(
         mu0, sd0 = _prior_vectors(prior, posterior, names)
         for g, idx in index.items():
             per_group[g] = gaussian_kl(idx, g, mu0, sd0)
-        total = gaussian_kl(None, None, mu0, sd0) if structure in ("full", "lowrank") else sum(per_group.values())
+        joint = structure in ("full", "lowrank")
+        total = gaussian_kl(None, None, mu0, sd0) if joint else sum(per_group.values())
         settings["cross_entropy"] = "closed form (Gaussian prior)"
     else:
         grouped = resolve_groups(posterior.param_names, groups)
@@ -334,15 +339,17 @@ def kl(
 
 def _describe_fit(settings: dict, fit: _Gauss, shrinkage: object) -> None:
     if fit.structure in ("full", "block"):
-        settings["shrinkage"] = {"rule": shrinkage, "method": "ledoit-wolf" if shrinkage in ("auto", "ledoit-wolf")
-                                 else "fixed" if shrinkage is not None else "none", "intensity": fit.shrinkage}
+        method = ("ledoit-wolf" if shrinkage in ("auto", "ledoit-wolf") else "fixed" if shrinkage is not None
+                  else "none")
+        settings["shrinkage"] = {"rule": shrinkage, "method": method, "intensity": fit.shrinkage}
     if fit.structure == "lowrank":
         settings.update(rank=fit.rank, floored_diagonal=fit.floored)
 
 
 # --------------------------------------------------------------------------- channel
 def _ess_per_coordinate(chains: list[Tensor]) -> list[Tensor]:
-    """ArviZ bulk ESS of every coordinate of every resample (resamples of equal layout in one call)."""
+    """ArviZ ESS for the mean (``method="mean"``) of every coordinate of every resample (resamples of "
+                                             "equal layout in one call)."""
     import arviz as az
 
     out: list[Tensor | None] = [None] * len(chains)
@@ -351,12 +358,13 @@ def _ess_per_coordinate(chains: list[Tensor]) -> list[Tensor]:
         by_shape.setdefault(tuple(c.shape), []).append(b)
     for shape, members in by_shape.items():
         if shape[1] < 4:
-            raise ValueError(f"posteriors: the Monte-Carlo correction needs >= 4 draws per chain, got {shape[1]}; "
+            raise ValueError(f"posteriors: the Monte-Carlo correction needs >= 4 draws per chain, got "
+                             f"{shape[1]}; "
                              "sample more draws or pass mc_correction=False")
         stacked = torch.cat([chains[b] for b in members], dim=2).numpy()
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            ess = az.ess(az.convert_to_dataset({"w": stacked}))["w"].values
+            ess = az.ess(az.convert_to_dataset({"w": stacked}), method="mean")["w"].values
         ess = torch.as_tensor(np.asarray(ess, dtype=np.float64)).reshape(len(members), shape[2])
         for j, b in enumerate(members):
             out[b] = ess[j]
@@ -376,8 +384,8 @@ def channel(
 
     With ``W`` the pooled within-chain covariance of all resamples (≈ Σ_S), ``m_b`` the posterior
     mean of resample b, ``B_raw`` the sample covariance of the ``m_b`` and the Monte-Carlo
-    correction ``C = D^½ W D^½``, ``D = diag(mean_b 1/ESS_bj)`` (ArviZ bulk ESS of coordinate j on
-    resample b; the part of ``B_raw`` due to the sampling error of the means),
+    correction ``C = D^½ W D^½``, ``D = diag(mean_b 1/ESS_bj)`` (ArviZ ESS for the mean of coordinate j
+    on resample b; the part of ``B_raw`` due to the sampling error of the means),
 
         IIW ≈ ½ log det(I + W⁻¹ B_c),   B_c = B_raw − C.
 
@@ -409,8 +417,10 @@ def channel(
     if isinstance(posteriors, Posterior) or not isinstance(posteriors, Sequence):
         raise TypeError("posteriors: expected a list of Posterior objects, one per resample of the data")
     if len(posteriors) < 2:
-        raise ValueError(f"posteriors: the channel estimator needs posteriors on >= 2 resamples of the data, got "
-                         f"{len(posteriors)}; sample on bootstrap resamples or fresh data sets (tens to hundreds)")
+        raise ValueError(f"posteriors: the channel estimator needs posteriors on >= 2 resamples of the "
+                         f"data, got "
+                         f"{len(posteriors)}; sample on bootstrap resamples or fresh data sets (tens to "
+                         f"hundreds)")
     first = posteriors[0]
     if not isinstance(first, Posterior):
         raise TypeError(f"posteriors: expected Posterior objects, got {type(first).__name__}")
@@ -428,7 +438,8 @@ def channel(
     within = torch.cat([(c - c.mean(1, keepdim=True)).reshape(-1, d) for c in chains])
     dof = sum(c.shape[0] * (c.shape[1] - 1) for c in chains)
     if dof < 1:
-        raise ValueError("posteriors: need at least 2 draws per chain to estimate the within-chain covariance")
+        raise ValueError("posteriors: need at least 2 draws per chain to estimate the within-chain "
+                         "covariance")
     means = torch.stack([c.reshape(-1, d).mean(0) for c in chains])
     nres = means.shape[0]
     z = (means - means.mean(0)) / math.sqrt(nres - 1)      # B_raw = zᵀ z

@@ -1,0 +1,290 @@
+"""The paper's fast IIW estimator Δθᵀ F Δθ (SPEC §3a), per layer, by forward-mode JVP.
+
+``F = (1/n) Σ_i ∇l_i ∇l_iᵀ`` is the empirical Fisher of the per-example losses at the current
+weights θ_S and ``Δθ = θ_S − θ₀``. The quadratic form never needs F:
+
+    Δθᵀ F Δθ = (1/n) Σ_i (∇l_iᵀ Δθ)²,
+
+and the n directional derivatives ``∇l_iᵀ Δθ`` are the tangent output of ONE forward-mode
+``torch.func.jvp`` of the per-example-loss vector along Δθ (per group g, along Δθ restricted to g;
+the groups' tangents are batched with ``vmap`` into one call). No per-example gradient and no F
+is ever formed; the cost is about that of two forward passes per group.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.func import functional_call, jvp, vmap
+from torch.utils.data import DataLoader
+
+from ..data import as_tensors
+from ..energy import LossFn, check_beta, resolve_loss
+from ._groups import resolve_groups
+from .result import IIWResult
+
+__all__ = ["fisher", "directional_derivatives", "check_theta0"]
+
+METHODS = ("jvp", "minibatch")
+
+
+def _trainable(model: nn.Module) -> dict[str, Tensor]:
+    return {n: p for n, p in model.named_parameters() if p.requires_grad}
+
+
+def check_theta0(model: nn.Module, theta_0: Mapping[str, Tensor] | nn.Module, names: Sequence[str]) -> dict:
+    """``theta_0`` as name -> tensor for ``names``, validated against the model's parameter shapes.
+
+    Accepts a state dict (extra buffer entries are ignored) or a module with the same parameters.
+    """
+    if isinstance(theta_0, nn.Module):
+        theta_0 = dict(theta_0.named_parameters())
+    if not isinstance(theta_0, Mapping):
+        raise TypeError(f"theta_0: expected a state dict name -> tensor (e.g. the initial weights) or a "
+                        f"module, "
+                        f"got {type(theta_0).__name__}")
+    params = dict(model.named_parameters())
+    known = set(params) | {n for n, _ in model.named_buffers()}
+    unknown = sorted(set(theta_0) - known)
+    if unknown:
+        raise ValueError(f"theta_0: unknown names {unknown}; the model's parameters are {list(params)}")
+    out = {}
+    for n in names:
+        if n not in theta_0:
+            raise ValueError(f"theta_0: missing parameter {n!r}; pass a value for every trainable parameter "
+                             "(e.g. {k: v.clone() for k, v in model.state_dict().items()} before training)")
+        v = torch.as_tensor(theta_0[n])
+        if tuple(v.shape) != tuple(params[n].shape):
+            raise ValueError(f"theta_0: {n!r} has shape {tuple(v.shape)}, the parameter has "
+                             f"{tuple(params[n].shape)}")
+        out[n] = v.detach().to(dtype=params[n].dtype, device=params[n].device)
+    return out
+
+
+def _batches(data: Any, chunk_size: int | None) -> Iterable[tuple[Tensor, Tensor]]:
+    tensors = as_tensors(data)
+    if tensors is None:
+        yield from ((b[0], b[1]) for b in data)  # DataLoader, iterated once
+        return
+    x, y = tensors
+    step = x.shape[0] if chunk_size is None else chunk_size
+    for start in range(0, x.shape[0], step):
+        yield x[start:start + step], y[start:start + step]
+
+
+def _per_example(loss_fn: LossFn, out: Tensor, y: Tensor) -> Tensor:
+    losses = loss_fn(out, y)
+    if losses.dim() != 1 or losses.shape[0] != out.shape[0]:
+        raise ValueError(f"loss_fn: must return one loss per example, shape ({out.shape[0]},), got "
+                         f"{tuple(losses.shape)}; use reduction='none'")
+    return losses
+
+
+def directional_derivatives(
+    model: nn.Module,
+    loss_fn: LossFn,
+    params: Mapping[str, Tensor],
+    tangents: Sequence[Mapping[str, Tensor]],
+    x: Tensor,
+    y: Tensor,
+    fixed: Mapping[str, Tensor] | None = None,
+) -> Tensor:
+    """``(K, B)``: ``∇l_i(θ)ᵀ t_k`` for each of K tangents and each example of the batch, by forward-mode
+    AD (one ``torch.func.jvp``, vmapped over the tangents). Differentiable in ``params``/``tangents``
+    (it composes with reverse mode), which :class:`~pib_bayes.iiw.IIWRegularizer` uses."""
+    fixed = dict(fixed or {})
+
+    def losses(p: dict[str, Tensor]) -> Tensor:
+        return _per_example(loss_fn, functional_call(model, {**fixed, **p}, (x,)), y)
+
+    names = list(params)
+    primal = {n: params[n] for n in names}
+    if len(tangents) == 1:
+        return jvp(losses, (primal,), ({n: tangents[0][n] for n in names},))[1].unsqueeze(0)
+    stacked = {n: torch.stack([t[n] for t in tangents]) for n in names}
+    try:
+        return vmap(lambda t: jvp(losses, (primal,), (t,))[1])(stacked)
+    except Exception:  # some modules cannot be vmapped; fall back to one JVP per tangent
+        return torch.stack([jvp(losses, (primal,), ({n: t[n] for n in names},))[1] for t in tangents])
+
+
+def fisher(
+    model: nn.Module,
+    loss_fn: str | LossFn,
+    data: tuple[Tensor, Tensor] | DataLoader | Any,
+    theta_0: Mapping[str, Tensor] | nn.Module,
+    *,
+    groups: Mapping[str, Sequence[str]] | None = None,
+    method: str = "jvp",
+    beta: float | None = None,
+    params: Mapping[str, Tensor] | None = None,
+    chunk_size: int | None = 4096,
+    num_batches: int = 10,
+    batch_size: int = 1000,
+    seed: int = 0,
+) -> IIWResult:
+    """IIW per group by the Fisher / Δθ estimator (Wang et al. 2022, PIB, ICLR; SPEC §3a).
+
+    ``method="jvp"`` (default, every example used):
+
+        IIW_g = Δθ_gᵀ F_g Δθ_g = (1/n) Σ_i (∇_g l_iᵀ Δθ_g)²,  Δθ = θ_S − θ₀,
+
+    with the n directional derivatives from one forward-mode JVP per group (batched). The total
+    is Σ_g IIW_g (block-diagonal F across groups, as in the paper); the joint form with the
+    cross-group terms, Δθᵀ F Δθ, is in ``settings["joint_raw"]``.
+
+    ``method="minibatch"`` (the paper's code): ``(1/K) Σ_k (ḡ_kᵀ Δθ)²`` with ḡ_k the gradient of
+    the mean loss on minibatch k (K = ``num_batches`` minibatches of ``batch_size`` examples, by
+    backprop). It averages gradients before squaring, so it is *not* on the per-example scale:
+    E(ḡ_kᵀΔθ)² = (∇L_Sᵀ Δθ)² + Var_i(∇l_iᵀΔθ)/m, which near a stationary point is ≈ 1/m of the
+    per-example value.
+
+    Scales: ``raw_per_group``/``raw_total`` are always the paper's Δθᵀ F Δθ. When ``beta`` is
+    given, ``per_group``/``total`` are in nats, ``½ Δθᵀ F Δθ / β`` (the first-order term of the
+    channel formula ½ log det(I + W⁻¹B) with W⁻¹ ≈ F/β; accurate when it is small); otherwise
+    they repeat the raw values with ``units="raw"``.
+
+    Args:
+        model: the network at θ_S (its current trainable parameters, or ``params``). Evaluated in
+            ``eval()`` mode so that every loss is per example (BatchNorm statistics, no dropout).
+        loss_fn: per-example loss ``(output, target) -> (B,)``, or ``"cross_entropy"``/``"gaussian"``.
+        data: ``(x, y)`` tensors, a TensorDataset, or a DataLoader (iterated once).
+        theta_0: the prior mean θ₀ (initial weights or :func:`~pib_bayes.iiw.fit_prior_mean`),
+            a state dict or a module.
+        groups: ``{group: [parameter names]}``; default one group per layer (module prefix).
+        beta: the PIB β, for the nats scale.
+        params: evaluate at these weights instead of the module's own (e.g. a posterior draw).
+        chunk_size: examples per JVP (memory); None = all at once.
+        num_batches, batch_size, seed: the minibatch method.
+
+    >>> import torch
+    >>> from torch import nn
+    >>> torch.manual_seed(0) and None
+    >>> net = nn.Sequential(nn.Linear(3, 8), nn.Tanh(), nn.Linear(8, 1))
+    >>> theta_0 = {k: v.clone() for k, v in net.state_dict().items()}
+    >>> with torch.no_grad():
+    ...     net[0].weight.add_(0.1)
+    >>> r = fisher(net, "gaussian", (torch.randn(64, 3), torch.randn(64, 1)), theta_0, beta=0.01)
+    >>> r.groups, r.units, r.raw_per_group["1"] == 0.0  # only layer "0" moved
+    (['0', '2'], 'nats', True)
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
+    if method not in METHODS:
+        raise ValueError(f"method: expected one of {METHODS}, got {method!r}")
+    if beta is not None:
+        beta = check_beta(beta)
+    loss, _ = resolve_loss(loss_fn)
+    trainable = _trainable(model)
+    names = list(trainable)
+    if not names:
+        raise ValueError("model: has no trainable parameters")
+    grouped = resolve_groups(names, groups)
+    measured = [n for n in names if any(n in g for g in grouped.values())]
+    theta0 = check_theta0(model, theta_0, measured)
+    if params is not None:
+        unknown = sorted(set(params) - set(names))
+        if unknown:
+            raise ValueError(f"params: unknown parameter names {unknown}")
+        theta = {n: (params[n] if n in params else trainable[n]).detach() for n in names}
+        for n in params:
+            if tuple(theta[n].shape) != tuple(trainable[n].shape):
+                raise ValueError(f"params: {n!r} has shape {tuple(theta[n].shape)}, expected "
+                                 f"{tuple(trainable[n].shape)}")
+    else:
+        theta = {n: p.detach() for n, p in trainable.items()}
+    delta = {n: theta[n] - theta0[n] for n in measured}
+    fixed = {n: b for n, b in model.named_buffers()}
+    fixed.update({n: p.detach() for n, p in model.named_parameters() if not p.requires_grad})
+
+    group_names = list(grouped)
+    tangents = [{n: delta[n] if n in grouped[g] else torch.zeros_like(theta[n]) for n in names}
+                for g in group_names]
+    tangents.append({n: delta[n] if n in measured else torch.zeros_like(theta[n]) for n in names})  # joint
+
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            if method == "jvp":
+                sums, count = _jvp_sums(model, loss, theta, tangents, data, chunk_size, fixed)
+                settings: dict[str, Any] = {"examples": count, "chunk_size": chunk_size}
+            else:
+                sums, count = _minibatch_sums(model, loss, theta, tangents, data, num_batches, batch_size,
+                                              seed, fixed)
+                settings = {"num_batches": num_batches, "batch_size": batch_size, "seed": seed,
+                            "note": "minibatch-gradient Fisher: ≈ 1/batch_size of the per-example scale"}
+    finally:
+        model.train(was_training)
+    raw = (sums / count).tolist()
+    raw_per_group = dict(zip(group_names, raw[:-1], strict=True))
+    raw_total = float(sum(raw[:-1]))
+    settings.update(joint_raw=float(raw[-1]), total_rule="sum of groups (block-diagonal F)", beta=beta,
+                    raw_scale="Δθᵀ F Δθ (Wang et al. 2022)", nats_scale="½ Δθᵀ F Δθ / β")
+    if beta is None:
+        per_group, total, units = dict(raw_per_group), raw_total, "raw"
+    else:
+        per_group = {g: 0.5 * v / beta for g, v in raw_per_group.items()}
+        total, units = 0.5 * raw_total / beta, "nats"
+    return IIWResult(per_group, float(total), f"fisher-{method}", units, settings, raw_per_group, raw_total)
+
+
+def _jvp_sums(model, loss, theta, tangents, data, chunk_size, fixed) -> tuple[Tensor, int]:
+    if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int)
+                                   or chunk_size < 1):
+        raise ValueError(f"chunk_size: must be an int >= 1 or None, got {chunk_size!r}")
+    sums: Tensor | float = 0.0
+    count = 0
+    for x, y in _batches(data, chunk_size):
+        d = directional_derivatives(model, loss, theta, tangents, x, y, fixed)  # (K, B)
+        sums = sums + d.to(torch.float64).square().sum(1)
+        count += x.shape[0]
+    if count == 0:
+        raise ValueError("data: is empty")
+    return torch.as_tensor(sums), count
+
+
+def _minibatch_sums(model, loss, theta, tangents, data, num_batches, batch_size, seed,
+                    fixed) -> tuple[Tensor, int]:
+    tensors = as_tensors(data)
+    if tensors is None:
+        raise ValueError("data: method='minibatch' needs (x, y) tensors or a TensorDataset")
+    x, y = tensors
+    n = x.shape[0]
+    for label, v in (("num_batches", num_batches), ("batch_size", batch_size)):
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise ValueError(f"{label}: must be an int >= 1, got {v!r}")
+    m = min(batch_size, n)
+    gen = torch.Generator().manual_seed(seed)
+    names = list(theta)
+    sums: Tensor | float = 0.0
+    for _ in range(num_batches):
+        idx = torch.randperm(n, generator=gen)[:m]
+        p = {k: v.clone().requires_grad_(True) for k, v in theta.items()}
+        with torch.enable_grad():
+            mean_loss = _per_example(loss, functional_call(model, {**fixed, **p}, (x[idx],)), y[idx]).mean()
+            grads = torch.autograd.grad(mean_loss, [p[k] for k in names], allow_unused=True)
+        g = {k: (gr if gr is not None else torch.zeros_like(theta[k]))
+             for k, gr in zip(names, grads, strict=True)}
+        dots = torch.stack([sum((g[k] * t[k]).sum() for k in names) for t in tangents])
+        sums = sums + dots.to(torch.float64).square()
+    return torch.as_tensor(sums), num_batches
+
+
+def per_example_gradient_quadratic(model: nn.Module, loss_fn: LossFn, data: tuple[Tensor, Tensor],
+                                   delta: Mapping[str, Tensor]) -> float:
+    """Brute-force reference (tests, benchmark): (1/n) Σ_i (∇l_iᵀ Δθ)² with one backward per example."""
+    x, y = data
+    params = _trainable(model)
+    total = 0.0
+    for i in range(x.shape[0]):
+        li = _per_example(loss_fn, model(x[i:i + 1]), y[i:i + 1]).sum()
+        grads = torch.autograd.grad(li, list(params.values()), allow_unused=True)
+        dot = sum(float((g * delta[n]).sum()) for (n, _), g in zip(params.items(), grads, strict=True)
+                  if g is not None and n in delta)
+        total += dot * dot
+    return total / x.shape[0]
+

@@ -1,0 +1,217 @@
+"""Fisher / Δθ IIW estimator (SPEC §3a): JVP quadratic form vs brute force, scales, groups, bad inputs."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+import pib_bayes as pb
+from pib_bayes.iiw import IIWResult, fisher
+from pib_bayes.iiw.fisher import per_example_gradient_quadratic
+
+
+def _moved(model: nn.Module, scale: float = 0.05, seed: int = 1) -> dict[str, torch.Tensor]:
+    """theta_0 = the current weights; then move the weights by a random Δθ."""
+    theta_0 = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(scale * torch.randn(p.shape, generator=g, dtype=p.dtype))
+    return theta_0
+
+
+def _delta(model, theta_0, names=None):
+    return {n: p.detach() - theta_0[n] for n, p in model.named_parameters() if names is None or n in names}
+
+
+def _mlp():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(6, 16), nn.Tanh(), nn.Linear(16, 8), nn.ReLU(), nn.Linear(8, 3)).double()
+
+
+def _cnn():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.Conv2d(4, 4, 3, stride=2), nn.Tanh(), nn.Flatten(),
+                         nn.Linear(4 * 2 * 2, 3)).double()
+
+
+@pytest.mark.parametrize("make, xshape", [(_mlp, (6,)), (_cnn, (1, 8, 8))])
+def test_jvp_equals_per_example_gradients(make, xshape):
+    model = make()
+    theta_0 = _moved(model)
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(40, *xshape, generator=g, dtype=torch.float64)
+    y = torch.randint(0, 3, (40,), generator=g)
+    loss = nn.CrossEntropyLoss(reduction="none")
+    r = fisher(model, loss, (x, y), theta_0, chunk_size=16)  # chunks must not change the sum
+    for group, members in {"0": ["0.weight", "0.bias"], "2": ["2.weight", "2.bias"]}.items():
+        ref = per_example_gradient_quadratic(model, loss, (x, y), _delta(model, theta_0, members))
+        assert r.raw_per_group[group] == pytest.approx(ref, rel=1e-5)
+    joint = per_example_gradient_quadratic(model, loss, (x, y), _delta(model, theta_0))
+    assert r.settings["joint_raw"] == pytest.approx(joint, rel=1e-5)
+    assert r.raw_total == pytest.approx(sum(r.raw_per_group.values()), rel=1e-12)
+    assert r.units == "raw" and r.per_group == r.raw_per_group
+
+
+def test_wrong_reference_is_caught():
+    """The brute-force comparison would catch a JVP along the wrong direction (e.g. θ instead of Δθ)."""
+    model = _mlp()
+    theta_0 = _moved(model)
+    x, y = torch.randn(30, 6, dtype=torch.float64), torch.randint(0, 3, (30,))
+    r = fisher(model, "cross_entropy", (x, y), theta_0)
+    wrong = per_example_gradient_quadratic(model, nn.CrossEntropyLoss(reduction="none"), (x, y),
+                                           {n: p.detach() for n, p in model.named_parameters()})
+    assert r.settings["joint_raw"] != pytest.approx(wrong, rel=1e-2)
+
+
+def test_nats_scale_and_groups():
+    model = _mlp()
+    theta_0 = _moved(model)
+    data = (torch.randn(50, 6, dtype=torch.float64), torch.randint(0, 3, (50,)))
+    raw = fisher(model, "cross_entropy", data, theta_0)
+    nats = fisher(model, "cross_entropy", data, theta_0, beta=0.02)
+    assert nats.units == "nats" and raw.units == "raw"
+    for g in raw.per_group:
+        assert nats.per_group[g] == pytest.approx(0.5 * raw.per_group[g] / 0.02, rel=1e-12)
+    assert nats.raw_per_group == raw.raw_per_group
+    # a user grouping: everything but the last layer in one group; its value is the joint form of its members
+    custom = fisher(model, "cross_entropy", data, theta_0,
+                    groups={"body": ["0.weight", "0.bias", "2.weight", "2.bias"],
+                            "head": ["4.weight", "4.bias"]})
+    ref = per_example_gradient_quadratic(model, nn.CrossEntropyLoss(reduction="none"), data,
+                                         _delta(model, theta_0, ["0.weight", "0.bias", "2.weight", "2.bias"]))
+    assert custom.raw_per_group["body"] == pytest.approx(ref, rel=1e-5)
+    assert custom.raw_per_group["head"] == pytest.approx(raw.raw_per_group["4"], rel=1e-10)
+
+
+def test_parameter_order_invariance():
+    """The same net with its layers registered in another order gives the same per-group values."""
+    torch.manual_seed(0)
+    a = nn.Linear(4, 5).double()
+    b = nn.Linear(5, 2).double()
+
+    class Net(nn.Module):
+        def __init__(self, first):
+            super().__init__()
+            if first == "a":
+                self.a, self.b = a, b
+            else:
+                self.b, self.a = b, a
+
+        def forward(self, x):
+            return self.b(torch.tanh(self.a(x)))
+
+    n1, n2 = Net("a"), Net("b")
+    assert [n for n, _ in n1.named_parameters()] != [n for n, _ in n2.named_parameters()]
+    theta_0 = _moved(n1)
+    data = (torch.randn(30, 4, dtype=torch.float64), torch.randn(30, 2, dtype=torch.float64))
+    r1 = fisher(n1, "gaussian", data, theta_0, beta=0.1)
+    r2 = fisher(n2, "gaussian", data, theta_0, beta=0.1)
+    assert set(r1.per_group) == set(r2.per_group) == {"a", "b"}
+    for g in r1.per_group:
+        assert r1.per_group[g] == pytest.approx(r2.per_group[g], rel=1e-12)
+
+
+def test_minibatch_variant_scale():
+    """The paper's minibatch form averages gradients before squaring: on a least-squares fit (∇L_S = 0)
+    it is ≈ per-example value / m, with m the minibatch size; its spread is measured, not assumed."""
+    torch.manual_seed(0)
+    n, d = 4000, 3
+    x = torch.randn(n, d, dtype=torch.float64)
+    y = x @ torch.ones(d, 1, dtype=torch.float64) + torch.randn(n, 1, dtype=torch.float64)
+    model = nn.Linear(d, 1, bias=False).double()
+    with torch.no_grad():
+        model.weight.copy_(torch.linalg.lstsq(x, y).solution.T)  # ∇L_S(θ_S) = 0
+    theta_0 = {"weight": torch.zeros(1, d, dtype=torch.float64)}
+    full = fisher(model, "gaussian", (x, y), theta_0)
+    m = 100
+    vals = torch.tensor([fisher(model, "gaussian", (x, y), theta_0, method="minibatch", batch_size=m,
+                                num_batches=10, seed=s).raw_total for s in range(40)])
+    se = float(vals.std() / math.sqrt(len(vals)))
+    # without replacement from n: Var(mean) = Var/m * (n-m)/(n-1)
+    expected = full.raw_total / m * (n - m) / (n - 1)
+    assert abs(float(vals.mean()) - expected) < 4 * se
+    assert abs(float(vals.mean()) - full.raw_total) > 100 * se  # so it is not the per-example scale
+
+
+def test_nats_fisher_approaches_exact_when_small():
+    """SPEC §3c oracle: Bayesian linear regression, X fixed, fresh y. With θ_S = μ_S and θ₀ = E_S μ_S
+    the nats-scaled Fisher ½ΔθᵀFΔθ/β averaged over S estimates ½ tr(Λ Cov μ_S) (first order of the exact
+    ½ log det(I + Λ Cov μ_S)). Small I: within MC error plus the second-order term; large I: it is not."""
+    g = torch.Generator().manual_seed(0)
+    n, d, s, sigma0 = 400, 4, 1.0, 10.0
+    x = torch.randn(n, d, generator=g, dtype=torch.float64)
+    wstar = torch.randn(d, generator=g, dtype=torch.float64)
+    loss = pb.GaussianLoss(s)
+
+    def run(beta: float, reps: int = 300):
+        lam = torch.eye(d, dtype=torch.float64) / sigma0**2 + x.T @ x / (n * beta * s**2)
+        a = torch.linalg.solve(lam, x.T) / (n * beta * s**2)
+        cov_mu = s**2 * a @ a.T
+        exact = 0.5 * float(torch.logdet(torch.eye(d, dtype=torch.float64) + lam @ cov_mu))
+        mu_bar = a @ (x @ wstar)
+        model = nn.Linear(d, 1, bias=False).double()
+        vals = []
+        for _ in range(reps):
+            y = x @ wstar + s * torch.randn(n, generator=g, dtype=torch.float64)
+            with torch.no_grad():
+                model.weight.copy_((a @ y)[None])
+            vals.append(fisher(model, loss, (x, y[:, None]), {"weight": mu_bar[None]}, beta=beta).total)
+        v = torch.tensor(vals)
+        return exact, float(v.mean()), float(v.std() / math.sqrt(reps))
+
+    exact, est, se = run(beta=20.0 / n)   # I ≈ 0.1 nats
+    assert exact < 0.15
+    # first-order term overshoots the exact log det by at most ½ Σ λ²/2 ≈ I²; plus 4 s.e.
+    assert abs(est - exact) < 4 * se + exact**2
+    assert abs(est - exact) / exact < 0.06
+    exact_big, est_big, se_big = run(beta=0.05 / n)  # I ≈ 6 nats: the first-order estimate is far off
+    assert exact_big > 5 and est_big > 2 * exact_big
+
+
+def test_params_override_and_stat_use():
+    model = _mlp()
+    theta_0 = {k: v.clone() for k, v in model.state_dict().items()}
+    data = (torch.randn(20, 6, dtype=torch.float64), torch.randint(0, 3, (20,)))
+    assert fisher(model, "cross_entropy", data, theta_0).total == 0.0
+    moved = {n: p.detach() + 0.1 for n, p in model.named_parameters()}
+    r = fisher(model, "cross_entropy", data, theta_0, params=moved)
+    assert r.total > 0
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in theta_0.items())  # model untouched
+
+
+def test_bad_inputs():
+    model = _mlp()
+    theta_0 = {k: v.clone() for k, v in model.state_dict().items()}
+    data = (torch.randn(20, 6, dtype=torch.float64), torch.randint(0, 3, (20,)))
+    with pytest.raises(ValueError, match="groups: unknown parameter names"):
+        fisher(model, "cross_entropy", data, theta_0, groups={"g": ["nope.weight"]})
+    with pytest.raises(ValueError, match="theta_0: '0.weight' has shape"):
+        fisher(model, "cross_entropy", data, {**theta_0, "0.weight": torch.zeros(3, 3)})
+    with pytest.raises(ValueError, match="theta_0: missing parameter"):
+        fisher(model, "cross_entropy", data, {k: v for k, v in theta_0.items() if k != "0.bias"})
+    with pytest.raises(ValueError, match="theta_0: unknown names"):
+        fisher(model, "cross_entropy", data, {**theta_0, "extra": torch.zeros(1)})
+    with pytest.raises(TypeError, match="theta_0"):
+        fisher(model, "cross_entropy", data, 0.5)
+    with pytest.raises(ValueError, match="method"):
+        fisher(model, "cross_entropy", data, theta_0, method="hessian")
+    with pytest.raises(ValueError, match="beta"):
+        fisher(model, "cross_entropy", data, theta_0, beta=-1.0)
+    with pytest.raises(ValueError, match="loss_fn: must return one loss per example"):
+        fisher(model, nn.CrossEntropyLoss(), data, theta_0)
+    with pytest.raises(ValueError, match="in both"):
+        fisher(model, "cross_entropy", data, theta_0, groups={"a": ["0.weight"], "b": ["0.weight"]})
+
+
+def test_result_type():
+    model = _mlp()
+    theta_0 = _moved(model)
+    r = fisher(model, "cross_entropy", (torch.randn(10, 6, dtype=torch.float64), torch.randint(0, 3, (10,))),
+               theta_0, beta=0.1)
+    assert isinstance(r, IIWResult) and r.method == "fisher-jvp"
+    assert r.total == pytest.approx(sum(r.per_group.values()))
+    assert r.to_dict()["units"] == "nats"
