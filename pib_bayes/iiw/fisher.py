@@ -166,7 +166,7 @@ def fisher(
     >>> net = nn.Sequential(nn.Linear(3, 8), nn.Tanh(), nn.Linear(8, 1))
     >>> theta_0 = {k: v.clone() for k, v in net.state_dict().items()}
     >>> with torch.no_grad():
-    ...     net[0].weight.add_(0.1)
+    ...     _ = net[0].weight.add_(0.1)
     >>> r = fisher(net, "gaussian", (torch.randn(64, 3), torch.randn(64, 1)), theta_0, beta=0.01)
     >>> r.groups, r.units, r.raw_per_group["1"] == 0.0  # only layer "0" moved
     (['0', '2'], 'nats', True)
