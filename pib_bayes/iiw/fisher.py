@@ -168,7 +168,7 @@ def fisher(
     >>> with torch.no_grad():
     ...     _ = net[0].weight.add_(0.1)
     >>> r = fisher(net, "gaussian", (torch.randn(64, 3), torch.randn(64, 1)), theta_0, beta=0.01)
-    >>> r.groups, r.units, r.raw_per_group["1"] == 0.0  # only layer "0" moved
+    >>> r.groups, r.units, r.raw_per_group["2"] == 0.0  # only layer "0" moved
     (['0', '2'], 'nats', True)
     """
     if not isinstance(model, nn.Module):
