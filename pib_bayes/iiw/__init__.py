@@ -11,7 +11,14 @@ Every estimator returns an :class:`IIWResult`.
 """
 
 from .fisher import fisher
+from .prior_fit import fit_prior_mean, split_for_prior
+from .regularizer import IIWRegularizer
 from .result import IIWResult
 from .samples import STRUCTURES, channel, kl, ledoit_wolf
+from .tracking import IIWTracker, Peak, iiw_stat_fns, peak
 
-__all__ = ["IIWResult", "fisher", "kl", "channel", "ledoit_wolf", "STRUCTURES"]
+__all__ = [
+    "IIWResult", "fisher", "kl", "channel", "ledoit_wolf", "STRUCTURES",
+    "IIWTracker", "Peak", "peak", "iiw_stat_fns", "IIWRegularizer",
+    "fit_prior_mean", "split_for_prior",
+]
