@@ -13,6 +13,14 @@ from pib_bayes.iiw import IIWResult, fisher
 from pib_bayes.iiw.fisher import per_example_gradient_quadratic
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)  # shared CPUs: avoid oversubscription stalls
+    yield
+    torch.set_num_threads(n)
+
+
 def _moved(model: nn.Module, scale: float = 0.05, seed: int = 1) -> dict[str, torch.Tensor]:
     """theta_0 = the current weights; then move the weights by a random Δθ."""
     theta_0 = {k: v.detach().clone() for k, v in model.state_dict().items()}
@@ -147,7 +155,7 @@ def test_nats_fisher_approaches_exact_when_small():
     wstar = torch.randn(d, generator=g, dtype=torch.float64)
     loss = pb.GaussianLoss(s)
 
-    def run(beta: float, reps: int = 300):
+    def run(beta: float, reps: int = 1000):
         lam = torch.eye(d, dtype=torch.float64) / sigma0**2 + x.T @ x / (n * beta * s**2)
         a = torch.linalg.solve(lam, x.T) / (n * beta * s**2)
         cov_mu = s**2 * a @ a.T
@@ -164,11 +172,14 @@ def test_nats_fisher_approaches_exact_when_small():
         return exact, float(v.mean()), float(v.std() / math.sqrt(reps))
 
     exact, est, se = run(beta=20.0 / n)   # I ≈ 0.1 nats
+    print(f"small I: exact {exact:.4f} nats, mean nats-Fisher {est:.4f} ± {se:.4f}")
     assert exact < 0.15
     # first-order term overshoots the exact log det by at most ½ Σ λ²/2 ≈ I²; plus 4 s.e.
     assert abs(est - exact) < 4 * se + exact**2
-    assert abs(est - exact) / exact < 0.06
+    # would catch a missing ½ or a wrong β power: either moves the mean by ~exact >> 4 s.e. + exact²
+    assert abs(2 * est - exact) > 4 * se + exact**2
     exact_big, est_big, se_big = run(beta=0.05 / n)  # I ≈ 6 nats: the first-order estimate is far off
+    print(f"large I: exact {exact_big:.3f} nats, mean nats-Fisher {est_big:.3f} ± {se_big:.3f}")
     assert exact_big > 5 and est_big > 2 * exact_big
 
 

@@ -1,0 +1,232 @@
+"""IIW tracking (peak of a rise-and-fall curve, optimizer hook, sample_stats), the differentiable IIW
+regulariser and the held-out prior-mean fit."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import pib_bayes as pb
+from pib_bayes.iiw import (
+    IIWRegularizer,
+    IIWTracker,
+    fisher,
+    fit_prior_mean,
+    iiw_stat_fns,
+    peak,
+    split_for_prior,
+)
+from pib_bayes.iiw.fisher import per_example_gradient_quadratic
+
+F64 = torch.float64
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)  # shared CPUs: avoid oversubscription stalls
+    yield
+    torch.set_num_threads(n)
+
+
+# ----------------------------------------------------------------------------- peak
+def _rise_and_fall(t):
+    return t * np.exp(-t / 50.0)  # maximum at t = 50
+
+
+def test_peak_on_noisy_rise_and_fall():
+    t = np.arange(0.0, 300.0)
+    truth = _rise_and_fall(t)
+    rng = np.random.default_rng(0)
+    noisy = truth + rng.normal(0, 0.3, t.shape)
+    p = peak(t, noisy, window=15)
+    # the smoothed maximum of a flat top: within ±10 steps (the curve is within 1% of its max on 40..62)
+    assert abs(p.step - 50) <= 10 and p.interior
+    true_fall = (truth.max() - truth[50:].min()) / truth.max()
+    assert p.relative_fall == pytest.approx(true_fall, abs=0.03)
+    assert p.final_relative_fall == pytest.approx(p.relative_fall, abs=0.03)
+
+
+def test_peak_smoothing_ignores_a_spike():
+    """Would catch an unsmoothed argmax: one outlier at step 150 beats the true peak in the raw curve."""
+    t = np.arange(0.0, 300.0)
+    v = _rise_and_fall(t)
+    v[150] += 25.0
+    assert t[np.argmax(v)] == 150
+    assert abs(peak(t, v, window=15).step - 50) <= 3
+
+
+def test_peak_monotone_and_bad_inputs():
+    t = np.arange(10.0)
+    p = peak(t, t**2, window=3)
+    assert not p.interior and p.relative_fall == 0.0 and p.step == 9.0
+    with pytest.raises(ValueError, match="at least 2"):
+        peak([0.0], [1.0])
+    with pytest.raises(ValueError, match="one value per step"):
+        peak([0.0, 1.0], [1.0])
+    with pytest.raises(ValueError, match="NaN"):
+        peak([0.0, 1.0], [1.0, np.nan])
+    with pytest.raises(ValueError, match="window"):
+        peak(t, t, window=0)
+
+
+# ----------------------------------------------------------------------------- tracker
+def _problem(n=128, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, 4, generator=g, dtype=F64)
+    y = (x[:, :1] - 2 * x[:, 1:2] > 0).long().squeeze(1) + (x[:, 2] > 1).long()
+    torch.manual_seed(seed)
+    net = nn.Sequential(nn.Linear(4, 16), nn.Tanh(), nn.Linear(16, 3)).double()
+    return net, x, y
+
+
+def test_tracker_with_optimizer_hook_matches_fisher():
+    net, x, y = _problem()
+    theta_0 = {k: v.clone() for k, v in net.state_dict().items()}
+    tracker = IIWTracker(net, "cross_entropy", (x, y), every=10, beta=0.01)
+    opt = torch.optim.Adam(net.parameters(), lr=0.05)
+    handle = tracker.attach(opt)
+    for _ in range(40):
+        opt.zero_grad()
+        nn.functional.cross_entropy(net(x), y).backward()
+        opt.step()
+    handle.remove()
+    assert tracker.steps == [10, 20, 30, 40]
+    last = fisher(net, "cross_entropy", (x, y), theta_0, beta=0.01)
+    assert tracker.results[-1].total == pytest.approx(last.total, rel=1e-12)
+    assert tracker.results[-1].per_group == pytest.approx(last.per_group, rel=1e-12)
+    steps, total = tracker.curve()
+    assert list(steps) == [10, 20, 30, 40] and np.all(total > 0)
+    curves = tracker.curves()
+    np.testing.assert_allclose(curves["0"] + curves["2"], curves["total"], rtol=1e-12)
+    # per-epoch use by hand, with explicit epoch numbers
+    tracker2 = IIWTracker(net, "cross_entropy", (x, y), theta_0, every=1)
+    for epoch in range(3):
+        tracker2.step(step=epoch)
+    assert tracker2.steps == [0, 1, 2] and tracker2.peak(window=1).step in (0, 1, 2)
+
+
+def test_tracker_bad_inputs():
+    net, x, y = _problem()
+    with pytest.raises(ValueError, match="every"):
+        IIWTracker(net, "cross_entropy", (x, y), every=0)
+    with pytest.raises(ValueError, match="theta_0"):
+        IIWTracker(net, "cross_entropy", (x, y), {"0.weight": torch.zeros(2, 2)})
+    with pytest.raises(TypeError, match="optimizer"):
+        IIWTracker(net, "cross_entropy", (x, y)).attach("sgd")
+
+
+def test_stat_fns_land_in_sample_stats():
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 1)).double()
+    x = torch.randn(64, 3, dtype=F64)
+    y = torch.randn(64, 1, dtype=F64)
+    theta_0 = {k: v.clone() for k, v in net.state_dict().items()}
+    fns = iiw_stat_fns(net, "gaussian", (x, y), theta_0, beta=1 / 64)
+    assert set(fns) == {"iiw", "iiw/0", "iiw/2"}
+    post = pb.sample(net, "gaussian", (x, y), beta=1 / 64, step_size=1e-3, num_chains=2, num_warmup=20,
+                     num_draws=6, seed=0, stat_fns=fns)
+    stats = post.sample_stats
+    assert stats["iiw"].shape == (2, 6) and bool(torch.isfinite(stats["iiw"]).all())
+    torch.testing.assert_close(stats["iiw/0"] + stats["iiw/2"], stats["iiw"])
+    c, k = 1, 4
+    draw = {n: post.draws[n][c, k] for n in post.param_names}
+    ref = fisher(net, "gaussian", (x, y), theta_0, beta=1 / 64, params=draw)
+    assert float(stats["iiw"][c, k]) == pytest.approx(ref.total, rel=1e-10)
+    assert float(stats["iiw/2"][c, k]) == pytest.approx(ref.per_group["2"], rel=1e-10)
+
+
+# ----------------------------------------------------------------------------- regulariser
+def test_regularizer_value_and_gradient_match_brute_force():
+    net, x, y = _problem(n=24)
+    theta_0 = {k: v.clone() for k, v in net.state_dict().items()}
+    with torch.no_grad():
+        for p in net.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    beta = 0.3
+    reg = IIWRegularizer(net, "cross_entropy", theta_0, beta=beta)
+    value = reg(x, y)
+    loss_fn = nn.CrossEntropyLoss(reduction="none")
+    groups = {"0": ["0.weight", "0.bias"], "2": ["2.weight", "2.bias"]}
+    delta = {n: p.detach() - theta_0[n] for n, p in net.named_parameters()}
+    ref_value = beta * sum(per_example_gradient_quadratic(net, loss_fn, (x, y), {n: delta[n] for n in m})
+                           for m in groups.values())
+    assert float(value.detach()) == pytest.approx(ref_value, rel=1e-8)
+    # gradient: brute force with double backward through per-example gradients
+    params = dict(net.named_parameters())
+    total = 0.0
+    for i in range(x.shape[0]):
+        li = loss_fn(net(x[i:i + 1]), y[i:i + 1]).sum()
+        gi = torch.autograd.grad(li, list(params.values()), create_graph=True)
+        gi = dict(zip(params, gi, strict=True))
+        for members in groups.values():
+            dot = sum((gi[n] * (params[n] - theta_0[n])).sum() for n in members)
+            total = total + dot**2
+    total = beta * total / x.shape[0]
+    ref_grads = torch.autograd.grad(total, list(params.values()))
+    got = torch.autograd.grad(reg(x, y), list(params.values()))
+    for a, b in zip(got, ref_grads, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-7, atol=1e-10)
+
+
+def test_regularized_training_lowers_iiw():
+    """Same data, seed and optimizer: adding β·IIW lowers the final Fisher IIW (and not to exactly 0)."""
+    results = {}
+    for beta in (0.0, 1.0):
+        net, x, y = _problem(n=128, seed=1)
+        theta_0 = {k: v.clone() for k, v in net.state_dict().items()}
+        reg = IIWRegularizer(net, "cross_entropy", theta_0, beta=1.0)
+        opt = torch.optim.SGD(net.parameters(), lr=0.2)
+        for _ in range(150):
+            opt.zero_grad()
+            loss = nn.functional.cross_entropy(net(x), y)
+            if beta:
+                loss = loss + beta * reg(x, y)
+            loss.backward()
+            opt.step()
+        results[beta] = fisher(net, "cross_entropy", (x, y), theta_0).total
+    assert 0 < results[1.0] < 0.5 * results[0.0]
+
+
+def test_regularizer_bad_inputs():
+    net, x, y = _problem()
+    theta_0 = {k: v.clone() for k, v in net.state_dict().items()}
+    with pytest.raises(ValueError, match="beta"):
+        IIWRegularizer(net, "cross_entropy", theta_0, beta=0.0)
+    with pytest.raises(ValueError, match="units"):
+        IIWRegularizer(net, "cross_entropy", theta_0, beta=1.0, units="bits")
+    with pytest.raises(ValueError, match="theta_0: missing"):
+        IIWRegularizer(net, "cross_entropy", {"0.weight": theta_0["0.weight"]}, beta=1.0)
+
+
+# ----------------------------------------------------------------------------- prior mean
+def test_fit_prior_mean_uses_only_the_held_out_split():
+    net, x, y = _problem(n=200, seed=2)
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    prior_data, sample = split_for_prior((x, y), fraction=0.25, seed=0)
+    assert len(prior_data[0]) == 50 and len(sample[0]) == 150
+    theta_0 = fit_prior_mean(net, "cross_entropy", prior_data, epochs=30, lr=0.05, seed=0)
+    assert all(torch.equal(v, net.state_dict()[k]) for k, v in before.items())  # model untouched
+    assert any(not torch.equal(theta_0[k], before[k]) for k in theta_0)
+    # deterministic given the held-out split and the seed (it takes no other data)
+    again = fit_prior_mean(net, "cross_entropy", prior_data, epochs=30, lr=0.05, seed=0)
+    assert all(torch.equal(theta_0[k], again[k]) for k in theta_0)
+    # it fits the held-out split better than the initial weights
+    init_loss = nn.functional.cross_entropy(net(prior_data[0]), prior_data[1])
+    fitted = pb.GaussianPrior.from_module(net, std=0.1, mean=theta_0)
+    assert set(fitted.mean) == set(theta_0)
+    net2 = nn.Sequential(nn.Linear(4, 16), nn.Tanh(), nn.Linear(16, 3)).double()
+    net2.load_state_dict(theta_0)
+    assert float(nn.functional.cross_entropy(net2(prior_data[0]), prior_data[1])) < float(init_loss)
+
+
+def test_prior_split_bad_inputs():
+    x, y = torch.randn(10, 2), torch.randn(10)
+    with pytest.raises(ValueError, match="fraction"):
+        split_for_prior((x, y), fraction=1.5)
+    with pytest.raises(ValueError, match="fraction"):
+        split_for_prior((x, y), fraction=0.01)
+    with pytest.raises(ValueError, match="epochs"):
+        fit_prior_mean(nn.Linear(2, 1), "gaussian", (x, y[:, None]), epochs=0)
