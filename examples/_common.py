@@ -175,10 +175,10 @@ def train_tracking_iiw(
     return rows
 
 
-def peak_of(rows: list[dict[str, Any]], smooth: int = 3) -> dict:
-    """:func:`pib_bayes.cli.iiw_peak` of the rows' IIW curve, with ``epoch`` the peak row's epoch."""
-    pk = iiw_peak([r["iiw"] for r in rows], smooth=smooth)
-    return {**pk, "epoch": rows[pk["index"]]["epoch"]}
+def peak_of(rows: list[dict[str, Any]], smooth: int = 5) -> dict:
+    """Peak of the rows' IIW curve over their epochs (:func:`pib_bayes.cli.iiw_peak`, i.e.
+    :func:`pib_bayes.iiw.peak` with a ``smooth``-point moving average)."""
+    return iiw_peak([r["iiw"] for r in rows], smooth=smooth, steps=[r["epoch"] for r in rows])
 
 
 def write_csv(path: Path, rows: list[dict[str, Any]]) -> None:

@@ -453,12 +453,7 @@ def _load_run(run_dir: str) -> tuple[dict, Any, Any]:
         post = Posterior.load(path / "posterior.pt", model=model)
     except FormatError as err:
         raise UsageError("RUN_DIR", f"{err}") from None
-    data = load_data(cfg["data"], res.get("base_dir"))
-    if res.get("feature_mean") is not None:
-        import torch
-
-        data.x_train = (data.x_train - torch.tensor(res["feature_mean"])) / torch.tensor(res["feature_std"])
-        data.x_test = (data.x_test - torch.tensor(res["feature_mean"])) / torch.tensor(res["feature_std"])
+    data = load_data(cfg["data"], res.get("base_dir"))  # standardised again (same split) when configured
     if data.x_train.dim() > 2 and cfg["model"]["factory"] is None:
         data.x_train, data.x_test = data.x_train.flatten(1), data.x_test.flatten(1)
     return cfg, post, data
@@ -744,39 +739,36 @@ def fisher_iiw(model: Any, loss_fn: Any, data: tuple[Any, Any], theta_0: dict) -
     }
 
 
-def iiw_peak(curve: Sequence[float], smooth: int = 3) -> dict:
-    """Locate the fitting -> compression transition of an IIW curve.
+def iiw_peak(curve: Sequence[float], smooth: int = 5, steps: Sequence[float] | None = None) -> dict:
+    """Locate the fitting -> compression transition of an IIW curve with :func:`pib_bayes.iiw.peak`.
 
-    The curve is smoothed with a centred moving average of ``smooth`` points (shorter windows at
-    the ends); the peak is the maximum of the smoothed curve and ``relative_fall`` =
-    (smoothed peak - smoothed last value) / smoothed peak, the share of the peak lost by the end.
-    ``interior`` is true when the peak is neither the first nor the last point.
+    The curve is smoothed with a centred moving average of ``smooth`` points; the peak is the
+    maximum of the smoothed curve. Returned keys: ``index`` and ``epoch`` (``steps[index]``, by
+    default the index) of the peak, ``value`` (the raw curve there), ``smoothed_peak``,
+    ``final`` (the last raw value), ``relative_fall`` = (smoothed peak - last smoothed value) /
+    smoothed peak (the share of the peak still lost at the end, what the reproductions check),
+    ``fall_to_min`` (the same to the lowest smoothed value after the peak) and ``interior``
+    (false when the maximum is the last point: still fitting).
 
-    >>> p = iiw_peak([0, 1, 3, 4, 3, 2, 2], smooth=1)
-    >>> p["index"], p["relative_fall"], p["interior"]
-    (3, 0.5, True)
+    >>> p = iiw_peak([0, 1, 2, 4, 3, 1, 1], smooth=3)
+    >>> p["index"], round(p["relative_fall"], 4), p["interior"]
+    (3, 0.6667, True)
     """
     import numpy as np
 
-    v = np.asarray(list(curve), dtype=float)
-    if v.size == 0 or not np.all(np.isfinite(v)):
-        raise ValueError("curve: needs at least one finite value and no NaN/Inf")
-    if smooth < 1:
-        raise ValueError(f"smooth: must be >= 1, got {smooth}")
-    half = smooth // 2
-    s = np.array([v[max(0, i - half) : i + half + 1].mean() for i in range(v.size)])
-    k = int(np.argmax(s))
-    fall = float((s[k] - s[-1]) / s[k]) if s[k] > 0 else 0.0
-    return {
-        "index": k,
-        "epoch": k,
-        "value": float(v[k]),
-        "smoothed_peak": float(s[k]),
-        "final": float(v[-1]),
-        "relative_fall": fall,
-        "interior": bool(0 < k < v.size - 1),
-        "smooth": smooth,
-    }
+    from .iiw import peak
+
+    values = [float(v) for v in curve]
+    xs = [float(i) for i in range(len(values))] if steps is None else [float(t) for t in steps]
+    if len(values) < 2 or not all(np.isfinite(values)):
+        raise ValueError("curve: needs at least 2 finite values (no NaN/Inf)")
+    if len(xs) != len(values):
+        raise ValueError(f"steps: need one step per value, got {len(xs)} and {len(values)}")
+    p = peak(xs, values, window=smooth)
+    index = int(np.argmin(np.abs(np.asarray(xs) - p.step)))
+    return {"index": index, "epoch": xs[index], "value": values[index], "smoothed_peak": p.value,
+            "final": values[-1], "relative_fall": p.final_relative_fall, "fall_to_min": p.relative_fall,
+            "interior": bool(p.interior), "smooth": smooth}
 
 
 def run_iiw(cfg: dict, base_dir: Path, progress: bool) -> tuple[dict, Path]:
@@ -885,7 +877,7 @@ def _cmd_iiw(args: argparse.Namespace) -> int:
     text = [
         f"IIW curve written to {result['run_dir']} ({result['epochs']} epochs, {result['optimizer']}, "
         f"lr={result['lr']}, Fisher on {result['fisher_examples']} examples, {result['iiw_units']})",
-        f"  peak at epoch {pk['epoch']} (IIW {pk['value']:.4g}); after it IIW falls "
+        f"  peak at epoch {pk['epoch']:g} (IIW {pk['value']:.4g}); after it IIW falls "
         f"{100 * pk['relative_fall']:.1f}% (to {pk['final']:.4g})",
         "  final: "
         + ", ".join(

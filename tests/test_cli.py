@@ -280,9 +280,13 @@ def test_failed_run_leaves_nothing_and_all_diverged_exits_3(tmp_path, capsys):
 
 
 def test_iiw_peak_definition():
-    p = iiw_peak([0.0, 1.0, 2.0, 4.0, 3.0, 1.0, 1.0], smooth=3)  # smoothed: .5 1 2.33 3 2.67 1.67 1
+    # smoothed (window 3, edges repeat the end values): .33 1 2.33 3 2.67 1.67 1
+    p = iiw_peak([0.0, 1.0, 2.0, 4.0, 3.0, 1.0, 1.0], smooth=3)
     assert p["index"] == 3 and p["interior"] and p["value"] == 4.0
-    assert p["relative_fall"] == pytest.approx((3 - 1) / 3)
-    assert not iiw_peak([0, 1, 2, 3])["interior"]
+    assert p["relative_fall"] == pytest.approx((3 - 1) / 3) and p["smoothed_peak"] == pytest.approx(3.0)
+    assert not iiw_peak([0, 1, 2, 3], smooth=1)["interior"]
+    q = iiw_peak([0, 5, 1, 3], smooth=1, steps=[0.0, 0.5, 1.0, 1.5])
+    assert q["epoch"] == 0.5 and q["fall_to_min"] == pytest.approx(0.8)
+    assert q["relative_fall"] == pytest.approx(0.4)
     with pytest.raises(ValueError, match="curve"):
         iiw_peak([0.0, float("nan")])
