@@ -209,6 +209,7 @@ def save_figure(fig: Any, path: Path) -> None:
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".png")
     os.close(fd)
     try:
+        fig.tight_layout()  # keeps the suptitle clear of the panel titles
         fig.savefig(tmp, dpi=110, bbox_inches="tight", format="png")
         os.replace(tmp, path)
     finally:
