@@ -59,7 +59,8 @@ def _oracle(d: int, n: int, nres: int, draws: int, corr: float, seed: int = 0, h
                      num_warmup=warmup, num_draws=draws, thin=5, seed=seed)
     w = post.draws["0.weight"]  # (chain, draw, B, D)
     posts = [Posterior({"w": w[:, :, b, :]}, {}, {}) for b in range(nres)]
-    return {"posts": posts, "exact": exact, "lam": lam, "a": a, "y": y, "sigma0": sigma0, "d": d}
+    return {"posts": posts, "exact": exact, "lam": lam, "a": a, "y": y, "sigma0": sigma0, "d": d,
+            "post": post, "prior": prior}
 
 
 @pytest.fixture(scope="module")
@@ -86,6 +87,9 @@ def test_channel_matches_exact_d5(blr5, structure):
     exact = blr5["exact"]
     assert r.method == "channel" and r.units == "nats" and r.settings["num_resamples"] == 400
     se = _jackknife_se(blr5["posts"], structure)
+    print(f"D=5 {structure}: channel {r.total:.4f} nats, exact {exact:.4f}, "
+          f"rel err {r.total / exact - 1:+.3f}, "
+          f"jackknife s.e. {se:.4f}, mean ESS {r.settings['mean_ess']:.1f}")
     assert 3 * se < 0.10 * exact  # the test has the power the 10% tolerance assumes
     assert abs(r.total - exact) < 0.10 * exact, (r.total, exact)
 
@@ -98,6 +102,7 @@ def test_channel_wrong_within_covariance_is_caught(blr5):
     wrong_w = torch.cov(allw.T)
     bmat = torch.cov(means.T)
     wrong = 0.5 * float(torch.logdet(torch.eye(5, dtype=F64) + torch.linalg.solve(wrong_w, bmat)))
+    print(f"D=5 wrong-W channel {wrong:.4f} vs exact {exact:.4f}")
     assert abs(wrong - exact) > 0.10 * exact
 
 
@@ -106,6 +111,9 @@ def test_channel_matches_exact_d50(blr50, structure):
     r = channel(blr50["posts"], structure=structure)
     exact = blr50["exact"]
     se = _jackknife_se(blr50["posts"], structure)
+    print(f"D=50 {structure}: channel {r.total:.3f} nats, exact {exact:.3f}, "
+          f"rel err {r.total / exact - 1:+.3f}, "
+          f"jackknife s.e. {se:.3f}, mean ESS {r.settings['mean_ess']:.1f}")
     assert 3 * se < 0.20 * exact
     assert abs(r.total - exact) < 0.20 * exact, (r.total, exact)
 
@@ -116,6 +124,14 @@ def test_kl_upper_bounds_exact(blr5):
     for b in range(0, 400, 80):
         for structure in ("diag", "full", "block", "lowrank"):
             assert kl(blr5["posts"][b], prior, structure=structure).total >= blr5["exact"]
+
+
+def test_kl_with_the_sampling_prior_and_names(blr5):
+    """kl on the Posterior straight from pib_bayes.sample with the prior object used to sample (names such as
+    "0.weight"): the diagonal KL is additive over coordinates, so it equals the sum over the resamples."""
+    whole = kl(blr5["post"], blr5["prior"], structure="diag")
+    parts = sum(kl(p, GaussianPrior(std=blr5["sigma0"]), structure="diag").total for p in blr5["posts"])
+    assert list(whole.per_group) == ["0"] and whole.total == pytest.approx(parts, rel=1e-10)
 
 
 def _exact_kl(mu, cov, sd0):
