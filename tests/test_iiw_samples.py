@@ -280,3 +280,20 @@ def test_bad_inputs():
     nan = Posterior({"w": torch.full((2, 50, 3), math.nan, dtype=F64)}, {}, {})
     with pytest.raises(ValueError, match="NaN"):
         kl(nan, prior)
+
+
+def test_lowrank_channel_at_full_rank_equals_full():
+    """The Woodbury / Sylvester path of the low-rank channel: at rank d (ψ -> floor) it is the full one."""
+    d, nres = 4, 30
+    g = torch.Generator().manual_seed(5)
+    l = torch.randn(d, d, generator=g, dtype=F64) * 0.5
+    within = l @ l.T + 0.1 * torch.eye(d, dtype=F64)
+    posts = []
+    for _ in range(nres):
+        m = torch.randn(d, generator=g, dtype=F64)
+        x = m + torch.randn(2, 200, d, generator=g, dtype=F64) @ torch.linalg.cholesky(within).T
+        posts.append(Posterior({"w": x}, {}, {}))
+    full = channel(posts, structure="full", shrinkage=None)
+    low = channel(posts, structure="lowrank", rank=d)
+    assert low.total == pytest.approx(full.total, rel=1e-3)
+    assert low.settings["floored_diagonal"] == d
