@@ -183,6 +183,19 @@ def test_nats_fisher_approaches_exact_when_small():
     assert exact_big > 5 and est_big > 2 * exact_big
 
 
+def test_dataloader_and_chunks_give_the_same_value():
+    model = _mlp()
+    theta_0 = _moved(model)
+    x, y = torch.randn(70, 6, dtype=torch.float64), torch.randint(0, 3, (70,))
+    ref = fisher(model, "cross_entropy", (x, y), theta_0, chunk_size=None)
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=16, shuffle=True)
+    for r in (fisher(model, "cross_entropy", loader, theta_0), fisher(model, "cross_entropy", (x, y), theta_0,
+                                                                        chunk_size=7)):
+        assert r.settings["examples"] == 70
+        for g in ref.raw_per_group:
+            assert r.raw_per_group[g] == pytest.approx(ref.raw_per_group[g], rel=1e-10)
+
+
 def test_params_override_and_stat_use():
     model = _mlp()
     theta_0 = {k: v.clone() for k, v in model.state_dict().items()}

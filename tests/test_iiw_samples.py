@@ -185,6 +185,14 @@ def test_kl_non_gaussian_prior_monte_carlo():
     se = math.sqrt(sum(v**2 for v in mc.settings["mc_se"].values()))
     assert abs(mc.total - closed.total) < 4 * se + 1e-12
     assert "Monte Carlo" in mc.settings["cross_entropy"]
+    # would catch a sign slip in the entropy term (KL = +H − E log p): that moves it by 2·H(q), many s.e.
+    var = post.flat().reshape(-1, 4).var(0)
+    entropy = 0.5 * float(torch.log(2 * math.pi * math.e * var).sum())
+    assert abs((mc.total + 2 * entropy) - closed.total) > 100 * se
+    torch.manual_seed(123)
+    state = torch.get_rng_state()
+    kl(post, pb.DistributionPrior(torch.distributions.Normal(torch.tensor(0.0, dtype=F64), 2.0)), num_mc=10)
+    assert torch.equal(torch.get_rng_state(), state)  # the caller's global RNG is left alone
 
 
 def test_group_total_consistency_and_order_invariance():

@@ -304,8 +304,10 @@ def kl(
 
     def mc_kl(idx: Tensor | None, group: str | None, members: list[str]) -> float:
         dist = fit.sampler(mean, idx, group)
-        torch.manual_seed(int(torch.randint(0, 2**62, (1,), generator=gen)))  # torch dists use the global RNG
-        w = dist.sample(torch.Size([num_mc]))
+        # torch distributions draw from the global RNG: seed it inside a fork so the caller's state is kept
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(int(torch.randint(0, 2**62, (1,), generator=gen)))
+            w = dist.sample(torch.Size([num_mc]))
         params, start = {}, 0
         for n in members:
             size = slices[n].stop - slices[n].start
@@ -480,12 +482,11 @@ def channel(
             # the non-trivial ones: z has rank min(B - 1, d)
             eig = torch.linalg.eigvalsh(0.5 * (k + k.T))[-min(nres - 1, zi.shape[1]):]
             return half_logdet(eig - ai.mean())
+        # "full" (any index set) or "block" (one group; the block total is the sum of the groups)
         if fit.structure == "full":
             w = fit.cov if idx is None else fit.cov[idx][:, idx]
         else:
-            w = fit.blocks[group] if group is not None else None
-        if w is None:  # block structure, total = sum of groups
-            raise AssertionError("unreachable")
+            w = fit.blocks[group]
         sq = ai.sqrt()
         bc = zi.T @ zi - sq[:, None] * w * sq[None, :]
         return half_logdet(gen_eig(w, bc))
