@@ -14,11 +14,13 @@ from pib_bayes.iiw import (
     IIWTracker,
     fisher,
     fit_prior_mean,
+    iiw_stat_fn,
     iiw_stat_fns,
     peak,
     split_for_prior,
 )
 from pib_bayes.iiw.fisher import per_example_gradient_quadratic
+from pib_bayes.optim import SGLD
 
 F64 = torch.float64
 
@@ -136,6 +138,30 @@ def test_stat_fns_land_in_sample_stats():
     ref = fisher(net, "gaussian", (x, y), theta_0, beta=1 / 64, params=draw)
     assert float(stats["iiw"][c, k]) == pytest.approx(ref.total, rel=1e-10)
     assert float(stats["iiw/2"][c, k]) == pytest.approx(ref.per_group["2"], rel=1e-10)
+    # a single stat_fn, as stat_fns={"iiw": ...}
+    one = iiw_stat_fn(net, "gaussian", (x, y), theta_0, beta=1 / 64)
+    post2 = pb.sample(net, "gaussian", (x, y), beta=1 / 64, step_size=1e-3, num_chains=2, num_warmup=20,
+                      num_draws=6, seed=0, stat_fns={"iiw": one})
+    torch.testing.assert_close(post2.sample_stats["iiw"], stats["iiw"])
+    with pytest.raises(ValueError, match="group"):
+        iiw_stat_fn(net, "gaussian", (x, y), theta_0, group="nope")
+
+
+def test_tracker_in_a_hand_written_sgld_loop():
+    """Tracking during sampling with the torch-optimizer SGLD (pib_bayes.optim) and the PIB energy."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 1)).double()
+    x, y = torch.randn(64, 3, dtype=F64), torch.randn(64, 1, dtype=F64)
+    energy = pb.Energy(net, "gaussian", prior=1.0, beta=1 / 64)
+    opt = SGLD(net.parameters(), lr=1e-3, generator=torch.Generator().manual_seed(0))
+    tracker = IIWTracker(net, "gaussian", (x, y), every=5, beta=1 / 64)
+    tracker.attach(opt)
+    for _ in range(25):
+        opt.zero_grad()
+        energy.of_module(x, y).backward()
+        opt.step()
+    assert tracker.steps == [5, 10, 15, 20, 25]
+    assert all(r.total > 0 and r.units == "nats" for r in tracker.results)
 
 
 # ----------------------------------------------------------------------------- regulariser

@@ -15,10 +15,10 @@ from .prior_fit import fit_prior_mean, split_for_prior
 from .regularizer import IIWRegularizer
 from .result import IIWResult
 from .samples import STRUCTURES, channel, kl, ledoit_wolf
-from .tracking import IIWTracker, Peak, iiw_stat_fns, peak
+from .tracking import IIWTracker, Peak, iiw_stat_fn, iiw_stat_fns, peak
 
 __all__ = [
     "IIWResult", "fisher", "kl", "channel", "ledoit_wolf", "STRUCTURES",
-    "IIWTracker", "Peak", "peak", "iiw_stat_fns", "IIWRegularizer",
+    "IIWTracker", "Peak", "peak", "iiw_stat_fns", "iiw_stat_fn", "IIWRegularizer",
     "fit_prior_mean", "split_for_prior",
 ]

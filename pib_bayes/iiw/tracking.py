@@ -22,7 +22,7 @@ from torch import Tensor, nn
 from .fisher import fisher
 from .result import IIWResult
 
-__all__ = ["IIWTracker", "Peak", "peak", "iiw_stat_fns"]
+__all__ = ["IIWTracker", "Peak", "peak", "iiw_stat_fns", "iiw_stat_fn"]
 
 
 @dataclass(frozen=True)
@@ -217,3 +217,23 @@ def iiw_stat_fns(
             fns[f"{prefix}/{g}"] = (lambda name: lambda p: torch.tensor(compute(p).per_group[name],
                                                                         dtype=torch.float64))(g)
     return fns
+
+
+def iiw_stat_fn(
+    model: nn.Module,
+    loss_fn: Any,
+    data: Any,
+    theta_0: Mapping[str, Tensor] | nn.Module,
+    *,
+    group: str | None = None,
+    **kwargs: Any,
+) -> Callable[[dict[str, Tensor]], Tensor]:
+    """One ``stat_fn`` (the total, or one group's value) for ``pib_bayes.sample(..., stat_fns={"iiw": ...})``.
+
+    Keyword arguments go to :func:`iiw_stat_fns` (``groups``, ``beta``, Fisher options).
+    """
+    fns = iiw_stat_fns(model, loss_fn, data, theta_0, per_group=group is not None, **kwargs)
+    key = "iiw" if group is None else f"iiw/{group}"
+    if key not in fns:
+        raise ValueError(f"group: {group!r} is not a group; groups are {[k[4:] for k in fns if k != 'iiw']}")
+    return fns[key]
