@@ -282,6 +282,8 @@ def test_bad_inputs():
         kl(post, pb.FlatPrior())
     with pytest.raises(TypeError, match="prior"):
         kl(post, 1.0)
+    with pytest.raises(ValueError, match="the mean of 'w' has shape"):
+        kl(post, GaussianPrior(std=1.0, mean={"w": torch.zeros(4)}))
     other = Posterior({"w": torch.randn(2, 50, 4, generator=g, dtype=F64)}, {}, {})
     with pytest.raises(ValueError, match="different parameters"):
         channel([post, other])

@@ -219,9 +219,16 @@ def _prior_vectors(prior: GaussianPrior, post: Posterior, names: list[str]) -> t
     for n in names:
         shape = post.draws[n].shape[2:]
         m = prior.mean.get(n)
+        if m is not None and tuple(m.shape) != tuple(shape):
+            raise ValueError(f"prior: the mean of {n!r} has shape {tuple(m.shape)} but the draws have "
+                             f"{tuple(shape)}; build the prior from the sampled module "
+                             f"(GaussianPrior.from_module)")
+        s = torch.as_tensor(prior.std_of(n), dtype=torch.float64)
+        if s.dim() and tuple(s.shape) != tuple(shape):
+            raise ValueError(f"prior: the std of {n!r} has shape {tuple(s.shape)} but the draws have "
+                             f"{tuple(shape)}")
         centre = torch.zeros(shape, dtype=torch.float64) if m is None else m.to(torch.float64)
         mus.append(centre.reshape(-1))
-        s = torch.as_tensor(prior.std_of(n), dtype=torch.float64)
         sds.append(s.expand(shape).reshape(-1))
     return torch.cat(mus), torch.cat(sds)
 
