@@ -287,6 +287,11 @@ def test_bad_inputs():
     other = Posterior({"w": torch.randn(2, 50, 4, generator=g, dtype=F64)}, {}, {})
     with pytest.raises(ValueError, match="different parameters"):
         channel([post, other])
+    frozen = Posterior({"w": torch.ones(2, 50, 3, dtype=F64)}, {}, {})
+    with pytest.raises(ValueError, match="never move"):
+        kl(frozen, prior)
+    with pytest.raises(ValueError, match="never move"):
+        channel([frozen, frozen], mc_correction=False)
     nan = Posterior({"w": torch.full((2, 50, 3), math.nan, dtype=F64)}, {}, {})
     with pytest.raises(ValueError, match="NaN"):
         kl(nan, prior)

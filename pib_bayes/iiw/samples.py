@@ -89,6 +89,9 @@ class _Gauss:
                  rank: int | None) -> None:
         self.structure, self.groups = structure, groups
         self.var = xc.square().sum(0) / dof
+        if bool((self.var <= 0).any()):
+            raise ValueError("draws: some coordinates never move (zero variance), so the Gaussian fit is "
+                             "singular; leave frozen parameters out (keep=) or use more chains")
         self.shrinkage: dict[str, float | None] = {}
         self.floored = 0
         if structure == "full":
@@ -109,10 +112,6 @@ class _Gauss:
             self.floored = int((psi < floor).sum())
             self.psi = torch.maximum(psi, floor)
             self.rank = k
-        if structure != "diag" and (self.var <= 0).any():
-            raise ValueError("draws: some coordinates never move (zero variance); the Gaussian fit is "
-                             "singular. "
-                             "Leave frozen parameters out of the posterior (keep=) or use more/longer chains")
 
     def logdet(self, idx: Tensor | None, group: str | None = None) -> Tensor:
         if self.structure == "diag":
@@ -426,10 +425,9 @@ def channel(
     if isinstance(posteriors, Posterior) or not isinstance(posteriors, Sequence):
         raise TypeError("posteriors: expected a list of Posterior objects, one per resample of the data")
     if len(posteriors) < 2:
-        raise ValueError(f"posteriors: the channel estimator needs posteriors on >= 2 resamples of the "
-                         f"data, got "
-                         f"{len(posteriors)}; sample on bootstrap resamples or fresh data sets (tens to "
-                         f"hundreds)")
+        raise ValueError(f"posteriors: the channel estimator needs posteriors on >= 2 resamples of the data, "
+                         f"got {len(posteriors)}; sample on bootstrap resamples or fresh data sets (tens to "
+                         "hundreds)")
     first = posteriors[0]
     if not isinstance(first, Posterior):
         raise TypeError(f"posteriors: expected Posterior objects, got {type(first).__name__}")
