@@ -10,7 +10,7 @@ and the n directional derivatives ``∇l_iᵀ Δθ`` are the tangent output of O
 the groups' tangents are batched with ``vmap`` into one call; the joint derivative along the whole
 Δθ is their sum, by linearity). No per-example gradient and no F is ever formed. Cost: about three
 forward passes for one group (the primal plus two products per linear layer for the tangent), plus
-about two per extra group.
+two to three per extra group (benchmarks/bench_iiw.py; docs/iiw.md has the numbers).
 """
 
 from __future__ import annotations
