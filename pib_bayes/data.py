@@ -49,7 +49,8 @@ def as_tensors(data: object) -> tuple[Tensor, Tensor] | None:
         return x, y
     if isinstance(data, DataLoader):
         return None
-    raise TypeError(f"data: expected (x, y) tensors, a TensorDataset or a DataLoader, got {type(data).__name__}")
+    raise TypeError(f"data: expected (x, y) tensors, a TensorDataset or a DataLoader, "
+                    f"got {type(data).__name__}")
 
 
 class TensorBatcher:
@@ -60,7 +61,8 @@ class TensorBatcher:
         if batch_size is None:
             batch_size = n
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or not 1 <= batch_size <= n:
-            raise ValueError(f"batch_size: must be an int in [1, {n}] (the number of examples), got {batch_size!r}")
+            raise ValueError(f"batch_size: must be an int in [1, {n}] (the number of examples), "
+                             f"got {batch_size!r}")
         self.x, self.y, self.n, self.batch_size = x, y, n, batch_size
         self.full = batch_size == n
         self.generators = generators
@@ -165,4 +167,8 @@ def make_regression_data(n: int = 200, noise_std: float = 0.3, seed: int = 0) ->
     rng = np.random.default_rng(seed)
     x = np.concatenate([rng.uniform(-2, -0.5, n - n // 2), rng.uniform(0.5, 2, n // 2)])
     y = np.sin(3 * x) + 0.5 * x + rng.normal(0, noise_std, n)
-    return (torch.tensor(x, dtype=torch.float32).unsqueeze(1), torch.tensor(y, dtype=torch.float32).unsqueeze(1))
+    return _column(x), _column(y)
+
+
+def _column(a: np.ndarray) -> Tensor:
+    return torch.tensor(a, dtype=torch.float32).unsqueeze(1)

@@ -46,8 +46,8 @@ class ConvergenceWarning(UserWarning):
 
 # ------------------------------------------------------------------------------------ helpers
 def _kept_chains(post: Posterior, include_diverged: bool) -> list[int]:
-    # Posterior._chains warns (naming the chains and steps) when it leaves diverged chains out
-    return post._chains(include_diverged)
+    # Posterior.kept_chains warns (naming the chains and steps) when it leaves diverged chains out
+    return post.kept_chains(include_diverged)
 
 
 def _check_task(post: Posterior) -> str:

@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 import torch
 from torch import Tensor, nn
-from torch.func import functional_call, vmap
+from torch.func import vmap
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
@@ -92,12 +92,12 @@ class _Sampler:
                                 x[0] if stacked else x, y[0] if stacked else y)
             return u.reshape(1), loss.reshape(1)
         params = dict(zip(self.names, group.params))
-        in_dims = (0, 0 if stacked else None)
+        data_dim = 0 if stacked else None  # per-chain minibatches, or one batch shared by all chains
         if self.fast_forward is not None:
             out = self.fast_forward(params, x, stacked)
-            loss = vmap(self.energy.mean_loss, in_dims=in_dims)(out, y)
+            loss = vmap(self.energy.mean_loss, in_dims=(0, data_dim))(out, y)
             return loss / self.energy.beta - self.energy.prior.log_prob(params, batch_ndim=1), loss
-        return vmap(self._one, in_dims=(0, *in_dims))(params, x, y)
+        return vmap(self._one, in_dims=(0, data_dim, data_dim))(params, x, y)
 
     # ---- one step -----------------------------------------------------------------
     def gradients(self, group: _Group) -> tuple[Tensor, Tensor, tuple[Tensor, ...]]:
@@ -314,8 +314,8 @@ def _initial_params(named: list[tuple[str, Tensor]], init: str | Mapping[str, Te
 
 
 def _run_group(runner: _Sampler, group: _Group, names: list[str], keep_names: list[str], num_warmup: int,
-               num_draws: int, thin: int, draws: dict[str, Tensor], stats: dict[str, Tensor], diverged: Tensor,
-               divergence_step: Tensor, progress: bool) -> None:
+               num_draws: int, thin: int, draws: dict[str, Tensor], stats: dict[str, Tensor],
+               diverged: Tensor, divergence_step: Tensor, progress: bool) -> None:
     schedule = runner.schedule
     idx = torch.tensor(group.chains)
     keep_pos = [names.index(n) for n in keep_names]

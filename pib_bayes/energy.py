@@ -96,7 +96,8 @@ def resolve_loss(loss_fn: str | LossFn, task: str | None = None) -> tuple[LossFn
 
 def check_beta(beta: float) -> float:
     if isinstance(beta, bool) or not isinstance(beta, (int, float)) or not math.isfinite(beta) or beta <= 0:
-        raise ValueError(f"beta: must be a finite number > 0 (beta = 1/n is the Bayesian posterior), got {beta!r}")
+        raise ValueError(f"beta: must be a finite number > 0 (beta = 1/n is the Bayesian posterior), "
+                         f"got {beta!r}")
     return float(beta)
 
 

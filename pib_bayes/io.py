@@ -78,7 +78,8 @@ def load_payload(path: str | os.PathLike, kind: str, supported_versions: tuple[i
                           f"expected a {kind!r}")
     if header.get("format_version") not in supported_versions:
         raise FormatError(f"{path}: format version {header.get('format_version')} is not supported "
-                          f"(this pib_bayes reads {supported_versions}); re-create it with a matching version")
+                          f"(this pib_bayes reads {supported_versions}); re-create it with a matching "
+                          "version")
     body = raw[nl + 1:]
     if len(body) != header.get("size") or hashlib.sha256(body).hexdigest() != header.get("sha256"):
         raise FormatError(f"{path}: checksum mismatch: the file is truncated or corrupt")

@@ -8,10 +8,9 @@ loss, step size, divergence flag, sampler-specific ones) have shape ``(chain, dr
 from __future__ import annotations
 
 import json
-import math
 import os
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -47,7 +46,8 @@ class Prediction:
     def variance(self) -> Tensor | None:
         if self.epistemic_variance is None:
             return None
-        return self.epistemic_variance + (self.aleatoric_variance if self.aleatoric_variance is not None else 0.0)
+        noise = self.aleatoric_variance if self.aleatoric_variance is not None else 0.0
+        return self.epistemic_variance + noise
 
 
 @dataclass
@@ -80,7 +80,8 @@ class Posterior:
             raise ValueError("draws: a Posterior needs at least one parameter")
         shapes = {tuple(v.shape[:2]) for v in self.draws.values()}
         if len(shapes) != 1:
-            raise ValueError(f"draws: every parameter needs the same (chain, draw) leading shape, got {shapes}")
+            raise ValueError(f"draws: every parameter needs the same (chain, draw) leading shape, "
+                             f"got {shapes}")
         c = self.num_chains
         if self.diverged is None:
             self.diverged = torch.zeros(c, dtype=torch.bool)
@@ -110,7 +111,9 @@ class Posterior:
         assert self.diverged is not None
         return [c for c in range(self.num_chains) if not bool(self.diverged[c])]
 
-    def _chains(self, include_diverged: bool) -> list[int]:
+    def kept_chains(self, include_diverged: bool = False) -> list[int]:
+        """Chains used for predictions and diagnostics: all, or (default) those that did not diverge,
+        with a warning naming the diverged ones and their steps."""
         chains = list(range(self.num_chains)) if include_diverged else self.good_chains
         if not include_diverged and len(chains) < self.num_chains:
             bad = [c for c in range(self.num_chains) if c not in chains]
@@ -131,7 +134,7 @@ class Posterior:
 
     def draws_for_prediction(self, include_diverged: bool = False) -> dict[str, Tensor]:
         """name -> (M, *shape), M = kept chains x draws (chain-major)."""
-        chains = self._chains(include_diverged)
+        chains = self.kept_chains(include_diverged)
         return {k: v[chains].reshape(-1, *v.shape[2:]) for k, v in self.draws.items()}
 
     # ------------------------------------------------------------- predict
@@ -148,7 +151,8 @@ class Posterior:
         """
         model = model or self.model
         if model is None:
-            raise ValueError("model: this Posterior has no model attached; pass model= or Posterior.load(..., model=)")
+            raise ValueError("model: this Posterior has no model attached; pass model= or "
+                             "Posterior.load(..., model=)")
         if not isinstance(x, Tensor):
             raise TypeError(f"x: expected a tensor, got {type(x).__name__}")
         if chunk_size < 1:
@@ -211,7 +215,9 @@ class Posterior:
 
     @classmethod
     def load(cls, path: str | os.PathLike, model: nn.Module | None = None) -> Posterior:
-        """Read a file written by :meth:`save`; a corrupt, truncated or foreign file raises ``FormatError``."""
+        """Read a file written by :meth:`save`.
+
+        A corrupt, truncated or foreign file, or another format version, raises ``FormatError``."""
         payload = load_payload(path, "posterior", (FORMAT_VERSION,))
         try:
             post = cls(

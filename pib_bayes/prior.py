@@ -151,7 +151,9 @@ class DistributionPrior:
     -1.386...
     """
 
-    def __init__(self, dist: torch.distributions.Distribution | Mapping[str, torch.distributions.Distribution]):
+    def __init__(
+        self, dist: torch.distributions.Distribution | Mapping[str, torch.distributions.Distribution]
+    ) -> None:
         self.dist = dist
 
     def log_prob(self, params: Mapping[str, Tensor], batch_ndim: int = 0) -> Tensor:

@@ -17,7 +17,9 @@ __all__ = ["Schedule", "Constant", "PolynomialDecay", "Cosine", "Cyclical", "as_
 
 
 def _positive(name: str, value: float) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"{name}: must be a finite number > 0, got {value!r}")
+    if not math.isfinite(value) or value <= 0:
         raise ValueError(f"{name}: must be a finite number > 0, got {value!r}")
     return float(value)
 
