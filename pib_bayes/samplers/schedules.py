@@ -17,9 +17,8 @@ __all__ = ["Schedule", "Constant", "PolynomialDecay", "Cosine", "Cyclical", "as_
 
 
 def _positive(name: str, value: float) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise ValueError(f"{name}: must be a finite number > 0, got {value!r}")
-    if not math.isfinite(value) or value <= 0:
+    is_number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if not is_number or not math.isfinite(value) or value <= 0:
         raise ValueError(f"{name}: must be a finite number > 0, got {value!r}")
     return float(value)
 
