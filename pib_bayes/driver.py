@@ -126,6 +126,7 @@ def sample(
     sampler: str | Kernel = "sgld",
     step_size: float | Schedule = 1e-4,
     num_chains: int = 1,
+    chain_ids: Sequence[int] | None = None,
     num_warmup: int = 1000,
     num_draws: int = 1000,
     thin: int = 1,
@@ -163,13 +164,16 @@ def sample(
             a built :class:`~pib_bayes.samplers.Kernel`; ``sampler_kwargs`` go to its builder.
         step_size: a float (constant) or a :class:`~pib_bayes.samplers.Schedule`.
         num_chains, num_warmup, num_draws, thin: chain layout.
+        chain_ids: run only these chains out of ``num_chains`` (e.g. one rank's share); chain k
+            keeps the seeds of chain k of the full run, so the draws do not depend on how the
+            chains are split. The Posterior holds ``len(chain_ids)`` chains, in that order.
         batch_size: minibatch size for tensor data (None = full batch).
         seed: root seed; chains get independent streams (:func:`chain_seeds`).
         progress: show a tqdm bar per chain group.
         keep: names of the parameters whose draws are stored (default all); the others are
             still sampled.
         init: ``"model"`` (every chain starts at the module's weights), ``"prior"`` (a draw from
-            a Gaussian prior per chain), or a mapping name -> (num_chains, *shape) tensors.
+            a Gaussian prior per chain), or a mapping name -> (chains run, *shape) tensors.
         chain_method: ``"vectorized"``, ``"sequential"`` or ``"auto"`` (vectorized when vmap
             can run the model, else sequential; the choice and reason land in metadata).
         task: "classification" or "regression" (inferred from the loss when possible).
@@ -197,7 +201,11 @@ def sample(
     if str(sampler).lower() == "csgld" and not hasattr(schedule, "cycle_length"):
         raise ValueError("step_size: sampler='csgld' needs a pib_bayes.samplers.Cyclical schedule")
     kernel = build_kernel(sampler, **dict(sampler_kwargs or {}))
-    num_chains = _positive_int("num_chains", num_chains)
+    total_chains = _positive_int("num_chains", num_chains)
+    ids = list(range(total_chains)) if chain_ids is None else [int(c) for c in chain_ids]
+    if not ids or len(set(ids)) != len(ids) or not all(0 <= c < total_chains for c in ids):
+        raise ValueError(f"chain_ids: must be distinct indices in [0, {total_chains}), got {chain_ids!r}")
+    num_chains = len(ids)  # chains run by this call
     num_draws = _positive_int("num_draws", num_draws)
     num_warmup = _positive_int("num_warmup", num_warmup, minimum=0)
     thin = _positive_int("thin", thin)
@@ -216,7 +224,8 @@ def sample(
     fixed.update({n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad})
 
     tensors = as_tensors(data)
-    seeds = chain_seeds(seed, num_chains)
+    all_seeds = chain_seeds(seed, total_chains)
+    seeds = [all_seeds[c] for c in ids]
     init_params = _initial_params(named, init, num_chains, energy.prior, seeds)
 
     def make_batcher(chains: list[int]) -> TensorBatcher | LoaderBatcher:
@@ -277,7 +286,8 @@ def sample(
     metadata = {
         "library": "pib_bayes", "version": __version__, "beta": energy.beta, "prior": repr(energy.prior),
         "sampler": kernel.name, "sampler_settings": dict(kernel.settings), "schedule": schedule.to_dict(),
-        "num_chains": num_chains, "num_warmup": num_warmup, "num_draws": num_draws, "thin": thin,
+        "num_chains": num_chains, "chain_ids": ids, "num_warmup": num_warmup, "num_draws": num_draws,
+        "thin": thin,
         "batch_size": batch_size if tensors is not None else getattr(data, "batch_size", None),
         "n": int(tensors[0].shape[0]) if tensors is not None else None,
         "seed": int(seed), "chain_method": method, "chain_method_reason": reason, "task": energy.task,

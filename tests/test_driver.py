@@ -276,3 +276,18 @@ def test_metadata_records_the_run():
     assert md["beta"] == 1 / 64 and md["seed"] == 9 and md["sampler"] == "sgld"
     assert md["version"] == pb.__version__ and md["schedule"]["type"] == "Constant"
     assert md["chain_method"] in ("vectorized", "sequential") and md["n"] == 64
+
+
+def test_chain_ids_reproduce_the_chains_of_the_full_run():
+    x, y = _blr_data()
+    full = _blr_sample(x, y, 1 / 64, 1e-3, batch_size=8, num_chains=4, num_draws=10, seed=2)
+    torch.manual_seed(0)
+    part = sample(nn.Linear(2, 1, bias=False), GaussianLoss(1.0), (x, y), beta=1 / 64,
+                  prior=GaussianPrior(std=1.0), step_size=1e-3, num_chains=4, chain_ids=[3, 1],
+                  num_warmup=int(20 / (1e-3 * float(torch.linalg.eigvalsh(_gibbs_posterior(
+                      x, y, 1 / 64, 1.0, 1.0)[1]).min()))) + 10,
+                  num_draws=10, thin=4, batch_size=8, seed=2, chain_method="sequential")
+    torch.testing.assert_close(part.draws["weight"], full.draws["weight"][[3, 1]], rtol=1e-12, atol=1e-12)
+    assert part.metadata["chain_ids"] == [3, 1]
+    with pytest.raises(ValueError, match="chain_ids"):
+        sample(nn.Linear(2, 1), "gaussian", (x, y), beta=0.1, num_chains=2, chain_ids=[2], num_draws=1)
