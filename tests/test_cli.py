@@ -42,8 +42,17 @@ batch_size = 32
 """
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """One torch thread: on a shared 2-core machine two spinning threads cost 4x the CPU time."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def _cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    env = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}
     return subprocess.run(
         [sys.executable, "-m", "pib_bayes", *args],
         cwd=cwd,
@@ -61,7 +70,7 @@ def _write(tmp_path: Path, text: str, name: str = "run.toml") -> Path:
 
 
 # ------------------------------------------------------------------------- end to end (subprocess)
-def test_sample_diagnose_predict_end_to_end(tmp_path):
+def test_sample_diagnose_predict_end_to_end(tmp_path, capsys):
     _write(tmp_path, TINY.format(source="spirals"))
     r = _cli("sample", "--config", "run.toml", "--output", "runs/a", "--json", cwd=tmp_path)
     assert r.returncode == EXIT_OK, r.stderr
@@ -91,9 +100,7 @@ def test_sample_diagnose_predict_end_to_end(tmp_path):
         assert (run / name).stat().st_size > 0, name
     assert (run / "trace.png").read_bytes()[:4] == b"\x89PNG"
     # --strict turns "not converged" (8 draws cannot reach ESS 200) into exit code 4
-    r = _cli("diagnose", "runs/a", "--strict", "--no-plots", "--quiet", cwd=tmp_path)
-    assert r.returncode == 4 and "R-hat" in r.stdout
-
+    assert main(["diagnose", str(run), "--strict", "--no-plots", "--quiet"]) == 4
     r = _cli("predict", "runs/a", "--json", "--output", "pred.csv", cwd=tmp_path)
     assert r.returncode == EXIT_OK, r.stderr
     pred = json.loads(r.stdout)
@@ -108,20 +115,27 @@ def test_sample_diagnose_predict_end_to_end(tmp_path):
     split = np.array([float(r["aleatoric"]) + float(r["epistemic_mi"]) for r in rows])
     np.testing.assert_allclose(ent, split, atol=1e-5)
 
-    # text mode (no --json) prints a human summary; an existing run directory is refused
-    r = _cli("sample", "--config", "run.toml", "--output", "runs/a", "--quiet", cwd=tmp_path)
-    assert r.returncode == EXIT_USAGE and "output.dir" in r.stderr and "--overwrite" in r.stderr
+    # an existing run directory is refused, naming the key and the fix
+    assert (
+        main(["sample", "--config", str(tmp_path / "run.toml"), "--output", str(run), "--quiet"])
+        == EXIT_USAGE
+    )
+    err = capsys.readouterr().err
+    assert "output.dir" in err and "--overwrite" in err
 
 
-def test_bad_config_exits_2_naming_the_key(tmp_path):
+def test_bad_config_exits_2_naming_the_key(tmp_path, capsys):
     _write(tmp_path, TINY.format(source="spirals").replace("step_size", "stepsize"))
     r = _cli("sample", "--config", "run.toml", "--output", "o", cwd=tmp_path)
     assert r.returncode == EXIT_USAGE
     assert "sampler.stepsize" in r.stderr and "step_size" in r.stderr
     _write(tmp_path, TINY.format(source="spirals").replace("chains = 2", 'chains = "two"'))
-    r = _cli("sample", "--config", "run.toml", "--output", "o", "--json", cwd=tmp_path)
-    assert r.returncode == EXIT_USAGE
-    err = json.loads(r.stdout)
+    capsys.readouterr()
+    assert (
+        main(["sample", "--config", str(tmp_path / "run.toml"), "--output", str(tmp_path / "o"), "--json"])
+        == 2
+    )
+    err = json.loads(capsys.readouterr().out)
     assert err["key"] == "run.chains" and err["exit_code"] == EXIT_USAGE and "chains = 4" in err["error"]
     assert not (tmp_path / "o").exists()
 
