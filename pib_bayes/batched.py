@@ -154,13 +154,14 @@ def batched_forward(model: nn.Module) -> BatchedForward | None:
             if op[0] == "linear":
                 weight = params[op[1]]
                 lead = h.shape[1:-1]
-                h3 = h.reshape(k, -1, h.shape[-1])  # (K, B*, in)
-                wt = weight.transpose(1, 2)  # (K, in, out)
+                flat = h.dim() != 3  # (K, B, in) goes straight in; other shapes via (K, B*, in)
+                h3 = h.reshape(k, -1, h.shape[-1]) if flat else h
+                wt = weight.transpose(1, 2)  # (K, in, out), a view
                 if op[2] is not None:
                     h3 = torch.baddbmm(params[op[2]].unsqueeze(1), h3, wt)
                 else:
                     h3 = torch.bmm(h3, wt)
-                h = h3.reshape(k, *lead, weight.shape[1])
+                h = h3.reshape(k, *lead, weight.shape[1]) if flat else h3
             elif op[0] == "flatten":
                 h = h.flatten(2)
             else:

@@ -561,18 +561,10 @@ SAMPLER_CASES = [
 ]
 
 
-VMAP_FULLBATCH_BUG = pytest.mark.xfail(
-    strict=True, raises=ValueError,
-    reason="driver.py _Sampler.energies: with a shared (full) batch the vmap path uses in_dims (0, 0, None), "
-           "mapping x over its example dimension; it should be (0, None, None)")
-
-
 @pytest.mark.parametrize("path", ["baddbmm", "vmap"])
 @pytest.mark.parametrize("batch_size", [16, None], ids=["minibatch", "fullbatch"])
 @pytest.mark.parametrize("sampler,step,kwargs", SAMPLER_CASES, ids=[c[0] for c in SAMPLER_CASES])
-def test_vectorized_chains_equal_sequential_chains(path, batch_size, sampler, step, kwargs, request):
-    if path == "vmap" and batch_size is None:
-        request.applymarker(VMAP_FULLBATCH_BUG)
+def test_vectorized_chains_equal_sequential_chains(path, batch_size, sampler, step, kwargs):
     torch.manual_seed(0)
     model = _mlp() if path == "baddbmm" else CustomMLP()
     assert (batched_forward(model) is not None) == (path == "baddbmm")
