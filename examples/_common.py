@@ -175,6 +175,24 @@ def train_tracking_iiw(
     return rows
 
 
+def train_final_and_peak(
+    model: nn.Module,
+    x_tr: torch.Tensor,
+    y_tr: torch.Tensor,
+    x_te: torch.Tensor,
+    y_te: torch.Tensor,
+    **kwargs: Any,
+) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """Train with :func:`train_tracking_iiw` (IIW every epoch) and return (final row, curve).
+
+    The final row gains ``iiw_peak`` (the largest IIW seen during training) and ``iiw_peak_epoch``.
+    """
+    curve = train_tracking_iiw(model, x_tr, y_tr, x_te, y_te, **kwargs)
+    top = max(curve, key=lambda r: r["iiw"])
+    final = {**curve[-1], "iiw_peak": top["iiw"], "iiw_peak_epoch": top["epoch"]}
+    return final, curve
+
+
 def peak_of(rows: list[dict[str, Any]], smooth: int = 5) -> dict:
     """Peak of the rows' IIW curve over their epochs (:func:`pib_bayes.cli.iiw_peak`, i.e.
     :func:`pib_bayes.iiw.peak` with a ``smooth``-point moving average)."""
