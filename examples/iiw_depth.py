@@ -34,7 +34,8 @@ from _common import (  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = base_parser(__doc__.split("\n\n")[0], n_train=2000, n_test=2000, epochs=20)
+    # lr 0.05: at 0.01 the 3- and 4-layer nets barely train in 20 epochs (train accuracy 0.68 and 0.35)
+    p = base_parser(__doc__.split("\n\n")[0], n_train=2000, n_test=2000, epochs=20, lr=0.05)
     p.add_argument("--hidden", type=int, default=128, help="width of every hidden layer")
     p.add_argument("--depths", type=int, nargs="+", default=[1, 2, 3, 4])
     p.add_argument("--activation", default="relu", choices=["linear", "tanh", "relu", "sigmoid"])
