@@ -1,0 +1,120 @@
+"""Peak memory of ``pib_bayes.sample`` for a ~1M-parameter model: grows with kept draws, not with steps.
+
+Model MLP 784-1024-192-10 (1,002,570 float32 weights), 512 examples, batch 128, one SGLD chain.
+Each configuration runs in a fresh subprocess: it runs a 100-step ``sample()`` first (so lazily
+loaded code and the allocator's heap are already there), resets the kernel's peak-RSS counter
+(``echo 5 > /proc/self/clear_refs``), then runs ``sample()`` and reports ``VmHWM`` (peak resident
+set) minus the resident set just before the call.
+
+Rows:
+* steps: peak with 10 kept draws after 10 steps vs after 10 x ``thin`` steps (thinning), ratio
+  peak(few steps) / peak(many steps), target >= 0.95 (flat in steps);
+* bytes per stored draw: the slope of the peak between 10 and 40 kept draws (thin 1), compared
+  with the bytes a draw must hold (4 D for the weights + 17 for energy, loss, step size and the
+  divergence flag): ratio needed / measured, target >= 0.9.
+
+    python benchmarks/bench_memory.py [--quick] [--out rows.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import subprocess
+import sys
+
+SIZES = (784, 1024, 192, 10)
+WARM_STEPS = 100
+STAT_BYTES = 4 + 4 + 8 + 1  # energy, loss (float32), step_size (float64), diverging (bool)
+
+
+def _status(field: str) -> int:
+    with open("/proc/self/status") as fh:
+        for line in fh:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def one(num_draws: int, thin: int, warmup: int) -> dict:
+    """In this process: peak RSS growth of one sample() call."""
+    import torch
+
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from bench_steps import mlp
+
+    import pib_bayes
+
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    model = mlp(SIZES)
+    x, y = torch.randn(512, SIZES[0]), torch.randint(0, SIZES[-1], (512,))
+    kw = {"beta": 1 / 512, "prior": 1.0, "step_size": 1e-7, "batch_size": 128, "seed": 0}
+    # warm-up: glibc's heap settles after some tens of steps (its peak rises to a plateau, ~25 MiB
+    # above the first steps' here, then stays); without this the first configuration looks cheaper
+    pib_bayes.sample(model, "cross_entropy", (x, y), num_warmup=WARM_STEPS, num_draws=2, thin=1, **kw)
+    gc.collect()
+    with open("/proc/self/clear_refs", "w") as fh:
+        fh.write("5")
+    before = _status("VmRSS")
+    post = pib_bayes.sample(model, "cross_entropy", (x, y), num_warmup=warmup, num_draws=num_draws, thin=thin,
+                            **kw)
+    peak = _status("VmHWM")
+    d = sum(p.numel() for p in model.parameters())
+    stored = sum(v.nbytes for v in post.draws.values()) + sum(v.nbytes for v in post.sample_stats.values())
+    return {"num_draws": num_draws, "thin": thin, "warmup": warmup, "steps": warmup + num_draws * thin,
+            "params": d, "peak_growth_bytes": peak - before, "stored_bytes": stored}
+
+
+def _spawn(num_draws: int, thin: int, warmup: int) -> dict:
+    out = subprocess.run([sys.executable, os.path.abspath(__file__), "--one", str(num_draws), str(thin),
+                          str(warmup)], check=True, capture_output=True, text=True).stdout
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def run(quick: bool = False) -> list[dict]:
+    thin = 10 if quick else 30
+    short = _spawn(10, 1, 0)
+    long = _spawn(10, thin, 0)
+    many = _spawn(40, 1, 0)
+    d = short["params"]
+    need = 4 * d + STAT_BYTES
+    grow = many["peak_growth_bytes"] - short["peak_growth_bytes"]
+    slope = grow / (many["num_draws"] - short["num_draws"])
+    return [
+        {"name": f"memory sample() {d:,} params: 10 draws, {short['steps']} vs {long['steps']} steps "
+                 f"(thin {thin})",
+         "baseline": f"{long['steps']} steps", "value": f"{short['steps']} steps",
+         "baseline_bytes": long["peak_growth_bytes"], "value_bytes": short["peak_growth_bytes"],
+         "ratio": short["peak_growth_bytes"] / long["peak_growth_bytes"], "target": 0.95,
+         "runs": [short, long]},
+        {"name": f"memory sample() {d:,} params: bytes per stored draw (10 -> 40 draws)",
+         "baseline": "measured slope", "value": "4 D + 17", "baseline_bytes": slope, "value_bytes": need,
+         "ratio": need / slope, "target": 0.9, "runs": [short, many]},
+    ]
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--out")
+    ap.add_argument("--one", nargs=3, type=int, metavar=("DRAWS", "THIN", "WARMUP"), help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    if args.one:
+        print(json.dumps(one(*args.one)))
+        return 0
+    rows = run(args.quick)
+    for r in rows:
+        print(f"{r['name']:72s} {r['baseline_bytes'] / 2**20:8.2f} MiB -> "
+              f"{r['value_bytes'] / 2**20:8.2f} MiB "
+              f" ratio {r['ratio']:.3f}  (target >= {r['target']})", flush=True)
+    if args.out:
+        with open(args.out, "w") as fh:
+            json.dump(rows, fh, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
