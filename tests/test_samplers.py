@@ -106,13 +106,17 @@ def test_sgld_exact_stationary_covariance_and_lag1():
     assert np.abs(_zscores_cov(x, np.linalg.inv(P2))).max() > Z_CATCH
 
 
-@pytest.mark.parametrize("bug", ["noise_sqrt_h", "noise_at_half_step"])
+@pytest.mark.parametrize("bug", ["noise_sqrt_h", "noise_before_gradient"])
 def test_sgld_check_catches_wrong_noise(bug):
+    p = torch.tensor(P2, dtype=torch.float64)
+
     def wrong(x, g, noise):
-        x.add_(g, alpha=-H_SGLD)
         xi = noise.draw([x])[0]
-        scale = math.sqrt(H_SGLD) if bug == "noise_sqrt_h" else math.sqrt(2 * H_SGLD / 2)
-        x.add_(xi, alpha=scale)
+        if bug == "noise_sqrt_h":  # w - h g + sqrt(h) xi
+            x.add_(g, alpha=-H_SGLD).add_(xi, alpha=math.sqrt(H_SGLD))
+        else:  # wrong order: noise first, gradient at the noised point, (I - hP)(w + sqrt(2h) xi)
+            x.add_(xi, alpha=math.sqrt(2 * H_SGLD))
+            x.sub_(H_SGLD * (x @ p))
 
     _, x = _run_sgld_2d(wrong)
     assert np.abs(_zscores_cov(x, _sgld_cov_exact(P2, H_SGLD))).max() > Z_CATCH
