@@ -9,7 +9,9 @@ give the same draws to float tolerance, and a chain gives the same draws as when
 
 from __future__ import annotations
 
+import json
 import math
+import os
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -25,6 +27,7 @@ from . import __version__
 from .batched import batched_forward
 from .data import LoaderBatcher, TensorBatcher, as_tensors
 from .energy import Energy, LossFn
+from .io import FormatError, load_payload, save_payload
 from .posterior import Posterior
 from .prior import GaussianPrior, Prior
 from .samplers.core import GaussianNoise, Kernel
@@ -139,6 +142,9 @@ def sample(
     task: str | None = None,
     stat_fns: Mapping[str, StatFn] | None = None,
     sampler_kwargs: Mapping[str, Any] | None = None,
+    checkpoint: str | os.PathLike | None = None,
+    checkpoint_every: int = 1000,
+    resume: bool = False,
 ) -> Posterior:
     """Sample the PIB Gibbs posterior ``q*(w|S) ∝ p(w) exp(-L_S(w)/beta)`` (SPEC §1-2).
 
@@ -179,6 +185,12 @@ def sample(
         task: "classification" or "regression" (inferred from the loss when possible).
         stat_fns: name -> function of one chain's parameter dict returning a scalar, evaluated
             at every kept draw and stored in ``sample_stats`` (e.g. an IIW tracker).
+        checkpoint: a file to which the complete run state (weights, sampler state, every
+            chain's RNG states, data order, draws so far, step counters) is written atomically
+            every ``checkpoint_every`` steps, after each chain group and at the end.
+        resume: continue from ``checkpoint`` if it exists (it must come from a run with the same
+            settings). With tensor data, a run killed at any moment and resumed gives draws
+            bit-identical to an uninterrupted run; a DataLoader restarts its iteration.
 
     Returns:
         A :class:`~pib_bayes.Posterior`. Chains whose energy or weights become non-finite stop,
@@ -263,24 +275,42 @@ def sample(
               else [make_group([c], False) for c in range(num_chains)])
 
     dtype = init_params[names[0]].dtype
-    draws = {n: torch.full((num_chains, num_draws, *init_params[n].shape[1:]), math.nan, dtype=dtype)
-             for n in keep_names}
-    stats: dict[str, Tensor] = {
-        "energy": torch.full((num_chains, num_draws), math.nan, dtype=dtype),
-        "loss": torch.full((num_chains, num_draws), math.nan, dtype=dtype),
-        "step_size": torch.full((num_chains, num_draws), math.nan, dtype=torch.float64),
-        "diverging": torch.zeros((num_chains, num_draws), dtype=torch.bool),
-    }
-    diverged = torch.zeros(num_chains, dtype=torch.bool)
-    divergence_step = torch.full((num_chains,), -1, dtype=torch.long)
+    out = _Buffers(
+        draws={n: torch.full((num_chains, num_draws, *init_params[n].shape[1:]), math.nan, dtype=dtype)
+               for n in keep_names},
+        stats={
+            "energy": torch.full((num_chains, num_draws), math.nan, dtype=dtype),
+            "loss": torch.full((num_chains, num_draws), math.nan, dtype=dtype),
+            "step_size": torch.full((num_chains, num_draws), math.nan, dtype=torch.float64),
+            "diverging": torch.zeros((num_chains, num_draws), dtype=torch.bool),
+        },
+        diverged=torch.zeros(num_chains, dtype=torch.bool),
+        divergence_step=torch.full((num_chains,), -1, dtype=torch.long),
+    )
+    fingerprint = json.dumps({
+        "beta": energy.beta, "prior": repr(energy.prior), "sampler": kernel.name,
+        "settings": kernel.settings, "schedule": schedule.to_dict(), "num_chains": total_chains,
+        "chain_ids": ids, "num_warmup": num_warmup, "num_draws": num_draws, "thin": thin,
+        "batch_size": batch_size, "seed": int(seed), "chain_method": method,
+        "params": {n: list(init_params[n].shape) for n in names}, "keep": keep_names,
+        "n": int(tensors[0].shape[0]) if tensors is not None else None,
+    }, sort_keys=True, default=str)
+    ckpt = _Checkpointer(checkpoint, fingerprint, out, checkpoint_every) if checkpoint is not None else None
+    if checkpoint is None and resume:
+        raise ValueError("resume: needs checkpoint=PATH (the file to resume from)")
+    first_group, cursor = (ckpt.resume(groups) if ckpt is not None and resume else (0, None))
     model_was_training = model.training
     model.eval()
     try:
-        for group in groups:
-            _run_group(runner, group, names, keep_names, num_warmup, num_draws, thin, draws, stats,
-                       diverged, divergence_step, progress)
+        for gi in range(first_group, len(groups)):
+            save = ckpt.saver(gi) if ckpt is not None else None
+            _run_group(runner, groups[gi], names, keep_names, num_warmup, num_draws, thin, out, progress,
+                       cursor if gi == first_group else None, save, checkpoint_every)
+            if ckpt is not None:
+                ckpt.write(gi + 1, None)
     finally:
         model.train(model_was_training)
+    draws, stats, diverged, divergence_step = out.draws, out.stats, out.diverged, out.divergence_step
 
     loss_desc = getattr(energy.loss_fn, "__name__", None) or repr(energy.loss_fn)
     metadata = {
@@ -323,66 +353,153 @@ def _initial_params(named: list[tuple[str, Tensor]], init: str | Mapping[str, Te
     return out
 
 
+CHECKPOINT_VERSION = 1
+
+
+class _Checkpointer:
+    """Atomic checkpoints of a whole run (see :func:`sample`'s ``checkpoint``)."""
+
+    def __init__(self, path: str | os.PathLike, fingerprint: str, out: _Buffers, every: int) -> None:
+        if isinstance(every, bool) or not isinstance(every, int) or every < 1:
+            raise ValueError(f"checkpoint_every: must be an int >= 1 (steps), got {every!r}")
+        self.path, self.fingerprint, self.out = path, fingerprint, out
+
+    def write(self, group_index: int, group_state: dict[str, Any] | None) -> None:
+        save_payload(self.path, "checkpoint", CHECKPOINT_VERSION, {
+            "fingerprint": self.fingerprint, "group_index": group_index, "group_state": group_state,
+            "draws": self.out.draws, "stats": self.out.stats, "diverged": self.out.diverged,
+            "divergence_step": self.out.divergence_step,
+        })
+
+    def saver(self, group_index: int) -> Callable[[dict[str, Any]], None]:
+        return lambda state: self.write(group_index, state)
+
+    def resume(self, groups: list[_Group]) -> tuple[int, _Cursor | None]:
+        if not os.path.exists(self.path):
+            return 0, None
+        saved = load_payload(self.path, "checkpoint", (CHECKPOINT_VERSION,))
+        if saved.get("fingerprint") != self.fingerprint:
+            old, new = json.loads(saved.get("fingerprint", "{}")), json.loads(self.fingerprint)
+            diff = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+            raise ValueError(f"resume: the checkpoint {str(self.path)!r} comes from a run with other "
+                             f"settings ({', '.join(diff)} differ); use the same arguments, or "
+                             "resume=False to start over")
+        try:
+            self.out.draws.update(saved["draws"])
+            self.out.stats.update(saved["stats"])
+            self.out.diverged.copy_(saved["diverged"])
+            self.out.divergence_step.copy_(saved["divergence_step"])
+            gi = int(saved["group_index"])
+            cursor = _restore_group(groups[gi], saved["group_state"]) if saved["group_state"] else None
+        except (KeyError, IndexError, TypeError, RuntimeError) as err:
+            raise FormatError(f"{self.path}: incomplete checkpoint ({err})") from None
+        return gi, cursor
+
+
+@dataclass
+class _Buffers:
+    """Everything the run has produced so far, shared by the chain groups."""
+
+    draws: dict[str, Tensor]
+    stats: dict[str, Tensor]
+    diverged: Tensor
+    divergence_step: Tensor
+
+    def stat(self, name: str) -> Tensor:
+        if name not in self.stats:
+            self.stats[name] = torch.full(self.stats["energy"].shape, math.nan, dtype=torch.float64)
+        return self.stats[name]
+
+
+@dataclass
+class _Cursor:
+    """Where a chain group is: global step t, draws kept, sampling-phase steps seen, live chains."""
+
+    t: int
+    kept: int
+    counter: int
+    alive: Tensor
+
+
+def _group_state(group: _Group, cur: _Cursor) -> dict[str, Any]:
+    return {
+        "t": cur.t, "kept": cur.kept, "counter": cur.counter, "alive": cur.alive.clone(),
+        "params": [p.detach().clone() for p in group.params],
+        "kernel_state": {k: [v.clone() for v in vs] for k, vs in group.state.items()},
+        "noise_generators": [g.get_state() for g in group.noise.generators],
+        "batcher": group.batcher.state_dict(),
+    }
+
+
+def _restore_group(group: _Group, saved: dict[str, Any]) -> _Cursor:
+    with torch.no_grad():
+        for p, v in zip(group.params, saved["params"]):
+            p.copy_(v)
+        for k, vs in saved["kernel_state"].items():
+            for buf, v in zip(group.state[k], vs):
+                buf.copy_(v)
+    for g, st in zip(group.noise.generators, saved["noise_generators"]):
+        g.set_state(st)
+    group.batcher.load_state_dict(saved["batcher"])
+    return _Cursor(int(saved["t"]), int(saved["kept"]), int(saved["counter"]), saved["alive"].clone())
+
+
 def _run_group(runner: _Sampler, group: _Group, names: list[str], keep_names: list[str], num_warmup: int,
-               num_draws: int, thin: int, draws: dict[str, Tensor], stats: dict[str, Tensor],
-               diverged: Tensor, divergence_step: Tensor, progress: bool) -> None:
+               num_draws: int, thin: int, out: _Buffers, progress: bool, cur: _Cursor | None = None,
+               checkpoint: Callable[[dict[str, Any]], None] | None = None, checkpoint_every: int = 0) -> None:
+    """Advance one chain group until it holds ``num_draws`` draws (or every chain diverged).
+
+    A draw is the weights w_t *before* step t, stored with U(w_t); ``checkpoint`` is called with the
+    group's complete state at the start of every ``checkpoint_every``-th step, so a resumed run
+    repeats exactly the steps an uninterrupted one takes.
+    """
     schedule = runner.schedule
     idx = torch.tensor(group.chains)
     keep_pos = [names.index(n) for n in keep_names]
-    alive = torch.ones(len(group.chains), dtype=torch.bool)
-    kept, counter, t = 0, 0, 0
+    resumed_at = cur.t if cur is not None else -1
+    if cur is None:
+        cur = _Cursor(0, 0, 0, torch.ones(len(group.chains), dtype=torch.bool))
     desc = f"chain {group.chains[0]}" if len(group.chains) == 1 else f"{len(group.chains)} chains"
-    bar = tqdm(total=num_draws, desc=desc, disable=not progress, leave=False)
+    bar = tqdm(total=num_draws, initial=cur.kept, desc=desc, disable=not progress, leave=False)
     try:
-        while kept < num_draws:
+        while cur.kept < num_draws and bool(cur.alive.any()):
+            t = cur.t
+            if checkpoint is not None and checkpoint_every and t % checkpoint_every == 0 and t != resumed_at:
+                checkpoint(_group_state(group, cur))
             u, loss, grads = runner.gradients(group)
-            finite = torch.isfinite(u)
-            newly = alive & ~finite
+            # a non-finite gradient shows up as a non-finite energy one step later
+            newly = cur.alive & ~torch.isfinite(u)
             if bool(newly.any()):
                 for j in torch.nonzero(newly).flatten().tolist():
-                    c = group.chains[j]
-                    diverged[c] = True
-                    divergence_step[c] = t
-                alive &= finite
-                with torch.no_grad():
+                    out.diverged[group.chains[j]] = True
+                    out.divergence_step[group.chains[j]] = t
+                cur.alive &= ~newly
+                with torch.no_grad():  # from here on a diverged chain holds NaN: never averaged in
                     for p in group.params:
                         p[newly] = math.nan
             record = t >= num_warmup and schedule.collect(t)
             if record:
-                record = counter % thin == 0
-                counter += 1
+                record = cur.counter % thin == 0
+                cur.counter += 1
             if record:
+                k = cur.kept
                 with torch.no_grad():
                     for n, pos in zip(keep_names, keep_pos):
-                        draws[n][idx, kept] = group.params[pos].detach()
-                    stats["energy"][idx, kept] = u.to(stats["energy"].dtype)
-                    stats["loss"][idx, kept] = loss.to(stats["loss"].dtype)
-                    stats["step_size"][idx, kept] = schedule.step_size(t)
-                    stats["diverging"][idx, kept] = ~alive
+                        out.draws[n][idx, k] = group.params[pos].detach()
+                    out.stats["energy"][idx, k] = u.to(out.stats["energy"].dtype)
+                    out.stats["loss"][idx, k] = loss.to(out.stats["loss"].dtype)
+                    out.stats["step_size"][idx, k] = schedule.step_size(t)
+                    out.stats["diverging"][idx, k] = ~cur.alive
                     for name, fn in runner.stat_fns.items():
-                        vals = torch.stack([
-                            torch.as_tensor(fn({n: p[j].detach() for n, p in zip(names, group.params)}))
-                            if bool(alive[j]) else torch.tensor(math.nan) for j in range(len(group.chains))])
-                        stats.setdefault(name, torch.full(stats["energy"].shape, math.nan,
-                                                          dtype=torch.float64))[idx, kept] = vals.double()
-                kept += 1
+                        vals = [float(fn({n: p[j].detach() for n, p in zip(names, group.params)}))
+                                if bool(cur.alive[j]) else math.nan for j in range(len(group.chains))]
+                        out.stat(name)[idx, k] = torch.tensor(vals, dtype=torch.float64)
+                cur.kept += 1
                 bar.update(1)
-                if kept == num_draws:
-                    break
             step_stats = runner.move(group, grads, t, record)
             if record:
                 for name, val in step_stats.items():
-                    stats.setdefault(name, torch.full(stats["energy"].shape, math.nan,
-                                                      dtype=torch.float64))[idx, kept - 1] = val.double()
-            if not bool(alive.all()):
-                with torch.no_grad():
-                    for p in group.params:
-                        p[~alive] = math.nan
-            if not alive.any():
-                # every chain of the group diverged: nothing left to run
-                break
-            t += 1
+                    out.stat(name)[idx, cur.kept - 1] = val.double()
+            cur.t += 1
     finally:
         bar.close()
-    for n in keep_names:
-        draws[n][idx[~alive]] = math.nan
