@@ -151,9 +151,9 @@ class _MLP(nn.Module):
 @FAST
 @given(seed=st.integers(0, 2**31 - 1), hidden=st.integers(1, 6), n=st.integers(1, 40),
        loss=st.sampled_from(["gaussian", "cross_entropy"]), beta=st.none() | st.floats(1e-3, 10.0),
-       reverse_groups=st.booleans())
+       reverse_groups=st.booleans(), method=st.sampled_from(["jvp", "minibatch"]))
 def test_fisher_nonnegative_and_invariant_to_parameter_and_group_order(seed, hidden, n, loss, beta,
-                                                                       reverse_groups):
+                                                                       reverse_groups, method):
     g = torch.Generator().manual_seed(seed)
     a, b = _MLP(False, hidden).double(), _MLP(True, hidden).double()
     theta0 = {}
@@ -168,11 +168,12 @@ def test_fisher_nonnegative_and_invariant_to_parameter_and_group_order(seed, hid
          else torch.randn(n, 2, generator=g, dtype=torch.float64))
     groups = {"first": ["fc1.weight", "fc1.bias"], "second": ["fc2.weight", "fc2.bias"]}
     groups_rev = {"second": ["fc2.bias", "fc2.weight"], "first": ["fc1.bias", "fc1.weight"]}
-    r = iiw.fisher(a, loss, (x, y), theta0, groups=groups, beta=beta, chunk_size=7)
-    r2 = iiw.fisher(b, loss, (x, y), theta0, groups=groups_rev if reverse_groups else groups, beta=beta)
-    r_default = iiw.fisher(b, loss, (x, y), theta0, beta=beta)
+    kw = {"beta": beta, "method": method, "batch_size": 5, "num_batches": 3}
+    r = iiw.fisher(a, loss, (x, y), theta0, groups=groups, chunk_size=7, **kw)
+    r2 = iiw.fisher(b, loss, (x, y), theta0, groups=groups_rev if reverse_groups else groups, **kw)
+    r_default = iiw.fisher(b, loss, (x, y), theta0, **kw)
     assert r.total >= 0.0 and all(v >= 0.0 for v in r.per_group.values())
-    assert r.settings["joint_raw"] >= 0.0
+    assert r.settings["joint_raw"] >= 0.0 and r.raw_total >= 0.0
     assert close(r.total, r2.total)
     for grp in groups:
         assert close(r.per_group[grp], r2.per_group[grp])
@@ -456,3 +457,75 @@ def test_non_pib_files_are_format_errors(saved):
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # no stray warning on the good file
         assert_same_posterior(post, _load_bytes(folder, raw))
+
+
+# ------------------------------------------------------------------- io: any payload, any kind
+def _tensor(n: int, seed: int) -> torch.Tensor:
+    return torch.randn(n, generator=torch.Generator().manual_seed(seed))
+
+
+def _rng_state(seed: int) -> torch.Tensor:
+    return torch.Generator().manual_seed(seed).get_state()
+
+
+payload_leaves = (st.integers(-2**62, 2**62) | st.floats(allow_nan=False) | st.text(max_size=6)
+                  | st.booleans() | st.none()
+                  | st.builds(_tensor, st.integers(0, 4), st.integers(0, 2**31 - 1))
+                  | st.builds(_rng_state, st.integers(0, 2**31 - 1)))
+payloads = st.dictionaries(
+    st.text(min_size=1, max_size=6),
+    st.recursive(payload_leaves,
+                 lambda inner: (st.lists(inner, max_size=3)
+                                | st.dictionaries(st.text(max_size=4), inner, max_size=3)),
+                 max_leaves=6),
+    max_size=4)
+
+
+def _same(a, b) -> bool:
+    if isinstance(a, torch.Tensor):
+        return isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b)
+    if isinstance(a, dict):
+        return isinstance(b, dict) and list(a) == list(b) and all(_same(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)):
+        return type(a) is type(b) and len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b, strict=True))
+    return type(a) is type(b) and a == b
+
+
+@settings(max_examples=30, deadline=None)
+@given(payload=payloads, kind=st.sampled_from(["checkpoint", "posterior", "x"]), version=st.integers(1, 3),
+       data=st.data())
+def test_payload_round_trip_and_corruption(tmp_path_factory, payload, kind, version, data):
+    from pib_bayes.io import load_payload
+
+    path = tmp_path_factory.mktemp("io") / "f.bin"
+    save_payload(path, kind, version, payload)
+    assert _same(payload, load_payload(path, kind, (version,)))
+    raw = path.read_bytes()
+    h0, h1 = _header_span(raw)
+    pos = data.draw(st.integers(h1 + 1, len(raw) - 1)) if len(raw) > h1 + 1 else h1
+    bad = bytearray(raw)
+    bad[pos] ^= data.draw(st.integers(1, 255))
+    path.write_bytes(bytes(bad))
+    with pytest.raises(FormatError):
+        load_payload(path, kind, (version,))
+    path.write_bytes(raw)
+    with pytest.raises(FormatError, match="expected a 'other'"):
+        load_payload(path, "other", (version,))
+    with pytest.raises(FormatError, match="not supported"):
+        load_payload(path, kind, (version + 1,))
+
+
+def test_sampled_posterior_round_trip_predicts_the_same(tmp_path):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.Linear(4, 2))
+    model[1].eval()
+    x, y = torch.randn(32, 3), torch.randint(0, 2, (32,))
+    from pib_bayes import sample
+
+    post = sample(model, "cross_entropy", (x, y), beta=1 / 32, step_size=1e-3, num_chains=2, num_warmup=2,
+                  num_draws=3, seed=0)
+    post.save(tmp_path / "p.pib")
+    back = Posterior.load(tmp_path / "p.pib", model=model)
+    assert_same_posterior(post, back)
+    assert set(back.fixed) == {"1.running_mean", "1.running_var", "1.num_batches_tracked"}
+    torch.testing.assert_close(back.predict(x).per_draw, post.predict(x).per_draw, rtol=0, atol=0)
