@@ -1,0 +1,460 @@
+"""Sampling across processes and machines with ``torch.distributed`` (gloo on CPU, nccl on GPU).
+
+Two ways to spread a run over the ranks of an initialised process group (e.g. one started by
+``torchrun``; see docs/distributed.md for the launch lines):
+
+``mode="chains"`` (chain parallelism)
+    The ``num_chains`` chains are split into contiguous blocks, one per rank
+    (:func:`chain_shares`); each rank runs its block with ``pib_bayes.sample(..., chain_ids=block)``,
+    so chain k keeps the seeds of chain k of the single-process run (:func:`~pib_bayes.chain_seeds`)
+    and the draws do not depend on the number of ranks. Nothing is communicated while sampling;
+    at the end the per-rank posteriors are gathered (``gather_object``) into one
+    :class:`~pib_bayes.Posterior` on ``dst``. Every rank holds the full data.
+
+``mode="data"`` (data parallelism, for data that do not fit one worker)
+    ``data`` is this rank's shard (:func:`shard`). Every rank runs the *same* chains from the same
+    seeds; at every step the gradient of the energy is all-reduced so that every rank moves with
+    the gradient of the whole data set (below), and the Gaussian noise xi is drawn from the chain's
+    own noise seed on every rank, i.e. the same numbers, so every rank holds identical weights.
+    The update rule is the kernel's own (the all-reduce wraps it, it does not replace it); for SGLD
+
+        w <- w - h * g + sqrt(2 h) * xi,     g = sum_r (n_r / n) * grad U_{S_r}(w),
+
+    where S_r is rank r's shard of n_r examples, n = sum_r n_r, and
+    U_{S_r}(w) = mean_{i in S_r} l_i(w)/beta - log p(w). Since L_S = sum_r (n_r/n) L_{S_r} and the
+    weights n_r/n sum to one, g = grad U_S(w) exactly: the shards may have unequal sizes, and with
+    full batches the trajectory is the single-process one to float tolerance. With ``batch_size``
+    each rank draws its own minibatch of ``batch_size`` examples from its shard; the same weighting
+    then gives an unbiased estimate of grad U_S (a stratified minibatch of ``world_size * batch_size``
+    examples when the shards are equal). What is all-reduced, per step and chain: the weighted
+    gradient (one flat buffer of D numbers, D = number of sampled weights) plus three status
+    numbers (this rank's weights are non-finite, this rank has finished, this rank has failed),
+    which keep every rank on the same step and let a failure or divergence on one rank stop all
+    of them instead of leaving the others waiting. The recorded ``energy`` and ``loss`` statistics
+    are the weighted averages over the shards, i.e. full-data values. Chains run one after another
+    (one chain at a time on all ranks).
+
+A rank that raises makes every rank raise :class:`DistributedSamplingError` naming the failing
+rank and its error (the failing rank's own exception is chained); no rank is left waiting. A rank
+that dies without raising (killed, out of memory) makes the others fail in the next collective,
+either at once (gloo sees the closed connection) or after the process group's ``timeout``; give
+``init_process_group`` a timeout that suits the run.
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+import os
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from .data import as_tensors
+from .driver import sample
+from .posterior import Posterior
+from .samplers.core import Kernel
+from .samplers.kernels import build_kernel
+from .samplers.schedules import as_schedule
+
+__all__ = ["sample_distributed", "shard", "chain_shares", "DistributedSamplingError"]
+
+_SAMPLE_ARGS = {n for n, p in inspect.signature(sample).parameters.items() if p.kind is p.KEYWORD_ONLY}
+
+
+class DistributedSamplingError(RuntimeError):
+    """A rank failed (raised, died or timed out); raised on every rank that is still running."""
+
+
+class _PeerFailed(Exception):
+    """Raised inside a step when another rank reported a failure."""
+
+
+def chain_shares(num_chains: int, world_size: int) -> list[list[int]]:
+    """Contiguous blocks of chain indices, one per rank; sizes differ by at most one.
+
+    >>> chain_shares(5, 2)
+    [[0, 1, 2], [3, 4]]
+    >>> chain_shares(1, 3)
+    [[0], [], []]
+    """
+    for name, v in (("num_chains", num_chains), ("world_size", world_size)):
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise ValueError(f"{name}: must be an int >= 1, got {v!r}")
+    q, r = divmod(num_chains, world_size)
+    out, start = [], 0
+    for k in range(world_size):
+        size = q + (k < r)
+        out.append(list(range(start, start + size)))
+        start += size
+    return out
+
+
+def shard(data: Any, rank: int | None = None, world_size: int | None = None) -> tuple[Tensor, Tensor]:
+    """This rank's contiguous shard ``(x[a:b], y[a:b])`` of tensor data for ``mode="data"``.
+
+    Shard sizes differ by at most one (any sizes are fine for :func:`sample_distributed`, which
+    weights each shard by its size). ``rank``/``world_size`` default to the process group's.
+    In a real run each worker would load only its own part; this helper is for data that fit.
+
+    >>> import torch
+    >>> x, y = torch.arange(5.0).unsqueeze(1), torch.arange(5.0)
+    >>> [tuple(shard((x, y), r, 2)[1].tolist()) for r in range(2)]
+    [(0.0, 1.0, 2.0), (3.0, 4.0)]
+    """
+    tensors = as_tensors(data)
+    if tensors is None:
+        raise TypeError("data: shard() needs (x, y) tensors or a TensorDataset; shard a DataLoader's "
+                        "dataset yourself (e.g. torch.utils.data.Subset)")
+    if rank is None or world_size is None:
+        _, rank_, world_ = _group_info(None)
+        rank = rank_ if rank is None else rank
+        world_size = world_ if world_size is None else world_size
+    if isinstance(world_size, bool) or not isinstance(world_size, int) or world_size < 1:
+        raise ValueError(f"world_size: must be an int >= 1, got {world_size!r}")
+    if isinstance(rank, bool) or not isinstance(rank, int) or not 0 <= rank < world_size:
+        raise ValueError(f"rank: must be an int in [0, {world_size}), got {rank!r}")
+    x, y = tensors
+    n = x.shape[0]
+    if n < world_size:
+        raise ValueError(f"data: {n} examples cannot be split over {world_size} ranks")
+    bounds = [0]
+    for size in (len(s) for s in chain_shares(n, world_size)):
+        bounds.append(bounds[-1] + size)
+    return x[bounds[rank]:bounds[rank + 1]], y[bounds[rank]:bounds[rank + 1]]
+
+
+# ----------------------------------------------------------------------- collectives
+def _group_info(group: Any) -> tuple[Any, int, int]:
+    import torch.distributed as dist
+
+    if not dist.is_available() or not dist.is_initialized():
+        raise RuntimeError("sample_distributed: needs an initialised process group "
+                           "(torch.distributed.init_process_group, e.g. launched with torchrun); "
+                           "without one, use pib_bayes.sample")
+    return group, dist.get_rank(group), dist.get_world_size(group)
+
+
+def _collective(what: str, rank: int, fn: Any, *args: Any, **kwargs: Any) -> Any:
+    """Run a collective; a broken or timed-out one becomes a :class:`DistributedSamplingError`."""
+    try:
+        return fn(*args, **kwargs)
+    except Exception as err:  # gloo/nccl report a dead peer or a timeout as RuntimeError/DistError
+        raise DistributedSamplingError(
+            f"rank {rank}: the {what} collective failed ({type(err).__name__}: {err}); another rank "
+            "probably died or timed out (see its own output)") from err
+
+
+def _all_gather(obj: Any, group: Any, rank: int, world: int, what: str) -> list[Any]:
+    import torch.distributed as dist
+
+    out: list[Any] = [None] * world
+    _collective(what, rank, dist.all_gather_object, out, obj, group=group)
+    return out
+
+
+def _describe(err: BaseException) -> str:
+    return f"{type(err).__name__}: {err}"
+
+
+def _raise_if_failed(statuses: list[str | None], rank: int, own: BaseException | None) -> None:
+    failed = [(r, s) for r, s in enumerate(statuses) if s is not None]
+    if not failed:
+        return
+    text = "; ".join(f"rank {r} failed: {s}" for r, s in failed)
+    raise DistributedSamplingError(f"sample_distributed stopped on every rank: {text}") from own
+
+
+# ----------------------------------------------------------------------- data parallel kernel
+class _AllReduceKernel:
+    """Wraps a kernel's ``step``: all-reduce the weighted gradient and the status flags, then call
+    the kernel's own step with the averaged gradient (no other update rule)."""
+
+    def __init__(self, inner: Kernel, weight: float, numel: int, dtype: torch.dtype, device: torch.device,
+                 group: Any, rank: int, world: int) -> None:
+        self.inner, self.weight, self.numel = inner, float(weight), int(numel)
+        self.dtype, self.device = dtype, device  # the same on every rank: the buffers must match
+        self.group, self.rank, self.world = group, rank, world
+        self.kernel = Kernel(inner.name, inner.state_names, inner.init, self.step, dict(inner.settings))
+
+    def _all_reduce(self, buf: Tensor) -> Tensor:
+        import torch.distributed as dist
+
+        _collective("gradient all-reduce", self.rank, dist.all_reduce, buf, group=self.group)
+        return buf
+
+    def step(self, params: list[Tensor], grads: list[Tensor], state: dict[str, list[Tensor]],
+             step_size: float, noise: Any, noise_scale: float = 1.0, batch_ndim: int = 0,
+             with_stats: bool = False) -> dict[str, Tensor]:
+        sizes = [g.numel() for g in grads]
+        if sum(sizes) != self.numel:  # one chain per call: grads are (1, *shape)
+            raise RuntimeError(f"data-parallel step: expected {self.numel} gradient entries, "
+                               f"got {sum(sizes)}")
+        buf = torch.empty(self.numel + 3, dtype=self.dtype, device=self.device)
+        torch.cat([g.reshape(-1).to(self.dtype) for g in grads], out=buf[:self.numel])
+        buf[:self.numel].mul_(self.weight)
+        buf[self.numel] = float(not all(bool(torch.isfinite(p).all()) for p in params))
+        buf[self.numel + 1:] = 0.0  # done, failed
+        self._all_reduce(buf)
+        nonfinite, done, failed = (float(v) for v in buf[self.numel:].tolist())
+        if failed > 0:
+            raise _PeerFailed()
+        if nonfinite > 0 or done > 0:
+            # some rank's energy or weights are non-finite (a rank only finishes early when its
+            # chain diverged): the chain is dead on every rank
+            with torch.no_grad():
+                for p in params:
+                    p.fill_(math.nan)
+            return {}
+        reduced = [v.view_as(g).to(g.dtype) for v, g in zip(buf[:self.numel].split(sizes), grads)]
+        return self.inner.step(params, reduced, state, step_size, noise, noise_scale, batch_ndim, with_stats)
+
+    def finish(self, failed: bool) -> None:
+        """Leave the run: keep answering the others' step all-reduces until every rank has left."""
+        while True:
+            buf = torch.zeros(self.numel + 3, dtype=self.dtype, device=self.device)
+            buf[self.numel + 1] = 1.0
+            buf[self.numel + 2] = float(failed)
+            self._all_reduce(buf)
+            if float(buf[self.numel + 1]) >= self.world:
+                return
+
+
+# ----------------------------------------------------------------------- merging
+def _parts(post: Posterior) -> dict[str, Any]:
+    return {"draws": post.draws, "sample_stats": post.sample_stats, "metadata": post.metadata,
+            "fixed": post.fixed, "diverged": post.diverged, "divergence_step": post.divergence_step}
+
+
+def _merge(parts: Sequence[dict[str, Any]], model: nn.Module, info: dict[str, Any]) -> Posterior:
+    """Concatenate per-chain-block posteriors (in chain order) along the chain axis."""
+    first = parts[0]
+    draws = {k: torch.cat([p["draws"][k] for p in parts]) for k in first["draws"]}
+    names: list[str] = []
+    for p in parts:
+        names += [k for k in p["sample_stats"] if k not in names]
+    stats = {}
+    for k in names:
+        ref = next(p["sample_stats"][k] for p in parts if k in p["sample_stats"])
+        stats[k] = torch.cat([
+            p["sample_stats"][k] if k in p["sample_stats"]
+            else torch.full((p["diverged"].shape[0], *ref.shape[1:]), math.nan).to(ref.dtype)
+            for p in parts])
+    ids = [c for p in parts for c in p["metadata"]["chain_ids"]]
+    methods = [p["metadata"].get("chain_method") for p in parts]
+    metadata = dict(first["metadata"])
+    metadata.update({"num_chains": len(ids), "chain_ids": ids,
+                     "chain_method": methods[0] if len(set(methods)) == 1 else "mixed",
+                     "distributed": {**info, "chain_methods": methods}})
+    return Posterior(draws, stats, metadata, dict(first["fixed"]),
+                     torch.cat([p["diverged"] for p in parts]),
+                     torch.cat([p["divergence_step"] for p in parts]), model=model)
+
+
+def _rank_checkpoint(kwargs: dict[str, Any], tag: str) -> dict[str, Any]:
+    """A per-rank (and per-chain) checkpoint file next to the one asked for."""
+    if kwargs.get("checkpoint") is None:
+        return kwargs
+    path = os.fspath(kwargs["checkpoint"])
+    return {**kwargs, "checkpoint": f"{path}.{tag}"}
+
+
+# ----------------------------------------------------------------------- public entry point
+def sample_distributed(
+    model: nn.Module,
+    loss_fn: Any,
+    data: Any,
+    *,
+    mode: str = "chains",
+    group: Any = None,
+    dst: int | None = 0,
+    **kwargs: Any,
+) -> Posterior | None:
+    """Run :func:`pib_bayes.sample` on every rank of a process group and gather one Posterior.
+
+    Call it on every rank, with the same arguments (and, in ``mode="data"``, each rank's own
+    shard as ``data``), after ``torch.distributed.init_process_group``.
+
+    Args:
+        model, loss_fn, data: as for :func:`pib_bayes.sample`; in ``mode="data"`` ``data`` is
+            this rank's shard (see :func:`shard`), and every rank must hold the same model.
+        mode: ``"chains"`` (each rank runs its block of the chains, :func:`chain_shares`) or
+            ``"data"`` (every rank runs every chain on its shard; the energy gradient is the
+            all-reduced, size-weighted average of the shard gradients, so the chain samples the
+            posterior of the whole data; see the module docstring for the update equation).
+        group: the process group (default: the world).
+        dst: the rank (in ``group``) that receives the Posterior; ``None`` gives it to every rank.
+        **kwargs: the keyword arguments of :func:`pib_bayes.sample` (``beta``, ``prior``,
+            ``sampler``, ``step_size``, ``num_chains``, ``num_warmup``, ``num_draws``, ``thin``,
+            ``batch_size`` (per rank in ``mode="data"``), ``seed``, ...). ``chain_ids`` is chosen
+            here and may not be passed. A ``checkpoint`` path gets a per-rank suffix
+            (``.rank{r}-of-{R}``, plus ``.chain{k}`` in ``mode="data"``); resume with the same
+            number of ranks.
+
+    Returns:
+        On ``dst`` (or every rank when ``dst=None``), the Posterior of all ``num_chains`` chains,
+        chain k equal to chain k of ``pib_bayes.sample(model, loss_fn, full_data, **kwargs)``
+        (exactly for ``mode="chains"`` with ``chain_method="sequential"``, to float tolerance
+        otherwise, and for ``mode="data"`` with full batches); ``metadata["distributed"]`` records
+        the mode, world size, backend and split. ``None`` on the other ranks.
+
+    Raises:
+        DistributedSamplingError: on every rank, when any rank fails (its error is named).
+
+    >>> import torch.distributed as dist
+    >>> if dist.is_initialized():  # doctest: +SKIP
+    ...     post = sample_distributed(model, "gaussian", (x, y), beta=1 / 64, num_chains=4)
+    """
+    group, rank, world = _group_info(group)
+    if mode not in ("chains", "data"):
+        raise ValueError(f"mode: expected 'chains' or 'data', got {mode!r}")
+    if dst is not None and (isinstance(dst, bool) or not isinstance(dst, int) or not 0 <= dst < world):
+        raise ValueError(f"dst: must be a rank in [0, {world}) or None, got {dst!r}")
+    unknown = sorted(set(kwargs) - _SAMPLE_ARGS)
+    if unknown:
+        raise TypeError(f"sample_distributed: unknown arguments {unknown}; it takes those of "
+                        "pib_bayes.sample")
+    if "chain_ids" in kwargs:
+        raise ValueError("chain_ids: sample_distributed chooses each rank's chains itself; pass num_chains")
+    if "beta" not in kwargs:
+        raise TypeError("sample_distributed: missing the keyword argument 'beta' (as for pib_bayes.sample)")
+    import torch.distributed as dist
+
+    info = {"mode": mode, "world_size": world, "backend": str(dist.get_backend(group))}
+    run = _chains if mode == "chains" else _data_parallel
+    post = run(model, loss_fn, data, group, rank, world, dst, info, kwargs)
+    return post if dst is None or rank == dst else None
+
+
+def _chains(model: nn.Module, loss_fn: Any, data: Any, group: Any, rank: int, world: int, dst: int | None,
+            info: dict[str, Any], kwargs: dict[str, Any]) -> Posterior | None:
+    import torch.distributed as dist
+
+    error: BaseException | None = None
+    part = None
+    try:
+        num_chains = kwargs.get("num_chains", 1)
+        shares = chain_shares(num_chains, world) if not isinstance(num_chains, bool) else None
+        if shares is None:
+            raise ValueError(f"num_chains: must be an int >= 1, got {num_chains!r}")
+        if shares[rank]:
+            post = sample(model, loss_fn, data, chain_ids=shares[rank],
+                          **_rank_checkpoint(kwargs, f"rank{rank}-of-{world}"))
+            part = _parts(post)
+    except Exception as err:  # reported to every rank below, so none waits for this one
+        error = err
+    statuses = _all_gather(None if error is None else _describe(error), group, rank, world, "status")
+    _raise_if_failed(statuses, rank, error)
+    info = {**info, "chain_shares": shares}
+    if dst is None:
+        parts = _all_gather(part, group, rank, world, "gather of the draws")
+    else:
+        parts = [None] * world if rank == dst else None
+        _collective("gather of the draws", rank, dist.gather_object, part, parts, group=group, group_dst=dst)
+    if parts is None:
+        return None
+    return _merge([p for p in parts if p is not None], model, info)
+
+
+def _data_parallel(model: nn.Module, loss_fn: Any, data: Any, group: Any, rank: int, world: int,
+                   dst: int | None, info: dict[str, Any], kwargs: dict[str, Any]) -> Posterior | None:
+    # setup: every rank's shard size and weight layout, exchanged once (errors included)
+    error: BaseException | None = None
+    local: dict[str, Any] | None = None
+    try:
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
+        tensors = as_tensors(data)
+        if tensors is not None:
+            n_local = int(tensors[0].shape[0])
+        else:
+            try:
+                n_local = len(data.dataset)
+            except TypeError:
+                raise ValueError("data: mode='data' needs the shard size; use tensors or a DataLoader "
+                                 "over a dataset with len()") from None
+        num_chains = kwargs.get("num_chains", 1)
+        if isinstance(num_chains, bool) or not isinstance(num_chains, int) or num_chains < 1:
+            raise ValueError(f"num_chains: must be an int >= 1, got {num_chains!r}")
+        sampler = kwargs.get("sampler", "sgld")
+        if str(sampler).lower() == "csgld" and not hasattr(as_schedule(kwargs.get("step_size", 1e-4)),
+                                                           "cycle_length"):
+            raise ValueError("step_size: sampler='csgld' needs a pib_bayes.samplers.Cyclical schedule")
+        inner = build_kernel(sampler, **dict(kwargs.get("sampler_kwargs") or {}))
+        trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        if not trainable:
+            raise ValueError("model: has no trainable parameters (requires_grad=True) to sample")
+        layout = [(n, tuple(p.shape), str(p.dtype)) for n, p in trainable]
+        dtypes = {p.dtype for _, p in trainable}
+        dtype = trainable[0][1].dtype if len(dtypes) == 1 else torch.float64
+        device = trainable[0][1].device
+        local = {"n": n_local, "layout": layout}
+    except Exception as err:
+        error = err
+    setups = _all_gather(local if error is None else _describe(error), group, rank, world, "setup")
+    if error is None:
+        bad = [(r, s) for r, s in enumerate(setups) if isinstance(s, str)]
+        if not bad and any(s["layout"] != setups[0]["layout"] for s in setups):
+            error = ValueError("model: the ranks hold models with different trainable parameters "
+                               f"(rank 0: {setups[0]['layout']}, rank {rank}: {local['layout']})")
+    _raise_if_failed([s if isinstance(s, str) else None for s in setups], rank, error)
+    if error is not None:
+        raise error
+    sizes = [int(s["n"]) for s in setups]
+    weight = sizes[rank] / sum(sizes)
+    numel = sum(math.prod(shape) for _, shape, _ in local["layout"])
+    info = {**info, "shard_sizes": sizes, "weights": [s / sum(sizes) for s in sizes], "n": sum(sizes)}
+    rest = {k: v for k, v in kwargs.items() if k not in ("sampler", "sampler_kwargs", "chain_method")}
+
+    parts = []
+    for k in range(num_chains):
+        wrapper = _AllReduceKernel(inner, weight, numel, dtype, device, group, rank, world)
+        error, own = None, False
+        post = None
+        try:
+            chain_kwargs = _rank_checkpoint(rest, f"rank{rank}-of-{world}.chain{k}")
+            post = sample(model, loss_fn, data, sampler=wrapper.kernel, chain_ids=[k],
+                          chain_method="sequential", **chain_kwargs)
+        except _PeerFailed:
+            error = RuntimeError("stopped because another rank failed")
+        except DistributedSamplingError:
+            raise  # the collectives are broken: nothing more can be exchanged
+        except Exception as err:
+            error, own = err, True
+        wrapper.finish(failed=error is not None)
+        statuses = _all_gather(_describe(error) if own else None, group, rank, world, "status")
+        _raise_if_failed(statuses, rank, error)
+        if error is not None:  # a peer failure that was not reported (cannot happen) -- be loud
+            raise DistributedSamplingError(f"rank {rank}: {error}")
+        assert post is not None
+        parts.append(_combine_shards(post, weight, group, rank, world))
+    merged = _merge([_parts(p) for p in parts], model, info)
+    merged.metadata["n"] = sum(sizes)
+    merged.metadata["batch_size_per_rank"] = kwargs.get("batch_size")
+    return merged if dst is None or rank == dst else None
+
+
+def _combine_shards(post: Posterior, weight: float, group: Any, rank: int, world: int) -> Posterior:
+    """Full-data energy/loss (the weighted sum of the shard values) and one divergence record."""
+    import torch.distributed as dist
+
+    stats = post.sample_stats
+    shape = stats["energy"].shape
+    buf = torch.cat([stats["energy"].double().reshape(-1), stats["loss"].double().reshape(-1),
+                     stats["diverging"].double().reshape(-1)])
+    buf[:2 * shape.numel()] *= weight
+    _collective("statistics all-reduce", rank, dist.all_reduce, buf, group=group)
+    energy, loss, diverging = buf.split(shape.numel())
+    stats["energy"] = energy.reshape(shape).to(stats["energy"].dtype)
+    stats["loss"] = loss.reshape(shape).to(stats["loss"].dtype)
+    stats["diverging"] = diverging.reshape(shape) > 0
+    steps = _all_gather(post.divergence_step.tolist(), group, rank, world, "divergence")
+    first = [min((s[c] for s in steps if s[c] >= 0), default=-1) for c in range(len(steps[0]))]
+    post.divergence_step = torch.tensor(first, dtype=torch.long)
+    post.diverged = post.divergence_step >= 0
+    with torch.no_grad():  # a draw taken at or after the divergence step on any rank is NaN
+        for v in post.draws.values():
+            v[stats["diverging"]] = math.nan
+    return post

@@ -1,0 +1,374 @@
+"""pib_bayes.distributed: 2 gloo processes on loopback, started here with torch.multiprocessing (spawn).
+
+Each test starts one 2-rank group that runs a scenario (below, ``_scenario_*``) and writes what it got
+to a temporary directory; the test compares it with ``pib_bayes.sample`` run in this process. Every
+start has a deadline: a hang fails the test instead of blocking the suite.
+"""
+
+from __future__ import annotations
+
+import datetime
+import inspect
+import json
+import os
+import socket
+import time
+import traceback
+
+import pytest
+import torch
+from torch import nn
+
+from pib_bayes import GaussianPrior, Posterior, sample
+from pib_bayes.distributed import chain_shares, sample_distributed, shard
+
+WORLD = 2
+DEADLINE_S = 120.0
+HAS_CHECKPOINT = "checkpoint" in inspect.signature(sample).parameters
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """2 shared cores: several torch threads per process only contend (0.15 s vs 5 s per reference run)."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
+# ----------------------------------------------------------------------------- shared set-up
+def _data(n: int = 48, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, 3, generator=g, dtype=torch.float64)
+    y = x @ torch.tensor([[1.0], [-0.5], [0.25]], dtype=torch.float64) + 0.3 * torch.randn(
+        n, 1, generator=g, dtype=torch.float64)
+    return x, y
+
+
+def _model() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 1)).double()
+
+
+CHAIN_ARGS = dict(beta=1 / 48, prior=GaussianPrior(std=1.0), step_size=1e-2, num_chains=5, num_warmup=20,
+                  num_draws=15, thin=2, batch_size=8, seed=3)
+DATA_N = 63  # shards of 32 and 31 examples: the size weighting matters
+DATA_ARGS = dict(beta=1 / DATA_N, prior=GaussianPrior(std=1.0), step_size=5e-3, num_chains=2, num_warmup=30,
+                 num_draws=20, seed=5)
+
+
+class _CrashingLoss:
+    """Gaussian loss whose process dies (no exception, no clean-up) on its ``fail_at``-th call."""
+
+    task = "regression"
+
+    def __init__(self, fail_at: int) -> None:
+        self.calls, self.fail_at = 0, fail_at
+
+    def __call__(self, out, y):
+        self.calls += 1
+        if self.calls >= self.fail_at:
+            os._exit(3)
+        return (out - y.reshape(out.shape)).square().sum(1) / 2
+
+
+class _FailingLoss:
+    """Gaussian loss that raises on its ``fail_at``-th call (an error in user code on one rank)."""
+
+    task = "regression"
+
+    def __init__(self, fail_at: int) -> None:
+        self.calls, self.fail_at = 0, fail_at
+
+    def __call__(self, out, y):
+        self.calls += 1
+        if self.calls >= self.fail_at:
+            raise ValueError(f"boom at call {self.calls}")
+        return (out - y.reshape(out.shape)).square().sum(1) / 2
+
+
+# ----------------------------------------------------------------------------- scenarios (in the ranks)
+def _scenario_chains(rank: int, out: str) -> None:
+    x, y = _data()
+    seq = sample_distributed(_model(), "gaussian", (x, y), chain_method="sequential", **CHAIN_ARGS)
+    if rank == 0:
+        seq.save(os.path.join(out, "chains_seq.pt"))
+    elif seq is not None:
+        raise AssertionError("rank 1 got a Posterior with dst=0")
+    vec = sample_distributed(_model(), "gaussian", (x, y), chain_method="vectorized", dst=None, **CHAIN_ARGS)
+    vec.save(os.path.join(out, f"chains_vec.rank{rank}.pt"))
+
+
+def _scenario_data(rank: int, out: str) -> None:
+    x, y = shard(_data(DATA_N))
+    for sampler in ("sgld", "psgld", "sghmc"):
+        kw = dict(DATA_ARGS, sampler=sampler)
+        if sampler == "psgld":
+            kw["sampler_kwargs"] = {"alpha": 0.9}
+        post = sample_distributed(_model(), "gaussian", (x, y), mode="data", dst=None, **kw)
+        post.save(os.path.join(out, f"data_{sampler}.rank{rank}.pt"))
+    mini = sample_distributed(_model(), "gaussian", (x, y), mode="data", dst=None, batch_size=8, **DATA_ARGS)
+    mini.save(os.path.join(out, f"data_minibatch.rank{rank}.pt"))
+    # one shard overflows the loss at the first step: only rank 1 sees a non-finite energy
+    y_bad = y.clone()
+    if rank == 1:
+        y_bad[0] = 1e200
+    div = sample_distributed(_model(), "gaussian", (x, y_bad), mode="data", dst=None,
+                             **dict(DATA_ARGS, num_warmup=0, num_chains=1))
+    div.save(os.path.join(out, f"data_diverged.rank{rank}.pt"))
+
+
+def _scenario_fail_chains(rank: int, out: str) -> None:
+    x, y = _data()
+    loss = _FailingLoss(fail_at=5) if rank == 1 else _FailingLoss(fail_at=10**9)
+    sample_distributed(_model(), loss, (x, y), **CHAIN_ARGS)
+
+
+def _scenario_fail_data(rank: int, out: str) -> None:
+    x, y = shard(_data(DATA_N))
+    loss = _FailingLoss(fail_at=25) if rank == 1 else _FailingLoss(fail_at=10**9)
+    kw = dict(DATA_ARGS, num_chains=1)
+    if HAS_CHECKPOINT:
+        kw.update(checkpoint=os.path.join(out, "run.ckpt"), checkpoint_every=10)
+    sample_distributed(_model(), loss, (x, y), mode="data", **kw)
+
+
+def _scenario_resume_data(rank: int, out: str) -> None:
+    x, y = shard(_data(DATA_N))
+    kw = dict(DATA_ARGS, num_chains=1, checkpoint=os.path.join(out, "run.ckpt"), checkpoint_every=10,
+              resume=True)
+    # the uninterrupted run evaluates the loss 50 times (steps 0..49); resumed at step 20 it needs 30,
+    # so this loss raises if the run started over instead of resuming
+    post = sample_distributed(_model(), _FailingLoss(fail_at=31), (x, y), mode="data", **kw)
+    if rank == 0:
+        post.save(os.path.join(out, "resumed.pt"))
+
+
+def _scenario_crash_chains(rank: int, out: str) -> None:
+    x, y = _data()
+    loss = _CrashingLoss(fail_at=5) if rank == 1 else _CrashingLoss(fail_at=10**9)
+    sample_distributed(_model(), loss, (x, y), **CHAIN_ARGS)
+
+
+def _scenario_crash_data(rank: int, out: str) -> None:
+    x, y = shard(_data(DATA_N))
+    loss = _CrashingLoss(fail_at=5) if rank == 1 else _CrashingLoss(fail_at=10**9)
+    sample_distributed(_model(), loss, (x, y), mode="data", **dict(DATA_ARGS, num_chains=1))
+
+
+def _scenario_bad_input(rank: int, out: str) -> None:
+    x, y = _data()
+    model = _model() if rank == 0 else nn.Linear(3, 1).double()  # the ranks disagree on the model
+    sample_distributed(model, "gaussian", shard((x, y)), mode="data", **DATA_ARGS)
+
+
+def _worker(rank: int, world: int, port: int, scenarios: list[str], out: str) -> None:
+    """Run the scenarios one after another in ONE process group (starting processes is what costs):
+    after a failing scenario the same group must still work, which the later scenarios check."""
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=60))
+    try:
+        for scenario in scenarios:
+            try:
+                globals()[f"_scenario_{scenario}"](rank, out)
+                result = {"ok": True}
+            except Exception as err:  # report, do not crash: the tests assert on what each rank saw
+                cause = err.__cause__
+                result = {"ok": False, "type": type(err).__name__, "message": str(err),
+                          "cause": None if cause is None else f"{type(cause).__name__}: {cause}",
+                          "traceback": traceback.format_exc()}
+            with open(os.path.join(out, f"{scenario}.rank{rank}.json"), "w") as f:
+                json.dump(result, f)
+    finally:
+        dist.destroy_process_group()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _launch(scenarios: list[str], out) -> list[int]:
+    """Run the scenarios on 2 ranks; fail (and kill them) if they do not finish by the deadline."""
+    import torch.multiprocessing as mp
+
+    ctx = mp.start_processes(_worker, args=(WORLD, _free_port(), scenarios, str(out)), nprocs=WORLD,
+                             join=False, start_method="spawn")
+    deadline = time.monotonic() + DEADLINE_S
+    # poll instead of ctx.join(), which terminates the other ranks as soon as one exits non-zero
+    while any(p.is_alive() for p in ctx.processes):
+        if time.monotonic() > deadline:
+            for p in ctx.processes:
+                if p.is_alive():
+                    p.kill()
+            pytest.fail(f"scenarios {scenarios}: the ranks did not finish in {DEADLINE_S} s (hang)")
+        time.sleep(0.2)
+    return [p.exitcode for p in ctx.processes]
+
+
+def _results(out, scenario: str) -> list[dict]:
+    results = []
+    for r in range(WORLD):
+        path = os.path.join(out, f"{scenario}.rank{r}.json")
+        if not os.path.exists(path):
+            pytest.fail(f"scenario {scenario!r}: rank {r} wrote no result (it did not get that far)")
+        with open(path) as f:
+            results.append(json.load(f))
+    return results
+
+
+SCENARIOS = ["chains", "data", "fail_chains", "fail_data"] + (["resume_data"] if HAS_CHECKPOINT else []) + [
+    "bad_input"]
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    """Every scenario, run once by one 2-rank group; the tests read what the ranks wrote."""
+    out = tmp_path_factory.mktemp("dist")
+    _launch(SCENARIOS, out)
+    return out
+
+
+def _ok(out, scenario: str) -> None:
+    for r, res in enumerate(_results(out, scenario)):
+        assert res["ok"], f"rank {r} failed:\n{res.get('traceback')}"
+
+
+def _assert_same(a: Posterior, b: Posterior, exact: bool, rtol: float = 1e-9, atol: float = 1e-11) -> None:
+    assert set(a.draws) == set(b.draws)
+    for k in a.draws:
+        if exact:
+            assert torch.equal(a.draws[k], b.draws[k]), k
+        else:
+            torch.testing.assert_close(a.draws[k], b.draws[k], rtol=rtol, atol=atol, equal_nan=True)
+    for k in ("energy", "loss", "step_size", "diverging"):
+        if exact or k == "diverging":
+            assert torch.equal(a.sample_stats[k].nan_to_num(0.0), b.sample_stats[k].nan_to_num(0.0)), k
+        else:
+            torch.testing.assert_close(a.sample_stats[k], b.sample_stats[k], rtol=rtol, atol=atol,
+                                       equal_nan=True)
+    assert torch.equal(a.diverged, b.diverged) and torch.equal(a.divergence_step, b.divergence_step)
+
+
+# ----------------------------------------------------------------------------- tests
+def test_chain_shares_and_shard_cover_everything_once():
+    for k, w in [(5, 2), (4, 4), (1, 3), (7, 3)]:
+        shares = chain_shares(k, w)
+        assert [c for s in shares for c in s] == list(range(k)) and len(shares) == w
+        assert max(map(len, shares)) - min(map(len, shares)) <= 1
+    x, y = _data(7)
+    parts = [shard((x, y), r, 3) for r in range(3)]
+    assert torch.equal(torch.cat([p[0] for p in parts]), x) and [len(p[1]) for p in parts] == [3, 2, 2]
+    with pytest.raises(ValueError, match="rank"):
+        shard((x, y), 3, 3)
+    with pytest.raises(ValueError, match="world_size"):
+        shard((x, y), 0, 0)
+
+
+def test_needs_a_process_group():
+    x, y = _data()
+    with pytest.raises(RuntimeError, match="process group"):
+        sample_distributed(_model(), "gaussian", (x, y), beta=1.0)
+
+
+def test_chains_across_ranks_equal_the_single_process_run(run_dir):
+    tmp_path = run_dir
+    _ok(tmp_path, "chains")
+    x, y = _data()
+    ref_seq = sample(_model(), "gaussian", (x, y), chain_method="sequential", **CHAIN_ARGS)
+    got = Posterior.load(tmp_path / "chains_seq.pt")
+    _assert_same(got, ref_seq, exact=True)  # same seeds, same ops: bit-identical
+    assert got.metadata["chain_ids"] == list(range(5))
+    assert got.metadata["distributed"]["chain_shares"] == [[0, 1, 2], [3, 4]]
+    assert got.metadata["distributed"]["backend"] == "gloo"
+    ref_vec = sample(_model(), "gaussian", (x, y), chain_method="vectorized", **CHAIN_ARGS)
+    for r in range(WORLD):  # dst=None: every rank holds the whole Posterior
+        _assert_same(Posterior.load(tmp_path / f"chains_vec.rank{r}.pt"), ref_vec, exact=False)
+
+
+def test_data_parallel_equals_the_single_process_trajectory(run_dir):
+    tmp_path = run_dir
+    _ok(tmp_path, "data")
+    x, y = _data(DATA_N)
+    for sampler in ("sgld", "psgld", "sghmc"):
+        kw = dict(DATA_ARGS, sampler=sampler, chain_method="sequential")
+        if sampler == "psgld":
+            kw["sampler_kwargs"] = {"alpha": 0.9}
+        ref = sample(_model(), "gaussian", (x, y), **kw)
+        for r in range(WORLD):
+            got = Posterior.load(tmp_path / f"data_{sampler}.rank{r}.pt")
+            _assert_same(got, ref, exact=False)
+            assert got.metadata["distributed"]["shard_sizes"] == [32, 31] and got.metadata["n"] == DATA_N
+        # the check can fail: one shard alone (or an unweighted mean) gives another trajectory
+        alone = sample(_model(), "gaussian", shard((x, y), 0, WORLD), **kw)
+        assert (alone.draws["0.weight"] - ref.draws["0.weight"]).abs().max() > 1e-4
+    # per-rank minibatches: no single-process twin, but every rank must hold the same weights
+    a, b = (Posterior.load(tmp_path / f"data_minibatch.rank{r}.pt") for r in range(WORLD))
+    _assert_same(a, b, exact=True)
+    assert bool(torch.isfinite(a.draws["0.weight"]).all())
+
+
+def test_data_parallel_divergence_on_one_shard_stops_every_rank(run_dir):
+    # rank 1's shard overflows the loss at the first step, rank 0's does not: no rank may hang
+    tmp_path = run_dir
+    _ok(tmp_path, "data")
+    x, y = _data(DATA_N)
+    y = y.clone()
+    y[32] = 1e200  # the first example of rank 1's shard
+    ref = sample(_model(), "gaussian", (x, y), chain_method="sequential", **dict(DATA_ARGS, num_warmup=0,
+                                                                                 num_chains=1))
+    assert bool(ref.diverged[0]) and int(ref.divergence_step[0]) == 0
+    for r in range(WORLD):
+        got = Posterior.load(tmp_path / f"data_diverged.rank{r}.pt")
+        assert torch.equal(got.diverged, ref.diverged)
+        assert torch.equal(got.divergence_step, ref.divergence_step)
+        for k in ref.draws:
+            assert torch.equal(got.draws[k].isnan(), ref.draws[k].isnan()), k
+
+
+def test_a_rank_that_raises_stops_every_rank_with_a_clear_error(run_dir):
+    for scenario in ("fail_chains", "fail_data"):
+        results = _results(run_dir, scenario)
+        for r, res in enumerate(results):
+            assert not res["ok"], f"{scenario}: rank {r} should have failed"
+            assert res["type"] == "DistributedSamplingError", res["traceback"]
+            assert "rank 1 failed: ValueError: boom" in res["message"], res["message"]
+        # the failing rank keeps its own exception as the cause
+        assert results[1]["cause"].startswith("ValueError: boom")
+
+
+@pytest.mark.skipif(not HAS_CHECKPOINT, reason="sample(checkpoint=...) has not landed")
+def test_a_failed_data_parallel_run_leaves_checkpoints_that_resume_exactly(run_dir):
+    tmp_path = run_dir
+    assert all(not res["ok"] for res in _results(tmp_path, "fail_data"))
+    # the run failed at step 24 (rank 1's 25th loss call); the checkpoints, written at the start of
+    # steps 0, 10, 20, are whole, and the "resume_data" scenario (same group, after the failure)
+    # continued from step 20 and ends exactly where the uninterrupted single-process run does
+    files = sorted(p.name for p in tmp_path.glob("run.ckpt.*"))
+    assert files == [f"run.ckpt.rank{r}-of-2.chain0" for r in range(WORLD)], files
+    _ok(tmp_path, "resume_data")
+    x, y = _data(DATA_N)
+    ref = sample(_model(), "gaussian", (x, y), chain_method="sequential", **dict(DATA_ARGS, num_chains=1))
+    _assert_same(Posterior.load(tmp_path / "resumed.pt"), ref, exact=False)
+
+
+def test_ranks_with_different_models_fail_on_every_rank(run_dir):
+    results = _results(run_dir, "bad_input")
+    for res in results:
+        assert not res["ok"] and "different trainable parameters" in res["message"], res
+
+
+@pytest.mark.parametrize("mode", ["chains", "data"])
+def test_a_rank_that_dies_makes_the_others_fail_not_hang(tmp_path, mode):
+    # a process that exits without raising cannot report; gloo sees the closed connection
+    t0 = time.monotonic()
+    codes = _launch([f"crash_{mode}"], tmp_path)
+    assert codes[1] == 3 and codes[0] == 0, codes
+    with open(tmp_path / f"crash_{mode}.rank0.json") as f:
+        res = json.load(f)
+    assert res["type"] == "DistributedSamplingError" and "collective failed" in res["message"], res
+    assert time.monotonic() - t0 < 60  # well inside the 60 s process-group timeout
