@@ -25,6 +25,7 @@ from pib_bayes import Energy, GaussianLoss, GaussianPrior, Posterior, Prediction
 from pib_bayes import bounds as B
 from pib_bayes import diagnostics as D
 from pib_bayes import uncertainty as U
+from pib_bayes.config import ConfigError, validate_config
 from pib_bayes.io import FormatError, save_payload
 from pib_bayes.optim import PSGLD, SGHMC, SGLD
 from pib_bayes.posterior import FORMAT_VERSION
@@ -103,6 +104,13 @@ def loader():
 def names(arg: str, message: str) -> bool:
     """True when ``arg`` appears in ``message`` as a name (not inside a longer word)."""
     return re.search(rf"(?<![\w.]){re.escape(arg)}(?!\w)", message) is not None
+
+
+def cfg(sections: dict) -> dict:
+    raw = {"data": {"source": "spirals"}}
+    for k, v in sections.items():
+        raw[k] = {**raw.get(k, {}), **v} if isinstance(v, dict) else v
+    return validate_config(raw, output_dir="out")
 
 
 def c(id_, fn, exc, arg):
@@ -668,6 +676,22 @@ CASES = [
     ),
     c("to-arviz-task", lambda: D.to_arviz(post(net(), task="clf"), data=(X, Y_CLS)), ValueError, "task"),
     c("log-likelihood-data-rows", lambda: D.log_likelihood(post(net()), X, Y_CLS[:3]), ValueError, "data"),
+    # ---- run configuration (CLI): a ConfigError naming the dotted key
+    c("config-unknown-section", lambda: cfg({"sampling": {}}), ConfigError, "sampling"),
+    c("config-unknown-key", lambda: cfg({"sampler": {"step": 0.1}}), ConfigError, "sampler.step"),
+    c("config-beta-nan", lambda: cfg({"posterior": {"beta": NAN}}), ConfigError, "posterior.beta"),
+    c("config-beta-zero", lambda: cfg({"posterior": {"beta": 0.0}}), ConfigError, "posterior.beta"),
+    c("config-beta-str", lambda: cfg({"posterior": {"beta": "0.1"}}), ConfigError, "posterior.beta"),
+    c("config-beta-and-temperature", lambda: cfg({"posterior": {"beta": 0.1, "temperature": 1.0}}),
+      ConfigError, "posterior.beta"),
+    c("config-step-nan", lambda: cfg({"sampler": {"step_size": NAN}}), ConfigError, "sampler.step_size"),
+    c("config-step-zero", lambda: cfg({"sampler": {"step_size": 0.0}}), ConfigError, "sampler.step_size"),
+    c("config-chains-bool", lambda: cfg({"run": {"chains": True}}), ConfigError, "run.chains"),
+    c("config-chains-float", lambda: cfg({"run": {"chains": 2.0}}), ConfigError, "run.chains"),
+    c("config-sampler-name", lambda: cfg({"sampler": {"name": "hmc"}}), ConfigError, "sampler.name"),
+    c("config-section-not-table", lambda: cfg({"run": 3}), ConfigError, "run"),
+    c("config-source-missing", lambda: validate_config({"data": {}}, output_dir="out"), ConfigError,
+      "data.source"),
 ]
 
 
@@ -1305,6 +1329,14 @@ BUGS = [
         lambda: D.to_arviz(post(net()), data=(X, Y_CLS + 5)),
         "data",
         "diagnostics.to_arviz: labels out of range fail in Categorical.log_prob without naming data/y",
+    ),
+    bug(
+        "config-sampler-kwargs-unknown",
+        lambda: cfg({"sampler": {"name": "sghmc", "kwargs": {"frict": 0.1}}}),
+        "sampler.kwargs",
+        "config.validate_config: keys of [sampler.kwargs] are not checked against the kernel builder; an "
+        "unknown one fails only when sampling starts, as 'sampler_kwargs: build_sghmc() got an unexpected "
+        "keyword argument' (after data loading and pretraining)",
     ),
 ]
 
