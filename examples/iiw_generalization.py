@@ -100,7 +100,8 @@ def main(argv: list[str] | None = None) -> int:
             ax.annotate(
                 str(r["value"]), (r["iiw"], r["gap"]), fontsize=8, xytext=(3, 3), textcoords="offset points"
             )
-        ax.set_xlabel("IIW (Fisher, raw)")
+        ax.set_xscale("log")
+        ax.set_xlabel("IIW (Fisher, raw; log scale)")
         ax.set_ylabel("generalization gap (train - test accuracy)")
         c = checks[sweep]
         ax.set_title(f"{sweep}: rho final {c['spearman_iiw_gap']:.2f}, peak {c['spearman_peak_iiw_gap']:.2f}")
