@@ -334,6 +334,7 @@ def validate_config(raw: Mapping[str, Any], output_dir: str | None = None) -> di
         if "schedule" in raw.get("sampler", {}):
             raise ConfigError("sampler.schedule", 'name = "csgld" needs schedule = "cyclical"')
         s["schedule"] = "cyclical"
+    _check_sampler_kwargs(s["name"], s["kwargs"])
     if s["schedule"] == "cosine" and s["min_step_size"] > s["step_size"]:
         raise ConfigError("sampler.min_step_size", "must not exceed sampler.step_size")
     m = cfg["model"]
@@ -344,6 +345,24 @@ def validate_config(raw: Mapping[str, Any], output_dir: str | None = None) -> di
             "model.kwargs", "only applies with model.factory; for an MLP use hidden and activation"
         )
     return cfg
+
+
+def _check_sampler_kwargs(name: str, kwargs: Mapping[str, Any]) -> None:
+    """Build the kernel once so that unknown or out-of-range [sampler.kwargs] fail before any work."""
+    from .samplers import KERNELS, build_kernel
+
+    valid = list(inspect.signature(KERNELS[name]).parameters)
+    unknown = [k for k in kwargs if k not in valid]
+    if unknown:
+        hint = _suggest(unknown[0], valid) if valid else ""
+        raise ConfigError(
+            f"sampler.kwargs.{unknown[0]}",
+            f"unknown setting for sampler {name!r}; {hint}its settings are {valid or 'none'}",
+        )
+    try:
+        build_kernel(name, **dict(kwargs))
+    except (TypeError, ValueError) as err:
+        raise ConfigError("sampler.kwargs", f"{err}") from None
 
 
 def load_config(path: str | os.PathLike, output_dir: str | None = None) -> dict[str, dict[str, Any]]:

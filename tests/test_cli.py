@@ -187,6 +187,8 @@ def _cfg(**sections):
         ({"model": {"factory": "nocolon"}}, "model.factory"),
         ({"data": {"test_fraction": 1.0}}, "data.test_fraction"),
         ({"output": {"overwrite": "yes"}}, "output.overwrite"),
+        ({"sampler": {"name": "sghmc", "kwargs": {"frict": 0.1}}}, "sampler.kwargs.frict"),
+        ({"sampler": {"name": "sghmc", "kwargs": {"friction": 2.0}}}, "sampler.kwargs"),
     ],
 )
 def test_validation_names_the_key(raw, key):
@@ -279,12 +281,12 @@ def test_regression_run_and_features_only_predict(tmp_path, capsys):
 def test_failed_run_leaves_nothing_and_all_diverged_exits_3(tmp_path, capsys):
     _write(tmp_path, TINY.format(source="spirals") + "\n[sampler.kwargs]\nfriction = 0.5\n")
     out = tmp_path / "fail"
-    # friction is not an SGLD setting: the kernel builder refuses it, before anything is written
+    # friction is not an SGLD setting: refused when the config is read, before anything is written
     assert (
         main(["sample", "--config", str(tmp_path / "run.toml"), "--output", str(out), "--quiet"])
         == EXIT_USAGE
     )
-    assert "sampler_kwargs" in capsys.readouterr().err
+    assert "sampler.kwargs.friction" in capsys.readouterr().err
     assert not out.exists() and not list(tmp_path.glob(".fail*"))
     _write(tmp_path, TINY.format(source="spirals").replace("step_size = 2e-4", "step_size = 1e6"))
     code = main(["sample", "--config", str(tmp_path / "run.toml"), "--output", str(out), "--quiet"])
