@@ -303,9 +303,21 @@ def sample_distributed(
     Raises:
         DistributedSamplingError: on every rank, when any rank fails (its error is named).
 
+    Under torchrun the process group already exists; this example makes a 1-process group itself:
+
+    >>> import torch
     >>> import torch.distributed as dist
-    >>> if dist.is_initialized():  # doctest: +SKIP
-    ...     post = sample_distributed(model, "gaussian", (x, y), beta=1 / 64, num_chains=4)
+    >>> from torch import nn
+    >>> started = not dist.is_initialized()
+    >>> if started:
+    ...     dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    >>> x, y = torch.randn(64, 3), torch.randn(64, 1)
+    >>> post = sample_distributed(nn.Linear(3, 1), "gaussian", (x, y), beta=1 / 64, step_size=1e-3,
+    ...                           num_chains=2, num_warmup=20, num_draws=10, seed=0)
+    >>> post.draws["weight"].shape, post.metadata["distributed"]["chain_shares"]
+    (torch.Size([2, 10, 1, 3]), [[0, 1]])
+    >>> if started:
+    ...     dist.destroy_process_group()
     """
     group, rank, world = _group_info(group)
     if mode not in ("chains", "data"):

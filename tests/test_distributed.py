@@ -18,9 +18,10 @@ import traceback
 import pytest
 import torch
 from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
 
 from pib_bayes import GaussianPrior, Posterior, sample
-from pib_bayes.distributed import chain_shares, sample_distributed, shard
+from pib_bayes.distributed import DistributedSamplingError, chain_shares, sample_distributed, shard
 
 WORLD = 2
 DEADLINE_S = 120.0
@@ -107,6 +108,11 @@ def _scenario_data(rank: int, out: str) -> None:
             kw["sampler_kwargs"] = {"alpha": 0.9}
         post = sample_distributed(_model(), "gaussian", (x, y), mode="data", dst=None, **kw)
         post.save(os.path.join(out, f"data_{sampler}.rank{rank}.pt"))
+    # a DataLoader shard, one full-shard batch per step: the full-batch trajectory again
+    loader = DataLoader(TensorDataset(x, y), batch_size=len(y))
+    post = sample_distributed(_model(), "gaussian", loader, mode="data", dst=0, **DATA_ARGS)
+    if rank == 0:
+        post.save(os.path.join(out, "data_loader.rank0.pt"))
     mini = sample_distributed(_model(), "gaussian", (x, y), mode="data", dst=None, batch_size=8, **DATA_ARGS)
     mini.save(os.path.join(out, f"data_minibatch.rank{rank}.pt"))
     # one shard overflows the loss at the first step: only rank 1 sees a non-finite energy
@@ -275,6 +281,49 @@ def test_needs_a_process_group():
         sample_distributed(_model(), "gaussian", (x, y), beta=1.0)
 
 
+@pytest.fixture
+def one_rank():
+    """A 1-process gloo group in this process: the bookkeeping without the cost of starting ranks."""
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        pytest.skip("a process group already exists in this process")
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    yield
+    dist.destroy_process_group()
+
+
+def test_one_rank_equals_sample_in_both_modes(one_rank):
+    x, y = _data(DATA_N)
+    for mode in ("chains", "data"):
+        ref = sample(_model(), "gaussian", (x, y), **dict(DATA_ARGS, chain_method="sequential"))
+        got = sample_distributed(_model(), "gaussian", (x, y), mode=mode, chain_method="sequential",
+                                 **DATA_ARGS)
+        _assert_same(got, ref, exact=True)  # one shard of weight 1: the same floating-point ops
+        assert got.metadata["distributed"]["mode"] == mode and got.metadata["n"] == DATA_N
+
+
+@pytest.mark.parametrize("kwargs, error, match", [
+    (dict(mode="both"), ValueError, "mode"),
+    (dict(dst=1), ValueError, "dst"),
+    (dict(chain_ids=[0]), ValueError, "chain_ids"),
+    (dict(num_chain=2), TypeError, "num_chain"),
+    (dict(beta=None), TypeError, "beta"),
+    (dict(num_chains=0), DistributedSamplingError, "num_chains"),
+    (dict(mode="data", num_chains=0), DistributedSamplingError, "num_chains"),
+    (dict(beta=-1.0), DistributedSamplingError, "rank 0 failed: ValueError: beta"),
+    (dict(mode="data", beta=-1.0), DistributedSamplingError, "rank 0 failed: ValueError: beta"),
+    (dict(mode="data", sampler="nuts"), DistributedSamplingError, "sampler"),
+])
+def test_bad_input_is_one_clear_error(one_rank, kwargs, error, match):
+    kw = dict(beta=0.1, num_warmup=2, num_draws=2)
+    kw.update(kwargs)
+    if kw["beta"] is None:
+        del kw["beta"]
+    with pytest.raises(error, match=match):
+        sample_distributed(_model(), "gaussian", _data(), **kw)
+
+
 def test_chains_across_ranks_equal_the_single_process_run(run_dir):
     tmp_path = run_dir
     _ok(tmp_path, "chains")
@@ -306,6 +355,8 @@ def test_data_parallel_equals_the_single_process_trajectory(run_dir):
         # the check can fail: one shard alone (or an unweighted mean) gives another trajectory
         alone = sample(_model(), "gaussian", shard((x, y), 0, WORLD), **kw)
         assert (alone.draws["0.weight"] - ref.draws["0.weight"]).abs().max() > 1e-4
+    ref = sample(_model(), "gaussian", (x, y), **dict(DATA_ARGS, chain_method="sequential"))
+    _assert_same(Posterior.load(tmp_path / "data_loader.rank0.pt"), ref, exact=False)
     # per-rank minibatches: no single-process twin, but every rank must hold the same weights
     a, b = (Posterior.load(tmp_path / f"data_minibatch.rank{r}.pt") for r in range(WORLD))
     _assert_same(a, b, exact=True)
