@@ -441,14 +441,15 @@ def _data_parallel(model: nn.Module, loss_fn: Any, data: Any, group: Any, rank: 
         if error is not None:  # a peer failure that was not reported (cannot happen) -- be loud
             raise DistributedSamplingError(f"rank {rank}: {error}")
         assert post is not None
-        parts.append(_combine_shards(post, weight, group, rank, world))
+        parts.append(_combine_shards(post, weight, device, group, rank, world))
     merged = _merge([_parts(p) for p in parts], model, info)
     merged.metadata["n"] = sum(sizes)
     merged.metadata["batch_size_per_rank"] = kwargs.get("batch_size")
     return merged if dst is None or rank == dst else None
 
 
-def _combine_shards(post: Posterior, weight: float, group: Any, rank: int, world: int) -> Posterior:
+def _combine_shards(post: Posterior, weight: float, device: torch.device, group: Any, rank: int,
+                    world: int) -> Posterior:
     """Full-data energy/loss (the weighted sum of the shard values) and one divergence record."""
     import torch.distributed as dist
 
@@ -457,7 +458,9 @@ def _combine_shards(post: Posterior, weight: float, group: Any, rank: int, world
     buf = torch.cat([stats["energy"].double().reshape(-1), stats["loss"].double().reshape(-1),
                      stats["diverging"].double().reshape(-1)])
     buf[:2 * shape.numel()] *= weight
+    buf = buf.to(device)  # nccl reduces device tensors only
     _collective("statistics all-reduce", rank, dist.all_reduce, buf, group=group)
+    buf = buf.cpu()
     energy, loss, diverging = buf.split(shape.numel())
     stats["energy"] = energy.reshape(shape).to(stats["energy"].dtype)
     stats["loss"] = loss.reshape(shape).to(stats["loss"].dtype)
