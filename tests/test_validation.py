@@ -693,6 +693,8 @@ CASES = [
     c("config-chains-float", lambda: cfg({"run": {"chains": 2.0}}), ConfigError, "run.chains"),
     c("config-sampler-name", lambda: cfg({"sampler": {"name": "hmc"}}), ConfigError, "sampler.name"),
     c("config-section-not-table", lambda: cfg({"run": 3}), ConfigError, "run"),
+    c("config-sampler-kwargs-unknown", lambda: cfg({"sampler": {"name": "sghmc", "kwargs": {"frict": 0.1}}}),
+      ConfigError, "sampler.kwargs.frict"),
     c("config-source-missing", lambda: validate_config({"data": {}}, output_dir="out"), ConfigError,
       "data.source"),
 ]
@@ -1332,14 +1334,6 @@ BUGS = [
         lambda: D.to_arviz(post(net()), data=(X, Y_CLS + 5)),
         "data",
         "diagnostics.to_arviz: labels out of range fail in Categorical.log_prob without naming data/y",
-    ),
-    bug(
-        "config-sampler-kwargs-unknown",
-        lambda: cfg({"sampler": {"name": "sghmc", "kwargs": {"frict": 0.1}}}),
-        "sampler.kwargs",
-        "config.validate_config: keys of [sampler.kwargs] are not checked against the kernel builder; an "
-        "unknown one fails only when sampling starts, as 'sampler_kwargs: build_sghmc() got an unexpected "
-        "keyword argument' (after data loading and pretraining)",
     ),
 ]
 
