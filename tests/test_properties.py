@@ -529,3 +529,43 @@ def test_sampled_posterior_round_trip_predicts_the_same(tmp_path):
     assert_same_posterior(post, back)
     assert set(back.fixed) == {"1.running_mean", "1.running_var", "1.num_batches_tracked"}
     torch.testing.assert_close(back.predict(x).per_draw, post.predict(x).per_draw, rtol=0, atol=0)
+
+
+@pytest.fixture(scope="module")
+def checkpointed(tmp_path_factory):
+    from pib_bayes import sample
+
+    folder = tmp_path_factory.mktemp("ckpt")
+    g = torch.Generator().manual_seed(3)
+    x, y = torch.randn(20, 2, generator=g), torch.randn(20, 1, generator=g)
+
+    def run(**kw):
+        torch.manual_seed(0)
+        return sample(nn.Linear(2, 1), "gaussian", (x, y), beta=0.1, step_size=1e-3, num_chains=2,
+                      num_warmup=3, num_draws=4, checkpoint=folder / "c.ckpt", checkpoint_every=2, seed=1,
+                      **kw)
+
+    reference = run()
+    return run, reference, (folder / "c.ckpt").read_bytes(), folder / "c.ckpt"
+
+
+@settings(max_examples=15, deadline=None)
+@given(data=st.data())
+def test_corrupt_checkpoint_resume_is_detected_never_partial(checkpointed, data):
+    run, reference, raw, path = checkpointed
+    if data.draw(st.booleans()):
+        bad = raw[:data.draw(st.integers(0, len(raw) - 1))]
+    else:
+        b = bytearray(raw)
+        b[data.draw(st.integers(0, len(raw) - 1))] ^= data.draw(st.integers(1, 255))
+        bad = bytes(b)
+    path.write_bytes(bad)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            resumed = run(resume=True)
+    except FormatError:
+        assert path.read_bytes() == bad  # the evidence is left as it was, not overwritten
+        return
+    assert_same_tensors(reference.draws, resumed.draws)
+    assert_same_tensors(reference.sample_stats, resumed.sample_stats)
