@@ -1330,6 +1330,14 @@ BUGS = [
         "diagnostics._targets: fractional float labels are truncated by y.long() silently",
     ),
     bug(
+        "log-likelihood-model-other-names",
+        lambda: D.log_likelihood(post(nn.Sequential(nn.Linear(3, 2))), X, Y_CLS),
+        "model",
+        "diagnostics._outputs: a model whose parameter names differ from the draws SILENTLY evaluates the "
+        "model's own weights for every draw (functional_call ignores unknown keys): the log-likelihood is "
+        "the same for all draws; call post.check_model(model) first",
+    ),
+    bug(
         "to-arviz-label-out-of-range",
         lambda: D.to_arviz(post(net()), data=(X, Y_CLS + 5)),
         "data",
