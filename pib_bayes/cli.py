@@ -315,7 +315,7 @@ def run_sample(
     """Everything ``pib-bayes sample`` does; returns (summary dict, run directory)."""
     import torch
 
-    from .config import build_model, load_data
+    from .config import build_model, load_data, resolve_source
     from .driver import sample
     from .prior import GaussianPrior
 
@@ -392,6 +392,7 @@ def run_sample(
         "feature_mean": data.feature_mean.tolist() if data.feature_mean is not None else None,
         "feature_std": data.feature_std.tolist() if data.feature_std is not None else None,
         "base_dir": str(base_dir),
+        "source": resolve_source(cfg["data"], base_dir),
     }
     with _StagedDir(out_dir, cfg["output"]["overwrite"]) as tmp:
         post.save(tmp / "posterior.pt")
@@ -413,7 +414,8 @@ def _format_sample(s: dict) -> str:
         f"  diverged chains: {s['diverged_chains'] or 'none'}; sampling took {s['seconds']['sampling']} s",
     ]
     for split, m in s["posterior_predictive"].items():
-        lines.append(f"  posterior predictive, {split}: " + ", ".join(f"{k}={v:.4f}" for k, v in m.items()))
+        shown = ", ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in m.items())
+        lines.append(f"  posterior predictive, {split}: {shown}")
     lines.append("  next: pib-bayes diagnose " + s["run_dir"])
     return "\n".join(lines)
 
@@ -453,7 +455,8 @@ def _load_run(run_dir: str) -> tuple[dict, Any, Any]:
         post = Posterior.load(path / "posterior.pt", model=model)
     except FormatError as err:
         raise UsageError("RUN_DIR", f"{err}") from None
-    data = load_data(cfg["data"], res.get("base_dir"))  # standardised again (same split) when configured
+    data_cfg = {**cfg["data"], "source": res.get("source", cfg["data"]["source"])}
+    data = load_data(data_cfg, res.get("base_dir"))  # standardised again (same split) when configured
     if data.x_train.dim() > 2 and cfg["model"]["factory"] is None:
         data.x_train, data.x_test = data.x_train.flatten(1), data.x_test.flatten(1)
     return cfg, post, data

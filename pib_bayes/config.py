@@ -526,6 +526,18 @@ def _infer_task(y: np.ndarray | Tensor, declared: str) -> str:
     return "regression"
 
 
+def resolve_source(data_cfg: Mapping[str, Any], base_dir: str | os.PathLike | None = None) -> str:
+    """``data.source`` as a built-in name or an absolute path (relative paths: working directory
+    first, then ``base_dir``), so that a run directory can find its data from anywhere."""
+    source = data_cfg["source"]
+    if source in BUILTIN_DATA:
+        return source
+    path = Path(source).expanduser()
+    if not path.exists() and base_dir is not None and not path.is_absolute():
+        path = Path(base_dir) / path
+    return str(path.resolve()) if path.exists() else source
+
+
 def load_arrays(
     data_cfg: Mapping[str, Any], base_dir: str | os.PathLike | None = None
 ) -> tuple[Tensor, Tensor, str]:

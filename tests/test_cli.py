@@ -306,3 +306,19 @@ def test_iiw_peak_definition():
     assert q["relative_fall"] == pytest.approx(0.4)
     with pytest.raises(ValueError, match="curve"):
         iiw_peak([0.0, float("nan")])
+
+
+def test_run_dir_finds_relative_data_from_another_directory(tmp_path, monkeypatch, capsys):
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=(60, 3)).astype(np.float32)
+    np.savez(tmp_path / "d.npz", x=x, y=(x[:, 0] > 0).astype(np.int64))
+    _write(tmp_path, TINY.format(source="d.npz"))
+    monkeypatch.chdir(tmp_path)
+    assert main(["sample", "--config", "run.toml", "--output", "r", "--quiet"]) == EXIT_OK
+    other = tmp_path / "other"
+    other.mkdir()
+    monkeypatch.chdir(other)
+    capsys.readouterr()
+    assert main(["predict", "../r", "--json", "--output", "p.csv"]) == EXIT_OK
+    res = json.loads(capsys.readouterr().out)
+    assert res["n"] == 12 and 0 <= res["metrics"]["accuracy"] <= 1
