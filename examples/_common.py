@@ -26,7 +26,7 @@ from torch import nn
 
 from pib_bayes.cli import iiw_peak
 from pib_bayes.config import build_mlp
-from pib_bayes.mnist import load_mnist
+from pib_bayes.mnist import IDXError, load_mnist
 
 DEFAULT_DATA = "../shared/data/mnist"
 
@@ -67,7 +67,10 @@ def setup(args: argparse.Namespace, name: str) -> Path:
 
 def load_split(path: str, n_train: int, n_test: int, seed: int) -> tuple[torch.Tensor, ...]:
     """Disjoint random train/test subsets of the IDX set at ``path``."""
-    x, y = load_mnist(path)
+    try:
+        x, y = load_mnist(path)
+    except (FileNotFoundError, IDXError) as err:
+        raise SystemExit(f"error: --data: {err}") from None
     if n_train + n_test > len(y):
         raise SystemExit(
             f"error: --n-train + --n-test = {n_train + n_test} exceeds the {len(y)} examples in "
