@@ -15,6 +15,7 @@ import json
 import math
 import os
 import tempfile
+import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -65,17 +66,21 @@ def setup(args: argparse.Namespace, name: str) -> Path:
     return out
 
 
+def usage_error(message: str) -> None:
+    """Print ``error: message`` on stderr and exit with status 2 (bad usage), like the CLI."""
+    print(f"error: {message}", file=sys.stderr)
+    raise SystemExit(2)
+
+
 def load_split(path: str, n_train: int, n_test: int, seed: int) -> tuple[torch.Tensor, ...]:
     """Disjoint random train/test subsets of the IDX set at ``path``."""
     try:
         x, y = load_mnist(path)
     except (FileNotFoundError, IDXError) as err:
-        raise SystemExit(f"error: --data: {err}") from None
+        usage_error(f"--data: {err}")
     if n_train + n_test > len(y):
-        raise SystemExit(
-            f"error: --n-train + --n-test = {n_train + n_test} exceeds the {len(y)} examples in "
-            f"{path}; lower them"
-        )
+        usage_error(f"--n-train + --n-test = {n_train + n_test} exceeds the {len(y)} examples in {path}; "
+                    "lower them")
     perm = torch.randperm(len(y), generator=torch.Generator().manual_seed(seed))
     tr, te = perm[:n_train], perm[n_train : n_train + n_test]
     return x[tr], y[tr], x[te], y[te]
@@ -142,7 +147,8 @@ def train_tracking_iiw(
         tr_acc, tr_loss = accuracy_and_loss(model, x_tr, y_tr)
         te_acc, te_loss = accuracy_and_loss(model, x_te, y_te)
         if not math.isfinite(tr_loss):
-            raise SystemExit(f"error: training diverged ({label}, epoch {epoch}); lower --lr")
+            print(f"error: training diverged ({label}, epoch {epoch}); lower --lr", file=sys.stderr)
+            raise SystemExit(3)
         rows.append(
             {
                 "run": label,
