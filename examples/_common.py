@@ -14,8 +14,8 @@ import io
 import json
 import math
 import os
-import tempfile
 import sys
+import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
