@@ -31,8 +31,9 @@ Two ways to spread a run over the ranks of an initialised process group (e.g. on
     numbers (this rank's weights are non-finite, this rank has finished, this rank has failed),
     which keep every rank on the same step and let a failure or divergence on one rank stop all
     of them instead of leaving the others waiting. The recorded ``energy`` and ``loss`` statistics
-    are the weighted averages over the shards, i.e. full-data values. Chains run one after another
-    (one chain at a time on all ranks).
+    are the weighted averages over the shards, i.e. full-data values. With
+    ``chain_method="vectorized"`` all chains step together (one all-reduce of K x D numbers per
+    step); otherwise the chains run one after another, each on all ranks.
 
 A rank that raises makes every rank raise :class:`DistributedSamplingError` naming the failing
 rank and its error (the failing rank's own exception is chained); no rank is left waiting. A rank
@@ -170,14 +171,23 @@ def _raise_if_failed(statuses: list[str | None], rank: int, own: BaseException |
 # ----------------------------------------------------------------------- data parallel kernel
 class _AllReduceKernel:
     """Wraps a kernel's ``step``: all-reduce the weighted gradient and the status flags, then call
-    the kernel's own step with the averaged gradient (no other update rule)."""
+    the kernel's own step with the averaged gradient (no other update rule).
 
-    def __init__(self, inner: Kernel, weight: float, numel: int, dtype: torch.dtype, device: torch.device,
-                 group: Any, rank: int, world: int) -> None:
-        self.inner, self.weight, self.numel = inner, float(weight), int(numel)
+    The buffer, the same size on every rank: ``[K x D weighted gradient | K non-finite flags |
+    done | failed]`` for the K chains of one ``sample`` call (tensors carry a leading chain dim).
+    """
+
+    def __init__(self, inner: Kernel, weight: float, num_chains: int, numel: int, dtype: torch.dtype,
+                 device: torch.device, group: Any, rank: int, world: int) -> None:
+        self.inner, self.weight = inner, float(weight)
+        self.k, self.d = int(num_chains), int(numel)
         self.dtype, self.device = dtype, device  # the same on every rank: the buffers must match
         self.group, self.rank, self.world = group, rank, world
         self.kernel = Kernel(inner.name, inner.state_names, inner.init, self.step, dict(inner.settings))
+
+    @property
+    def size(self) -> int:
+        return self.k * self.d + self.k + 2
 
     def _all_reduce(self, buf: Tensor) -> Tensor:
         import torch.distributed as dist
@@ -188,37 +198,44 @@ class _AllReduceKernel:
     def step(self, params: list[Tensor], grads: list[Tensor], state: dict[str, list[Tensor]],
              step_size: float, noise: Any, noise_scale: float = 1.0, batch_ndim: int = 0,
              with_stats: bool = False) -> dict[str, Tensor]:
-        sizes = [g.numel() for g in grads]
-        if sum(sizes) != self.numel:  # one chain per call: grads are (1, *shape)
-            raise RuntimeError(f"data-parallel step: expected {self.numel} gradient entries, "
-                               f"got {sum(sizes)}")
-        buf = torch.empty(self.numel + 3, dtype=self.dtype, device=self.device)
-        torch.cat([g.reshape(-1).to(self.dtype) for g in grads], out=buf[:self.numel])
-        buf[:self.numel].mul_(self.weight)
-        buf[self.numel] = float(not all(bool(torch.isfinite(p).all()) for p in params))
-        buf[self.numel + 1:] = 0.0  # done, failed
+        k, d = self.k, self.d
+        sizes = [g[0].numel() for g in grads]
+        if batch_ndim != 1 or grads[0].shape[0] != k or sum(sizes) != d:
+            raise RuntimeError(f"data-parallel step: expected {k} chains x {d} gradient entries, got "
+                               f"{[tuple(g.shape) for g in grads]} (batch_ndim={batch_ndim})")
+        buf = torch.empty(self.size, dtype=self.dtype, device=self.device)
+        grad = buf[:k * d].view(k, d)
+        torch.cat([g.reshape(k, -1).to(self.dtype) for g in grads], dim=1, out=grad)
+        grad.mul_(self.weight)
+        bad = buf[k * d:k * d + k]
+        bad.zero_()
+        for p in params:  # chains this rank has found non-finite (the driver set them to NaN)
+            bad.add_((~torch.isfinite(p.reshape(k, -1))).any(1).to(self.dtype))
+        buf[k * d + k:] = 0.0  # done, failed
         self._all_reduce(buf)
-        nonfinite, done, failed = (float(v) for v in buf[self.numel:].tolist())
+        done, failed = (float(v) for v in buf[k * d + k:].tolist())
         if failed > 0:
             raise _PeerFailed()
-        if nonfinite > 0 or done > 0:
-            # some rank's energy or weights are non-finite (a rank only finishes early when its
-            # chain diverged): the chain is dead on every rank
+        # a chain that is non-finite on any rank is dead on every rank; a rank only leaves the run
+        # early when all its chains diverged
+        dead = torch.ones(k, dtype=torch.bool, device=self.device) if done > 0 else bad > 0
+        reduced = [v.reshape(g.shape).to(g.dtype) for v, g in zip(grad.split(sizes, dim=1), grads)]
+        stats = {} if bool(dead.all()) else self.inner.step(
+            params, reduced, state, step_size, noise, noise_scale, batch_ndim, with_stats)
+        if bool(dead.any()):
             with torch.no_grad():
                 for p in params:
-                    p.fill_(math.nan)
-            return {}
-        reduced = [v.view_as(g).to(g.dtype) for v, g in zip(buf[:self.numel].split(sizes), grads)]
-        return self.inner.step(params, reduced, state, step_size, noise, noise_scale, batch_ndim, with_stats)
+                    p[dead] = math.nan
+        return stats
 
     def finish(self, failed: bool) -> None:
         """Leave the run: keep answering the others' step all-reduces until every rank has left."""
         while True:
-            buf = torch.zeros(self.numel + 3, dtype=self.dtype, device=self.device)
-            buf[self.numel + 1] = 1.0
-            buf[self.numel + 2] = float(failed)
+            buf = torch.zeros(self.size, dtype=self.dtype, device=self.device)
+            buf[-2] = 1.0
+            buf[-1] = float(failed)
             self._all_reduce(buf)
-            if float(buf[self.numel + 1]) >= self.world:
+            if float(buf[-2]) >= self.world:
                 return
 
 
@@ -290,8 +307,8 @@ def sample_distributed(
             ``sampler``, ``step_size``, ``num_chains``, ``num_warmup``, ``num_draws``, ``thin``,
             ``batch_size`` (per rank in ``mode="data"``), ``seed``, ...). ``chain_ids`` is chosen
             here and may not be passed. A ``checkpoint`` path gets a per-rank suffix
-            (``.rank{r}-of-{R}``, plus ``.chain{k}`` in ``mode="data"``); resume with the same
-            number of ranks.
+            (``.rank{r}-of-{R}``, plus ``.chain{k}`` or, vectorized, ``.chains`` in
+            ``mode="data"``); resume with the same number of ranks.
 
     Returns:
         On ``dst`` (or every rank when ``dst=None``), the Posterior of all ``num_chains`` chains,
@@ -390,6 +407,9 @@ def _data_parallel(model: nn.Module, loss_fn: Any, data: Any, group: Any, rank: 
         num_chains = kwargs.get("num_chains", 1)
         if isinstance(num_chains, bool) or not isinstance(num_chains, int) or num_chains < 1:
             raise ValueError(f"num_chains: must be an int >= 1, got {num_chains!r}")
+        if kwargs.get("chain_method", "auto") not in ("auto", "vectorized", "sequential"):
+            raise ValueError("chain_method: expected 'auto', 'vectorized' or 'sequential', got "
+                             f"{kwargs['chain_method']!r}")
         sampler = kwargs.get("sampler", "sgld")
         if str(sampler).lower() == "csgld" and not hasattr(as_schedule(kwargs.get("step_size", 1e-4)),
                                                            "cycle_length"):
@@ -420,15 +440,21 @@ def _data_parallel(model: nn.Module, loss_fn: Any, data: Any, group: Any, rank: 
     info = {**info, "shard_sizes": sizes, "weights": [s / sum(sizes) for s in sizes], "n": sum(sizes)}
     rest = {k: v for k, v in kwargs.items() if k not in ("sampler", "sampler_kwargs", "chain_method")}
 
+    # "vectorized": all chains in one batched group (one all-reduce per step for all of them);
+    # otherwise one chain per call. Never several groups in one call: a rank whose group ends
+    # early would start the next group while the others still step the previous one.
+    method = kwargs.get("chain_method", "auto")
+    calls = [list(range(num_chains))] if method == "vectorized" else [[k] for k in range(num_chains)]
     parts = []
-    for k in range(num_chains):
-        wrapper = _AllReduceKernel(inner, weight, numel, dtype, device, group, rank, world)
+    for ids in calls:
+        wrapper = _AllReduceKernel(inner, weight, len(ids), numel, dtype, device, group, rank, world)
         error, own = None, False
         post = None
         try:
-            chain_kwargs = _rank_checkpoint(rest, f"rank{rank}-of-{world}.chain{k}")
-            post = sample(model, loss_fn, data, sampler=wrapper.kernel, chain_ids=[k],
-                          chain_method="sequential", **chain_kwargs)
+            tag = f"chain{ids[0]}" if len(ids) == 1 else "chains"
+            chain_kwargs = _rank_checkpoint(rest, f"rank{rank}-of-{world}.{tag}")
+            post = sample(model, loss_fn, data, sampler=wrapper.kernel, chain_ids=ids,
+                          chain_method="vectorized" if len(ids) > 1 else "sequential", **chain_kwargs)
         except _PeerFailed:
             error = RuntimeError("stopped because another rank failed")
         except DistributedSamplingError:

@@ -108,6 +108,10 @@ def _scenario_data(rank: int, out: str) -> None:
             kw["sampler_kwargs"] = {"alpha": 0.9}
         post = sample_distributed(_model(), "gaussian", (x, y), mode="data", dst=None, **kw)
         post.save(os.path.join(out, f"data_{sampler}.rank{rank}.pt"))
+    vec = sample_distributed(_model(), "gaussian", (x, y), mode="data", dst=0, chain_method="vectorized",
+                             **DATA_ARGS)
+    if rank == 0:
+        vec.save(os.path.join(out, "data_vectorized.rank0.pt"))
     # a DataLoader shard, one full-shard batch per step: the full-batch trajectory again
     loader = DataLoader(TensorDataset(x, y), batch_size=len(y))
     post = sample_distributed(_model(), "gaussian", loader, mode="data", dst=0, **DATA_ARGS)
@@ -119,9 +123,10 @@ def _scenario_data(rank: int, out: str) -> None:
     y_bad = y.clone()
     if rank == 1:
         y_bad[0] = 1e200
-    div = sample_distributed(_model(), "gaussian", (x, y_bad), mode="data", dst=None,
-                             **dict(DATA_ARGS, num_warmup=0, num_chains=1))
-    div.save(os.path.join(out, f"data_diverged.rank{rank}.pt"))
+    for method in ("sequential", "vectorized"):
+        div = sample_distributed(_model(), "gaussian", (x, y_bad), mode="data", dst=None, chain_method=method,
+                                 **dict(DATA_ARGS, num_warmup=0))
+        div.save(os.path.join(out, f"data_diverged_{method}.rank{rank}.pt"))
 
 
 def _scenario_fail_chains(rank: int, out: str) -> None:
@@ -314,6 +319,7 @@ def test_one_rank_equals_sample_in_both_modes(one_rank):
     (dict(beta=-1.0), DistributedSamplingError, "rank 0 failed: ValueError: beta"),
     (dict(mode="data", beta=-1.0), DistributedSamplingError, "rank 0 failed: ValueError: beta"),
     (dict(mode="data", sampler="nuts"), DistributedSamplingError, "sampler"),
+    (dict(mode="data", chain_method="batched"), DistributedSamplingError, "chain_method"),
 ])
 def test_bad_input_is_one_clear_error(one_rank, kwargs, error, match):
     kw = dict(beta=0.1, num_warmup=2, num_draws=2)
@@ -357,6 +363,10 @@ def test_data_parallel_equals_the_single_process_trajectory(run_dir):
         assert (alone.draws["0.weight"] - ref.draws["0.weight"]).abs().max() > 1e-4
     ref = sample(_model(), "gaussian", (x, y), **dict(DATA_ARGS, chain_method="sequential"))
     _assert_same(Posterior.load(tmp_path / "data_loader.rank0.pt"), ref, exact=False)
+    ref_vec = sample(_model(), "gaussian", (x, y), **dict(DATA_ARGS, chain_method="vectorized"))
+    vec = Posterior.load(tmp_path / "data_vectorized.rank0.pt")
+    _assert_same(vec, ref_vec, exact=False)
+    assert vec.metadata["chain_method"] == "vectorized"
     # per-rank minibatches: no single-process twin, but every rank must hold the same weights
     a, b = (Posterior.load(tmp_path / f"data_minibatch.rank{r}.pt") for r in range(WORLD))
     _assert_same(a, b, exact=True)
@@ -370,11 +380,10 @@ def test_data_parallel_divergence_on_one_shard_stops_every_rank(run_dir):
     x, y = _data(DATA_N)
     y = y.clone()
     y[32] = 1e200  # the first example of rank 1's shard
-    ref = sample(_model(), "gaussian", (x, y), chain_method="sequential", **dict(DATA_ARGS, num_warmup=0,
-                                                                                 num_chains=1))
-    assert bool(ref.diverged[0]) and int(ref.divergence_step[0]) == 0
-    for r in range(WORLD):
-        got = Posterior.load(tmp_path / f"data_diverged.rank{r}.pt")
+    ref = sample(_model(), "gaussian", (x, y), chain_method="sequential", **dict(DATA_ARGS, num_warmup=0))
+    assert bool(ref.diverged.all()) and ref.divergence_step.tolist() == [0, 0]
+    for r, method in ((r, m) for r in range(WORLD) for m in ("sequential", "vectorized")):
+        got = Posterior.load(tmp_path / f"data_diverged_{method}.rank{r}.pt")
         assert torch.equal(got.diverged, ref.diverged)
         assert torch.equal(got.divergence_step, ref.divergence_step)
         for k in ref.draws:
