@@ -73,6 +73,34 @@ class _CrashingLoss:
         return (out - y.reshape(out.shape)).square().sum(1) / 2
 
 
+class _MarkerLoss:
+    """Gaussian loss, except for examples marked by y > 1e9, whose loss is exp(1000 f(x)): it
+    overflows for a chain whose output there is positive, and is 0 for one whose output is negative."""
+
+    task = "regression"
+
+    def __call__(self, out, y):
+        y = y.reshape(out.shape)
+        marker = y[:, 0] > 1e9
+        sq = (out - y).square().sum(1) / 2
+        return torch.where(marker, torch.exp(1000 * torch.where(marker, out[:, 0], 0.0)), sq)
+
+
+def _marked_data():
+    x, y = _data(DATA_N)
+    y = y.clone()
+    y[32] = 1e10  # the first example of rank 1's shard
+    return x, y
+
+
+def _two_chain_init():
+    """Chain 0 ends in bias -5 (output < 0), chain 1 in bias +5 (output > 0; tanh keeps |rest| < 3)."""
+    params = dict(_model().named_parameters())
+    init = {n: torch.stack([p.detach(), p.detach()]) for n, p in params.items()}
+    init["2.bias"] = torch.tensor([[-5.0], [5.0]], dtype=torch.float64)
+    return init
+
+
 class _FailingLoss:
     """Gaussian loss that raises on its ``fail_at``-th call (an error in user code on one rank)."""
 
@@ -123,6 +151,12 @@ def _scenario_data(rank: int, out: str) -> None:
     y_bad = y.clone()
     if rank == 1:
         y_bad[0] = 1e200
+    # one chain of two overflows on rank 1 only: it dies on every rank, the other goes on
+    one = sample_distributed(_model(), _MarkerLoss(), shard(_marked_data()), mode="data", dst=0,
+                             chain_method="vectorized", init=_two_chain_init(),
+                             **dict(DATA_ARGS, num_warmup=0))
+    if rank == 0:
+        one.save(os.path.join(out, "data_one_diverged.rank0.pt"))
     for method in ("sequential", "vectorized"):
         div = sample_distributed(_model(), "gaussian", (x, y_bad), mode="data", dst=None, chain_method=method,
                                  **dict(DATA_ARGS, num_warmup=0))
@@ -432,3 +466,11 @@ def test_a_rank_that_dies_makes_the_others_fail_not_hang(tmp_path, mode):
         res = json.load(f)
     assert res["type"] == "DistributedSamplingError" and "collective failed" in res["message"], res
     assert time.monotonic() - t0 < 60  # well inside the 60 s process-group timeout
+
+
+def test_data_parallel_one_chain_diverges_on_one_shard_the_other_goes_on(run_dir):
+    _ok(run_dir, "data")
+    ref = sample(_model(), _MarkerLoss(), _marked_data(), chain_method="vectorized", init=_two_chain_init(),
+                 **dict(DATA_ARGS, num_warmup=0))
+    assert ref.diverged.tolist() == [False, True] and ref.divergence_step.tolist() == [-1, 0]
+    _assert_same(Posterior.load(run_dir / "data_one_diverged.rank0.pt"), ref, exact=False)
