@@ -210,6 +210,8 @@ def test_entropy_split_identity_and_signs(case):
     k = p.shape[-1]
     assert bool((total >= 0).all()) and bool((aleatoric >= 0).all()) and bool((epistemic >= 0).all())
     assert bool((total <= math.log(k) + 1e-12).all())
+    # the information about y in the draw index is at most the entropy of the index, log M
+    assert bool((epistemic <= math.log(p.shape[0]) + 1e-12).all())
     torch.testing.assert_close(total, aleatoric + epistemic, rtol=0, atol=1e-12)
     u = U.classification_uncertainty(p)
     torch.testing.assert_close(u.predictive_entropy, u.expected_entropy + u.mutual_information, rtol=0,
@@ -231,6 +233,26 @@ def test_ece_and_brier_ranges(case, num_bins):
     assert 0.0 <= U.brier_score(p, y) <= 2.0
     u = U.classification_uncertainty(p, y, num_bins=num_bins)
     assert 0.0 <= u.accuracy <= 1.0 and u.nll >= 0.0 and close(u.ece, ece)
+
+
+@QUICK
+@given(seed=st.integers(0, 2**31 - 1), m=st.integers(1, 30), b=st.integers(1, 5),
+       spread=st.floats(1e-3, 10.0), noise=st.none() | st.floats(1e-2, 10.0), level=st.floats(0.05, 0.99))
+def test_credible_interval_hits_its_quantiles(seed, m, b, spread, noise, level):
+    f = spread * torch.randn(m, b, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    lo, hi = U.credible_interval(f, level, noise)
+    assert bool((lo <= hi).all())
+    if noise is None:
+        assert bool((lo >= f.amin(0)).all()) and bool((hi <= f.amax(0)).all())
+        return
+    # the mixture CDF at the ends is (1 -+ level)/2, to the documented tolerance
+    comp = torch.distributions.Normal(f, noise)
+    cdf = lambda x: comp.cdf(x.expand_as(f)).mean(0)  # noqa: E731
+    torch.testing.assert_close(cdf(lo), torch.full_like(lo, 0.5 - level / 2), rtol=0, atol=1e-9)
+    torch.testing.assert_close(cdf(hi), torch.full_like(hi, 0.5 + level / 2), rtol=0, atol=1e-9)
+    r = U.regression_uncertainty(f, torch.zeros(b, dtype=torch.float64), noise_std=noise, level=level)
+    assert 0.0 <= r.coverage <= 1.0 and 0.0 <= r.gaussian_coverage <= 1.0
+    torch.testing.assert_close(r.variance, r.epistemic_variance + noise**2, rtol=1e-12, atol=0)
 
 
 # -------------------------------------------------------------------------------------- bounds
