@@ -591,3 +591,20 @@ def test_corrupt_checkpoint_resume_is_detected_never_partial(checkpointed, data)
         return
     assert_same_tensors(reference.draws, resumed.draws)
     assert_same_tensors(reference.sample_stats, resumed.sample_stats)
+
+
+def test_failed_save_keeps_the_old_file_and_leaves_no_temporary(saved, tmp_path, monkeypatch):
+    post, raw, _ = saved
+    path = tmp_path / "p.pib"
+    path.write_bytes(raw)
+
+    def boom(fd):
+        raise OSError("disk full")
+
+    monkeypatch.setattr("pib_bayes.io.os.fsync", boom)
+    other = Posterior({"w": torch.zeros(1, 1, 2)}, {}, {"task": "regression"})
+    with pytest.raises(OSError, match="disk full"):
+        other.save(path)
+    assert path.read_bytes() == raw
+    assert [p.name for p in tmp_path.iterdir()] == ["p.pib"]
+    assert_same_posterior(post, Posterior.load(path))
