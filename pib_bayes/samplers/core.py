@@ -27,7 +27,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-__all__ = ["Kernel", "GaussianNoise", "langevin_move_", "reduce_sum"]
+__all__ = ["Kernel", "GaussianNoise", "RademacherNoise", "NOISES", "make_noise", "langevin_move_",
+           "reduce_sum", "Workspace", "flat_view", "flat_zeros_like"]
 
 
 class GaussianNoise:
@@ -41,46 +42,105 @@ class GaussianNoise:
     k, so chain k sees exactly the noise it would see running alone with its own generator.
     """
 
-    def __init__(self, generators: torch.Generator | Sequence[torch.Generator], batched: bool = False) -> None:
+    kind = "gaussian"
+    _pad = 1  # each row of the buffer is padded to a multiple of this many elements
+
+    def __init__(self, generators: torch.Generator | Sequence[torch.Generator],
+                 batched: bool = False) -> None:
         self.generators = [generators] if isinstance(generators, torch.Generator) else list(generators)
         self.batched = batched
         if not batched and len(self.generators) != 1:
             raise ValueError("generators: an unbatched noise source takes exactly one generator")
         self._buffer: Tensor | None = None
+        self._rows: list[Tensor] = []
         self._views: list[Tensor] = []
         self._key: tuple = ()
 
     def _layout(self, like: Sequence[Tensor]) -> None:
-        key = tuple((tuple(t.shape), t.dtype, t.device) for t in like)
+        key = tuple((t.shape, t.dtype, t.device) for t in like)
         if key == self._key:
             return
         dtype, device = like[0].dtype, like[0].device
+        pad = self._pad
         if self.batched:
             k = like[0].shape[0]
             if k != len(self.generators):
                 raise ValueError(f"noise: {len(self.generators)} generators for {k} chains")
             sizes = [t[0].numel() for t in like]
-            buf = torch.empty(k, sum(sizes), dtype=dtype, device=device)
+            total = -(-sum(sizes) // pad) * pad
+            buf = torch.empty(k, total, dtype=dtype, device=device)
             views, off = [], 0
-            for t, n in zip(like, sizes):
+            for t, n in zip(like, sizes, strict=True):
                 views.append(buf[:, off : off + n].view(t.shape))
                 off += n
+            rows = list(buf.unbind(0))
         else:
             sizes = [t.numel() for t in like]
-            buf = torch.empty(sum(sizes), dtype=dtype, device=device)
-            views = [v.view(t.shape) for v, t in zip(buf.split(sizes), like)]
-        self._buffer, self._views, self._key = buf, views, key
+            total = -(-sum(sizes) // pad) * pad
+            buf = torch.empty(total, dtype=dtype, device=device)
+            views = [v.view(t.shape) for v, t in zip(buf[: sum(sizes)].split(sizes), like, strict=True)]
+            rows = [buf]
+        self._buffer, self._rows, self._views, self._key = buf, rows, views, key
+
+    def _fill(self, row: Tensor, generator: torch.Generator) -> None:
+        torch.randn(row.shape, generator=generator, out=row)
 
     def draw(self, like: Sequence[Tensor]) -> list[Tensor]:
-        """Fresh N(0, I) noise shaped like ``like`` (views into an internal buffer, valid until the next draw)."""
+        """Fresh noise shaped like ``like`` (views into an internal buffer, valid until the next draw)."""
         self._layout(like)
-        assert self._buffer is not None
-        if self.batched:
-            for k, gen in enumerate(self.generators):
-                torch.randn(self._buffer.shape[1:], generator=gen, out=self._buffer[k])
-        else:
-            torch.randn(self._buffer.shape, generator=self.generators[0], out=self._buffer)
+        for row, gen in zip(self._rows, self.generators, strict=True):
+            self._fill(row, gen)
         return self._views
+
+
+class RademacherNoise(GaussianNoise):
+    """Opt-in cheaper noise: i.i.d. signs xi = +-1 with probability 1/2 (mean 0, variance 1).
+
+    One 64-bit draw of the generator gives 64 signs (unpacked through a 256 x 8 table), where
+    ``torch.randn`` spends a 32-bit draw and a Box-Muller transform per number: on the CPU the
+    draw costs about an eighth of ``torch.randn`` (docs/performance.md).
+
+    What it changes (measured in ``benchmarks/bench_steps.py --case noise``, docs/performance.md):
+    on a Gaussian target the Langevin recursion is linear, so the stationary mean and covariance
+    are *exactly* those of Gaussian noise (SPEC §2: s^2/(1 - h/(2 s^2)) for U = x^2/(2 s^2)); the
+    higher cumulants are not: the stationary excess kurtosis is -2 (1 - a^2)/(1 + a^2) with
+    a = 1 - h/s^2, about -h/s^2 for small steps (0 with Gaussian noise). On non-quadratic energies
+    the discretisation bias differs at the same order in h. Streams differ from the Gaussian ones.
+    """
+
+    kind = "rademacher"
+    _pad = 64
+
+    def _layout(self, like: Sequence[Tensor]) -> None:
+        key = self._key
+        super()._layout(like)
+        if self._key is key and self._words is not None:
+            return
+        n = self._rows[0].numel()
+        self._words = torch.empty(n // 64, dtype=torch.int64)
+        self._index = torch.empty(n // 8, dtype=torch.int64)
+        bits = (torch.arange(256).unsqueeze(1) >> torch.arange(8)) & 1
+        self._table = (2 * bits - 1).to(dtype=self._rows[0].dtype, device=self._rows[0].device)
+
+    _words: Tensor | None = None
+
+    def _fill(self, row: Tensor, generator: torch.Generator) -> None:
+        torch.randint(-(2**63), 2**63 - 1, self._words.shape, dtype=torch.int64, generator=generator,
+                      out=self._words)
+        self._index.copy_(self._words.view(torch.uint8))
+        torch.index_select(self._table, 0, self._index.to(row.device), out=row.view(-1, 8))
+
+
+NOISES: dict[str, type[GaussianNoise]] = {"gaussian": GaussianNoise, "rademacher": RademacherNoise}
+
+
+def make_noise(kind: str, generators: torch.Generator | Sequence[torch.Generator],
+               batched: bool = False) -> GaussianNoise:
+    """A noise source by name: ``"gaussian"`` (exact, the default everywhere) or the opt-in
+    ``"rademacher"`` (cheaper; see :class:`RademacherNoise` for what it changes)."""
+    if kind not in NOISES:
+        raise ValueError(f"noise: expected one of {sorted(NOISES)}, got {kind!r}")
+    return NOISES[kind](generators, batched)
 
 
 def langevin_move_(
@@ -90,11 +150,14 @@ def langevin_move_(
     noise: GaussianNoise | None,
     diffusion: float | list[Tensor] = 1.0,
     noise_scale: float = 1.0,
+    workspace: list[Tensor] | None = None,
 ) -> None:
     """In place: ``target <- target - h * drift + noise_scale * sqrt(2 h D) * xi``.
 
     ``diffusion`` D is a scalar or a list of tensors (a diagonal preconditioner). With
     ``noise_scale == 0`` (or ``noise is None``) no noise is drawn: plain gradient descent.
+    ``workspace`` (tensors shaped like ``targets``, e.g. the caller's spent ``drifts``) receives
+    ``sqrt(2 h D)`` for a tensor D instead of freshly allocated tensors: same numbers, no allocation.
     """
     torch._foreach_add_(targets, drifts, alpha=-step_size)
     if noise is None or noise_scale == 0.0:
@@ -103,11 +166,81 @@ def langevin_move_(
     if isinstance(diffusion, (int, float)):
         torch._foreach_add_(targets, xi, alpha=noise_scale * math.sqrt(2.0 * step_size * diffusion))
     else:
-        std = torch._foreach_mul(diffusion, 2.0 * step_size)
-        torch._foreach_sqrt_(std)
-        if noise_scale != 1.0:
-            torch._foreach_mul_(std, noise_scale)
+        flat_d = flat_w = None
+        if workspace is None:
+            std = torch._foreach_mul(diffusion, 2.0 * step_size)
+        else:
+            std = workspace
+            flat_d, flat_w = flat_view(diffusion), flat_view(workspace)
+        if flat_d is not None and flat_w is not None and flat_d.numel() == flat_w.numel():
+            # one op each on the whole buffer: the same elementwise numbers as per tensor
+            torch.mul(flat_d, 2.0 * step_size, out=flat_w)
+            flat_w.sqrt_()
+            if noise_scale != 1.0:
+                flat_w.mul_(noise_scale)
+        else:
+            if workspace is not None:
+                for out, d in zip(std, diffusion, strict=True):
+                    torch.mul(d, 2.0 * step_size, out=out)
+            torch._foreach_sqrt_(std)
+            if noise_scale != 1.0:
+                torch._foreach_mul_(std, noise_scale)
         torch._foreach_addcmul_(targets, xi, std)
+
+
+def flat_zeros_like(tensors: Sequence[Tensor]) -> list[Tensor]:
+    """Zeros shaped like ``tensors``, as views tiling one contiguous buffer in order (see :func:`flat_view`).
+
+    Kernel state made this way lets elementwise updates that involve only state run as one op on
+    the whole buffer instead of one op per tensor: the same numbers, far fewer dispatches.
+    """
+    if not tensors:
+        return []
+    if len({(t.dtype, t.device) for t in tensors}) > 1:
+        return [torch.zeros_like(t, memory_format=torch.contiguous_format) for t in tensors]
+    sizes = [t.numel() for t in tensors]
+    buf = torch.zeros(sum(sizes), dtype=tensors[0].dtype, device=tensors[0].device)
+    return [v.view(t.shape) for v, t in zip(buf.split(sizes), tensors, strict=True)]
+
+
+def flat_view(tensors: Sequence[Tensor]) -> Tensor | None:
+    """One 1-D tensor aliasing ``tensors`` when they tile a single storage back to back (as
+    :func:`flat_zeros_like` makes them), else ``None`` (e.g. state reloaded tensor by tensor)."""
+    if not tensors:
+        return None
+    first = tensors[0]
+    dtype, item = first.dtype, first.element_size()
+    start = ptr = first.data_ptr()
+    for t in tensors:
+        if t.data_ptr() != ptr or t.dtype != dtype or not t.is_contiguous():
+            return None
+        ptr += t.numel() * item
+    # back-to-back addresses inside the first tensor's storage: one storage (allocations never overlap)
+    storage = first.untyped_storage()
+    if ptr > storage.data_ptr() + storage.nbytes():
+        return None
+    return first.as_strided(((ptr - start) // item,), (1,), first.storage_offset())
+
+
+class Workspace:
+    """Scratch tensors shaped like a list of tensors, reallocated only when the layout changes.
+
+    Each set is laid out by :func:`flat_zeros_like`, so :func:`flat_view` finds its flat buffer.
+    """
+
+    def __init__(self) -> None:
+        self._key: tuple = ()
+        self._bufs: list[list[Tensor]] = []
+        self._flat: list[Tensor | None] = []
+
+    def get(self, like: Sequence[Tensor], count: int) -> tuple[list[list[Tensor]], list[Tensor | None]]:
+        """``count`` sets of scratch tensors shaped like ``like``, and each set's flat view (or None)."""
+        key = tuple((t.shape, t.dtype, t.device) for t in like)
+        if key != self._key or len(self._bufs) < count:
+            self._bufs = [flat_zeros_like(like) for _ in range(count)]
+            self._flat = [flat_view(b) for b in self._bufs]
+            self._key = key
+        return self._bufs[:count], self._flat[:count]
 
 
 def reduce_sum(tensors: Sequence[Tensor], batch_ndim: int = 0) -> Tensor:

@@ -7,11 +7,10 @@ the exploration phase and says which steps may be kept).
 
 from __future__ import annotations
 
-
 import torch
 from torch import Tensor
 
-from .core import GaussianNoise, Kernel, langevin_move_, reduce_sum
+from .core import GaussianNoise, Kernel, Workspace, flat_view, flat_zeros_like, langevin_move_, reduce_sum
 
 __all__ = ["build_sgld", "build_psgld", "build_sghmc", "build_kernel", "KERNELS"]
 
@@ -56,19 +55,36 @@ def build_psgld(alpha: float = 0.99, eps: float = 1e-5) -> Kernel:
     if not eps > 0:
         raise ValueError(f"eps: must be > 0, got {eps}")
 
+    workspace = Workspace()  # per built kernel: one chain group / optimizer group at a time
+
     def init(params: list[Tensor]) -> dict[str, list[Tensor]]:
-        return {"square_avg": [torch.zeros_like(p) for p in params]}
+        # one flat buffer (views per parameter): state-only updates run as single ops
+        return {"square_avg": flat_zeros_like(params)}
 
     def step(params, grads, state, step_size, noise, noise_scale=1.0, batch_ndim=0, with_stats=False):
         v = state["square_avg"]
+        flat_v = flat_view(v)
         if alpha < 1.0:
-            torch._foreach_mul_(v, alpha)
+            if flat_v is not None:
+                flat_v.mul_(alpha)
+            else:
+                torch._foreach_mul_(v, alpha)
             torch._foreach_addcmul_(v, grads, grads, value=1.0 - alpha)
-        precond = torch._foreach_sqrt(v)
-        torch._foreach_add_(precond, eps)
-        torch._foreach_reciprocal_(precond)
-        drift = torch._foreach_mul(grads, precond)
-        langevin_move_(params, drift, step_size, noise, precond, noise_scale)
+        # scratch buffers reused across steps (fresh 1-MB tensors per step cost page faults)
+        (precond, drift), (flat_p, _) = workspace.get(v, 2)
+        if flat_v is not None and flat_p is not None:
+            torch.sqrt(flat_v, out=flat_p)
+            flat_p.add_(eps)
+            flat_p.reciprocal_()
+        else:
+            for out, v_ in zip(precond, v, strict=True):
+                torch.sqrt(v_, out=out)
+            torch._foreach_add_(precond, eps)
+            torch._foreach_reciprocal_(precond)
+        for out, g, p in zip(drift, grads, precond, strict=True):
+            torch.mul(g, p, out=out)
+        # drift is spent once the move has applied it: it takes sqrt(2 h G) next
+        langevin_move_(params, drift, step_size, noise, precond, noise_scale, workspace=drift)
         if not with_stats:
             return {}
         n = sum(p[0].numel() if batch_ndim else p.numel() for p in params)
@@ -92,11 +108,15 @@ def build_sghmc(friction: float = 0.1) -> Kernel:
         raise ValueError(f"friction: must lie in (0, 1], got {friction}")
 
     def init(params: list[Tensor]) -> dict[str, list[Tensor]]:
-        return {"momentum": [torch.zeros_like(p) for p in params]}
+        return {"momentum": flat_zeros_like(params)}
 
     def step(params, grads, state, step_size, noise, noise_scale=1.0, batch_ndim=0, with_stats=False):
         v = state["momentum"]
-        torch._foreach_mul_(v, 1.0 - friction)
+        flat_v = flat_view(v)
+        if flat_v is not None:
+            flat_v.mul_(1.0 - friction)
+        else:
+            torch._foreach_mul_(v, 1.0 - friction)
         langevin_move_(v, grads, step_size, noise, friction, noise_scale)
         torch._foreach_add_(params, v)
         if not with_stats:
