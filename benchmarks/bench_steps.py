@@ -104,6 +104,7 @@ def step_candidates(sizes: tuple[int, ...], batch: int, noises: tuple[str, ...] 
     # tiny step sizes: the weights hardly move, so every candidate times the same computation
     cands = {
         "sgd": make(lambda p: torch.optim.SGD(p, lr=1e-6)),
+        "sgd_again": make(lambda p: torch.optim.SGD(p, lr=1e-6)),  # A/A pair: the noise level
         "floor": make(lambda p: torch.optim.SGD(p, lr=1e-6),
                       lambda: torch.randn(d, generator=gen, out=buf)),
         "sgld": make(lambda p: SGLD(p, lr=1e-8, generator=torch.Generator().manual_seed(seed + 2))),
@@ -131,7 +132,7 @@ def _noise_supported() -> tuple[str, ...]:
 def run_case(case: str, quick: bool = False, clock: str = "cpu") -> list[dict]:
     sizes, batch = CASES[case]
     block = 5 if case == "mlp784" else 20
-    rounds = 7 if quick else 21
+    rounds = 7 if quick else 31
     cands = step_candidates(sizes, batch, _noise_supported())
     t = interleaved(cands, block, rounds, clock)
     label = f"{'-'.join(map(str, sizes))} b{batch}"
@@ -144,6 +145,7 @@ def run_case(case: str, quick: bool = False, clock: str = "cpu") -> list[dict]:
                      "baseline_s": t[base], "value_s": t[cand], "ratio": t[base] / t[cand],
                      "target": target, **common})
 
+    row("sgd vs sgd (A/A: timing noise)", "sgd", "sgd_again", None)
     row("floor vs sgd", "sgd", "floor", None)
     for s in ("sgld", "psgld", "sghmc"):
         row(f"{s} vs floor", "floor", s, TARGETS[s])
