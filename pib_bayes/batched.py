@@ -10,7 +10,7 @@ The fast path covers ``nn.Sequential`` stacks (nested ``nn.Sequential`` are flat
 SiLU, Softplus), optionally starting with ``nn.Flatten()``. Each linear layer of the K chains is
 one batched matrix product over the chain dimension,
 
-    h_k <- b_k + h_k W_k^T   for k = 1..K   (one ``torch.baddbmm`` call),
+    h_k <- b_k + h_k W_k^T = (b_k + W_k h_k^T)^T   for k = 1..K   (one ``torch.baddbmm`` call),
 
 instead of K small products (sequential chains) or ``vmap``'s per-operator batching rules. On small
 layers, where per-operator overhead dominates, this is several times faster than either; see
@@ -156,11 +156,15 @@ def batched_forward(model: nn.Module) -> BatchedForward | None:
                 lead = h.shape[1:-1]
                 flat = h.dim() != 3  # (K, B, in) goes straight in; other shapes via (K, B*, in)
                 h3 = h.reshape(k, -1, h.shape[-1]) if flat else h
-                wt = weight.transpose(1, 2)  # (K, in, out), a view
+                # (W h^T)^T rather than h W^T: the gradient bmm(grad, h) then comes out as a
+                # contiguous (K, out, in) tensor, like the weight, so the sampler's update reads
+                # it with unit stride (h W^T would give a transposed, strided weight gradient)
+                ht = h3.transpose(1, 2)  # (K, in, B*)
                 if op[2] is not None:
-                    h3 = torch.baddbmm(params[op[2]].unsqueeze(1), h3, wt)
+                    z = torch.baddbmm(params[op[2]].unsqueeze(2), weight, ht)  # (K, out, B*)
                 else:
-                    h3 = torch.bmm(h3, wt)
+                    z = torch.bmm(weight, ht)
+                h3 = z.transpose(1, 2)
                 h = h3.reshape(k, *lead, weight.shape[1]) if flat else h3
             elif op[0] == "flatten":
                 h = h.flatten(2)
