@@ -248,6 +248,8 @@ def sample(
         return TensorBatcher(tensors[0], tensors[1], batch_size, [_generator(seeds[c][1]) for c in chains])
 
     runner = _Sampler(energy, names, fixed, kernel, schedule, stat_fns or {})
+    if tensors is not None:
+        _check_model_takes_data(energy, {n: init_params[n][0] for n in names}, fixed, *tensors)
 
     def make_group(chains: list[int], vectorized: bool) -> _Group:
         params = [init_params[n][chains].clone().requires_grad_(True) for n in names]
@@ -327,6 +329,27 @@ def sample(
     return Posterior(draws, stats, metadata, fixed, diverged, divergence_step, model=model)
 
 
+def _check_model_takes_data(energy: Energy, params: dict[str, Tensor], fixed: dict[str, Tensor],
+                            x: Tensor, y: Tensor) -> None:
+    """Run the energy once on a slice of the data so a shape/dtype/label mistake is reported as such,
+    not as a raw torch error from deep inside the first step."""
+    head = slice(0, min(len(x), 256))
+    try:
+        with torch.no_grad():
+            out = torch.func.functional_call(energy.model, {**fixed, **params}, (x[head],))
+            energy.mean_loss(out, y[head])
+    except (RuntimeError, IndexError, TypeError, ValueError) as err:
+        raise ValueError(f"data: the model and loss cannot consume the data ({type(err).__name__}: {err}); "
+                         f"check x's shape {tuple(x.shape)} and dtype {x.dtype}, and y's shape "
+                         f"{tuple(y.shape)} and dtype {y.dtype}") from err
+    if energy.task == "classification" and out.dim() >= 2:
+        if y.is_floating_point() and y.dim() == 1:
+            raise ValueError("data: classification labels must be integers (torch.long), got floats")
+        if not y.is_floating_point() and (bool((y < 0).any()) or bool((y >= out.shape[-1]).any())):
+            raise ValueError(f"data: class labels must lie in [0, {out.shape[-1]}) for a model with "
+                             f"{out.shape[-1]} outputs, got labels in [{int(y.min())}, {int(y.max())}]")
+
+
 def _initial_params(named: list[tuple[str, Tensor]], init: str | Mapping[str, Tensor], num_chains: int,
                     prior: Prior, seeds: list[tuple[int, int, int]]) -> dict[str, Tensor]:
     if isinstance(init, str):
@@ -346,6 +369,8 @@ def _initial_params(named: list[tuple[str, Tensor]], init: str | Mapping[str, Te
         v = torch.as_tensor(init[n], dtype=p.dtype)
         if tuple(v.shape) != (num_chains, *p.shape):
             raise ValueError(f"init: {n!r} must have shape {(num_chains, *p.shape)}, got {tuple(v.shape)}")
+        if v.is_floating_point() and not bool(torch.isfinite(v).all()):
+            raise ValueError(f"init: {n!r} contains NaN or Inf values; start the chains at finite weights")
         out[n] = v.clone()
     extra = set(init) - {n for n, _ in named}
     if extra:

@@ -44,11 +44,12 @@ class GaussianLoss:
     task = "regression"
 
     def __init__(self, noise_std: float = 1.0) -> None:
-        if not noise_std > 0:
-            raise ValueError(f"noise_std: must be > 0, got {noise_std}")
-        self.noise_std = float(noise_std)
+        self.noise_std = check_positive_finite("noise_std", noise_std)
 
     def __call__(self, output: Tensor, target: Tensor) -> Tensor:
+        if target.numel() != output.numel():
+            raise ValueError(f"y: the targets have shape {tuple(target.shape)} but the model outputs "
+                             f"{tuple(output.shape)}; give one target per output")
         target = target.reshape(output.shape)
         sq = (output - target).square() / (2 * self.noise_std**2)
         return sq.reshape(sq.shape[0], -1).sum(1) if sq.dim() > 1 else sq
@@ -72,6 +73,8 @@ def resolve_loss(loss_fn: str | LossFn, task: str | None = None) -> tuple[LossFn
     ``GaussianLoss(1.0)``). A callable ``(output, target) -> losses`` should return one loss per
     example; a 0-d result is taken as the batch mean (e.g. ``nn.CrossEntropyLoss()``).
     """
+    if task not in ("classification", "regression", None):
+        raise ValueError(f"task: expected 'classification' or 'regression', got {task!r}")
     if isinstance(loss_fn, str):
         key = loss_fn.lower()
         if key in ("cross_entropy", "ce", "nll"):
@@ -92,6 +95,15 @@ def resolve_loss(loss_fn: str | LossFn, task: str | None = None) -> tuple[LossFn
     if task not in ("classification", "regression", None):
         raise ValueError(f"task: expected 'classification' or 'regression', got {task!r}")
     return loss_fn, task or "regression"
+
+
+def check_positive_finite(name: str, value: object) -> float:
+    """``float(value)`` if it is a finite number > 0, else one error naming ``name``."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name}: expected a finite number > 0, got {type(value).__name__} {value!r}")
+    if not math.isfinite(value) or value <= 0:
+        raise ValueError(f"{name}: must be a finite number > 0, got {value!r}")
+    return float(value)
 
 
 def check_beta(beta: float) -> float:
@@ -135,7 +147,10 @@ class Energy:
         beta: float = 1.0,
         task: str | None = None,
     ) -> None:
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
         self.model = model
+        self._param_names = frozenset(n for n, _ in model.named_parameters())
         self.loss_fn, self.task = resolve_loss(loss_fn, task)
         self.prior = as_prior(prior, model)
         self.beta = check_beta(beta)
@@ -158,6 +173,10 @@ class Energy:
         buffers: Mapping[str, Tensor] | None = None,
     ) -> tuple[Tensor, Tensor]:
         """Return ``(U_B(w), mean minibatch loss)`` at ``params``."""
+        if not self._param_names.issuperset(params.keys()):
+            unknown = sorted(set(params) - self._param_names)
+            raise KeyError(f"params: {unknown} are not parameters of the model (a misspelt name would be "
+                           "silently ignored by the module)")
         state = dict(params) if not buffers else {**buffers, **params}
         output = functional_call(self.model, state, (x,))
         loss = self.mean_loss(output, y)

@@ -76,9 +76,10 @@ def load_payload(path: str | os.PathLike, kind: str, supported_versions: tuple[i
         header = json.loads(raw[len(MAGIC):nl])
     except (json.JSONDecodeError, UnicodeDecodeError):
         raise FormatError(f"{path}: corrupt header") from None
-    if not isinstance(header, dict) or header.get("kind") != kind:
-        raise FormatError(f"{path}: holds a {header.get('kind') if isinstance(header, dict) else '?'!r}, "
-                          f"expected a {kind!r}")
+    if not isinstance(header, dict) or json.dumps(header).encode() != raw[len(MAGIC):nl]:
+        raise FormatError(f"{path}: corrupt header")  # the header is written canonically: any edit shows
+    if header.get("kind") != kind:
+        raise FormatError(f"{path}: holds a {header.get('kind')!r}, expected a {kind!r}")
     if header.get("format_version") not in supported_versions:
         raise FormatError(f"{path}: format version {header.get('format_version')} is not supported "
                           f"(this pib_bayes reads {supported_versions}); re-create it with a matching "

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import os
 import warnings
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -76,17 +76,34 @@ class Posterior:
     model: nn.Module | None = None
 
     def __post_init__(self) -> None:
+        if not isinstance(self.draws, Mapping):
+            raise TypeError("draws: expected a mapping name -> tensor (chain, draw, *shape)")
         if not self.draws:
             raise ValueError("draws: a Posterior needs at least one parameter")
+        for name, v in self.draws.items():
+            if not isinstance(v, Tensor) or v.dim() < 2:
+                raise ValueError(f"draws: {name!r} must be a tensor with (chain, draw, ...) dimensions")
         shapes = {tuple(v.shape[:2]) for v in self.draws.values()}
         if len(shapes) != 1:
             raise ValueError(f"draws: every parameter needs the same (chain, draw) leading shape, "
                              f"got {shapes}")
-        c = self.num_chains
+        c, n = next(iter(shapes))
+        if c < 1 or n < 1:
+            raise ValueError(f"draws: need at least one chain and one draw, got (chain, draw) = {(c, n)}")
+        if not isinstance(self.sample_stats, Mapping):
+            raise TypeError("sample_stats: expected a mapping name -> tensor (chain, draw)")
+        for name, v in self.sample_stats.items():
+            if not isinstance(v, Tensor) or tuple(v.shape[:2]) != (c, n):
+                raise ValueError(f"sample_stats: {name!r} must be a tensor of shape (chain, draw) = {(c, n)}")
+        if not isinstance(self.metadata, dict):
+            raise TypeError(f"metadata: expected a dict, got {type(self.metadata).__name__}")
         if self.diverged is None:
             self.diverged = torch.zeros(c, dtype=torch.bool)
         if self.divergence_step is None:
             self.divergence_step = torch.full((c,), -1, dtype=torch.long)
+        for name, v in (("diverged", self.diverged), ("divergence_step", self.divergence_step)):
+            if not isinstance(v, Tensor) or tuple(v.shape) != (c,):
+                raise ValueError(f"{name}: must be a tensor with one entry per chain ({c})")
 
     # ----------------------------------------------------------------- shape
     @property
@@ -153,10 +170,14 @@ class Posterior:
         if model is None:
             raise ValueError("model: this Posterior has no model attached; pass model= or "
                              "Posterior.load(..., model=)")
+        if model is not self.model:
+            self.check_model(model)  # a mismatched module would silently use its own weights
         if not isinstance(x, Tensor):
             raise TypeError(f"x: expected a tensor, got {type(x).__name__}")
-        if chunk_size < 1:
-            raise ValueError(f"chunk_size: must be >= 1, got {chunk_size}")
+        if x.is_floating_point() and not bool(torch.isfinite(x).all()):
+            raise ValueError("x: contains NaN or Inf values")
+        if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
+            raise ValueError(f"chunk_size: must be an int >= 1, got {chunk_size!r}")
         draws = self.draws_for_prediction(include_diverged)
         m = next(iter(draws.values())).shape[0]
         fixed = self.fixed
@@ -170,7 +191,13 @@ class Posterior:
             outs = []
             for start in range(0, m, chunk_size):
                 chunk = {k: v[start:start + chunk_size] for k, v in draws.items()}
-                out = batched(chunk)
+                try:
+                    out = batched(chunk)
+                except (RuntimeError, IndexError) as err:
+                    if start:
+                        raise
+                    raise ValueError(f"x: the model cannot consume x of shape {tuple(x.shape)} and dtype "
+                                     f"{x.dtype} ({type(err).__name__}: {err})") from err
                 if self.task == "classification":
                     out = torch.softmax(out, dim=-1)
                 outs.append(out)
@@ -229,7 +256,7 @@ class Posterior:
                 divergence_step=payload["divergence_step"],
                 model=model,
             )
-        except (KeyError, TypeError, ValueError) as err:
+        except (KeyError, TypeError, ValueError, AttributeError, IndexError) as err:
             raise FormatError(f"{path}: incomplete posterior payload ({err})") from None
         if model is not None:
             post.check_model(model)

@@ -29,6 +29,18 @@ class Prior(Protocol):
     def log_prob(self, params: Mapping[str, Tensor], batch_ndim: int = 0) -> Tensor: ...
 
 
+def _check_std(name: str, s: object) -> float | Tensor:
+    if isinstance(s, Tensor):
+        if not bool(torch.isfinite(s).all()) or not bool((s > 0).all()):
+            raise ValueError(f"{name}: every prior standard deviation must be finite and > 0")
+        return s
+    if isinstance(s, bool) or not isinstance(s, (int, float)):
+        raise TypeError(f"{name}: expected a finite number > 0 or a tensor, got {type(s).__name__} {s!r}")
+    if not math.isfinite(s) or s <= 0:
+        raise ValueError(f"{name}: the prior std must be finite and > 0, got {s!r}")
+    return float(s)
+
+
 def _sum_event(t: Tensor, batch_ndim: int) -> Tensor:
     return t.sum(dim=tuple(range(batch_ndim, t.dim()))) if t.dim() > batch_ndim else t
 
@@ -58,17 +70,21 @@ class GaussianPrior:
         mean: Mapping[str, Tensor] | None = None,
         default_std: float = 1.0,
     ) -> None:
-        self.std = dict(std) if isinstance(std, Mapping) else float(std)
-        self.default_std = float(default_std)
-        self.mean = {k: v.detach().clone() for k, v in (mean or {}).items()}
-        for name, s in self._std_items():
-            if not bool(torch.all(torch.as_tensor(s) > 0)):
-                raise ValueError(f"std: prior standard deviation for {name!r} must be > 0, got {s}")
-
-    def _std_items(self):
+        self.std = dict(std) if isinstance(std, Mapping) else _check_std("std", std)
+        self.default_std = _check_std("default_std", default_std)
+        if mean is not None and not isinstance(mean, Mapping):
+            raise TypeError(f"mean: expected a mapping name -> tensor (a state dict), "
+                            f"got {type(mean).__name__}")
+        self.mean = {}
+        for k, v in (mean or {}).items():
+            if not isinstance(v, Tensor):
+                raise TypeError(f"mean: {k!r} must be a tensor, got {type(v).__name__}")
+            if v.is_floating_point() and not bool(torch.isfinite(v).all()):
+                raise ValueError(f"mean: {k!r} contains NaN or Inf values")
+            self.mean[k] = v.detach().clone()
         if isinstance(self.std, dict):
-            return list(self.std.items()) + [("<default>", self.default_std)]
-        return [("<all>", self.std)]
+            for name, s in self.std.items():
+                _check_std(f"std[{name!r}]", s)
 
     def std_of(self, name: str) -> float | Tensor:
         if isinstance(self.std, dict):
@@ -87,6 +103,8 @@ class GaussianPrior:
         ``mean="init"`` centres it on the module's current weights, ``"zeros"`` on 0, or pass a
         state dict (missing names fall back to the current weights).
         """
+        if not isinstance(module, nn.Module):
+            raise TypeError(f"module: expected a torch.nn.Module, got {type(module).__name__}")
         current = {n: p.detach().clone() for n, p in module.named_parameters() if p.requires_grad}
         if isinstance(mean, str):
             if mean == "init":
@@ -110,6 +128,13 @@ class GaussianPrior:
             unknown = set(std) - set(current)
             if unknown:
                 raise ValueError(f"std: names {sorted(unknown)} are not trainable parameters of the module")
+            for n, s in std.items():
+                if isinstance(s, Tensor) and s.dim() > 0:
+                    try:
+                        torch.broadcast_shapes(s.shape, current[n].shape)
+                    except RuntimeError:
+                        raise ValueError(f"std: {n!r} has shape {tuple(s.shape)}, which does not broadcast "
+                                         f"to the parameter's {tuple(current[n].shape)}") from None
         return cls(std=std, mean=centre)
 
     def log_prob(self, params: Mapping[str, Tensor], batch_ndim: int = 0) -> Tensor:

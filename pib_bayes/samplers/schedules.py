@@ -16,6 +16,18 @@ from abc import ABC, abstractmethod
 __all__ = ["Schedule", "Constant", "PolynomialDecay", "Cosine", "Cyclical", "as_schedule"]
 
 
+def _int_at_least(name: str, value: object, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{name}: must be a whole number >= {minimum}, got {value!r}")
+    return int(value)
+
+
+def _number(name: str, value: object) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ValueError(f"{name}: must be a finite number, got {value!r}")
+    return float(value)
+
+
 def _positive(name: str, value: float) -> float:
     is_number = isinstance(value, (int, float)) and not isinstance(value, bool)
     if not is_number or not math.isfinite(value) or value <= 0:
@@ -70,7 +82,7 @@ class PolynomialDecay(Schedule):
     def __init__(self, a: float, b: float = 1.0, gamma: float = 0.55) -> None:
         self.a = _positive("a", a)
         self.b = _positive("b", b)
-        if not 0 <= gamma <= 1:
+        if not 0 <= _number("gamma", gamma) <= 1:
             raise ValueError(f"gamma: must lie in [0, 1], got {gamma}")
         self.gamma = float(gamma)
 
@@ -87,10 +99,8 @@ class Cosine(Schedule):
 
     def __init__(self, step_size: float, total_steps: int, min_step_size: float = 0.0) -> None:
         self.h0 = _positive("step_size", step_size)
-        if int(total_steps) < 1:
-            raise ValueError(f"total_steps: must be >= 1, got {total_steps}")
-        self.total_steps = int(total_steps)
-        if not 0 <= min_step_size <= self.h0:
+        self.total_steps = _int_at_least("total_steps", total_steps, 1)
+        if not 0 <= _number("min_step_size", min_step_size) <= self.h0:
             raise ValueError(f"min_step_size: must lie in [0, step_size], got {min_step_size}")
         self.h_min = float(min_step_size)
 
@@ -117,10 +127,8 @@ class Cyclical(Schedule):
 
     def __init__(self, step_size: float, cycle_length: int, exploration_fraction: float = 0.5) -> None:
         self.h0 = _positive("step_size", step_size)
-        if int(cycle_length) < 2:
-            raise ValueError(f"cycle_length: must be >= 2 steps, got {cycle_length}")
-        self.cycle_length = int(cycle_length)
-        if not 0 <= exploration_fraction < 1:
+        self.cycle_length = _int_at_least("cycle_length", cycle_length, 2)
+        if not 0 <= _number("exploration_fraction", exploration_fraction) < 1:
             raise ValueError(f"exploration_fraction: must lie in [0, 1), got {exploration_fraction}")
         self.exploration_fraction = float(exploration_fraction)
 
