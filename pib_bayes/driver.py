@@ -334,6 +334,8 @@ def _check_model_takes_data(energy: Energy, params: dict[str, Tensor], fixed: di
     """Run the energy once on a slice of the data so a shape/dtype/label mistake is reported as such,
     not as a raw torch error from deep inside the first step."""
     head = slice(0, min(len(x), 256))
+    was_training = energy.model.training
+    energy.model.eval()  # as when sampling: BatchNorm must not update its statistics here
     try:
         with torch.no_grad():
             out = torch.func.functional_call(energy.model, {**fixed, **params}, (x[head],))
@@ -342,6 +344,8 @@ def _check_model_takes_data(energy: Energy, params: dict[str, Tensor], fixed: di
         raise ValueError(f"data: the model and loss cannot consume the data ({type(err).__name__}: {err}); "
                          f"check x's shape {tuple(x.shape)} and dtype {x.dtype}, and y's shape "
                          f"{tuple(y.shape)} and dtype {y.dtype}") from err
+    finally:
+        energy.model.train(was_training)
     if energy.task == "classification" and out.dim() >= 2:
         if y.is_floating_point() and y.dim() == 1:
             raise ValueError("data: classification labels must be integers (torch.long), got floats")
