@@ -40,11 +40,27 @@ __all__ = ["ConvergenceWarning", "to_arviz", "summary", "scalar_quantities", "lo
            "random_projections"]
 
 
+_OOM = getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError)  # torch < 2.5: only the CUDA name
+
+
 class ConvergenceWarning(UserWarning):
     """Chains that have not mixed: R-hat above the limit or too few effective draws."""
 
 
 # ------------------------------------------------------------------------------------ helpers
+def _check_post(post: Any) -> Posterior:
+    if not isinstance(post, Posterior):
+        raise TypeError(f"post: expected a pib_bayes.Posterior (from pib_bayes.sample or Posterior.load), "
+                        f"got {type(post).__name__}")
+    return post
+
+
+def _check_count(name: str, value: Any, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{name}: must be an int >= {minimum}, got {value!r}")
+    return value
+
+
 def _kept_chains(post: Posterior, include_diverged: bool) -> list[int]:
     # Posterior.kept_chains warns (naming the chains and steps) when it leaves diverged chains out
     return post.kept_chains(include_diverged)
@@ -57,15 +73,23 @@ def _check_task(post: Posterior) -> str:
     return task
 
 
-def _outputs(post: Posterior, x: Tensor, chains: Sequence[int], chunk_size: int) -> Tensor:
-    """Raw model outputs f(x; w) for every draw of ``chains``: (C, N, *out_shape)."""
+def _outputs(post: Posterior, x: Tensor, chains: Sequence[int], chunk_size: int,
+             name: str = "data") -> Tensor:
+    """Raw model outputs f(x; w) for every draw of ``chains``: (C, N, *out_shape).
+
+    ``name`` is the argument ``x`` came from (``data`` or ``probe_x``): inputs the model cannot
+    consume (wrong width, wrong dtype) raise a ``ValueError`` naming it.
+    """
     model = post.model
     if model is None:
         raise ValueError("post: this Posterior has no model attached; pass model= to Posterior.load")
+    # a model whose parameter names or shapes differ from the draws would silently evaluate its own
+    # weights for every draw (functional_call ignores unknown keys)
+    post.check_model(model)
     if not isinstance(x, Tensor):
-        raise TypeError(f"x: expected a tensor, got {type(x).__name__}")
-    if chunk_size < 1:
-        raise ValueError(f"chunk_size: must be >= 1, got {chunk_size}")
+        raise TypeError(f"{name}: expected a tensor of inputs x, got {type(x).__name__}")
+    _check_finite(name, "x", x)
+    _check_count("chunk_size", chunk_size, 1)
     c, n = len(chains), post.num_draws
     draws = {k: v[list(chains)].reshape(c * n, *v.shape[2:]) for k, v in post.draws.items()}
     fixed = post.fixed
@@ -74,8 +98,18 @@ def _outputs(post: Posterior, x: Tensor, chains: Sequence[int], chunk_size: int)
     try:
         batched = vmap(lambda p: functional_call(model, {**fixed, **p}, (x,)))
         with torch.no_grad():
-            outs = [batched({k: v[s:s + chunk_size] for k, v in draws.items()})
-                    for s in range(0, c * n, chunk_size)]
+            chunks = [{k: v[s:s + chunk_size] for k, v in draws.items()} for s in range(0, c * n, chunk_size)]
+            if not chunks:
+                raise ValueError("post: holds no draws to evaluate the model with")
+            try:  # the first chunk doubles as the check that the model can consume x
+                outs = [batched(chunks[0])]
+            except _OOM:
+                raise
+            except (RuntimeError, IndexError, TypeError) as err:
+                raise ValueError(f"{name}: the model cannot be evaluated on x of shape {tuple(x.shape)} and "
+                                 f"dtype {x.dtype} ({type(err).__name__}: {str(err).splitlines()[0]}); pass "
+                                 "inputs of the shape and dtype the model was sampled with") from err
+            outs += [batched(chunk) for chunk in chunks[1:]]
     finally:
         model.train(was_training)
     out = torch.cat(outs)
@@ -94,18 +128,42 @@ def _observation_dist(post: Posterior, out: Tensor) -> torch.distributions.Distr
     return Normal(out, float(noise_std))
 
 
+def _check_finite(name: str, part: str, t: Tensor) -> None:
+    if (torch.is_floating_point(t) or t.is_complex()) and not bool(torch.isfinite(t).all()):
+        raise ValueError(f"{name}: {part} contains NaN or infinite values; remove or impute those rows first")
+
+
 def _check_data(data: Any) -> tuple[Tensor, Tensor]:
     if not (isinstance(data, (tuple, list)) and len(data) == 2 and all(isinstance(t, Tensor) for t in data)):
         raise TypeError(f"data: expected a pair of tensors (x, y), got {type(data).__name__}")
     x, y = data
+    if x.dim() == 0 or y.dim() == 0:
+        raise ValueError("data: x and y need a leading row dimension, got a 0-d tensor")
     if x.shape[0] != y.shape[0]:
         raise ValueError(f"data: x and y need the same number of rows, got {x.shape[0]} and {y.shape[0]}")
+    if x.shape[0] == 0:
+        raise ValueError("data: holds no rows; pass at least one (x, y) pair")
+    _check_finite("data", "x", x)
+    _check_finite("data", "y", y)
     return x, y
 
 
 def _targets(post: Posterior, out: Tensor, y: Tensor) -> Tensor:
-    if post.task == "classification":
-        return y.long()
+    if _check_task(post) == "classification":
+        shape, k = out.shape[2:-1], out.shape[-1]  # one label per output row of logits
+        if y.numel() != shape.numel():
+            raise ValueError(f"data: y needs one class label per row of logits, shape {tuple(shape)}, got "
+                             f"shape {tuple(y.shape)} (model outputs {tuple(out.shape[2:])})")
+        if y.is_complex():
+            raise ValueError(f"data: y must hold integer class labels, got dtype {y.dtype}")
+        if torch.is_floating_point(y) and not bool((y == y.round()).all()):
+            raise ValueError("data: y holds fractional class labels (y.long() would truncate them); pass "
+                             "integer labels in [0, num_classes)")
+        labels = y.reshape(shape).long()
+        if bool((labels < 0).any()) or bool((labels >= k).any()):
+            raise ValueError(f"data: y holds class labels outside [0, {k - 1}] (min {int(labels.min())}, max "
+                             f"{int(labels.max())}); the model gives {k} classes")
+        return labels
     if y.numel() != out[0, 0].numel():
         raise ValueError(f"data: y has {y.numel()} values but the model gives {out[0, 0].numel()} outputs")
     return y.reshape(out.shape[2:]).to(out.dtype)
@@ -119,6 +177,7 @@ def log_likelihood(post: Posterior, x: Tensor, y: Tensor, *, include_diverged: b
     over output dimensions, s = ``post.metadata["noise_std"]``. The model runs through
     ``torch.func.functional_call`` vmapped over ``chunk_size`` draws at a time.
     """
+    _check_post(post)
     x, y = _check_data((x, y))
     return _pointwise_loglik(post, x, y, _kept_chains(post, include_diverged), chunk_size)
 
@@ -175,6 +234,10 @@ def scalar_quantities(post: Posterior, *, data: tuple[Tensor, Tensor] | None = N
     indices of the chains used. Every weight is its own quantity when D <= ``max_weights``,
     otherwise ``num_projections`` seeded random projections stand in for the weights.
     """
+    _check_post(post)
+    _check_count("max_weights", max_weights, 0)
+    if data is not None:
+        data = _check_data(data)
     chains = _kept_chains(post, include_diverged)
     values: dict[str, np.ndarray] = {}
     kinds: dict[str, str] = {}
@@ -187,10 +250,10 @@ def scalar_quantities(post: Posterior, *, data: tuple[Tensor, Tensor] | None = N
         if key in post.sample_stats:
             add(key, "sample_stat", post.sample_stats[key][chains])
     if data is not None:
-        x, y = _check_data(data)
+        x, y = data
         add("log_lik", "log_likelihood", _pointwise_loglik(post, x, y, chains, chunk_size).sum(-1))
     if probe_x is not None:
-        out = _outputs(post, probe_x, chains, chunk_size)
+        out = _outputs(post, probe_x, chains, chunk_size, name="probe_x")
         if _check_task(post) == "classification":
             probs = torch.softmax(out, dim=-1)                        # (C, N, B, K)
             top = probs.reshape(-1, *probs.shape[2:]).nanmean(0).argmax(-1)  # class of the posterior mean
@@ -249,6 +312,7 @@ def summary(post: Posterior, *, data: tuple[Tensor, Tensor] | None = None, probe
     >>> list(table.index), bool((table["r_hat"] < 1.01).all())
     (['energy', 'w[0]', 'w[1]'], True)
     """
+    _check_post(post)
     for name, val in (("rhat_threshold", rhat_threshold), ("min_ess_per_chain", min_ess_per_chain)):
         if not isinstance(val, (int, float)) or isinstance(val, bool) or not math.isfinite(val) or val <= 0:
             raise ValueError(f"{name}: must be a positive number, got {val!r}")
@@ -331,6 +395,9 @@ def to_arviz(post: Posterior, *, params: None | Sequence[str] | str = None, num_
     >>> dict(idata.posterior["w"].sizes)
     {'chain': 2, 'draw': 5, 'w_dim_0': 3}
     """
+    _check_post(post)
+    if data is not None:
+        data = _check_data(data)
     chains = _kept_chains(post, include_diverged)
     n = post.num_draws
     base = {"chain": list(chains), "draw": np.arange(n)}
@@ -363,7 +430,7 @@ def to_arviz(post: Posterior, *, params: None | Sequence[str] | str = None, num_
                                    post.draws[post.param_names[0]].shape[:2])}, coords=base)
     groups: dict[str, xr.Dataset] = {"posterior": posterior, "sample_stats": sample_stats}
     if data is not None:
-        x, y = _check_data(data)
+        x, y = data
         out = _outputs(post, x, chains, chunk_size)
         dist = _observation_dist(post, out)
         target = _targets(post, out, y)

@@ -22,8 +22,8 @@ Regression, with draws f_m = f(x; w_m) and observation noise s (``GaussianLoss``
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -58,6 +58,8 @@ def _per_draw_probs(pred: Prediction | Tensor) -> Tensor:
                          f"got {tuple(probs.shape)}")
     if not torch.is_floating_point(probs):
         raise TypeError(f"pred: probabilities must be floating point, got {probs.dtype}")
+    if probs.shape[0] == 0:
+        raise ValueError("pred: holds no draws (shape (0, points, classes)); pass at least one draw")
     sums = probs.sum(-1)
     if bool((probs < 0).any()) or not torch.allclose(sums, torch.ones_like(sums), atol=1e-4):
         raise ValueError("pred: rows must be probabilities (non-negative, summing to 1); "
@@ -66,6 +68,9 @@ def _per_draw_probs(pred: Prediction | Tensor) -> Tensor:
 
 
 def _labels(y: Tensor, probs: Tensor) -> Tensor:
+    if probs.shape[-2] == 0:
+        raise ValueError("pred: holds no points (shape (draws, 0, classes)); scores on labels need at least "
+                         "one prediction")
     if not isinstance(y, Tensor):
         raise TypeError(f"y: expected a tensor of class labels, got {type(y).__name__}")
     y = y.reshape(-1)
@@ -206,6 +211,66 @@ def _check_level(level: float) -> float:
     return float(level)
 
 
+def _real_tensor(name: str, t: Any, what: str = "a tensor") -> Tensor:
+    """``t`` as a floating-point tensor of finite values; TypeError/ValueError naming ``name``."""
+    if not isinstance(t, Tensor):
+        raise TypeError(f"{name}: expected {what}, got {type(t).__name__}; convert it with torch.as_tensor")
+    if t.dtype == torch.bool or t.is_complex():
+        raise TypeError(f"{name}: expected real numbers, got dtype {t.dtype}")
+    if not torch.is_floating_point(t):
+        t = t.to(torch.get_default_dtype())
+    if not bool(torch.isfinite(t).all()):
+        raise ValueError(f"{name}: contains NaN or infinite values; remove or impute them first")
+    return t
+
+
+def _check_variance(variance: Any, mean: Tensor, strict: bool) -> Tensor:
+    variance = _real_tensor("variance", variance)
+    try:
+        shape = torch.broadcast_shapes(variance.shape, mean.shape)
+    except RuntimeError:
+        shape = None
+    if shape != mean.shape:
+        raise ValueError(f"variance: shape {tuple(variance.shape)} does not match the mean's "
+                         f"{tuple(mean.shape)}; pass one variance per value (or a scalar)")
+    if bool((variance <= 0).any()) if strict else bool((variance < 0).any()):
+        raise ValueError(f"variance: must be {'> 0' if strict else 'non-negative'} everywhere"
+                         + (" for a Gaussian NLL" if strict else ""))
+    return variance
+
+
+def _check_targets(y: Any, like: Tensor, other: str) -> Tensor:
+    """Observed values ``y``: a finite tensor with one value per entry of ``like`` (reshaped to it)."""
+    y = _real_tensor("y", y, "a tensor of observed values")
+    if y.numel() != like.numel():
+        raise ValueError(f"y: has {y.numel()} values but {other} has {like.numel()} "
+                         f"(shape {tuple(like.shape)}); pass one observed value per prediction")
+    if y.numel() == 0:
+        raise ValueError("y: holds no values; scores need at least one observation")
+    return y.reshape(like.shape)
+
+
+def _check_noise(noise_std: Any, point_shape: torch.Size) -> Tensor:
+    """The observation noise s as a float64 tensor broadcastable to ``point_shape``; finite and > 0."""
+    if isinstance(noise_std, bool) or not isinstance(noise_std, (int, float, Tensor)):
+        raise TypeError(f"noise_std: expected a positive number or a tensor of them, "
+                        f"got {type(noise_std).__name__}")
+    if isinstance(noise_std, Tensor) and (noise_std.dtype == torch.bool or noise_std.is_complex()):
+        raise TypeError(f"noise_std: expected real numbers, got dtype {noise_std.dtype}")
+    s = torch.as_tensor(noise_std, dtype=torch.float64)
+    if not bool((torch.isfinite(s) & (s > 0)).all()):
+        shown = noise_std if not isinstance(noise_std, Tensor) or noise_std.numel() <= 4 else "a tensor"
+        raise ValueError(f"noise_std: must be finite and > 0 everywhere, got {shown}")
+    try:
+        shape = torch.broadcast_shapes(s.shape, point_shape)
+    except RuntimeError:
+        shape = None
+    if shape != point_shape:
+        raise ValueError(f"noise_std: shape {tuple(s.shape)} does not fit the predictions' "
+                         f"{tuple(point_shape)}; pass a scalar or one value per prediction")
+    return s
+
+
 def gaussian_interval(mean: Tensor, variance: Tensor, level: float = 0.9) -> tuple[Tensor, Tensor]:
     """Central interval mean ± z sqrt(variance), z = Phi^{-1}((1 + level)/2).
 
@@ -214,8 +279,8 @@ def gaussian_interval(mean: Tensor, variance: Tensor, level: float = 0.9) -> tup
     1.96
     """
     level = _check_level(level)
-    if bool((variance < 0).any()):
-        raise ValueError("variance: must be non-negative")
+    mean = _real_tensor("mean", mean)
+    variance = _check_variance(variance, mean, strict=False)
     z = Normal(0.0, 1.0).icdf(torch.tensor(0.5 + level / 2, dtype=torch.float64))
     half = z.to(mean.dtype) * variance.sqrt()
     return mean - half, mean + half
@@ -242,14 +307,15 @@ def credible_interval(per_draw: Tensor, level: float = 0.9, noise_std: float | T
     level = _check_level(level)
     if not isinstance(per_draw, Tensor) or per_draw.dim() < 2:
         raise ValueError("per_draw: expected a tensor (draws, points, ...)")
+    if per_draw.shape[0] == 0:
+        raise ValueError("per_draw: holds no draws; pass at least one")
+    per_draw = _real_tensor("per_draw", per_draw)
     qs = (0.5 - level / 2, 0.5 + level / 2)
     f = per_draw.double()
     if noise_std is None:
         q = torch.quantile(f, torch.tensor(qs, dtype=torch.float64), dim=0)
         return q[0].to(per_draw.dtype), q[1].to(per_draw.dtype)
-    s = torch.as_tensor(noise_std, dtype=torch.float64)
-    if bool((s <= 0).any()):
-        raise ValueError(f"noise_std: must be > 0, got {noise_std}")
+    s = _check_noise(noise_std, per_draw.shape[1:])
     mix = _mixture(f, s)
     scale = mix.component_distribution.scale
     sd = (f.var(0, unbiased=False) + scale.square().mean(-1)).sqrt()  # moment-matched start
@@ -273,16 +339,21 @@ def credible_interval(per_draw: Tensor, level: float = 0.9, noise_std: float | T
 
 def coverage(y: Tensor, lower: Tensor, upper: Tensor) -> float:
     """Fraction of observed values inside [lower, upper]."""
-    y = y.reshape(lower.shape).to(lower.dtype)
+    lower = _real_tensor("lower", lower)
+    upper = _real_tensor("upper", upper)
+    if upper.shape != lower.shape:
+        raise ValueError(f"upper: shape {tuple(upper.shape)} differs from lower's {tuple(lower.shape)}")
+    y = _check_targets(y, lower, "lower").to(lower.dtype)
     return float(((y >= lower) & (y <= upper)).double().mean())
 
 
 def gaussian_nll(y: Tensor, mean: Tensor, variance: Tensor) -> float:
     """-mean log N(y; mean, variance) over every output value (nats)."""
-    if bool((variance <= 0).any()):
-        raise ValueError("variance: must be > 0 for a Gaussian NLL")
+    mean = _real_tensor("mean", mean)
+    variance = _check_variance(variance, mean, strict=True)
+    y = _check_targets(y, mean, "mean")
     dist = Normal(mean.double(), variance.double().sqrt())
-    return float(-dist.log_prob(y.reshape(mean.shape).double()).mean())
+    return float(-dist.log_prob(y.double()).mean())
 
 
 @dataclass
@@ -337,8 +408,13 @@ def regression_uncertainty(pred: Prediction | Tensor, y: Tensor | None = None, *
         raise TypeError(f"pred: expected a Prediction or a tensor of draws, got {type(pred).__name__}")
     if per_draw.dim() < 2:
         raise ValueError(f"pred: draws need shape (draws, points, ...), got {tuple(per_draw.shape)}")
-    if noise is not None and not isinstance(noise, Tensor) and not (noise > 0 and math.isfinite(noise)):
-        raise ValueError(f"noise_std: must be a positive number, got {noise!r}")
+    if per_draw.shape[0] == 0:
+        raise ValueError("pred: holds no draws; pass at least one")
+    per_draw = _real_tensor("pred", per_draw, "a tensor of draws")
+    if noise is not None:
+        noise = _check_noise(noise, per_draw.shape[1:]).to(per_draw.dtype)
+    if y is not None:
+        y = _check_targets(y, per_draw[0], "pred (per draw)")
     mean = per_draw.mean(0)
     epistemic = per_draw.var(0, unbiased=False)
     aleatoric = None if noise is None else torch.as_tensor(noise, dtype=mean.dtype).square().expand_as(mean)
@@ -347,13 +423,11 @@ def regression_uncertainty(pred: Prediction | Tensor, y: Tensor | None = None, *
     g_lower, g_upper = gaussian_interval(mean, variance, level)
     out = RegressionUncertainty(mean, epistemic, aleatoric, variance, level, lower, upper, g_lower, g_upper)
     if y is not None:
-        if not isinstance(y, Tensor) or y.numel() != mean.numel():
-            raise ValueError(f"y: expected a tensor with {mean.numel()} values matching the predictions")
         out.coverage = coverage(y, lower, upper)
         out.gaussian_coverage = coverage(y, g_lower, g_upper)
         if bool((variance > 0).all()):
             out.nll_gaussian = gaussian_nll(y, mean, variance)
         if noise is not None:
-            mix = _mixture(per_draw.double(), torch.as_tensor(noise, dtype=torch.float64))
-            out.nll_mixture = float(-mix.log_prob(y.reshape(mean.shape).double()).mean())
+            mix = _mixture(per_draw.double(), noise.double())
+            out.nll_mixture = float(-mix.log_prob(y.double()).mean())
     return out

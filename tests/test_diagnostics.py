@@ -297,3 +297,37 @@ def test_end_to_end_sample_summary_and_loo():
         warnings.simplefilter("ignore", UserWarning)
         assert np.isfinite(az.loo(idata).elpd_loo)
         assert np.isfinite(az.waic(idata).elpd_waic)
+
+
+def _linear_posterior(model: nn.Module, task: str = "classification") -> Posterior:
+    g = _gen(5)
+    draws = {"weight": torch.randn(2, 6, 2, 3, generator=g), "bias": torch.randn(2, 6, 2, generator=g)}
+    return Posterior(draws, {"energy": torch.randn(2, 6, generator=g)}, {"task": task}, model=model)
+
+
+def test_log_likelihood_is_the_same_for_every_chunk_size_and_label_layout():
+    post = _linear_posterior(nn.Linear(3, 2))
+    x, y = torch.randn(7, 3, generator=_gen(6)), torch.randint(0, 2, (7,), generator=_gen(7))
+    ref = log_likelihood(post, x, y, chunk_size=64)
+    torch.testing.assert_close(log_likelihood(post, x, y, chunk_size=1), ref)
+    torch.testing.assert_close(log_likelihood(post, x, y, chunk_size=5), ref)
+    # integral float labels and a (n, 1) column are the same labels
+    torch.testing.assert_close(log_likelihood(post, x, y.double()[:, None]), ref)
+    logits = torch.einsum("cdkj,nj->cdnk", post.draws["weight"], x) + post.draws["bias"][:, :, None, :]
+    expected = torch.log_softmax(logits, -1).gather(-1, y.expand(2, 6, 7)[..., None])[..., 0]
+    torch.testing.assert_close(ref, expected)
+
+
+def test_inputs_the_model_cannot_consume_raise_value_error_from_the_model_error():
+    post = _linear_posterior(nn.Linear(3, 2))
+    with pytest.raises(ValueError, match="data: the model cannot be evaluated") as info:
+        log_likelihood(post, torch.randn(4, 5), torch.zeros(4, dtype=torch.long))
+    assert isinstance(info.value.__cause__, RuntimeError)
+    with pytest.raises(ValueError, match="probe_x: the model cannot be evaluated"):
+        summary(post, probe_x=torch.randint(0, 3, (2, 3)), warn=False)
+    with pytest.raises(ValueError, match="probe_x: x contains NaN"):
+        summary(post, probe_x=torch.full((2, 3), math.nan), warn=False)
+    with pytest.raises(ValueError, match="model: 'weight' has shape"):
+        summary(_linear_posterior(nn.Linear(4, 2)), data=(torch.randn(4, 4), torch.zeros(4)), warn=False)
+    with pytest.raises(ValueError, match="chunk_size"):
+        log_likelihood(post, torch.randn(4, 3), torch.zeros(4), chunk_size=2.5)

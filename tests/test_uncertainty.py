@@ -262,3 +262,26 @@ def test_bad_input_raises_clear_errors():
         regression_uncertainty([1.0, 2.0])
     with pytest.raises(ValueError, match="regression Prediction"):
         regression_uncertainty(Prediction("classification", torch.zeros(2, 2), torch.zeros(1, 2, 2)))
+
+
+def test_per_point_noise_and_interval_inputs_are_checked():
+    draws = torch.randn(20, 4, generator=_gen(11), dtype=torch.float64)
+    noise = torch.tensor([0.5, 1.0, 1.5, 2.0], dtype=torch.float64)
+    lo, hi = credible_interval(draws, 0.9, noise)
+    for i in range(4):  # per-point noise equals one scalar-noise call per point
+        lo_i, hi_i = credible_interval(draws[:, i:i + 1], 0.9, float(noise[i]))
+        torch.testing.assert_close(torch.stack([lo[i], hi[i]]), torch.cat([lo_i, hi_i]))
+    u = regression_uncertainty(draws, torch.zeros(4), noise_std=noise)
+    torch.testing.assert_close(u.aleatoric_variance, noise.square())
+    with pytest.raises(ValueError, match="noise_std: shape"):
+        regression_uncertainty(draws, noise_std=noise[:3])
+    with pytest.raises(TypeError, match="noise_std"):
+        credible_interval(draws, noise_std=True)
+    with pytest.raises(ValueError, match="variance: must be non-negative"):
+        gaussian_interval(torch.zeros(2), torch.tensor([1.0, -1.0]))
+    lo, hi = gaussian_interval(torch.zeros(3), torch.tensor(4.0), 0.9)  # a scalar variance broadcasts
+    torch.testing.assert_close(hi, torch.full((3,), 2 * Z90))
+    with pytest.raises(ValueError, match="upper: shape"):
+        coverage(torch.zeros(3), torch.zeros(3), torch.ones(2))
+    with pytest.raises(ValueError, match="pred: holds no draws"):
+        predictive_entropy(torch.zeros(0, 2, 3))
