@@ -116,18 +116,23 @@ class Bound:
 
 
 # ----------------------------------------------------------------------------- validation
-def _check_n(n: object) -> int:
+def _check_n(n: object, name: str = "n",
+             what: str = "examples used by the bound, prior split excluded") -> int:
     if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1:
-        raise ValueError(f"n: must be an int >= 1 (examples used by the bound, prior split excluded), "
-                         f"got {n!r}")
+        raise ValueError(f"{name}: must be an int >= 1 ({what}), got {n!r}")
     return int(n)
 
 
-def _check_delta(delta: object) -> float:
-    if isinstance(delta, bool) or not isinstance(delta, (int, float)) or not 0 < delta < 1:
-        raise ValueError(f"delta: the confidence parameter must be a float in (0, 1), e.g. 0.05, "
+def _check_delta(delta: object, name: str = "delta") -> float:
+    if isinstance(delta, bool) or not isinstance(delta, (int, float, np.floating)) or not 0 < delta < 1:
+        raise ValueError(f"{name}: the confidence parameter must be a float in (0, 1), e.g. 0.05, "
                          f"got {delta!r}")
     return float(delta)
+
+
+def _is_real(v: object) -> bool:
+    """A real number (int, float, NumPy scalar), not a bool or a string."""
+    return not isinstance(v, bool) and isinstance(v, (int, float, np.integer, np.floating))
 
 
 def _check_range(loss_range: object) -> tuple[float, float]:
@@ -207,8 +212,8 @@ def kl_inverse(q: float, c: float, tol: float = 1e-12) -> float:
         raise ValueError(f"q: the empirical risk must be a float in [0, 1], got {q!r}")
     if isinstance(c, bool) or not isinstance(c, (int, float, np.floating)) or not float(c) >= 0.0:
         raise ValueError(f"c: the kl budget must be a float >= 0, got {c!r}")
-    if not 0.0 < tol <= 1e-6:
-        raise ValueError(f"tol: must be in (0, 1e-6], got {tol!r}")
+    if not _is_real(tol) or not 0.0 < float(tol) <= 1e-6:
+        raise ValueError(f"tol: the bisection accuracy must be a float in (0, 1e-6], e.g. 1e-12, got {tol!r}")
     q, c = float(q), float(c)
     if q >= 1.0 or math.isinf(c):
         return 1.0
@@ -259,6 +264,9 @@ def mi_bound(info: object, n: int, *, empirical: float = 0.0, sigma: float | Non
         if isinstance(empirical, bool) or not isinstance(empirical, (int, float, np.floating)):
             raise TypeError(f"empirical: expected a float, got {type(empirical).__name__}")
         e = float(empirical)
+        if not math.isfinite(e):
+            raise ValueError(f"empirical: the empirical risk must be a finite float, got {e}; evaluate the "
+                             "loss on finite predictions (or pass loss_range for a bounded loss)")
     if sigma is None:
         if loss_range is None:
             raise ValueError("sigma: give the loss's sub-Gaussian parameter sigma, or loss_range=(a, b) "
@@ -343,10 +351,18 @@ def catoni_bound(empirical: float, kl: object, n: int, delta: float = 0.05,
     n, delta = _check_n(n), _check_delta(delta)
     k = as_nats(kl)
     q, a, b = _unit(empirical, loss_range)
-    grid = DEFAULT_CATONI_GRID if c is None else ((c,) if isinstance(c, (int, float)) else tuple(c))
-    if not grid or any(isinstance(v, bool) or not (float(v) > 0 and math.isfinite(float(v))) for v in grid):
-        raise ValueError(f"c: Catoni's constant must be a float > 0 or a non-empty sequence of them, "
-                         f"got {c!r}")
+    bad_c = ValueError(f"c: Catoni's constant must be a float > 0 or a non-empty sequence of them "
+                       f"(or None for the default grid), got {c!r}")
+    if c is None:
+        grid: tuple = DEFAULT_CATONI_GRID
+    elif _is_real(c):
+        grid = (c,)
+    elif isinstance(c, (str, bytes)) or not isinstance(c, (Sequence, np.ndarray)):
+        raise bad_c
+    else:
+        grid = tuple(c)
+    if not grid or any(not _is_real(v) or not (float(v) > 0 and math.isfinite(float(v))) for v in grid):
+        raise bad_c
     penalty = (k + math.log(len(grid) / delta)) / n
     values = [-math.expm1(-float(cc) * q - penalty) / -math.expm1(-float(cc)) for cc in grid]
     best = int(np.argmin(values))
@@ -384,11 +400,41 @@ def bounded_cross_entropy(probs: Tensor, y: Tensor, p_min: float = 1e-4) -> Tens
     >>> float(bounded_cross_entropy(torch.tensor([[0.5, 0.5]]), torch.tensor([0]), p_min=0.25))
     0.5
     """
-    if not 0.0 < p_min < 1.0:
+    if not _is_real(p_min) or not 0.0 < p_min < 1.0:
         raise ValueError(f"p_min: the probability floor must be in (0, 1), e.g. 1e-4, got {p_min!r}")
+    _check_probs_labels(probs, y)
     py = probs.gather(-1, y.expand(*probs.shape[:-1]).unsqueeze(-1)).squeeze(-1)
     cap = math.log(1.0 / p_min)
     return torch.clamp(-torch.log(py.clamp_min(p_min)), max=cap) / cap
+
+
+def _check_probs_labels(probs: object, y: object) -> None:
+    """``probs`` (..., B, K) class probabilities and ``y`` (B,) integer labels in [0, K-1]."""
+    if not isinstance(probs, Tensor) or not probs.is_floating_point() or probs.dim() < 2:
+        raise TypeError("probs: expected a floating tensor of class probabilities (..., B, K), got "
+                        + (f"dtype {probs.dtype}, shape {tuple(probs.shape)}" if isinstance(probs, Tensor)
+                           else type(probs).__name__))
+    k = probs.shape[-1]
+    if probs.numel():
+        tol = max(1e-4, 4 * k * torch.finfo(probs.dtype).eps)
+        lo, hi = float(probs.min()), float(probs.max())
+        sums = probs.sum(-1)
+        if not (math.isfinite(lo) and math.isfinite(hi)) or lo < -1e-6 or hi > 1 + 1e-6 or \
+                float((sums - 1).abs().max()) > tol:
+            raise ValueError(f"probs: expected class probabilities (finite, in [0, 1], summing to 1 over the "
+                             f"last axis), got values in [{lo:.3g}, {hi:.3g}]; pass softmax(logits), not "
+                             "logits")
+    if not isinstance(y, Tensor):
+        raise TypeError(f"y: expected a 1-D tensor of integer class labels, got {type(y).__name__}")
+    if y.dtype not in (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8) or y.dim() != 1:
+        raise ValueError(f"y: must be a 1-D tensor of integer class labels, got dtype {y.dtype}, shape "
+                         f"{tuple(y.shape)}; convert with y.long()")
+    if y.shape[0] != probs.shape[-2]:
+        raise ValueError(f"y: has {y.shape[0]} labels but probs has {probs.shape[-2]} examples (shape "
+                         f"{tuple(probs.shape)}, (..., B, K)); give one label per example")
+    if y.numel() and (int(y.min()) < 0 or int(y.max()) >= k):
+        raise ValueError(f"y: class labels must lie in [0, {k - 1}] for {k} classes, got "
+                         f"[{int(y.min())}, {int(y.max())}]")
 
 
 # ------------------------------------------------------------------------ data-dependent prior
@@ -429,8 +475,10 @@ def fit_prior(model: nn.Module, loss_fn: str | Callable[[Tensor, Tensor], Tensor
     x, y = _pair(prior_data, "prior_data")
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
         raise ValueError(f"steps: must be an int >= 1, got {steps!r}")
-    if not lr > 0:
-        raise ValueError(f"lr: must be > 0, got {lr!r}")
+    if not _is_real(lr) or not (0 < lr < math.inf):
+        raise ValueError(f"lr: the Adam learning rate must be a finite float > 0, e.g. 1e-2, got {lr!r}")
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
     loss, _ = resolve_loss(loss_fn)
     net = copy.deepcopy(model)
     params = [p for p in net.parameters() if p.requires_grad]
@@ -440,10 +488,19 @@ def fit_prior(model: nn.Module, loss_fn: str | Callable[[Tensor, Tensor], Tensor
     bs = n if batch_size is None else int(batch_size)
     if not 1 <= bs <= n:
         raise ValueError(f"batch_size: must be in [1, {n}], got {batch_size!r}")
-    for _ in range(steps):
+    for step in range(steps):
         idx = torch.randperm(n, generator=gen)[:bs] if bs < n else slice(None)
         opt.zero_grad()
-        out = loss(net(x[idx]), y[idx])
+        if step == 0:  # the first batch tells whether the model and loss can take the data at all
+            try:
+                out = loss(net(x[idx]), y[idx])
+            except (RuntimeError, IndexError, TypeError, ValueError) as err:
+                raise ValueError(f"prior_data: the model and loss cannot be evaluated on x of shape "
+                                 f"{tuple(x.shape)}, dtype {x.dtype} and y of shape {tuple(y.shape)}, dtype "
+                                 f"{y.dtype} ({type(err).__name__}: {err}); x must have the model's input "
+                                 "width and dtype, y the targets the loss expects") from err
+        else:
+            out = loss(net(x[idx]), y[idx])
         (out if out.dim() == 0 else out.mean()).backward()
         opt.step()
     fitted = {name: p.detach().clone() for name, p in net.named_parameters() if p.requires_grad}
@@ -456,7 +513,9 @@ def _pair(data: object, name: str) -> tuple[Tensor, Tensor]:
     try:
         pair = as_tensors(data)
     except (TypeError, ValueError) as err:
-        raise type(err)(f"{name}: {err}") from None
+        msg = str(err)
+        msg = msg[len("data: "):] if msg.startswith("data: ") else msg  # as_tensors names 'data' itself
+        raise type(err)(f"{name}: {msg}") from None
     assert pair is not None
     check_tensors(*pair, name=name)
     return pair
@@ -579,7 +638,18 @@ def _evaluate(post: Posterior, x: Tensor, y: Tensor, p_min: float, chunk: int, i
     draw_err = draw_nll = draw_bce = None
     for start in range(0, n, chunk):
         xb, yb = x[start:start + chunk], y[start:start + chunk]
-        pred = post.predict(xb, include_diverged=include_diverged)
+        try:
+            pred = post.predict(xb, include_diverged=include_diverged)
+        except ValueError as err:
+            if not str(err).startswith("x: "):
+                raise
+            # name the argument of report, not predict's
+            raise ValueError(f"{name}: {str(err)[3:]}; x must have the model's input width and "
+                             "dtype") from err
+        except (RuntimeError, IndexError, TypeError) as err:
+            raise ValueError(f"{name}: the posterior's model cannot be evaluated on x of shape "
+                             f"{tuple(x.shape)}, dtype {x.dtype} ({type(err).__name__}: {err}); x must have "
+                             "the model's input width and dtype") from err
         per = pred.per_draw.double()  # (M, B, K)
         if m is None:
             m, k = per.shape[0], per.shape[-1]
@@ -692,7 +762,7 @@ def report(posterior: Posterior, train: tuple[Tensor, Tensor], heldout: tuple[Te
                          f"got task {posterior.task!r}; use mi_bound/pac_bayes_bounds with your loss's range")
     delta = _check_delta(delta)
     if mc_delta is not None:
-        mc_delta = _check_delta(mc_delta)
+        mc_delta = _check_delta(mc_delta, "mc_delta")
         if delta + mc_delta >= 1:
             raise ValueError(f"mc_delta: delta + mc_delta must be < 1, got {delta} + {mc_delta}")
     if not 0.0 < p_min < 1.0:
@@ -700,7 +770,7 @@ def report(posterior: Posterior, train: tuple[Tensor, Tensor], heldout: tuple[Te
     if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
         raise ValueError(f"chunk_size: must be an int >= 1, got {chunk_size!r}")
     if n_prior is not None:
-        _check_n(n_prior)
+        _check_n(n_prior, "n_prior", "size of the prior's split, recorded only")
     xt, yt = _labels(train, "train")
     n = xt.shape[0]
     tr = _evaluate(posterior, xt, yt, p_min, chunk_size, include_diverged, "train")

@@ -212,6 +212,34 @@ def test_bad_types_raise_type_error():
         B.kl_inverse_bound("0.1", 1.0, 100)
 
 
+def test_bad_inputs_name_the_argument():
+    p = torch.softmax(torch.randn(6, 3, generator=torch.Generator().manual_seed(0)), -1)
+    y = torch.tensor([0, 1, 2, 0, 1, 2])
+    cases = [
+        (lambda: B.bounded_cross_entropy(p, y + 5), "y: class labels must lie in"),
+        (lambda: B.bounded_cross_entropy(p, y[:3]), "y: has 3 labels"),
+        (lambda: B.bounded_cross_entropy(p, y.float()), "y: must be a 1-D tensor of integer"),
+        (lambda: B.bounded_cross_entropy(torch.log(p), y), "probs: expected class probabilities"),
+        (lambda: B.bounded_cross_entropy(torch.full((6, 3), math.nan), y), "probs: expected class"),
+        (lambda: B.kl_inverse(0.1, 0.1, tol="a"), "tol: "),
+        (lambda: B.catoni_bound(0.1, 1.0, 10, c="a"), "c: "),
+        (lambda: B.catoni_bound(0.1, 1.0, 10, c=[1.0, "a"]), "c: "),
+        (lambda: B.mi_bound(1.0, 10, sigma=1.0, empirical=math.nan), "empirical: "),
+        (lambda: B.mi_bound(1.0, 10, sigma=1.0, empirical=math.inf), "empirical: "),
+        (lambda: B.fit_prior(nn.Linear(3, 2), "cross_entropy", (torch.randn(8, 3), y[:1].repeat(8)), lr="a"),
+         "lr: "),
+        (lambda: B.fit_prior(nn.Linear(3, 2), "cross_entropy", (torch.randn(8, 4), y[:1].repeat(8)), steps=1),
+         "prior_data: the model and loss cannot"),
+        (lambda: B.split_data((torch.randn(3, 2),)), "data: expected \\(x, y\\)"),
+        (lambda: B.fit_prior(nn.Linear(3, 2), "cross_entropy", (torch.randn(3, 2),)),
+         "prior_data: expected \\(x, y\\)"),
+    ]
+    for call, match in cases:
+        with pytest.raises((ValueError, TypeError), match="^" + match):
+            call()
+    assert float(B.bounded_cross_entropy(p.double(), y).mean()) > 0  # valid input still works
+
+
 def test_bounded_cross_entropy():
     p = torch.tensor([[0.5, 0.5], [1e-9, 1 - 1e-9], [0.9, 0.1]])
     y = torch.tensor([0, 0, 0])
@@ -398,6 +426,14 @@ def test_report_mc_delta_and_iiw_results(sampled):
         B.report(post, train, kl=1.0, iiw=raw)
     with pytest.raises(ValueError, match="mc_delta"):
         B.report(post, train, kl=1.0, delta=0.5, mc_delta=0.5)
+    for bad in (math.nan, -1.0, 1.0):
+        with pytest.raises(ValueError, match="^mc_delta: "):
+            B.report(post, train, kl=1.0, mc_delta=bad)
+    with pytest.raises(ValueError, match="^n_prior: "):
+        B.report(post, train, kl=1.0, n_prior=-1)
+    x, y = train
+    with pytest.raises(ValueError, match="^train: .*input width"):
+        B.report(post, (torch.randn(len(y), x.shape[1] + 1, dtype=x.dtype), y), kl=1.0)
 
 
 def test_report_leaves_out_diverged_chains(sampled):

@@ -231,6 +231,32 @@ def test_bad_inputs():
         fisher(model, "cross_entropy", data, theta_0, groups={"a": ["0.weight"], "b": ["0.weight"]})
 
 
+def test_data_the_model_cannot_take_names_data():
+    model = _mlp()
+    theta_0 = {k: v.clone() for k, v in model.state_dict().items()}
+    x, y = torch.randn(20, 6, dtype=torch.float64), torch.randint(0, 3, (20,))
+    for method in ("jvp", "minibatch"):
+        with pytest.raises(ValueError, match=r"^data: the model cannot be evaluated on x of shape \(20, 5\)"):
+            fisher(model, "cross_entropy", (x[:, :5], y), theta_0, method=method)
+        with pytest.raises(ValueError, match="^data: the model cannot be evaluated on x .* torch.int64"):
+            fisher(model, "cross_entropy", (x.long(), y), theta_0, method=method)
+        with pytest.raises(ValueError, match="^data: the loss cannot .* labels in \\[0, 2\\]"):
+            fisher(model, "cross_entropy", (x, y + 3), theta_0, method=method)
+        with pytest.raises(ValueError, match="^data: the loss cannot"):
+            fisher(model, "cross_entropy", (x, y.double()), theta_0, method=method)
+    # a bad label in a later chunk only is caught too
+    y_late = y.clone()
+    y_late[-1] = 7
+    with pytest.raises(ValueError, match="^data: the loss cannot"):
+        fisher(model, "cross_entropy", (x, y_late), theta_0, chunk_size=8)
+    # a loss that is not per-example is still reported as such (not as a data error)
+    with pytest.raises(ValueError, match="^loss_fn: must return one loss per example"):
+        fisher(model, nn.CrossEntropyLoss(), (x, y), theta_0)
+    with pytest.raises(ValueError, match="^theta_0: '0.weight' contains NaN"):
+        fisher(model, "cross_entropy", (x, y), {**theta_0, "0.weight": torch.full_like(theta_0["0.weight"],
+                                                                                       math.nan)})
+
+
 def test_result_type():
     model = _mlp()
     theta_0 = _moved(model)

@@ -297,6 +297,39 @@ def test_bad_inputs():
         kl(nan, prior)
 
 
+def test_bad_inputs_name_the_argument():
+    g = torch.Generator().manual_seed(0)
+    post = Posterior({"w": torch.randn(2, 50, 3, generator=g, dtype=F64)}, {}, {})
+    laplace = pb.DistributionPrior(torch.distributions.Laplace(0.0, 1.0))
+    with pytest.raises(TypeError, match="^posterior: expected a pib_bayes.Posterior"):
+        kl({"w": torch.zeros(2, 5, 3)}, GaussianPrior())
+    for rank in (2.5, 0, True):
+        with pytest.raises(ValueError, match="^rank: "):
+            kl(post, GaussianPrior(), structure="lowrank", rank=rank)
+    with pytest.raises(ValueError, match="^rank: "):
+        channel([post, post], structure="lowrank", rank=1.5)
+    for num_mc in (0, 1, -1, 2.0):
+        with pytest.raises(ValueError, match="^num_mc: "):
+            kl(post, laplace, num_mc=num_mc)
+    prior = GaussianPrior(std=1.0)
+    prior.mean["w"] = torch.tensor([0.0, math.nan, 0.0])  # set after construction, past its own check
+    with pytest.raises(ValueError, match="^prior: the mean of 'w' contains NaN"):
+        kl(post, prior)
+
+
+@pytest.mark.parametrize("structure", ["diag", "full", "lowrank", "block"])
+def test_channel_without_signal_is_clamped_at_zero(structure):
+    """No between-resample signal: the corrected B_c has negative eigenvalues, which are set to 0, so the
+    default (mc_correction=True) estimate is >= 0 and the clamped count is reported."""
+    g = torch.Generator().manual_seed(18)
+    posts = [Posterior({"w": torch.randn(2, 20, 3, generator=g, dtype=F64)}, {}, {}) for _ in range(4)]
+    r = channel(posts, structure=structure)
+    assert r.total >= 0.0 and all(v >= 0.0 for v in r.per_group.values())
+    assert r.settings["clamped_eigenvalues"] >= 1
+    raw = channel(posts, structure=structure, mc_correction=False)
+    assert r.total <= raw.total  # the correction only removes spread
+
+
 def test_lowrank_channel_at_full_rank_equals_full():
     """The Woodbury / Sylvester path of the low-rank channel: at rank d (ψ -> floor) it is the full one."""
     d, nres = 4, 30

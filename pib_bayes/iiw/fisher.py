@@ -62,6 +62,9 @@ def check_theta0(model: nn.Module, theta_0: Mapping[str, Tensor] | nn.Module, na
         if tuple(v.shape) != tuple(params[n].shape):
             raise ValueError(f"theta_0: {n!r} has shape {tuple(v.shape)}, the parameter has "
                              f"{tuple(params[n].shape)}")
+        if v.is_floating_point() and not bool(torch.isfinite(v).all()):
+            raise ValueError(f"theta_0: {n!r} contains NaN/Inf; pass finite prior-mean weights (e.g. the "
+                             "initial weights, or pib_bayes.iiw.fit_prior_mean on a held-out split)")
         out[n] = v.detach().to(dtype=params[n].dtype, device=params[n].device)
     return out
 
@@ -85,6 +88,32 @@ def _per_example(loss_fn: LossFn, out: Tensor, y: Tensor) -> Tensor:
     return losses
 
 
+def _data_error(model: nn.Module, loss_fn: LossFn, params: Mapping[str, Tensor], fixed: Mapping[str, Tensor],
+                x: Tensor, y: Tensor, err: Exception) -> ValueError | None:
+    """Why a batch failed, when it is the data: a ValueError naming ``data`` if a plain forward pass or
+    the loss cannot take ``(x, y)``, None when both work (then ``err`` is something else).
+
+    Called only after an exception, so the normal path pays nothing for it."""
+    state = {**fixed, **{n: p.detach() for n, p in params.items()}}
+    try:
+        with torch.no_grad():
+            out = functional_call(model, state, (x,))
+    except Exception as e:  # noqa: BLE001 - any failure here means the model cannot take x
+        return ValueError(f"data: the model cannot be evaluated on x of shape {tuple(x.shape)}, dtype "
+                          f"{x.dtype} ({type(e).__name__}: {e}); x must have the input width and dtype the "
+                          "model expects")
+    try:
+        with torch.no_grad():
+            loss_fn(out, y)
+    except Exception as e:  # noqa: BLE001 - the loss cannot take y for these outputs
+        k = out.shape[-1] if out.dim() else 1
+        return ValueError(f"data: the loss cannot be evaluated on y of shape {tuple(y.shape)}, dtype "
+                          f"{y.dtype} for model outputs of shape {tuple(out.shape)} ({type(e).__name__}: "
+                          f"{e}); for 'cross_entropy' y must hold integer class labels in [0, {k - 1}], "
+                          "for 'gaussian' one float target per output")
+    return None
+
+
 def directional_derivatives(
     model: nn.Module,
     loss_fn: LossFn,
@@ -104,13 +133,19 @@ def directional_derivatives(
 
     names = list(params)
     primal = {n: params[n] for n in names}
-    if len(tangents) == 1:
-        return jvp(losses, (primal,), ({n: tangents[0][n] for n in names},))[1].unsqueeze(0)
-    stacked = {n: torch.stack([t[n] for t in tangents]) for n in names}
     try:
-        return vmap(lambda t: jvp(losses, (primal,), (t,))[1])(stacked)
-    except Exception:  # some modules cannot be vmapped; fall back to one JVP per tangent
-        return torch.stack([jvp(losses, (primal,), ({n: t[n] for n in names},))[1] for t in tangents])
+        if len(tangents) == 1:
+            return jvp(losses, (primal,), ({n: tangents[0][n] for n in names},))[1].unsqueeze(0)
+        stacked = {n: torch.stack([t[n] for t in tangents]) for n in names}
+        try:
+            return vmap(lambda t: jvp(losses, (primal,), (t,))[1])(stacked)
+        except Exception:  # some modules cannot be vmapped; fall back to one JVP per tangent
+            return torch.stack([jvp(losses, (primal,), ({n: t[n] for n in names},))[1] for t in tangents])
+    except (RuntimeError, IndexError, TypeError, ValueError) as err:
+        explained = _data_error(model, loss_fn, params, fixed, x, y, err)
+        if explained is None:
+            raise
+        raise explained from err
 
 
 def fisher(
@@ -198,6 +233,11 @@ def fisher(
                                  f"{tuple(trainable[n].shape)}")
     else:
         theta = {n: p.detach() for n, p in trainable.items()}
+    for n in measured:
+        if not bool(torch.isfinite(theta[n]).all()):
+            where = "params" if params is not None and n in params else "model"
+            raise ValueError(f"{where}: the weights {n!r} contain NaN/Inf (a diverged run?); estimate IIW at "
+                             "finite weights")
     delta = {n: theta[n] - theta0[n] for n in measured}
     fixed = {n: b for n, b in model.named_buffers()}
     fixed.update({n: p.detach() for n, p in model.named_parameters() if not p.requires_grad})
@@ -267,7 +307,14 @@ def _minibatch_sums(model, loss, theta, tangents, data, num_batches, batch_size,
         idx = torch.randperm(n, generator=gen)[:m]
         p = {k: v.clone().requires_grad_(True) for k, v in theta.items()}
         with torch.enable_grad():
-            mean_loss = _per_example(loss, functional_call(model, {**fixed, **p}, (x[idx],)), y[idx]).mean()
+            try:
+                mean_loss = _per_example(loss, functional_call(model, {**fixed, **p}, (x[idx],)),
+                                         y[idx]).mean()
+            except (RuntimeError, IndexError, TypeError, ValueError) as err:
+                explained = _data_error(model, loss, theta, fixed, x[idx], y[idx], err)
+                if explained is None:
+                    raise
+                raise explained from err
             grads = torch.autograd.grad(mean_loss, [p[k] for k in names], allow_unused=True)
         g = {k: (gr if gr is not None else torch.zeros_like(theta[k]))
              for k, gr in zip(names, grads, strict=True)}

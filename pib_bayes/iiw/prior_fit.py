@@ -84,8 +84,8 @@ def fit_prior_mean(
     for label, v in (("epochs", epochs), ("batch_size", batch_size)):
         if isinstance(v, bool) or not isinstance(v, int) or v < 1:
             raise ValueError(f"{label}: must be an int >= 1, got {v!r}")
-    if not lr > 0:
-        raise ValueError(f"lr: must be > 0, got {lr}")
+    if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not 0 < lr < float("inf"):
+        raise ValueError(f"lr: the learning rate must be a finite float > 0, e.g. 1e-2, got {lr!r}")
     if optimizer not in ("adam", "sgd"):
         raise ValueError(f"optimizer: expected 'adam' or 'sgd', got {optimizer!r}")
     loss, _ = resolve_loss(loss_fn)

@@ -68,6 +68,20 @@ def _check_shrinkage(shrinkage: object) -> None:
                          f"{shrinkage!r}")
 
 
+def _check_rank(rank: object) -> None:
+    if rank is None:
+        return
+    if isinstance(rank, bool) or not isinstance(rank, (int, np.integer)) or rank < 1:
+        raise ValueError(f"rank: the low-rank structure needs an int >= 1 (or None for min(20, draws - 2)), "
+                         f"got {rank!r}")
+
+
+def _check_num_mc(num_mc: object) -> None:
+    if isinstance(num_mc, bool) or not isinstance(num_mc, (int, np.integer)) or num_mc < 2:
+        raise ValueError(f"num_mc: the Monte-Carlo cross-entropy needs an int >= 2 draws of q (e.g. the "
+                         f"default 4096), got {num_mc!r}")
+
+
 def _full_cov(xc: Tensor, dof: int, shrinkage: object) -> tuple[Tensor, float | None]:
     """Covariance of centred rows ``xc`` (dof = rows minus fitted means); shrunk as asked."""
     d = xc.shape[1]
@@ -102,7 +116,7 @@ class _Gauss:
                 self.blocks[g], self.shrinkage[g] = _full_cov(xc[:, idx], dof, shrinkage)
         elif structure == "lowrank":
             m = xc.shape[0]
-            k = min(rank if rank is not None else 20, max(m - 2, 0), xc.shape[1])
+            k = min(int(rank) if rank is not None else 20, max(m - 2, 0), xc.shape[1])
             if k < 1:
                 raise ValueError("rank: the low-rank structure needs at least 3 draws")
             _, s, vh = torch.linalg.svd(xc, full_matrices=False)
@@ -227,6 +241,11 @@ def _prior_vectors(prior: GaussianPrior, post: Posterior, names: list[str]) -> t
             raise ValueError(f"prior: the std of {n!r} has shape {tuple(s.shape)} but the draws have "
                              f"{tuple(shape)}")
         centre = torch.zeros(shape, dtype=torch.float64) if m is None else m.to(torch.float64)
+        if not bool(torch.isfinite(centre).all()):
+            raise ValueError(f"prior: the mean of {n!r} contains NaN/Inf; pass a finite prior mean (e.g. the "
+                             "initial weights, or GaussianPrior.from_module on a finite module)")
+        if not bool((torch.isfinite(s) & (s > 0)).all()):
+            raise ValueError(f"prior: the std of {n!r} must be finite and > 0")
         mus.append(centre.reshape(-1))
         sds.append(s.expand(shape).reshape(-1))
     return torch.cat(mus), torch.cat(sds)
@@ -269,8 +288,8 @@ def kl(
             are not measured.
         shrinkage: ``"auto"`` (Ledoit-Wolf when draws <= dimensions), ``"ledoit-wolf"``, None or
             a fixed intensity in [0, 1]; for ``"full"``/``"block"``.
-        rank: rank k of ``"lowrank"`` (default min(20, draws − 2)).
-        num_mc, seed: Monte-Carlo cross-entropy for non-Gaussian priors.
+        rank: rank k of ``"lowrank"``, an int >= 1 (default min(20, draws − 2); capped there).
+        num_mc, seed: Monte-Carlo cross-entropy for non-Gaussian priors (``num_mc`` >= 2 draws of q).
 
     Returns:
         :class:`IIWResult` in nats, ``method="kl"``.
@@ -282,8 +301,13 @@ def kl(
     >>> round(kl(post, GaussianPrior(std=1.0)).total, 1)  # exact: 3/2 (1/4 - 1 + log 4) = 0.95
     0.9
     """
+    if not isinstance(posterior, Posterior):
+        raise TypeError(f"posterior: expected a pib_bayes.Posterior (e.g. from pib_bayes.sample or "
+                        f"Posterior.load), got {type(posterior).__name__}")
     _check_structure(structure)
     _check_shrinkage(shrinkage)
+    _check_rank(rank)
+    _check_num_mc(num_mc)
     if isinstance(prior, FlatPrior):
         raise ValueError("prior: the KL to an improper flat prior is infinite; pass a proper prior")
     if not isinstance(prior, Prior):
@@ -407,8 +431,15 @@ def channel(
     independent across; ``"lowrank"`` W = UUᵀ + diag(ψ) and B_c on the span of the B − 1 centred
     means (directions the resamples never moved contribute 0, the scalar correction is mean_j D_jj).
     ``per_group`` holds each group's marginal value, the total is their sum for ``"diag"``/``"block"``
-    and the joint value otherwise. Eigenvalues of W⁻¹B_c below −1 (possible after the correction
-    when the signal is below the Monte-Carlo noise) are floored and counted in ``settings``.
+    and the joint value otherwise.
+
+    Clamping: after the correction B_c need not be positive semi-definite (where the between-resample
+    spread is below the Monte-Carlo noise, e.g. with no signal at all), and a negative eigenvalue of
+    W⁻¹B_c in (−1, 0) would make ½ log(1 + e) negative. B_c is therefore projected onto the PSD cone
+    in the metric of W, ``B_c⁺ = W^½ [W^-½ B_c W^-½]₊ W^½`` (negative eigenvalues of W⁻¹B_c set to 0;
+    for ``"diag"`` simply ``max(B_c,jj, 0)``), so every group's value and the total are >= 0. The
+    number of eigenvalues set to 0 is in ``settings["clamped_eigenvalues"]``; many of them mean the
+    resamples carry little information beyond the sampling noise (use more resamples or draws).
 
     Args:
         posteriors: one :class:`~pib_bayes.Posterior` per resample (at least 2; the same
@@ -422,6 +453,7 @@ def channel(
     """
     _check_structure(structure)
     _check_shrinkage(shrinkage)
+    _check_rank(rank)
     if isinstance(posteriors, Posterior) or not isinstance(posteriors, Sequence):
         raise TypeError("posteriors: expected a list of Posterior objects, one per resample of the data")
     if len(posteriors) < 2:
@@ -457,12 +489,13 @@ def channel(
         ess, inv_ess = None, torch.zeros(d, dtype=torch.float64)
 
     fit = _Gauss(within, dof, structure, index, shrinkage, rank)
-    floored = {"count": 0}
+    clamped = {"count": 0}
 
     def half_logdet(eig: Tensor) -> float:
-        bad = eig <= -1 + 1e-9
-        floored["count"] += int(bad.sum())
-        return float(0.5 * torch.log1p(eig.clamp_min(-1 + 1e-9)).sum())
+        # eig: eigenvalues of W⁻¹B_c. B_c is replaced by its PSD part in the metric of W (negative
+        # eigenvalues set to 0: no more between-resample spread than Monte-Carlo noise), so IIW >= 0.
+        clamped["count"] += int((eig < -1e-12).sum())
+        return float(0.5 * torch.log1p(eig.clamp_min(0.0)).sum())
 
     def gen_eig(w: Tensor, bmat: Tensor) -> Tensor:
         lw = torch.linalg.cholesky(w)
@@ -504,7 +537,7 @@ def channel(
         "mc_correction": bool(mc_correction),
         "mean_ess": float(ess.mean()) if ess is not None else None,
         "total_rule": "joint" if structure in ("full", "lowrank") else "sum of groups",
-        "floored_eigenvalues": floored["count"],
+        "clamped_eigenvalues": clamped["count"],
     }
     _describe_fit(settings, fit, shrinkage)
     return IIWResult(per_group, float(total), "channel", "nats", settings)
