@@ -4,7 +4,11 @@ Model MLP 784-1024-192-10 (1,002,570 float32 weights), 512 examples, batch 128, 
 Each configuration runs in a fresh subprocess: it runs a 100-step ``sample()`` first (so lazily
 loaded code and the allocator's heap are already there), resets the kernel's peak-RSS counter
 (``echo 5 > /proc/self/clear_refs``), then runs ``sample()`` and reports ``VmHWM`` (peak resident
-set) minus the resident set just before the call.
+set) minus the resident set just before the call. The subprocesses run with
+``MALLOC_MMAP_THRESHOLD_=131072`` so that freed tensors leave the resident set (peak RSS = peak
+live memory).
+
+Each configuration runs 3 times (1 with ``--quick``), each in a fresh process; the median counts.
 
 Rows:
 * steps: peak with 10 kept draws after 10 steps vs after 10 x ``thin`` steps (thinning), ratio
@@ -69,16 +73,27 @@ def one(num_draws: int, thin: int, warmup: int) -> dict:
 
 
 def _spawn(num_draws: int, thin: int, warmup: int) -> dict:
+    # a fixed mmap threshold: every large tensor is its own mmap, returned to the OS when freed, so
+    # the peak RSS is the peak of live memory (glibc's default moving threshold parks freed blocks
+    # in the heap, which made the peak wander by +-15 MiB between identical runs)
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "131072"}
     out = subprocess.run([sys.executable, os.path.abspath(__file__), "--one", str(num_draws), str(thin),
-                          str(warmup)], check=True, capture_output=True, text=True).stdout
+                          str(warmup)], check=True, capture_output=True, text=True, env=env).stdout
     return json.loads(out.strip().splitlines()[-1])
 
 
+def _median_run(num_draws: int, thin: int, warmup: int, repeats: int) -> dict:
+    """Median peak over ``repeats`` fresh processes."""
+    runs = sorted((_spawn(num_draws, thin, warmup) for _ in range(repeats)),
+                  key=lambda r: r["peak_growth_bytes"])
+    return {**runs[len(runs) // 2], "all_peak_growth_bytes": [r["peak_growth_bytes"] for r in runs]}
+
+
 def run(quick: bool = False) -> list[dict]:
-    thin = 10 if quick else 30
-    short = _spawn(10, 1, 0)
-    long = _spawn(10, thin, 0)
-    many = _spawn(40, 1, 0)
+    thin, repeats = (10, 1) if quick else (30, 3)
+    short = _median_run(10, 1, 0, repeats)
+    long = _median_run(10, thin, 0, repeats)
+    many = _median_run(40, 1, 0, repeats)
     d = short["params"]
     need = 4 * d + STAT_BYTES
     grow = many["peak_growth_bytes"] - short["peak_growth_bytes"]

@@ -3,11 +3,13 @@ draws) vs the plain loop ``for draw: model.load_state_dict(draw); softmax(model(
 
 Both compute the (100, B, 10) per-draw probabilities and their mean for the same inputs; the
 benchmark checks they agree (to float rounding) before timing. Models: MLP 784-256-256-10 and
-MLP 20-64-64-10, B = 256 inputs, draws stored as a Posterior of 1 chain x 100 draws. Timing is
-interleaved (see bench_steps.py): median over rounds of the CPU time per full prediction, one torch
-thread by default. Ratio = time(loop) / time(predict), target >= 5.
+MLP 20-64-64-10, each at B = 256 inputs (compute-bound: 100 forward passes' flops dominate both
+ways) and B = 16 inputs (overhead-bound: where batching the draws can pay); draws stored as a
+Posterior of 1 chain x 100 draws. Timing is interleaved (see bench_steps.py): median over rounds
+of the CPU time per full prediction, one torch thread by default. Ratio = time(loop) /
+time(predict), target >= 5.
 
-    python benchmarks/bench_predict.py [--quick] [--case mlp784|mlp20] [--out rows.json]
+    python benchmarks/bench_predict.py [--quick] [--case mlp784|mlp20|mlp784_x16|mlp20_x16] [--out rows.json]
 """
 
 from __future__ import annotations
@@ -24,7 +26,9 @@ from bench_steps import CLOCKS, interleaved, mlp  # noqa: E402
 
 from pib_bayes import Posterior  # noqa: E402
 
-CASES = {"mlp784": (784, 256, 256, 10), "mlp20": (20, 64, 64, 10)}
+# name -> (layer sizes, number of inputs x)
+CASES = {"mlp784": ((784, 256, 256, 10), 256), "mlp20": ((20, 64, 64, 10), 256),
+         "mlp784_x16": ((784, 256, 256, 10), 16), "mlp20_x16": ((20, 64, 64, 10), 16)}
 TARGET = 5.0
 
 
@@ -53,10 +57,10 @@ def candidates(sizes: tuple[int, ...], num_draws: int = 100, batch: int = 256, s
 def run(quick: bool = False, case: str | None = None, clock: str = "cpu") -> list[dict]:
     rows = []
     for c in [case] if case else list(CASES):
-        sizes = CASES[c]
+        sizes, batch = CASES[c]
         rounds = 5 if quick else 15
-        t = interleaved(candidates(sizes), 1, rounds, clock, warmup=1)
-        rows.append({"name": f"predict 100 draws {'-'.join(map(str, sizes))} x256: predict vs loop",
+        t = interleaved(candidates(sizes, batch=batch), 1, rounds, clock, warmup=1)
+        rows.append({"name": f"predict 100 draws {'-'.join(map(str, sizes))} x{batch}: predict vs loop",
                      "baseline": "loop", "value": "predict", "baseline_s": t["loop"], "value_s": t["predict"],
                      "ratio": t["loop"] / t["predict"], "target": TARGET, "case": c, "clock": clock,
                      "threads": torch.get_num_threads(), "rounds": rounds})

@@ -44,7 +44,7 @@ def jobs(quick: bool) -> list[tuple[str, list[str], str]]:
     out: list[tuple[str, list[str], str]] = []
     for case in ("mlp784", "mlp20", "noise"):
         out.append(("steps", [_script("bench_steps.py"), "--case", case, *q], "rows"))
-    for case in ("mlp784", "mlp20"):
+    for case in ("mlp784", "mlp20", "mlp784_x16", "mlp20_x16"):
         out.append(("predict", [_script("bench_predict.py"), "--case", case, *q], "rows"))
     out.append(("memory", [_script("bench_memory.py"), *q], "rows"))
     if os.path.exists(_script("bench_chains.py")):
