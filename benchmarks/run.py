@@ -106,7 +106,7 @@ def table(rows: list[dict]) -> str:
     for r in rows:
         target = r.get("target")
         met = "" if target is None else ("yes" if r["ratio"] >= target else "**no**")
-        ratio = f"{r['ratio']:.3f}" + (f" ± {r['ratio_se']:.3f}" if "ratio_se" in r else "")
+        ratio = f"{r['ratio']:.4f} ± {r['ratio_se']:.4f}" if "ratio_se" in r else f"{r['ratio']:.3f}"
         lines.append(f"| {r['name']} | {_fmt(r.get('baseline'))} | {_fmt(r.get('value'))} | {ratio} | "
                      f"{'' if target is None else f'>= {target:g}'} | {met} |")
     return "\n".join(lines)
