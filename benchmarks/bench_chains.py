@@ -225,7 +225,8 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     env = {"torch": torch.__version__, "threads": torch.get_num_threads(), "cpus": os.cpu_count(),
            "loadavg_before": os.getloadavg(), "python": sys.version.split()[0], "machine": platform.machine(),
-           "quick": args.quick, "num_chains": NUM_CHAINS}
+           "quick": args.quick, "num_chains": NUM_CHAINS,
+           "malloc_env": {k: v for k, v in os.environ.items() if k.startswith("MALLOC_")}}
     rows = run(quick=args.quick)
     parts = components(repeats=5 if args.quick else 15) if args.components else []
     env["loadavg_after"] = os.getloadavg()
