@@ -266,7 +266,9 @@ def sample(
         try:
             x, y, stacked = probe.batcher.next()
             runner.energies(probe, x, y, stacked)
-            method, reason = "vectorized", "vmap runs the model" if chain_method == "auto" else "requested"
+            how = "batched matmul (pib_bayes.batched)" if runner.fast_forward is not None else "vmap"
+            method, reason = "vectorized", f"{how} runs the model" + ("" if chain_method == "auto" else
+                                                                        ", requested")
         except Exception as err:  # vmap cannot run every module (data-dependent control flow, ...)
             if chain_method == "vectorized":
                 raise ValueError(f"chain_method: 'vectorized' failed, vmap cannot run this model ({err}); "

@@ -140,8 +140,16 @@ class GaussianPrior:
     def log_prob(self, params: Mapping[str, Tensor], batch_ndim: int = 0) -> Tensor:
         total: Tensor | float = 0.0
         for name, w in params.items():
-            s = torch.as_tensor(self.std_of(name), dtype=w.dtype, device=w.device)
             m = self.mean.get(name)
+            std = self.std_of(name)
+            if isinstance(std, float):
+                # scalar sigma: two full-size temporaries instead of six (this runs every step)
+                d = w - m.to(w.device) if m is not None else w
+                n = math.prod(w.shape[batch_ndim:])
+                total = total + _sum_event(d * d, batch_ndim) * (-0.5 / std**2) - n * (
+                    math.log(std) + 0.5 * math.log(2 * math.pi))
+                continue
+            s = torch.as_tensor(std, dtype=w.dtype, device=w.device)
             z = (w - m.to(w.device)) / s if m is not None else w / s
             lp = -0.5 * z.square() - torch.log(s) - 0.5 * math.log(2 * math.pi)
             lp = lp.expand_as(w) if lp.shape != w.shape else lp
