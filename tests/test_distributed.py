@@ -182,9 +182,10 @@ def _scenario_resume_data(rank: int, out: str) -> None:
     x, y = shard(_data(DATA_N))
     kw = dict(DATA_ARGS, num_chains=1, checkpoint=os.path.join(out, "run.ckpt"), checkpoint_every=10,
               resume=True)
-    # the uninterrupted run evaluates the loss 50 times (steps 0..49); resumed at step 20 it needs 30,
+    # the uninterrupted run evaluates the loss 52 times (one check of the model on the data, steps
+    # 0..49, and the transition after the last draw); resumed at step 20 it needs 1 + 30 + 1 = 32,
     # so this loss raises if the run started over instead of resuming
-    post = sample_distributed(_model(), _FailingLoss(fail_at=31), (x, y), mode="data", **kw)
+    post = sample_distributed(_model(), _FailingLoss(fail_at=33), (x, y), mode="data", **kw)
     if rank == 0:
         post.save(os.path.join(out, "resumed.pt"))
 
@@ -439,7 +440,8 @@ def test_a_rank_that_raises_stops_every_rank_with_a_clear_error(run_dir):
 def test_a_failed_data_parallel_run_leaves_checkpoints_that_resume_exactly(run_dir):
     tmp_path = run_dir
     assert all(not res["ok"] for res in _results(tmp_path, "fail_data"))
-    # the run failed at step 24 (rank 1's 25th loss call); the checkpoints, written at the start of
+    # the run failed at step 23 (rank 1's 25th loss call, the first being the check of the model on
+    # the data); the checkpoints, written at the start of
     # steps 0, 10, 20, are whole, and the "resume_data" scenario (same group, after the failure)
     # continued from step 20 and ends exactly where the uninterrupted single-process run does
     files = sorted(p.name for p in tmp_path.glob("run.ckpt.*"))
