@@ -30,7 +30,7 @@ from .energy import Energy, LossFn
 from .io import FormatError, load_payload, save_payload
 from .posterior import Posterior
 from .prior import GaussianPrior, Prior
-from .samplers.core import GaussianNoise, Kernel
+from .samplers.core import NOISES, GaussianNoise, Kernel, make_noise
 from .samplers.kernels import build_kernel
 from .samplers.schedules import Schedule, as_schedule
 
@@ -142,6 +142,7 @@ def sample(
     task: str | None = None,
     stat_fns: Mapping[str, StatFn] | None = None,
     sampler_kwargs: Mapping[str, Any] | None = None,
+    noise: str = "gaussian",
     checkpoint: str | os.PathLike | None = None,
     checkpoint_every: int = 1000,
     resume: bool = False,
@@ -185,6 +186,9 @@ def sample(
         task: "classification" or "regression" (inferred from the loss when possible).
         stat_fns: name -> function of one chain's parameter dict returning a scalar, evaluated
             at every kept draw and stored in ``sample_stats`` (e.g. an IIW tracker).
+        noise: ``"gaussian"`` (exact; default) or the opt-in ``"rademacher"`` (random signs, cheaper
+            to draw): on a Gaussian target it keeps the stationary covariance of the linear recursion
+            but not the higher moments (see docs/performance.md for the measured law).
         checkpoint: a file to which the complete run state (weights, sampler state, every
             chain's RNG states, data order, draws so far, step counters) is written atomically
             every ``checkpoint_every`` steps, after each chain group and at the end.
@@ -213,6 +217,8 @@ def sample(
     if str(sampler).lower() == "csgld" and not hasattr(schedule, "cycle_length"):
         raise ValueError("step_size: sampler='csgld' needs a pib_bayes.samplers.Cyclical schedule")
     kernel = build_kernel(sampler, **dict(sampler_kwargs or {}))
+    if noise not in NOISES:
+        raise ValueError(f"noise: expected one of {sorted(NOISES)}, got {noise!r}")
     total_chains = _positive_int("num_chains", num_chains)
     ids = list(range(total_chains)) if chain_ids is None else [int(c) for c in chain_ids]
     if not ids or len(set(ids)) != len(ids) or not all(0 <= c < total_chains for c in ids):
@@ -253,10 +259,10 @@ def sample(
 
     def make_group(chains: list[int], vectorized: bool) -> _Group:
         params = [init_params[n][chains].clone().requires_grad_(True) for n in names]
-        noise = GaussianNoise([_generator(seeds[c][0]) for c in chains], batched=True)
+        source = make_noise(noise, [_generator(seeds[c][0]) for c in chains], batched=True)
         with torch.no_grad():
             state = kernel.init([p.detach() for p in params])
-        return _Group(chains, params, state, noise, make_batcher(chains), vectorized)
+        return _Group(chains, params, state, source, make_batcher(chains), vectorized)
 
     method, reason = chain_method, "requested"
     if num_chains == 1:
@@ -295,7 +301,7 @@ def sample(
         "beta": energy.beta, "prior": repr(energy.prior), "sampler": kernel.name,
         "settings": kernel.settings, "schedule": schedule.to_dict(), "num_chains": total_chains,
         "chain_ids": ids, "num_warmup": num_warmup, "num_draws": num_draws, "thin": thin,
-        "batch_size": batch_size, "seed": int(seed), "chain_method": method,
+        "batch_size": batch_size, "seed": int(seed), "chain_method": method, "noise": noise,
         "params": {n: list(init_params[n].shape) for n in names}, "keep": keep_names,
         "n": int(tensors[0].shape[0]) if tensors is not None else None,
     }, sort_keys=True, default=str)
@@ -325,6 +331,7 @@ def sample(
         "batch_size": batch_size if tensors is not None else getattr(data, "batch_size", None),
         "n": int(tensors[0].shape[0]) if tensors is not None else None,
         "seed": int(seed), "chain_method": method, "chain_method_reason": reason, "task": energy.task,
+        "noise": noise,
         "loss": loss_desc, "noise_std": getattr(energy.loss_fn, "noise_std", None), "init": init
         if isinstance(init, str) else "given", "sampled_params": names, "kept_params": keep_names,
     }

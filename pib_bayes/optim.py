@@ -22,6 +22,7 @@ two produce identical trajectories. The gradient must be that of the energy
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable
 from typing import Any
 
@@ -47,18 +48,29 @@ class _LangevinOptimizer(Optimizer):
 
     def __init__(self, params: Iterable[Tensor] | Iterable[dict], defaults: dict[str, Any],
                  generator: torch.Generator | None, noise: str = "gaussian") -> None:
-        lr = defaults["lr"]
-        if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not lr > 0:
-            raise ValueError(f"lr: the step size must be a number > 0, got {lr!r}")
-        if not 0.0 <= defaults["noise_scale"]:
-            raise ValueError(f"noise_scale: must be >= 0 (1 = exact Langevin), got {defaults['noise_scale']}")
+        self._check_hyper(defaults)
         if noise not in NOISES:
             raise ValueError(f"noise: expected one of {sorted(NOISES)} ('gaussian' is exact), got {noise!r}")
+        if generator is not None and not isinstance(generator, torch.Generator):
+            raise TypeError(f"generator: expected a torch.Generator, got {type(generator).__name__}")
         super().__init__(params, defaults)
         self.noise = noise
         self.generator = generator if generator is not None else _default_generator()
         self._noise: dict[int, GaussianNoise] = {}
         self._kernels: dict[tuple, Kernel] = {}
+
+    def _check_hyper(self, group: dict[str, Any]) -> None:
+        """Validate one group's step size, noise scale and sampler settings (defaults and every group)."""
+        lr, scale = group["lr"], group["noise_scale"]
+        if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not math.isfinite(lr) or lr <= 0:
+            raise ValueError(f"lr: the step size must be a finite number > 0, got {lr!r}")
+        if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not 0.0 <= scale < math.inf:
+            raise ValueError(f"noise_scale: must be a finite number >= 0 (1 = exact Langevin), got {scale!r}")
+        self._build(**{h: group[h] for h in self._hyper})  # the kernel builder checks its own settings
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        super().add_param_group(param_group)
+        self._check_hyper(self.param_groups[-1])  # per-group overrides get the same checks as defaults
 
     def _build(self, **hyper: Any) -> Kernel:
         raise NotImplementedError
@@ -142,7 +154,6 @@ class PSGLD(_LangevinOptimizer):
                  generator: torch.Generator | None = None, noise: str = "gaussian") -> None:
         super().__init__(params, {"lr": lr, "alpha": alpha, "eps": eps, "noise_scale": noise_scale},
                          generator, noise)
-        build_psgld(alpha, eps)  # validate now, not at the first step
 
     def _build(self, alpha: float, eps: float) -> Kernel:
         return build_psgld(alpha, eps)
@@ -160,7 +171,6 @@ class SGHMC(_LangevinOptimizer):
                  generator: torch.Generator | None = None, noise: str = "gaussian") -> None:
         super().__init__(params, {"lr": lr, "friction": friction, "noise_scale": noise_scale}, generator,
                          noise)
-        build_sghmc(friction)
 
     def _build(self, friction: float) -> Kernel:
         return build_sghmc(friction)

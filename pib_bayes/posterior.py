@@ -152,6 +152,8 @@ class Posterior:
     def draws_for_prediction(self, include_diverged: bool = False) -> dict[str, Tensor]:
         """name -> (M, *shape), M = kept chains x draws (chain-major)."""
         chains = self.kept_chains(include_diverged)
+        if len(chains) == self.num_chains:  # every chain kept: a view, no copy of the draws
+            return {k: v.reshape(-1, *v.shape[2:]) for k, v in self.draws.items()}
         return {k: v[chains].reshape(-1, *v.shape[2:]) for k, v in self.draws.items()}
 
     # ------------------------------------------------------------- predict

@@ -18,6 +18,7 @@ import torch
 from stat_helpers import mean_and_mcse
 
 from pib_bayes.samplers import GaussianNoise, build_sgld, langevin_move_
+from pib_bayes.samplers.core import make_noise
 
 N_CHAINS = 100_000
 BLOCKS = 100
@@ -98,3 +99,37 @@ def test_kernel_step_matches_update_equation():
     xi = torch.randn(11, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
     for b, gg, x, after in zip(before, g, [xi[:5], xi[5:].view(2, 3)], w):
         torch.testing.assert_close(after, b - 0.01 * gg + math.sqrt(0.02) * x, rtol=0, atol=1e-15)
+
+
+def _moments_with_noise(kind: str, h: float = 0.1, s: float = 1.0, steps: int = 300):
+    """Per-block time averages of x^2 and x^4 (100 independent blocks of 1000 chains)."""
+    noise = make_noise(kind, torch.Generator().manual_seed(0))
+    x = [torch.zeros(N_CHAINS, dtype=torch.float64)]
+    m2 = torch.zeros(BLOCKS, dtype=torch.float64)
+    m4 = torch.zeros(BLOCKS, dtype=torch.float64)
+    burn = int(20 * s**2 / h)
+    for t in range(burn + steps):
+        langevin_move_(x, [x[0] / s**2], h, noise)
+        if t >= burn:
+            v = x[0].view(BLOCKS, -1)
+            m2 += (v * v).mean(1) / steps
+            m4 += v.pow(4).mean(1) / steps
+    kurt = m4 / m2**2 - 3.0
+    se = lambda t: float(t.std() / math.sqrt(BLOCKS))  # noqa: E731 - blocks are independent
+    return float(m2.mean()), se(m2), float(kurt.mean()), se(kurt)
+
+
+def test_opt_in_rademacher_noise_keeps_the_variance_and_changes_the_kurtosis_as_derived():
+    """Any unit-variance noise gives x' = a x + sqrt(2h) xi the variance s^2/(1 - h/(2s^2)); its
+    stationary excess kurtosis is kappa4(xi) (1 - a^2)/(1 + a^2), a = 1 - h/s^2: 0 for Gaussian
+    noise, -2 (1 - a^2)/(1 + a^2) for Rademacher signs (kappa4 = -2)."""
+    h, s = 0.1, 1.0
+    a = 1 - h / s**2
+    exact_var = s**2 / (1 - h / (2 * s**2))
+    var, var_se, kurt, kurt_se = _moments_with_noise("rademacher", h, s)
+    assert abs(var - exact_var) < 4 * var_se
+    assert abs(kurt - (-2 * (1 - a * a) / (1 + a * a))) < 4 * kurt_se
+    # the kurtosis check is what tells the two laws apart: Gaussian noise sits at 0
+    g_var, _, g_kurt, g_se = _moments_with_noise("gaussian", h, s)
+    assert abs(g_kurt) < 4 * g_se and abs(g_var - exact_var) < 4 * var_se
+    assert abs(g_kurt - kurt) > 10 * max(kurt_se, g_se)
