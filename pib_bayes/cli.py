@@ -337,10 +337,7 @@ def run_sample(
     total_steps = run["warmup"] + run["draws"] * run["thin"]
     schedule = _schedule_for(cfg, total_steps)
     t1 = time.perf_counter()
-    post = sample(
-        model,
-        loss_fn,
-        (data.x_train, data.y_train),
+    sample_kwargs = dict(
         beta=beta,
         prior=prior,
         sampler=cfg["sampler"]["name"],
@@ -356,6 +353,15 @@ def run_sample(
         task=data.task,
         sampler_kwargs=cfg["sampler"]["kwargs"],
     )
+    mode = run["distributed"]
+    if mode == "none" and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        mode = "chains"  # launched by torchrun: share the chains out by default
+    if mode == "none":
+        post = sample(model, loss_fn, (data.x_train, data.y_train), **sample_kwargs)
+    else:
+        post = _sample_on_ranks(mode, model, loss_fn, (data.x_train, data.y_train), sample_kwargs)
+        if post is None:  # not rank 0: rank 0 gathers the draws and writes the run directory
+            return {"rank": _rank(), "run_dir": str(out_dir)}, out_dir
     t_sample = time.perf_counter() - t1
     diverged = [int(c) for c in torch.nonzero(post.diverged).flatten().tolist()]
     metrics: dict[str, Any] = {}
@@ -377,6 +383,7 @@ def run_sample(
         "chains": post.num_chains,
         "draws_per_chain": post.num_draws,
         "chain_method": post.metadata.get("chain_method"),
+        "distributed": post.metadata.get("distributed"),
         "diverged_chains": diverged,
         "divergence_steps": [int(post.divergence_step[c]) for c in diverged],
         "mean_energy_per_chain": [float(v) for v in post.sample_stats["energy"].nanmean(1).tolist()],
@@ -403,6 +410,29 @@ def run_sample(
     return summary, out_dir
 
 
+def _rank() -> int:
+    import torch.distributed as dist
+
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def _sample_on_ranks(mode: str, model: Any, loss_fn: Any, train: tuple, kwargs: dict) -> Any:
+    """``pib_bayes.distributed.sample_distributed`` under torchrun (gloo on CPU, nccl on GPU)."""
+    import torch
+    import torch.distributed as dist
+
+    from .config import ConfigError
+    from .distributed import sample_distributed, shard
+
+    if not dist.is_initialized():
+        if "RANK" not in os.environ:
+            raise ConfigError("run.distributed: needs a torchrun launch (torchrun --nproc_per_node=N "
+                              "-m pib_bayes sample ...); use distributed = \"none\" for one process")
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    data = train if mode == "chains" else shard(train)
+    return sample_distributed(model, loss_fn, data, mode=mode, **kwargs)
+
+
 def _format_sample(s: dict) -> str:
     lines = [
         f"run written to {s['run_dir']}",
@@ -424,6 +454,8 @@ def _cmd_sample(args: argparse.Namespace) -> int:
     cfg, base = _resolve_config(args)
     text = Path(args.config).read_text()
     summary, _ = run_sample(cfg, base, progress=not args.quiet and not args.json, config_text=text)
+    if "rank" in summary:  # a non-zero torchrun rank: rank 0 reports
+        return EXIT_OK
     _emit(args, summary, _format_sample(summary))
     if len(summary["diverged_chains"]) == summary["chains"]:
         print("error: every chain diverged; lower sampler.step_size or check the data", file=sys.stderr)

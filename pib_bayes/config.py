@@ -184,6 +184,11 @@ SCHEMA: dict[str, dict[str, Field]] = {
         "chain_method": Field(
             "str", "auto", choices=("auto", "vectorized", "sequential"), example='chain_method = "auto"'
         ),
+        # under torchrun: "chains" splits the chains over the ranks, "data" shards the data (one
+        # all-reduce of gradients per step); "none" with WORLD_SIZE > 1 means "chains"
+        "distributed": Field(
+            "str", "none", choices=("none", "chains", "data"), example='distributed = "chains"'
+        ),
     },
     "output": {
         "dir": Field("str", None, example='dir = "runs/example"'),

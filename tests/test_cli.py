@@ -322,3 +322,41 @@ def test_run_dir_finds_relative_data_from_another_directory(tmp_path, monkeypatc
     assert main(["predict", "../r", "--json", "--output", "p.csv"]) == EXIT_OK
     res = json.loads(capsys.readouterr().out)
     assert res["n"] == 12 and 0 <= res["metrics"]["accuracy"] <= 1
+
+
+def test_sample_under_torchrun_shares_the_chains_and_matches_one_process(tmp_path):
+    """`torchrun --nproc_per_node=2 -m pib_bayes sample` gives the single-process run's draws."""
+    import shutil
+
+    torchrun = shutil.which("torchrun") or str(Path(sys.executable).parent / "torchrun")
+    cfg = tmp_path / "run.toml"
+    text = textwrap.dedent("""
+        [model]
+        hidden = [8]
+        [data]
+        source = "spirals"
+        n = 200
+        [run]
+        chains = 4
+        warmup = 20
+        draws = 10
+        chain_method = "sequential"
+        [output]
+        dir = "OUT"
+    """)
+    cfg.write_text(text.replace("OUT", str(tmp_path / "single")))
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    single = subprocess.run([sys.executable, "-m", "pib_bayes", "sample", "--config", str(cfg), "--quiet"],
+                            capture_output=True, text=True, env=env, timeout=300)
+    assert single.returncode == 0, single.stderr
+    cfg.write_text(text.replace("OUT", str(tmp_path / "ranks")))
+    ranks = subprocess.run([torchrun, "--standalone", "--nproc_per_node=2", "-m", "pib_bayes", "sample",
+                            "--config", str(cfg), "--quiet", "--json"],
+                           capture_output=True, text=True, env=env, timeout=300)
+    assert ranks.returncode == 0, ranks.stderr[-3000:]
+    summary = json.loads((tmp_path / "ranks" / "summary.json").read_text())
+    assert summary["distributed"]["mode"] == "chains" and summary["chains"] == 4
+    a = Posterior.load(tmp_path / "single" / "posterior.pt")
+    b = Posterior.load(tmp_path / "ranks" / "posterior.pt")
+    for k in a.draws:
+        assert torch.equal(a.draws[k], b.draws[k]), k
