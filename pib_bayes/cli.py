@@ -424,13 +424,18 @@ def _sample_on_ranks(mode: str, model: Any, loss_fn: Any, train: tuple, kwargs: 
     from .config import ConfigError
     from .distributed import sample_distributed, shard
 
-    if not dist.is_initialized():
+    owned = not dist.is_initialized()
+    if owned:
         if "RANK" not in os.environ:
             raise ConfigError("run.distributed: needs a torchrun launch (torchrun --nproc_per_node=N "
                               "-m pib_bayes sample ...); use distributed = \"none\" for one process")
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
     data = train if mode == "chains" else shard(train)
-    return sample_distributed(model, loss_fn, data, mode=mode, **kwargs)
+    try:
+        return sample_distributed(model, loss_fn, data, mode=mode, **kwargs)
+    finally:
+        if owned:  # a group left open aborts at interpreter exit ("terminate called ...")
+            dist.destroy_process_group()
 
 
 def _format_sample(s: dict) -> str:
