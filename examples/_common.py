@@ -232,7 +232,7 @@ def _atomic_text(path: Path, text: str) -> None:
 
 
 def save_figure(fig: Any, path: Path) -> None:
-    """Save a matplotlib figure atomically (temporary file + rename)."""
+    """Save a matplotlib figure atomically (temporary file + rename), then close it."""
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".png")
     os.close(fd)
     try:
@@ -242,6 +242,7 @@ def save_figure(fig: Any, path: Path) -> None:
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+        pyplot().close(fig)  # pyplot keeps every figure alive until it is closed
 
 
 def pyplot():
