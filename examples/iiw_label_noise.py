@@ -71,21 +71,16 @@ def main(argv: list[str] | None = None) -> int:
         args.data, max(args.n_train, args.n_clean + n_extra), args.n_test, args.seed
     )
     rows, curves = [], []
+
+    def fit(xs: torch.Tensor, ys: torch.Tensor, label: str):
+        """Train a fresh MLP (same seed every time) and record its final and peak Fisher IIW."""
+        return train_final_and_peak(mlp([args.hidden], args.activation, args.seed), xs, ys, x_te, y_te,
+                                    epochs=args.epochs, lr=args.lr, batch_size=args.batch_size,
+                                    fisher_n=args.fisher_n, seed=args.seed, label=label)
+
     for ratio in args.ratios:
         xs, ys = x_tr[: args.n_train], noisy(y_tr[: args.n_train], ratio, args.seed)
-        r, curve = train_final_and_peak(
-            mlp([args.hidden], args.activation, args.seed),
-            xs,
-            ys,
-            x_te,
-            y_te,
-            epochs=args.epochs,
-            lr=args.lr,
-            batch_size=args.batch_size,
-            fisher_n=args.fisher_n,
-            seed=args.seed,
-            label=f"ratio={ratio}",
-        )
+        r, curve = fit(xs, ys, f"ratio={ratio}")
         curves += curve
         r.update({"sweep": "ratio", "value": ratio, "n_train": len(ys)})
         rows.append(r)
@@ -103,19 +98,7 @@ def main(argv: list[str] | None = None) -> int:
         xs, ys = torch.cat([clean_x, pool_x[:m]]), torch.cat([clean_y, pool_y[:m]])
         perm = torch.randperm(len(ys), generator=torch.Generator().manual_seed(args.seed + 5))
         xs, ys = xs[perm], ys[perm]
-        r, curve = train_final_and_peak(
-            mlp([args.hidden], args.activation, args.seed),
-            xs,
-            ys,
-            x_te,
-            y_te,
-            epochs=args.epochs,
-            lr=args.lr,
-            batch_size=args.batch_size,
-            fisher_n=args.fisher_n,
-            seed=args.seed,
-            label=f"noisy={m}",
-        )
+        r, curve = fit(xs, ys, f"noisy={m}")
         curves += curve
         r.update({"sweep": "noisy_examples", "value": m, "n_train": len(ys)})
         rows.append(r)
