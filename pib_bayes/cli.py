@@ -310,12 +310,17 @@ def _resolve_config(args: argparse.Namespace) -> tuple[dict, Path]:
 
 # -------------------------------------------------------------------------------------- sample
 def run_sample(
-    cfg: dict, base_dir: Path, progress: bool, config_text: str | None = None
+    cfg: dict, base_dir: Path, progress: bool, config_text: str | None = None, resume: bool = False
 ) -> tuple[dict, Path]:
-    """Everything ``pib-bayes sample`` does; returns (summary dict, run directory)."""
+    """Everything ``pib-bayes sample`` does; returns (summary dict, run directory).
+
+    Sampling checkpoints to ``RUN_DIR.checkpoint`` (beside the run directory, which is only written
+    whole at the end) every ``run.checkpoint_every`` steps; ``resume=True`` continues from it and
+    gives the draws an uninterrupted run would. The checkpoint is removed once the run is written.
+    """
     import torch
 
-    from .config import build_model, load_data, resolve_source
+    from .config import ConfigError, build_model, load_data, resolve_source
     from .driver import sample
     from .prior import GaussianPrior
 
@@ -353,6 +358,11 @@ def run_sample(
         task=data.task,
         sampler_kwargs=cfg["sampler"]["kwargs"],
     )
+    checkpoint = Path(str(out_dir) + ".checkpoint")
+    if run["checkpoint_every"]:
+        sample_kwargs.update(checkpoint=checkpoint, checkpoint_every=run["checkpoint_every"], resume=resume)
+    elif resume:
+        raise ConfigError("run.checkpoint_every: is 0, so there is no checkpoint to --resume from")
     mode = run["distributed"]
     if mode == "none" and int(os.environ.get("WORLD_SIZE", "1")) > 1:
         mode = "chains"  # launched by torchrun: share the chains out by default
@@ -407,6 +417,7 @@ def run_sample(
         if config_text is not None:
             _atomic_write_text(tmp / "config.toml", config_text)
         _atomic_write_text(tmp / "summary.json", _dumps(summary))
+    checkpoint.unlink(missing_ok=True)  # the run directory now holds everything
     return summary, out_dir
 
 
@@ -458,7 +469,8 @@ def _format_sample(s: dict) -> str:
 def _cmd_sample(args: argparse.Namespace) -> int:
     cfg, base = _resolve_config(args)
     text = Path(args.config).read_text()
-    summary, _ = run_sample(cfg, base, progress=not args.quiet and not args.json, config_text=text)
+    summary, _ = run_sample(cfg, base, progress=not args.quiet and not args.json, config_text=text,
+                            resume=args.resume)
     if "rank" in summary:  # a non-zero torchrun rank: rank 0 reports
         return EXIT_OK
     _emit(args, summary, _format_sample(summary))
@@ -532,6 +544,9 @@ def _cmd_diagnose(args: argparse.Namespace) -> int:
     plots: list[str] = []
     if not args.no_plots:
         plots = _diagnostic_plots(post, run_dir, data, args)
+    bounds_report = None
+    if not args.no_bounds and post.task == "classification" and len(data.y_test):
+        bounds_report = _bounds_report(cfg, post, data, args.delta)
     result = {
         "run_dir": str(run_dir),
         "chains_used": table.attrs["chains"],
@@ -546,6 +561,7 @@ def _cmd_diagnose(args: argparse.Namespace) -> int:
             for name, row in table.iterrows()
         },
         "files": ["diagnostics.csv", "diagnostics.json", *plots],
+        "bounds": bounds_report.to_dict() if bounds_report is not None else None,
     }
     _atomic_write_text(run_dir / "diagnostics.json", _dumps(result))
     lines = [
@@ -565,11 +581,30 @@ def _cmd_diagnose(args: argparse.Namespace) -> int:
         f"bulk ESS >= {table.attrs['min_ess']:.0f}: {'yes' if ess_ok else 'NO'}",
     ]
     lines += [f"  warning: {w}" for w in conv]
+    if bounds_report is not None:
+        lines += ["", "generalization (train vs held-out) and bounds:", str(bounds_report)]
     lines.append(f"  wrote: {', '.join(result['files'])} in {run_dir}")
     _emit(args, result, "\n".join(lines))
     if args.strict and not (rhat_ok and ess_ok):
         return EXIT_DIAGNOSTICS
     return EXIT_OK
+
+
+def _bounds_report(cfg: dict, post: Any, data: Any, delta: float) -> Any:
+    """:func:`pib_bayes.bounds.report` for a run: the prior is the run's own (centred on the seeded
+    initialisation or 0, fixed before any training on S), rebuilt from the config."""
+    from .bounds import report
+    from .config import build_model
+    from .prior import GaussianPrior
+
+    res = cfg["resolved"]
+    init = build_model(cfg["model"], res["input_dim"], res["output_dim"], seed=cfg["run"]["seed"])
+    post_cfg = cfg["posterior"]
+    prior = GaussianPrior.from_module(init, std=post_cfg["prior_std"], mean=post_cfg["prior_mean"])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return report(post, (data.x_train, data.y_train), (data.x_test, data.y_test), prior=prior,
+                      delta=delta)
 
 
 def _diagnostic_plots(post: Any, run_dir: Path, data: Any, args: argparse.Namespace) -> list[str]:
@@ -956,6 +991,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--config", required=True, help="TOML run file (see docs/cli.md)")
     s.add_argument("--output", help="run directory (overrides [output] dir)")
     s.add_argument("--overwrite", action="store_true", help="replace an existing run directory")
+    s.add_argument("--resume", action="store_true",
+                   help="continue an interrupted run from RUN_DIR.checkpoint (same config)")
     _common(s)
     s.set_defaults(func=_cmd_sample)
 
@@ -967,6 +1004,8 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--seed", type=int, default=0, help="seed of the random projections")
     d.add_argument("--no-plots", action="store_true", help="skip trace.png, rank.png, energy.png")
     d.add_argument("--strict", action="store_true", help="exit 4 when R-hat or ESS is outside the limits")
+    d.add_argument("--delta", type=float, default=0.05, help="confidence of the PAC-Bayes bounds (1 - delta)")
+    d.add_argument("--no-bounds", action="store_true", help="skip the generalization-bound report")
     _common(d)
     d.set_defaults(func=_cmd_diagnose)
 

@@ -186,6 +186,8 @@ SCHEMA: dict[str, dict[str, Field]] = {
         ),
         # under torchrun: "chains" splits the chains over the ranks, "data" shards the data (one
         # all-reduce of gradients per step); "none" with WORLD_SIZE > 1 means "chains"
+        # steps between checkpoints of a sample run (0: none); `pib-bayes sample --resume` continues
+        "checkpoint_every": Field("int", 500, minimum=0, example="checkpoint_every = 500"),
         "distributed": Field(
             "str", "none", choices=("none", "chains", "data"), example='distributed = "chains"'
         ),

@@ -95,6 +95,10 @@ def test_sample_diagnose_predict_end_to_end(tmp_path, capsys):
     assert r.returncode == EXIT_OK, r.stderr
     diag = json.loads(r.stdout)
     assert {"energy", "loss", "log_lik"} <= set(diag["table"])
+    # the generalization report: measured train/held-out gap next to each bound (issue 11)
+    bounds = diag["bounds"]
+    assert bounds is not None and bounds["n"] == 120
+    assert "kl-inverse" in json.dumps(bounds) and "vacuous" in json.dumps(bounds)
     assert all(np.isfinite(v["ess_bulk"]) for v in diag["table"].values())
     for name in ("diagnostics.csv", "diagnostics.json", "trace.png", "rank.png", "energy.png"):
         assert (run / name).stat().st_size > 0, name
@@ -358,5 +362,34 @@ def test_sample_under_torchrun_shares_the_chains_and_matches_one_process(tmp_pat
     assert summary["distributed"]["mode"] == "chains" and summary["chains"] == 4
     a = Posterior.load(tmp_path / "single" / "posterior.pt")
     b = Posterior.load(tmp_path / "ranks" / "posterior.pt")
+    for k in a.draws:
+        assert torch.equal(a.draws[k], b.draws[k]), k
+
+
+def test_sample_killed_then_resumed_gives_the_uninterrupted_draws(tmp_path):
+    import signal
+    import time
+
+    text = TINY.format(source="spirals").replace("warmup = 10", "warmup = 4000") + "checkpoint_every = 50\n"
+    _write(tmp_path, text)
+    r = _cli("sample", "--config", "run.toml", "--output", "runs/ref", "--quiet", cwd=tmp_path)
+    assert r.returncode == EXIT_OK, r.stderr
+    assert not (tmp_path / "runs" / "ref.checkpoint").exists()  # removed once the run is written
+    env = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}
+    ckpt = tmp_path / "runs" / "b.checkpoint"
+    proc = subprocess.Popen([sys.executable, "-m", "pib_bayes", "sample", "--config", "run.toml", "--output",
+                             "runs/b", "--quiet"], cwd=tmp_path, env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while not ckpt.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.01)
+    assert ckpt.exists(), "the run wrote no checkpoint"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=60)
+    assert not (tmp_path / "runs" / "b").exists()  # nothing half-written in place of the run directory
+    r = _cli("sample", "--config", "run.toml", "--output", "runs/b", "--quiet", "--resume", cwd=tmp_path)
+    assert r.returncode == EXIT_OK, r.stderr
+    a = Posterior.load(tmp_path / "runs" / "ref" / "posterior.pt")
+    b = Posterior.load(tmp_path / "runs" / "b" / "posterior.pt")
     for k in a.draws:
         assert torch.equal(a.draws[k], b.draws[k]), k
