@@ -18,6 +18,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call, vmap
 
+from .batched import batched_forward
 from .io import FormatError, load_payload, save_payload
 
 __all__ = ["Posterior", "Prediction", "FORMAT_VERSION"]
@@ -186,11 +187,17 @@ class Posterior:
         was_training = model.training
         model.eval()
         try:
-            def f(p: dict[str, Tensor]) -> Tensor:
-                return functional_call(model, {**fixed, **p}, (x,))
+            # an MLP runs as one batched matmul per layer over the draws (pib_bayes.batched);
+            # anything else through vmap(functional_call)
+            all_params = {n for n, _ in model.named_parameters()} == set(draws)
+            fast = batched_forward(model) if all_params and not fixed else None
 
-            batched = vmap(f)
-            outs = []
+            def batched(p: dict[str, Tensor]) -> Tensor:
+                if fast is not None:
+                    return fast(p, x, False)
+                return vmap(lambda q: functional_call(model, {**fixed, **q}, (x,)))(p)
+
+            per_draw: Tensor | None = None
             for start in range(0, m, chunk_size):
                 chunk = {k: v[start:start + chunk_size] for k, v in draws.items()}
                 try:
@@ -200,12 +207,16 @@ class Posterior:
                         raise
                     raise ValueError(f"x: the model cannot consume x of shape {tuple(x.shape)} and dtype "
                                      f"{x.dtype} ({type(err).__name__}: {err})") from err
+                if per_draw is None:  # one output buffer: no concatenation copy at the end
+                    per_draw = out.new_empty((m, *out.shape[1:]))
+                dest = per_draw[start:start + out.shape[0]]
                 if self.task == "classification":
-                    out = torch.softmax(out, dim=-1)
-                outs.append(out)
+                    torch.softmax(out, dim=-1, out=dest)
+                else:
+                    dest.copy_(out)
         finally:
             model.train(was_training)
-        per_draw = torch.cat(outs)
+        assert per_draw is not None
         mean = per_draw.mean(0)
         if self.task == "classification":
             return Prediction("classification", mean, per_draw)
