@@ -167,7 +167,8 @@ class Posterior:
         memory is bounded by ``chunk_size * len(x) * outputs``. Chains flagged as diverged are
         left out (with a warning) unless ``include_diverged``.
 
-        Classification: p(y|x,S) ≈ (1/M) sum_m softmax(f(x; w_m)) (SPEC §4).
+        Classification: p(y|x,S) ≈ (1/M) sum_m softmax(f(x; w_m)) (SPEC §4). Parameters without
+        draws (a run with ``keep=``) take the module's current values, with a warning.
         """
         model = model or self.model
         if model is None:
@@ -189,6 +190,11 @@ class Posterior:
         try:
             # an MLP runs as one batched matmul per layer over the draws (pib_bayes.batched);
             # anything else through vmap(functional_call)
+            trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+            missing = sorted(trainable - set(draws) - set(fixed))
+            if missing:
+                warnings.warn(f"predict: no draws of {missing} (sampled with keep=?); the module's current "
+                              "values are used for them", stacklevel=2)
             all_params = {n for n, _ in model.named_parameters()} == set(draws)
             fast = batched_forward(model) if all_params and not fixed else None
 

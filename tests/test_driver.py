@@ -267,6 +267,8 @@ def test_buffers_are_held_fixed_not_sampled_and_keep_limits_storage():
     assert torch.equal(post.fixed["1.running_mean"], model[1].running_mean)
     assert "0.bias" not in post.metadata["sampled_params"]
     assert model.training  # the module's mode is restored
+    with pytest.warns(UserWarning, match=r"no draws of \['0.weight'"):
+        assert post.predict(x).per_draw.shape == (8, 32, 1)
 
 
 def test_metadata_records_the_run():
