@@ -12,6 +12,7 @@ import os
 import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 import torch
@@ -198,10 +199,8 @@ class Posterior:
             all_params = {n for n, _ in model.named_parameters()} == set(draws)
             fast = batched_forward(model) if all_params and not fixed else None
 
-            def batched(p: dict[str, Tensor]) -> Tensor:
-                if fast is not None:
-                    return fast(p, x, False)
-                return vmap(lambda q: functional_call(model, {**fixed, **q}, (x,)))(p)
+            batched = (partial(fast, x=x, stacked=False) if fast is not None
+                       else vmap(lambda q: functional_call(model, {**fixed, **q}, (x,))))
 
             per_draw: Tensor | None = None
             for start in range(0, m, chunk_size):
