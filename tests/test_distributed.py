@@ -58,18 +58,21 @@ DATA_ARGS = dict(beta=1 / DATA_N, prior=GaussianPrior(std=1.0), step_size=5e-3, 
                  num_draws=20, seed=5)
 
 
-class _CrashingLoss:
-    """Gaussian loss whose process dies (no exception, no clean-up) on its ``fail_at``-th call."""
+class _FailingLoss:
+    """Gaussian loss that fails on its ``fail_at``-th call: it raises (an error in user code on one
+    rank), or with ``die=True`` the process exits at once (no exception, no clean-up)."""
 
     task = "regression"
 
-    def __init__(self, fail_at: int) -> None:
-        self.calls, self.fail_at = 0, fail_at
+    def __init__(self, fail_at: int, die: bool = False) -> None:
+        self.calls, self.fail_at, self.die = 0, fail_at, die
 
     def __call__(self, out, y):
         self.calls += 1
         if self.calls >= self.fail_at:
-            os._exit(3)
+            if self.die:
+                os._exit(3)
+            raise ValueError(f"boom at call {self.calls}")
         return (out - y.reshape(out.shape)).square().sum(1) / 2
 
 
@@ -99,21 +102,6 @@ def _two_chain_init():
     init = {n: torch.stack([p.detach(), p.detach()]) for n, p in params.items()}
     init["2.bias"] = torch.tensor([[-5.0], [5.0]], dtype=torch.float64)
     return init
-
-
-class _FailingLoss:
-    """Gaussian loss that raises on its ``fail_at``-th call (an error in user code on one rank)."""
-
-    task = "regression"
-
-    def __init__(self, fail_at: int) -> None:
-        self.calls, self.fail_at = 0, fail_at
-
-    def __call__(self, out, y):
-        self.calls += 1
-        if self.calls >= self.fail_at:
-            raise ValueError(f"boom at call {self.calls}")
-        return (out - y.reshape(out.shape)).square().sum(1) / 2
 
 
 # ----------------------------------------------------------------------------- scenarios (in the ranks)
@@ -192,13 +180,13 @@ def _scenario_resume_data(rank: int, out: str) -> None:
 
 def _scenario_crash_chains(rank: int, out: str) -> None:
     x, y = _data()
-    loss = _CrashingLoss(fail_at=5) if rank == 1 else _CrashingLoss(fail_at=10**9)
+    loss = _FailingLoss(fail_at=5, die=True) if rank == 1 else _FailingLoss(fail_at=10**9, die=True)
     sample_distributed(_model(), loss, (x, y), **CHAIN_ARGS)
 
 
 def _scenario_crash_data(rank: int, out: str) -> None:
     x, y = shard(_data(DATA_N))
-    loss = _CrashingLoss(fail_at=5) if rank == 1 else _CrashingLoss(fail_at=10**9)
+    loss = _FailingLoss(fail_at=5, die=True) if rank == 1 else _FailingLoss(fail_at=10**9, die=True)
     sample_distributed(_model(), loss, (x, y), mode="data", **dict(DATA_ARGS, num_chains=1))
 
 
