@@ -3,13 +3,15 @@ paper's minibatch method.
 
 Candidates (cross-entropy, MLP 100-256-256-10, n examples, Δθ = a random perturbation of the weights):
 
-* ``jvp``            :func:`pib_bayes.iiw.fisher` (``method="jvp"``): per-layer Δθᵀ F Δθ from one batched
-                     forward-mode JVP over all n examples (chunks of 4096);
+* ``jvp``            :func:`pib_bayes.iiw.fisher` as users call it (``method="jvp"``, ``engine="auto"``,
+                     which is ``"layerwise"`` here): per-layer Δθᵀ F Δθ over all n examples from one
+                     forward and one backward pass to the layer outputs (chunks of 1024);
+* ``jvp_forward``    the same estimator with ``engine="jvp"``: ``torch.func.jvp`` vmapped over the layers;
 * ``loop``           the brute-force reference: one backward per example, then (∇l_iᵀ Δθ)² per layer
                      (``pib_bayes.iiw.fisher.per_example_gradient_quadratic``, once per layer group);
 * ``minibatch``      ``method="minibatch"``: the paper's 10 minibatch gradients of 1000 examples
                      (uses 10 000 examples, not necessarily all n, and is on a 1/m scale);
-* ``jvp_total``      the JVP estimator with one group (all weights): the total Δθᵀ F Δθ only, one tangent;
+* ``jvp_total``      ``engine="jvp"`` with one group (all weights): the total Δθᵀ F Δθ only, one tangent;
 * ``jvp_1000``       the per-layer JVP estimator on a random subset of 1000 examples.
 
 Time is process CPU time with one torch thread by default (the machine is shared; ``--threads``
@@ -80,8 +82,11 @@ def main() -> None:
 
     everything = {"all": [n for n, _ in model.named_parameters()]}
 
+    def jvp_forward(seed):
+        return fisher(model, "cross_entropy", (x, y), theta_0, engine="jvp").raw_total
+
     def jvp_total(seed):
-        return fisher(model, "cross_entropy", (x, y), theta_0, groups=everything).raw_total
+        return fisher(model, "cross_entropy", (x, y), theta_0, groups=everything, engine="jvp").raw_total
 
     def jvp_1000(seed):
         idx = torch.randperm(args.n, generator=torch.Generator().manual_seed(seed))[:1000]
@@ -90,7 +95,7 @@ def main() -> None:
     def loop(seed):
         return _loop(model, x, y, theta_0)
 
-    cands = {"jvp": jvp, "jvp_total": jvp_total, "minibatch": minibatch, "jvp_1000": jvp_1000, "loop": loop}
+    cands = {"jvp": jvp, "jvp_forward": jvp_forward, "jvp_total": jvp_total, "minibatch": minibatch, "jvp_1000": jvp_1000, "loop": loop}
     times: dict[str, list[float]] = {k: [] for k in cands}
     values: dict[str, list[float]] = {k: [] for k in cands}
     for r in range(args.repeats):

@@ -46,15 +46,17 @@ def _cnn():
                          nn.Linear(4 * 2 * 2, 3)).double()
 
 
+@pytest.mark.parametrize("engine", ["jvp", "layerwise"])
 @pytest.mark.parametrize("make, xshape", [(_mlp, (6,)), (_cnn, (1, 8, 8))])
-def test_jvp_equals_per_example_gradients(make, xshape):
+def test_jvp_equals_per_example_gradients(make, xshape, engine):
     model = make()
     theta_0 = _moved(model)
     g = torch.Generator().manual_seed(2)
     x = torch.randn(40, *xshape, generator=g, dtype=torch.float64)
     y = torch.randint(0, 3, (40,), generator=g)
     loss = nn.CrossEntropyLoss(reduction="none")
-    r = fisher(model, loss, (x, y), theta_0, chunk_size=16)  # chunks must not change the sum
+    r = fisher(model, loss, (x, y), theta_0, chunk_size=16, engine=engine)  # chunks must not change the sum
+    assert r.settings["engine"] == engine
     for group, members in {"0": ["0.weight", "0.bias"], "2": ["2.weight", "2.bias"]}.items():
         ref = per_example_gradient_quadratic(model, loss, (x, y), _delta(model, theta_0, members))
         assert r.raw_per_group[group] == pytest.approx(ref, rel=1e-5)
@@ -62,6 +64,71 @@ def test_jvp_equals_per_example_gradients(make, xshape):
     assert r.settings["joint_raw"] == pytest.approx(joint, rel=1e-5)
     assert r.raw_total == pytest.approx(sum(r.raw_per_group.values()), rel=1e-12)
     assert r.units == "raw" and r.per_group == r.raw_per_group
+
+
+class _Shared(nn.Module):
+    """One Linear applied twice (its derivative sums over both uses), an in-place ReLU that overwrites a
+    layer output, and a reflect-padded Conv1d."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv1d(2, 3, 3, padding=1, padding_mode="reflect")
+        self.act = nn.ReLU(inplace=True)
+        self.mid = nn.Linear(6, 6)
+        self.head = nn.Linear(6, 2)
+
+    def forward(self, x):
+        h = self.act(self.conv(x)).flatten(1)[:, :6]
+        return self.head(torch.tanh(self.mid(torch.tanh(self.mid(h)))))
+
+
+def test_layerwise_weight_sharing_inplace_and_padding_modes():
+    torch.manual_seed(3)
+    model = _Shared().double()
+    theta_0 = _moved(model)
+    x, y = torch.randn(25, 2, 5, dtype=torch.float64), torch.randint(0, 2, (25,))
+    loss = nn.CrossEntropyLoss(reduction="none")
+    r = fisher(model, loss, (x, y), theta_0, chunk_size=10)
+    assert r.settings["engine"] == "layerwise"
+    for group in ("conv", "mid", "head"):
+        members = [f"{group}.weight", f"{group}.bias"]
+        ref = per_example_gradient_quadratic(model, loss, (x, y), _delta(model, theta_0, members))
+        assert r.raw_per_group[group] == pytest.approx(ref, rel=1e-6)
+    # groups that split a layer's weight from its bias, or leave layers out
+    split = {"w": ["mid.weight", "conv.weight"], "b": ["mid.bias"], "hb": ["head.bias"]}
+    r_lw = fisher(model, loss, (x, y), theta_0, groups=split, engine="layerwise")
+    r_jvp = fisher(model, loss, (x, y), theta_0, groups=split, engine="jvp")
+    for group, members in split.items():
+        ref = per_example_gradient_quadratic(model, loss, (x, y), _delta(model, theta_0, members))
+        assert r_lw.raw_per_group[group] == pytest.approx(ref, rel=1e-6)
+        assert r_jvp.raw_per_group[group] == pytest.approx(ref, rel=1e-6)
+    assert r_lw.settings["joint_raw"] == pytest.approx(r_jvp.settings["joint_raw"], rel=1e-9)
+
+
+def test_engine_choice_and_errors():
+    class Scaled(nn.Module):  # a bare parameter outside any Linear/Conv: only the JVP engine can take it
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(4, 2)
+            self.scale = nn.Parameter(torch.ones(2))
+
+        def forward(self, x):
+            return self.lin(x) * self.scale
+
+    torch.manual_seed(0)
+    model = Scaled().double()
+    theta_0 = _moved(model)
+    data = (torch.randn(20, 4, dtype=torch.float64), torch.randn(20, 2, dtype=torch.float64))
+    assert fisher(model, "gaussian", data, theta_0).settings["engine"] == "jvp"
+    only_lin = {"lin": ["lin.weight", "lin.bias"]}
+    auto = fisher(model, "gaussian", data, theta_0, groups=only_lin)
+    jvp = fisher(model, "gaussian", data, theta_0, groups=only_lin, engine="jvp")
+    assert auto.settings["engine"] == "layerwise"
+    assert auto.raw_total == pytest.approx(jvp.raw_total, rel=1e-9)
+    with pytest.raises(ValueError, match="engine: 'layerwise' needs"):
+        fisher(model, "gaussian", data, theta_0, engine="layerwise")
+    with pytest.raises(ValueError, match="engine: expected one of"):
+        fisher(model, "gaussian", data, theta_0, engine="fast")
 
 
 def test_wrong_reference_is_caught():

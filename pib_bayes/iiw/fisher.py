@@ -5,12 +5,14 @@ weights θ_S and ``Δθ = θ_S − θ₀``. The quadratic form never needs F:
 
     Δθᵀ F Δθ = (1/n) Σ_i (∇l_iᵀ Δθ)²,
 
-and the n directional derivatives ``∇l_iᵀ Δθ`` are the tangent output of ONE forward-mode
-``torch.func.jvp`` of the per-example-loss vector along Δθ (per group g, along Δθ restricted to g;
-the groups' tangents are batched with ``vmap`` into one call; the joint derivative along the whole
-Δθ is their sum, by linearity). No per-example gradient and no F is ever formed. Cost: about three
-forward passes for one group (the primal plus two products per linear layer for the tangent), plus
-two to three per extra group (benchmarks/bench_iiw.py; docs/iiw.md has the numbers).
+and only the n directional derivatives ``∇_g l_iᵀ Δθ_g`` are needed. For Linear/Conv layers they
+come from one forward and one backward pass to the layer outputs (``_layerwise.py``:
+``∇_W l_iᵀ ΔW = ⟨∂l_i/∂z_i, ΔW a_i⟩``); for any other model from ONE forward-mode
+``torch.func.jvp`` of the per-example-loss vector, the groups' restricted tangents batched with
+``vmap``. The joint derivative along the whole Δθ is their sum, by linearity. No per-example
+gradient and no F is ever formed. Cost (benchmarks/bench_iiw.py; docs/iiw.md): layerwise ≈ one
+forward-backward pass, 1.05x faster than the paper's minibatch gradients over the same examples;
+forward-mode ≈ two to three forward passes per group.
 """
 
 from __future__ import annotations
@@ -26,11 +28,13 @@ from torch.utils.data import DataLoader
 from ..data import as_tensors
 from ..energy import LossFn, check_beta, resolve_loss
 from ._groups import resolve_groups
+from ._layerwise import plan_layerwise
 from .result import IIWResult
 
 __all__ = ["fisher", "directional_derivatives", "check_theta0"]
 
 METHODS = ("jvp", "minibatch")
+ENGINES = ("auto", "layerwise", "jvp")
 
 
 def _trainable(model: nn.Module) -> dict[str, Tensor]:
@@ -158,7 +162,8 @@ def fisher(
     method: str = "jvp",
     beta: float | None = None,
     params: Mapping[str, Tensor] | None = None,
-    chunk_size: int | None = 4096,
+    chunk_size: int | None = 1024,
+    engine: str = "auto",
     num_batches: int = 10,
     batch_size: int = 1000,
     seed: int = 0,
@@ -169,7 +174,8 @@ def fisher(
 
         IIW_g = Δθ_gᵀ F_g Δθ_g = (1/n) Σ_i (∇_g l_iᵀ Δθ_g)²,  Δθ = θ_S − θ₀,
 
-    with the n directional derivatives from one forward-mode JVP per group (batched). The total
+    with the n directional derivatives from one forward and one backward pass (Linear/Conv layers)
+    or one forward-mode JVP per group (batched; any model), see ``engine``. The total
     is Σ_g IIW_g (block-diagonal F across groups, as in the paper); the joint form with the
     cross-group terms, Δθᵀ F Δθ, is in ``settings["joint_raw"]``.
 
@@ -194,7 +200,14 @@ def fisher(
         groups: ``{group: [parameter names]}``; default one group per layer (module prefix).
         beta: the PIB β, for the nats scale.
         params: evaluate at these weights instead of the module's own (e.g. a posterior draw).
-        chunk_size: examples per JVP (memory); None = all at once.
+        chunk_size: examples per pass (memory); None = all at once.
+        engine: how ``method="jvp"`` gets the directional derivatives ``∇_g l_iᵀ Δθ_g`` (same values
+            to float rounding): ``"jvp"`` = ``torch.func.jvp`` vmapped over the groups (any model);
+            ``"layerwise"`` = one forward and one backward pass to the layer outputs,
+            ``∇_W l_iᵀ ΔW = ⟨∂l_i/∂z_i, ΔW a_i⟩`` for ``z = W a`` (every measured parameter must be
+            the weight/bias of an ``nn.Linear``/``nn.Conv{1,2,3}d``; assumes examples do not interact
+            in the forward pass, true in eval mode for standard layers); ``"auto"`` (default) =
+            layerwise when it applies, else jvp. The one used is in ``settings["engine"]``.
         num_batches, batch_size, seed: the minibatch method.
 
     >>> import torch
@@ -212,6 +225,8 @@ def fisher(
         raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
     if method not in METHODS:
         raise ValueError(f"method: expected one of {METHODS}, got {method!r}")
+    if engine not in ENGINES:
+        raise ValueError(f"engine: expected one of {ENGINES}, got {engine!r}")
     if beta is not None:
         beta = check_beta(beta)
     loss, _ = resolve_loss(loss_fn)
@@ -243,19 +258,41 @@ def fisher(
     fixed.update({n: p.detach() for n, p in model.named_parameters() if not p.requires_grad})
 
     group_names = list(grouped)
-    tangents = [{n: delta[n] if n in grouped[g] else torch.zeros_like(theta[n]) for n in names}
+
+    def tangents() -> list[dict[str, Tensor]]:
+        # the joint derivative along Δθ is the sum of the groups' (linearity): no extra JVP for it
+        return [{n: delta[n] if n in grouped[g] else torch.zeros_like(theta[n]) for n in names}
                 for g in group_names]
-    # the joint derivative along Δθ is the sum of the groups' (linearity): no extra JVP for it
 
     was_training = model.training
     model.eval()
     try:
         with torch.no_grad():
             if method == "jvp":
-                sums, count = _jvp_sums(model, loss, theta, tangents, data, chunk_size, fixed)
-                settings: dict[str, Any] = {"examples": count, "chunk_size": chunk_size}
+                plan = None if engine == "jvp" else plan_layerwise(model, grouped)
+                if engine == "layerwise" and plan is None:
+                    raise ValueError("engine: 'layerwise' needs every measured parameter to be the weight or "
+                                     "bias of an nn.Linear/nn.Conv1d/2d/3d used by that module alone; use "
+                                     "engine='jvp' (or 'auto') for this model")
+                if plan is None:
+                    along = tangents()
+
+                    def derivs(x, y):
+                        return directional_derivatives(model, loss, theta, along, x, y, fixed)
+                else:
+                    def derivs(x, y):
+                        try:
+                            return plan.derivatives(model, loss, theta, delta, len(group_names), x, y, fixed)
+                        except (RuntimeError, IndexError, TypeError, ValueError) as err:
+                            explained = _data_error(model, loss, theta, fixed, x, y, err)
+                            if explained is None:
+                                raise
+                            raise explained from err
+                sums, count = _jvp_sums(derivs, data, chunk_size)
+                settings: dict[str, Any] = {"examples": count, "chunk_size": chunk_size,
+                                            "engine": "jvp" if plan is None else "layerwise"}
             else:
-                sums, count = _minibatch_sums(model, loss, theta, tangents, data, num_batches, batch_size,
+                sums, count = _minibatch_sums(model, loss, theta, tangents(), data, num_batches, batch_size,
                                               seed, fixed)
                 settings = {"num_batches": num_batches, "batch_size": batch_size, "seed": seed,
                             "note": "minibatch-gradient Fisher: ≈ 1/batch_size of the per-example scale"}
@@ -274,14 +311,14 @@ def fisher(
     return IIWResult(per_group, float(total), f"fisher-{method}", units, settings, raw_per_group, raw_total)
 
 
-def _jvp_sums(model, loss, theta, tangents, data, chunk_size, fixed) -> tuple[Tensor, int]:
+def _jvp_sums(derivs, data, chunk_size) -> tuple[Tensor, int]:
     if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int)
                                    or chunk_size < 1):
         raise ValueError(f"chunk_size: must be an int >= 1 or None, got {chunk_size!r}")
     sums: Tensor | float = 0.0
     count = 0
     for x, y in _batches(data, chunk_size):
-        d = directional_derivatives(model, loss, theta, tangents, x, y, fixed).to(torch.float64)  # (G, B)
+        d = derivs(x, y).to(torch.float64)  # (G, B)
         sums = sums + torch.cat([d.square().sum(1), d.sum(0).square().sum()[None]])
         count += x.shape[0]
     if count == 0:
