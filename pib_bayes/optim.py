@@ -23,7 +23,7 @@ two produce identical trajectories. The gradient must be that of the energy
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import torch
@@ -58,6 +58,18 @@ class _LangevinOptimizer(Optimizer):
         self.generator = generator if generator is not None else _default_generator()
         self._noise: dict[int, GaussianNoise] = {}
         self._kernels: dict[tuple, Kernel] = {}
+        self._flat_state: dict[tuple[int, str], Sequence[Tensor]] = {}
+
+    def _state_list(self, index: int, name: str, per_param: list[dict]) -> Sequence[Tensor]:
+        """State ``name`` of these parameters: the kernel's own sequence when the tensors are still
+        exactly the ones it made (then it carries its flat buffer: whole-buffer ops, no per-step
+        tiling check), else a list (e.g. after ``load_state_dict`` or when the set of parameters
+        with gradients changed)."""
+        made = self._flat_state.get((index, name))
+        if made is not None and len(made) == len(per_param) and all(
+                st[name] is t for st, t in zip(per_param, made, strict=True)):
+            return made
+        return [st[name] for st in per_param]
 
     def _check_hyper(self, group: dict[str, Any]) -> None:
         """Validate one group's step size, noise scale and sampler settings (defaults and every group)."""
@@ -95,13 +107,18 @@ class _LangevinOptimizer(Optimizer):
                 continue
             grads = [p.grad for p in params]
             kernel = self._kernel(index, group)
-            missing = [p for p in params if len(self.state[p]) < len(kernel.state_names)]
-            if missing:
-                fresh = kernel.init(missing)
-                for name in kernel.state_names:
-                    for p, buf in zip(missing, fresh[name], strict=True):
-                        self.state[p][name] = buf
-            state = {name: [self.state[p][name] for p in params] for name in kernel.state_names}
+            state = {}
+            if kernel.state_names:
+                per_param = [self.state[p] for p in params]  # one (Python-level) tensor hash per param
+                missing = [p for p, st in zip(params, per_param, strict=True)
+                           if len(st) < len(kernel.state_names)]
+                if missing:
+                    fresh = kernel.init(missing)
+                    for name in kernel.state_names:
+                        for p, buf in zip(missing, fresh[name], strict=True):
+                            self.state[p][name] = buf
+                        self._flat_state[index, name] = fresh[name]
+                state = {name: self._state_list(index, name, per_param) for name in kernel.state_names}
             noise = self._noise.get(index)
             if noise is None:
                 noise = self._noise[index] = make_noise(self.noise, self.generator)

@@ -188,6 +188,34 @@ def test_psgld_frozen_state_is_not_updated_and_precond_mean_reported():
     torch.testing.assert_close(stats["precond_mean"], (1 / (PSGLD_EPS + v.sqrt())).mean(1))
 
 
+def test_psgld_optimizer_uses_state_the_user_replaced():
+    """The optimizer reuses the kernel's flat state between steps only while the state tensors are
+    the ones the kernel made: a user-set square_avg (a frozen preconditioner) or a reloaded state
+    must be the one used, and the move is w - h g / (eps + sqrt(V)) exactly."""
+    from pib_bayes.optim import PSGLD
+
+    torch.manual_seed(0)
+    a, b = torch.zeros(3, 4, requires_grad=True), torch.zeros(5, requires_grad=True)
+    opt = PSGLD([a, b], lr=0.1, alpha=1.0, eps=1e-3, noise_scale=0.0)
+    grads = [torch.randn(3, 4), torch.randn(5)]
+    a.grad, b.grad = grads[0].clone(), grads[1].clone()
+    opt.step()  # the kernel's own (flat) state, V = 0: a step of -h g / eps
+    torch.testing.assert_close(b.detach(), -0.1 * grads[1] / 1e-3)
+    v = [torch.rand(3, 4) + 0.5, torch.rand(5) + 0.5]
+    for p, v_ in zip((a, b), v, strict=True):
+        opt.state[p]["square_avg"] = v_.clone()
+    before = [a.detach().clone(), b.detach().clone()]
+    opt.step()
+    for p, w0, g, v_ in zip((a, b), before, grads, v, strict=True):
+        torch.testing.assert_close(p.detach(), w0 - 0.1 * g / (1e-3 + v_.sqrt()))
+    # and after load_state_dict (fresh tensors): a third step uses the loaded V
+    opt.load_state_dict(opt.state_dict())
+    before = [a.detach().clone(), b.detach().clone()]
+    opt.step()
+    for p, w0, g, v_ in zip((a, b), before, grads, v, strict=True):
+        torch.testing.assert_close(p.detach(), w0 - 0.1 * g / (1e-3 + v_.sqrt()))
+
+
 @pytest.mark.parametrize("bug", ["unpreconditioned_noise", "noise_missing_factor_2"])
 def test_psgld_check_catches_wrong_variant(bug):
     def wrong(x, grad, noise, g):

@@ -28,7 +28,7 @@ import torch
 from torch import Tensor
 
 __all__ = ["Kernel", "GaussianNoise", "RademacherNoise", "NOISES", "make_noise", "langevin_move_",
-           "reduce_sum", "Workspace", "flat_view", "flat_zeros_like"]
+           "reduce_sum", "Workspace", "flat_view", "flat_zeros_like", "FlatTensors"]
 
 
 class GaussianNoise:
@@ -163,19 +163,39 @@ def langevin_move_(
     diffusion: float | list[Tensor] = 1.0,
     noise_scale: float = 1.0,
     workspace: list[Tensor] | None = None,
+    divide_by: list[Tensor] | None = None,
 ) -> None:
     """In place: ``target <- target - h * drift + noise_scale * sqrt(2 h D) * xi``.
 
-    ``diffusion`` D is a scalar or a list of tensors (a diagonal preconditioner). With
-    ``noise_scale == 0`` (or ``noise is None``) no noise is drawn: plain gradient descent.
+    ``diffusion`` D is a scalar or a list of tensors (a diagonal preconditioner). A preconditioner
+    known as a denominator, ``D = 1 / M`` (pSGLD's ``M = eps + sqrt(V)``), is passed as
+    ``divide_by=M`` instead: the move is then ``target - h * drift / M + noise_scale * sqrt(2 h)
+    * rsqrt(M) * xi``, which spends no passes forming ``1/M``, ``drift/M`` or ``sqrt(2 h / M)``.
+    With ``noise_scale == 0`` (or ``noise is None``) no noise is drawn: plain gradient descent.
     ``workspace`` (tensors shaped like ``targets``, e.g. the caller's spent ``drifts``) receives
-    ``sqrt(2 h D)`` for a tensor D instead of freshly allocated tensors: same numbers, no allocation.
+    ``sqrt(2 h D)`` (or ``rsqrt(M)``) for a tensor D instead of freshly allocated tensors: same
+    numbers, no allocation.
     """
-    torch._foreach_add_(targets, drifts, alpha=-step_size)
+    if divide_by is None:
+        torch._foreach_add_(targets, drifts, alpha=-step_size)
+    else:
+        torch._foreach_addcdiv_(targets, drifts, divide_by, value=-step_size)
     if noise is None or noise_scale == 0.0:
         return
     xi = noise.draw(targets)
-    if isinstance(diffusion, (int, float)):
+    if divide_by is not None:
+        flat_m, flat_w = flat_view(divide_by), flat_view(workspace) if workspace is not None else None
+        if flat_m is not None and flat_w is not None and flat_m.numel() == flat_w.numel():
+            torch.rsqrt(flat_m, out=flat_w)
+            std = workspace
+        elif workspace is not None:
+            std = workspace
+            for out, m in zip(std, divide_by, strict=True):
+                torch.rsqrt(m, out=out)
+        else:
+            std = [m.rsqrt() for m in divide_by]
+        torch._foreach_addcmul_(targets, xi, std, value=noise_scale * math.sqrt(2.0 * step_size))
+    elif isinstance(diffusion, (int, float)):
         torch._foreach_add_(targets, xi, alpha=noise_scale * math.sqrt(2.0 * step_size * diffusion))
     else:
         flat_d = flat_w = None
@@ -200,7 +220,22 @@ def langevin_move_(
         torch._foreach_addcmul_(targets, xi, std)
 
 
-def flat_zeros_like(tensors: Sequence[Tensor]) -> list[Tensor]:
+class FlatTensors(tuple):
+    """Tensors that are views tiling one contiguous buffer in order, carrying that buffer as ``flat``.
+
+    A tuple, so the views and the buffer cannot drift apart; :func:`flat_view` returns ``flat``
+    without re-checking the tiling (it sits on the per-step path of every sampler).
+    """
+
+    flat: Tensor
+
+    def __new__(cls, views: Sequence[Tensor], flat: Tensor) -> FlatTensors:
+        obj = super().__new__(cls, views)
+        obj.flat = flat
+        return obj
+
+
+def flat_zeros_like(tensors: Sequence[Tensor]) -> Sequence[Tensor]:
     """Zeros shaped like ``tensors``, as views tiling one contiguous buffer in order (see :func:`flat_view`).
 
     Kernel state made this way lets elementwise updates that involve only state run as one op on
@@ -212,12 +247,14 @@ def flat_zeros_like(tensors: Sequence[Tensor]) -> list[Tensor]:
         return [torch.zeros_like(t, memory_format=torch.contiguous_format) for t in tensors]
     sizes = [t.numel() for t in tensors]
     buf = torch.zeros(sum(sizes), dtype=tensors[0].dtype, device=tensors[0].device)
-    return [v.view(t.shape) for v, t in zip(buf.split(sizes), tensors, strict=True)]
+    return FlatTensors([v.view(t.shape) for v, t in zip(buf.split(sizes), tensors, strict=True)], buf)
 
 
 def flat_view(tensors: Sequence[Tensor]) -> Tensor | None:
     """One 1-D tensor aliasing ``tensors`` when they tile a single storage back to back (as
     :func:`flat_zeros_like` makes them), else ``None`` (e.g. state reloaded tensor by tensor)."""
+    if isinstance(tensors, FlatTensors):
+        return tensors.flat
     if not tensors:
         return None
     first = tensors[0]
@@ -242,16 +279,20 @@ class Workspace:
 
     def __init__(self) -> None:
         self._key: tuple = ()
-        self._bufs: list[list[Tensor]] = []
+        self._like: FlatTensors | None = None
+        self._bufs: list[Sequence[Tensor]] = []
         self._flat: list[Tensor | None] = []
 
-    def get(self, like: Sequence[Tensor], count: int) -> tuple[list[list[Tensor]], list[Tensor | None]]:
+    def get(self, like: Sequence[Tensor], count: int) -> tuple[list[Sequence[Tensor]], list[Tensor | None]]:
         """``count`` sets of scratch tensors shaped like ``like``, and each set's flat view (or None)."""
+        if like is self._like and len(self._bufs) >= count:  # the same immutable state as last step
+            return self._bufs[:count], self._flat[:count]
         key = tuple((t.shape, t.dtype, t.device) for t in like)
         if key != self._key or len(self._bufs) < count:
             self._bufs = [flat_zeros_like(like) for _ in range(count)]
             self._flat = [flat_view(b) for b in self._bufs]
             self._key = key
+        self._like = like if isinstance(like, FlatTensors) else None
         return self._bufs[:count], self._flat[:count]
 
 

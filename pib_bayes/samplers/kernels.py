@@ -71,22 +71,21 @@ def build_psgld(alpha: float = 0.99, eps: float = 1e-5) -> Kernel:
                 torch._foreach_mul_(v, alpha)
             torch._foreach_addcmul_(v, grads, grads, value=1.0 - alpha)
         # scratch buffers reused across steps (fresh 1-MB tensors per step cost page faults)
-        (precond, drift), (flat_p, _) = workspace.get(v, 2)
-        if flat_v is not None and flat_p is not None:
-            torch.sqrt(flat_v, out=flat_p)
-            flat_p.add_(eps)
-            flat_p.reciprocal_()
+        (denom, std), (flat_m, _) = workspace.get(v, 2)
+        if flat_v is not None and flat_m is not None:
+            torch.sqrt(flat_v, out=flat_m)
+            flat_m.add_(eps)
         else:
-            for out, v_ in zip(precond, v, strict=True):
+            for out, v_ in zip(denom, v, strict=True):
                 torch.sqrt(v_, out=out)
-            torch._foreach_add_(precond, eps)
-            torch._foreach_reciprocal_(precond)
-        for out, g, p in zip(drift, grads, precond, strict=True):
-            torch.mul(g, p, out=out)
-        # drift is spent once the move has applied it: it takes sqrt(2 h G) next
-        langevin_move_(params, drift, step_size, noise, precond, noise_scale, workspace=drift)
+            torch._foreach_add_(denom, eps)
+        # G = 1/M with M = eps + sqrt(V): the move divides by M (drift) and scales xi by rsqrt(M),
+        # fewer passes over the weights than forming G, G*g and sqrt(2hG)
+        langevin_move_(params, grads, step_size, noise, noise_scale=noise_scale, workspace=std,
+                       divide_by=denom)
         if not with_stats:
             return {}
+        precond = torch._foreach_reciprocal(denom)
         n = sum(p[0].numel() if batch_ndim else p.numel() for p in params)
         return {"precond_mean": reduce_sum(precond, batch_ndim) / n}
 
