@@ -95,7 +95,8 @@ def main() -> None:
     def loop(seed):
         return _loop(model, x, y, theta_0)
 
-    cands = {"jvp": jvp, "jvp_forward": jvp_forward, "jvp_total": jvp_total, "minibatch": minibatch, "jvp_1000": jvp_1000, "loop": loop}
+    cands = {"jvp": jvp, "jvp_forward": jvp_forward, "jvp_total": jvp_total, "minibatch": minibatch,
+             "jvp_1000": jvp_1000, "loop": loop}
     times: dict[str, list[float]] = {k: [] for k in cands}
     values: dict[str, list[float]] = {k: [] for k in cands}
     for r in range(args.repeats):
