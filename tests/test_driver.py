@@ -188,6 +188,22 @@ def test_predict_equals_plain_loop_and_save_load_roundtrip(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["post.pib"]  # nothing half-written left behind
 
 
+@pytest.mark.parametrize("classes", [1, 3, 15, 16, 40])
+@pytest.mark.parametrize("layout", ["contiguous", "transposed"])
+def test_softmax_into_matches_torch_softmax(classes, layout):
+    """predict's softmax takes a few classes through the outer dim (torch's last-dim kernel is a
+    scalar loop below 16 classes); the values must be softmax's, whatever the input's layout."""
+    from pib_bayes.posterior import _softmax_into
+
+    g = torch.Generator().manual_seed(classes)
+    logits = 5 * torch.randn(4, 33, classes, generator=g, dtype=torch.float64)
+    if layout == "transposed":
+        logits = logits.transpose(-1, -2).contiguous().transpose(-1, -2)
+    dest = torch.empty(4, 33, classes, dtype=torch.float64)
+    _softmax_into(logits, dest)
+    torch.testing.assert_close(dest, torch.softmax(logits, -1), rtol=1e-14, atol=1e-15)
+
+
 def test_regression_predict_has_epistemic_and_aleatoric_variance():
     x, y = _blr_data()
     post = _blr_sample(x, y, 1 / 64, 1e-3, num_chains=2, num_draws=30)
