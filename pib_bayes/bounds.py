@@ -40,7 +40,6 @@ value the loss can take).
 
 from __future__ import annotations
 
-import copy
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -53,6 +52,7 @@ from torch import Tensor, nn
 
 from .data import as_tensors, check_tensors
 from .energy import resolve_loss
+from .iiw.prior_fit import random_split, train_copy
 from .posterior import Posterior
 from .prior import GaussianPrior, Prior
 
@@ -451,16 +451,7 @@ def split_data(data: tuple[Tensor, Tensor], prior_fraction: float = 0.5, seed: i
     (3, 7)
     """
     x, y = _pair(data, "data")
-    n = x.shape[0]
-    frac = prior_fraction
-    if isinstance(frac, bool) or not isinstance(frac, (int, float)) or not 0 < frac < 1:
-        raise ValueError(f"prior_fraction: must be in (0, 1), got {prior_fraction!r}")
-    k = int(round(frac * n))
-    if not 1 <= k <= n - 1:
-        raise ValueError(f"prior_fraction: {prior_fraction} of {n} examples leaves an empty split; "
-                         "use more data or another fraction")
-    perm = torch.randperm(n, generator=torch.Generator().manual_seed(int(seed)))
-    return (x[perm[:k]], y[perm[:k]]), (x[perm[k:]], y[perm[k:]])
+    return random_split(x, y, prior_fraction, seed, "prior_fraction")
 
 
 def fit_prior(model: nn.Module, loss_fn: str | Callable[[Tensor, Tensor], Tensor],
@@ -480,30 +471,13 @@ def fit_prior(model: nn.Module, loss_fn: str | Callable[[Tensor, Tensor], Tensor
     if not isinstance(model, nn.Module):
         raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
     loss, _ = resolve_loss(loss_fn)
-    net = copy.deepcopy(model)
-    params = [p for p in net.parameters() if p.requires_grad]
-    opt = torch.optim.Adam(params, lr=lr)
     gen = torch.Generator().manual_seed(int(seed))
     n = x.shape[0]
     bs = n if batch_size is None else int(batch_size)
     if not 1 <= bs <= n:
         raise ValueError(f"batch_size: must be in [1, {n}], got {batch_size!r}")
-    for step in range(steps):
-        idx = torch.randperm(n, generator=gen)[:bs] if bs < n else slice(None)
-        opt.zero_grad()
-        if step == 0:  # the first batch tells whether the model and loss can take the data at all
-            try:
-                out = loss(net(x[idx]), y[idx])
-            except (RuntimeError, IndexError, TypeError, ValueError) as err:
-                raise ValueError(f"prior_data: the model and loss cannot be evaluated on x of shape "
-                                 f"{tuple(x.shape)}, dtype {x.dtype} and y of shape {tuple(y.shape)}, dtype "
-                                 f"{y.dtype} ({type(err).__name__}: {err}); x must have the model's input "
-                                 "width and dtype, y the targets the loss expects") from err
-        else:
-            out = loss(net(x[idx]), y[idx])
-        (out if out.dim() == 0 else out.mean()).backward()
-        opt.step()
-    fitted = {name: p.detach().clone() for name, p in net.named_parameters() if p.requires_grad}
+    batches = (torch.randperm(n, generator=gen)[:bs] if bs < n else slice(None) for _ in range(steps))
+    fitted = train_copy(model, loss, x, y, batches, lr=lr)
     return GaussianPrior.from_module(model, std=std, mean=fitted)
 
 

@@ -258,3 +258,9 @@ def test_prior_split_bad_inputs():
         split_for_prior((x, y), fraction=0.01)
     with pytest.raises(ValueError, match="epochs"):
         fit_prior_mean(nn.Linear(2, 1), "gaussian", (x, y[:, None]), epochs=0)
+
+
+def test_fit_prior_mean_names_prior_data_when_the_model_cannot_take_it():
+    net = nn.Linear(3, 2)
+    with pytest.raises(ValueError, match="prior_data: the model and loss cannot be evaluated"):
+        fit_prior_mean(net, "cross_entropy", (torch.randn(8, 4), torch.zeros(8, dtype=torch.long)), epochs=1)

@@ -11,6 +11,7 @@ the model on the prior split only and returns its weights as a state dict, to be
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import torch
@@ -34,18 +35,50 @@ def split_for_prior(data: Any, fraction: float = 0.2, seed: int = 0
     tensors = as_tensors(data)
     if tensors is None:
         raise TypeError("data: split_for_prior needs (x, y) tensors or a TensorDataset")
+    return random_split(*tensors, fraction, seed, "fraction")
+
+
+def random_split(x: Tensor, y: Tensor, fraction: float, seed: int, arg: str
+                 ) -> tuple[tuple[Tensor, Tensor], tuple[Tensor, Tensor]]:
+    """``fraction`` of the examples (at random, seeded) and the rest; ``arg`` names the fraction in errors.
+    Shared by :func:`split_for_prior` and :func:`pib_bayes.bounds.split_data`."""
     if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0 < fraction < 1:
-        raise ValueError(f"fraction: must be a float in (0, 1) (share of examples for the prior), got "
+        raise ValueError(f"{arg}: must be a float in (0, 1) (share of examples for the prior), got "
                          f"{fraction!r}")
-    x, y = tensors
     n = x.shape[0]
     k = int(round(fraction * n))
     if not 1 <= k <= n - 1:
-        raise ValueError(f"fraction: {fraction} of {n} examples leaves an empty split; use more data or "
-                         f"another "
-                         "fraction")
-    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+        raise ValueError(f"{arg}: {fraction} of {n} examples leaves an empty split; use more data or "
+                         "another fraction")
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(int(seed)))
     return (x[perm[:k]], y[perm[:k]]), (x[perm[k:]], y[perm[k:]])
+
+
+def train_copy(model: nn.Module, loss: Callable[[Tensor, Tensor], Tensor], x: Tensor, y: Tensor,
+               batches: Iterable[Tensor | slice], *, lr: float, optimizer: str = "adam") -> dict[str, Tensor]:
+    """Train a copy of ``model`` on ``(x, y)``, one optimizer step per index batch of ``batches``
+    (mean loss), and return its trainable weights; ``model`` is not changed. Shared by
+    :func:`fit_prior_mean` (epochs of shuffled minibatches) and :func:`pib_bayes.bounds.fit_prior`
+    (steps of random minibatches)."""
+    net = copy.deepcopy(model)
+    net.train()
+    params = [p for p in net.parameters() if p.requires_grad]
+    opt = torch.optim.Adam(params, lr=lr) if optimizer == "adam" else torch.optim.SGD(params, lr=lr)
+    for i, idx in enumerate(batches):
+        opt.zero_grad()
+        if i == 0:  # the first batch tells whether the model and loss can take the data at all
+            try:
+                out = loss(net(x[idx]), y[idx])
+            except (RuntimeError, IndexError, TypeError, ValueError) as err:
+                raise ValueError(f"prior_data: the model and loss cannot be evaluated on x of shape "
+                                 f"{tuple(x.shape)}, dtype {x.dtype} and y of shape {tuple(y.shape)}, dtype "
+                                 f"{y.dtype} ({type(err).__name__}: {err}); x must have the model's input "
+                                 "width and dtype, y the targets the loss expects") from err
+        else:
+            out = loss(net(x[idx]), y[idx])
+        (out if out.dim() == 0 else out.mean()).backward()
+        opt.step()
+    return {name: p.detach().clone() for name, p in net.named_parameters() if p.requires_grad}
 
 
 def fit_prior_mean(
@@ -90,18 +123,13 @@ def fit_prior_mean(
         raise ValueError(f"optimizer: expected 'adam' or 'sgd', got {optimizer!r}")
     loss, _ = resolve_loss(loss_fn)
     x, y = tensors
-    net = copy.deepcopy(model)
-    net.train()
-    params = [p for p in net.parameters() if p.requires_grad]
-    opt = torch.optim.Adam(params, lr=lr) if optimizer == "adam" else torch.optim.SGD(params, lr=lr)
     gen = torch.Generator().manual_seed(seed)
     n = x.shape[0]
-    for _ in range(epochs):
-        perm = torch.randperm(n, generator=gen)
-        for start in range(0, n, batch_size):
-            idx = perm[start:start + batch_size]
-            opt.zero_grad()
-            losses = loss(net(x[idx]), y[idx])
-            (losses.mean() if losses.dim() else losses).backward()
-            opt.step()
-    return {n_: p.detach().clone() for n_, p in net.named_parameters() if p.requires_grad}
+
+    def batches() -> Iterator[Tensor]:
+        for _ in range(epochs):
+            perm = torch.randperm(n, generator=gen)
+            for start in range(0, n, batch_size):
+                yield perm[start:start + batch_size]
+
+    return train_copy(model, loss, x, y, batches(), lr=lr, optimizer=optimizer)
