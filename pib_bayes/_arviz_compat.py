@@ -4,8 +4,11 @@ ArviZ 0.x builds an ``InferenceData`` (``az.from_dict(posterior=..., sample_stat
 plots with ``az.plot_trace``/``az.plot_rank`` returning matplotlib axes; ArviZ 1.x builds an
 ``xarray.DataTree`` (``az.from_dict({"posterior": {...}, ...})``) and plots through arviz-plots,
 returning a ``PlotCollection``. Everything else in pib_bayes goes through the functions here.
-Tested against the 0.x series (what installs in CI); the 1.x branches follow the arviz-base /
-arviz-stats / arviz-plots APIs and are not exercised by the test suite yet.
+Tested against the 0.x series (what installs in CI) and against arviz 1.3.0 (arviz-base 1.3.1,
+arviz-stats 1.3.3, arviz-plots 1.3.2, xarray 2026.9, Python 3.12, h5netcdf with h5py, no torch) by
+running tests/test_arviz_compat.py, which loads this file without importing pib_bayes (so a Python
+3.12 venv with ``pip install arviz matplotlib h5netcdf h5py pytest`` and no torch runs it):
+``python -m pytest -q tests/test_arviz_compat.py``.
 """
 
 from __future__ import annotations
@@ -63,7 +66,8 @@ def to_netcdf(data: Any, path: str | os.PathLike) -> str:
 def from_netcdf(path: str | os.PathLike) -> Any:
     """Read what :func:`to_netcdf` wrote."""
     if ARVIZ_1:  # pragma: no cover
-        return xr.open_datatree(os.fspath(path), engine="h5netcdf").load()
+        with xr.open_datatree(os.fspath(path), engine="h5netcdf") as tree:  # load, then close the file
+            return tree.load()
     return az.from_netcdf(os.fspath(path))
 
 
@@ -87,6 +91,9 @@ def _save_collection(pc: Any, path: str) -> None:  # pragma: no cover - arviz>=1
         raise RuntimeError(f"arviz {ARVIZ_VERSION}: the PlotCollection has no savefig; "
                            "pib_bayes._arviz_compat needs updating for this ArviZ release")
     pc.savefig(path)
+    import matplotlib.pyplot as plt  # arviz-plots draws on pyplot figures: close it, keep no pyplot state
+
+    plt.close(pc.get_viz("figure"))
 
 
 def _var_names(data: Any, var_names: Sequence[str] | None) -> list[str]:
@@ -122,7 +129,8 @@ def plot_trace(data: Any, path: str, var_names: Sequence[str] | None = None) -> 
     """ArviZ trace plot (marginal density + trace per chain, one row per variable) written to ``path``."""
     names = _var_names(data, var_names)
     if ARVIZ_1:  # pragma: no cover
-        _save_collection(az.plot_trace_dist(data, var_names=names, backend="matplotlib"), path)
+        _save_collection(az.plot_trace_dist(data, var_names=names, compact=False, kind="kde",
+                                              backend="matplotlib"), path)
         return path
     fig, axes = _figure(_num_panels(data, names), 2, 10.0, 2.0)
     with _quiet_arviz_plotting():
@@ -133,7 +141,11 @@ def plot_trace(data: Any, path: str, var_names: Sequence[str] | None = None) -> 
 
 
 def plot_rank(data: Any, path: str, var_names: Sequence[str] | None = None) -> str:
-    """ArviZ rank plot (rank histogram per chain, Vehtari et al. 2021) written to ``path``."""
+    """ArviZ rank plot written to ``path`` (Vehtari et al. 2021).
+
+    One panel per variable: on 0.x a rank histogram per chain, on 1.x the fractional-rank
+    Delta-ECDF per chain with its simultaneous envelope (both flat when chains mix).
+    """
     names = _var_names(data, var_names)
     if ARVIZ_1:  # pragma: no cover
         _save_collection(az.plot_rank(data, var_names=names, backend="matplotlib"), path)

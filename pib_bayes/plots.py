@@ -78,9 +78,11 @@ def plot_rank(source: Posterior | Any, path: str | os.PathLike, *, quantities: S
               data: tuple[Tensor, Tensor] | None = None, probe_x: Tensor | None = None,
               num_projections: int = 4, seed: int = 0, max_weights: int = 8,
               include_diverged: bool = False) -> str:
-    """ArviZ rank plot (``az.plot_rank``): histograms of each chain's ranks in the pooled draws.
+    """ArviZ rank plot (``az.plot_rank``) of each chain's ranks in the pooled draws: histograms on
+    ArviZ 0.x, fractional-rank Delta-ECDFs with their envelope on 1.x.
 
-    Mixed chains give flat histograms (Vehtari et al. 2021). Arguments as :func:`plot_trace`.
+    Mixed chains give flat histograms / ECDF differences inside the envelope (Vehtari et al. 2021).
+    Arguments as :func:`plot_trace`.
     """
     arviz_data, names = _arviz_data(source, quantities, data=data, probe_x=probe_x,
                                     num_projections=num_projections, seed=seed, max_weights=max_weights,
