@@ -166,6 +166,7 @@ def test_predict_equals_plain_loop_and_save_load_roundtrip(tmp_path):
     post = sample(model, "cross_entropy", (x, y), beta=1 / 120, step_size=1e-3, num_chains=2, num_warmup=20,
                   num_draws=7, batch_size=30, seed=1)
     pred = post.predict(x[:10], chunk_size=3)
+    torch.testing.assert_close(post.predict(x[:10]).per_draw, pred.per_draw, rtol=1e-12, atol=1e-12)
     loop = []
     for c in range(2):
         for d in range(7):
@@ -186,6 +187,23 @@ def test_predict_equals_plain_loop_and_save_load_roundtrip(tmp_path):
     assert back.metadata == post.metadata
     assert torch.equal(back.predict(x[:10]).mean, pred.mean)
     assert [p.name for p in tmp_path.iterdir()] == ["post.pib"]  # nothing half-written left behind
+
+
+def test_auto_chunk_keeps_one_layer_of_activations_near_a_megabyte():
+    from pib_bayes.posterior import _ACTIVATION_BUDGET, _auto_chunk
+
+    def draws(sizes, m=100):
+        return {f"{i}.weight": torch.zeros(m, b, a) for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:]))}
+
+    # widest layer 256, 256 inputs: 4 draws of (256 x 256) activations = 2^18 elements
+    assert _auto_chunk(draws((784, 256, 256, 10)), torch.zeros(256, 784)) == 1
+    assert _auto_chunk(draws((100, 256, 10)), torch.zeros(256, 100)) == 4
+    assert _auto_chunk(draws((20, 64, 64, 10)), torch.zeros(256, 20)) == 16
+    assert _auto_chunk(draws((20, 64, 64, 10)), torch.zeros(16, 20)) == 64  # capped
+    huge = torch.zeros(1, 4000).expand(10**6, 4000)
+    assert _auto_chunk(draws((4000, 8, 2)), huge) == 1  # never below one draw
+    k = _auto_chunk(draws((20, 64, 64, 10)), torch.zeros(256, 20))
+    assert k * 256 * 64 <= _ACTIVATION_BUDGET
 
 
 @pytest.mark.parametrize("classes", [1, 3, 15, 16, 40])
