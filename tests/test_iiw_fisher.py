@@ -127,6 +127,12 @@ def test_engine_choice_and_errors():
     assert auto.raw_total == pytest.approx(jvp.raw_total, rel=1e-9)
     with pytest.raises(ValueError, match="engine: 'layerwise' needs"):
         fisher(model, "gaussian", data, theta_0, engine="layerwise")
+    # a global forward hook may rewrite any layer's output: only the JVP engine sees it
+    handle = nn.modules.module.register_module_forward_hook(lambda m, args, out: None)
+    try:
+        assert fisher(model, "gaussian", data, theta_0, groups=only_lin).settings["engine"] == "jvp"
+    finally:
+        handle.remove()
     with pytest.raises(ValueError, match="engine: expected one of"):
         fisher(model, "gaussian", data, theta_0, engine="fast")
 

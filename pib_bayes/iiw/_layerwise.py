@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call
+from torch.nn.modules import module as _module_mod
 
 __all__ = ["LayerwisePlan", "plan_layerwise"]
 
@@ -113,7 +114,10 @@ class _ModifiedInPlace(Exception):
 
 def plan_layerwise(model: nn.Module, groups: Mapping[str, Sequence[str]]) -> LayerwisePlan | None:
     """A plan when every measured parameter is the weight or bias of a Linear/Conv{1,2,3}d module that
-    owns it alone and has no forward hooks of its own (they could change its output); else None."""
+    owns it alone, and no forward hook (the module's own or a global one) could change its output;
+    else None."""
+    if _module_mod._global_forward_hooks:
+        return None
     owners: dict[int, int] = {}
     for _, p in model.named_parameters(remove_duplicate=False):
         owners[id(p)] = owners.get(id(p), 0) + 1
