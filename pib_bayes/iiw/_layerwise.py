@@ -9,7 +9,7 @@ One forward pass records each layer's input ``a``; one backward pass of ``Σ_i l
 outputs (not to the weights) gives every ``g_i`` (example i's output affects only l_i when examples
 do not interact, as in eval mode); one more layer evaluation with the weights replaced by Δθ gives the
 tangent. Neither F nor a per-example gradient is formed. The cost matches one forward-backward pass
-(about 1.2x faster than the paper's minibatch gradients at the same n on CPU; benchmarks/bench_iiw.py),
+(1.05-1.1x faster than the paper's minibatch gradients at the same n on CPU; benchmarks/bench_iiw.py),
 where ``torch.func.jvp`` vmapped over G groups costs about G forward-mode passes.
 """
 
