@@ -40,27 +40,26 @@ def _layer_op(module: nn.Module) -> Callable[[Tensor, Tensor, Tensor | None], Te
 class LayerwisePlan:
     """Which modules to hook and which group each of their parameters belongs to."""
 
-    def __init__(self, modules: dict[str, nn.Module], slots: dict[str, dict[str, tuple[int, str]]]):
+    def __init__(self, modules: dict[str, nn.Module], parts: dict[str, dict[int, dict[str, str]]]):
         self.modules = modules  # module path -> module
-        self.slots = slots  # module path -> {"weight"/"bias": (group index, parameter name)}
+        self.parts = parts  # module path -> {group index: {"weight"/"bias": parameter name}}
         self.clone_outputs = False
 
-    def derivatives(self, model: nn.Module, loss_fn: Callable[[Tensor, Tensor], Tensor],
+    def derivatives(self, model: nn.Module, losses: Callable[[Tensor, Tensor], Tensor],
                     params: Mapping[str, Tensor], deltas: Mapping[str, Tensor], num_groups: int,
                     x: Tensor, y: Tensor, fixed: Mapping[str, Tensor]) -> Tensor:
-        """``(G, B)``: per group g, per example i, ``∇_g l_i(θ)ᵀ Δθ_g``."""
+        """``(G, B)``: per group g, per example i, ``∇_g l_i(θ)ᵀ Δθ_g``; ``losses(output, y)`` gives
+        the ``(B,)`` per-example losses."""
         if not self.clone_outputs:
             try:
-                return self._derivatives(model, loss_fn, params, deltas, num_groups, x, y, fixed, clone=False)
+                return self._derivatives(model, losses, params, deltas, num_groups, x, y, fixed, clone=False)
             except _ModifiedInPlace:
                 # an in-place op (e.g. ReLU(inplace=True)) overwrote a recorded layer output: from now on
                 # hand the network copies of the outputs
                 self.clone_outputs = True
-        return self._derivatives(model, loss_fn, params, deltas, num_groups, x, y, fixed, clone=True)
+        return self._derivatives(model, losses, params, deltas, num_groups, x, y, fixed, clone=True)
 
-    def _derivatives(self, model, loss_fn, params, deltas, num_groups, x, y, fixed, clone) -> Tensor:
-        from .fisher import _per_example
-
+    def _derivatives(self, model, losses, params, deltas, num_groups, x, y, fixed, clone) -> Tensor:
         calls: list[tuple[str, Tensor, Tensor, int]] = []  # (path, input, output, version)
         path_of = {id(m): p for p, m in self.modules.items()}
 
@@ -82,7 +81,7 @@ class LayerwisePlan:
                     # then every layer output needs a gradient and is recorded as is, with no leaf copy;
                     # autograd computes no gradient for x itself (it is not asked for)
                     x = x.detach().requires_grad_(True)
-                total = _per_example(loss_fn, functional_call(model, state, (x,)), y).sum()
+                total = losses(functional_call(model, state, (x,)), y).sum()
                 if any(v >= 0 and out._version != v for _, _, out, v in calls):
                     raise _ModifiedInPlace
                 outs = [out for _, _, out, _ in calls]
@@ -95,15 +94,14 @@ class LayerwisePlan:
             for (path, a, _, _), g in zip(calls, grads, strict=True):
                 if g is None:
                     continue
-                module, by_group = self.modules[path], {}
-                for kind, (gi, name) in self.slots[path].items():
-                    by_group.setdefault(gi, {})[kind] = deltas[name]
+                module = self.modules[path]
                 op = _layer_op(module)
-                for gi, parts in by_group.items():
-                    dw = parts.get("weight")
-                    if dw is None:  # a group holding this layer's bias only
+                for gi, names in self.parts[path].items():
+                    if "weight" in names:
+                        dw = deltas[names["weight"]]
+                    else:  # a group holding this layer's bias only
                         dw = torch.zeros(module.weight.shape, dtype=a.dtype, device=a.device)
-                    t = op(a, dw, parts.get("bias"))
+                    t = op(a, dw, deltas[names["bias"]] if "bias" in names else None)
                     d[gi] += torch.linalg.vecdot(g.flatten(1), t.flatten(1)).to(torch.float64)
         return d
 
@@ -122,7 +120,7 @@ def plan_layerwise(model: nn.Module, groups: Mapping[str, Sequence[str]]) -> Lay
     for _, p in model.named_parameters(remove_duplicate=False):
         owners[id(p)] = owners.get(id(p), 0) + 1
     modules: dict[str, nn.Module] = {}
-    slots: dict[str, dict[str, tuple[int, str]]] = {}
+    parts: dict[str, dict[int, dict[str, str]]] = {}
     for gi, members in enumerate(groups.values()):
         for name in members:
             path, _, kind = name.rpartition(".")
@@ -137,5 +135,5 @@ def plan_layerwise(model: nn.Module, groups: Mapping[str, Sequence[str]]) -> Lay
                     or module._forward_hooks):
                 return None
             modules[path] = module
-            slots.setdefault(path, {})[kind] = (gi, name)
-    return LayerwisePlan(modules, slots)
+            parts.setdefault(path, {}).setdefault(gi, {})[kind] = name
+    return LayerwisePlan(modules, parts)

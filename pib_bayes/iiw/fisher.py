@@ -17,7 +17,9 @@ forward-mode ≈ two to three forward passes per group.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from functools import partial
 from typing import Any
 
 import torch
@@ -92,10 +94,24 @@ def _per_example(loss_fn: LossFn, out: Tensor, y: Tensor) -> Tensor:
     return losses
 
 
+@contextmanager
+def _explain_data_errors(model: nn.Module, loss_fn: LossFn, params: Mapping[str, Tensor],
+                         fixed: Mapping[str, Tensor], x: Tensor, y: Tensor) -> Iterator[None]:
+    """Re-raise a failure inside the block as a ValueError naming ``data`` when a plain forward pass
+    or the loss cannot take ``(x, y)`` (the original error chained); anything else unchanged."""
+    try:
+        yield
+    except (RuntimeError, IndexError, TypeError, ValueError) as err:
+        explained = _data_error(model, loss_fn, params, fixed, x, y)
+        if explained is None:
+            raise
+        raise explained from err
+
+
 def _data_error(model: nn.Module, loss_fn: LossFn, params: Mapping[str, Tensor], fixed: Mapping[str, Tensor],
-                x: Tensor, y: Tensor, err: Exception) -> ValueError | None:
+                x: Tensor, y: Tensor) -> ValueError | None:
     """Why a batch failed, when it is the data: a ValueError naming ``data`` if a plain forward pass or
-    the loss cannot take ``(x, y)``, None when both work (then ``err`` is something else).
+    the loss cannot take ``(x, y)``, None when both work (then the failure is something else).
 
     Called only after an exception, so the normal path pays nothing for it."""
     state = {**fixed, **{n: p.detach() for n, p in params.items()}}
@@ -137,7 +153,7 @@ def directional_derivatives(
 
     names = list(params)
     primal = {n: params[n] for n in names}
-    try:
+    with _explain_data_errors(model, loss_fn, params, fixed, x, y):
         if len(tangents) == 1:
             return jvp(losses, (primal,), ({n: tangents[0][n] for n in names},))[1].unsqueeze(0)
         stacked = {n: torch.stack([t[n] for t in tangents]) for n in names}
@@ -145,11 +161,6 @@ def directional_derivatives(
             return vmap(lambda t: jvp(losses, (primal,), (t,))[1])(stacked)
         except Exception:  # some modules cannot be vmapped; fall back to one JVP per tangent
             return torch.stack([jvp(losses, (primal,), ({n: t[n] for n in names},))[1] for t in tangents])
-    except (RuntimeError, IndexError, TypeError, ValueError) as err:
-        explained = _data_error(model, loss_fn, params, fixed, x, y, err)
-        if explained is None:
-            raise
-        raise explained from err
 
 
 def fisher(
@@ -281,13 +292,9 @@ def fisher(
                         return directional_derivatives(model, loss, theta, along, x, y, fixed)
                 else:
                     def derivs(x, y):
-                        try:
-                            return plan.derivatives(model, loss, theta, delta, len(group_names), x, y, fixed)
-                        except (RuntimeError, IndexError, TypeError, ValueError) as err:
-                            explained = _data_error(model, loss, theta, fixed, x, y, err)
-                            if explained is None:
-                                raise
-                            raise explained from err
+                        with _explain_data_errors(model, loss, theta, fixed, x, y):
+                            return plan.derivatives(model, partial(_per_example, loss), theta, delta,
+                                                    len(group_names), x, y, fixed)
                 sums, count = _jvp_sums(derivs, data, chunk_size)
                 settings: dict[str, Any] = {"examples": count, "chunk_size": chunk_size,
                                             "engine": "jvp" if plan is None else "layerwise"}
@@ -344,14 +351,9 @@ def _minibatch_sums(model, loss, theta, tangents, data, num_batches, batch_size,
         idx = torch.randperm(n, generator=gen)[:m]
         p = {k: v.clone().requires_grad_(True) for k, v in theta.items()}
         with torch.enable_grad():
-            try:
+            with _explain_data_errors(model, loss, theta, fixed, x[idx], y[idx]):
                 mean_loss = _per_example(loss, functional_call(model, {**fixed, **p}, (x[idx],)),
                                          y[idx]).mean()
-            except (RuntimeError, IndexError, TypeError, ValueError) as err:
-                explained = _data_error(model, loss, theta, fixed, x[idx], y[idx], err)
-                if explained is None:
-                    raise
-                raise explained from err
             grads = torch.autograd.grad(mean_loss, [p[k] for k in names], allow_unused=True)
         g = {k: (gr if gr is not None else torch.zeros_like(theta[k]))
              for k, gr in zip(names, grads, strict=True)}
