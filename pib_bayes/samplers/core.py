@@ -160,21 +160,19 @@ def langevin_move_(
     drifts: list[Tensor],
     step_size: float,
     noise: GaussianNoise | None,
-    diffusion: float | list[Tensor] = 1.0,
+    diffusion: float = 1.0,
     noise_scale: float = 1.0,
-    workspace: list[Tensor] | None = None,
-    divide_by: list[Tensor] | None = None,
+    workspace: Sequence[Tensor] | None = None,
+    divide_by: Sequence[Tensor] | None = None,
 ) -> None:
     """In place: ``target <- target - h * drift + noise_scale * sqrt(2 h D) * xi``.
 
-    ``diffusion`` D is a scalar or a list of tensors (a diagonal preconditioner). A preconditioner
-    known as a denominator, ``D = 1 / M`` (pSGLD's ``M = eps + sqrt(V)``), is passed as
-    ``divide_by=M`` instead: the move is then ``target - h * drift / M + noise_scale * sqrt(2 h)
-    * rsqrt(M) * xi``, which spends no passes forming ``1/M``, ``drift/M`` or ``sqrt(2 h / M)``.
-    With ``noise_scale == 0`` (or ``noise is None``) no noise is drawn: plain gradient descent.
-    ``workspace`` (tensors shaped like ``targets``, e.g. the caller's spent ``drifts``) receives
-    ``sqrt(2 h D)`` (or ``rsqrt(M)``) for a tensor D instead of freshly allocated tensors: same
-    numbers, no allocation.
+    ``diffusion`` D is a scalar. A diagonal preconditioner ``D = 1 / M`` (pSGLD's
+    ``M = eps + sqrt(V)``) is passed as ``divide_by=M``: the move is then
+    ``target - h * drift / M + noise_scale * sqrt(2 h) * rsqrt(M) * xi``, which spends no passes
+    forming ``1/M``, ``drift/M`` or ``sqrt(2 h / M)``; ``workspace`` (tensors shaped like
+    ``targets``) receives ``rsqrt(M)`` instead of freshly allocated tensors. With
+    ``noise_scale == 0`` (or ``noise is None``) no noise is drawn: plain gradient descent.
     """
     if divide_by is None:
         torch._foreach_add_(targets, drifts, alpha=-step_size)
@@ -183,41 +181,17 @@ def langevin_move_(
     if noise is None or noise_scale == 0.0:
         return
     xi = noise.draw(targets)
-    if divide_by is not None:
-        flat_m, flat_w = flat_view(divide_by), flat_view(workspace) if workspace is not None else None
-        if flat_m is not None and flat_w is not None and flat_m.numel() == flat_w.numel():
-            torch.rsqrt(flat_m, out=flat_w)
-            std = workspace
-        elif workspace is not None:
-            std = workspace
-            for out, m in zip(std, divide_by, strict=True):
-                torch.rsqrt(m, out=out)
-        else:
-            std = [m.rsqrt() for m in divide_by]
-        torch._foreach_addcmul_(targets, xi, std, value=noise_scale * math.sqrt(2.0 * step_size))
-    elif isinstance(diffusion, (int, float)):
+    if divide_by is None:
         torch._foreach_add_(targets, xi, alpha=noise_scale * math.sqrt(2.0 * step_size * diffusion))
+        return
+    std = workspace if workspace is not None else [torch.empty_like(m) for m in divide_by]
+    flat_m, flat_w = flat_view(divide_by), flat_view(std)
+    if flat_m is not None and flat_w is not None and flat_m.numel() == flat_w.numel():
+        torch.rsqrt(flat_m, out=flat_w)  # one op on the whole buffer: the same numbers as per tensor
     else:
-        flat_d = flat_w = None
-        if workspace is None:
-            std = torch._foreach_mul(diffusion, 2.0 * step_size)
-        else:
-            std = workspace
-            flat_d, flat_w = flat_view(diffusion), flat_view(workspace)
-        if flat_d is not None and flat_w is not None and flat_d.numel() == flat_w.numel():
-            # one op each on the whole buffer: the same elementwise numbers as per tensor
-            torch.mul(flat_d, 2.0 * step_size, out=flat_w)
-            flat_w.sqrt_()
-            if noise_scale != 1.0:
-                flat_w.mul_(noise_scale)
-        else:
-            if workspace is not None:
-                for out, d in zip(std, diffusion, strict=True):
-                    torch.mul(d, 2.0 * step_size, out=out)
-            torch._foreach_sqrt_(std)
-            if noise_scale != 1.0:
-                torch._foreach_mul_(std, noise_scale)
-        torch._foreach_addcmul_(targets, xi, std)
+        for out, m in zip(std, divide_by, strict=True):
+            torch.rsqrt(m, out=out)
+    torch._foreach_addcmul_(targets, xi, std, value=noise_scale * math.sqrt(2.0 * step_size))
 
 
 class FlatTensors(tuple):
