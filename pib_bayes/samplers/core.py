@@ -171,7 +171,8 @@ def langevin_move_(
     ``M = eps + sqrt(V)``) is passed as ``divide_by=M``: the move is then
     ``target - h * drift / M + noise_scale * sqrt(2 h) * rsqrt(M) * xi``, which spends no passes
     forming ``1/M``, ``drift/M`` or ``sqrt(2 h / M)``; ``workspace`` (tensors shaped like
-    ``targets``) receives ``rsqrt(M)`` instead of freshly allocated tensors. With
+    ``targets``, or ``divide_by`` itself, overwritten after the drift) receives ``rsqrt(M)``
+    instead of freshly allocated tensors. With
     ``noise_scale == 0`` (or ``noise is None``) no noise is drawn: plain gradient descent.
     """
     if divide_by is None:

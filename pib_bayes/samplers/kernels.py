@@ -70,8 +70,8 @@ def build_psgld(alpha: float = 0.99, eps: float = 1e-5) -> Kernel:
             else:
                 torch._foreach_mul_(v, alpha)
             torch._foreach_addcmul_(v, grads, grads, value=1.0 - alpha)
-        # scratch buffers reused across steps (fresh 1-MB tensors per step cost page faults)
-        (denom, std), (flat_m, _) = workspace.get(v, 2)
+        # one scratch buffer reused across steps (fresh 1-MB tensors per step cost page faults)
+        (denom,), (flat_m,) = workspace.get(v, 1)
         if flat_v is not None and flat_m is not None:
             torch.sqrt(flat_v, out=flat_m)
             flat_m.add_(eps)
@@ -79,15 +79,16 @@ def build_psgld(alpha: float = 0.99, eps: float = 1e-5) -> Kernel:
             for out, v_ in zip(denom, v, strict=True):
                 torch.sqrt(v_, out=out)
             torch._foreach_add_(denom, eps)
+        stats = {}
+        if with_stats:
+            n = sum(p[0].numel() if batch_ndim else p.numel() for p in params)
+            stats["precond_mean"] = reduce_sum(torch._foreach_reciprocal(denom), batch_ndim) / n
         # G = 1/M with M = eps + sqrt(V): the move divides by M (drift) and scales xi by rsqrt(M),
-        # fewer passes over the weights than forming G, G*g and sqrt(2hG)
-        langevin_move_(params, grads, step_size, noise, noise_scale=noise_scale, workspace=std,
+        # fewer passes over the weights than forming G, G*g and sqrt(2hG); rsqrt(M) overwrites M
+        # once the drift has used it (one buffer fewer in cache)
+        langevin_move_(params, grads, step_size, noise, noise_scale=noise_scale, workspace=denom,
                        divide_by=denom)
-        if not with_stats:
-            return {}
-        precond = torch._foreach_reciprocal(denom)
-        n = sum(p[0].numel() if batch_ndim else p.numel() for p in params)
-        return {"precond_mean": reduce_sum(precond, batch_ndim) / n}
+        return stats
 
     return Kernel("psgld", ("square_avg",), init, step, {"alpha": alpha, "eps": eps})
 
