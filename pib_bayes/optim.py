@@ -38,6 +38,19 @@ from .samplers.schedules import Schedule
 __all__ = ["SGLD", "PSGLD", "SGHMC", "ScheduleLR"]
 
 
+try:  # torch's registries of global step hooks (private; torch >= 2.0)
+    from torch.optim.optimizer import _global_optimizer_post_hooks as _GLOBAL_POST_HOOKS
+    from torch.optim.optimizer import _global_optimizer_pre_hooks as _GLOBAL_PRE_HOOKS
+except ImportError:  # pragma: no cover - a torch without them: always take torch's wrapped step
+    _GLOBAL_PRE_HOOKS = _GLOBAL_POST_HOOKS = {None: None}
+
+
+def _plain_call(opt: Optimizer) -> bool:
+    """No step hook registered (on ``opt`` or globally) and no profiler recording."""
+    return not (opt._optimizer_step_pre_hooks or opt._optimizer_step_post_hooks or _GLOBAL_PRE_HOOKS
+                or _GLOBAL_POST_HOOKS or torch._C._autograd._profiler_enabled())
+
+
 def _default_generator() -> torch.Generator:
     # Seeded from the global RNG, so torch.manual_seed(...) makes the noise reproducible.
     return torch.Generator().manual_seed(int(torch.randint(0, 2**62, (1,)).item()))
@@ -94,9 +107,31 @@ class _LangevinOptimizer(Optimizer):
             self._kernels[key] = self._build(**{h: group[h] for h in self._hyper})
         return self._kernels[key]
 
-    @torch.no_grad()
     def step(self, closure=None):  # type: ignore[override]
-        """One Langevin step on every parameter that has a gradient."""
+        """One Langevin step on every parameter that has a gradient.
+
+        Step hooks (``register_step_pre_hook`` / ``post_hook``, global ones included) and the
+        profiler's ``Optimizer.step#...`` range run exactly as in torch.optim; when there are none
+        and no profiler is recording, the step skips torch.optim's per-call wrapper (a
+        ``record_function`` range: about a tenth of a small model's training step).
+        """
+        if _plain_call(self):
+            return self._step(closure)
+        return self._hooked_step(closure)
+
+    step.hooked = True  # type: ignore[attr-defined]  # tells Optimizer.__init__ not to wrap it again
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """As ``torch.optim.Optimizer.zero_grad``; with ``set_to_none`` (the default) and no profiler
+        recording, without its ``record_function`` range."""
+        if not set_to_none or torch._C._autograd._profiler_enabled():
+            return super().zero_grad(set_to_none)
+        for group in self.param_groups:
+            for p in group["params"]:
+                p.grad = None
+
+    @torch.no_grad()
+    def _step(self, closure=None):
         loss = None
         if closure is not None:
             with torch.enable_grad():
@@ -124,6 +159,8 @@ class _LangevinOptimizer(Optimizer):
                 noise = self._noise[index] = make_noise(self.noise, self.generator)
             kernel.step(params, grads, state, float(group["lr"]), noise, float(group["noise_scale"]))
         return loss
+
+    _hooked_step = Optimizer.profile_hook_step(_step)
 
     def state_dict(self) -> dict[str, Any]:  # type: ignore[override]
         out = super().state_dict()

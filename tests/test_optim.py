@@ -1,0 +1,160 @@
+"""The optimizer form (:mod:`pib_bayes.optim`) keeps torch.optim's contract.
+
+The optimizers skip torch.optim's per-call profiler wrapper when nothing needs it (no step hooks,
+no profiler recording; docs/performance.md); these tests pin that hooks, the profiler's ranges,
+LR schedulers and ``state_dict`` behave exactly as for a torch optimizer, and that the light and
+the hooked paths take the same step.
+"""
+
+from __future__ import annotations
+
+import copy
+import warnings
+
+import pytest
+import torch
+from torch import nn
+from torch.optim.lr_scheduler import StepLR
+from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
+
+from pib_bayes.optim import PSGLD, SGHMC, SGLD, ScheduleLR
+from pib_bayes.samplers import Cyclical
+
+OPTIMIZERS = [(SGLD, {}), (PSGLD, {"alpha": 0.9}), (SGHMC, {"friction": 0.2})]
+
+
+def _problem(seed: int = 0) -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 2)), torch.randn(16, 4), torch.randn(16, 2)
+
+
+def _train(opt_cls, kwargs, steps: int, hook: bool) -> list[torch.Tensor]:
+    model, x, y = _problem()
+    opt = opt_cls(model.parameters(), lr=1e-3, generator=torch.Generator().manual_seed(3), **kwargs)
+    if hook:
+        opt.register_step_pre_hook(lambda *a: None)
+    for _ in range(steps):
+        opt.zero_grad()
+        nn.functional.mse_loss(model(x), y).backward()
+        opt.step()
+    return [p.detach().clone() for p in model.parameters()]
+
+
+@pytest.mark.parametrize("opt_cls,kwargs", OPTIMIZERS)
+def test_light_and_hooked_paths_take_identical_steps(opt_cls, kwargs):
+    light, hooked = _train(opt_cls, kwargs, 5, hook=False), _train(opt_cls, kwargs, 5, hook=True)
+    start = [p.detach() for p in _problem()[0].parameters()]
+    assert not torch.equal(light[0], start[0])  # the weights did move
+    assert all(torch.equal(a, b) for a, b in zip(light, hooked, strict=True))
+
+
+def test_step_hooks_run_in_torch_order_and_pre_hook_can_replace_arguments():
+    model, x, y = _problem()
+    opt = SGLD(model.parameters(), lr=1e-3, generator=torch.Generator().manual_seed(0))
+    calls: list[str] = []
+    closure_calls: list[int] = []
+
+    def closure():
+        closure_calls.append(1)
+        opt.zero_grad()
+        loss = nn.functional.mse_loss(model(x), y)
+        loss.backward()
+        return loss
+
+    h1 = opt.register_step_pre_hook(lambda o, args, kw: calls.append("pre") or ((o, closure), {}))
+    h2 = opt.register_step_post_hook(lambda o, args, kw: calls.append("post"))
+    h3 = register_optimizer_step_pre_hook(lambda o, args, kw: calls.append("global pre"))
+    h4 = register_optimizer_step_post_hook(lambda o, args, kw: calls.append("global post"))
+    try:
+        loss = opt.step()  # no closure given: the pre-hook supplies it
+    finally:
+        for h in (h1, h2, h3, h4):
+            h.remove()
+    assert calls == ["global pre", "pre", "post", "global post"]
+    assert closure_calls == [1] and torch.is_tensor(loss)
+    calls.clear()
+    opt.zero_grad()
+    nn.functional.mse_loss(model(x), y).backward()
+    opt.step()  # hooks removed: none runs
+    assert calls == []
+
+
+def test_profiler_sees_step_and_zero_grad_ranges():
+    model, x, y = _problem()
+    opt = PSGLD(model.parameters(), lr=1e-3, generator=torch.Generator().manual_seed(0))
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        opt.zero_grad()
+        nn.functional.mse_loss(model(x), y).backward()
+        opt.step()
+    names = {e.key for e in prof.key_averages()}
+    assert "Optimizer.step#PSGLD.step" in names and "Optimizer.zero_grad#PSGLD.zero_grad" in names
+
+
+def test_zero_grad_sets_none_by_default_and_zeros_on_request():
+    model, x, y = _problem()
+    opt = SGLD(model.parameters(), lr=1e-3)
+    nn.functional.mse_loss(model(x), y).backward()
+    grads = [p.grad for p in model.parameters()]
+    opt.zero_grad(set_to_none=False)
+    assert all(p.grad is g and not g.any() for p, g in zip(model.parameters(), grads, strict=True))
+    opt.zero_grad()
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_torch_lr_scheduler_drives_lr_without_order_warning():
+    model, x, y = _problem()
+    opt = SGHMC(model.parameters(), lr=0.1)
+    sched = StepLR(opt, step_size=2, gamma=0.5)
+    lrs = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # torch warns when it thinks optimizer.step() was skipped
+        for _ in range(5):
+            opt.zero_grad()
+            nn.functional.mse_loss(model(x), y).backward()
+            opt.step()
+            sched.step()
+            lrs.append(opt.param_groups[0]["lr"])
+    assert lrs == pytest.approx([0.1, 0.05, 0.05, 0.025, 0.025])
+
+
+def test_schedule_lr_sets_lr_and_noise_scale_from_a_cyclical_schedule():
+    model, x, y = _problem()
+    schedule = Cyclical(0.1, cycle_length=4, exploration_fraction=0.5)
+    opt = SGLD(model.parameters(), lr=0.1)
+    sched = ScheduleLR(opt, schedule)
+    for t in range(8):
+        group = opt.param_groups[0]
+        assert group["lr"] == pytest.approx(schedule.step_size(t))
+        assert group["noise_scale"] == schedule.noise_scale(t)
+        assert sched.collecting == schedule.collect(t)
+        opt.zero_grad()
+        nn.functional.mse_loss(model(x), y).backward()
+        opt.step()
+        sched.step()
+
+
+@pytest.mark.parametrize("opt_cls,kwargs", OPTIMIZERS)
+def test_state_dict_round_trip_resumes_the_same_trajectory(opt_cls, kwargs):
+    """Kernel state and the noise generator's state are saved: a resumed run equals the uninterrupted one."""
+    model, x, y = _problem()
+    opt = opt_cls(model.parameters(), lr=1e-3, generator=torch.Generator().manual_seed(7), **kwargs)
+
+    def run(o, m, steps):
+        for _ in range(steps):
+            o.zero_grad()
+            nn.functional.mse_loss(m(x), y).backward()
+            o.step()
+
+    run(opt, model, 3)
+    saved_model = {k: v.clone() for k, v in model.state_dict().items()}
+    saved_opt = copy.deepcopy(opt.state_dict())  # as in torch.optim, state_dict() holds live tensors
+    run(opt, model, 4)
+    straight = [p.detach().clone() for p in model.parameters()]
+
+    resumed_model, _, _ = _problem(seed=1)  # different weights and generator: all must come from the save
+    resumed_model.load_state_dict(saved_model)
+    other_gen = torch.Generator().manual_seed(99)
+    resumed = opt_cls(resumed_model.parameters(), lr=1e-3, generator=other_gen, **kwargs)
+    resumed.load_state_dict(saved_opt)
+    run(resumed, resumed_model, 4)
+    assert all(torch.equal(a, b.detach()) for a, b in zip(straight, resumed_model.parameters(), strict=True))
