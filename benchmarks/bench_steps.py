@@ -21,7 +21,11 @@ Also here, :func:`noise_law`: the opt-in Rademacher noise against the exact Gaus
 SPEC §2 (stationary variance ``s^2 / (1 - h/(2 s^2))`` of unadjusted Langevin on U = x^2/(2 s^2))
 with 10^5 independent coordinates, the exact Gaussian noise run alongside.
 
-    python benchmarks/bench_steps.py [--quick] [--case mlp784|mlp20|noise] [--out rows.json]
+``--case prefetch``: the optimizers with ``prefetch_noise=True`` (the next step's noise drawn on a
+worker thread during the forward and backward pass) against the floor by wall clock, see
+:func:`run_prefetch`.
+
+    python benchmarks/bench_steps.py [--quick] [--case mlp784|mlp20|noise|prefetch] [--out rows.json]
 """
 
 from __future__ import annotations
@@ -76,7 +80,7 @@ def interleaved(cands: dict[str, Callable[[], None]], block: int, rounds: int, c
 
 
 def step_candidates(sizes: tuple[int, ...], batch: int, noises: tuple[str, ...] = ("rademacher",),
-                    seed: int = 0) -> dict[str, Callable[[], None]]:
+                    seed: int = 0, prefetch: bool = False) -> dict[str, Callable[[], None]]:
     """One closure per candidate, each with its own copy of the model and its own optimizer."""
     torch.manual_seed(seed)
     base = mlp(sizes)
@@ -111,6 +115,13 @@ def step_candidates(sizes: tuple[int, ...], batch: int, noises: tuple[str, ...] 
         "psgld": make(lambda p: PSGLD(p, lr=1e-10, generator=torch.Generator().manual_seed(seed + 3))),
         "sghmc": make(lambda p: SGHMC(p, lr=1e-8, generator=torch.Generator().manual_seed(seed + 4))),
     }
+    if prefetch:  # the same optimizers drawing the next step's noise on a worker thread
+        cands["sgld_prefetch"] = make(lambda p: SGLD(
+            p, lr=1e-8, prefetch_noise=True, generator=torch.Generator().manual_seed(seed + 2)))
+        cands["psgld_prefetch"] = make(lambda p: PSGLD(
+            p, lr=1e-10, prefetch_noise=True, generator=torch.Generator().manual_seed(seed + 3)))
+        cands["sghmc_prefetch"] = make(lambda p: SGHMC(
+            p, lr=1e-8, prefetch_noise=True, generator=torch.Generator().manual_seed(seed + 4)))
     for noise in noises:
         cands[f"sgld_{noise}"] = make(lambda p, n=noise: SGLD(
             p, lr=1e-8, noise=n, generator=torch.Generator().manual_seed(seed + 5)))
@@ -155,6 +166,31 @@ def run_case(case: str, quick: bool = False, clock: str = "cpu") -> list[dict]:
         if f"{s}_rademacher" in t:
             row(f"{s} (noise=rademacher) vs floor", "floor", f"{s}_rademacher", TARGETS[s])
             row(f"{s} (noise=rademacher) vs sgd", "sgd", f"{s}_rademacher", None)
+    return rows
+
+
+def run_prefetch(quick: bool = False) -> list[dict]:
+    """``prefetch_noise=True`` against the floor, by **wall clock** (one torch thread): the worker
+    thread's draw costs CPU time either way; what it can save is elapsed time, on the core the
+    forward and backward pass leave free."""
+    rows = []
+    for case, (sizes, batch) in CASES.items():
+        block = 5 if case == "mlp784" else 20
+        rounds = 7 if quick else 31
+        cands = step_candidates(sizes, batch, (), prefetch=True)
+        cands.pop("sgd_again")
+        t = interleaved(cands, block, rounds, "wall")
+        label = f"{'-'.join(map(str, sizes))} b{batch}"
+        common = {"case": f"{case}_prefetch", "clock": "wall", "threads": torch.get_num_threads(),
+                  "rounds": rounds, "block": block}
+        # no targets: an opt-in measured by another clock (the targets apply to the default rows)
+        variants = (("", ""), (" (prefetch_noise)", "_prefetch"))
+        for name, base, cand in [("floor vs sgd", "sgd", "floor")] + [
+                (f"{s}{tag} vs {base}", base, f"{s}{suffix}") for s in ("sgld", "psgld", "sghmc")
+                for base in ("floor", "sgd") for tag, suffix in variants]:
+            rows.append({"name": f"steps {label}, wall clock: {name}", "baseline": base, "value": cand,
+                         "baseline_s": t[base], "value_s": t[cand], "ratio": t[base] / t[cand],
+                         "target": None, **common})
     return rows
 
 
@@ -210,10 +246,12 @@ def noise_law(quick: bool = False, s: float = 1.0, h: float = 0.1, seed: int = 0
 
 def run(quick: bool = False, case: str | None = None, clock: str = "cpu") -> list[dict]:
     rows: list[dict] = []
-    for c in ([case] if case else [*CASES, "noise"]):
+    for c in ([case] if case else [*CASES, "noise", "prefetch"]):
         if c == "noise":
             if _noise_supported():
                 rows += noise_law(quick)
+        elif c == "prefetch":
+            rows += run_prefetch(quick)
         else:
             rows += run_case(c, quick, clock)
     return rows
@@ -222,7 +260,8 @@ def run(quick: bool = False, case: str | None = None, clock: str = "cpu") -> lis
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="fewer rounds (a smoke run)")
-    ap.add_argument("--case", choices=[*CASES, "noise"], help="one comparison only (default: all)")
+    ap.add_argument("--case", choices=[*CASES, "noise", "prefetch"],
+                    help="one comparison only (default: all)")
     ap.add_argument("--clock", choices=list(CLOCKS), default="cpu")
     ap.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default 1)")
     ap.add_argument("--out", help="write the rows as JSON here")

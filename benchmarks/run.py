@@ -8,7 +8,8 @@ from one into the next):
 * ``steps``   benchmarks/bench_steps.py: SGLD / pSGLD / SGHMC optimizer steps vs ``torch.optim.SGD``
   and vs the floor (SGD + one ``torch.randn`` per weight), MLP 784-256-256-10 b128 and
   MLP 20-64-64-10 b64, one process each; plus the opt-in Rademacher noise against the exact
-  Gaussian oracle of SPEC §2 (``noise``).
+  Gaussian oracle of SPEC §2 (``noise``), and ``prefetch_noise=True`` against the floor by wall
+  clock (``prefetch``).
 * ``predict`` benchmarks/bench_predict.py: ``Posterior.predict`` over 100 draws vs a
   ``load_state_dict`` loop, one process per model.
 * ``memory``  benchmarks/bench_memory.py: peak RSS of ``sample()`` for a 1M-weight model vs steps
@@ -42,7 +43,7 @@ def jobs(quick: bool) -> list[tuple[str, list[str], str]]:
     """(group, argv, kind) for every comparison; kind says how to read the JSON it writes."""
     q = ["--quick"] if quick else []
     out: list[tuple[str, list[str], str]] = []
-    for case in ("mlp784", "mlp20", "noise"):
+    for case in ("mlp784", "mlp20", "noise", "prefetch"):
         out.append(("steps", [_script("bench_steps.py"), "--case", case, *q], "rows"))
     for case in ("mlp784", "mlp20", "mlp784_x16", "mlp20_x16"):
         out.append(("predict", [_script("bench_predict.py"), "--case", case, *q], "rows"))

@@ -158,3 +158,115 @@ def test_state_dict_round_trip_resumes_the_same_trajectory(opt_cls, kwargs):
     resumed.load_state_dict(saved_opt)
     run(resumed, resumed_model, 4)
     assert all(torch.equal(a, b.detach()) for a, b in zip(straight, resumed_model.parameters(), strict=True))
+
+
+# ---- prefetch_noise: the next step's noise drawn on a worker thread ------------------------------
+
+def _two_group_run(opt_cls, kwargs, prefetch: bool, noise: str, steps: int = 12) -> list[torch.Tensor]:
+    """Two param groups; at steps 4-5 the last layer gets no gradient (the set of drawn tensors
+    changes) and at steps 7-8 the first group's noise scale is 0 (no draw for it): every change of
+    layout the prefetcher must rewind for."""
+    model, x, y = _problem()
+    first, last = model[0], model[2]
+    opt = opt_cls([{"params": first.parameters()}, {"params": last.parameters(), "lr": 2e-3}], lr=1e-3,
+                  generator=torch.Generator().manual_seed(5), noise=noise, prefetch_noise=prefetch, **kwargs)
+    for t in range(steps):
+        opt.zero_grad()
+        nn.functional.mse_loss(model(x), y).backward()
+        if t in (4, 5):
+            for p in last.parameters():
+                p.grad = None
+        opt.param_groups[0]["noise_scale"] = 0.0 if t in (7, 8) else 1.0
+        opt.step()
+    return [p.detach().clone() for p in model.parameters()]
+
+
+@pytest.mark.parametrize("noise", ["gaussian", "rademacher"])
+@pytest.mark.parametrize("opt_cls,kwargs", OPTIMIZERS)
+def test_prefetched_noise_gives_the_synchronous_trajectory(opt_cls, kwargs, noise):
+    sync = _two_group_run(opt_cls, kwargs, prefetch=False, noise=noise)
+    ahead = _two_group_run(opt_cls, kwargs, prefetch=True, noise=noise)
+    assert all(torch.equal(a, b) for a, b in zip(sync, ahead, strict=True))
+
+
+def test_prefetch_check_catches_a_prefetcher_that_does_not_rewind(monkeypatch):
+    """The trajectory comparison has power: a prefetcher that keeps the prefetched numbers after a
+    change of layout (no rewind of the generator) gives another trajectory."""
+    from pib_bayes.samplers import core
+
+    def no_rewind(self, keys=None):
+        if self._pending is None:
+            return False
+        future, pending_keys, _ = self._pending
+        self._pending = None
+        future.result()
+        return pending_keys == keys
+
+    sync = _two_group_run(SGLD, {}, prefetch=False, noise="gaussian")
+    monkeypatch.setattr(core.NoisePrefetcher, "_settle", no_rewind)
+    broken = _two_group_run(SGLD, {}, prefetch=True, noise="gaussian")
+    assert not all(torch.equal(a, b) for a, b in zip(sync, broken, strict=True))
+
+
+@pytest.mark.parametrize("opt_cls,kwargs", OPTIMIZERS)
+def test_prefetch_state_dict_resume_and_copies_continue_the_same_stream(opt_cls, kwargs):
+    """While a prefetch is pending, state_dict saves the generator state of the synchronous sampler;
+    a resumed optimizer (prefetching or not), a deepcopy and a pickled copy all continue exactly
+    the uninterrupted trajectory."""
+    import pickle
+
+    model, x, y = _problem()
+
+    def run(o, m, steps):
+        for _ in range(steps):
+            o.zero_grad()
+            nn.functional.mse_loss(m(x), y).backward()
+            o.step()
+
+    gen = torch.Generator().manual_seed(7)
+    opt = opt_cls(model.parameters(), lr=1e-3, generator=gen, prefetch_noise=True, **kwargs)
+    run(opt, model, 3)
+    saved_model = {k: v.clone() for k, v in model.state_dict().items()}
+    saved_opt = copy.deepcopy(opt.state_dict())
+    pickled = pickle.dumps(opt)
+    opt._prefetcher._pending[0].result()  # let the worker finish drawing the next step's noise
+    ahead = opt.generator.get_state()
+    run(opt, model, 4)
+    straight = [p.detach().clone() for p in model.parameters()]
+
+    for prefetch in (True, False):
+        resumed_model, _, _ = _problem(seed=1)
+        resumed_model.load_state_dict(saved_model)
+        resumed = opt_cls(resumed_model.parameters(), lr=1e-3, generator=torch.Generator().manual_seed(99),
+                          prefetch_noise=prefetch, **kwargs)
+        run(resumed, resumed_model, 1)  # a pending prefetch from another stream must be dropped on load
+        resumed_model.load_state_dict(saved_model)
+        resumed.load_state_dict(copy.deepcopy(saved_opt))
+        run(resumed, resumed_model, 4)
+        resumed_params = [p.detach() for p in resumed_model.parameters()]
+        assert all(torch.equal(a, b) for a, b in zip(straight, resumed_params, strict=True))
+
+    # pickled with a prefetch pending: the copy holds the synchronous sampler's generator state
+    copied = pickle.loads(pickled)
+    assert copied.prefetch_noise and copied.noise == opt.noise
+    assert torch.equal(copied.state_dict()["generator_state"], saved_opt["generator_state"])
+    assert not torch.equal(saved_opt["generator_state"], ahead)
+
+
+def test_optimizer_survives_deepcopy_and_pickle():
+    """torch.optim pickles only defaults, state and param_groups: the noise source, generator state
+    and caches must come back too (a deepcopied optimizer used to fail on its first step)."""
+    import pickle
+
+    for make in (lambda p: PSGLD(p, lr=1e-3, generator=torch.Generator().manual_seed(0)),
+                 lambda p: SGHMC(p, lr=1e-3, noise="rademacher", generator=torch.Generator().manual_seed(0))):
+        model, x, y = _problem()
+        opt = make(model.parameters())
+        nn.functional.mse_loss(model(x), y).backward()
+        opt.step()
+        for clone in (copy.deepcopy(opt), pickle.loads(pickle.dumps(opt))):
+            assert clone.noise == opt.noise
+            assert torch.equal(clone.generator.get_state(), opt.generator.get_state())
+            for p in clone.param_groups[0]["params"]:
+                p.grad = torch.ones_like(p)
+            clone.step()  # runs

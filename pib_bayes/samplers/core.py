@@ -28,7 +28,7 @@ import torch
 from torch import Tensor
 
 __all__ = ["Kernel", "GaussianNoise", "RademacherNoise", "NOISES", "make_noise", "langevin_move_",
-           "reduce_sum", "Workspace", "flat_view", "flat_zeros_like", "FlatTensors"]
+           "reduce_sum", "Workspace", "flat_view", "flat_zeros_like", "FlatTensors", "NoisePrefetcher"]
 
 
 class GaussianNoise:
@@ -57,7 +57,7 @@ class GaussianNoise:
         self._key: tuple = ()
 
     def _layout(self, like: Sequence[Tensor]) -> None:
-        key = tuple((t.shape, t.dtype, t.device) for t in like)
+        key = _layout_key(like)
         if key == self._key:
             return
         dtype, device = like[0].dtype, like[0].device
@@ -88,9 +88,13 @@ class GaussianNoise:
     def draw(self, like: Sequence[Tensor]) -> list[Tensor]:
         """Fresh noise shaped like ``like`` (views into an internal buffer, valid until the next draw)."""
         self._layout(like)
+        self.refill()
+        return self._views
+
+    def refill(self) -> None:
+        """Fill the buffer of the current layout with the next numbers of the generator(s)."""
         for row, gen in zip(self._rows, self.generators, strict=True):
             self._fill(row, gen)
-        return self._views
 
 
 class RademacherNoise(GaussianNoise):
@@ -153,6 +157,96 @@ def make_noise(kind: str, generators: torch.Generator | Sequence[torch.Generator
     if kind not in NOISES:
         raise ValueError(f"noise: expected one of {sorted(NOISES)}, got {kind!r}")
     return NOISES[kind](generators, batched)
+
+
+def _layout_key(like: Sequence[Tensor]) -> tuple:
+    return tuple((t.shape, t.dtype, t.device) for t in like)
+
+
+class _Drawn:
+    """A noise source whose next draw is already in its buffer (see :class:`NoisePrefetcher`)."""
+
+    def __init__(self, source: GaussianNoise) -> None:
+        self.kind, self._source = source.kind, source
+
+    def draw(self, like: Sequence[Tensor]) -> list[Tensor]:
+        if _layout_key(like) != self._source._key:  # the prefetcher drew for the caller's own layout
+            raise RuntimeError("noise prefetch: drawn for another layout")
+        return self._source._views
+
+
+class NoisePrefetcher:
+    """Draws the *next* step's noise on a worker thread while the caller computes gradients.
+
+    ``take(likes)`` returns one noise source per layout (the tensors each param group moves this
+    step, in the order a synchronous step draws them); each source's ``draw`` hands back a buffer
+    already holding the numbers the synchronous sampler would draw there, and ``take`` then starts
+    filling the next step's buffers, for the same layouts, from the same generator on a worker
+    thread (double-buffered: this step's noise stays valid). If the next step asks for other
+    layouts (a parameter lost its gradient, a noise scale went to 0), the generator is rewound to
+    where that prefetch began and the draws are made synchronously, so the stream of numbers is
+    always exactly that of the synchronous sampler. ``torch.randn`` releases the GIL, so the draw
+    overlaps the forward and backward pass when a CPU core is free (docs/performance.md).
+
+    While a prefetch is pending the generator is ahead of the sampler: read and set its state with
+    :meth:`generator_state` / :meth:`set_generator_state`, not on the generator itself.
+    """
+
+    def __init__(self, kind: str, generator: torch.Generator) -> None:
+        self.kind, self.generator = kind, generator
+        self._sources: tuple[list[GaussianNoise], list[GaussianNoise]] = ([], [])
+        self._parity = 0
+        self._pending: tuple | None = None  # (future, layout keys, generator state before the prefetch)
+        self._pool = None
+
+    def _buffers(self, parity: int, count: int) -> list[GaussianNoise]:
+        sources = self._sources[parity]
+        while len(sources) < count:
+            sources.append(make_noise(self.kind, self.generator))
+        return sources[:count]
+
+    def _settle(self, keys: tuple | None = None) -> bool:
+        """Wait for the pending prefetch; True if it drew for ``keys``, else rewind the generator."""
+        if self._pending is None:
+            return False
+        future, pending_keys, before = self._pending
+        self._pending = None
+        future.result()
+        if pending_keys == keys:
+            return True
+        self.generator.set_state(before)
+        return False
+
+    def take(self, likes: Sequence[Sequence[Tensor]]) -> list[_Drawn]:
+        """This step's noise sources for ``likes`` (drawn ahead if the last call prefetched them)."""
+        keys = tuple(_layout_key(like) for like in likes)
+        ready = self._settle(keys)
+        current = self._buffers(self._parity, len(likes))
+        if not ready:
+            for source, like in zip(current, likes, strict=True):
+                source.draw(like)
+        if likes:
+            from concurrent.futures import ThreadPoolExecutor
+
+            self._parity ^= 1
+            upcoming = self._buffers(self._parity, len(likes))
+            for source, like in zip(upcoming, likes, strict=True):
+                source._layout(like)  # allocate here: the worker only fills
+            if self._pool is None:
+                self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pib-noise")
+            before = self.generator.get_state()
+            future = self._pool.submit(lambda: [source.refill() for source in upcoming])
+            self._pending = (future, keys, before)
+        return [_Drawn(source) for source in current]
+
+    def generator_state(self) -> Tensor:
+        """The generator's state as the synchronous sampler would have it now."""
+        return self._pending[2] if self._pending is not None else self.generator.get_state()
+
+    def set_generator_state(self, state: Tensor) -> None:
+        """Drop any prefetched draw and set the generator's state."""
+        self._settle()
+        self.generator.set_state(state)
 
 
 def langevin_move_(
