@@ -169,6 +169,23 @@ def run_case(case: str, quick: bool = False, clock: str = "cpu") -> list[dict]:
     return rows
 
 
+def sample_candidates(sizes: tuple[int, ...], batch: int, steps: int, n: int = 2048,
+                      seed: int = 0) -> dict[str, Callable[[], object]]:
+    """``pib_bayes.sample`` (SGLD, one chain, ``steps`` steps on ``n`` random examples) without and
+    with ``prefetch_noise``."""
+    import functools
+
+    import pib_bayes
+
+    torch.manual_seed(seed)
+    model = mlp(sizes)
+    x, y = torch.randn(n, sizes[0]), torch.randint(0, sizes[-1], (n,))
+    run = functools.partial(pib_bayes.sample, model, "cross_entropy", (x, y), beta=1 / n, step_size=1e-6,
+                            num_warmup=0, num_draws=steps, batch_size=batch, keep=["0.bias"])
+    return {"sample": functools.partial(run, prefetch_noise=False),
+            "sample_prefetch": functools.partial(run, prefetch_noise=True)}
+
+
 def run_prefetch(quick: bool = False) -> list[dict]:
     """``prefetch_noise=True`` against the floor, by **wall clock** (one torch thread): the worker
     thread's draw costs CPU time either way; what it can save is elapsed time, on the core the
@@ -191,6 +208,13 @@ def run_prefetch(quick: bool = False) -> list[dict]:
             rows.append({"name": f"steps {label}, wall clock: {name}", "baseline": base, "value": cand,
                          "baseline_s": t[base], "value_s": t[cand], "ratio": t[base] / t[cand],
                          "target": None, **common})
+        # the driver: a whole pib_bayes.sample() call per candidate (SGLD, one chain)
+        steps = 50 if case == "mlp784" else 200
+        t = interleaved(sample_candidates(sizes, batch, steps), 1, 5 if quick else 11, "wall", warmup=1)
+        rows.append({"name": f"sample() 1 chain {label}, wall clock: prefetch_noise vs synchronous",
+                     "baseline": "sample", "value": "sample_prefetch", "baseline_s": t["sample"] / steps,
+                     "value_s": t["sample_prefetch"] / steps, "ratio": t["sample"] / t["sample_prefetch"],
+                     "target": None, **common})
     return rows
 
 

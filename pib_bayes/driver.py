@@ -30,7 +30,7 @@ from .energy import Energy, LossFn
 from .io import FormatError, load_payload, save_payload
 from .posterior import Posterior
 from .prior import GaussianPrior, Prior
-from .samplers.core import NOISES, GaussianNoise, Kernel, make_noise
+from .samplers.core import NOISES, GaussianNoise, Kernel, NoisePrefetcher, make_noise
 from .samplers.kernels import build_kernel
 from .samplers.schedules import Schedule, as_schedule
 
@@ -74,6 +74,20 @@ class _Group:
     noise: GaussianNoise
     batcher: TensorBatcher | LoaderBatcher
     vectorized: bool
+    prefetcher: NoisePrefetcher | None = None  # prefetch_noise=True: draws ahead from noise's generators
+
+    def generator_states(self) -> list[Tensor]:
+        """The noise generators' states as the synchronous sampler has them (none drawn ahead)."""
+        if self.prefetcher is not None:
+            return self.prefetcher.generator_states()
+        return [g.get_state() for g in self.noise.generators]
+
+    def set_generator_states(self, states: Sequence[Tensor]) -> None:
+        if self.prefetcher is not None:
+            self.prefetcher.set_generator_states(states)
+            return
+        for g, st in zip(self.noise.generators, states, strict=True):
+            g.set_state(st)
 
 
 class _Sampler:
@@ -113,10 +127,14 @@ class _Sampler:
         return u.detach(), loss.detach(), grads
 
     def move(self, group: _Group, grads: Sequence[Tensor], t: int, with_stats: bool) -> dict[str, Tensor]:
-        h = self.schedule.step_size(t)
+        h, scale = self.schedule.step_size(t), self.schedule.noise_scale(t)
+        noise: GaussianNoise | None = group.noise
+        if group.prefetcher is not None:  # this step's noise was drawn during the gradient pass
+            drawn = group.prefetcher.take([group.params] if scale != 0 else [])
+            noise = drawn[0] if drawn else None
         with torch.no_grad():
-            return self.kernel.step(group.params, list(grads), group.state, h, group.noise,
-                                    self.schedule.noise_scale(t), batch_ndim=1, with_stats=with_stats)
+            return self.kernel.step(group.params, list(grads), group.state, h, noise, scale, batch_ndim=1,
+                                    with_stats=with_stats)
 
 
 def sample(
@@ -143,6 +161,7 @@ def sample(
     stat_fns: Mapping[str, StatFn] | None = None,
     sampler_kwargs: Mapping[str, Any] | None = None,
     noise: str = "gaussian",
+    prefetch_noise: bool = False,
     checkpoint: str | os.PathLike | None = None,
     checkpoint_every: int = 1000,
     resume: bool = False,
@@ -189,6 +208,10 @@ def sample(
         noise: ``"gaussian"`` (exact; default) or the opt-in ``"rademacher"`` (random signs, cheaper
             to draw): on a Gaussian target it keeps the stationary covariance of the linear recursion
             but not the higher moments (see docs/performance.md for the measured law).
+        prefetch_noise: draw each step's noise on a worker thread during the previous gradient
+            pass (:class:`~pib_bayes.samplers.core.NoisePrefetcher`): the same draws as without,
+            faster by wall clock on models where the noise draw costs more than a thread
+            hand-off and a CPU core is free (docs/performance.md); slower on small models.
         checkpoint: a file to which the complete run state (weights, sampler state, every
             chain's RNG states, data order, draws so far, step counters) is written atomically
             every ``checkpoint_every`` steps, after each chain group and at the end.
@@ -219,6 +242,8 @@ def sample(
     kernel = build_kernel(sampler, **dict(sampler_kwargs or {}))
     if noise not in NOISES:
         raise ValueError(f"noise: expected one of {sorted(NOISES)}, got {noise!r}")
+    if not isinstance(prefetch_noise, bool):
+        raise ValueError(f"prefetch_noise: expected True or False, got {prefetch_noise!r}")
     total_chains = _positive_int("num_chains", num_chains)
     ids = list(range(total_chains)) if chain_ids is None else [int(c) for c in chain_ids]
     if not ids or len(set(ids)) != len(ids) or not all(0 <= c < total_chains for c in ids):
@@ -259,10 +284,12 @@ def sample(
 
     def make_group(chains: list[int], vectorized: bool) -> _Group:
         params = [init_params[n][chains].clone().requires_grad_(True) for n in names]
-        source = make_noise(noise, [_generator(seeds[c][0]) for c in chains], batched=True)
+        gens = [_generator(seeds[c][0]) for c in chains]
+        source = make_noise(noise, gens, batched=True)
         with torch.no_grad():
             state = kernel.init([p.detach() for p in params])
-        return _Group(chains, params, state, source, make_batcher(chains), vectorized)
+        prefetcher = NoisePrefetcher(noise, gens, batched=True) if prefetch_noise else None
+        return _Group(chains, params, state, source, make_batcher(chains), vectorized, prefetcher)
 
     method, reason = chain_method, "requested"
     if num_chains == 1:
@@ -331,7 +358,7 @@ def sample(
         "batch_size": batch_size if tensors is not None else getattr(data, "batch_size", None),
         "n": int(tensors[0].shape[0]) if tensors is not None else None,
         "seed": int(seed), "chain_method": method, "chain_method_reason": reason, "task": energy.task,
-        "noise": noise,
+        "noise": noise, "prefetch_noise": prefetch_noise,
         "loss": loss_desc, "noise_std": getattr(energy.loss_fn, "noise_std", None), "init": init
         if isinstance(init, str) else "given", "sampled_params": names, "kept_params": keep_names,
     }
@@ -464,7 +491,7 @@ def _group_state(group: _Group, cur: _Cursor) -> dict[str, Any]:
         "t": cur.t, "kept": cur.kept, "counter": cur.counter, "alive": cur.alive.clone(),
         "params": [p.detach().clone() for p in group.params],
         "kernel_state": {k: [v.clone() for v in vs] for k, vs in group.state.items()},
-        "noise_generators": [g.get_state() for g in group.noise.generators],
+        "noise_generators": group.generator_states(),
         "batcher": group.batcher.state_dict(),
     }
 
@@ -476,8 +503,7 @@ def _restore_group(group: _Group, saved: dict[str, Any]) -> _Cursor:
         for k, vs in saved["kernel_state"].items():
             for buf, v in zip(group.state[k], vs):
                 buf.copy_(v)
-    for g, st in zip(group.noise.generators, saved["noise_generators"]):
-        g.set_state(st)
+    group.set_generator_states(saved["noise_generators"])
     group.batcher.load_state_dict(saved["batcher"])
     return _Cursor(int(saved["t"]), int(saved["kept"]), int(saved["counter"]), saved["alive"].clone())
 
@@ -541,3 +567,5 @@ def _run_group(runner: _Sampler, group: _Group, names: list[str], keep_names: li
             cur.t += 1
     finally:
         bar.close()
+        if group.prefetcher is not None:
+            group.prefetcher.close()  # the draw made ahead for a step that will not run is dropped

@@ -97,7 +97,7 @@ class _LangevinOptimizer(Optimizer):
         self._set_runtime(noise, generator, prefetch)
 
     def _generator_state(self) -> Tensor:
-        return self._prefetcher.generator_state() if self._prefetcher else self.generator.get_state()
+        return self._prefetcher.generator_states()[0] if self._prefetcher else self.generator.get_state()
 
     def _state_list(self, index: int, name: str, per_param: list[dict]) -> Sequence[Tensor]:
         """State ``name`` of these parameters: the kernel's own sequence when the tensors are still
@@ -207,7 +207,7 @@ class _LangevinOptimizer(Optimizer):
         super().load_state_dict(state_dict)
         if gen_state is not None:
             if self._prefetcher is not None:
-                self._prefetcher.set_generator_state(gen_state)
+                self._prefetcher.set_generator_states([gen_state])
             else:
                 self.generator.set_state(gen_state)
 

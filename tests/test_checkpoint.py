@@ -74,7 +74,7 @@ class _Crash(Exception):
     pass
 
 
-def _run(tmp_path, ckpt=None, crash_after=None, method="sequential", resume=False):
+def _run(tmp_path, ckpt=None, crash_after=None, method="sequential", resume=False, prefetch=False):
     calls = {"n": 0}
 
     def crash(params):
@@ -89,7 +89,7 @@ def _run(tmp_path, ckpt=None, crash_after=None, method="sequential", resume=Fals
     return pb.sample(model, "cross_entropy", (x, y), beta=1 / 128, step_size=1e-3, sampler="psgld",
                      num_chains=3, num_warmup=20, num_draws=25, thin=3, batch_size=16, seed=3,
                      chain_method=method, stat_fns={"w0": crash}, checkpoint=ckpt, checkpoint_every=4,
-                     resume=resume)
+                     resume=resume, prefetch_noise=prefetch)
 
 
 @pytest.mark.parametrize("method", ["sequential", "vectorized"])
@@ -107,6 +107,23 @@ def test_crash_and_resume_in_process(tmp_path, method, crash_after):
     # resuming a finished run returns the same posterior without sampling again
     again = _run(tmp_path, ckpt, method=method, resume=True, crash_after=0)
     assert torch.equal(again.draws["0.weight"], ref.draws["0.weight"])
+
+
+@pytest.mark.parametrize("method", ["sequential", "vectorized"])
+@pytest.mark.parametrize("resume_prefetch", [True, False])
+def test_crash_and_resume_with_prefetched_noise(tmp_path, method, resume_prefetch):
+    """With prefetch_noise the checkpoints hold the generators' synchronous states (not the ones
+    a pending draw has advanced), so a crashed prefetching run resumes, with or without prefetch,
+    to the draws of a run that never prefetched."""
+    ref = _run(tmp_path, method=method)
+    ckpt = tmp_path / "c.ckpt"
+    with pytest.raises(_Crash):
+        _run(tmp_path, ckpt, crash_after=30, method=method, prefetch=True)
+    resumed = _run(tmp_path, ckpt, method=method, resume=True, prefetch=resume_prefetch)
+    for k in ref.draws:
+        assert torch.equal(ref.draws[k], resumed.draws[k])
+    for k in ref.sample_stats:
+        assert torch.equal(ref.sample_stats[k], resumed.sample_stats[k]), k
 
 
 def test_checkpointing_does_not_change_the_draws(tmp_path):

@@ -181,32 +181,35 @@ class NoisePrefetcher:
     ``take(likes)`` returns one noise source per layout (the tensors each param group moves this
     step, in the order a synchronous step draws them); each source's ``draw`` hands back a buffer
     already holding the numbers the synchronous sampler would draw there, and ``take`` then starts
-    filling the next step's buffers, for the same layouts, from the same generator on a worker
+    filling the next step's buffers, for the same layouts, from the same generator(s) on a worker
     thread (double-buffered: this step's noise stays valid). If the next step asks for other
-    layouts (a parameter lost its gradient, a noise scale went to 0), the generator is rewound to
+    layouts (a parameter lost its gradient, a noise scale went to 0), the generators are rewound to
     where that prefetch began and the draws are made synchronously, so the stream of numbers is
     always exactly that of the synchronous sampler. ``torch.randn`` releases the GIL, so the draw
     overlaps the forward and backward pass when a CPU core is free (docs/performance.md).
 
-    While a prefetch is pending the generator is ahead of the sampler: read and set its state with
-    :meth:`generator_state` / :meth:`set_generator_state`, not on the generator itself.
+    ``generators`` and ``batched`` are those of :func:`make_noise`. While a prefetch is pending the
+    generators are ahead of the sampler: read and set their states with :meth:`generator_states` /
+    :meth:`set_generator_states`, not on the generators themselves.
     """
 
-    def __init__(self, kind: str, generator: torch.Generator) -> None:
-        self.kind, self.generator = kind, generator
+    def __init__(self, kind: str, generators: torch.Generator | Sequence[torch.Generator],
+                 batched: bool = False) -> None:
+        self.kind, self.batched = kind, batched
+        self.generators = [generators] if isinstance(generators, torch.Generator) else list(generators)
         self._sources: tuple[list[GaussianNoise], list[GaussianNoise]] = ([], [])
         self._parity = 0
-        self._pending: tuple | None = None  # (future, layout keys, generator state before the prefetch)
+        self._pending: tuple | None = None  # (future, layout keys, generator states before the prefetch)
         self._pool = None
 
     def _buffers(self, parity: int, count: int) -> list[GaussianNoise]:
         sources = self._sources[parity]
         while len(sources) < count:
-            sources.append(make_noise(self.kind, self.generator))
+            sources.append(make_noise(self.kind, self.generators, self.batched))
         return sources[:count]
 
     def _settle(self, keys: tuple | None = None) -> bool:
-        """Wait for the pending prefetch; True if it drew for ``keys``, else rewind the generator."""
+        """Wait for the pending prefetch; True if it drew for ``keys``, else rewind the generators."""
         if self._pending is None:
             return False
         future, pending_keys, before = self._pending
@@ -214,7 +217,8 @@ class NoisePrefetcher:
         future.result()
         if pending_keys == keys:
             return True
-        self.generator.set_state(before)
+        for gen, state in zip(self.generators, before, strict=True):
+            gen.set_state(state)
         return False
 
     def take(self, likes: Sequence[Sequence[Tensor]]) -> list[_Drawn]:
@@ -234,19 +238,29 @@ class NoisePrefetcher:
                 source._layout(like)  # allocate here: the worker only fills
             if self._pool is None:
                 self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pib-noise")
-            before = self.generator.get_state()
+            before = [gen.get_state() for gen in self.generators]
             future = self._pool.submit(lambda: [source.refill() for source in upcoming])
             self._pending = (future, keys, before)
         return [_Drawn(source) for source in current]
 
-    def generator_state(self) -> Tensor:
-        """The generator's state as the synchronous sampler would have it now."""
-        return self._pending[2] if self._pending is not None else self.generator.get_state()
+    def generator_states(self) -> list[Tensor]:
+        """The generators' states as the synchronous sampler would have them now."""
+        if self._pending is not None:
+            return list(self._pending[2])
+        return [gen.get_state() for gen in self.generators]
 
-    def set_generator_state(self, state: Tensor) -> None:
-        """Drop any prefetched draw and set the generator's state."""
+    def set_generator_states(self, states: Sequence[Tensor]) -> None:
+        """Drop any prefetched draw and set the generators' states."""
         self._settle()
-        self.generator.set_state(state)
+        for gen, state in zip(self.generators, states, strict=True):
+            gen.set_state(state)
+
+    def close(self) -> None:
+        """Drop any prefetched draw (rewinding the generators) and stop the worker thread."""
+        self._settle()
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+            self._pool = None
 
 
 def langevin_move_(
