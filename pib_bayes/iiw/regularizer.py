@@ -52,7 +52,7 @@ class IIWRegularizer:
     ...     loss = nn.functional.cross_entropy(net(x), y) + reg(x, y)
     ...     loss.backward()
     ...     opt.step()
-    >>> float(reg(x, y)) > 0
+    >>> float(reg(x, y).detach()) > 0
     True
     """
 
