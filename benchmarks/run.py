@@ -71,7 +71,7 @@ def _rows(kind: str, data) -> list[dict]:
         rows.append({**r, "name": f"iiw: jvp vs {est} ({r.get('examples_used', '?')} examples)",
                      "baseline": est, "value": "jvp", "ratio": r["ratio_to_jvp"],
                      "target": {"loop": 10.0, "minibatch": 1.0}.get(est)})
-    return rows
+    return rows + list(data.get("regularizer_rows", []))
 
 
 def run_job(group: str, argv: list[str], kind: str) -> tuple[list[dict], dict]:

@@ -33,6 +33,6 @@ def test_quick_benchmark_run_produces_every_row(tmp_path):
         assert math.isfinite(row["ratio"]) and row["ratio"] > 0, row["name"]
     names = " ".join(r["name"] for r in result["rows"])
     for needle in ("sgld vs floor", "psgld vs floor", "sghmc vs floor", "predict vs loop", "matmul floor",
-                   "jvp vs loop", "jvp vs minibatch"):
+                   "jvp vs loop", "jvp vs minibatch", "IIWRegularizer step"):
         assert needle in names
     assert "| benchmark | baseline | candidate | ratio | target | met |" in proc.stdout

@@ -47,24 +47,35 @@ class LayerwisePlan:
 
     def derivatives(self, model: nn.Module, losses: Callable[[Tensor, Tensor], Tensor],
                     params: Mapping[str, Tensor], deltas: Mapping[str, Tensor], num_groups: int,
-                    x: Tensor, y: Tensor, fixed: Mapping[str, Tensor]) -> Tensor:
+                    x: Tensor, y: Tensor, fixed: Mapping[str, Tensor],
+                    differentiable: bool = False) -> Tensor:
         """``(G, B)``: per group g, per example i, ``∇_g l_i(θ)ᵀ Δθ_g``; ``losses(output, y)`` gives
-        the ``(B,)`` per-example losses."""
+        the ``(B,)`` per-example losses.
+
+        ``differentiable=False``: plain numbers (float64). ``True``: a float64 tensor differentiable
+        in ``deltas``, and in ``params`` too where they require grad (the backward pass to the layer
+        outputs is then built with ``create_graph``, so ``∇l_i`` is differentiated as well):
+        what :class:`~pib_bayes.iiw.IIWRegularizer` needs.
+        """
         if not self.clone_outputs:
             try:
-                return self._derivatives(model, losses, params, deltas, num_groups, x, y, fixed, clone=False)
+                return self._derivatives(model, losses, params, deltas, num_groups, x, y, fixed, False,
+                                         differentiable)
             except _ModifiedInPlace:
                 # an in-place op (e.g. ReLU(inplace=True)) overwrote a recorded layer output: from now on
                 # hand the network copies of the outputs
                 self.clone_outputs = True
-        return self._derivatives(model, losses, params, deltas, num_groups, x, y, fixed, clone=True)
+        return self._derivatives(model, losses, params, deltas, num_groups, x, y, fixed, True, differentiable)
 
-    def _derivatives(self, model, losses, params, deltas, num_groups, x, y, fixed, clone) -> Tensor:
+    def _derivatives(self, model, losses, params, deltas, num_groups, x, y, fixed, clone,
+                     differentiable) -> Tensor:
+        # through θ: the forward pass and the backward pass to the layer outputs keep their graphs
+        through_params = differentiable and any(p.requires_grad for p in params.values())
         calls: list[tuple[str, Tensor, Tensor, int]] = []  # (path, input, output, version)
         path_of = {id(m): p for p, m in self.modules.items()}
 
         def hook(module: nn.Module, args: tuple, out: Tensor) -> Tensor | None:
-            a = args[0].detach()
+            a = args[0] if through_params else args[0].detach()
             if out.requires_grad and not clone:
                 calls.append((path_of[id(module)], a, out, out._version))
                 return None
@@ -76,7 +87,7 @@ class LayerwisePlan:
         handles = [m.register_forward_hook(hook) for m in self.modules.values()]
         try:
             with torch.enable_grad():
-                state = {**fixed, **{n: p.detach() for n, p in params.items()}}
+                state = {**fixed, **{n: (p if through_params else p.detach()) for n, p in params.items()}}
                 if x.is_floating_point() and not clone:
                     # then every layer output needs a gradient and is recorded as is, with no leaf copy;
                     # autograd computes no gradient for x itself (it is not asked for)
@@ -85,12 +96,13 @@ class LayerwisePlan:
                 if any(v >= 0 and out._version != v for _, _, out, v in calls):
                     raise _ModifiedInPlace
                 outs = [out for _, _, out, _ in calls]
-                grads = torch.autograd.grad(total, outs, allow_unused=True) if outs else ()
+                grads = (torch.autograd.grad(total, outs, allow_unused=True, create_graph=through_params)
+                         if outs else ())
         finally:
             for h in handles:
                 h.remove()
         d = x.new_zeros((num_groups, x.shape[0]), dtype=torch.float64)
-        with torch.no_grad():
+        with torch.set_grad_enabled(differentiable):
             for (path, a, _, _), g in zip(calls, grads, strict=True):
                 if g is None:
                     continue
@@ -102,7 +114,7 @@ class LayerwisePlan:
                     else:  # a group holding this layer's bias only
                         dw = torch.zeros(module.weight.shape, dtype=a.dtype, device=a.device)
                     t = op(a, dw, deltas[names["bias"]] if "bias" in names else None)
-                    d[gi] += torch.linalg.vecdot(g.flatten(1), t.flatten(1)).to(torch.float64)
+                    d[gi] = d[gi] + torch.linalg.vecdot(g.flatten(1), t.flatten(1)).to(torch.float64)
         return d
 
 

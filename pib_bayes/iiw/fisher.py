@@ -147,9 +147,14 @@ def directional_derivatives(
     AD (one ``torch.func.jvp``, vmapped over the tangents). Differentiable in ``params``/``tangents``
     (it composes with reverse mode), which :class:`~pib_bayes.iiw.IIWRegularizer` uses."""
     fixed = dict(fixed or {})
+    buffers = {n for n, _ in model.named_buffers()}
 
     def losses(p: dict[str, Tensor]) -> Tensor:
-        return _per_example(loss_fn, functional_call(model, {**fixed, **p}, (x,)), y)
+        # a module may update its buffers in place (BatchNorm's running statistics in training mode):
+        # inside a torch.func transform only tensors made inside it may be mutated, and the model's own
+        # buffers must not be, so it gets copies
+        state = {n: (v.clone() if n in buffers else v) for n, v in fixed.items()}
+        return _per_example(loss_fn, functional_call(model, {**state, **p}, (x,)), y)
 
     names = list(params)
     primal = {n: params[n] for n in names}

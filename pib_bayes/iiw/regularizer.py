@@ -4,14 +4,17 @@ On each minibatch B the penalty is the Fisher / Δθ estimate of IIW (SPEC §3a)
 
     IIW_B(θ) = Σ_g (1/|B|) Σ_{i∈B} (∇_g l_i(θ)ᵀ (θ_g − θ₀,g))²,
 
-with the directional derivatives from forward-mode JVP (no per-example gradients). Because
-``torch.func.jvp`` composes with reverse mode, ``backward()`` differentiates through both Δθ and the
-Fisher; pass ``detach_fisher=True`` to treat F as a constant (gradient 2 F Δθ only).
+with the directional derivatives ∇_g l_iᵀ Δθ_g from the layerwise engine of :func:`~pib_bayes.iiw.fisher`
+(Linear/Conv layers: one forward pass, one backward pass to the layer outputs built with
+``create_graph``, one ΔW·a product per layer) or from forward-mode JVP (any model); neither forms a
+per-example gradient. ``backward()`` differentiates through both Δθ and the Fisher; pass
+``detach_fisher=True`` to treat F as a constant (gradient 2 F Δθ only).
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from functools import partial
 from typing import Any
 
 import torch
@@ -19,7 +22,8 @@ from torch import Tensor, nn
 
 from ..energy import check_beta, resolve_loss
 from ._groups import resolve_groups
-from .fisher import check_theta0, directional_derivatives
+from ._layerwise import plan_layerwise
+from .fisher import ENGINES, _per_example, check_theta0, directional_derivatives
 
 __all__ = ["IIWRegularizer"]
 
@@ -38,6 +42,11 @@ class IIWRegularizer:
         beta: the PIB trade-off β > 0.
         groups: ``{group: [names]}``; default one group per layer (block-diagonal Fisher).
         detach_fisher: hold the per-example gradients constant when differentiating.
+        engine: ``"auto"`` (default): the layerwise engine when every parameter is the weight or
+            bias of an nn.Linear/nn.Conv layer and no BatchNorm layer is in training mode (it
+            mixes the examples of a batch, so l_i depends on the other inputs), else forward-mode
+            JVP; ``"layerwise"`` or ``"jvp"`` force one (same value and gradient to float
+            rounding). :attr:`last_engine` says which one the last call used.
 
     >>> import torch
     >>> from torch import nn
@@ -66,6 +75,7 @@ class IIWRegularizer:
         groups: Mapping[str, Sequence[str]] | None = None,
         units: str = "raw",
         detach_fisher: bool = False,
+        engine: str = "auto",
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
@@ -80,6 +90,28 @@ class IIWRegularizer:
         measured = [n for g in self.groups.values() for n in g]
         self.theta_0 = check_theta0(model, theta_0, measured)
         self.units, self.detach_fisher = units, detach_fisher
+        if engine not in ENGINES:
+            raise ValueError(f"engine: expected one of {ENGINES}, got {engine!r}")
+        self.engine, self._measured = engine, measured
+        self._layerwise_plan()  # engine='layerwise' on a model it cannot take fails here, not mid-training
+        self.last_engine: str | None = None
+
+    def _layerwise_plan(self):
+        """The layerwise plan for this call (hooks may have been added since), or None for JVP."""
+        plan = None if self.engine == "jvp" else plan_layerwise(self.model, self.groups)
+        if self.engine == "layerwise" and plan is None:
+            raise ValueError("engine: 'layerwise' needs every trainable parameter to be the weight or bias "
+                             "of an nn.Linear/nn.Conv1d/2d/3d used by that module alone and no forward hook; "
+                             "use engine='jvp' or 'auto'")
+        # a BatchNorm layer in training mode normalises with the batch's statistics: l_i then depends
+        # on the other examples' inputs, which the layerwise identity does not allow
+        if plan is not None and any(isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training
+                                    for m in self.model.modules()):
+            if self.engine == "layerwise":
+                raise ValueError("engine: 'layerwise' needs per-example losses, but a BatchNorm layer is in "
+                                 "training mode; use engine='auto' (JVP then) or model.eval()")
+            return None
+        return plan
 
     def iiw(self, x: Tensor, y: Tensor) -> Tensor:
         """Σ_g (1/|B|) Σ_i (∇_g l_iᵀ Δθ_g)² on the batch, differentiable in θ (raw scale)."""
@@ -87,6 +119,14 @@ class IIWRegularizer:
         fixed = {n: b for n, b in self.model.named_buffers()}
         fixed.update({n: p.detach() for n, p in self.model.named_parameters() if not p.requires_grad})
         primal = {n: (p.detach() if self.detach_fisher else p) for n, p in params.items()}
+        plan = self._layerwise_plan()
+        if plan is not None:
+            self.last_engine = "layerwise"
+            deltas = {n: params[n] - self.theta_0[n] for n in self._measured}
+            d = plan.derivatives(self.model, partial(_per_example, self.loss_fn), primal, deltas,
+                                 len(self.groups), x, y, fixed, differentiable=True)
+            return d.square().mean(1).sum().to(next(iter(params.values())).dtype)
+        self.last_engine = "jvp"
         tangents = [{n: (params[n] - self.theta_0[n]) if n in members else torch.zeros_like(params[n])
                      for n in self.names} for members in self.groups.values()]
         d = directional_derivatives(self.model, self.loss_fn, primal, tangents, x, y, fixed)  # (G, B)
