@@ -105,7 +105,8 @@ class _Sampler:
     def energies(self, group: _Group, x: Tensor, y: Tensor, stacked: bool) -> tuple[Tensor, Tensor]:
         """(U, loss) per chain of the group, each (K,)."""
         if not group.vectorized:
-            u, loss = self._one({n: p[0] for n, p in zip(self.names, group.params)},
+            # a view, not p[0]: ViewBackward hands the gradient through, SelectBackward allocates and copies
+            u, loss = self._one({n: p.view(p.shape[1:]) for n, p in zip(self.names, group.params)},
                                 x[0] if stacked else x, y[0] if stacked else y)
             return u.reshape(1), loss.reshape(1)
         params = dict(zip(self.names, group.params))
