@@ -173,14 +173,23 @@ class Energy:
         buffers: Mapping[str, Tensor] | None = None,
     ) -> tuple[Tensor, Tensor]:
         """Return ``(U_B(w), mean minibatch loss)`` at ``params``."""
+        loss = self.functional_loss(params, x, y, buffers)
+        return loss / self.beta - self.prior.log_prob(params), loss
+
+    def functional_loss(
+        self,
+        params: Mapping[str, Tensor],
+        x: Tensor,
+        y: Tensor,
+        buffers: Mapping[str, Tensor] | None = None,
+    ) -> Tensor:
+        """The mean minibatch loss at ``params`` (no prior term)."""
         if not self._param_names.issuperset(params.keys()):
             unknown = sorted(set(params) - self._param_names)
             raise KeyError(f"params: {unknown} are not parameters of the model (a misspelt name would be "
                            "silently ignored by the module)")
         state = dict(params) if not buffers else {**buffers, **params}
-        output = functional_call(self.model, state, (x,))
-        loss = self.mean_loss(output, y)
-        return loss / self.beta - self.prior.log_prob(params), loss
+        return self.mean_loss(functional_call(self.model, state, (x,)), y)
 
     def of_module(self, x: Tensor, y: Tensor) -> Tensor:
         """``U_B`` at the module's own trainable parameters (for ``loss.backward()`` loops)."""
