@@ -115,7 +115,8 @@ def components(sizes: tuple[int, ...] = (784, 256, 10), batch: int = 128, repeat
     """Time the parts of one step, 8 chains batched vs 8 chains one by one (ms per step, medians).
 
     Parts: the model's forward + backward (``batched_forward`` vs ``functional_call`` per chain),
-    the prior's log-density + gradient (``GaussianPrior.log_prob(batch_ndim=1)`` vs per chain),
+    the prior's log-density + gradient (``GaussianPrior.log_prob(batch_ndim=1)`` vs per chain,
+    by autograd, and ``log_prob_and_grad``, the closed form the sampler uses),
     the SGLD update with its noise, and, for reference, a hand-written Gaussian log-density
     ``-sum (w - m)^2 / (2 s^2) + const`` (what the prior computes, with fewer temporaries).
     """
@@ -172,6 +173,9 @@ def components(sizes: tuple[int, ...] = (784, 256, 10), batch: int = 128, repeat
         "model forward+backward": (model_s, model_b),
         "GaussianPrior log_prob+grad": (lambda: [grad(-prior.log_prob(p), p) for p in single],
                                         lambda: grad(-prior.log_prob(stacked, batch_ndim=1), stacked)),
+        # what sample() runs: the same numbers in closed form, no autograd graph
+        "GaussianPrior log_prob_and_grad": (lambda: [prior.log_prob_and_grad(p) for p in single],
+                                            lambda: prior.log_prob_and_grad(stacked, batch_ndim=1)),
         "SGLD update + noise": (step_s, step_b),
         "hand-written Gaussian logp+grad": (lambda: [grad(-lean_logp(p, 0), p) for p in single],
                                             lambda: grad(-lean_logp(stacked, 1), stacked)),
