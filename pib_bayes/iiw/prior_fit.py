@@ -99,15 +99,16 @@ def fit_prior_mean(
     The result is a state dict ``name -> tensor`` for ``GaussianPrior.from_module(model, std,
     mean=...)`` and for ``theta_0`` of the IIW estimators.
 
-    >>> import torch
-    >>> from torch import nn
-    >>> torch.manual_seed(0) and None
-    >>> net = nn.Linear(2, 1)
-    >>> x = torch.randn(200, 2); y = x @ torch.tensor([[1.0], [-2.0]])
-    >>> prior_data, sample = split_for_prior((x, y), fraction=0.5)
-    >>> theta_0 = fit_prior_mean(net, "gaussian", prior_data, epochs=200, lr=0.05)
-    >>> [round(v, 1) for v in theta_0["weight"].flatten().tolist()]
-    [1.0, -2.0]
+    Examples:
+        >>> import torch
+        >>> from torch import nn
+        >>> torch.manual_seed(0) and None
+        >>> net = nn.Linear(2, 1)
+        >>> x = torch.randn(200, 2); y = x @ torch.tensor([[1.0], [-2.0]])
+        >>> prior_data, sample = split_for_prior((x, y), fraction=0.5)
+        >>> theta_0 = fit_prior_mean(net, "gaussian", prior_data, epochs=200, lr=0.05)
+        >>> [round(v, 1) for v in theta_0["weight"].flatten().tolist()]
+        [1.0, -2.0]
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")

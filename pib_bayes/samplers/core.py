@@ -143,16 +143,18 @@ def make_noise(kind: str, generators: torch.Generator | Sequence[torch.Generator
     """A noise source by name: ``"gaussian"`` (exact, the default everywhere) or the opt-in
     ``"rademacher"`` (cheaper; see :class:`RademacherNoise` for what it changes).
 
-    >>> import torch
-    >>> like = [torch.empty(3, 5), torch.empty(7)]
-    >>> xi = make_noise("rademacher", torch.Generator().manual_seed(0)).draw(like)
-    >>> [tuple(t.shape) for t in xi], sorted(set(torch.cat([t.flatten() for t in xi]).tolist()))
-    ([(3, 5), (7,)], [-1.0, 1.0])
-    >>> # batched: chain k draws exactly what it draws alone from its own generator
-    >>> gens = [torch.Generator().manual_seed(s) for s in (0, 1)]
-    >>> rows = make_noise("rademacher", gens, batched=True).draw([torch.empty(2, 3, 5), torch.empty(2, 7)])
-    >>> torch.equal(rows[0][0], xi[0]) and torch.equal(rows[1][0], xi[1])
-    True
+    Examples:
+        >>> import torch
+        >>> like = [torch.empty(3, 5), torch.empty(7)]
+        >>> xi = make_noise("rademacher", torch.Generator().manual_seed(0)).draw(like)
+        >>> [tuple(t.shape) for t in xi], sorted(set(torch.cat([t.flatten() for t in xi]).tolist()))
+        ([(3, 5), (7,)], [-1.0, 1.0])
+        >>> # batched: chain k draws exactly what it draws alone from its own generator
+        >>> gens = [torch.Generator().manual_seed(s) for s in (0, 1)]
+        >>> stacked = [torch.empty(2, 3, 5), torch.empty(2, 7)]
+        >>> rows = make_noise("rademacher", gens, batched=True).draw(stacked)
+        >>> torch.equal(rows[0][0], xi[0]) and torch.equal(rows[1][0], xi[1])
+        True
     """
     if kind not in NOISES:
         raise ValueError(f"noise: expected one of {sorted(NOISES)}, got {kind!r}")
