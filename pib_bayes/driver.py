@@ -125,9 +125,9 @@ class _Sampler:
             return loss / self.energy.beta - self.energy.prior.log_prob(params, batch_ndim=1), loss
         return vmap(self._one, in_dims=(0, data_dim, data_dim))(params, x, y)
 
-    def losses(self, group: _Group, x: Tensor, y: Tensor, stacked: bool) -> Tensor:
-        """The mean minibatch loss per chain, (K,), without the prior."""
-        params, batch_ndim = self._chain_params(group)
+    def losses(self, params: dict[str, Tensor], batch_ndim: int, x: Tensor, y: Tensor,
+               stacked: bool) -> Tensor:
+        """The mean minibatch loss per chain, (K,), without the prior, at :meth:`_chain_params`."""
         if not batch_ndim:
             return self._one_loss(params, x[0] if stacked else x, y[0] if stacked else y).reshape(1)
         data_dim = 0 if stacked else None
@@ -152,7 +152,7 @@ class _Sampler:
                 u, loss = self.energies(group, x, y, stacked)
                 # chains are independent, so the gradient of the sum is each chain's own gradient
                 return u.detach(), loss.detach(), torch.autograd.grad(u.sum(), group.params)
-            loss = self.losses(group, x, y, stacked)
+            loss = self.losses(params, batch_ndim, x, y, stacked)
             scaled = loss / self.energy.beta
             grads = list(torch.autograd.grad(scaled.sum(), group.params))
         log_prior, prior_grads = got
