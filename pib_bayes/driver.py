@@ -99,9 +99,6 @@ class _Sampler:
         self.fast_forward = batched_forward(energy.model) if not fixed else None
 
     # ---- energies -----------------------------------------------------------------
-    def _one(self, p: dict[str, Tensor], x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
-        return self.energy.functional(p, x, y, self.fixed)
-
     def _one_loss(self, p: dict[str, Tensor], x: Tensor, y: Tensor) -> Tensor:
         return self.energy.functional_loss(p, x, y, self.fixed)
 
@@ -113,17 +110,10 @@ class _Sampler:
         return dict(zip(self.names, group.params)), 1
 
     def energies(self, group: _Group, x: Tensor, y: Tensor, stacked: bool) -> tuple[Tensor, Tensor]:
-        """(U, loss) per chain of the group, each (K,)."""
+        """(U, loss) per chain of the group, each (K,), differentiable in the group's parameters."""
         params, batch_ndim = self._chain_params(group)
-        if not batch_ndim:
-            u, loss = self._one(params, x[0] if stacked else x, y[0] if stacked else y)
-            return u.reshape(1), loss.reshape(1)
-        data_dim = 0 if stacked else None  # per-chain minibatches, or one batch shared by all chains
-        if self.fast_forward is not None:
-            out = self.fast_forward(params, x, stacked)
-            loss = vmap(self.energy.mean_loss, in_dims=(0, data_dim))(out, y)
-            return loss / self.energy.beta - self.energy.prior.log_prob(params, batch_ndim=1), loss
-        return vmap(self._one, in_dims=(0, data_dim, data_dim))(params, x, y)
+        loss = self.losses(params, batch_ndim, x, y, stacked)
+        return loss / self.energy.beta - self.energy.prior.log_prob(params, batch_ndim), loss
 
     def losses(self, params: dict[str, Tensor], batch_ndim: int, x: Tensor, y: Tensor,
                stacked: bool) -> Tensor:
