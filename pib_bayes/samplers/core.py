@@ -232,13 +232,13 @@ class NoisePrefetcher:
             for source, like in zip(current, likes, strict=True):
                 source.draw(like)
         if likes:
-            from concurrent.futures import ThreadPoolExecutor
-
             self._parity ^= 1
             upcoming = self._buffers(self._parity, len(likes))
             for source, like in zip(upcoming, likes, strict=True):
                 source._layout(like)  # allocate here: the worker only fills
-            if self._pool is None:
+            if self._pool is None:  # first prefetch: the import and the thread, once
+                from concurrent.futures import ThreadPoolExecutor
+
                 self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pib-noise")
             before = [gen.get_state() for gen in self.generators]
             future = self._pool.submit(lambda: [source.refill() for source in upcoming])
