@@ -149,3 +149,44 @@ def test_paper_bad_inputs():
     y_bad[-1] = 9
     with pytest.raises(ValueError, match="^data: the loss cannot"):
         fisher(model, "cross_entropy", (x, y_bad), w0, method="paper", num_batches="all", batch_size=40)
+
+
+def test_paper_prior_recipe():
+    """fit_prior_mean(**PAPER_PRIOR) = a transcription of their train_prior (Adam lr 1e-3, weight decay 1e-5,
+    batch 128, 10 epochs, shuffled batches) followed by their _initialize_weights on the model itself."""
+    from pib_bayes.iiw import PAPER_PRIOR, fit_prior_mean
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(20, 300), nn.ReLU(), nn.Linear(300, 3))
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.randn(300, 20, generator=g), torch.randint(0, 3, (300,), generator=g)
+    start = copy.deepcopy(net)
+    ref_net = copy.deepcopy(net)
+    theta_0 = fit_prior_mean(net, "cross_entropy", (x, y), seed=4, **PAPER_PRIOR)
+    opt = torch.optim.Adam(ref_net.parameters(), lr=1e-3, weight_decay=1e-5)
+    perm_gen = torch.Generator().manual_seed(4)
+    for _ in range(10):
+        perm = torch.randperm(300, generator=perm_gen)
+        for start in range(0, 300, 128):
+            idx = perm[start:start + 128]
+            opt.zero_grad()
+            F.cross_entropy(ref_net(x[idx]), y[idx]).backward()
+            opt.step()
+    for k, v in ref_net.named_parameters():
+        torch.testing.assert_close(theta_0[k], v.detach(), rtol=1e-6, atol=1e-7)
+    # the net itself was re-initialised: Linear weights N(0, 0.01^2), biases 0, so Δθ != 0 at the start
+    for layer in (net[0], net[2]):
+        assert float(layer.bias.abs().max()) == 0.0
+        w = layer.weight.detach().flatten()
+        se = 0.01 / math.sqrt(2 * w.numel())  # s.e. of a sample sd of N(0, 0.01^2)
+        assert abs(float(w.std()) - 0.01) < 4 * se
+        assert abs(float(w.mean())) < 4 * 0.01 / math.sqrt(w.numel())
+    assert float((net[0].weight - theta_0["0.weight"]).abs().max()) > 0.01
+    # the would-catch twin: without the weight decay the prior mean differs
+    plain = fit_prior_mean(start, "cross_entropy", (x, y), seed=4,
+                           **{**PAPER_PRIOR, "weight_decay": 0.0, "reinit_std": None})
+    assert not torch.allclose(plain["0.weight"], theta_0["0.weight"], rtol=1e-6, atol=1e-7)
+    with pytest.raises(ValueError, match="^reinit_std: must be a finite float > 0"):
+        fit_prior_mean(net, "cross_entropy", (x, y), reinit_std=0.0)
+    with pytest.raises(ValueError, match="^weight_decay: must be a finite float >= 0"):
+        fit_prior_mean(net, "cross_entropy", (x, y), weight_decay=-1.0)
