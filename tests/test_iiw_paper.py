@@ -114,7 +114,7 @@ def test_wrong_variants_are_caught():
         sub = torch.randint(len(x), (40,), generator=gen)
         g = torch.autograd.grad(F.cross_entropy(evaluated(x[sub]), y[sub]), evaluated[0].weight)[0]
         sums = g if sums is None else sums + g
-    eval_value = float(((evaluated[0].weight - w0["0.weight"]) * sums / 7).sum() ** 2)
+    eval_value = float(((evaluated[0].weight.detach() - w0["0.weight"]) * sums / 7).sum() ** 2)
     assert eval_value != pytest.approx(r.settings["per_tensor"]["0.weight"], rel=1e-3)
     mb = fisher(model, "cross_entropy", (x, y), w0, method="minibatch", num_batches=10, batch_size=40, seed=3)
     assert mb.raw_total != pytest.approx(r.raw_total, rel=1e-3)
@@ -160,7 +160,7 @@ def test_paper_prior_recipe():
     net = nn.Sequential(nn.Linear(20, 300), nn.ReLU(), nn.Linear(300, 3))
     g = torch.Generator().manual_seed(1)
     x, y = torch.randn(300, 20, generator=g), torch.randint(0, 3, (300,), generator=g)
-    start = copy.deepcopy(net)
+    init_net = copy.deepcopy(net)
     ref_net = copy.deepcopy(net)
     theta_0 = fit_prior_mean(net, "cross_entropy", (x, y), seed=4, **PAPER_PRIOR)
     opt = torch.optim.Adam(ref_net.parameters(), lr=1e-3, weight_decay=1e-5)
@@ -183,7 +183,7 @@ def test_paper_prior_recipe():
         assert abs(float(w.mean())) < 4 * 0.01 / math.sqrt(w.numel())
     assert float((net[0].weight - theta_0["0.weight"]).abs().max()) > 0.01
     # the would-catch twin: without the weight decay the prior mean differs
-    plain = fit_prior_mean(start, "cross_entropy", (x, y), seed=4,
+    plain = fit_prior_mean(init_net, "cross_entropy", (x, y), seed=4,
                            **{**PAPER_PRIOR, "weight_decay": 0.0, "reinit_std": None})
     assert not torch.allclose(plain["0.weight"], theta_0["0.weight"], rtol=1e-6, atol=1e-7)
     with pytest.raises(ValueError, match="^reinit_std: must be a finite float > 0"):
