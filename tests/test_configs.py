@@ -4,10 +4,10 @@ seeds for PIB vs SGD), its two kinds of arm and the statistics to report."""
 
 from __future__ import annotations
 
-import tomllib
 from pathlib import Path
 
 import pytest
+import tomllib
 
 CONFIGS = sorted((Path(__file__).resolve().parents[1] / "examples" / "configs").glob("*.toml"))
 EXPECTED = {"iiw_activations", "iiw_depth", "iiw_generalization", "iiw_label_noise", "pib_vs_sgd",
