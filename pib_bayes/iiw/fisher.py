@@ -11,7 +11,7 @@ come from one forward and one backward pass to the layer outputs (``_layerwise.p
 ``torch.func.jvp`` of the per-example-loss vector, the groups' restricted tangents batched with
 ``vmap``. The joint derivative along the whole Δθ is their sum, by linearity. No per-example
 gradient and no F is ever formed. Cost (benchmarks/bench_iiw.py; docs/iiw.md): layerwise ≈ one
-forward-backward pass, 1.05x faster than the paper's minibatch gradients over the same examples;
+forward-backward pass, 1.05x faster than the minibatch method's gradients over the same examples;
 forward-mode ≈ two to three forward passes per group.
 """
 
