@@ -203,7 +203,8 @@ def train_pib(
             ``**PAPER_PRIOR``); default: the model's weights at the call.
         val_data: ``(x, y)`` for validation accuracy (and, in paper mode, early stopping).
         epochs, lr, batch_size, milestones, gamma, patience, momentum, noise_std: as above.
-        iiw_batch_size, iiw_num_batches: the authors' IIW estimator (1000, 10; or ``"all"``).
+        iiw_batch_size, iiw_num_batches: the authors' IIW estimator (1000, 10 as in their MLP class;
+            their VGG class, which their CIFAR-10 PIB-SGD run uses, draws batches of 200; or ``"all"``).
         gibbs_beta, prior, burn_in, thin: langevin mode only.
         seed: seeds three independent streams (shuffles, IIW batches, noise).
 
