@@ -225,3 +225,27 @@ def test_bad_inputs():
     loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=4)
     with pytest.raises(ValueError, match="^data: train_pib needs"):
         train_pib(_net(), "cross_entropy", loader)
+
+
+def test_paper_early_stopping_rule_on_a_scripted_accuracy_sequence(monkeypatch):
+    """Validation accuracies 0.5, 0.6, 0.7, 0.65, 0.6, 0.7 (a tie is no improvement) with patience 3: the
+    run stops after epoch 5 and restores the weights of epoch 2, which a run of 3 epochs without validation
+    data reaches (validation consumes no random numbers, so the trajectories agree)."""
+    import pib_bayes.pib_train as T
+
+    x, y = _data(n=64)
+    xv, yv = x[:8].clone(), y[:8].clone()
+    ref = train_pib(_net(), "cross_entropy", (x, y), epochs=3, batch_size=16, lr=0.05, iiw_batch_size=20)
+    script = iter([0.5, 0.6, 0.7, 0.65, 0.6, 0.7, 0.9, 0.9])
+    real = T._accuracy
+    monkeypatch.setattr(T, "_accuracy", lambda m, a, b: next(script) if a is xv else real(m, a, b))
+    r = train_pib(_net(), "cross_entropy", (x, y), val_data=(xv, yv), epochs=20, batch_size=16, lr=0.05,
+                  patience=3, iiw_batch_size=20)
+    assert r.history["val_acc"] == [0.5, 0.6, 0.7, 0.65, 0.6, 0.7]
+    assert r.stopped_early and r.best_epoch == 2
+    for (k, a), b in zip(r.model.named_parameters(), ref.model.parameters(), strict=True):
+        assert torch.equal(a, b), k
+    # the would-catch twin: the last epoch's weights are not those of the best epoch
+    last = train_pib(_net(), "cross_entropy", (x, y), epochs=6, batch_size=16, lr=0.05, iiw_batch_size=20)
+    assert not all(torch.equal(a, b) for a, b in zip(last.model.parameters(), ref.model.parameters(),
+                                                         strict=True))
