@@ -218,14 +218,16 @@ def fisher(
     and runs in train mode. Only the raw scale is defined (``beta`` must be None); the value is
     random (``seed``).
 
-    Scales: ``raw_per_group``/``raw_total`` are always the paper's Δθᵀ F Δθ. When ``beta`` is
+    Scales (``"jvp"``, ``"minibatch"``): ``raw_per_group``/``raw_total`` are always the paper's Δθᵀ F Δθ
+    (``"paper"``: the authors' value above, raw only). When ``beta`` is
     given, ``per_group``/``total`` are in nats, ``½ Δθᵀ F Δθ / β`` (the first-order term of the
     channel formula ½ log det(I + W⁻¹B) with W⁻¹ ≈ F/β; accurate when it is small); otherwise
     they repeat the raw values with ``units="raw"``.
 
     Args:
         model: the network at θ_S (its current trainable parameters, or ``params``). Evaluated in
-            ``eval()`` mode so that every loss is per example (BatchNorm statistics, no dropout).
+            ``eval()`` mode so that every loss is per example (BatchNorm statistics, no dropout);
+            ``method="paper"`` runs it in train mode, as the authors' code (its mode is restored).
         loss_fn: per-example loss ``(output, target) -> (B,)``, or ``"cross_entropy"``/``"gaussian"``.
         data: ``(x, y)`` tensors, a TensorDataset, or a DataLoader (iterated once).
         theta_0: the prior mean θ₀ (initial weights or :func:`~pib_bayes.iiw.fit_prior_mean`),
