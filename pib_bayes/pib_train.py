@@ -254,6 +254,9 @@ def train_pib(
     gamma = check_positive_finite("gamma", gamma)
     if mode == "paper":
         milestones = (50, 80) if milestones is None else milestones
+    if milestones is not None and not isinstance(milestones, (list, tuple)):
+        raise ValueError(f"milestones: expected a list of epochs at which lr is multiplied by gamma, e.g. "
+                         f"[50, 80], got {milestones!r}")
     milestones = tuple(_check_int("milestones", m, 0) for m in (milestones or ()))
     names = [k for k, p in model.named_parameters() if p.requires_grad]
     if not names:
@@ -269,18 +272,23 @@ def train_pib(
         if gibbs_beta is not None or prior is not None or burn_in is not None or thin != 1:
             raise ValueError("gibbs_beta: gibbs_beta, prior, burn_in and thin belong to mode='langevin'")
         lr = 1e-4 if lr is None else check_positive_finite("lr", lr)
-        momentum = float(momentum)
-        if not 0 <= momentum < 1:
+        if isinstance(momentum, bool) or not isinstance(momentum, (int, float)) or not 0 <= momentum < 1:
             raise ValueError(f"momentum: must be in [0, 1) (the authors use 0.9), got {momentum!r}")
         if isinstance(noise_std, bool) or not isinstance(noise_std, (int, float)) or not (
                 0 <= noise_std < np.inf):
             raise ValueError(f"noise_std: must be a finite float >= 0 (the authors: sqrt(1e-10) = 1e-5), got "
                              f"{noise_std!r}")
-        settings.update(lr=lr, momentum=momentum, noise_std=float(noise_std), patience=patience,
+        settings.update(lr=lr, momentum=float(momentum), noise_std=float(noise_std), patience=patience,
                         penalty="c_l = 2 beta (dtheta_l . g_l) g_l, frozen per epoch (none in epoch 0)")
         return _train_paper(model, loss, x, y, val, theta0, names, lr, momentum, float(noise_std), beta,
                             epochs, batch_size, milestones, gamma, patience, iiw_batch_size, iiw_num_batches,
                             shuffle_gen, iiw_gen, noise_gen, settings)
+    for label, value, default in (("momentum", momentum, 0.9), ("noise_std", noise_std, 1e-5),
+                                  ("patience", patience, 10)):
+        if value != default:
+            raise ValueError(f"{label}: belongs to mode='paper' (the Langevin mode has no momentum, its "
+                             "noise is sqrt(2h) at the step h, and it runs every epoch); leave it at its "
+                             "default")
     gibbs_beta = 1.0 / n if gibbs_beta is None else check_beta(gibbs_beta)
     lr = 1e-4 * gibbs_beta if lr is None else check_positive_finite("lr", lr)
     burn_in = epochs // 2 if burn_in is None else _check_int("burn_in", burn_in, 0)

@@ -222,6 +222,12 @@ def test_bad_inputs():
         train_pib(_net(), "cross_entropy", (x, y), noise_std=-1.0)
     with pytest.raises(ValueError, match="^epochs: must be an int >= 1"):
         train_pib(_net(), "cross_entropy", (x, y), epochs=0)
+    with pytest.raises(ValueError, match="^noise_std: belongs to mode='paper'"):
+        train_pib(_net(), "cross_entropy", (x, y), mode="langevin", noise_std=1e-3)
+    with pytest.raises(ValueError, match="^milestones: expected a list"):
+        train_pib(_net(), "cross_entropy", (x, y), milestones=50)
+    with pytest.raises(ValueError, match="^momentum: must be in"):
+        train_pib(_net(), "cross_entropy", (x, y), momentum="high")
     loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=4)
     with pytest.raises(ValueError, match="^data: train_pib needs"):
         train_pib(_net(), "cross_entropy", loader)
