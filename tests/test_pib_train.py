@@ -255,3 +255,18 @@ def test_paper_early_stopping_rule_on_a_scripted_accuracy_sequence(monkeypatch):
     last = train_pib(_net(), "cross_entropy", (x, y), epochs=6, batch_size=16, lr=0.05, iiw_batch_size=20)
     assert not all(torch.equal(a, b) for a, b in zip(last.model.parameters(), ref.model.parameters(),
                                                          strict=True))
+
+
+@pytest.mark.parametrize("h", [1e-4, 1e-8])
+def test_langevin_noise_is_tied_to_the_step(h):
+    """One SGLD step with a negligible drift (beta' and the prior std 1e6): the increment is sqrt(2h) xi."""
+    x, y = _data(n=16)
+    net = _net()
+    start = [p.detach().clone() for p in net.parameters()]
+    prior = pb.GaussianPrior.from_module(net, std=1e6)
+    train_pib(net, "cross_entropy", (x, y), beta=0.0, mode="langevin", epochs=1, burn_in=0, batch_size=16,
+              lr=h, gibbs_beta=1e6, prior=prior)
+    inc = torch.cat([(p.detach() - s).flatten() for p, s in zip(net.parameters(), start, strict=True)])
+    sd, d = float(inc.std()), inc.numel()
+    assert abs(sd - math.sqrt(2 * h)) < 4 * math.sqrt(2 * h) / math.sqrt(2 * d)
+    assert abs(sd - 1e-5) > 0.5 * max(sd, 1e-5)  # not the authors' fixed 1e-5
