@@ -20,10 +20,13 @@ _LAZY = ("iiw", "diagnostics", "uncertainty", "bounds", "plots", "pyro", "distri
 __all__ = [
     "__version__", "sample", "chain_seeds", "Energy", "GaussianLoss", "beta_from_temperature", "Posterior",
     "Prediction", "GaussianPrior", "DistributionPrior", "FlatPrior", "data", "optim", "samplers", *_LAZY,
+    "train_pib", "PIBTrainResult",
 ]
 
 
 def __getattr__(name: str):
     if name in _LAZY:
         return importlib.import_module(f".{name}", __name__)
+    if name in ("train_pib", "PIBTrainResult"):  # imports pib_bayes.iiw (SciPy) on first use
+        return getattr(importlib.import_module(".pib_train", __name__), name)
     raise AttributeError(f"module 'pib_bayes' has no attribute {name!r}")
