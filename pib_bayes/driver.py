@@ -423,7 +423,11 @@ def _check_model_takes_data(energy: Energy, params: dict[str, Tensor], fixed: di
                          f"{tuple(y.shape)} and dtype {y.dtype}") from err
     finally:
         energy.model.train(was_training)
-    if energy.task == "classification" and out.dim() >= 2:
+    if loss_likelihood(energy.loss_fn) == "bernoulli":
+        if bool((y < 0).any()) or bool((y > 1).any()):
+            raise ValueError(f"data: binary cross-entropy needs targets in [0, 1] (labels 0/1), got values "
+                             f"in [{float(y.min())}, {float(y.max())}]")
+    elif energy.task == "classification" and out.dim() >= 2:
         if y.is_floating_point() and y.dim() == 1:
             raise ValueError("data: classification labels must be integers (torch.long), got floats")
         if not y.is_floating_point() and (bool((y < 0).any()) or bool((y >= out.shape[-1]).any())):
