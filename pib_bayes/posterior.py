@@ -352,8 +352,10 @@ class Posterior:
         The task is ``task``, or implied by ``loss`` (a built-in loss or string as in
         :func:`~pib_bayes.sample`; it also sets the observation noise of a
         :class:`~pib_bayes.GaussianLoss` and the predictive of a heteroscedastic or Bernoulli
-        one); with neither, a ``ValueError`` asks for one. ``sample_stats``: optional name ->
-        ``(chains, draws)`` or ``(draws,)`` tensors, thinned alike.
+        one); with neither, a ``ValueError`` asks for one. ``loss`` may also be the
+        :class:`~pib_bayes.Energy` the loop used: its loss, task, beta and prior are recorded.
+        ``sample_stats``: optional name -> ``(chains, draws)`` or ``(draws,)`` tensors, thinned
+        alike.
 
         >>> import torch
         >>> from torch import nn
@@ -363,14 +365,19 @@ class Posterior:
         >>> post.draws["weight"].shape, post.task
         (torch.Size([1, 3, 1, 2]), 'regression')
         """
-        from .energy import loss_likelihood, require_task, resolve_loss
+        from .energy import Energy, loss_likelihood, require_task, resolve_loss
 
         if not isinstance(model, nn.Module):
             raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
         for name, value, least in (("num_warmup", num_warmup, 0), ("thin", thin, 1)):
             if isinstance(value, bool) or not isinstance(value, int) or value < least:
                 raise ValueError(f"{name}: must be an int >= {least}, got {value!r}")
-        loss_fn = None
+        loss_fn, energy = None, None
+        if isinstance(loss, Energy):
+            energy, loss = loss, loss.loss_fn
+            if task is not None and energy.task is not None and task != energy.task:
+                raise ValueError(f"task: {task!r} contradicts the energy's task {energy.task!r}")
+            task = task or energy.task
         if loss is not None:
             loss_fn, task = resolve_loss(loss, task)
         if task is None:
@@ -413,6 +420,8 @@ class Posterior:
             "likelihood": loss_likelihood(loss_fn), "noise_std": getattr(loss_fn, "noise_std", None),
             "sampled_params": list(out), "kept_params": list(out),
         }
+        if energy is not None:
+            meta.update(beta=energy.beta, prior=repr(energy.prior))
         meta.update(metadata or {})
         return cls(out, stats, meta, fixed, model=model, task=task)
 

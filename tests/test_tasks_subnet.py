@@ -385,7 +385,8 @@ def test_draw_collector_matches_the_optimizer_loop_and_predicts_with_the_loss_no
             manual[chain].append({k: v.detach().clone() for k, v in net.named_parameters()})
             for col in collectors:
                 col.add(net, chain=chain, energy=float(u.detach()))
-    post = collectors[0].posterior(loss=energy.loss_fn)
+    post = collectors[0].posterior(loss=energy)  # the Energy: task, loss, beta and prior
+    assert post.metadata["beta"] == 1 / 32 and post.task == "regression"
     ref = Posterior.from_draws(net, manual, loss=energy.loss_fn, num_warmup=5, thin=2)
     assert post.num_chains == 2 and post.num_draws == 5
     assert torch.equal(post.draws["weight"], ref.draws["weight"])
