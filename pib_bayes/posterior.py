@@ -445,7 +445,8 @@ class Posterior:
             "fixed": {k: v.contiguous() for k, v in self.fixed.items()},
             "diverged": self.diverged,
             "divergence_step": self.divergence_step,
-            "metadata_json": json.dumps({**self.metadata, "task": self.task}, default=str),
+            "metadata_json": json.dumps(self.metadata if self.task is None
+                                        else {**self.metadata, "task": self.task}, default=str),
         }
         save_payload(path, "posterior", FORMAT_VERSION, payload)
 
