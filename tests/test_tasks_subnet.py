@@ -397,3 +397,21 @@ def test_draw_collector_matches_the_optimizer_loop_and_predicts_with_the_loss_no
         collectors[1].posterior()
     with pytest.raises(ValueError, match="no draw"):
         DrawCollector(net, num_warmup=5).posterior(task="regression")
+
+
+def test_log_likelihood_uses_the_bernoulli_and_heteroscedastic_likelihoods():
+    from pib_bayes.diagnostics import log_likelihood
+
+    g = _gen(8)
+    x = torch.randn(20, 2, generator=g)
+    yb = (x[:, 0] > 0).float()
+    post = pb.sample(nn.Linear(2, 1), "bce_with_logits", (x, yb), **_short(num_chains=2))
+    w = post.draws["weight"]
+    logits = torch.einsum("cnij,bj->cnb", w, x) + post.draws["bias"]
+    ref = torch.distributions.Bernoulli(logits=logits).log_prob(yb)
+    assert torch.allclose(log_likelihood(post, x, yb), ref, atol=1e-5)
+    yr = torch.randn(20, 1, generator=g)
+    post = pb.sample(nn.Linear(2, 2), "heteroscedastic_gaussian", (x, yr), **_short(num_chains=2))
+    out = torch.einsum("cnij,bj->cnbi", post.draws["weight"], x) + post.draws["bias"][:, :, None]
+    ref = torch.distributions.Normal(out[..., 0], out[..., 1].exp()).log_prob(yr[:, 0])
+    assert torch.allclose(log_likelihood(post, x, yr), ref, atol=1e-5)
