@@ -275,7 +275,9 @@ class Energy:
 
     Call :meth:`functional` with an explicit parameter dict (what the driver and the batched
     chains use) or :meth:`of_module` on the module's own parameters (what a hand-written loop
-    with :class:`pib_bayes.optim.SGLD` uses).
+    with :class:`pib_bayes.optim.SGLD` uses). ``task`` is the loss's task (:func:`resolve_loss`),
+    None for a custom loss given without one; :func:`~pib_bayes.sample` and
+    :meth:`~pib_bayes.Posterior.from_draws` then ask for it.
 
     >>> import torch
     >>> from torch import nn
