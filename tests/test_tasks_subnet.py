@@ -271,6 +271,10 @@ def test_sample_params_samples_only_the_selection_and_holds_the_rest():
     assert post.param_names == ["2.weight", "2.bias"] and post.metadata["sampled_params"] == post.param_names
     assert torch.equal(post.fixed["0.weight"], body["weight"]) and torch.equal(net[0].weight, body["weight"])
     assert post.predict(x).mean.shape == (32, 1)
+    net[2].requires_grad_(False)  # params= takes precedence over requires_grad
+    frozen = pb.sample(net, "gaussian", (x, y), params="2.*", **_short(num_chains=2))
+    assert frozen.param_names == ["2.weight", "2.bias"] and not torch.equal(frozen.draws["2.bias"][0, 0],
+                                                                             frozen.draws["2.bias"][0, -1])
     with pytest.raises(ValueError, match="keep: unknown"):
         pb.sample(net, "gaussian", (x, y), params="2.*", keep=["0.weight"], **_short())
     with pytest.raises(ValueError, match="matches no parameter"):
