@@ -299,6 +299,10 @@ def sample(
         chosen = set(select_params(model, params))
         named = [(n, p) for n, p in model.named_parameters() if n in chosen]
     names = [n for n, _ in named]
+    if params is not None and (prior is None or isinstance(prior, (int, float))):
+        # a float sigma_0 centres the prior on the initial weights of what is sampled, frozen or not
+        energy.prior = GaussianPrior(std=1.0 if prior is None else float(prior),
+                                     mean={n: p.detach().clone() for n, p in named})
     keep_names = names if keep is None else list(keep)
     unknown = [n for n in keep_names if n not in names]
     if unknown:

@@ -275,6 +275,12 @@ def test_sample_params_samples_only_the_selection_and_holds_the_rest():
     frozen = pb.sample(net, "gaussian", (x, y), params="2.*", **_short(num_chains=2))
     assert frozen.param_names == ["2.weight", "2.bias"] and not torch.equal(frozen.draws["2.bias"][0, 0],
                                                                              frozen.draws["2.bias"][0, -1])
+    # a float prior is centred on the selection's initial weights, frozen or not: at the first draw (the
+    # initial weights, no warm-up) U - loss/beta = -log p(w0) = D (log 1 + log(2 pi)/2)
+    first = pb.sample(net, "gaussian", (x, y), params="2.*", prior=1.0, step_size=1e-3, beta=1 / 32,
+                      num_warmup=0, num_draws=2, seed=0)
+    neg_log_prior = float(first.sample_stats["energy"][0, 0] - first.sample_stats["loss"][0, 0] * 32)
+    assert neg_log_prior == pytest.approx(9 * 0.5 * math.log(2 * math.pi), rel=1e-5)
     with pytest.raises(ValueError, match="keep: unknown"):
         pb.sample(net, "gaussian", (x, y), params="2.*", keep=["0.weight"], **_short())
     with pytest.raises(ValueError, match="matches no parameter"):
