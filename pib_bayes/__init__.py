@@ -11,15 +11,23 @@ __version__ = "0.1.0"
 
 from . import data, optim, samplers  # noqa: E402
 from .driver import chain_seeds, sample  # noqa: E402
-from .energy import Energy, GaussianLoss, beta_from_temperature  # noqa: E402
-from .posterior import Posterior, Prediction  # noqa: E402
+from .energy import (  # noqa: E402
+    BCEWithLogitsLoss,
+    CrossEntropyLoss,
+    Energy,
+    GaussianLoss,
+    HeteroscedasticGaussianLoss,
+    beta_from_temperature,
+)
+from .posterior import DrawCollector, Posterior, Prediction  # noqa: E402
 from .prior import DistributionPrior, FlatPrior, GaussianPrior  # noqa: E402
 
 _LAZY = ("iiw", "diagnostics", "uncertainty", "bounds", "plots", "pyro", "distributed")
 
 __all__ = [
-    "__version__", "sample", "chain_seeds", "Energy", "GaussianLoss", "beta_from_temperature", "Posterior",
-    "Prediction", "GaussianPrior", "DistributionPrior", "FlatPrior", "data", "optim", "samplers", *_LAZY,
+    "__version__", "sample", "chain_seeds", "Energy", "GaussianLoss", "CrossEntropyLoss", "BCEWithLogitsLoss",
+    "HeteroscedasticGaussianLoss", "beta_from_temperature", "Posterior", "Prediction", "DrawCollector",
+    "GaussianPrior", "DistributionPrior", "FlatPrior", "data", "optim", "samplers", *_LAZY,
     "train_pib", "PIBTrainResult",
 ]
 

@@ -117,7 +117,14 @@ def _outputs(post: Posterior, x: Tensor, chains: Sequence[int], chunk_size: int,
 
 
 def _observation_dist(post: Posterior, out: Tensor) -> torch.distributions.Distribution:
-    """p(y | x, w) for outputs ``out``: Categorical(logits) or Normal(f, noise_std)."""
+    """p(y | x, w) for outputs ``out``: Categorical(logits), Bernoulli(logits) (``BCEWithLogitsLoss``),
+    Normal(mu, exp(log sigma)) (``HeteroscedasticGaussianLoss``) or Normal(f, noise_std)."""
+    likelihood = post.metadata.get("likelihood")
+    if likelihood == "bernoulli":
+        return torch.distributions.Bernoulli(logits=out)
+    if likelihood == "heteroscedastic_gaussian":
+        mu, log_std = out.chunk(2, dim=-1)
+        return Normal(mu, log_std.exp())
     if _check_task(post) == "classification":
         return Categorical(logits=out)
     noise_std = post.metadata.get("noise_std")
@@ -149,6 +156,14 @@ def _check_data(data: Any) -> tuple[Tensor, Tensor]:
 
 
 def _targets(post: Posterior, out: Tensor, y: Tensor) -> Tensor:
+    likelihood = post.metadata.get("likelihood")
+    if likelihood in ("bernoulli", "heteroscedastic_gaussian"):  # one target per logit / per mean
+        _check_task(post)
+        like = out[0, 0] if likelihood == "bernoulli" else out[0, 0].chunk(2, dim=-1)[0]
+        if y.numel() != like.numel():
+            raise ValueError(f"data: y has {y.numel()} values but the model gives {like.numel()} "
+                             f"{'logits' if likelihood == 'bernoulli' else 'means'}")
+        return y.reshape(like.shape).to(out.dtype)
     if _check_task(post) == "classification":
         shape, k = out.shape[2:-1], out.shape[-1]  # one label per output row of logits
         if y.numel() != shape.numel():

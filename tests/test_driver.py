@@ -293,7 +293,7 @@ def test_diverging_chain_is_flagged_and_others_keep_their_draws():
         return (out - target).pow(4).squeeze(1)
 
     post = sample(model, quartic, (x, y), beta=1.0, prior=GaussianPrior(std=10.0), step_size=0.01,
-                  num_chains=3, num_warmup=0, num_draws=50, init=init, seed=0)
+                  task="regression", num_chains=3, num_warmup=0, num_draws=50, init=init, seed=0)
     assert post.diverged.tolist() == [False, True, False]
     step = int(post.divergence_step[1])
     assert 0 < step < 50
