@@ -6,5 +6,6 @@ from .schedules import Constant, Cosine, Cyclical, PolynomialDecay, Schedule, as
 
 __all__ = [
     "GaussianNoise", "Kernel", "langevin_move_", "KERNELS", "build_kernel", "build_psgld", "build_sghmc",
-    "build_sgld", "build_sgnht", "Constant", "Cosine", "Cyclical", "PolynomialDecay", "Schedule", "as_schedule",
+    "build_sgld", "build_sgnht",
+    "Constant", "Cosine", "Cyclical", "PolynomialDecay", "Schedule", "as_schedule",
 ]

@@ -1,4 +1,4 @@
-"""SGLD, pSGLD, SGHMC and SGNHT kernels (SPEC §2), all built on :func:`~pib_bayes.samplers.core.langevin_move_`.
+"""SGLD, pSGLD, SGHMC and SGNHT kernels (SPEC §2), all on :func:`~pib_bayes.samplers.core.langevin_move_`.
 
 Each ``build_*`` returns a :class:`~pib_bayes.samplers.core.Kernel`; cyclical SGLD is SGLD with
 a :class:`~pib_bayes.samplers.schedules.Cyclical` schedule (the schedule switches the noise off in
@@ -130,7 +130,7 @@ def build_sghmc(friction: float = 0.1) -> Kernel:
 
 
 def build_sgnht(diffusion: float = 1.0, init_thermostat: float | None = None) -> Kernel:
-    """Stochastic-gradient Nosé-Hoover thermostat (Ding et al. 2014, Algorithm 1), Euler form of SPEC §2.
+    """Stochastic-gradient Nosé-Hoover thermostat (Ding et al. 2014, Algorithm 1), SPEC §2's Euler form.
 
         p  <- p - h * grad U_B(w) - h * xi * p + sqrt(2 A h) * eta,    eta ~ N(0, I)
         w  <- w + h * p
@@ -146,10 +146,14 @@ def build_sgnht(diffusion: float = 1.0, init_thermostat: float | None = None) ->
     its point over SGHMC, whose fixed friction must match the noise it is not told.
 
     ``h`` is a time step, not SGLD's step: the weights move by about h * p with |p| ~ 1 per
-    weight, and a quadratic direction of curvature lambda needs h * sqrt(lambda) well below 2
-    (the discretisation error of the stationary variance grows like h^2 lambda). The state is the
-    momentum (one buffer shaped like the weights) and the thermostat; the reported statistics are
-    ``kinetic_energy`` = p.p/2 (mean about D/2 at stationarity, as SGHMC's) and ``thermostat`` = xi.
+    weight. On a quadratic direction of curvature lambda, with xi at its stationary value x (it
+    fluctuates by O(1/sqrt(D))), the recursion is linear and stable iff h^2 lambda + 2 h x < 4, and
+    its stationary variances are Var(p) = 2 q / (h x (4 - 2 h x - h^2 lambda)) with
+    q = 2 A h + h^2 (gradient-noise variance), and Var(w) = Var(p) (1 - h x / 2) / lambda: the
+    thermostat holds Var(p) at 1 on average, so the relative variance bias is -h x / 2 + O(h^2)
+    (derived and tested in tests/test_sgnht.py). The state is the momentum (one buffer shaped like
+    the weights) and the thermostat; the reported statistics are ``kinetic_energy`` = p.p/2 (mean
+    D/2 at stationarity, as SGHMC's) and ``thermostat`` = xi.
 
     >>> import torch
     >>> k = build_sgnht(diffusion=1.0)
@@ -166,11 +170,11 @@ def build_sgnht(diffusion: float = 1.0, init_thermostat: float | None = None) ->
         raise ValueError(f"diffusion: the SGNHT diffusion A must be a finite number > 0, got {diffusion!r}")
     if init_thermostat is None:
         init_thermostat = float(diffusion)
-    if isinstance(init_thermostat, bool) or not isinstance(init_thermostat, (int, float)) or not math.isfinite(
-            init_thermostat):
+    xi0 = init_thermostat
+    if isinstance(xi0, bool) or not isinstance(xi0, (int, float)) or not math.isfinite(xi0):
         raise ValueError(f"init_thermostat: must be a finite number (None: the diffusion A), got "
                          f"{init_thermostat!r}")
-    diffusion, xi0 = float(diffusion), float(init_thermostat)
+    diffusion, xi0 = float(diffusion), float(xi0)
 
     def init(params: list[Tensor], batch_ndim: int = 0) -> dict[str, list[Tensor]]:
         if not params:
@@ -215,7 +219,8 @@ KERNELS = {"sgld": build_sgld, "psgld": build_psgld, "sghmc": build_sghmc, "csgl
 
 
 def build_kernel(sampler: str | Kernel, **settings) -> Kernel:
-    """A kernel by name (``"sgld"``, ``"psgld"``, ``"sghmc"``, ``"csgld"``, ``"sgnht"``) or a built :class:`Kernel`."""
+    """A kernel by name (``"sgld"``, ``"psgld"``, ``"sghmc"``, ``"csgld"``, ``"sgnht"``) or a built
+    :class:`Kernel`."""
     if isinstance(sampler, Kernel):
         if settings:
             raise ValueError("sampler_kwargs: pass settings to the build_* function of a pre-built kernel")
