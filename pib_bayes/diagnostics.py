@@ -619,9 +619,11 @@ def ksd(post: Posterior, energy: Any, data: tuple[Tensor, Tensor], *,
     net): the draws are w_S and the scores the partial gradients -dU/dw_S, evaluated at the full
     draws (the other weights at their drawn values, not fixed). Stein's identity still holds for
     test functions of w_S alone, so this is a valid (weaker) discrepancy: zero in expectation for
-    exact draws, it sees only errors visible in w_S. Random projections of the weights are *not*
-    valid: the score of the projected law of u.w is E[u.s(w) | u.w], not u.s(w), so a KSD of
-    projections does not vanish for exact draws.
+    exact draws, it sees only errors visible in w_S. The same holds for projections w -> Q w with
+    orthonormal rows and scores Q s(w) (Q Q^T = I keeps the divergence term right). The random
+    unit directions of :func:`random_projections` are *not* orthogonal: with Q Q^T != I the plain
+    formula on (Q w, Q s) is not zero-mean for exact draws, so do not feed those to
+    :func:`kernel_stein_discrepancy` (tests/test_ksd.py shows both).
 
     Cost: one full-data gradient of U per draw (m of them, ``chunk_size`` draws batched, the data in
     row batches of ``batch_size``) plus O(m^2 d) for the pairwise sum (d = the number of weights

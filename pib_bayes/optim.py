@@ -293,18 +293,19 @@ class SGNHT(_LangevinOptimizer):
     parameter's ``state`` (``"thermostat"``: the same 0-d tensor for every parameter of a group).
     See :func:`~pib_bayes.samplers.build_sgnht`.
 
-    >>> import torch
-    >>> from pib_bayes.optim import SGNHT
-    >>> w = torch.zeros(20_000, requires_grad=True)
-    >>> opt = SGNHT([w], lr=0.05, diffusion=1.0, generator=torch.Generator().manual_seed(0))
-    >>> g = torch.Generator().manual_seed(1)
-    >>> for _ in range(1500):  # U = |w|^2 / 2, plus gradient noise of variance 4 the sampler is not told
-    ...     w.grad = w.detach() + 2.0 * torch.randn(20_000, generator=g)
-    ...     opt.step()
-    >>> ke = float(opt.state[w]["momentum"].square().mean())  # p.p/D: held at 1 by the thermostat
-    >>> xi = float(opt.state[w]["thermostat"])  # A + lr * 4 / 2 = 1.1 to first order in lr (1.13 exactly)
-    >>> abs(ke - 1) < 0.05, abs(xi - 1.13) < 0.05  # the thermostat absorbed the extra noise
-    (True, True)
+    Examples:
+        >>> import torch
+        >>> from pib_bayes.optim import SGNHT
+        >>> w = torch.zeros(20_000, requires_grad=True)
+        >>> opt = SGNHT([w], lr=0.05, diffusion=1.0, generator=torch.Generator().manual_seed(0))
+        >>> g = torch.Generator().manual_seed(1)
+        >>> for _ in range(1500):  # U = |w|^2 / 2, plus gradient noise of variance 4 the sampler is not told
+        ...     w.grad = w.detach() + 2.0 * torch.randn(20_000, generator=g)
+        ...     opt.step()
+        >>> ke = float(opt.state[w]["momentum"].square().mean())  # p.p/D: held at 1 by the thermostat
+        >>> xi = float(opt.state[w]["thermostat"])  # A + lr * 4 / 2 = 1.1 to first order in lr (1.13 exactly)
+        >>> abs(ke - 1) < 0.05, abs(xi - 1.13) < 0.05  # the thermostat absorbed the extra noise
+        (True, True)
     """
 
     _hyper = ("diffusion", "init_thermostat")

@@ -155,15 +155,16 @@ def build_sgnht(diffusion: float = 1.0, init_thermostat: float | None = None) ->
     the weights) and the thermostat; the reported statistics are ``kinetic_energy`` = p.p/2 (mean
     D/2 at stationarity, as SGHMC's) and ``thermostat`` = xi.
 
-    >>> import torch
-    >>> k = build_sgnht(diffusion=1.0)
-    >>> w, g = [torch.zeros(4)], [torch.ones(4)]
-    >>> state = k.init(w)  # momentum 0, xi = A = 1
-    >>> stats = k.step(w, g, state, 0.1, noise=None, with_stats=True)  # noise=None: no eta term
-    >>> state["momentum"][0], w[0]  # p = -h g, then w = h p
-    (tensor([-0.1000, -0.1000, -0.1000, -0.1000]), tensor([-0.0100, -0.0100, -0.0100, -0.0100]))
-    >>> stats["thermostat"]  # xi + h (p.p/D - 1) = 1 + 0.1 * (0.01 - 1)
-    tensor(0.9010)
+    Examples:
+        >>> import torch
+        >>> k = build_sgnht(diffusion=1.0)
+        >>> w, g = [torch.zeros(4)], [torch.ones(4)]
+        >>> state = k.init(w)  # momentum 0, xi = A = 1
+        >>> stats = k.step(w, g, state, 0.1, noise=None, with_stats=True)  # noise=None: no eta term
+        >>> state["momentum"][0], w[0]  # p = -h g, then w = h p
+        (tensor([-0.1000, -0.1000, -0.1000, -0.1000]), tensor([-0.0100, -0.0100, -0.0100, -0.0100]))
+        >>> stats["thermostat"]  # xi + h (p.p/D - 1) = 1 + 0.1 * (0.01 - 1)
+        tensor(0.9010)
     """
     if isinstance(diffusion, bool) or not isinstance(diffusion, (int, float)) or not (
             math.isfinite(diffusion) and diffusion > 0):
