@@ -273,3 +273,42 @@ def test_sgnht_bad_settings_name_the_argument(kwargs, match):
         build_sgnht(**kwargs)
     with pytest.raises(ValueError, match=f"^{match}: "):
         SGNHT([torch.zeros(2, requires_grad=True)], lr=0.1, **kwargs)
+
+
+class _Crash(Exception):
+    pass
+
+
+@pytest.mark.parametrize("method", ["sequential", "vectorized"])
+def test_sgnht_crash_and_resume_restores_momentum_and_thermostat(tmp_path, method):
+    """The checkpoint holds each chain's momentum and xi: a resumed run equals the uninterrupted one."""
+    from torch import nn
+
+    import pib_bayes
+
+    def run(ckpt=None, crash_after=None, resume=False):
+        calls = {"n": 0}
+
+        def crash(params):
+            calls["n"] += 1
+            if crash_after is not None and calls["n"] > crash_after:
+                raise _Crash
+            return params["0.weight"].sum()
+
+        torch.manual_seed(0)
+        x, y = pib_bayes.data.make_classification_data(n=64, num_classes=3, seed=2)
+        model = nn.Sequential(nn.Linear(2, 6), nn.Tanh(), nn.Linear(6, 3))
+        return pib_bayes.sample(model, "cross_entropy", (x, y), beta=1 / 64, step_size=0.02, sampler="sgnht",
+                                num_chains=3, num_warmup=10, num_draws=12, thin=2, batch_size=16, seed=3,
+                                chain_method=method, stat_fns={"w0": crash}, checkpoint=ckpt,
+                                checkpoint_every=4, resume=resume)
+
+    ref = run()
+    ckpt = tmp_path / "c.ckpt"
+    with pytest.raises(_Crash):
+        run(ckpt, crash_after=7)
+    resumed = run(ckpt, resume=True)
+    for k in ref.draws:
+        assert torch.equal(ref.draws[k], resumed.draws[k]), k
+    for k in ("thermostat", "kinetic_energy", "energy"):
+        assert torch.equal(ref.sample_stats[k], resumed.sample_stats[k]), k
