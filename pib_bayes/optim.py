@@ -290,8 +290,10 @@ class SGNHT(_LangevinOptimizer):
     (one chain). Groups may differ in ``lr`` or ``diffusion``, so each group keeps its own
     kinetic energy p.p/D at 1 (a blockwise thermostat, which leaves the same target invariant).
     xi starts at ``init_thermostat`` (default A) and is stored, with the momentum, in each
-    parameter's ``state`` (``"thermostat"``: the same 0-d tensor for every parameter of a group).
-    See :func:`~pib_bayes.samplers.build_sgnht`.
+    parameter's ``state`` (``"thermostat"``: the same 0-d tensor for every parameter of a group;
+    the step reads the first parameter's and writes it to the others, so a parameter that gets
+    its first gradient later joins its group's thermostat, unless it comes first in the group,
+    which restarts xi at ``init_thermostat``). See :func:`~pib_bayes.samplers.build_sgnht`.
 
     Examples:
         >>> import torch
