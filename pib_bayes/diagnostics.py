@@ -534,7 +534,7 @@ def kernel_stein_discrepancy(draws: Tensor | np.ndarray, scores: Tensor | np.nda
     _check_count("block_size", block_size, 1)
     x = x - x.mean(0)
     xx, xs = x.square().sum(1), (x * s).sum(1)
-    total = torch.zeros((), dtype=torch.float64)
+    total = torch.zeros((), dtype=torch.float64, device=x.device)
     c2 = c * c
     for start in range(0, m, block_size):
         xi, si = x[start:start + block_size], s[start:start + block_size]
