@@ -34,8 +34,8 @@ optional except where marked, and an unknown key is an error (with the closest v
     noise_std = 1.0             # s of the Gaussian loss (regression)
 
     [sampler]
-    name = "sgld"               # sgld | psgld | sghmc | csgld
-    step_size = 1e-4            # h (SGLD/pSGLD), learning rate eta (SGHMC), h_0 (schedules)
+    name = "sgld"               # sgld | psgld | sghmc | csgld | sgnht
+    step_size = 1e-4            # h (SGLD/pSGLD/SGNHT), learning rate eta (SGHMC), h_0 (schedules)
     schedule = "constant"       # constant | polynomial | cosine | cyclical
     gamma = 0.55                # polynomial: h_t = step_size * (b + t)^-gamma * b^gamma  (h_0 = step_size)
     b = 1.0
@@ -111,7 +111,7 @@ ACTIVATIONS: dict[str, type[nn.Module] | None] = {
     "gelu": nn.GELU,
 }
 BUILTIN_DATA = ("spirals", "regression")
-SAMPLERS = ("sgld", "psgld", "sghmc", "csgld")
+SAMPLERS = ("sgld", "psgld", "sghmc", "csgld", "sgnht")
 SCHEDULES = ("constant", "polynomial", "cosine", "cyclical")
 
 

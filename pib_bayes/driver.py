@@ -331,7 +331,7 @@ def sample(
         gens = [_generator(seeds[c][0]) for c in chains]
         source = make_noise(noise, gens, batched=True)
         with torch.no_grad():
-            state = kernel.init([p.detach() for p in params])
+            state = kernel.init_state([p.detach() for p in params], batch_ndim=1)
         prefetcher = NoisePrefetcher(noise, gens, batched=True) if prefetch_noise else None
         return _Group(chains, params, state, source, make_batcher(chains), vectorized, prefetcher)
 
