@@ -328,7 +328,8 @@ def run_sample(
     t0 = time.perf_counter()
     data = load_data(cfg["data"], base_dir)
     run = cfg["run"]
-    model = build_model(cfg["model"], data.input_dim, data.output_dim, seed=run["seed"])
+    model = build_model(cfg["model"], data.input_dim, data.output_dim, seed=run["seed"],
+                        search_path=[base_dir])
     if data.x_train.dim() > 2 and cfg["model"]["factory"] is None:
         data.x_train, data.x_test = data.x_train.flatten(1), data.x_test.flatten(1)
     loss_fn = _loss_for(cfg, data.task)
@@ -481,9 +482,94 @@ def _cmd_sample(args: argparse.Namespace) -> int:
 
 
 # ------------------------------------------------------------------------------------ run dirs
-def _load_run(run_dir: str) -> tuple[dict, Any, Any]:
-    """(config, Posterior with its model, Dataset) of a run directory written by ``sample``."""
-    from .config import build_model, load_data
+def _inside(path: Path, root: Path) -> bool:
+    try:
+        path.resolve().relative_to(root.resolve())
+        return True
+    except ValueError:
+        return False
+
+
+def _read_run_config(path: Path, trust_code: bool) -> dict:
+    """The validated config.json of a run directory: a run directory is data, so (unless
+    ``trust_code``) it may name no model factory but a built-in one, and no file outside itself."""
+    from .config import BUILTIN_DATA, BUILTIN_FACTORIES, ConfigError, validate_config
+
+    where = path / "config.json"
+    try:
+        cfg = json.loads(where.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as err:
+        raise UsageError("RUN_DIR", f"{where} is not valid JSON ({type(err).__name__}); is it a run "
+                         "directory of `pib-bayes sample`?") from None
+    if not isinstance(cfg, dict) or not isinstance(cfg.get("resolved"), dict):
+        raise UsageError("RUN_DIR", f"{where} has no 'resolved' table; is it a run directory of "
+                         "`pib-bayes sample`?")
+    res = cfg.pop("resolved")
+    # JSON null is a default left unset (TOML has no null): validate what was set
+    raw = {sec: ({k: v for k, v in val.items() if v is not None} if isinstance(val, dict) else val)
+           for sec, val in cfg.items()}
+    try:
+        cfg = validate_config(raw)
+    except ConfigError as err:
+        raise UsageError(err.key, f"{where}: {str(err).split(': ', 1)[1]}") from None
+
+    def bad(key: str, want: str) -> UsageError:
+        return UsageError(f"resolved.{key}", f"{where}: must be {want}, got {res.get(key)!r}")
+
+    for key in ("input_dim", "output_dim"):
+        v = res.get(key)
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise bad(key, "an integer >= 1")
+    if res.get("task") not in ("classification", "regression"):
+        raise bad("task", '"classification" or "regression"')
+    for key in ("feature_mean", "feature_std"):
+        v = res.get(key)
+        if v is not None and (not isinstance(v, list) or len(v) != res["input_dim"] or not all(
+                isinstance(c, (int, float)) and not isinstance(c, bool) and math.isfinite(c) for c in v)):
+            raise bad(key, f"null or a list of {res['input_dim']} finite numbers")
+    if (res.get("feature_mean") is None) != (res.get("feature_std") is None):
+        raise bad("feature_std", "given exactly when feature_mean is")
+    factory = cfg["model"]["factory"]
+    if factory is not None and factory not in BUILTIN_FACTORIES and not trust_code:
+        raise UsageError(
+            "model.factory",
+            f"{where} names the model factory {factory!r}; a run directory is data, and pib-bayes "
+            "does not import or call code named by one. If you trust whoever wrote this run "
+            "directory, pass --trust-code (the factory's module must be importable); built-in "
+            f"factories need no flag: {sorted(BUILTIN_FACTORIES)}",
+        )
+    root = path.resolve()
+    source = res.get("source", cfg["data"]["source"])
+    if not isinstance(source, str) or not source:
+        raise bad("source", "a built-in data set name or a path")
+    base_dir = res.get("base_dir")
+    if base_dir is not None and not isinstance(base_dir, str):
+        raise bad("base_dir", "a path")
+    if source not in BUILTIN_DATA and not trust_code:
+        src = Path(source)
+        src = src if src.is_absolute() else root / src
+        if not _inside(src, root):
+            raise UsageError(
+                "resolved.source",
+                f"{where} reads its data from {source!r}, outside the run directory; a run "
+                "directory cannot make pib-bayes read files elsewhere. If the run is yours (or you "
+                "trust its author) pass --trust-code, or copy the data into the run directory and "
+                "record it there (a path relative to the run directory)",
+            )
+        source, base_dir = str(src.resolve()), str(root)
+    search = [d for d in (base_dir, str(root)) if d is not None] if trust_code else []
+    cfg["resolved"] = {**res, "source": source, "base_dir": base_dir}
+    cfg["_search_path"] = search
+    return cfg
+
+
+def _load_run(run_dir: str, trust_code: bool = False) -> tuple[dict, Any, Any]:
+    """(config, Posterior with its model, Dataset) of a run directory written by ``sample``.
+
+    Without ``trust_code`` the run directory can name no code to import (only a built-in model
+    factory) and no data file outside itself; see docs/security.md.
+    """
+    from .config import ConfigError, build_model, load_data
     from .io import FormatError
     from .posterior import Posterior
 
@@ -497,15 +583,19 @@ def _load_run(run_dir: str) -> tuple[dict, Any, Any]:
             raise UsageError(
                 "RUN_DIR", f"{run_dir} has no {name}; is it a run directory of `pib-bayes sample`?"
             )
-    cfg = json.loads((path / "config.json").read_text())
+    cfg = _read_run_config(path, trust_code)
     res = cfg["resolved"]
-    model = build_model(cfg["model"], res["input_dim"], res["output_dim"], seed=cfg["run"]["seed"])
+    try:
+        model = build_model(cfg["model"], res["input_dim"], res["output_dim"], seed=cfg["run"]["seed"],
+                            search_path=cfg["_search_path"])
+    except ConfigError as err:
+        raise UsageError(err.key, f"{path / 'config.json'}: {str(err).split(': ', 1)[1]}") from None
     try:
         post = Posterior.load(path / "posterior.pt", model=model)
     except FormatError as err:
         raise UsageError("RUN_DIR", f"{err}") from None
-    data_cfg = {**cfg["data"], "source": res.get("source", cfg["data"]["source"])}
-    data = load_data(data_cfg, res.get("base_dir"))  # standardised again (same split) when configured
+    data_cfg = {**cfg["data"], "source": res["source"]}
+    data = load_data(data_cfg, res["base_dir"])  # standardised again (same split) when configured
     if data.x_train.dim() > 2 and cfg["model"]["factory"] is None:
         data.x_train, data.x_test = data.x_train.flatten(1), data.x_test.flatten(1)
     return cfg, post, data
@@ -517,7 +607,7 @@ def _cmd_diagnose(args: argparse.Namespace) -> int:
 
     from .diagnostics import ConvergenceWarning, summary
 
-    cfg, post, data = _load_run(args.run_dir)
+    cfg, post, data = _load_run(args.run_dir, args.trust_code)
     run_dir = Path(args.run_dir)
     eval_x, eval_y = (data.x_test, data.y_test) if len(data.y_test) else (data.x_train, data.y_train)
     n_eval = min(len(eval_y), args.max_examples)
@@ -598,7 +688,8 @@ def _bounds_report(cfg: dict, post: Any, data: Any, delta: float) -> Any:
     from .prior import GaussianPrior
 
     res = cfg["resolved"]
-    init = build_model(cfg["model"], res["input_dim"], res["output_dim"], seed=cfg["run"]["seed"])
+    init = build_model(cfg["model"], res["input_dim"], res["output_dim"], seed=cfg["run"]["seed"],
+                       search_path=cfg.get("_search_path", ()))
     post_cfg = cfg["posterior"]
     prior = GaussianPrior.from_module(init, std=post_cfg["prior_std"], mean=post_cfg["prior_mean"])
     with warnings.catch_warnings():
@@ -692,7 +783,7 @@ def _csv_header_rows(path: Path) -> int:
 def _cmd_predict(args: argparse.Namespace) -> int:
     import torch
 
-    cfg, post, data = _load_run(args.run_dir)
+    cfg, post, data = _load_run(args.run_dir, args.trust_code)
     res = cfg["resolved"]
     if args.input is None:
         x, y, desc = data.x_test, data.y_test, "the run's held-out test split"
@@ -857,7 +948,8 @@ def run_iiw(cfg: dict, base_dir: Path, progress: bool) -> tuple[dict, Path]:
     t0 = time.perf_counter()
     data = load_data(cfg["data"], base_dir)
     run, icfg = cfg["run"], cfg["iiw"]
-    model = build_model(cfg["model"], data.input_dim, data.output_dim, seed=run["seed"])
+    model = build_model(cfg["model"], data.input_dim, data.output_dim, seed=run["seed"],
+                        search_path=[base_dir])
     if data.x_train.dim() > 2 and cfg["model"]["factory"] is None:
         data.x_train, data.x_test = data.x_train.flatten(1), data.x_test.flatten(1)
     loss_fn = _loss_for(cfg, data.task)
@@ -971,6 +1063,15 @@ def _common(p: argparse.ArgumentParser) -> None:
     )
 
 
+def _trust(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--trust-code",
+        action="store_true",
+        help="trust RUN_DIR: import the model factory its config.json names and read data files "
+        "outside it (only for run directories you wrote or whose author you trust)",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The ``pib-bayes`` argument parser (subcommands demo, sample, diagnose, iiw, predict)."""
     parser = argparse.ArgumentParser(
@@ -1006,6 +1107,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--strict", action="store_true", help="exit 4 when R-hat or ESS is outside the limits")
     d.add_argument("--delta", type=float, default=0.05, help="confidence of the PAC-Bayes bounds (1 - delta)")
     d.add_argument("--no-bounds", action="store_true", help="skip the generalization-bound report")
+    _trust(d)
     _common(d)
     d.set_defaults(func=_cmd_diagnose)
 
@@ -1026,6 +1128,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--output", help="CSV to write (default RUN_DIR/predictions.csv)")
     p.add_argument("--level", type=float, default=0.9, help="central credible level of regression intervals")
+    _trust(p)
     _common(p)
     p.set_defaults(func=_cmd_predict)
     return parser

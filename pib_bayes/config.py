@@ -67,7 +67,8 @@ import importlib
 import inspect
 import math
 import os
-from collections.abc import Callable, Mapping
+import sys
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -91,6 +92,10 @@ __all__ = [
     "ACTIVATIONS",
     "BUILTIN_DATA",
     "SCHEMA",
+    "BUILTIN_FACTORIES",
+    "check_memory",
+    "available_memory",
+    "mlp_num_params",
 ]
 
 
@@ -386,8 +391,31 @@ def load_config(path: str | os.PathLike, output_dir: str | None = None) -> dict[
 
 
 # ------------------------------------------------------------------------------------------- model
-def build_mlp(input_dim: int, output_dim: int, hidden: list[int], activation: str) -> nn.Sequential:
-    """``Linear -> act -> ... -> Linear`` with the given hidden widths (``[]``: one linear layer)."""
+def build_mlp(input_dim: int, output_dim: int, hidden: list[int], activation: str = "tanh") -> nn.Sequential:
+    """``Linear -> act -> ... -> Linear`` with the given hidden widths (``[]``: one linear layer).
+
+    Also the built-in factory ``"pib_bayes.config:build_mlp"`` (a run directory may name it
+    without ``--trust-code``). A size that cannot fit in memory is refused before allocating.
+
+    >>> build_mlp(2, 1, [], "linear")
+    Sequential(
+      (0): Linear(in_features=2, out_features=1, bias=True)
+    )
+    """
+    if activation not in ACTIVATIONS:
+        raise ConfigError(
+            "model.activation", f"unknown value {activation!r}; choose one of {list(ACTIVATIONS)}"
+        )
+    if not isinstance(hidden, (list, tuple)) or any(
+        isinstance(v, bool) or not isinstance(v, int) or v < 1 for v in hidden
+    ):
+        raise ConfigError("model.hidden", f"must be a list of positive integers, got {hidden!r}")
+    check_memory(
+        "model.hidden",
+        4 * mlp_num_params(input_dim, output_dim, list(hidden)),
+        "the MLP's weights",
+        "use narrower layers",
+    )
     act = ACTIVATIONS[activation]
     layers: list[nn.Module] = []
     d = input_dim
@@ -400,16 +428,39 @@ def build_mlp(input_dim: int, output_dim: int, hidden: list[int], activation: st
     return nn.Sequential(*layers)
 
 
-def _import_factory(spec: str) -> Callable[..., Any]:
+#: Factories that a run directory may name without ``--trust-code``: pib_bayes's own, taking only
+#: numbers and strings (no import path, no callable) as keyword arguments.
+BUILTIN_FACTORIES: dict[str, Callable[..., nn.Module]] = {
+    "pib_bayes.config:build_mlp": build_mlp,
+}
+
+
+def _import_factory(spec: str, search_path: Sequence[str | os.PathLike] = ()) -> Callable[..., Any]:
+    """The callable named by ``"module.path:attr"``; a module not importable as installed is looked
+    for in the folders of ``search_path`` (the config file's folder) first."""
+    if spec in BUILTIN_FACTORIES:
+        return BUILTIN_FACTORIES[spec]
     module_name, _, attr = spec.partition(":")
+    top = module_name.split(".")[0]
+    extra = [
+        str(Path(d).resolve())
+        for d in search_path
+        if (Path(d) / f"{top}.py").is_file() or (Path(d) / top / "__init__.py").is_file()
+    ]
+    added = [d for d in extra if d not in sys.path]
+    sys.path[:0] = added
     try:
         module = importlib.import_module(module_name)
     except ImportError as err:
         raise ConfigError(
             "model.factory",
             f"cannot import module {module_name!r} ({err}); "
-            "check the path and that the package is installed or on PYTHONPATH",
+            "check the path and that the package is installed, on PYTHONPATH or next to the config file",
         ) from None
+    finally:
+        for d in added:
+            if d in sys.path:
+                sys.path.remove(d)
     obj: Any = module
     for part in attr.split("."):
         if not hasattr(obj, part):
@@ -420,15 +471,33 @@ def _import_factory(spec: str) -> Callable[..., Any]:
     return obj
 
 
-def build_model(model_cfg: Mapping[str, Any], input_dim: int, output_dim: int, seed: int = 0) -> nn.Module:
+def build_model(
+    model_cfg: Mapping[str, Any],
+    input_dim: int,
+    output_dim: int,
+    seed: int = 0,
+    search_path: Sequence[str | os.PathLike] = (),
+) -> nn.Module:
     """The module described by the ``[model]`` section, initialised from ``seed``.
 
     A factory is called with ``[model.kwargs]``; if its signature names ``input_dim`` or
-    ``output_dim`` and the kwargs do not set them, the data's dimensions are passed.
+    ``output_dim`` and the kwargs do not set them, the data's dimensions are passed. Its module
+    is imported as installed, or else from the folders in ``search_path`` (the CLI passes the
+    config file's folder, so a ``nets.py`` next to the config is found without ``PYTHONPATH``).
+
+    This imports and calls code: only pass a config the user wrote or vouches for (the CLI refuses
+    a factory recorded in a run directory unless ``--trust-code`` is given).
+
+    >>> build_model({"hidden": [3], "activation": "tanh"}, 2, 1)
+    Sequential(
+      (0): Linear(in_features=2, out_features=3, bias=True)
+      (1): Tanh()
+      (2): Linear(in_features=3, out_features=1, bias=True)
+    )
     """
     torch.manual_seed(seed)
     if model_cfg.get("factory"):
-        factory = _import_factory(model_cfg["factory"])
+        factory = _import_factory(model_cfg["factory"], search_path)
         kwargs = dict(model_cfg.get("kwargs") or {})
         try:
             params = inspect.signature(factory).parameters
@@ -447,6 +516,51 @@ def build_model(model_cfg: Mapping[str, Any], input_dim: int, output_dim: int, s
             raise ConfigError("model.factory", f"must return a torch.nn.Module, got {type(model).__name__}")
         return model
     return build_mlp(input_dim, output_dim, list(model_cfg["hidden"]), model_cfg["activation"])
+
+
+def mlp_num_params(input_dim: int, output_dim: int, hidden: Sequence[int]) -> int:
+    """Weights and biases of :func:`build_mlp`: sum over layers of (d_in + 1) d_out.
+
+    >>> mlp_num_params(2, 3, [8])
+    51
+    """
+    dims = [int(input_dim), *[int(h) for h in hidden], int(output_dim)]
+    return sum((a + 1) * b for a, b in zip(dims[:-1], dims[1:]))
+
+
+def available_memory() -> int:
+    """Bytes this process can still allocate: ``MemAvailable`` of /proc/meminfo (Linux), else the
+    physical memory, else a large number (no check)."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return int(os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
+    except (ValueError, OSError, AttributeError):  # pragma: no cover - not POSIX
+        return 1 << 62
+
+
+def check_memory(key: str, nbytes: float, what: str, fix: str) -> None:
+    """Refuse, before allocating, a size that cannot fit in the memory available (a
+    :class:`ConfigError` naming ``key``, the estimate and ``fix``).
+
+    >>> check_memory("run.draws", 1e3, "the draws", "lower run.draws")
+    >>> try:
+    ...     check_memory("run.draws", 1e30, "the draws", "lower run.draws")
+    ... except ConfigError as err:
+    ...     print(str(err)[:40])
+    run.draws: the draws need about 1e+21 GB
+    """
+    avail = available_memory()
+    if nbytes > avail:
+        raise ConfigError(
+            key, f"{what} need about {nbytes / 1e9:.3g} GB, more than the {avail / 1e9:.3g} GB of memory "
+            f"available; {fix}"
+        )
 
 
 # -------------------------------------------------------------------------------------------- data

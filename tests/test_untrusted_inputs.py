@@ -5,7 +5,6 @@ under concurrency."""
 from __future__ import annotations
 
 import json
-import textwrap
 from pathlib import Path
 
 import pytest
@@ -75,3 +74,100 @@ def test_a_recorded_factory_never_runs_without_trust_code(run, tmp_path, monkeyp
     assert code == EXIT_USAGE and out["key"] == "model.factory", out
     assert "--trust-code" in out["error"] and "os:system" in out["error"]
     assert not marker.exists()
+
+
+NETS = """
+from torch import nn
+CALLS = []
+def make(input_dim, output_dim, width=3):
+    CALLS.append(width)
+    return nn.Sequential(nn.Linear(input_dim, width), nn.Tanh(), nn.Linear(width, output_dim))
+"""
+
+
+def test_a_factory_next_to_the_config_is_found_and_a_run_dir_needs_trust_code(tmp_path, monkeypatch, capsys):
+    """model.factory resolves relative to the config file (no PYTHONPATH); predict of the run
+    directory refuses it without --trust-code and uses it with the flag."""
+    proj = tmp_path / "proj"
+    proj.mkdir()
+    (proj / "h19a_nets.py").write_text(NETS)
+    (proj / "run.toml").write_text(TINY.format(source="spirals").replace(
+        "hidden = [4]", 'factory = "h19a_nets:make"\n[model.kwargs]\nwidth = 5'))
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)  # neither the working directory nor PYTHONPATH holds h19a_nets
+    monkeypatch.delitem(__import__("sys").modules, "h19a_nets", raising=False)
+    out = tmp_path / "r"
+    assert main(["sample", "--config", str(proj / "run.toml"), "--output", str(out), "--quiet"]) == EXIT_OK
+    assert str(proj) not in __import__("sys").path  # the folder is searched only while importing
+    capsys.readouterr()
+    assert main(["predict", str(out), "--quiet", "--json"]) == EXIT_USAGE
+    err = json.loads(capsys.readouterr().out)
+    assert err["key"] == "model.factory" and "h19a_nets:make" in err["error"]
+    assert main(["predict", str(out), "--quiet", "--json", "--trust-code"]) == EXIT_OK
+    assert json.loads(capsys.readouterr().out)["n"] == 12
+
+
+def test_a_builtin_factory_needs_no_trust_code(tmp_path, capsys):
+    (tmp_path / "run.toml").write_text(TINY.format(source="spirals").replace(
+        "hidden = [4]", 'factory = "pib_bayes.config:build_mlp"\n[model.kwargs]\nhidden = [3]'))
+    out = tmp_path / "r"
+    code = main(["sample", "--config", str(tmp_path / "run.toml"), "--output", str(out), "--quiet"])
+    assert code == EXIT_OK
+    capsys.readouterr()
+    assert main(["predict", str(out), "--quiet", "--json"]) == EXIT_OK
+    assert json.loads(capsys.readouterr().out)["n"] == 12
+
+
+@pytest.mark.parametrize("source", ["/etc/passwd.csv", "../outside.npz", "link.npz"])
+def test_recorded_paths_cannot_escape_the_run_directory(run, tmp_path, capsys, source):
+    import numpy as np
+
+    np.savez(tmp_path / "outside.npz", x=np.zeros((20, 2), np.float32), y=np.arange(20) % 3)
+    evil = _copy_run(run, tmp_path / "evil", resolved__source=source, resolved__base_dir="/")
+    (evil / "link.npz").symlink_to(tmp_path / "outside.npz")  # a symbolic link out is caught too
+    capsys.readouterr()
+    assert main(["predict", str(evil), "--quiet", "--json"]) == EXIT_USAGE
+    err = json.loads(capsys.readouterr().out)
+    assert err["key"] == "resolved.source" and "outside the run directory" in err["error"], err
+
+
+def test_data_inside_the_run_directory_is_read_without_trust(run, tmp_path, capsys):
+    import numpy as np
+
+    x = np.random.default_rng(0).normal(size=(30, 2)).astype(np.float32)
+    evil = _copy_run(run, tmp_path / "r", resolved__source="data/d.npz", data__source="data/d.npz")
+    (evil / "data").mkdir()
+    np.savez(evil / "data" / "d.npz", x=x, y=np.arange(30) % 3)
+    capsys.readouterr()
+    assert main(["predict", str(evil), "--quiet", "--json"]) == EXIT_OK
+    assert json.loads(capsys.readouterr().out)["input"] == "the run's held-out test split"
+
+
+@pytest.mark.parametrize("edit, key", [
+    ({"model__hidden": [10**12]}, "model.hidden"),
+    ({"model__activation": "os.system"}, "model.activation"),
+    ({"run__seed": "0; rm -rf"}, "run.seed"),
+    ({"resolved__input_dim": -1}, "resolved.input_dim"),
+    ({"resolved__task": "exec"}, "resolved.task"),
+    ({"resolved__feature_mean": [1.0]}, "resolved.feature_mean"),
+    ({"data__x_key": ["x"]}, "data.x_key"),
+])
+def test_a_tampered_config_json_is_one_clear_error(run, tmp_path, capsys, edit, key):
+    evil = _copy_run(run, tmp_path / "evil", **edit)
+    capsys.readouterr()
+    assert main(["diagnose", str(evil), "--quiet", "--json", "--no-plots"]) == EXIT_USAGE
+    err = json.loads(capsys.readouterr().out)
+    assert err["key"] == key and "config.json" in err["error"], err
+
+
+def test_a_config_json_that_is_not_json_or_deeply_nested(run, tmp_path, capsys):
+    import shutil
+
+    evil = tmp_path / "evil"
+    shutil.copytree(run, evil)
+    for text in ("[" * 100000, "\xff\xfe garbage", "[1, 2]"):
+        (evil / "config.json").write_text(text, errors="surrogateescape")
+        capsys.readouterr()
+        assert main(["predict", str(evil), "--quiet", "--json"]) == EXIT_USAGE
+        assert json.loads(capsys.readouterr().out)["key"] == "RUN_DIR"
