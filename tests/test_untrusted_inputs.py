@@ -171,3 +171,82 @@ def test_a_config_json_that_is_not_json_or_deeply_nested(run, tmp_path, capsys):
         capsys.readouterr()
         assert main(["predict", str(evil), "--quiet", "--json"]) == EXIT_USAGE
         assert json.loads(capsys.readouterr().out)["key"] == "RUN_DIR"
+
+
+# ------------------------------------------------------------------------- io: headers and atomic writes
+def _pib(header: bytes, body: bytes = b"") -> bytes:
+    from pib_bayes.io import MAGIC
+
+    return MAGIC + header + b"\n" + body
+
+
+@pytest.mark.parametrize("header, match", [
+    (b"[" * 2000 + b"]" * 2000, "corrupt header"),
+    (b"[" * 100000 + b"]" * 100000, "oversized header"),
+    (b'{"kind": "posterior", "format_version": "1", "sha256": "00", "size": 0}', "format_version must be an"),
+    (b'{"kind": "posterior", "format_version": true, "sha256": "0", "size": 0}', "format_version must be an"),
+    (b'{"kind": "posterior", "format_version": 1, "sha256": "00", "size": "0"}', "size must be an int"),
+])
+def test_bad_headers_are_format_errors(tmp_path, header, match):
+    import sys
+
+    from pib_bayes import Posterior
+    from pib_bayes.io import FormatError
+
+    (tmp_path / "f.pt").write_bytes(_pib(header))
+    limit = sys.getrecursionlimit()
+    sys.setrecursionlimit(200)  # a low limit: json would raise RecursionError on deep nesting
+    try:
+        with pytest.raises(FormatError, match=match):
+            Posterior.load(tmp_path / "f.pt")
+    finally:
+        sys.setrecursionlimit(limit)
+
+
+WRITER = """
+import sys
+from pib_bayes.io import atomic_write_bytes
+path, tag = sys.argv[1], sys.argv[2].encode()
+for i in range(300):
+    atomic_write_bytes(path, tag * 20000 + str(i).encode())
+print("done")
+"""
+
+
+def test_two_processes_writing_one_path_never_break_each_other(tmp_path):
+    """Each writer only removes temporary files of dead writers: no FileNotFoundError on rename,
+    and the file is always one writer's whole content."""
+    import os
+    import subprocess
+    import sys
+
+    target = tmp_path / "shared.bin"
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    procs = [subprocess.Popen([sys.executable, "-c", WRITER, str(target), tag], env=env, text=True,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE) for tag in ("a", "b")]
+    outs = [p.communicate(timeout=120) for p in procs]
+    for p, (out, err) in zip(procs, outs):
+        assert p.returncode == 0 and out.strip() == "done", err[-2000:]
+    data = target.read_bytes()
+    assert data[:20000] in (b"a" * 20000, b"b" * 20000) and data[20000:] == b"299"
+    assert not list(tmp_path.glob(".*.tmp"))
+
+
+def test_a_dead_writers_temporary_file_is_swept_a_live_ones_kept(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    from pib_bayes.io import atomic_write_bytes, writer_tag
+
+    host = writer_tag().rpartition(".")[0]
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True).stdout.strip()
+    gone = tmp_path / f".f.bin.{host}.{dead}.abc123.tmp"
+    live = tmp_path / f".f.bin.{host}.{os.getppid()}.def456.tmp"  # our parent is alive
+    other_host = tmp_path / ".f.bin.otherhost.1.ghi789.tmp"  # recent, on another host: kept
+    for p in (gone, live, other_host):
+        p.write_bytes(b"partial")
+    atomic_write_bytes(tmp_path / "f.bin", b"whole")
+    assert not gone.exists() and live.exists() and other_host.exists()
+    assert (tmp_path / "f.bin").read_bytes() == b"whole"
