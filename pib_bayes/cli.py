@@ -740,27 +740,33 @@ def _load_inputs(source: str, cfg: dict) -> tuple[Any, Any | None, str]:
     import numpy
     import torch
 
-    from .config import ConfigError, load_arrays
+    from .config import ConfigError, _csv_rows, load_arrays, read_npz
 
     res = cfg["resolved"]
     path = Path(source)
     if path.suffix.lower() == ".csv" and path.is_file():
-        rows = numpy.loadtxt(path, delimiter=",", ndmin=2, skiprows=_csv_header_rows(path))
-        if rows.shape[1] == res["input_dim"]:
-            return torch.tensor(rows, dtype=torch.float32), None, f"csv {path} (features only)"
+        try:
+            rows = _csv_rows(path, "--input")
+            header = bool(rows) and not _numeric_row(rows[0])
+            body = [r for r in rows[header:] if r and any(c.strip() for c in r)]
+            if body and all(len(r) == res["input_dim"] for r in body) and all(map(_numeric_row, body)):
+                x = torch.tensor([[float(c) for c in r] for r in body], dtype=torch.float32)
+                if not bool(torch.isfinite(x).all()):
+                    raise UsageError("--input", f"{path}: the features contain NaN/Inf")
+                return x, None, f"csv {path} (features only)"
+        except ConfigError as err:
+            raise UsageError("--input", str(err).split(": ", 1)[1]) from None
     if path.suffix.lower() == ".npz" and path.is_file():
-        with numpy.load(path, allow_pickle=False) as npz:
-            if cfg["data"]["y_key"] not in npz:
-                if cfg["data"]["x_key"] not in npz:
-                    raise UsageError(
-                        "--input",
-                        f"{path} has no array {cfg['data']['x_key']!r}; its arrays are {list(npz.keys())}",
-                    )
-                return (
-                    torch.tensor(npz[cfg["data"]["x_key"]], dtype=torch.float32),
-                    None,
-                    f"npz {path} (no labels)",
-                )
+        try:
+            xa, ya = read_npz(path, cfg["data"]["x_key"], cfg["data"]["y_key"], key="--input")
+        except ConfigError as err:
+            raise UsageError("--input", str(err).split(": ", 1)[1]) from None
+        if ya is None:
+            x = torch.tensor(numpy.asarray(xa, dtype=numpy.float32))
+            if x.dim() == 0 or len(x) == 0 or not bool(torch.isfinite(x).all()):
+                raise UsageError("--input", f"{path}: array {cfg['data']['x_key']!r} must be finite "
+                                 "numbers, one row per example")
+            return x, None, f"npz {path} (no labels)"
     data_cfg = {**cfg["data"], "source": source}
     try:
         x, y, desc = load_arrays(data_cfg, None)
@@ -771,13 +777,12 @@ def _load_inputs(source: str, cfg: dict) -> tuple[Any, Any | None, str]:
     return x, y, desc
 
 
-def _csv_header_rows(path: Path) -> int:
-    first = path.open().readline().split(",")
+def _numeric_row(row: list[str]) -> bool:
     try:
-        [float(c) for c in first]
-        return 0
+        [float(c) for c in row]
+        return True
     except ValueError:
-        return 1
+        return False
 
 
 def _cmd_predict(args: argparse.Namespace) -> int:

@@ -590,11 +590,63 @@ class Dataset:
         }
 
 
-def _csv_arrays(path: Path, target: str | int) -> tuple[np.ndarray, np.ndarray]:
+def read_npz(
+    path: Path, x_key: str, y_key: str | None, key: str = "data.source"
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """Arrays ``x_key`` and ``y_key`` of a ``.npz`` file, read without pickle (an object array
+    cannot run code, it is refused); ``y`` is None when ``y_key`` is None or absent and
+    ``key == "--input"``. A file numpy cannot read is a :class:`ConfigError` naming it."""
+    import zipfile
+
+    try:
+        with np.load(path, allow_pickle=False) as npz:
+            keys = list(npz.keys())
+            for k, name in ((x_key, "x_key"), (y_key, "y_key")):
+                if k is not None and k not in keys and not (name == "y_key" and key == "--input"):
+                    raise ConfigError(
+                        key if key == "--input" else f"data.{name}",
+                        f"{path} has no array {k!r}; its arrays are {keys}",
+                    )
+            out = []
+            for k in (x_key, y_key):
+                if k is None or k not in keys:
+                    out.append(None)
+                    continue
+                try:
+                    a = np.asarray(npz[k])
+                except ValueError as err:  # an object array: numpy would need pickle
+                    raise ConfigError(
+                        key,
+                        f"{path}: array {k!r} is an object array ({err}); pib-bayes never unpickles "
+                        "data files: save numeric arrays (np.savez(path, x=x.astype(float), ...))",
+                    ) from None
+                if not (np.issubdtype(a.dtype, np.number) or a.dtype == np.bool_):
+                    raise ConfigError(key, f"{path}: array {k!r} has dtype {a.dtype}; it must be numeric")
+                out.append(a)
+    except (OSError, EOFError, zipfile.BadZipFile, ValueError) as err:
+        if isinstance(err, ConfigError):
+            raise
+        raise ConfigError(key, f"{path} cannot be read as a .npz file ({type(err).__name__}: {err})") from None
+    return out[0], out[1]
+
+
+def _csv_rows(path: Path, key: str = "data.source") -> list[list[str]]:
+    """The rows of a text CSV file; a binary or non-UTF-8 file is a :class:`ConfigError` naming it."""
     import csv
 
-    with open(path, newline="") as f:
-        rows = list(csv.reader(f))
+    try:
+        with open(path, newline="", encoding="utf-8") as f:
+            return list(csv.reader(f))
+    except UnicodeDecodeError as err:
+        raise ConfigError(
+            key, f"{path} is not a UTF-8 text CSV file (byte {err.start}: {err.reason}); is it binary?"
+        ) from None
+    except csv.Error as err:
+        raise ConfigError(key, f"{path} is not a readable CSV file ({err}); is it binary?") from None
+
+
+def _csv_arrays(path: Path, target: str | int) -> tuple[np.ndarray, np.ndarray]:
+    rows = _csv_rows(path)
     rows = [r for r in rows if r and any(c.strip() for c in r)]
     if not rows:
         raise ConfigError("data.source", f"{path} is empty")
@@ -699,13 +751,7 @@ def load_arrays(
         return x, y, f"MNIST IDX {path} (split {data_cfg['split']})"
     suffix = path.suffix.lower()
     if suffix == ".npz":
-        with np.load(path, allow_pickle=False) as npz:
-            keys = list(npz.keys())
-            for k in (data_cfg["x_key"], data_cfg["y_key"]):
-                if k not in keys:
-                    key = "data.x_key" if k == data_cfg["x_key"] else "data.y_key"
-                    raise ConfigError(key, f"{path} has no array {k!r}; its arrays are {keys}")
-            xa, ya = np.asarray(npz[data_cfg["x_key"]]), np.asarray(npz[data_cfg["y_key"]])
+        xa, ya = read_npz(path, data_cfg["x_key"], data_cfg["y_key"])
         desc = f"npz {path}"
     elif suffix == ".csv":
         xa, ya = _csv_arrays(path, data_cfg["target"])
@@ -715,8 +761,12 @@ def load_arrays(
             "data.source",
             f"unsupported file type {suffix!r} ({path}); use a .npz, a .csv or an MNIST IDX directory",
         )
+    if xa.ndim == 0 or ya.ndim == 0:
+        raise ConfigError("data.source", f"{path}: x and y must be arrays with one row per example")
     if xa.ndim == 1:
         xa = xa[:, None]
+    if len(xa) == 0:
+        raise ConfigError("data.source", f"{path} holds no examples (0 rows)")
     if len(xa) != len(ya):
         raise ConfigError("data.source", f"{path}: x has {len(xa)} rows but y has {len(ya)}")
     if not np.issubdtype(xa.dtype, np.number) or not np.all(np.isfinite(xa)):

@@ -250,3 +250,48 @@ def test_a_dead_writers_temporary_file_is_swept_a_live_ones_kept(tmp_path):
     atomic_write_bytes(tmp_path / "f.bin", b"whole")
     assert not gone.exists() and live.exists() and other_host.exists()
     assert (tmp_path / "f.bin").read_bytes() == b"whole"
+
+
+# ------------------------------------------------------------------------- data files
+def _bad_files(folder: Path) -> dict[str, Path]:
+    import numpy as np
+
+    files = {}
+    files["binary.csv"] = folder / "binary.csv"
+    files["binary.csv"].write_bytes(bytes(range(256)) * 8)
+    files["nul.csv"] = folder / "nul.csv"
+    files["nul.csv"].write_bytes(b"1,2,0\n3,\x00,1\n")
+    files["object.npz"] = folder / "object.npz"
+    np.savez(files["object.npz"], x=np.array([{"a": 1}, None] * 10, dtype=object), y=np.arange(20) % 2)
+    files["strings.npz"] = folder / "strings.npz"
+    np.savez(files["strings.npz"], x=np.array(["a"] * 20), y=np.arange(20) % 2)
+    files["notzip.npz"] = folder / "notzip.npz"
+    files["notzip.npz"].write_bytes(b"PK\x03\x04 not really a zip")
+    files["empty.npz"] = folder / "empty.npz"
+    np.savez(files["empty.npz"], x=np.zeros((0, 2)), y=np.zeros(0))
+    files["scalar.npz"] = folder / "scalar.npz"
+    np.savez(files["scalar.npz"], x=np.float64(1.0), y=np.float64(0.0))
+    return files
+
+
+@pytest.mark.parametrize("name", ["binary.csv", "nul.csv", "object.npz", "strings.npz", "notzip.npz",
+                                  "empty.npz", "scalar.npz"])
+def test_unreadable_data_files_are_one_clear_error_naming_the_file(tmp_path, capsys, name):
+    path = _bad_files(tmp_path)[name]
+    (tmp_path / "run.toml").write_text(TINY.format(source=str(path)))
+    capsys.readouterr()
+    code = main(["sample", "--config", str(tmp_path / "run.toml"), "--output", str(tmp_path / "o"),
+                 "--quiet", "--json"])
+    err = json.loads(capsys.readouterr().out)
+    assert code == EXIT_USAGE and err["key"] == "data.source" and str(path) in err["error"], err
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("name", ["binary.csv", "nul.csv", "object.npz", "strings.npz", "notzip.npz"])
+def test_unreadable_predict_inputs_are_one_clear_error_naming_the_file(run, tmp_path, capsys, name):
+    path = _bad_files(tmp_path)[name]
+    capsys.readouterr()
+    code = main(["predict", str(run), "--input", str(path), "--quiet", "--json",
+                 "--output", str(tmp_path / "p.csv")])
+    err = json.loads(capsys.readouterr().out)
+    assert code == EXIT_USAGE and err["key"] == "--input" and str(path) in err["error"], err
