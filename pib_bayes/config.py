@@ -626,7 +626,9 @@ def read_npz(
     except (OSError, EOFError, zipfile.BadZipFile, ValueError) as err:
         if isinstance(err, ConfigError):
             raise
-        raise ConfigError(key, f"{path} cannot be read as a .npz file ({type(err).__name__}: {err})") from None
+        raise ConfigError(
+            key, f"{path} cannot be read as a .npz file ({type(err).__name__}: {err})"
+        ) from None
     return out[0], out[1]
 
 
