@@ -17,6 +17,7 @@ With ``--json`` the command prints exactly one JSON object on stdout (errors too
 from __future__ import annotations
 
 import argparse
+import glob
 import json
 import math
 import os
@@ -122,32 +123,86 @@ def _dumps(obj: Any) -> str:
     return json.dumps(clean(json.loads(json.dumps(obj, default=_json_default))), indent=2)
 
 
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two paths atomically (Linux ``renameat2(RENAME_EXCHANGE)``); False where unsupported."""
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        renameat2 = libc.renameat2
+    except (OSError, AttributeError):
+        return False
+    renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    at_fdcwd, rename_exchange = -100, 2
+    return renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0
+
+
 class _StagedDir:
-    """Build a directory under a temporary name next to ``target`` and move it into place on success."""
+    """Build a directory under a temporary name next to ``target`` and move it into place on success.
+
+    The staging name ``.NAME.partial-HOST.PID-RANDOM`` carries its writer, so a later run removes
+    the ones whose writer is gone (killed) and never one still being written. ``overwrite``
+    swaps the new directory with the old one (atomically on Linux, else by two renames with the
+    old one put back if the second fails) and only then deletes the old one; an old directory
+    left aside by a writer killed between the renames (``.NAME.old-HOST.PID``) is put back.
+    """
 
     def __init__(self, target: Path, overwrite: bool) -> None:
         self.target = target
         self.overwrite = overwrite
 
+    def _sweep(self) -> None:
+        from .io import is_stale
+
+        prefix = f".{self.target.name}."
+        for kind in ("partial-", "old-"):
+            for p in self.target.parent.glob(glob.escape(prefix + kind) + "*"):
+                rest = p.name[len(prefix + kind):]
+                tag = rest.rpartition("-")[0] if kind == "partial-" else rest
+                if not is_stale(tag, p):
+                    continue
+                if kind == "old-" and not self.target.exists():
+                    os.replace(p, self.target)  # an --overwrite cut short: the old run comes back
+                else:
+                    shutil.rmtree(p, ignore_errors=True)
+
     def __enter__(self) -> Path:
-        self.target.parent.mkdir(parents=True, exist_ok=True)
-        self.tmp = Path(tempfile.mkdtemp(dir=self.target.parent, prefix=f".{self.target.name}.partial-"))
+        from .io import writer_tag
+
+        try:
+            self.target.parent.mkdir(parents=True, exist_ok=True)
+            self._sweep()
+            self.tmp = Path(tempfile.mkdtemp(dir=self.target.parent,
+                                             prefix=f".{self.target.name}.partial-{writer_tag()}-"))
+        except OSError as err:
+            raise UsageError("output.dir", f"cannot create {self.target} ({err.strerror or err}); choose "
+                             "a directory you can write to") from None
         return self.tmp
 
     def __exit__(self, exc_type, exc, tb) -> None:
+        from .io import writer_tag
+
         if exc_type is not None:
             shutil.rmtree(self.tmp, ignore_errors=True)
             return
-        old = None
-        if self.target.exists():
-            if not self.overwrite:  # checked before the run too; someone created it meanwhile
-                shutil.rmtree(self.tmp, ignore_errors=True)
-                raise UsageError("output.dir", f"{self.target} appeared while running; nothing overwritten")
-            old = self.target.with_name(f".{self.target.name}.old-{os.getpid()}")
-            os.replace(self.target, old)
-        os.replace(self.tmp, self.target)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+        if not self.target.exists():
+            os.replace(self.tmp, self.target)
+            return
+        if not self.overwrite:  # checked before the run too; someone created it meanwhile
+            shutil.rmtree(self.tmp, ignore_errors=True)
+            raise UsageError("output.dir", f"{self.target} appeared while running; nothing overwritten")
+        if _exchange(self.tmp, self.target):  # the new run in place, the old one under the staging name
+            shutil.rmtree(self.tmp, ignore_errors=True)
+            return
+        old = self.target.with_name(f".{self.target.name}.old-{writer_tag()}")
+        os.replace(self.target, old)
+        try:
+            os.replace(self.tmp, self.target)
+        except BaseException:
+            os.replace(old, self.target)
+            shutil.rmtree(self.tmp, ignore_errors=True)
+            raise
+        shutil.rmtree(old, ignore_errors=True)
 
 
 def _check_output_dir(cfg: dict, command: str) -> Path:
@@ -158,6 +213,13 @@ def _check_output_dir(cfg: dict, command: str) -> Path:
             f'is required for `{command}`: set [output] dir = "runs/name" in the config or pass --output DIR',
         )
     path = Path(out)
+    parent = path.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+        why = "is not a directory" if not parent.is_dir() else "is not writable"
+        raise UsageError("output.dir", f"cannot create {path}: {parent} {why}; choose a directory you can "
+                         "write to")
     if path.exists() and not cfg["output"]["overwrite"]:
         raise UsageError(
             "output.dir",

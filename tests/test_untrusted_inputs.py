@@ -295,3 +295,104 @@ def test_unreadable_predict_inputs_are_one_clear_error_naming_the_file(run, tmp_
                  "--output", str(tmp_path / "p.csv")])
     err = json.loads(capsys.readouterr().out)
     assert code == EXIT_USAGE and err["key"] == "--input" and str(path) in err["error"], err
+
+
+# ------------------------------------------------------------------------- run directories
+def _dead_pid() -> str:
+    import subprocess
+    import sys
+
+    return subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True).stdout.strip()
+
+
+def test_stale_staging_directories_are_removed_live_ones_kept(tmp_path):
+    import os
+
+    from pib_bayes.cli import _StagedDir
+    from pib_bayes.io import writer_tag
+
+    host = writer_tag().rpartition(".")[0]
+    dead = tmp_path / f".r.partial-{host}.{_dead_pid()}-abc"
+    live = tmp_path / f".r.partial-{host}.{os.getppid()}-def"
+    for d in (dead, live):
+        d.mkdir()
+        (d / "posterior.pt").write_bytes(b"half")
+    with _StagedDir(tmp_path / "r", overwrite=False) as tmp:
+        (tmp / "x").write_text("new")
+    assert not dead.exists() and live.exists() and (tmp_path / "r" / "x").read_text() == "new"
+
+
+def test_overwrite_never_loses_the_old_run(tmp_path, monkeypatch):
+    import os
+
+    from pib_bayes import cli
+    from pib_bayes.io import writer_tag
+
+    target = tmp_path / "r"
+    target.mkdir()
+    (target / "x").write_text("old")
+    # the new run fails while being written: the old one is untouched
+    with pytest.raises(RuntimeError), cli._StagedDir(target, overwrite=True) as tmp:
+        (tmp / "x").write_text("new")
+        raise RuntimeError("killed")
+    assert (target / "x").read_text() == "old"
+    # without an atomic swap, a failing second rename puts the old one back
+    monkeypatch.setattr(cli, "_exchange", lambda a, b: False)
+    real, calls = os.replace, []
+
+    def flaky(a, b):
+        calls.append((a, b))
+        if len(calls) == 2:
+            raise OSError("disk gone")
+        return real(a, b)
+
+    monkeypatch.setattr(os, "replace", flaky)
+    with pytest.raises(OSError), cli._StagedDir(target, overwrite=True) as tmp:
+        (tmp / "x").write_text("new")
+    monkeypatch.setattr(os, "replace", real)
+    assert (target / "x").read_text() == "old"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["r"]
+    # a writer killed between the two renames left the old run aside: the next run restores it
+    host = writer_tag().rpartition(".")[0]
+    os.replace(target, tmp_path / f".r.old-{host}.{_dead_pid()}")
+    cli._StagedDir(target, overwrite=True)._sweep()
+    assert (target / "x").read_text() == "old"
+    # and a successful overwrite (two renames, then the atomic swap) replaces it, leaving nothing else
+    for content in ("new", "newer"):
+        with cli._StagedDir(target, overwrite=True) as tmp:
+            (tmp / "x").write_text(content)
+        assert (target / "x").read_text() == content
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["r"]
+        monkeypatch.undo()
+
+
+def test_atomic_swap_is_used_on_linux(tmp_path):
+    from pib_bayes.cli import _exchange
+
+    a, b = tmp_path / "a", tmp_path / "b"
+    a.mkdir()
+    b.mkdir()
+    (a / "f").write_text("a")
+    (b / "f").write_text("b")
+    assert _exchange(a, b) and (a / "f").read_text() == "b" and (b / "f").read_text() == "a"
+
+
+@pytest.mark.parametrize("make", ["file", "readonly"])
+def test_an_output_directory_that_cannot_be_created_exits_2(tmp_path, capsys, make):
+    import os
+
+    if make == "file":
+        (tmp_path / "blocker").write_text("a file, not a folder")
+        out = tmp_path / "blocker" / "run"
+    else:
+        if os.geteuid() == 0:
+            out = Path("/proc/1/run")  # root may write anywhere but here
+        else:
+            (tmp_path / "ro").mkdir(mode=0o500)
+            out = tmp_path / "ro" / "run"
+    (tmp_path / "run.toml").write_text(TINY.format(source="spirals"))
+    capsys.readouterr()
+    code = main(["sample", "--config", str(tmp_path / "run.toml"), "--output", str(out), "--quiet", "--json"])
+    err = json.loads(capsys.readouterr().out)
+    assert code == EXIT_USAGE and err["key"] == "output.dir" and "cannot create" in err["error"], err
