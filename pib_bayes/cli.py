@@ -308,6 +308,7 @@ def _pretrain(model: Any, loss_fn: Any, data: Any, cfg: dict, seed: int, progres
     bs = _batch(cfg["pretrain"]["batch_size"], n) or n
     gen = torch.Generator().manual_seed(seed + 1)
     perm, pos = torch.randperm(n, generator=gen), 0
+    start_loss = _train_loss(model, fn, data)
     model.train()
     for _ in tqdm(range(steps), desc="pretrain (Adam)", disable=not progress, leave=False):
         if pos + bs > n:
@@ -318,9 +319,21 @@ def _pretrain(model: Any, loss_fn: Any, data: Any, cfg: dict, seed: int, progres
         fn(model(data.x_train[idx]), data.y_train[idx]).mean().backward()
         opt.step()
     model.eval()
+    _check_pretrained(model, steps, cfg["pretrain"]["lr"], start_loss, _train_loss(model, fn, data))
     with torch.no_grad():
         point = _point_metrics(model, data)
     return {"steps": steps, "lr": cfg["pretrain"]["lr"], **point}
+
+
+def _train_loss(model: Any, fn: Any, data: Any) -> float:
+    import torch
+
+    was = model.training
+    model.eval()
+    with torch.no_grad():
+        value = float(fn(model(data.x_train), data.y_train).mean())
+    model.train(was)
+    return value
 
 
 def _point_metrics(model: Any, data: Any) -> dict:
@@ -370,6 +383,40 @@ def _resolve_config(args: argparse.Namespace) -> tuple[dict, Path]:
     return cfg, Path(args.config).resolve().parent
 
 
+def _check_run_memory(cfg: dict, num_weights: int, element_size: int = 4) -> None:
+    """Refuse a run whose draws and chain states cannot fit in memory, before sampling.
+
+    Estimate (bytes): K (T (32 + D e) + 6 D e + 2048) for K chains, T kept draws, D weights of e
+    bytes: the draws, the per-draw statistics, about six copies of the weights per chain while
+    stepping (weights, gradients, noise, kernel state, batched views) and per-chain bookkeeping
+    (generators, batchers).
+    """
+    from .config import check_memory
+
+    d, e = int(num_weights), int(element_size)
+    k, t = cfg["run"]["chains"], cfg["run"]["draws"]
+    key = "run.chains" if k > t else "run.draws"
+    check_memory(key, k * (t * (32 + d * e) + 6 * d * e + 2048),
+                 f"{k:,} chains x {t:,} draws of {d:,} weights",
+                 "lower run.chains or run.draws (raise run.thin to keep fewer draws of a long run)")
+
+
+def _check_pretrained(model: Any, steps: int, lr: float, start: float, end: float) -> None:
+    """A pretraining that diverged is the pretraining's fault, not the sampler's: non-finite
+    weights or training loss, or a training loss 100 times its starting value (a working Adam
+    does not raise it so; a too-large ``lr`` does, e.g. 1e30: 1.1 -> 3.9e30)."""
+    import torch
+
+    finite = all(bool(torch.isfinite(p).all()) for p in model.parameters()) and math.isfinite(end)
+    if not finite or end > 100 * max(start, 1e-3):
+        raise UsageError(
+            "pretrain.lr",
+            f"pretraining diverged: after {steps} Adam steps at lr = {lr:g} the training loss is "
+            f"{end:.4g} (it started at {start:.4g}); lower pretrain.lr (e.g. lr = 0.01) or set "
+            "pretrain.steps = 0",
+        )
+
+
 # -------------------------------------------------------------------------------------- sample
 def run_sample(
     cfg: dict, base_dir: Path, progress: bool, config_text: str | None = None, resume: bool = False
@@ -382,7 +429,7 @@ def run_sample(
     """
     import torch
 
-    from .config import ConfigError, build_model, load_data, resolve_source
+    from .config import ConfigError, build_model, check_memory, load_data, mlp_num_params, resolve_source
     from .driver import sample
     from .prior import GaussianPrior
 
@@ -390,11 +437,18 @@ def run_sample(
     t0 = time.perf_counter()
     data = load_data(cfg["data"], base_dir)
     run = cfg["run"]
+    if cfg["model"]["factory"] is None:  # the MLP's size is known before building it
+        d = mlp_num_params(data.input_dim, data.output_dim, cfg["model"]["hidden"])
+        check_memory("model.hidden", 4 * d, f"the MLP's {d:,} weights", "use narrower layers")
+        _check_run_memory(cfg, d)
     model = build_model(cfg["model"], data.input_dim, data.output_dim, seed=run["seed"],
                         search_path=[base_dir])
     if data.x_train.dim() > 2 and cfg["model"]["factory"] is None:
         data.x_train, data.x_test = data.x_train.flatten(1), data.x_test.flatten(1)
     loss_fn = _loss_for(cfg, data.task)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    _check_run_memory(cfg, sum(p.numel() for p in trainable), max((p.element_size() for p in trainable),
+                                                                  default=4))
     # the prior is centred on the random initialisation (or 0), fixed BEFORE any pretraining on S
     prior = GaussianPrior.from_module(
         model, std=cfg["posterior"]["prior_std"], mean=cfg["posterior"]["prior_mean"]
@@ -425,7 +479,8 @@ def run_sample(
     if run["checkpoint_every"]:
         sample_kwargs.update(checkpoint=checkpoint, checkpoint_every=run["checkpoint_every"], resume=resume)
     elif resume:
-        raise ConfigError("run.checkpoint_every: is 0, so there is no checkpoint to --resume from")
+        raise ConfigError("run.checkpoint_every", "is 0, so there is no checkpoint to --resume from; set "
+                          "checkpoint_every = 500 (the default) for runs you may want to resume")
     mode = run["distributed"]
     if mode == "none" and int(os.environ.get("WORLD_SIZE", "1")) > 1:
         mode = "chains"  # launched by torchrun: share the chains out by default
@@ -501,7 +556,7 @@ def _sample_on_ranks(mode: str, model: Any, loss_fn: Any, train: tuple, kwargs: 
     owned = not dist.is_initialized()
     if owned:
         if "RANK" not in os.environ:
-            raise ConfigError("run.distributed: needs a torchrun launch (torchrun --nproc_per_node=N "
+            raise ConfigError("run.distributed", "needs a torchrun launch (torchrun --nproc_per_node=N "
                               "-m pib_bayes sample ...); use distributed = \"none\" for one process")
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
     data = train if mode == "chains" else shard(train)

@@ -727,6 +727,8 @@ def load_arrays(
         from .data import make_classification_data, make_regression_data
 
         n_total = data_cfg["n"]
+        # generated in float64 (a few temporaries of n x 2), then the float32 tensors
+        check_memory("data.n", 64 * n_total, f"{n_total:,} generated examples", "lower data.n")
         if source == "spirals":
             noise = 0.25 if data_cfg.get("noise") is None else data_cfg["noise"]
             x, y = make_classification_data(n=n_total, num_classes=3, noise=noise, seed=seed)
