@@ -6,7 +6,8 @@ Exit codes (also in docs/cli.md):
 * 1: unexpected internal error (a bug: the traceback is printed);
 * 2: bad usage or input: a config key, a missing file, a run directory that exists, data that
   cannot be read; the message names the argument or ``section.key`` and the fix;
-* 3: the run finished but produced no usable result (every chain diverged);
+* 3: the run finished but produced no usable result (every chain diverged), or a distributed
+  run stopped because a rank failed, died or timed out (``PIB_DIST_TIMEOUT`` seconds, default 300);
 * 4: ``diagnose --strict`` found a quantity with R-hat or ESS outside the limits.
 
 With ``--json`` the command prints exactly one JSON object on stdout (errors too:
@@ -551,14 +552,14 @@ def _sample_on_ranks(mode: str, model: Any, loss_fn: Any, train: tuple, kwargs: 
     import torch.distributed as dist
 
     from .config import ConfigError
-    from .distributed import sample_distributed, shard
+    from .distributed import sample_distributed, shard, start_process_group
 
     owned = not dist.is_initialized()
     if owned:
         if "RANK" not in os.environ:
             raise ConfigError("run.distributed", "needs a torchrun launch (torchrun --nproc_per_node=N "
                               "-m pib_bayes sample ...); use distributed = \"none\" for one process")
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        start_process_group("nccl" if torch.cuda.is_available() else "gloo")  # PIB_DIST_TIMEOUT bounds it
     data = train if mode == "chains" else shard(train)
     try:
         return sample_distributed(model, loss_fn, data, mode=mode, **kwargs)
@@ -1260,6 +1261,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``pib-bayes``; returns the exit code (see the module docstring)."""
     args = build_parser().parse_args(argv)
     from .config import ConfigError
+    from .distributed import DistributedSamplingError
 
     def fail(key: str, message: str, code: int) -> int:
         if getattr(args, "json", False):
@@ -1273,6 +1275,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return fail(err.key, str(err), EXIT_USAGE)
     except (FileNotFoundError, ValueError) as err:  # validation errors of the library name their argument
         return fail(str(err).split(":", 1)[0], str(err), EXIT_USAGE)
+    except DistributedSamplingError as err:  # a peer died, timed out or failed: named in the message
+        return fail("<distributed>", str(err), EXIT_FAILED)
     except KeyboardInterrupt:
         return fail("<interrupt>", "interrupted; nothing half-written was left in the output directory", 130)
     except Exception as err:  # a bug: show everything
