@@ -701,6 +701,9 @@ def _load_run(run_dir: str, trust_code: bool = False) -> tuple[dict, Any, Any]:
             raise UsageError(
                 "RUN_DIR", f"{run_dir} has no {name}; is it a run directory of `pib-bayes sample`?"
             )
+        if not trust_code and not _inside(path / name, path):
+            raise UsageError("RUN_DIR", f"{path / name} is a link to a file outside the run directory; "
+                             "pass --trust-code to follow it, or copy the file in")
     cfg = _read_run_config(path, trust_code)
     res = cfg["resolved"]
     try:

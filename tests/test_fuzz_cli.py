@@ -85,13 +85,14 @@ def _merge(edit: dict[str, Any]) -> dict[str, Any]:
     return raw
 
 
-def _run(text: str, extra: tuple[str, ...] = (), output: str | None = None) -> tuple[int, dict, str]:
-    """``pib-bayes sample`` in process: (exit code, the --json object, stderr)."""
+def _run(text: str, extra: tuple[str, ...] = (), output: str | None = None,
+         command: str = "sample") -> tuple[int, dict, str]:
+    """``pib-bayes sample`` (or ``command``) in process: (exit code, the --json object, stderr)."""
     with tempfile.TemporaryDirectory() as d:
         cfg = Path(d) / "run.toml"
         cfg.write_text(text)
         out, err = io.StringIO(), io.StringIO()
-        args = ["sample", "--config", str(cfg), "--output", output or str(Path(d) / "out"), "--quiet",
+        args = [command, "--config", str(cfg), "--output", output or str(Path(d) / "out"), "--quiet",
                 "--json", *extra]
         with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
             code = main(args)
@@ -144,7 +145,7 @@ def bad_value(draw) -> tuple[str, dict[str, Any]]:
     return f"{section}.{key}", {section: {key: value}}
 
 
-@settings(max_examples=70, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(bad=bad_value())
 def test_a_wrong_value_exits_2_naming_its_key(bad):
     key, edit = bad
@@ -227,6 +228,23 @@ def test_issue_cases_exit_2_naming_the_key(name, edit, key):
     if raw["data"].get("source") is None:
         del raw["data"]["source"]
     _check(*_run(_toml(raw)), key)
+
+
+IIW_CASES = [
+    ({"iiw": {"epochs": 0}}, "iiw.epochs"),
+    ({"iiw": {"optimizer": "rmsprop"}}, "iiw.optimizer"),
+    ({"iiw": {"lr": -1.0}}, "iiw.lr"),
+    ({"iiw": {"batch_size": 0}}, "iiw.batch_size"),
+    ({"iiw": {"fisher_examples": "many"}}, "iiw.fisher_examples"),
+    ({"iiw": {"momentum": math.nan}}, "iiw.momentum"),
+    ({"model": {"hidden": [10**12]}}, "model.hidden"),
+    ({"data": {"n": 10**12}}, "data.n"),
+]
+
+
+@pytest.mark.parametrize("edit, key", IIW_CASES, ids=[k for _, k in IIW_CASES])
+def test_iiw_configs_exit_2_naming_the_key(edit, key):
+    _check(*_run(_toml(_merge(edit)), command="iiw"), key)
 
 
 def test_resume_without_checkpoints_names_the_key():

@@ -396,3 +396,17 @@ def test_an_output_directory_that_cannot_be_created_exits_2(tmp_path, capsys, ma
     code = main(["sample", "--config", str(tmp_path / "run.toml"), "--output", str(out), "--quiet", "--json"])
     err = json.loads(capsys.readouterr().out)
     assert code == EXIT_USAGE and err["key"] == "output.dir" and "cannot create" in err["error"], err
+
+
+def test_run_files_linked_from_outside_are_not_followed(run, tmp_path, capsys):
+    import shutil
+
+    evil = tmp_path / "evil"
+    shutil.copytree(run, evil)
+    shutil.move(evil / "posterior.pt", tmp_path / "elsewhere.pt")
+    (evil / "posterior.pt").symlink_to(tmp_path / "elsewhere.pt")
+    capsys.readouterr()
+    assert main(["predict", str(evil), "--quiet", "--json"]) == EXIT_USAGE
+    err = json.loads(capsys.readouterr().out)
+    assert err["key"] == "RUN_DIR" and "outside the run directory" in err["error"]
+    assert main(["predict", str(evil), "--quiet", "--json", "--trust-code"]) == EXIT_OK
