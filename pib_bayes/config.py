@@ -437,7 +437,8 @@ BUILTIN_FACTORIES: dict[str, Callable[..., nn.Module]] = {
 
 def _import_factory(spec: str, search_path: Sequence[str | os.PathLike] = ()) -> Callable[..., Any]:
     """The callable named by ``"module.path:attr"``; a module not importable as installed is looked
-    for in the folders of ``search_path`` (the config file's folder) first."""
+    for in the folders of ``search_path`` (the config file's folder), which are on ``sys.path``
+    (after everything else, so they shadow nothing) only while importing."""
     if spec in BUILTIN_FACTORIES:
         return BUILTIN_FACTORIES[spec]
     module_name, _, attr = spec.partition(":")
@@ -448,7 +449,7 @@ def _import_factory(spec: str, search_path: Sequence[str | os.PathLike] = ()) ->
         if (Path(d) / f"{top}.py").is_file() or (Path(d) / top / "__init__.py").is_file()
     ]
     added = [d for d in extra if d not in sys.path]
-    sys.path[:0] = added
+    sys.path.extend(added)
     try:
         module = importlib.import_module(module_name)
     except ImportError as err:
@@ -484,6 +485,7 @@ def build_model(
     ``output_dim`` and the kwargs do not set them, the data's dimensions are passed. Its module
     is imported as installed, or else from the folders in ``search_path`` (the CLI passes the
     config file's folder, so a ``nets.py`` next to the config is found without ``PYTHONPATH``).
+    A size of the MLP that cannot fit in memory is refused before allocating (``model.hidden``).
 
     This imports and calls code: only pass a config the user wrote or vouches for (the CLI refuses
     a factory recorded in a run directory unless ``--trust-code`` is given).
