@@ -410,3 +410,22 @@ def test_run_files_linked_from_outside_are_not_followed(run, tmp_path, capsys):
     err = json.loads(capsys.readouterr().out)
     assert err["key"] == "RUN_DIR" and "outside the run directory" in err["error"]
     assert main(["predict", str(evil), "--quiet", "--json", "--trust-code"]) == EXIT_OK
+
+
+def test_a_posterior_whose_metadata_is_deeply_nested_is_a_format_error(tmp_path):
+    import sys
+
+    from pib_bayes import Posterior
+    from pib_bayes.io import FormatError, save_payload
+
+    payload = {"draws": {"w": torch.zeros(1, 2, 3)}, "sample_stats": {}, "fixed": {},
+               "diverged": torch.zeros(1, dtype=torch.bool), "divergence_step": torch.full((1,), -1),
+               "metadata_json": "[" * 100000 + "]" * 100000}
+    save_payload(tmp_path / "p.pt", "posterior", 1, payload)
+    limit = sys.getrecursionlimit()
+    sys.setrecursionlimit(500)
+    try:
+        with pytest.raises(FormatError, match="incomplete posterior payload"):
+            Posterior.load(tmp_path / "p.pt")
+    finally:
+        sys.setrecursionlimit(limit)
