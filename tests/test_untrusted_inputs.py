@@ -429,3 +429,77 @@ def test_a_posterior_whose_metadata_is_deeply_nested_is_a_format_error(tmp_path)
             Posterior.load(tmp_path / "p.pt")
     finally:
         sys.setrecursionlimit(limit)
+
+
+# ------------------------------------------------------------------------- fuzz of config.json
+def _bad_json_values():
+    from hypothesis import strategies as st
+
+    from pib_bayes.config import SCHEMA
+
+    text = st.text("abcxyz_:./ ", max_size=8)
+    wrong = {
+        "int": st.one_of(st.floats(allow_nan=False).filter(lambda v: v != int(v) if abs(v) < 1e300 else True),
+                         text, st.booleans(), st.lists(st.integers(0, 3), max_size=2)),
+        "float": st.one_of(text, st.booleans(), st.lists(st.floats(0, 1), max_size=2)),
+        "bool": st.one_of(st.integers(), text),
+        "str": st.one_of(st.integers(), st.booleans(), st.lists(text, max_size=2),
+                         st.dictionaries(text, text, max_size=1)),
+        "str_or_int": st.one_of(st.floats(allow_nan=False), st.booleans(),
+                                st.lists(st.integers(), max_size=2)),
+        "int_list": st.one_of(st.integers(), text,
+                              st.lists(st.integers(max_value=0), min_size=1, max_size=2)),
+        "table": st.one_of(st.integers(), text, st.lists(st.integers(), max_size=2)),
+    }
+    fields = [(s, k, f) for s, fs in SCHEMA.items() for k, f in fs.items() if s != "output"]
+    schema_cases = st.sampled_from(fields).flatmap(
+        lambda skf: st.tuples(st.just(f"{skf[0]}.{skf[1]}"), wrong[skf[2].kind]))
+    resolved = st.one_of(
+        st.tuples(st.sampled_from(["resolved.input_dim", "resolved.output_dim"]),
+                  st.one_of(st.integers(max_value=0), text, st.floats(), st.booleans())),
+        st.tuples(st.just("resolved.task"), st.one_of(text, st.integers())),
+        st.tuples(st.just("resolved.feature_mean"), st.one_of(st.lists(st.floats(0, 1), max_size=1), text)),
+        st.tuples(st.just("resolved.source"), st.one_of(st.integers(), st.just(""), st.just("/etc/hosts.csv"),
+                                                        st.just("../../x.npz"))),
+    )
+    return st.one_of(schema_cases, resolved)
+
+
+def test_generated_bad_config_json_values_exit_2_and_run_nothing(run, tmp_path_factory):
+    """Hypothesis: one field of a run directory's config.json replaced by a wrong value (always
+    with a recorded factory of os:system next to it, which must never run)."""
+    import contextlib
+    import io
+    import shutil
+
+    from hypothesis import given, settings
+
+    root = tmp_path_factory.mktemp("fuzzjson")
+    marker = root / "MARKER"
+    base = json.loads((run / "config.json").read_text())
+
+    @settings(max_examples=60, deadline=None)
+    @given(case=_bad_json_values())
+    def check(case):
+        key, value = case
+        section, name = key.split(".", 1)
+        cfg = json.loads(json.dumps(base))
+        cfg[section][name] = value
+        d = root / "r"
+        shutil.rmtree(d, ignore_errors=True)
+        shutil.copytree(run, d)
+        (d / "config.json").write_text(json.dumps(cfg))
+        out, err = io.StringIO(), io.StringIO()
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            code = main(["predict", str(d), "--quiet", "--json", "--output", str(root / "p.csv")])
+        assert "Traceback" not in err.getvalue() and code == EXIT_USAGE, (key, value, code, err.getvalue())
+        got = json.loads(out.getvalue())
+        assert got["key"] == key, (key, value, got)
+        # and with the exploit recorded beside it: refused before anything runs
+        cfg["model"].update(factory="os:system", kwargs={"command": f"touch {marker}"})
+        (d / "config.json").write_text(json.dumps(cfg))
+        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+            assert main(["predict", str(d), "--quiet", "--json"]) == EXIT_USAGE
+        assert not marker.exists()
+
+    check()
