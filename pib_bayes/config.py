@@ -66,6 +66,7 @@ import difflib
 import importlib
 import inspect
 import math
+import numbers
 import os
 import sys
 from collections.abc import Callable, Mapping, Sequence
@@ -407,7 +408,7 @@ def build_mlp(input_dim: int, output_dim: int, hidden: list[int], activation: st
             "model.activation", f"unknown value {activation!r}; choose one of {list(ACTIVATIONS)}"
         )
     if not isinstance(hidden, (list, tuple)) or any(
-        isinstance(v, bool) or not isinstance(v, int) or v < 1 for v in hidden
+        isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < 1 for v in hidden
     ):
         raise ConfigError("model.hidden", f"must be a list of positive integers, got {hidden!r}")
     check_memory(
@@ -526,7 +527,7 @@ def mlp_num_params(input_dim: int, output_dim: int, hidden: Sequence[int]) -> in
     >>> mlp_num_params(2, 3, [8])
     51
     """
-    dims = [int(input_dim), *[int(h) for h in hidden], int(output_dim)]
+    dims = [int(input_dim), *[int(h) for h in hidden], int(output_dim)]  # Python ints: no overflow
     return sum((a + 1) * b for a, b in zip(dims[:-1], dims[1:]))
 
 
