@@ -66,15 +66,11 @@ class UsageError(Exception):
 
 # --------------------------------------------------------------------------------- file helpers
 def _atomic_write_text(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    """UTF-8 ``text`` to ``path`` with :func:`pib_bayes.io.atomic_write_bytes` (temporary files
+    left by killed writers are swept, those of live ones kept)."""
+    from .io import atomic_write_bytes
+
+    atomic_write_bytes(path, text.encode("utf-8"))
 
 
 def _atomic_savefig(fig: Any, path: Path) -> None:
