@@ -38,8 +38,15 @@ Two ways to spread a run over the ranks of an initialised process group (e.g. on
 A rank that raises makes every rank raise :class:`DistributedSamplingError` naming the failing
 rank and its error (the failing rank's own exception is chained); no rank is left waiting. A rank
 that dies without raising (killed, out of memory) makes the others fail in the next collective,
-either at once (gloo sees the closed connection) or after the process group's ``timeout``; give
-``init_process_group`` a timeout that suits the run.
+either at once (gloo sees the closed connection) or after the process group's ``timeout``.
+:func:`start_process_group` (what the CLI uses) bounds it: 5 minutes by default, or
+``PIB_DIST_TIMEOUT`` seconds, or its ``timeout`` argument (torch's own default is 30 minutes), and
+its start-up handshake makes a peer that died while starting fail the others at once. In
+``mode="chains"`` nothing is exchanged while sampling, so a survivor notices a dead peer at the
+end of its own chains.
+
+Nothing a peer sends is unpickled: statuses and layouts travel as JSON, the draws as
+``torch.save`` bytes read back with ``weights_only=True`` (tensors, numbers, strings).
 """
 
 from __future__ import annotations
