@@ -503,21 +503,100 @@ def sample_distributed(
     return post if dst is None or rank == dst else None
 
 
+HEARTBEAT_S = 1.0  # seconds between the liveness all-reduces of mode="chains"
+
+
+class _Heartbeat:
+    """Liveness for ``mode="chains"``, where nothing else is exchanged while sampling.
+
+    A daemon thread all-reduces one number every :data:`HEARTBEAT_S` seconds on a gloo group of
+    its own (bounded by :func:`collective_timeout`): 1 once this rank has finished sampling, else
+    0; every rank's thread leaves on the round whose sum is the world size. A dead peer breaks the
+    round (gloo sees the closed connection; a hung one exceeds the timeout): the error is kept,
+    and the sampling thread raises it at its next step (see :meth:`kernel`).
+    """
+
+    def __init__(self, world: int) -> None:
+        import threading
+
+        import torch.distributed as dist
+
+        self.world, self.error = world, None
+        self.group = dist.new_group(backend="gloo", timeout=collective_timeout())
+        self.done = threading.Event()
+        self.thread = threading.Thread(target=self._run, name="pib-bayes-heartbeat", daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        import torch.distributed as dist
+
+        while True:
+            self.done.wait(HEARTBEAT_S)
+            flag = torch.tensor([1.0 if self.done.is_set() else 0.0])
+            try:
+                dist.all_reduce(flag, group=self.group)
+            except Exception as err:  # a dead or hung peer
+                self.error = err
+                return
+            if float(flag) >= self.world:
+                return
+
+    def kernel(self, inner: Kernel) -> Kernel:
+        """``inner`` with a step that first raises if the heartbeat has failed (nothing else changes)."""
+        def step(*args: Any, **kwargs: Any) -> dict[str, Tensor]:
+            if self.error is not None:
+                raise _PeerFailed()
+            return inner.step(*args, **kwargs)
+
+        return Kernel(inner.name, inner.state_names, inner.init, step, dict(inner.settings))
+
+    def finish(self, rank: int) -> None:
+        """Wait until every rank has finished sampling (or the heartbeat broke), then close."""
+        import torch.distributed as dist
+
+        self.done.set()
+        self.thread.join()
+        if self.error is not None:
+            raise DistributedSamplingError(
+                f"rank {rank}: the heartbeat collective failed ({type(self.error).__name__}: "
+                f"{self.error}); another rank probably died or timed out (see its own output)"
+            ) from self.error
+        dist.destroy_process_group(self.group)
+
+
 def _chains(model: nn.Module, loss_fn: Any, data: Any, group: Any, rank: int, world: int, dst: int | None,
             info: dict[str, Any], kwargs: dict[str, Any]) -> Posterior | None:
+    import torch.distributed as dist
+
     error: BaseException | None = None
     part = None
+    # a peer that dies while this rank samples stops it within a heartbeat (world group only: a
+    # new group is a collective of the whole world)
+    beat = _Heartbeat(world) if group is None and world > 1 and dist.is_gloo_available() else None
     try:
         num_chains = kwargs.get("num_chains", 1)
         shares = chain_shares(num_chains, world) if not isinstance(num_chains, bool) else None
         if shares is None:
             raise ValueError(f"num_chains: must be an int >= 1, got {num_chains!r}")
         if shares[rank]:
-            post = sample(model, loss_fn, data, chain_ids=shares[rank],
-                          **_rank_checkpoint(kwargs, f"rank{rank}-of-{world}"))
+            run_kwargs = _rank_checkpoint(kwargs, f"rank{rank}-of-{world}")
+            if beat is not None:
+                sampler = run_kwargs.get("sampler", "sgld")
+                if str(sampler).lower() == "csgld" and not hasattr(
+                        as_schedule(run_kwargs.get("step_size", 1e-4)), "cycle_length"):
+                    raise ValueError("step_size: sampler='csgld' needs a pib_bayes.samplers.Cyclical "
+                                     "schedule")
+                inner = build_kernel(sampler, **dict(run_kwargs.get("sampler_kwargs") or {}))
+                run_kwargs = {k: v for k, v in run_kwargs.items() if k != "sampler_kwargs"}
+                run_kwargs["sampler"] = beat.kernel(inner)
+            post = sample(model, loss_fn, data, chain_ids=shares[rank], **run_kwargs)
             part = _parts(post)
+    except _PeerFailed:
+        pass  # the heartbeat's own error is raised by finish() below
     except Exception as err:  # reported to every rank below, so none waits for this one
         error = err
+    if beat is not None:
+        beat.finish(rank)
     statuses = _all_gather(None if error is None else _describe(error), group, rank, world, "status")
     _raise_if_failed(statuses, rank, error)
     info = {**info, "chain_shares": shares}

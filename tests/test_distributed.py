@@ -190,6 +190,19 @@ def _scenario_crash_data(rank: int, out: str) -> None:
     sample_distributed(_model(), loss, (x, y), mode="data", **dict(DATA_ARGS, num_chains=1))
 
 
+def _scenario_crash_chains_long(rank: int, out: str) -> None:
+    """Rank 1 dies at its 5th loss call; rank 0's own chains would take minutes: the heartbeat
+    stops it within seconds."""
+    x, y = _data()
+    loss = _FailingLoss(fail_at=5, die=True) if rank == 1 else _FailingLoss(fail_at=10**9, die=True)
+    t0 = time.monotonic()
+    try:
+        sample_distributed(_model(), loss, (x, y), **dict(CHAIN_ARGS, num_warmup=10**6))
+    finally:
+        with open(os.path.join(out, "crash_chains_long.seconds"), "w") as f:
+            f.write(f"{time.monotonic() - t0:.3f} {loss.calls}")
+
+
 def _scenario_bad_input(rank: int, out: str) -> None:
     x, y = _data()
     model = _model() if rank == 0 else nn.Linear(3, 1).double()  # the ranks disagree on the model
@@ -456,6 +469,18 @@ def test_a_rank_that_dies_makes_the_others_fail_not_hang(tmp_path, mode):
         res = json.load(f)
     assert res["type"] == "DistributedSamplingError" and "collective failed" in res["message"], res
     assert time.monotonic() - t0 < 60  # well inside the 60 s process-group timeout
+
+
+def test_a_rank_that_dies_mid_run_stops_the_chains_of_the_others_within_seconds(tmp_path):
+    """mode="chains" exchanges nothing while sampling; the heartbeat (every 1 s) notices the dead
+    peer, so rank 0 stops its 10^6-step chains instead of finishing them first."""
+    codes = _launch(["crash_chains_long"], tmp_path)
+    assert codes[1] == 3 and codes[0] == 0, codes
+    with open(tmp_path / "crash_chains_long.rank0.json") as f:
+        res = json.load(f)
+    assert res["type"] == "DistributedSamplingError" and "heartbeat collective failed" in res["message"], res
+    seconds, calls = (tmp_path / "crash_chains_long.seconds").read_text().split()
+    assert float(seconds) < 15 and int(calls) < 10**6, (seconds, calls)
 
 
 def test_data_parallel_one_chain_diverges_on_one_shard_the_other_goes_on(run_dir):
