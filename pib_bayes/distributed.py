@@ -7,8 +7,8 @@ Two ways to spread a run over the ranks of an initialised process group (e.g. on
     The ``num_chains`` chains are split into contiguous blocks, one per rank
     (:func:`chain_shares`); each rank runs its block with ``pib_bayes.sample(..., chain_ids=block)``,
     so chain k keeps the seeds of chain k of the single-process run (:func:`~pib_bayes.chain_seeds`)
-    and the draws do not depend on the number of ranks. Nothing is communicated while sampling;
-    at the end the per-rank posteriors are gathered (as bytes, never pickled) into one
+    and the draws do not depend on the number of ranks. Nothing but a liveness heartbeat is
+    communicated while sampling; at the end the per-rank posteriors are gathered (as bytes, never pickled) into one
     :class:`~pib_bayes.Posterior` on ``dst``. Every rank holds the full data.
 
 ``mode="data"`` (data parallelism, for data that do not fit one worker)
@@ -42,8 +42,9 @@ either at once (gloo sees the closed connection) or after the process group's ``
 :func:`start_process_group` (what the CLI uses) bounds it: 5 minutes by default, or
 ``PIB_DIST_TIMEOUT`` seconds, or its ``timeout`` argument (torch's own default is 30 minutes), and
 its start-up handshake makes a peer that died while starting fail the others at once. In
-``mode="chains"`` nothing is exchanged while sampling, so a survivor notices a dead peer at the
-end of its own chains.
+``mode="chains"``, where the chains exchange nothing while sampling, a heartbeat thread
+all-reduces one number every :data:`HEARTBEAT_S` seconds on a gloo group of its own (with the
+world group), so a dead peer stops the others within about a second.
 
 Nothing a peer sends is unpickled: statuses and layouts travel as JSON, the draws as
 ``torch.save`` bytes read back with ``weights_only=True`` (tensors, numbers, strings).
