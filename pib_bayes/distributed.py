@@ -8,8 +8,9 @@ Two ways to spread a run over the ranks of an initialised process group (e.g. on
     (:func:`chain_shares`); each rank runs its block with ``pib_bayes.sample(..., chain_ids=block)``,
     so chain k keeps the seeds of chain k of the single-process run (:func:`~pib_bayes.chain_seeds`)
     and the draws do not depend on the number of ranks. Nothing but a liveness heartbeat is
-    communicated while sampling; at the end the per-rank posteriors are gathered (as bytes, never pickled) into one
-    :class:`~pib_bayes.Posterior` on ``dst``. Every rank holds the full data.
+    communicated while sampling; at the end the per-rank posteriors are gathered (as bytes,
+    never pickled) into one :class:`~pib_bayes.Posterior` on ``dst``. Every rank holds the full
+    data.
 
 ``mode="data"`` (data parallelism, for data that do not fit one worker)
     ``data`` is this rank's shard (:func:`shard`). Every rank runs the *same* chains from the same
