@@ -466,7 +466,7 @@ class Posterior:
                 divergence_step=payload["divergence_step"],
                 model=model,
             )
-        except (KeyError, TypeError, ValueError, AttributeError, IndexError) as err:
+        except (KeyError, TypeError, ValueError, AttributeError, IndexError, RecursionError) as err:
             raise FormatError(f"{path}: incomplete posterior payload ({err})") from None
         if model is not None:
             post.check_model(model)
