@@ -301,7 +301,9 @@ class Posterior:
                 assert fast is not None
                 write(start, fast(chunk(start, stop), x=x, stacked=False))
             else:
-                write(start, vmapped(chunk(start, stop)))
+                with warnings.catch_warnings():  # vmap's per-sample fallback for an op: the timing decides
+                    warnings.filterwarnings("ignore", message="There is a performance drop because")
+                    write(start, vmapped(chunk(start, stop)))
 
         def try_run(kind: str, start: int, stop: int) -> str | None:
             """Run ``kind`` on draws [start, stop); the reason it cannot run, or None."""
@@ -314,7 +316,7 @@ class Posterior:
             return None
 
         key = (id(model), type(model).__name__, tuple(x.shape), x.dtype, str(x.device), chunk_size)
-        was_training = model.training
+        modes = [(mod, mod.training) for mod in model.modules()]
         model.eval()
         try:
             done, kind, reason = 0, engine, "requested"
@@ -361,7 +363,8 @@ class Posterior:
             for start in range(done, m, chunk_size if kind != "loop" else m):
                 run(kind, start, min(m, start + chunk_size) if kind != "loop" else m)
         finally:
-            model.train(was_training)
+            for mod, training in modes:  # every module back in its own mode
+                mod.training = training
         self.last_engine, self.last_engine_reason = kind, reason
         assert per_draw
         return per_draw[0]
@@ -375,8 +378,8 @@ class Posterior:
             raise
         except Exception as err:  # noqa: BLE001 - any failure of a plain forward pass
             msg = str(err).splitlines()[0] if str(err) else ""
-            raise ValueError(f"{name}: the model cannot be evaluated on x of shape {tuple(x.shape)} and dtype "
-                             f"{x.dtype}, not even one draw at a time ({type(model).__name__} raised "
+            raise ValueError(f"{name}: the model cannot be evaluated on x of shape {tuple(x.shape)} and "
+                             f"dtype {x.dtype}, not even one draw at a time ({type(model).__name__} raised "
                              f"{type(err).__name__}: {msg}); pass inputs of the shape and dtype the model "
                              "was sampled with") from err
 

@@ -17,6 +17,7 @@ forward-mode ≈ two to three forward passes per group.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from functools import partial
@@ -73,6 +74,36 @@ def check_theta0(model: nn.Module, theta_0: Mapping[str, Tensor] | nn.Module, na
                              "initial weights, or pib_bayes.iiw.fit_prior_mean on a held-out split)")
         out[n] = v.detach().to(dtype=params[n].dtype, device=params[n].device)
     return out
+
+
+@contextmanager
+def _no_fused_attention() -> Iterator[None]:
+    """Switch off the fused inference kernel of nn.TransformerEncoderLayer / nn.MultiheadAttention
+    (``torch.backends.mha`` fast path) for the block: it has no forward- or reverse-mode derivative, and
+    is taken whenever gradients look off (under ``no_grad`` or inside ``torch.func`` transforms)."""
+    mha = getattr(torch.backends, "mha", None)
+    if mha is None:
+        yield
+        return
+    was = mha.get_fastpath_enabled()
+    mha.set_fastpath_enabled(False)
+    try:
+        yield
+    finally:
+        mha.set_fastpath_enabled(was)
+
+
+@contextmanager
+def _plain_kernels() -> Iterator[None]:
+    """oneDNN off and scaled_dot_product_attention on its math backend: kernels with forward-mode AD."""
+    with torch.backends.mkldnn.flags(enabled=False):
+        try:
+            from torch.nn.attention import SDPBackend, sdpa_kernel
+        except ImportError:  # torch < 2.3
+            yield
+            return
+        with sdpa_kernel(SDPBackend.MATH):
+            yield
 
 
 def _batches(data: Any, chunk_size: int | None) -> Iterable[tuple[Tensor, Tensor]]:
@@ -158,7 +189,8 @@ def directional_derivatives(
 
     names = list(params)
     primal = {n: params[n] for n in names}
-    with _explain_data_errors(model, loss_fn, params, fixed, x, y):
+
+    def run() -> Tensor:
         if len(tangents) == 1:
             return jvp(losses, (primal,), ({n: tangents[0][n] for n in names},))[1].unsqueeze(0)
         stacked = {n: torch.stack([t[n] for t in tangents]) for n in names}
@@ -166,6 +198,20 @@ def directional_derivatives(
             return vmap(lambda t: jvp(losses, (primal,), (t,))[1])(stacked)
         except Exception:  # some modules cannot be vmapped; fall back to one JVP per tangent
             return torch.stack([jvp(losses, (primal,), ({n: t[n] for n in names},))[1] for t in tangents])
+
+    with _explain_data_errors(model, loss_fn, params, fixed, x, y), _no_fused_attention():
+        try:
+            return run()
+        except NotImplementedError as err:
+            if "forward AD" not in str(err):
+                raise
+            # some fused CPU kernels have no forward-mode derivative (oneDNN's mkldnn_rnn_layer under
+            # nn.LSTM/nn.GRU, the flash kernel of scaled_dot_product_attention); torch's plain kernels
+            # for the same ops do
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", UserWarning)  # oneDNN's flags() warns about TF32
+                with _plain_kernels():
+                    return run()
 
 
 def fisher(
@@ -280,10 +326,10 @@ def fisher(
         return [{n: delta[n] if n in grouped[g] else torch.zeros_like(theta[n]) for n in names}
                 for g in group_names]
 
-    was_training = model.training
+    modes = [(m, m.training) for m in model.modules()]
     model.eval()
     try:
-        with torch.no_grad():
+        with torch.no_grad(), _no_fused_attention():
             if method == "jvp":
                 plan = None if engine == "jvp" else plan_layerwise(model, grouped)
                 if engine == "layerwise" and plan is None:
@@ -309,7 +355,8 @@ def fisher(
                 settings = {"num_batches": num_batches, "batch_size": batch_size, "seed": seed,
                             "note": "minibatch-gradient Fisher: ≈ 1/batch_size of the per-example scale"}
     finally:
-        model.train(was_training)
+        for m, training in modes:  # every module back in its own mode
+            m.training = training
     raw = (sums / count).tolist()
     raw_per_group = dict(zip(group_names, raw[:-1], strict=True))
     raw_total = float(sum(raw[:-1]))
