@@ -267,9 +267,14 @@ def fisher(
             to float rounding): ``"jvp"`` = ``torch.func.jvp`` vmapped over the groups (any model);
             ``"layerwise"`` = one forward and one backward pass to the layer outputs,
             ``∇_W l_iᵀ ΔW = ⟨∂l_i/∂z_i, ΔW a_i⟩`` for ``z = W a`` (every measured parameter must be
-            the weight/bias of an ``nn.Linear``/``nn.Conv{1,2,3}d``; assumes examples do not interact
-            in the forward pass, true in eval mode for standard layers); ``"auto"`` (default) =
-            layerwise when it applies, else jvp. The one used is in ``settings["engine"]``.
+            the weight/bias of an ``nn.Linear``/``nn.Conv{1,2,3}d``, or the affine parameters of an
+            ``nn.BatchNorm{1,2,3}d`` (running statistics) / ``nn.LayerNorm`` (tangent
+            ``x̂ ⊙ Δγ + Δβ``), or an ``nn.Embedding`` weight, used by that module alone; assumes
+            examples do not interact in the forward pass, true in eval mode for standard layers);
+            ``"auto"`` (default) = per group: layerwise for the groups it covers, one batched JVP
+            for the others (e.g. attention's in/out projections, a tied weight, an LSTM). The choice
+            is in ``settings["engine"]`` (``"layerwise"``, ``"jvp"`` or ``"mixed"``) and per group in
+            ``settings["engines"]``.
         num_batches, batch_size, seed: the minibatch method.
 
     >>> import torch
@@ -316,6 +321,13 @@ def fisher(
             raise ValueError(f"{where}: the weights {n!r} contain NaN/Inf (a diverged run?); estimate IIW at "
                              "finite weights")
     delta = {n: theta[n] - theta0[n] for n in measured}
+    for path, module in model.named_modules():
+        # an Embedding's padding row gets no gradient (torch's convention), so it carries no information;
+        # forward-mode AD would see it, the layerwise engine and per-example backprop do not
+        name = f"{path}.weight" if path else "weight"
+        if isinstance(module, nn.Embedding) and module.padding_idx is not None and name in delta:
+            pad = torch.tensor([module.padding_idx], device=delta[name].device)
+            delta[name] = delta[name].index_fill(0, pad, 0.0)
     fixed = {n: b for n, b in model.named_buffers()}
     fixed.update({n: p.detach() for n, p in model.named_parameters() if not p.requires_grad})
 
@@ -331,24 +343,31 @@ def fisher(
     try:
         with torch.no_grad(), _no_fused_attention():
             if method == "jvp":
-                plan = None if engine == "jvp" else plan_layerwise(model, grouped)
+                plan = None if engine == "jvp" else plan_layerwise(model, grouped,
+                                                                    allow_partial=engine == "auto")
                 if engine == "layerwise" and plan is None:
                     raise ValueError("engine: 'layerwise' needs every measured parameter to be the weight or "
-                                     "bias of an nn.Linear/nn.Conv1d/2d/3d used by that module alone; use "
-                                     "engine='jvp' (or 'auto') for this model")
-                if plan is None:
-                    along = tangents()
+                                     "bias of an nn.Linear/Conv1d/2d/3d/BatchNorm1d/2d/3d/LayerNorm/"
+                                     "Embedding used by that module alone; use engine='jvp' (or 'auto') "
+                                     "for this model")
+                covered = set(plan.covered) if plan is not None else set()
+                rest = [gi for gi in range(len(group_names)) if gi not in covered]
+                along = [t for gi, t in enumerate(tangents()) if gi in rest]
 
-                    def derivs(x, y):
+                def derivs(x, y):
+                    if plan is None:
                         return directional_derivatives(model, loss, theta, along, x, y, fixed)
-                else:
-                    def derivs(x, y):
-                        with _explain_data_errors(model, loss, theta, fixed, x, y):
-                            return plan.derivatives(model, partial(_per_example, loss), theta, delta,
-                                                    len(group_names), x, y, fixed)
+                    with _explain_data_errors(model, loss, theta, fixed, x, y):
+                        d = plan.derivatives(model, partial(_per_example, loss), theta, delta,
+                                             len(group_names), x, y, fixed)
+                    if rest:  # the groups the layerwise identity does not cover: JVP, those groups only
+                        d[rest] = directional_derivatives(model, loss, theta, along, x, y, fixed).to(d.dtype)
+                    return d
                 sums, count = _jvp_sums(derivs, data, chunk_size)
-                settings: dict[str, Any] = {"examples": count, "chunk_size": chunk_size,
-                                            "engine": "jvp" if plan is None else "layerwise"}
+                per = {g: ("layerwise" if gi in covered else "jvp") for gi, g in enumerate(group_names)}
+                settings: dict[str, Any] = {
+                    "examples": count, "chunk_size": chunk_size, "engines": per,
+                    "engine": "jvp" if not covered else ("layerwise" if not rest else "mixed")}
             else:
                 sums, count = _minibatch_sums(model, loss, theta, tangents(), data, num_batches, batch_size,
                                               seed, fixed)
