@@ -278,3 +278,37 @@ def test_train_mode_dropout_resume_is_bit_identical(tmp_path):
                         stat_fns={"s": lambda p: torch.tensor(0.0)}, resume=True, **run)
     for k, v in full.draws.items():
         assert torch.equal(resumed.draws[k], v)
+
+
+class _Fussy(nn.Module):
+    """Fails on weights whose first entry is large: the loop over draws raises part-way through."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(3, 2)
+        self.register_buffer("offset", torch.zeros(2))
+
+    def forward(self, x):
+        if float(self.lin.weight[0, 0]) > 5:
+            raise RuntimeError("weight too large")
+        return self.lin(x) + self.offset
+
+
+def test_the_loop_engine_hands_the_module_its_own_tensors_back():
+    torch.manual_seed(0)
+    net = _Fussy()
+    tensors = [*net.named_parameters(), *net.named_buffers()]
+    own = {k: (t, t.data_ptr(), t.detach().clone()) for k, t in tensors}
+    draws = {n: p.detach() + 0.1 * torch.randn(1, 6, *p.shape) for n, p in net.named_parameters()}
+    post = Posterior(draws, {}, {"task": "regression"}, fixed={"offset": torch.ones(2)}, model=net)
+    x = torch.randn(4, 3)
+    out = post.outputs(x, engine="loop")
+    expected = torch.stack([functional_call(net, {"offset": torch.ones(2), **{k: v[0, i] for k, v in
+                                                                              draws.items()}}, (x,))
+                            for i in range(6)])
+    torch.testing.assert_close(out, expected, rtol=0, atol=0)  # the fixed buffer value is the posterior's
+    draws["lin.weight"][0, 3, 0, 0] = 10.0  # draw 3 makes the forward raise
+    with pytest.raises(RuntimeError, match="weight too large"):
+        post.outputs(x, engine="loop")
+    for k, t in [*net.named_parameters(), *net.named_buffers()]:
+        assert t is own[k][0] and t.data_ptr() == own[k][1] and torch.equal(t, own[k][2]), k
