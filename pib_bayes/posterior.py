@@ -8,6 +8,7 @@ loss, step size, divergence flag, sampler-specific ones) have shape ``(chain, dr
 from __future__ import annotations
 
 import json
+import math
 import os
 import time
 import warnings
@@ -228,13 +229,14 @@ class Posterior:
         parameter and buffer tensors are pointed at the draw's values (``Tensor.data``, no copy) for
         the call and given back their storage afterwards, which yields ``functional_call``'s outputs
         at less cost per call; do not run the same module from another thread meanwhile.
-        ``"auto"`` (default): ``batched`` when it applies; otherwise the loop and vmap are each
-        timed once on a few draws (those outputs are kept) and the faster one runs the rest, a
-        choice remembered per model and input shape (vmap wins on small inputs, the loop on
-        convolutions over large batches). An engine that raises on its first chunk (e.g. no
-        batching rule for ``aten::lstm``) falls back to the loop. The engine used and why are in
-        :attr:`last_engine` / :attr:`last_engine_reason`. Every engine gives the loop's outputs
-        to float rounding.
+        ``"auto"`` (default): ``batched`` when it applies; otherwise, on CPU, the loop and vmap
+        are each timed (process CPU time) twice on a few draws, interleaved (those outputs are
+        kept), and the faster one runs the rest, a choice remembered per model and input shape
+        (vmap wins on small inputs and small layers, the loop on convolutions over large
+        batches); fewer than 6 draws take the loop, other devices vmap. An engine that raises on
+        its first chunk (e.g. no batching rule for ``aten::lstm``) falls back to the loop. The
+        engine used and why are in :attr:`last_engine` / :attr:`last_engine_reason`. Every engine
+        gives the loop's outputs to float rounding.
 
         Chains flagged as diverged are left out (with a warning) unless ``include_diverged``.
         Parameters without draws (a run with ``keep=``) take the module's current values.
@@ -356,19 +358,30 @@ class Posterior:
                     kind, reason = "batched", "an MLP: one batched matmul per layer (pib_bayes.batched)"
                 elif key in self._engine_cache:
                     kind, reason = self._engine_cache[key]
-                elif m < 4:
-                    kind, reason = "loop", "fewer than 4 draws"
+                elif m < 6:
+                    kind, reason = "loop", "fewer than 6 draws"
+                elif x.device.type != "cpu":
+                    kind, reason = "vmap", f"on {x.device.type}: vmap (asynchronous kernels, not timed)"
                 else:
-                    # one loop draw untimed (first-call costs), then each candidate timed on k draws
-                    k = max(1, min(chunk_size, 16, (m - 1) // 2))
+                    # one draw through each engine untimed (first-call costs; the loop's also checks that
+                    # the model runs on x at all), then each timed twice on k draws, interleaved, the
+                    # faster of its two times kept (a preempted block does not decide)
+                    k = max(1, min(chunk_size, 8, (m - 2) // 4))
                     self._loop_or_fail(model, x, name, lambda: run("loop", 0, 1))
-                    t0 = time.perf_counter()
-                    run("loop", 1, 1 + k)
-                    t_loop = time.perf_counter() - t0
-                    t0 = time.perf_counter()
-                    failed = try_run("vmap", 1 + k, 1 + 2 * k)
-                    t_vmap = time.perf_counter() - t0
-                    done = 1 + (k if failed else 2 * k)
+                    failed = try_run("vmap", 1, 2)
+                    done = 1 if failed else 2
+                    t_loop = t_vmap = math.inf
+                    for _ in range(2):
+                        if failed:
+                            break
+                        t0 = time.process_time()
+                        run("loop", done, done + k)
+                        t_loop = min(t_loop, time.process_time() - t0)
+                        t0 = time.process_time()
+                        failed = try_run("vmap", done + k, done + 2 * k)
+                        t_vmap = min(t_vmap, time.process_time() - t0)
+                        done += k if failed else 2 * k
+                    t_loop, t_vmap = max(t_loop, 1e-9), max(t_vmap, 1e-9)
                     if failed:
                         kind, reason = "loop", f"fallback ({failed})"
                     elif t_vmap < t_loop:
