@@ -34,7 +34,7 @@ from ._groups import resolve_groups
 from ._layerwise import plan_layerwise
 from .result import IIWResult
 
-__all__ = ["fisher", "directional_derivatives", "check_theta0"]
+__all__ = ["fisher", "directional_derivatives", "check_theta0", "zero_padding_rows"]
 
 METHODS = ("jvp", "minibatch")
 ENGINES = ("auto", "layerwise", "jvp")
@@ -104,6 +104,19 @@ def _plain_kernels() -> Iterator[None]:
             return
         with sdpa_kernel(SDPBackend.MATH):
             yield
+
+
+def zero_padding_rows(model: nn.Module, delta: dict[str, Tensor]) -> dict[str, Tensor]:
+    """``delta`` with the ``padding_idx`` row of every ``nn.Embedding`` weight set to 0 (differentiably).
+
+    torch gives that row no gradient, so it carries no information in the per-example gradients;
+    forward-mode AD would see it, the layerwise engine and per-example backprop do not."""
+    for path, module in model.named_modules():
+        name = f"{path}.weight" if path else "weight"
+        if isinstance(module, nn.Embedding) and module.padding_idx is not None and name in delta:
+            pad = torch.tensor([module.padding_idx], device=delta[name].device)
+            delta[name] = delta[name].index_fill(0, pad, 0.0)
+    return delta
 
 
 def _batches(data: Any, chunk_size: int | None) -> Iterable[tuple[Tensor, Tensor]]:
@@ -320,14 +333,7 @@ def fisher(
             where = "params" if params is not None and n in params else "model"
             raise ValueError(f"{where}: the weights {n!r} contain NaN/Inf (a diverged run?); estimate IIW at "
                              "finite weights")
-    delta = {n: theta[n] - theta0[n] for n in measured}
-    for path, module in model.named_modules():
-        # an Embedding's padding row gets no gradient (torch's convention), so it carries no information;
-        # forward-mode AD would see it, the layerwise engine and per-example backprop do not
-        name = f"{path}.weight" if path else "weight"
-        if isinstance(module, nn.Embedding) and module.padding_idx is not None and name in delta:
-            pad = torch.tensor([module.padding_idx], device=delta[name].device)
-            delta[name] = delta[name].index_fill(0, pad, 0.0)
+    delta = zero_padding_rows(model, {n: theta[n] - theta0[n] for n in measured})
     fixed = {n: b for n, b in model.named_buffers()}
     fixed.update({n: p.detach() for n, p in model.named_parameters() if not p.requires_grad})
 
