@@ -312,3 +312,13 @@ def test_the_loop_engine_hands_the_module_its_own_tensors_back():
         post.outputs(x, engine="loop")
     for k, t in [*net.named_parameters(), *net.named_buffers()]:
         assert t is own[k][0] and t.data_ptr() == own[k][1] and torch.equal(t, own[k][2]), k
+
+
+def test_sequential_fallback_reason_is_in_metadata_and_progress_output(capsys):
+    entry = next(e for e in ZOO if e.name == "lstm")
+    post = pb.sample(entry.make_model(), entry.loss, entry.make_data(N), seed=0, progress=True,
+                     **{**RUN, "num_chains": 2, "num_draws": 4})
+    assert post.metadata["chain_method"] == "sequential"
+    assert "aten::lstm" in post.metadata["chain_method_reason"]
+    out = capsys.readouterr()
+    assert "chains run sequentially" in out.out + out.err and "aten::lstm" in out.out + out.err
