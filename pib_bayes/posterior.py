@@ -394,6 +394,8 @@ class Posterior:
                 failed = try_run(kind, done, stop)
                 if failed is not None:
                     if engine != "auto":
+                        # x itself may be what is wrong: then say so (the loop cannot run it either)
+                        self._loop_or_fail(model, x, name, lambda: run("loop", 0, 1))
                         raise ValueError(f"engine: {engine!r} cannot run the model "
                                          f"({type(model).__name__}) on x of shape {tuple(x.shape)} "
                                          f"({failed}); use engine='auto' or 'loop'")

@@ -174,6 +174,9 @@ def test_lstm_predict_equals_the_loop_through_the_fallback():
     # asked for vmap explicitly: one error naming the engine and the model, not x
     with pytest.raises(ValueError, match=r"^engine: 'vmap' cannot run the model \(_LSTMNet\)"):
         post.outputs(x, engine="vmap")
+    # ... unless x is what is wrong: then the error names x, whichever engine was asked for
+    with pytest.raises(ValueError, match=r"^x: the model cannot be evaluated on x of shape \(16, 6, 5\)"):
+        post.outputs(torch.randn(16, 6, 5), engine="vmap")
     # a vmap-able model whose first vmap chunk fails would fall back the same way; the recorded choice
     # is reused on the next call with the same input shape
     post.outputs(x)
