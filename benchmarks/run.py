@@ -1,6 +1,6 @@
 """Run every pib_bayes benchmark, one subprocess per comparison, and print a markdown table of ratios.
 
-    python benchmarks/run.py [--quick] [--out results.json] [--only steps,predict,memory,chains,iiw]
+    python benchmarks/run.py [--quick] [--out results.json] [--only steps,predict,memory,chains,iiw,zoo]
 
 Comparisons (each in its own fresh Python process, so no allocator or thread-pool state leaks
 from one into the next):
@@ -16,6 +16,8 @@ from one into the next):
   (thinning) and vs kept draws (one process per configuration).
 * ``chains``  benchmarks/bench_chains.py (8 vectorized vs 8 sequential chains), when present.
 * ``iiw``     benchmarks/bench_iiw.py (Fisher IIW: JVP vs per-example loop vs minibatch), when present.
+* ``zoo``     benchmarks/bench_zoo.py: per model of tests/zoo.py, ``sample()`` step throughput vs a torch
+  SGD training step, and ``Posterior.predict`` vs the plain loop of ``functional_call`` over the draws.
 
 Ratios are throughput ratios, larger is better, each measured inside one process with
 interleaved repeats (see each script). A row meets its target when ratio >= target.
@@ -50,6 +52,8 @@ def jobs(quick: bool) -> list[tuple[str, list[str], str]]:
     out.append(("memory", [_script("bench_memory.py"), *q], "rows"))
     if os.path.exists(_script("bench_chains.py")):
         out.append(("chains", [_script("bench_chains.py"), *q], "chains"))
+    if os.path.exists(_script("bench_zoo.py")):
+        out.append(("zoo", [_script("bench_zoo.py"), *q], "rows"))
     if os.path.exists(_script("bench_iiw.py")):
         iiw = ["--n", "2000", "--repeats", "3"] if quick else []
         out.append(("iiw", [_script("bench_iiw.py"), *iiw], "iiw"))
@@ -117,7 +121,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="fewer repeats: a smoke run, not a measurement")
     ap.add_argument("--out", help="write every row, the commands and the environment as JSON here")
-    ap.add_argument("--only", help="comma-separated groups: steps,predict,memory,chains,iiw")
+    ap.add_argument("--only", help="comma-separated groups: steps,predict,memory,chains,iiw,zoo")
     args = ap.parse_args(argv)
     only = set(args.only.split(",")) if args.only else None
     rows, runs = [], []

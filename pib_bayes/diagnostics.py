@@ -31,16 +31,13 @@ import torch
 import xarray as xr
 from torch import Tensor
 from torch.distributions import Categorical, Normal
-from torch.func import functional_call, vmap
+from torch.func import vmap
 
 from . import _arviz_compat as compat
-from .posterior import Posterior
+from .posterior import _OOM, Posterior
 
 __all__ = ["ConvergenceWarning", "to_arviz", "summary", "scalar_quantities", "log_likelihood",
            "random_projections", "kernel_stein_discrepancy", "ksd"]
-
-
-_OOM = getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError)  # torch < 2.5: only the CUDA name
 
 
 class ConvergenceWarning(UserWarning):
@@ -75,7 +72,8 @@ def _check_task(post: Posterior) -> str:
 
 def _outputs(post: Posterior, x: Tensor, chains: Sequence[int], chunk_size: int,
              name: str = "data") -> Tensor:
-    """Raw model outputs f(x; w) for every draw of ``chains``: (C, N, *out_shape).
+    """Raw model outputs f(x; w) for every draw of ``chains``: (C, N, *out_shape), through
+    :meth:`Posterior.outputs`'s engines (batched / vmap / loop, with the loop as fallback).
 
     ``name`` is the argument ``x`` came from (``data`` or ``probe_x``): inputs the model cannot
     consume (wrong width, wrong dtype) raise a ``ValueError`` naming it.
@@ -91,28 +89,11 @@ def _outputs(post: Posterior, x: Tensor, chains: Sequence[int], chunk_size: int,
     _check_finite(name, "x", x)
     _check_count("chunk_size", chunk_size, 1)
     c, n = len(chains), post.num_draws
+    if not c:
+        raise ValueError("post: holds no draws to evaluate the model with")
     draws = {k: v[list(chains)].reshape(c * n, *v.shape[2:]) for k, v in post.draws.items()}
-    fixed = post.fixed
-    was_training = model.training
-    model.eval()
-    try:
-        batched = vmap(lambda p: functional_call(model, {**fixed, **p}, (x,)))
-        with torch.no_grad():
-            chunks = [{k: v[s:s + chunk_size] for k, v in draws.items()} for s in range(0, c * n, chunk_size)]
-            if not chunks:
-                raise ValueError("post: holds no draws to evaluate the model with")
-            try:  # the first chunk doubles as the check that the model can consume x
-                outs = [batched(chunks[0])]
-            except _OOM:
-                raise
-            except (RuntimeError, IndexError, TypeError) as err:
-                raise ValueError(f"{name}: the model cannot be evaluated on x of shape {tuple(x.shape)} and "
-                                 f"dtype {x.dtype} ({type(err).__name__}: {str(err).splitlines()[0]}); pass "
-                                 "inputs of the shape and dtype the model was sampled with") from err
-            outs += [batched(chunk) for chunk in chunks[1:]]
-    finally:
-        model.train(was_training)
-    out = torch.cat(outs)
+    with torch.no_grad():
+        out = post._run_over_draws(model, draws, x, chunk_size, "auto", name)
     return out.reshape(c, n, *out.shape[1:])
 
 

@@ -12,7 +12,8 @@ from __future__ import annotations
 import json
 import math
 import os
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -76,6 +77,8 @@ class _Group:
     batcher: TensorBatcher | LoaderBatcher
     vectorized: bool
     prefetcher: NoisePrefetcher | None = None  # prefetch_noise=True: draws ahead from noise's generators
+    dropout_seed: int | None = None  # train_mode_dropout=True: seeds the dropout masks' RNG stream
+    dropout_state: Tensor | None = None  # that stream's state restored from a checkpoint
 
     def generator_states(self) -> list[Tensor]:
         """The noise generators' states as the synchronous sampler has them (none drawn ahead)."""
@@ -91,11 +94,62 @@ class _Group:
             g.set_state(st)
 
 
+def _dropout_seed(chain_seeds_: Sequence[tuple[int, int, int]]) -> int:
+    """The seed of a chain group's dropout masks, derived from its chains' seeds (independent of them)."""
+    words = [w for seeds in chain_seeds_ for w in seeds] + [0xD40]
+    return int(np.random.SeedSequence(words).generate_state(1, dtype=np.uint64)[0]) >> 1
+
+
+@contextmanager
+def _sampling_mode(model: nn.Module, dropout: bool) -> Iterator[None]:
+    """The forward pass sampling uses: ``eval()`` (dropout off, BatchNorm on its running statistics),
+    with the ``nn.Dropout*`` modules in training mode when ``dropout``; every module's own training
+    flag is restored afterwards, so the model comes back in the mode (or mix of modes) it came in."""
+    modes = [(m, m.training) for m in model.modules()]
+    model.eval()
+    if dropout:
+        for m in model.modules():
+            if isinstance(m, nn.modules.dropout._DropoutNd):
+                m.train()
+    # nn.TransformerEncoderLayer / nn.MultiheadAttention in eval mode take a fused inference kernel that
+    # has no derivative; under vmap it is taken even with gradients on (the weights do not look as if they
+    # required grad), so it is switched off while sampling
+    mha = getattr(torch.backends, "mha", None)
+    fastpath = mha.get_fastpath_enabled() if mha is not None else None
+    if mha is not None:
+        mha.set_fastpath_enabled(False)
+    try:
+        yield
+    finally:
+        for m, training in modes:
+            m.training = training
+        if mha is not None:
+            mha.set_fastpath_enabled(fastpath)
+
+
+@contextmanager
+def _dropout_rng(group: _Group, device: torch.device) -> Iterator[None]:
+    """With ``train_mode_dropout``: the group's own seeded stream for the dropout masks (torch's global
+    RNG, forked so the caller's global RNG is left untouched); nothing otherwise."""
+    if group.dropout_seed is None:
+        yield
+        return
+    devices = [device] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        if group.dropout_state is not None:
+            torch.set_rng_state(group.dropout_state)
+        else:
+            torch.manual_seed(group.dropout_seed)
+        yield
+
+
 class _Sampler:
     def __init__(self, energy: Energy, names: list[str], fixed: dict[str, Tensor], kernel: Kernel,
-                 schedule: Schedule, stat_fns: Mapping[str, StatFn]) -> None:
+                 schedule: Schedule, stat_fns: Mapping[str, StatFn], dropout: bool = False) -> None:
         self.energy, self.names, self.fixed = energy, names, fixed
         self.kernel, self.schedule, self.stat_fns = kernel, schedule, dict(stat_fns)
+        # train_mode_dropout: vmap draws a different dropout mask for each chain
+        self.randomness = "different" if dropout else "error"
         # hand-batched forward (e.g. baddbmm for MLPs) is much faster than vmap for small layers
         self.fast_forward = batched_forward(energy.model) if not fixed else None
 
@@ -125,7 +179,7 @@ class _Sampler:
         if self.fast_forward is not None:
             out = self.fast_forward(params, x, stacked)
             return vmap(self.energy.mean_loss, in_dims=(0, data_dim))(out, y)
-        return vmap(self._one_loss, in_dims=(0, data_dim, data_dim))(params, x, y)
+        return vmap(self._one_loss, in_dims=(0, data_dim, data_dim), randomness=self.randomness)(params, x, y)
 
     # ---- one step -----------------------------------------------------------------
     def gradients(self, group: _Group) -> tuple[Tensor, Tensor, tuple[Tensor, ...]]:
@@ -182,6 +236,7 @@ def sample(
     params: Selection | None = None,
     init: str | Mapping[str, Tensor] = "model",
     chain_method: str = "auto",
+    train_mode_dropout: bool = False,
     task: str | None = None,
     stat_fns: Mapping[str, StatFn] | None = None,
     sampler_kwargs: Mapping[str, Any] | None = None,
@@ -202,8 +257,10 @@ def sample(
 
     Args:
         model: the torch module; its trainable parameters (or those ``params`` selects) are
-            sampled, buffers and the other parameters are held fixed at their current values, and
-            it is evaluated in ``eval()`` mode (so BatchNorm uses its running statistics).
+            sampled, buffers and the other parameters are held fixed at their current values.
+            Sampling runs its ``eval()``-mode forward whatever mode it is handed in (dropout off,
+            BatchNorm on its running statistics, frozen), so the mode never changes the chain method
+            or the draws; the model is handed back with every module in the mode it came in.
         loss_fn: a built-in loss (:class:`~pib_bayes.CrossEntropyLoss`,
             :class:`~pib_bayes.BCEWithLogitsLoss`, :class:`~pib_bayes.GaussianLoss`,
             :class:`~pib_bayes.HeteroscedasticGaussianLoss`, or the strings ``"cross_entropy"``,
@@ -235,7 +292,13 @@ def sample(
         init: ``"model"`` (every chain starts at the module's weights), ``"prior"`` (a draw from
             a Gaussian prior per chain), or a mapping name -> (chains run, *shape) tensors.
         chain_method: ``"vectorized"``, ``"sequential"`` or ``"auto"`` (vectorized when vmap
-            can run the model, else sequential; the choice and reason land in metadata).
+            can run the model, else sequential; the choice and reason land in metadata and, with
+            ``progress``, in the progress output).
+        train_mode_dropout: keep the ``nn.Dropout*`` modules in training mode while sampling (BatchNorm
+            stays in eval mode): each chain evaluates U_B with its own dropout masks (vmap with
+            ``randomness="different"`` when vectorized), a stream seeded from the chains' seeds, so
+            the same seed gives the same draws; vectorized and sequential chains then draw different
+            masks. The caller's global RNG is left untouched. Default False (dropout off).
         task: "classification" or "regression". Built-in and known torch losses imply it (an
             explicit ``task`` must agree); a custom callable needs it, else a ``ValueError``.
         stat_fns: name -> function of one chain's parameter dict returning a scalar, evaluated
@@ -280,6 +343,8 @@ def sample(
         raise ValueError(f"noise: expected one of {sorted(NOISES)}, got {noise!r}")
     if not isinstance(prefetch_noise, bool):
         raise ValueError(f"prefetch_noise: expected True or False, got {prefetch_noise!r}")
+    if not isinstance(train_mode_dropout, bool):
+        raise ValueError(f"train_mode_dropout: expected True or False, got {train_mode_dropout!r}")
     total_chains = _positive_int("num_chains", num_chains)
     ids = list(range(total_chains)) if chain_ids is None else [int(c) for c in chain_ids]
     if not ids or len(set(ids)) != len(ids) or not all(0 <= c < total_chains for c in ids):
@@ -322,7 +387,7 @@ def sample(
             return LoaderBatcher(data)
         return TensorBatcher(tensors[0], tensors[1], batch_size, [_generator(seeds[c][1]) for c in chains])
 
-    runner = _Sampler(energy, names, fixed, kernel, schedule, stat_fns or {})
+    runner = _Sampler(energy, names, fixed, kernel, schedule, stat_fns or {}, train_mode_dropout)
     if tensors is not None:
         _check_model_takes_data(energy, {n: init_params[n][0] for n in names}, fixed, *tensors)
 
@@ -333,7 +398,11 @@ def sample(
         with torch.no_grad():
             state = kernel.init_state([p.detach() for p in params], batch_ndim=1)
         prefetcher = NoisePrefetcher(noise, gens, batched=True) if prefetch_noise else None
-        return _Group(chains, params, state, source, make_batcher(chains), vectorized, prefetcher)
+        dropout_seed = _dropout_seed([seeds[c] for c in chains]) if train_mode_dropout else None
+        return _Group(chains, params, state, source, make_batcher(chains), vectorized, prefetcher,
+                      dropout_seed)
+
+    device = init_params[names[0]].device
 
     method, reason = chain_method, "requested"
     if num_chains == 1:
@@ -341,8 +410,11 @@ def sample(
     elif chain_method in ("auto", "vectorized"):
         probe = make_group(list(range(num_chains)), True)
         try:
-            x, y, stacked = probe.batcher.next()
-            runner.energies(probe, x, y, stacked)
+            # in the mode sampling runs in, whatever mode the model came in (a BatchNorm in training mode
+            # would make the probe fail: it updates its statistics in place)
+            with _sampling_mode(model, train_mode_dropout), _dropout_rng(probe, device):
+                x, y, stacked = probe.batcher.next()
+                runner.energies(probe, x, y, stacked)
             how = "batched matmul (pib_bayes.batched)" if runner.fast_forward is not None else "vmap"
             method, reason = "vectorized", f"{how} runs the model" + ("" if chain_method == "auto" else
                                                                         ", requested")
@@ -351,6 +423,8 @@ def sample(
                 raise ValueError(f"chain_method: 'vectorized' failed, vmap cannot run this model ({err}); "
                                  "use chain_method='sequential'") from err
             method, reason = "sequential", f"vmap failed: {type(err).__name__}: {err}"
+            if progress:
+                tqdm.write(f"pib_bayes.sample: chains run sequentially ({reason.splitlines()[0]})")
 
     groups = ([make_group(list(range(num_chains)), True)] if method == "vectorized"
               else [make_group([c], False) for c in range(num_chains)])
@@ -373,6 +447,7 @@ def sample(
         "settings": kernel.settings, "schedule": schedule.to_dict(), "num_chains": total_chains,
         "chain_ids": ids, "num_warmup": num_warmup, "num_draws": num_draws, "thin": thin,
         "batch_size": batch_size, "seed": int(seed), "chain_method": method, "noise": noise,
+        **({"train_mode_dropout": True} if train_mode_dropout else {}),  # old checkpoints stay resumable
         "params": {n: list(init_params[n].shape) for n in names}, "keep": keep_names,
         "n": int(tensors[0].shape[0]) if tensors is not None else None,
     }, sort_keys=True, default=str)
@@ -380,17 +455,14 @@ def sample(
     if checkpoint is None and resume:
         raise ValueError("resume: needs checkpoint=PATH (the file to resume from)")
     first_group, cursor = (ckpt.resume(groups) if ckpt is not None and resume else (0, None))
-    model_was_training = model.training
-    model.eval()
-    try:
+    with _sampling_mode(model, train_mode_dropout):
         for gi in range(first_group, len(groups)):
             save = ckpt.saver(gi) if ckpt is not None else None
-            _run_group(runner, groups[gi], names, keep_names, num_warmup, num_draws, thin, out, progress,
-                       cursor if gi == first_group else None, save, checkpoint_every)
+            with _dropout_rng(groups[gi], device):
+                _run_group(runner, groups[gi], names, keep_names, num_warmup, num_draws, thin, out, progress,
+                           cursor if gi == first_group else None, save, checkpoint_every)
             if ckpt is not None:
                 ckpt.write(gi + 1, None)
-    finally:
-        model.train(model_was_training)
     draws, stats, diverged, divergence_step = out.draws, out.stats, out.diverged, out.divergence_step
 
     loss_desc = getattr(energy.loss_fn, "__name__", None) or repr(energy.loss_fn)
@@ -402,7 +474,7 @@ def sample(
         "batch_size": batch_size if tensors is not None else getattr(data, "batch_size", None),
         "n": int(tensors[0].shape[0]) if tensors is not None else None,
         "seed": int(seed), "chain_method": method, "chain_method_reason": reason, "task": energy.task,
-        "noise": noise, "prefetch_noise": prefetch_noise,
+        "noise": noise, "prefetch_noise": prefetch_noise, "train_mode_dropout": train_mode_dropout,
         "loss": loss_desc, "likelihood": loss_likelihood(energy.loss_fn),
         "noise_std": getattr(energy.loss_fn, "noise_std", None), "init": init
         if isinstance(init, str) else "given", "sampled_params": names, "kept_params": keep_names,
@@ -415,18 +487,15 @@ def _check_model_takes_data(energy: Energy, params: dict[str, Tensor], fixed: di
     """Run the energy once on a slice of the data so a shape/dtype/label mistake is reported as such,
     not as a raw torch error from deep inside the first step."""
     head = slice(0, min(len(x), 256))
-    was_training = energy.model.training
-    energy.model.eval()  # as when sampling: BatchNorm must not update its statistics here
     try:
-        with torch.no_grad():
+        # as when sampling: BatchNorm must not update its statistics here
+        with _sampling_mode(energy.model, False), torch.no_grad():
             out = torch.func.functional_call(energy.model, {**fixed, **params}, (x[head],))
             energy.mean_loss(out, y[head])
     except (RuntimeError, IndexError, TypeError, ValueError) as err:
         raise ValueError(f"data: the model and loss cannot consume the data ({type(err).__name__}: {err}); "
                          f"check x's shape {tuple(x.shape)} and dtype {x.dtype}, and y's shape "
                          f"{tuple(y.shape)} and dtype {y.dtype}") from err
-    finally:
-        energy.model.train(was_training)
     if loss_likelihood(energy.loss_fn) == "bernoulli":
         if bool((y < 0).any()) or bool((y > 1).any()):
             raise ValueError(f"data: binary cross-entropy needs targets in [0, 1] (labels 0/1), got values "
@@ -542,6 +611,7 @@ def _group_state(group: _Group, cur: _Cursor) -> dict[str, Any]:
         "kernel_state": {k: [v.clone() for v in vs] for k, vs in group.state.items()},
         "noise_generators": group.generator_states(),
         "batcher": group.batcher.state_dict(),
+        **({"dropout_rng": torch.get_rng_state()} if group.dropout_seed is not None else {}),
     }
 
 
@@ -554,6 +624,8 @@ def _restore_group(group: _Group, saved: dict[str, Any]) -> _Cursor:
                 buf.copy_(v)
     group.set_generator_states(saved["noise_generators"])
     group.batcher.load_state_dict(saved["batcher"])
+    if group.dropout_seed is not None and "dropout_rng" in saved:
+        group.dropout_state = saved["dropout_rng"]
     return _Cursor(int(saved["t"]), int(saved["kept"]), int(saved["counter"]), saved["alive"].clone())
 
 

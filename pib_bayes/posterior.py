@@ -8,11 +8,12 @@ loss, step size, divergence flag, sampler-specific ones) have shape ``(chain, dr
 from __future__ import annotations
 
 import json
+import math
 import os
+import time
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from functools import partial
 from typing import Any
 
 import torch
@@ -22,9 +23,16 @@ from torch.func import functional_call, vmap
 from .batched import batched_forward
 from .io import FormatError, load_payload, save_payload
 
-__all__ = ["Posterior", "Prediction", "DrawCollector", "heteroscedastic_prediction", "FORMAT_VERSION"]
+__all__ = [
+    "Posterior", "Prediction", "DrawCollector", "heteroscedastic_prediction", "FORMAT_VERSION", "ENGINES",
+]
 
 FORMAT_VERSION = 1
+
+ENGINES = ("auto", "batched", "vmap", "loop")
+"""How :meth:`Posterior.outputs` runs the model over the draws (see there)."""
+
+_OOM = getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError)  # torch < 2.5: only the CUDA name
 
 
 _ACTIVATION_BUDGET = 2**18  # elements of one layer's activations over a chunk of draws (1 MB float32)
@@ -86,6 +94,16 @@ def heteroscedastic_prediction(outputs: Tensor) -> Prediction:
         mu, log_std = mu.squeeze(-1), log_std.squeeze(-1)
     std = log_std.exp()
     return Prediction("regression", mu.mean(0), mu, mu.var(0, unbiased=False), std.square().mean(0), std)
+
+
+def _tensor_slots(model: nn.Module, names: Sequence[str]) -> dict[str, Tensor] | None:
+    """name -> the module's own parameter/buffer tensor for every name (a tied parameter is one tensor
+    under its first name, as in the draws), or None when one is missing (then functional_call)."""
+    own: dict[str, Tensor] = dict(model.named_parameters())
+    own.update(dict(model.named_buffers()))
+    if any(n not in own for n in names):
+        return None
+    return {n: own[n] for n in names}
 
 
 @dataclass
@@ -152,6 +170,9 @@ class Posterior:
     divergence_step: Tensor | None = None
     model: nn.Module | None = None
     task: str | None = None
+    last_engine: str | None = field(default=None, init=False, repr=False, compare=False)
+    last_engine_reason: str | None = field(default=None, init=False, repr=False, compare=False)
+    _engine_cache: dict = field(default_factory=dict, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if not isinstance(self.draws, Mapping):
@@ -244,84 +265,264 @@ class Posterior:
             return {k: v.reshape(-1, *v.shape[2:]) for k, v in self.draws.items()}
         return {k: v[chains].reshape(-1, *v.shape[2:]) for k, v in self.draws.items()}
 
-    # ------------------------------------------------------------- predict
-    @torch.no_grad()
-    def predict(self, x: Tensor, *, chunk_size: int | None = None, include_diverged: bool = False,
-                model: nn.Module | None = None) -> Prediction:
-        """Posterior predictive at inputs ``x`` over every kept draw.
-
-        Runs ``chunk_size`` draws at a time through one batched forward pass (batched matmuls for
-        an MLP, else ``torch.func.functional_call`` vmapped over the draws), so memory is bounded
-        by ``chunk_size * len(x) * widest layer``. ``None`` (default): 64 draws, fewer for an MLP
-        whose activations would pass ~1 MB per layer (larger ones are fresh pages on every call,
-        and stream through memory instead of cache; 1.7x the loop on MLP 20-64-64-10 at 256
-        inputs with 64 draws per chunk, 2.7x with 16). Chains flagged as diverged are
-        left out (with a warning) unless ``include_diverged``.
-
-        Classification: p(y|x,S) ≈ (1/M) sum_m softmax(f(x; w_m)) (SPEC §4). Parameters without
-        draws (a run with ``keep=``) take the module's current values, with a warning.
-        """
+    # ------------------------------------------------------------- outputs
+    def _model_for(self, model: nn.Module | None) -> nn.Module:
         model = model or self.model
         if model is None:
             raise ValueError("model: this Posterior has no model attached; pass model= or "
                              "Posterior.load(..., model=)")
+        if model is not self.model:
+            self.check_model(model)  # a mismatched module would silently use its own weights
+        return model
+
+    @torch.no_grad()
+    def outputs(self, x: Tensor, *, chunk_size: int | None = None, include_diverged: bool = False,
+                model: nn.Module | None = None, engine: str = "auto") -> Tensor:
+        """The raw model outputs f(x; w_m) for every kept draw w_m: a tensor (M, N, ...).
+
+        M = kept chains x draws (chain-major, as :meth:`draws_for_prediction`); the model runs in
+        ``eval()`` mode (dropout off, BatchNorm on its running statistics) and is handed back in the
+        mode it came in. This is the one place the model runs over the draws: :meth:`predict`,
+        :mod:`pib_bayes.diagnostics` (``log_lik``, ``pred[i]``, ``to_arviz``'s log-likelihood) and
+        :mod:`pib_bayes.bounds` (through :meth:`predict`) all call it.
+
+        Engines (``engine``): ``"batched"``, one batched matmul per layer over the draws
+        (:func:`~pib_bayes.batched.batched_forward`; MLPs only); ``"vmap"``,
+        ``torch.func.vmap`` of ``functional_call`` over ``chunk_size`` draws at a time;
+        ``"loop"``, one forward pass per draw (runs any model that runs on x): the module's own
+        parameter and buffer tensors are pointed at the draw's values (``Tensor.data``, no copy) for
+        the call and given back their storage afterwards, which yields ``functional_call``'s outputs
+        at less cost per call; do not run the same module from another thread meanwhile.
+        ``"auto"`` (default): ``batched`` when it applies; otherwise, on CPU, the loop and vmap
+        are each timed (process CPU time) twice on a few draws, interleaved (those outputs are
+        kept), and the faster one runs the rest, a choice remembered per model and input shape
+        (vmap wins on small inputs and small layers, the loop on convolutions over large
+        batches); fewer than 6 draws take the loop, other devices vmap. An engine that raises on
+        its first chunk (e.g. no batching rule for ``aten::lstm``) falls back to the loop. The
+        engine used and why are in :attr:`last_engine` / :attr:`last_engine_reason`. Every engine
+        gives the loop's outputs to float rounding.
+
+        Chains flagged as diverged are left out (with a warning) unless ``include_diverged``.
+        Parameters without draws (a run with ``keep=``) take the module's current values.
+
+        Raises ``ValueError`` naming the model class, the failing op's error and x's shape and
+        dtype when even the loop cannot run the model on ``x``.
+
+        >>> import torch
+        >>> from torch import nn
+        >>> from pib_bayes import Posterior
+        >>> class LastState(nn.Module):  # a GRU classifier: no vmap batching rule for aten::gru
+        ...     def __init__(self):
+        ...         super().__init__()
+        ...         self.rnn = nn.GRU(2, 3, batch_first=True)
+        ...     def forward(self, x):
+        ...         return self.rnn(x)[0][:, -1]
+        >>> net = LastState()
+        >>> draws = {n: p.detach() + 0.1 * torch.randn(2, 3, *p.shape) for n, p in net.named_parameters()}
+        >>> post = Posterior(draws, {}, {"task": "regression"}, model=net)
+        >>> post.outputs(torch.randn(5, 6, 2)).shape
+        torch.Size([6, 5, 3])
+        >>> post.last_engine
+        'loop'
+        """
+        model = self._model_for(model)
+        draws = self.draws_for_prediction(include_diverged)
+        return self._run_over_draws(model, draws, x, chunk_size, engine, "x")
+
+    def _run_over_draws(self, model: nn.Module, draws: Mapping[str, Tensor], x: Tensor,
+                        chunk_size: int | None, engine: str, name: str,
+                        finish: Callable[[Tensor, Tensor], None] | None = None,
+                        dest_shape: Callable[[torch.Size], tuple[int, ...]] | None = None) -> Tensor:
+        """f(x; w_m) for the M draws in ``draws`` (name -> (M, *shape)) into one (M, N, ...) buffer;
+        ``finish(out, dest)`` writes a chunk's outputs (default: a copy). ``name`` is the argument x
+        came from, for the error messages."""
+        if not isinstance(x, Tensor):
+            raise TypeError(f"{name}: expected a tensor, got {type(x).__name__}")
+        if x.is_floating_point() and not bool(torch.isfinite(x).all()):
+            raise ValueError(f"{name}: x contains NaN or Inf values")
+        if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int)
+                                       or chunk_size < 1):
+            raise ValueError(f"chunk_size: must be an int >= 1 or None (automatic), got {chunk_size!r}")
+        if engine not in ENGINES:
+            raise ValueError(f"engine: expected one of {ENGINES}, got {engine!r}")
+        finish = finish or (lambda out, dest: dest.copy_(out))
+        m = next(iter(draws.values())).shape[0]
+        fixed = self.fixed
+        trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+        missing = sorted(trainable - set(draws) - set(fixed))
+        if missing:
+            warnings.warn(f"predict: no draws of {missing} (sampled with keep=?); the module's current "
+                          "values are used for them", stacklevel=3)
+        all_params = {n for n, _ in model.named_parameters()} == set(draws)
+        fast = batched_forward(model) if all_params and not fixed else None
+        if engine == "batched" and fast is None:
+            raise ValueError("engine: 'batched' needs an nn.Sequential MLP whose every parameter has draws "
+                             "(pib_bayes.batched.batched_forward); use 'auto', 'vmap' or 'loop'")
+        if chunk_size is None:
+            chunk_size = _auto_chunk(draws, x) if fast is not None else 64
+        per_draw: list[Tensor] = []  # one output buffer, made at the first output: no concatenation copy
+
+        def write(start: int, out: Tensor) -> None:
+            if not per_draw:
+                shape = tuple(out.shape[1:]) if dest_shape is None else dest_shape(out.shape[1:])
+                per_draw.append(out.new_empty((m, *shape)))
+            finish(out, per_draw[0][start:start + out.shape[0]])
+
+        def chunk(start: int, stop: int) -> dict[str, Tensor]:
+            return {k: v[start:stop] for k, v in draws.items()}
+
+        vmapped = vmap(lambda q: functional_call(model, {**fixed, **q}, (x,)))
+
+        slots = _tensor_slots(model, [*draws, *fixed])
+
+        def run(kind: str, start: int, stop: int) -> None:
+            if kind == "loop" and slots is None:
+                for i in range(start, stop):
+                    write(i, functional_call(model, {**fixed, **{k: v[i] for k, v in draws.items()}},
+                                             (x,)).unsqueeze(0))
+            elif kind == "loop":
+                assert slots is not None
+                # the module's own tensors point at draw i's values (set_data, no copy), the plain forward
+                # runs, and every tensor gets its own storage back: functional_call's outputs, without its
+                # per-call reparametrisation (1.1-1.8x faster on the zoo models)
+                own = {k: t.data for k, t in slots.items()}
+                try:
+                    for k, v in fixed.items():
+                        slots[k].data = v
+                    for i in range(start, stop):
+                        for k, v in draws.items():
+                            slots[k].data = v[i]
+                        write(i, model(x).unsqueeze(0))
+                finally:
+                    for k, t in slots.items():
+                        t.data = own[k]
+            elif kind == "batched":
+                assert fast is not None
+                write(start, fast(chunk(start, stop), x=x, stacked=False))
+            else:
+                with warnings.catch_warnings():  # vmap's per-sample fallback for an op: the timing decides
+                    warnings.filterwarnings("ignore", message="There is a performance drop because")
+                    write(start, vmapped(chunk(start, stop)))
+
+        def try_run(kind: str, start: int, stop: int) -> str | None:
+            """Run ``kind`` on draws [start, stop); the reason it cannot run, or None."""
+            try:
+                run(kind, start, stop)
+            except _OOM:
+                raise
+            except Exception as err:  # noqa: BLE001 - no batching rule, data-dependent control flow, ...
+                return f"{kind} failed: {type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
+            return None
+
+        key = (id(model), type(model).__name__, tuple(x.shape), x.dtype, str(x.device), chunk_size)
+        modes = [(mod, mod.training) for mod in model.modules()]
+        model.eval()
+        try:
+            done, kind, reason = 0, engine, "requested"
+            if engine == "auto":
+                if fast is not None:
+                    kind, reason = "batched", "an MLP: one batched matmul per layer (pib_bayes.batched)"
+                elif key in self._engine_cache:
+                    kind, reason = self._engine_cache[key]
+                elif m < 6:
+                    kind, reason = "loop", "fewer than 6 draws"
+                elif x.device.type != "cpu":
+                    kind, reason = "vmap", f"on {x.device.type}: vmap (asynchronous kernels, not timed)"
+                else:
+                    # one draw through each engine untimed (first-call costs; the loop's also checks that
+                    # the model runs on x at all), then each timed twice on k draws, interleaved, the
+                    # faster of its two times kept (a preempted block does not decide)
+                    k = max(1, min(chunk_size, 8, (m - 2) // 4))
+                    self._loop_or_fail(model, x, name, lambda: run("loop", 0, 1))
+                    failed = try_run("vmap", 1, 2)
+                    done = 1 if failed else 2
+                    t_loop = t_vmap = math.inf
+                    for _ in range(2):
+                        if failed:
+                            break
+                        t0 = time.process_time()
+                        run("loop", done, done + k)
+                        t_loop = min(t_loop, time.process_time() - t0)
+                        t0 = time.process_time()
+                        failed = try_run("vmap", done + k, done + 2 * k)
+                        t_vmap = min(t_vmap, time.process_time() - t0)
+                        done += k if failed else 2 * k
+                    t_loop, t_vmap = max(t_loop, 1e-9), max(t_vmap, 1e-9)
+                    if failed:
+                        kind, reason = "loop", f"fallback ({failed})"
+                    elif t_vmap < t_loop:
+                        kind, reason = "vmap", f"timed: vmap {t_loop / t_vmap:.2f}x the loop on {k} draws"
+                    else:
+                        kind, reason = "loop", f"timed: the loop {t_vmap / t_loop:.2f}x vmap on {k} draws"
+                    self._engine_cache[key] = (kind, reason)
+            if kind != "loop" and done < m:
+                stop = min(m, done + chunk_size)
+                failed = try_run(kind, done, stop)
+                if failed is not None:
+                    if engine != "auto":
+                        # x itself may be what is wrong: then say so (the loop cannot run it either)
+                        self._loop_or_fail(model, x, name, lambda: run("loop", 0, 1))
+                        raise ValueError(f"engine: {engine!r} cannot run the model "
+                                         f"({type(model).__name__}) on x of shape {tuple(x.shape)} "
+                                         f"({failed}); use engine='auto' or 'loop'")
+                    kind, reason = "loop", f"fallback ({failed})"
+                    self._engine_cache[key] = (kind, reason)
+                else:
+                    done = stop
+            if kind == "loop" and done == 0 and m:
+                self._loop_or_fail(model, x, name, lambda: run("loop", 0, 1))
+                done = 1
+            for start in range(done, m, chunk_size if kind != "loop" else m):
+                run(kind, start, min(m, start + chunk_size) if kind != "loop" else m)
+        finally:
+            for mod, training in modes:  # every module back in its own mode
+                mod.training = training
+        self.last_engine, self.last_engine_reason = kind, reason
+        assert per_draw
+        return per_draw[0]
+
+    @staticmethod
+    def _loop_or_fail(model: nn.Module, x: Tensor, name: str, first: Callable[[], None]) -> None:
+        """Run the loop's first draw; if the model cannot run on x even so, one error saying so."""
+        try:
+            first()
+        except _OOM:
+            raise
+        except Exception as err:  # noqa: BLE001 - any failure of a plain forward pass
+            msg = str(err).splitlines()[0] if str(err) else ""
+            raise ValueError(f"{name}: the model cannot be evaluated on x of shape {tuple(x.shape)} and "
+                             f"dtype {x.dtype}, not even one draw at a time ({type(model).__name__} raised "
+                             f"{type(err).__name__}: {msg}); pass inputs of the shape and dtype the model "
+                             "was sampled with") from err
+
+    # ------------------------------------------------------------- predict
+    @torch.no_grad()
+    def predict(self, x: Tensor, *, chunk_size: int | None = None, include_diverged: bool = False,
+                model: nn.Module | None = None, engine: str = "auto") -> Prediction:
+        """Posterior predictive at inputs ``x`` over every kept draw.
+
+        The model runs over the draws through :meth:`outputs` (engine choice, fallback and
+        ``chunk_size`` described there; :attr:`last_engine` records the engine used). For an
+        MLP, ``chunk_size=None`` (default) means 64 draws, fewer when the activations would pass
+        ~1 MB per layer (larger ones are fresh pages on every call, and stream through memory
+        instead of cache; 1.7x the loop on MLP 20-64-64-10 at 256 inputs with 64 draws per chunk,
+        2.7x with 16). Chains flagged as diverged are left out (with a warning) unless
+        ``include_diverged``.
+
+        Classification: p(y|x,S) ≈ (1/M) sum_m softmax(f(x; w_m)) (SPEC §4). Parameters without
+        draws (a run with ``keep=``) take the module's current values, with a warning.
+        """
         if self.task is None:
             raise ValueError("task: this Posterior does not say whether it is classification or regression; "
                              "build it with task='classification' or task='regression' (predict would "
                              "otherwise have to guess whether to apply a softmax)")
+        model = self._model_for(model)
         likelihood = self.metadata.get("likelihood")
-        if model is not self.model:
-            self.check_model(model)  # a mismatched module would silently use its own weights
-        if not isinstance(x, Tensor):
-            raise TypeError(f"x: expected a tensor, got {type(x).__name__}")
-        if x.is_floating_point() and not bool(torch.isfinite(x).all()):
-            raise ValueError("x: contains NaN or Inf values")
-        if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int)
-                                       or chunk_size < 1):
-            raise ValueError(f"chunk_size: must be an int >= 1 or None (automatic), got {chunk_size!r}")
         draws = self.draws_for_prediction(include_diverged)
-        m = next(iter(draws.values())).shape[0]
-        fixed = self.fixed
-        was_training = model.training
-        model.eval()
-        try:
-            # an MLP runs as one batched matmul per layer over the draws (pib_bayes.batched);
-            # anything else through vmap(functional_call)
-            trainable = {n for n, p in model.named_parameters() if p.requires_grad}
-            missing = sorted(trainable - set(draws) - set(fixed))
-            if missing:
-                warnings.warn(f"predict: no draws of {missing} (sampled with keep=?); the module's current "
-                              "values are used for them", stacklevel=2)
-            all_params = {n for n, _ in model.named_parameters()} == set(draws)
-            fast = batched_forward(model) if all_params and not fixed else None
-
-            batched = (partial(fast, x=x, stacked=False) if fast is not None
-                       else vmap(lambda q: functional_call(model, {**fixed, **q}, (x,))))
-            if chunk_size is None:
-                chunk_size = _auto_chunk(draws, x) if fast is not None else 64
-
-            per_draw: Tensor | None = None
-            for start in range(0, m, chunk_size):
-                chunk = {k: v[start:start + chunk_size] for k, v in draws.items()}
-                try:
-                    out = batched(chunk)
-                except (RuntimeError, IndexError) as err:
-                    if start:
-                        raise
-                    raise ValueError(f"x: the model cannot consume x of shape {tuple(x.shape)} and dtype "
-                                     f"{x.dtype} ({type(err).__name__}: {err})") from err
-                if per_draw is None:  # one output buffer: no concatenation copy at the end
-                    per_draw = out.new_empty((m, *_probs_shape(out.shape[1:], likelihood)))
-                dest = per_draw[start:start + out.shape[0]]
-                if likelihood == "bernoulli":
-                    _bernoulli_into(out, dest)
-                elif self.task == "classification":
-                    _softmax_into(out, dest)
-                else:
-                    dest.copy_(out)
-        finally:
-            model.train(was_training)
-        assert per_draw is not None
+        finish = (_bernoulli_into if likelihood == "bernoulli"
+                  else _softmax_into if self.task == "classification" else None)
+        per_draw = self._run_over_draws(model, draws, x, chunk_size, engine, "x", finish,
+                                        dest_shape=lambda shape: _probs_shape(shape, likelihood))
         mean = per_draw.mean(0)
         if self.task == "classification":
             return Prediction("classification", mean, per_draw)

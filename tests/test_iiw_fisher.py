@@ -119,7 +119,15 @@ def test_engine_choice_and_errors():
     model = Scaled().double()
     theta_0 = _moved(model)
     data = (torch.randn(20, 4, dtype=torch.float64), torch.randn(20, 2, dtype=torch.float64))
-    assert fisher(model, "gaussian", data, theta_0).settings["engine"] == "jvp"
+    # per group: the Linear layer by the layerwise identity, the bare parameter by JVP (not the whole model)
+    mixed = fisher(model, "gaussian", data, theta_0)
+    assert mixed.settings["engine"] == "mixed"
+    assert mixed.settings["engines"] == {"lin": "layerwise", "scale": "jvp"}
+    whole_jvp = fisher(model, "gaussian", data, theta_0, engine="jvp")
+    assert whole_jvp.settings["engines"] == {"lin": "jvp", "scale": "jvp"}
+    for group in ("lin", "scale"):
+        assert mixed.raw_per_group[group] == pytest.approx(whole_jvp.raw_per_group[group], rel=1e-9)
+    assert mixed.settings["joint_raw"] == pytest.approx(whole_jvp.settings["joint_raw"], rel=1e-9)
     only_lin = {"lin": ["lin.weight", "lin.bias"]}
     auto = fisher(model, "gaussian", data, theta_0, groups=only_lin)
     jvp = fisher(model, "gaussian", data, theta_0, groups=only_lin, engine="jvp")
@@ -339,3 +347,106 @@ def test_result_type():
     assert isinstance(r, IIWResult) and r.method == "fisher-jvp"
     assert r.total == pytest.approx(sum(r.per_group.values()))
     assert r.to_dict()["units"] == "nats"
+
+
+class _Normed(nn.Module):
+    """BatchNorm2d / BatchNorm1d (running statistics) and LayerNorm between Conv/Linear layers."""
+
+    def __init__(self):
+        super().__init__()
+        self.body = nn.Sequential(nn.Conv2d(1, 3, 3), nn.BatchNorm2d(3), nn.ReLU(), nn.Flatten(),
+                                  nn.Linear(3 * 6 * 6, 8), nn.BatchNorm1d(8), nn.Tanh(), nn.Linear(8, 8),
+                                  nn.LayerNorm(8), nn.Tanh(), nn.Linear(8, 3))
+
+    def forward(self, x):
+        return self.body(x)
+
+
+class _Bag(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Embedding(10, 4, padding_idx=0)
+        self.head = nn.Linear(4, 3)
+
+    def forward(self, x):
+        return self.head(self.embed(x).mean(1))
+
+
+class _Attention(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.proj = nn.Linear(4, 8)
+        layer = nn.TransformerEncoderLayer(8, 2, 16, dropout=0.1, batch_first=True)
+        self.encoder = nn.TransformerEncoder(layer, 1, enable_nested_tensor=False)
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x):
+        return self.head(self.encoder(self.proj(x)).mean(1))
+
+
+def _normed_data(g):
+    return torch.randn(30, 1, 8, 8, generator=g, dtype=torch.float64)
+
+
+def _bag_data(g):
+    return torch.randint(0, 10, (30, 5), generator=g)  # token 0 (the padding row) appears
+
+
+def _seq_data(g):
+    return torch.randn(30, 5, 4, generator=g, dtype=torch.float64)
+
+
+@pytest.mark.parametrize("make, data, expect", [
+    (_Normed, _normed_data, {"body.1": "layerwise", "body.5": "layerwise", "body.8": "layerwise"}),
+    (_Bag, _bag_data, {"embed": "layerwise", "head": "layerwise"}),
+    (_Attention, _seq_data, {"proj": "layerwise", "encoder.layers.0.self_attn": "jvp",
+                             "encoder.layers.0.self_attn.out_proj": "jvp",
+                             "encoder.layers.0.linear1": "layerwise", "encoder.layers.0.norm1": "layerwise",
+                             "head": "layerwise"}),
+], ids=["batchnorm-layernorm", "embedding-padding", "attention"])
+def test_layerwise_covers_norms_and_embeddings_per_group(make, data, expect):
+    torch.manual_seed(0)
+    model = make().double()
+    g = torch.Generator().manual_seed(4)
+    x = data(g)
+    y = torch.randint(0, 3, (30,), generator=g)
+    model.train()
+    with torch.no_grad():
+        model(x)  # non-trivial BatchNorm running statistics
+    model.eval()
+    theta_0 = _moved(model, scale=0.2)
+    loss = nn.CrossEntropyLoss(reduction="none")
+    r = fisher(model, loss, (x, y), theta_0, chunk_size=16)
+    for group, engine in expect.items():
+        assert r.settings["engines"][group] == engine, group
+    assert r.settings["engine"] == ("mixed" if "jvp" in expect.values() else "layerwise")
+    jvp = fisher(model, loss, (x, y), theta_0, engine="jvp")
+    for group in r.groups:
+        members = [n for n, _ in model.named_parameters() if n.rsplit(".", 1)[0] == group]
+        ref = per_example_gradient_quadratic(model, loss, (x, y), _delta(model, theta_0, members))
+        assert ref > 0, group
+        assert r.raw_per_group[group] == pytest.approx(ref, rel=1e-6), group
+        assert jvp.raw_per_group[group] == pytest.approx(ref, rel=1e-6), group
+    joint = per_example_gradient_quadratic(model, loss, (x, y), _delta(model, theta_0))
+    assert r.settings["joint_raw"] == pytest.approx(joint, rel=1e-6)
+    if make is not _Attention:
+        strict = fisher(model, loss, (x, y), theta_0, engine="layerwise")
+        assert strict.raw_total == pytest.approx(r.raw_total, rel=1e-12)
+
+
+def test_embedding_padding_row_moves_nothing():
+    """The padding row's gradient is zero, so moving only that row gives IIW 0 (a tangent that looked the
+    row up anyway would not)."""
+    torch.manual_seed(0)
+    model = _Bag().double().eval()
+    theta_0 = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    with torch.no_grad():
+        model.embed.weight[0] += 1.0
+    x = torch.zeros(8, 5, dtype=torch.long)
+    x[:, 0] = 3
+    y = torch.zeros(8, dtype=torch.long)
+    r = fisher(model, nn.CrossEntropyLoss(reduction="none"), (x, y), theta_0)
+    assert r.settings["engines"]["embed"] == "layerwise" and r.raw_per_group["embed"] == 0.0
+    with torch.no_grad():
+        model.embed.weight[3] += 1.0  # a row that is looked up: now it counts
+    assert fisher(model, nn.CrossEntropyLoss(reduction="none"), (x, y), theta_0).raw_per_group["embed"] > 0

@@ -338,3 +338,30 @@ def test_fit_prior_mean_names_prior_data_when_the_model_cannot_take_it():
     net = nn.Linear(3, 2)
     with pytest.raises(ValueError, match="prior_data: the model and loss cannot be evaluated"):
         fit_prior_mean(net, "cross_entropy", (torch.randn(8, 4), torch.zeros(8, dtype=torch.long)), epochs=1)
+
+
+def test_regularizer_engines_agree_on_an_embedding_with_padding():
+    """The padding row of an embedding counts zero in the layerwise and the JVP engine alike."""
+
+    class Bag(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.embed = nn.Embedding(10, 4, padding_idx=0)
+            self.head = nn.Linear(4, 3)
+
+        def forward(self, x):
+            return self.head(self.embed(x).mean(1))
+
+    torch.manual_seed(0)
+    net = Bag().double()
+    theta_0 = {k: v.clone() for k, v in net.state_dict().items()}
+    with torch.no_grad():
+        for p in net.parameters():
+            p.add_(0.2 * torch.randn_like(p))
+    x, y = torch.randint(0, 10, (12, 5)), torch.randint(0, 3, (12,))
+    values = {}
+    for engine in ("layerwise", "jvp"):
+        reg = IIWRegularizer(net, "cross_entropy", theta_0, beta=1.0, engine=engine)
+        values[engine] = float(reg(x, y).detach())
+        assert reg.last_engine == engine
+    assert values["layerwise"] == pytest.approx(values["jvp"], rel=1e-9)

@@ -17,6 +17,7 @@ forward-mode ≈ two to three forward passes per group.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from functools import partial
@@ -34,7 +35,7 @@ from ._layerwise import plan_layerwise
 from .paper import check_paper_batches, is_weight, paper_gradients, paper_iiw
 from .result import IIWResult
 
-__all__ = ["fisher", "directional_derivatives", "check_theta0"]
+__all__ = ["fisher", "directional_derivatives", "check_theta0", "zero_padding_rows"]
 
 METHODS = ("jvp", "minibatch", "paper")
 ENGINES = ("auto", "layerwise", "jvp")
@@ -74,6 +75,49 @@ def check_theta0(model: nn.Module, theta_0: Mapping[str, Tensor] | nn.Module, na
                              "initial weights, or pib_bayes.iiw.fit_prior_mean on a held-out split)")
         out[n] = v.detach().to(dtype=params[n].dtype, device=params[n].device)
     return out
+
+
+@contextmanager
+def _no_fused_attention() -> Iterator[None]:
+    """Switch off the fused inference kernel of nn.TransformerEncoderLayer / nn.MultiheadAttention
+    (``torch.backends.mha`` fast path) for the block: it has no forward- or reverse-mode derivative, and
+    is taken whenever gradients look off (under ``no_grad`` or inside ``torch.func`` transforms)."""
+    mha = getattr(torch.backends, "mha", None)
+    if mha is None:
+        yield
+        return
+    was = mha.get_fastpath_enabled()
+    mha.set_fastpath_enabled(False)
+    try:
+        yield
+    finally:
+        mha.set_fastpath_enabled(was)
+
+
+@contextmanager
+def _plain_kernels() -> Iterator[None]:
+    """oneDNN off and scaled_dot_product_attention on its math backend: kernels with forward-mode AD."""
+    with torch.backends.mkldnn.flags(enabled=False):
+        try:
+            from torch.nn.attention import SDPBackend, sdpa_kernel
+        except ImportError:  # torch < 2.3
+            yield
+            return
+        with sdpa_kernel(SDPBackend.MATH):
+            yield
+
+
+def zero_padding_rows(model: nn.Module, delta: dict[str, Tensor]) -> dict[str, Tensor]:
+    """``delta`` with the ``padding_idx`` row of every ``nn.Embedding`` weight set to 0 (differentiably).
+
+    torch gives that row no gradient, so it carries no information in the per-example gradients;
+    forward-mode AD would see it, the layerwise engine and per-example backprop do not."""
+    for path, module in model.named_modules():
+        name = f"{path}.weight" if path else "weight"
+        if isinstance(module, nn.Embedding) and module.padding_idx is not None and name in delta:
+            pad = torch.tensor([module.padding_idx], device=delta[name].device)
+            delta[name] = delta[name].index_fill(0, pad, 0.0)
+    return delta
 
 
 def _batches(data: Any, chunk_size: int | None) -> Iterable[tuple[Tensor, Tensor]]:
@@ -159,7 +203,8 @@ def directional_derivatives(
 
     names = list(params)
     primal = {n: params[n] for n in names}
-    with _explain_data_errors(model, loss_fn, params, fixed, x, y):
+
+    def run() -> Tensor:
         if len(tangents) == 1:
             return jvp(losses, (primal,), ({n: tangents[0][n] for n in names},))[1].unsqueeze(0)
         stacked = {n: torch.stack([t[n] for t in tangents]) for n in names}
@@ -167,6 +212,20 @@ def directional_derivatives(
             return vmap(lambda t: jvp(losses, (primal,), (t,))[1])(stacked)
         except Exception:  # some modules cannot be vmapped; fall back to one JVP per tangent
             return torch.stack([jvp(losses, (primal,), ({n: t[n] for n in names},))[1] for t in tangents])
+
+    with _explain_data_errors(model, loss_fn, params, fixed, x, y), _no_fused_attention():
+        try:
+            return run()
+        except NotImplementedError as err:
+            if "forward AD" not in str(err):
+                raise
+            # some fused CPU kernels have no forward-mode derivative (oneDNN's mkldnn_rnn_layer under
+            # nn.LSTM/nn.GRU, the flash kernel of scaled_dot_product_attention); torch's plain kernels
+            # for the same ops do
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", UserWarning)  # oneDNN's flags() warns about TF32
+                with _plain_kernels():
+                    return run()
 
 
 def fisher(
@@ -240,9 +299,14 @@ def fisher(
             to float rounding): ``"jvp"`` = ``torch.func.jvp`` vmapped over the groups (any model);
             ``"layerwise"`` = one forward and one backward pass to the layer outputs,
             ``∇_W l_iᵀ ΔW = ⟨∂l_i/∂z_i, ΔW a_i⟩`` for ``z = W a`` (every measured parameter must be
-            the weight/bias of an ``nn.Linear``/``nn.Conv{1,2,3}d``; assumes examples do not interact
-            in the forward pass, true in eval mode for standard layers); ``"auto"`` (default) =
-            layerwise when it applies, else jvp. The one used is in ``settings["engine"]``.
+            the weight/bias of an ``nn.Linear``/``nn.Conv{1,2,3}d``, or the affine parameters of an
+            ``nn.BatchNorm{1,2,3}d`` (running statistics) / ``nn.LayerNorm`` (tangent
+            ``x̂ ⊙ Δγ + Δβ``), or an ``nn.Embedding`` weight, used by that module alone; assumes
+            examples do not interact in the forward pass, true in eval mode for standard layers);
+            ``"auto"`` (default) = per group: layerwise for the groups it covers, one batched JVP
+            for the others (e.g. attention's in/out projections, a tied weight, an LSTM). The choice
+            is in ``settings["engine"]`` (``"layerwise"``, ``"jvp"`` or ``"mixed"``) and per group in
+            ``settings["engines"]``.
         num_batches, batch_size, seed: the ``"minibatch"`` and ``"paper"`` methods (``"paper"`` also
             takes ``num_batches="all"``); ``seed`` seeds a ``torch.Generator`` for the batch draws.
 
@@ -299,7 +363,7 @@ def fisher(
             where = "params" if params is not None and n in params else "model"
             raise ValueError(f"{where}: the weights {n!r} contain NaN/Inf (a diverged run?); estimate IIW at "
                              "finite weights")
-    delta = {n: theta[n] - theta0[n] for n in measured}
+    delta = zero_padding_rows(model, {n: theta[n] - theta0[n] for n in measured})
     fixed = {n: b for n, b in model.named_buffers()}
     fixed.update({n: p.detach() for n, p in model.named_parameters() if not p.requires_grad})
 
@@ -312,36 +376,44 @@ def fisher(
         return [{n: delta[n] if n in grouped[g] else torch.zeros_like(theta[n]) for n in names}
                 for g in group_names]
 
-    was_training = model.training
+    modes = [(m, m.training) for m in model.modules()]
     model.eval()
     try:
-        with torch.no_grad():
+        with torch.no_grad(), _no_fused_attention():
             if method == "jvp":
-                plan = None if engine == "jvp" else plan_layerwise(model, grouped)
+                plan = None if engine == "jvp" else plan_layerwise(model, grouped,
+                                                                    allow_partial=engine == "auto")
                 if engine == "layerwise" and plan is None:
                     raise ValueError("engine: 'layerwise' needs every measured parameter to be the weight or "
-                                     "bias of an nn.Linear/nn.Conv1d/2d/3d used by that module alone; use "
-                                     "engine='jvp' (or 'auto') for this model")
-                if plan is None:
-                    along = tangents()
+                                     "bias of an nn.Linear/Conv1d/2d/3d/BatchNorm1d/2d/3d/LayerNorm/"
+                                     "Embedding used by that module alone; use engine='jvp' (or 'auto') "
+                                     "for this model")
+                covered = set(plan.covered) if plan is not None else set()
+                rest = [gi for gi in range(len(group_names)) if gi not in covered]
+                along = [t for gi, t in enumerate(tangents()) if gi in rest]
 
-                    def derivs(x, y):
+                def derivs(x, y):
+                    if plan is None:
                         return directional_derivatives(model, loss, theta, along, x, y, fixed)
-                else:
-                    def derivs(x, y):
-                        with _explain_data_errors(model, loss, theta, fixed, x, y):
-                            return plan.derivatives(model, partial(_per_example, loss), theta, delta,
-                                                    len(group_names), x, y, fixed)
+                    with _explain_data_errors(model, loss, theta, fixed, x, y):
+                        d = plan.derivatives(model, partial(_per_example, loss), theta, delta,
+                                             len(group_names), x, y, fixed)
+                    if rest:  # the groups the layerwise identity does not cover: JVP, those groups only
+                        d[rest] = directional_derivatives(model, loss, theta, along, x, y, fixed).to(d.dtype)
+                    return d
                 sums, count = _jvp_sums(derivs, data, chunk_size)
-                settings: dict[str, Any] = {"examples": count, "chunk_size": chunk_size,
-                                            "engine": "jvp" if plan is None else "layerwise"}
+                per = {g: ("layerwise" if gi in covered else "jvp") for gi, g in enumerate(group_names)}
+                settings: dict[str, Any] = {
+                    "examples": count, "chunk_size": chunk_size, "engines": per,
+                    "engine": "jvp" if not covered else ("layerwise" if not rest else "mixed")}
             else:
                 sums, count = _minibatch_sums(model, loss, theta, tangents(), data, num_batches, batch_size,
                                               seed, fixed)
                 settings = {"num_batches": num_batches, "batch_size": batch_size, "seed": seed,
                             "note": "minibatch-gradient Fisher: ≈ 1/batch_size of the per-example scale"}
     finally:
-        model.train(was_training)
+        for m, training in modes:  # every module back in its own mode
+            m.training = training
     raw = (sums / count).tolist()
     raw_per_group = dict(zip(group_names, raw[:-1], strict=True))
     raw_total = float(sum(raw[:-1]))

@@ -23,7 +23,7 @@ from torch import Tensor, nn
 from ..energy import check_beta, resolve_loss
 from ._groups import resolve_groups
 from ._layerwise import plan_layerwise
-from .fisher import ENGINES, _per_example, check_theta0, directional_derivatives
+from .fisher import ENGINES, _per_example, check_theta0, directional_derivatives, zero_padding_rows
 
 __all__ = ["IIWRegularizer"]
 
@@ -127,8 +127,10 @@ class IIWRegularizer:
                                  len(self.groups), x, y, fixed, differentiable=True)
             return d.square().mean(1).sum().to(next(iter(params.values())).dtype)
         self.last_engine = "jvp"
-        tangents = [{n: (params[n] - self.theta_0[n]) if n in members else torch.zeros_like(params[n])
-                     for n in self.names} for members in self.groups.values()]
+        # the padding row of an embedding counts zero, as in the layerwise engine
+        tangents = [zero_padding_rows(self.model, {n: (params[n] - self.theta_0[n]) if n in members
+                                                   else torch.zeros_like(params[n]) for n in self.names})
+                    for members in self.groups.values()]
         d = directional_derivatives(self.model, self.loss_fn, primal, tangents, x, y, fixed)  # (G, B)
         return d.square().mean(1).sum()
 
