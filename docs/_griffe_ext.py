@@ -31,7 +31,8 @@ import griffe
 
 ROLE_RE = re.compile(r":(?:py:)?(class|func|meth|attr|mod|data|exc|obj):`([^`]+)`")
 SPEC_RE = re.compile(r"SPEC\s*§\s*(\d)([a-d])?(?:\s*[-–]\s*(\d))?")
-ARGS_HEADER_RE = re.compile(r"^(\s*)(Args|Arguments|Parameters|Keyword Args|Keyword Arguments|Other Parameters):\s*$")
+ARGS_HEADER_RE = re.compile(
+    r"^(\s*)(Args|Arguments|Parameters|Keyword Args|Keyword Arguments|Other Parameters):\s*$")
 MULTI_ARG_RE = re.compile(r"^(\s+)([A-Za-z_]\w*(?:\s*,\s*[A-Za-z_]\w*)+)\s*:\s+(.*)$")
 
 # Code spans that are displayed equations, as written in the docstrings -> LaTeX (inline math).
