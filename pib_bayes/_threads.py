@@ -1,10 +1,9 @@
 """Torch's intra-op threads against the CPU cores this process may use.
 
-Idle torch (OpenMP) threads spin: more threads than usable cores, or a machine busy with other jobs,
-can slow sampling a hundredfold (a demo took 1087 s instead of 8 s with two threads on a loaded
-two-core machine). The library never changes thread settings on import; the ``pib-bayes`` command
-caps them (:func:`cap_threads`), and sampling warns once when they exceed the usable cores
-(:func:`warn_if_oversubscribed`).
+Idle torch (OpenMP) threads spin: more threads than usable cores, or a machine busy with other
+jobs, can slow sampling a hundredfold. The library never changes thread settings on import; the
+``pib-bayes`` command caps them (:func:`cap_threads`), and sampling warns once when they exceed
+the usable cores (:func:`warn_if_oversubscribed`).
 """
 
 from __future__ import annotations
