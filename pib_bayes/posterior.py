@@ -39,6 +39,13 @@ def _auto_chunk(draws: Mapping[str, Tensor], x: Tensor, most: int = 64) -> int:
     return max(1, min(most, _ACTIVATION_BUDGET // max(1, rows * width)))
 
 
+def _draw_by_draw(model: nn.Module, fixed: dict[str, Tensor], x: Tensor, chunk: dict[str, Tensor]) -> Tensor:
+    """The outputs of ``chunk``'s draws, one forward each (for layers ``vmap`` cannot batch)."""
+    m = next(iter(chunk.values())).shape[0]
+    return torch.stack([functional_call(model, {**fixed, **{k: v[i] for k, v in chunk.items()}}, (x,))
+                        for i in range(m)])
+
+
 def _softmax_into(logits: Tensor, dest: Tensor) -> None:
     """``dest <- softmax(logits, dim=-1)``. Torch's CPU softmax over a contiguous last dim of fewer
     than 16 classes runs a scalar loop per row (about 20x slower than over a leading dim with a
@@ -241,8 +248,14 @@ class Posterior:
                 except (RuntimeError, IndexError) as err:
                     if start:
                         raise
-                    raise ValueError(f"x: the model cannot consume x of shape {tuple(x.shape)} and dtype "
-                                     f"{x.dtype} ({type(err).__name__}: {err})") from err
+                    try:  # vmap has no batching rule for some layers (nn.LSTM, ...): one draw at a time
+                        if fast is not None or "atching rule" not in str(err):
+                            raise
+                        batched = partial(_draw_by_draw, model, fixed, x)
+                        out = batched(chunk)
+                    except (RuntimeError, IndexError):
+                        raise ValueError(f"x: the model cannot consume x of shape {tuple(x.shape)} and "
+                                         f"dtype {x.dtype} ({type(err).__name__}: {err})") from err
                 if per_draw is None:  # one output buffer: no concatenation copy at the end
                     per_draw = out.new_empty((m, *out.shape[1:]))
                 dest = per_draw[start:start + out.shape[0]]

@@ -198,3 +198,32 @@ def test_to_arviz_of_a_large_net_hints_at_projections():
         small = Posterior({"w": torch.zeros(2, 4, 100)}, {"energy": torch.zeros(2, 4)},
                           {"task": "regression"})
         to_arviz(small)
+
+
+# ------------------------------------------------------------------- predict without vmap (LSTM)
+class _Recurrent(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lstm = torch.nn.LSTM(1, 4, batch_first=True)
+        self.head = torch.nn.Linear(4, 1)
+
+    def forward(self, x):
+        return self.head(self.lstm(x)[0][:, -1])
+
+
+def test_predict_runs_draw_by_draw_when_vmap_cannot_batch_the_model():
+    torch.manual_seed(0)
+    model = _Recurrent()
+    x, y = torch.randn(16, 5, 1), torch.randn(16, 1)
+    post = sample(model, "gaussian", (x, y), beta=1 / 16, step_size=1e-5, num_chains=2, num_warmup=3,
+                  num_draws=3, seed=0)
+    assert post.metadata["chain_method"] == "sequential"
+    pred = post.predict(x)
+    assert pred.per_draw.shape == (6, 16, 1)
+    # the same numbers as one explicit forward per draw
+    from torch.func import functional_call
+    for i, (c, d) in enumerate([(c, d) for c in range(2) for d in range(3)]):
+        params = {k: v[c, d] for k, v in post.draws.items()}
+        torch.testing.assert_close(pred.per_draw[i], functional_call(model, params, (x,)))
+    with pytest.raises(ValueError, match="^x: the model cannot consume"):
+        post.predict(torch.randn(16, 5, 3))  # wrong feature size: still one clear error
