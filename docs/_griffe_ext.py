@@ -70,29 +70,39 @@ class ReSTRoles(griffe.Extension):
                 obj.docstring.value = self.rewrite(obj.docstring.value, obj)
 
     # -- cross-references -------------------------------------------------------------------------
-    def _canonical(self, path: str) -> str | None:
+    def _canonical(self, path: str, kind: str) -> str | None:
         try:
             found = self.collection[path]
-            return found.canonical_path if not found.is_alias else found.final_target.path
+            if found.is_alias:
+                found = found.final_target
+            # a function living in a module of the same name (pib_bayes.iiw.fisher): the function
+            if kind in ("func", "class") and found.is_module and found.name in found.members:
+                member = found.members[found.name]
+                found = member.final_target if member.is_alias else member
+            return found.path
         except Exception:  # noqa: BLE001 - not found / alias that does not resolve: no link
             return None
 
-    def resolve(self, target: str, obj: griffe.Object) -> str | None:
-        """The canonical path a role's target names, seen from ``obj``; None if not in the package."""
+    def resolve(self, target: str, obj: griffe.Object, kind: str = "obj") -> str | None:
+        """The canonical path a role's target names, seen from ``obj``; None if not in the package.
+
+        A docstring never links to itself: inside ``IIWTracker.peak``, ``:func:`peak``` is the
+        module-level function, not the method being documented."""
         relative = target.startswith(".")
         name = target.lstrip(".")
         scope: griffe.Object | None = obj
         while scope is not None:  # enclosing scopes, innermost first
-            found = self._canonical(f"{scope.path}.{name}")
-            if found:
+            found = self._canonical(f"{scope.path}.{name}", kind)
+            if found and found != obj.path:
                 return found
             scope = scope.parent
         if not relative:
-            found = self._canonical(name)
-            if found:
+            found = self._canonical(name, kind)
+            if found and found != obj.path:
                 return found
         last = name.rsplit(".", 1)[-1]
-        matches = [p for p in self.by_name.get(last, []) if p.endswith("." + name) or p == name]
+        matches = [p for p in self.by_name.get(last, [])
+                   if (p.endswith("." + name) or p == name) and p != obj.path]
         return matches[0] if len(matches) == 1 else None
 
     def role(self, match: re.Match[str], obj: griffe.Object) -> str:
@@ -107,7 +117,7 @@ class ReSTRoles(griffe.Extension):
             if kind in ("func", "meth") and not title.endswith(")"):
                 title += "()"
         target = target.removesuffix("()")
-        path = self.resolve(target, obj)
+        path = self.resolve(target, obj, kind)
         if path is None:
             return f"`{title}`"
         return f'<autoref identifier="{path}" optional><code>{title}</code></autoref>'
