@@ -42,6 +42,33 @@ EQUATIONS = {
         r"U_B(w) = \frac{1}{|B|}\sum_{i\in B} \ell_i(w)/\beta - \log p(w)"
     ),
     "w <- w - h_t grad U_B(w) + sqrt(2 h_t) xi": r"w \leftarrow w - h_t \nabla U_B(w) + \sqrt{2h_t}\,\xi",
+    "KL(q||p)": r"\mathrm{KL}(q \Vert p)",
+    "Δθᵀ F Δθ": r"\Delta\theta^\top F \Delta\theta",
+    "Δθ = θ_S − θ₀": r"\Delta\theta = \theta_S - \theta_0",
+    "½ Δθᵀ F Δθ / β": r"\tfrac12 \Delta\theta^\top F \Delta\theta / \beta",
+    "F = (1/n) Σ_i ∇l_i ∇l_iᵀ": r"F = \frac1n \sum_i \nabla \ell_i \nabla \ell_i^\top",
+    "IIW_g(t) = Δθ_g(t)ᵀ F_g(t) Δθ_g(t)": (
+        r"\mathrm{IIW}_g(t) = \Delta\theta_g(t)^\top F_g(t)\, \Delta\theta_g(t)"
+    ),
+    "∇_W l_iᵀ ΔW = ⟨∂l_i/∂z_i, ΔW a_i⟩": (
+        r"\nabla_W \ell_i^\top \Delta W = \langle \partial \ell_i/\partial z_i, \Delta W a_i \rangle"
+    ),
+    "(1/K) Σ_k (ḡ_kᵀ Δθ)²": r"\frac1K \sum_k (\bar g_k^\top \Delta\theta)^2",
+    "I(w;S) <= E_S KL(Q_S || P)": r"I(w;S) \le \mathbb{E}_S\, \mathrm{KL}(Q_S \Vert P)",
+    "E[L(w)] <= E[L_S(w)] + sqrt(2 sigma^2 I(w; S) / n)": (
+        r"\mathbb{E}[L(w)] \le \mathbb{E}[L_S(w)] + \sqrt{2\sigma^2 I(w;S)/n}"
+    ),
+    "L(Q) <= L_S(Q) + (b - a) sqrt((KL(Q||P) + log(2 sqrt(n)/delta)) / (2n))": (
+        r"L(Q) \le L_S(Q) + (b-a)\sqrt{\frac{\mathrm{KL}(Q\Vert P) + \log(2\sqrt{n}/\delta)}{2n}}"
+    ),
+    "L(Q) <= kl^{-1}(L_S(Q), (KL(Q||P) + log(2 sqrt(n)/delta)) / n)": (
+        r"L(Q) \le \mathrm{kl}^{-1}\!\left(L_S(Q), "
+        r"\frac{\mathrm{KL}(Q\Vert P) + \log(2\sqrt{n}/\delta)}{n}\right)"
+    ),
+    "L(Q) <= (1 - exp(-C L_S(Q) - (KL(Q||P) + log(k/delta)) / n)) / (1 - exp(-C))": (
+        r"L(Q) \le \frac{1 - \exp\left(-C L_S(Q) - (\mathrm{KL}(Q\Vert P) + \log(k/\delta))/n\right)}"
+        r"{1 - e^{-C}}"
+    ),
 }
 
 
