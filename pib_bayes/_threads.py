@@ -31,7 +31,11 @@ def available_cores() -> int:
 
 
 def cap_threads() -> int:
-    """Lower ``torch.get_num_threads()`` to :func:`available_cores` if it is above; returns the count."""
+    """Lower ``torch.get_num_threads()`` to :func:`available_cores` if it is above; returns the count.
+
+    >>> 1 <= cap_threads() <= available_cores()
+    True
+    """
     cores = available_cores()
     if torch.get_num_threads() > cores:
         torch.set_num_threads(cores)
@@ -39,7 +43,10 @@ def cap_threads() -> int:
 
 
 def warn_if_oversubscribed() -> None:
-    """Warn (once per process) when torch uses more threads than this process has cores."""
+    """Warn (once per process) when torch uses more threads than this process has cores.
+
+    >>> cap_threads() and warn_if_oversubscribed()  # capped: nothing to warn about
+    """
     global _warned
     threads, cores = torch.get_num_threads(), available_cores()
     if threads > cores and not _warned:
