@@ -47,3 +47,8 @@ def test_hook_links_spec_in_prose_only():
     assert "[the mathematics, §1-2][spec-1]" in out
     assert "# SPEC §2 in code stays" in out and "`SPEC §4` stays" in out
     assert "## A heading with SPEC §5 stays" in out
+
+
+def test_hook_links_a_subsection_without_an_id_to_its_section():
+    assert "spec-3c" in hooks.MATH_ANCHORS and "spec-2b" not in hooks.MATH_ANCHORS
+    assert hooks.link_spec("SPEC §2b") == "[the mathematics, §2b][spec-2]"
