@@ -109,9 +109,22 @@ class Bound:
                 "trivial": self.trivial, "vacuous": self.vacuous, "complexity": self.complexity, "n": self.n,
                 "delta": self.delta, "guarantee": self.guarantee, "details": dict(self.details)}
 
+    def formatted(self, decimals: int = 4) -> str:
+        """The value with ``decimals`` decimals, or more when a non-vacuous value (below ``trivial``)
+        would otherwise print as the trivial bound (``0.99999`` shows as ``0.99999``, not ``1.0000``).
+
+        >>> Bound("b", 0.99999, 0.1, 1.0, 3.0, 100, 0.05, "").formatted()
+        '0.99999'
+        """
+        d = decimals
+        while not self.vacuous and math.isfinite(self.value) and d < 15 and \
+                float(f"{self.value:.{d}f}") >= self.trivial:
+            d += 1
+        return f"{self.value:.{d}f}"
+
     def __str__(self) -> str:
         flag = " (VACUOUS)" if self.vacuous else ""
-        return (f"{self.name}: risk <= {self.value:.4f}{flag} [empirical {self.empirical:.4f}, "
+        return (f"{self.name}: risk <= {self.formatted()}{flag} [empirical {self.empirical:.4f}, "
                 f"complexity {self.complexity:.3f} nats, n={self.n}, {self.guarantee}]")
 
 
@@ -580,8 +593,8 @@ class BoundsReport:
                 key = held.get(loss)
                 ho = "—" if self.heldout is None or key is None else f"{self.heldout[key]:.4f}"
                 label = b.name + (f" ({b.details['label']})" if b.details.get("label") else "")
-                out.append(f"| {loss} | {label} | {b.empirical:.4f} | {b.value:.4f} | {b.trivial:g} | {ho} | "
-                           f"{'**yes**' if b.vacuous else 'no'} |")
+                out.append(f"| {loss} | {label} | {b.empirical:.4f} | {b.formatted()} | {b.trivial:g} | "
+                           f"{ho} | {'**yes**' if b.vacuous else 'no'} |")
         if self.notes:
             out += [""] + [f"- {note}" for note in self.notes]
         return "\n".join(out)

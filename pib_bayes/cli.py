@@ -377,6 +377,8 @@ def _resolve_config(args: argparse.Namespace) -> tuple[dict, Path]:
     cfg = load_config(args.config, getattr(args, "output", None))
     if getattr(args, "overwrite", False):
         cfg["output"]["overwrite"] = True
+    if getattr(args, "data", None) is not None:
+        cfg["data"]["source"] = _data_override(args.data)
     return cfg, Path(args.config).resolve().parent
 
 
@@ -412,6 +414,19 @@ def _check_pretrained(model: Any, steps: int, lr: float, start: float, end: floa
             f"{end:.4g} (it started at {start:.4g}); lower pretrain.lr (e.g. lr = 0.01) or set "
             "pretrain.steps = 0",
         )
+
+
+def _data_override(source: str) -> str:
+    """``--data``: a built-in name as is, a path resolved against the working directory."""
+    from .config import BUILTIN_DATA
+
+    if source in BUILTIN_DATA:
+        return source
+    path = Path(source).expanduser()
+    if not path.exists():
+        raise UsageError("--data", f"no file or directory {source!r}; pass a built-in data set "
+                         f"{sorted(BUILTIN_DATA)}, an IDX directory, a .npz or a .csv")
+    return str(path.resolve())
 
 
 # -------------------------------------------------------------------------------------- sample
@@ -577,8 +592,17 @@ def _format_sample(s: dict) -> str:
     for split, m in s["posterior_predictive"].items():
         shown = ", ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in m.items())
         lines.append(f"  posterior predictive, {split}: {shown}")
+    if s.get("plots"):
+        lines.append(f"  plots: {', '.join(s['plots'])} in {s['run_dir']}")
     lines.append("  next: pib-bayes diagnose " + s["run_dir"])
     return "\n".join(lines)
+
+
+def _sample_plots(run_dir: str) -> list[str]:
+    """``sample --plots``: trace.png, rank.png and energy.png of the run just written (as ``diagnose``)."""
+    _, post, data = _load_run(run_dir)
+    opts = argparse.Namespace(projections=4, seed=0)
+    return _diagnostic_plots(post, Path(run_dir), data, opts)
 
 
 def _cmd_sample(args: argparse.Namespace) -> int:
@@ -588,6 +612,8 @@ def _cmd_sample(args: argparse.Namespace) -> int:
                             resume=args.resume)
     if "rank" in summary:  # a non-zero torchrun rank: rank 0 reports
         return EXIT_OK
+    if args.plots and len(summary["diverged_chains"]) < summary["chains"]:
+        summary["plots"] = _sample_plots(summary["run_dir"])
     _emit(args, summary, _format_sample(summary))
     if len(summary["diverged_chains"]) == summary["chains"]:
         print("error: every chain diverged; lower sampler.step_size or check the data", file=sys.stderr)
@@ -722,7 +748,7 @@ def _load_run(run_dir: str, trust_code: bool = False) -> tuple[dict, Any, Any]:
 def _cmd_diagnose(args: argparse.Namespace) -> int:
     import numpy as np
 
-    from .diagnostics import ConvergenceWarning, summary
+    from .diagnostics import ConvergenceWarning, format_above, summary
 
     cfg, post, data = _load_run(args.run_dir, args.trust_code)
     run_dir = Path(args.run_dir)
@@ -780,7 +806,8 @@ def _cmd_diagnose(args: argparse.Namespace) -> int:
     for name, row in table.iterrows():
         lines.append(
             f"  {name:<14} {row['mean']:11.4g} {row['sd']:10.4g} {row['mcse_mean']:9.3g} "
-            f"{row['ess_bulk']:9.1f} {row['ess_tail']:9.1f} {row['r_hat']:7.3f}"
+            f"{row['ess_bulk']:9.1f} {row['ess_tail']:9.1f} "
+            f"{format_above(row['r_hat'], table.attrs['rhat_threshold']):>7}"
         )
     lines += [
         "",
@@ -1216,6 +1243,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--overwrite", action="store_true", help="replace an existing run directory")
     s.add_argument("--resume", action="store_true",
                    help="continue an interrupted run from RUN_DIR.checkpoint (same config)")
+    s.add_argument("--data", metavar="PATH",
+                   help="data source (overrides [data] source): a built-in name, IDX dir, .npz or .csv")
+    s.add_argument("--plots", action="store_true", help="also write trace.png, rank.png, energy.png")
     _common(s)
     s.set_defaults(func=_cmd_sample)
 
@@ -1240,6 +1270,8 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--output", help="output directory (overrides [output] dir)")
     i.add_argument("--overwrite", action="store_true")
     i.add_argument("--epochs", type=int, help="overrides [iiw] epochs")
+    i.add_argument("--data", metavar="PATH",
+                   help="data source (overrides [data] source): a built-in name, IDX dir, .npz or .csv")
     _common(i)
     i.set_defaults(func=_cmd_iiw)
 
@@ -1259,8 +1291,11 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``pib-bayes``; returns the exit code (see the module docstring)."""
     args = build_parser().parse_args(argv)
+    from ._threads import cap_threads
     from .config import ConfigError
     from .distributed import DistributedSamplingError
+
+    cap_threads()  # no more torch threads than usable cores: idle threads spin (docs/quickstart.md)
 
     def fail(key: str, message: str, code: int) -> int:
         if getattr(args, "json", False):

@@ -338,6 +338,21 @@ def summary(post: Posterior, *, data: tuple[Tensor, Tensor] | None = None, probe
     return table
 
 
+def format_above(value: float, threshold: float, decimals: int = 3) -> str:
+    """``value`` with ``decimals`` decimals, or more when needed so that a value above ``threshold``
+    never prints as the threshold (R-hat 1.0104 against 1.01 prints ``1.0104``, not ``1.010``).
+
+    >>> format_above(1.0104, 1.01), format_above(1.25, 1.01), format_above(1.0099, 1.01)
+    ('1.0104', '1.250', '1.010')
+    """
+    if not math.isfinite(value):
+        return f"{value}"
+    d = decimals
+    while value > threshold and float(f"{value:.{d}f}") <= threshold and d < 12:
+        d += 1
+    return f"{value:.{d}f}"
+
+
 def _warn(table: pd.DataFrame, num_chains: int, rhat_threshold: float, min_ess_per_chain: float) -> None:
     if num_chains < 2:
         warnings.warn("R-hat needs at least 2 chains (it is NaN with one); sample with num_chains >= 4",
@@ -345,7 +360,7 @@ def _warn(table: pd.DataFrame, num_chains: int, rhat_threshold: float, min_ess_p
     else:
         bad = table[~(table["r_hat"] <= rhat_threshold)]
         if len(bad):
-            listed = ", ".join(f"{k} ({v:.3f})" for k, v in bad["r_hat"].items())
+            listed = ", ".join(f"{k} ({format_above(v, rhat_threshold)})" for k, v in bad["r_hat"].items())
             warnings.warn(f"R-hat > {rhat_threshold} (chains have not mixed) for: {listed}; "
                           "run longer chains or a smaller step size", ConvergenceWarning, stacklevel=3)
     min_ess = min_ess_per_chain * num_chains
@@ -364,6 +379,10 @@ def _attr_value(v: Any) -> Any:
     if isinstance(v, (int, float, str)):
         return v
     return json.dumps(v, default=str)
+
+
+LARGE_EXPORT = 10_000
+"""Weights above which :func:`to_arviz` (all parameters) warns that per-weight diagnostics are slow."""
 
 
 def to_arviz(post: Posterior, *, params: None | Sequence[str] | str = None, num_projections: int = 8,
@@ -410,6 +429,14 @@ def to_arviz(post: Posterior, *, params: None | Sequence[str] | str = None, num_
         attrs["projection_seed"] = seed
     else:
         names = post.param_names if params is None else list(params)
+        size = sum(int(np.prod(post.draws[k].shape[2:])) for k in names if k in post.draws)
+        if size > LARGE_EXPORT:
+            warnings.warn(
+                f"to_arviz: exporting {size:,} weights; az.summary over all of them is slow (about 8 s of "
+                f"CPU per 10,000 weights at 4 x 100 draws) and R-hat per weight says little: pass "
+                f"params=[...] (or az.summary's var_names), params='projections', or use "
+                f"pib_bayes.diagnostics.summary (scalar summaries)",
+                UserWarning, stacklevel=2)
         unknown = [k for k in names if k not in post.draws]
         if unknown:
             raise ValueError(f"params: unknown parameters {unknown}; available: {post.param_names}")

@@ -25,6 +25,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from . import __version__
+from ._threads import warn_if_oversubscribed
 from .batched import batched_forward
 from .data import LoaderBatcher, TensorBatcher, as_tensors
 from .energy import Energy, LossFn, loss_likelihood, require_task
@@ -629,6 +630,22 @@ def _restore_group(group: _Group, saved: dict[str, Any]) -> _Cursor:
     return _Cursor(int(saved["t"]), int(saved["kept"]), int(saved["counter"]), saved["alive"].clone())
 
 
+def _total_steps(schedule: Schedule, num_warmup: int, num_draws: int, thin: int) -> int | None:
+    """Steps a chain takes to keep ``num_draws`` draws (None if not found within 10^7 steps).
+
+    After warm-up, every ``thin``-th *collected* step is kept and the loop ends after the step of the
+    last draw: the ``((num_draws - 1) * thin + 1)``-th collected step.
+    """
+    needed = (num_draws - 1) * thin + 1
+    if type(schedule).collect is Schedule.collect:  # every step after warm-up is collected
+        return num_warmup + needed
+    t, counted = num_warmup, 0
+    while counted < needed and t < num_warmup + 10**7:  # e.g. a cyclical schedule: part of each cycle
+        counted += bool(schedule.collect(t))
+        t += 1
+    return t if counted == needed else None
+
+
 def _run_group(runner: _Sampler, group: _Group, names: list[str], keep_names: list[str], num_warmup: int,
                num_draws: int, thin: int, out: _Buffers, progress: bool, cur: _Cursor | None = None,
                checkpoint: Callable[[dict[str, Any]], None] | None = None, checkpoint_every: int = 0) -> None:
@@ -645,7 +662,11 @@ def _run_group(runner: _Sampler, group: _Group, names: list[str], keep_names: li
     if cur is None:
         cur = _Cursor(0, 0, 0, torch.ones(len(group.chains), dtype=torch.bool))
     desc = f"chain {group.chains[0]}" if len(group.chains) == 1 else f"{len(group.chains)} chains"
-    bar = tqdm(total=num_draws, initial=cur.kept, desc=desc, disable=not progress, leave=False)
+    warn_if_oversubscribed()
+    # the bar counts every step, warm-up included, so its ETA holds from the start; it stays on screen
+    phase = lambda t: f"{desc} {'warm-up' if t < num_warmup else 'sampling'}"  # noqa: E731
+    bar = tqdm(total=_total_steps(schedule, num_warmup, num_draws, thin), initial=cur.t, desc=phase(cur.t),
+               unit="step", disable=not progress, leave=True)
     try:
         while cur.kept < num_draws and bool(cur.alive.any()):
             t = cur.t
@@ -680,12 +701,14 @@ def _run_group(runner: _Sampler, group: _Group, names: list[str], keep_names: li
                                 if bool(cur.alive[j]) else math.nan for j in range(len(group.chains))]
                         out.stat(name)[idx, k] = torch.tensor(vals, dtype=torch.float64)
                 cur.kept += 1
-                bar.update(1)
             step_stats = runner.move(group, grads, t, record)
             if record:
                 for name, val in step_stats.items():
                     out.stat(name)[idx, cur.kept - 1] = val.double()
             cur.t += 1
+            bar.update(1)
+            if cur.t == num_warmup:
+                bar.set_description(phase(cur.t), refresh=False)
     finally:
         bar.close()
         if group.prefetcher is not None:

@@ -308,22 +308,23 @@ class Posterior:
         Raises ``ValueError`` naming the model class, the failing op's error and x's shape and
         dtype when even the loop cannot run the model on ``x``.
 
-        >>> import torch
-        >>> from torch import nn
-        >>> from pib_bayes import Posterior
-        >>> class LastState(nn.Module):  # a GRU classifier: no vmap batching rule for aten::gru
-        ...     def __init__(self):
-        ...         super().__init__()
-        ...         self.rnn = nn.GRU(2, 3, batch_first=True)
-        ...     def forward(self, x):
-        ...         return self.rnn(x)[0][:, -1]
-        >>> net = LastState()
-        >>> draws = {n: p.detach() + 0.1 * torch.randn(2, 3, *p.shape) for n, p in net.named_parameters()}
-        >>> post = Posterior(draws, {}, {"task": "regression"}, model=net)
-        >>> post.outputs(torch.randn(5, 6, 2)).shape
-        torch.Size([6, 5, 3])
-        >>> post.last_engine
-        'loop'
+        Examples:
+            >>> import torch
+            >>> from torch import nn
+            >>> from pib_bayes import Posterior
+            >>> class LastState(nn.Module):  # a GRU classifier: no vmap batching rule for aten::gru
+            ...     def __init__(self):
+            ...         super().__init__()
+            ...         self.rnn = nn.GRU(2, 3, batch_first=True)
+            ...     def forward(self, x):
+            ...         return self.rnn(x)[0][:, -1]
+            >>> net = LastState()
+            >>> draws = {n: p.detach() + 0.1 * torch.randn(2, 3, *p.shape) for n, p in net.named_parameters()}
+            >>> post = Posterior(draws, {}, {"task": "regression"}, model=net)
+            >>> post.outputs(torch.randn(5, 6, 2)).shape
+            torch.Size([6, 5, 3])
+            >>> post.last_engine
+            'loop'
         """
         model = self._model_for(model)
         draws = self.draws_for_prediction(include_diverged)

@@ -1,0 +1,193 @@
+"""Griffe extension for the docs build: turns the docstrings' reST conventions into mkdocstrings Markdown.
+
+The library's docstrings are written for ``help()`` and doctests: cross-references as reST roles
+(``:class:`~pib_bayes.Posterior```), "SPEC §2" for the mathematics page, and Google-style ``Args:``
+lines that may list several names at once (``num_chains, num_warmup, num_draws, thin: chain layout.``).
+This extension rewrites them after the package is loaded and before mkdocstrings parses and renders
+them; the source keeps its plain-text form.
+
+* ``:role:`target``` (class, func, meth, attr, mod, data, exc, obj, optionally ``py:``-prefixed)
+  becomes an *optional* autorefs cross-reference to the target's canonical path: a link when the
+  target is rendered somewhere in the site, plain code when it is not (an external object, or one
+  the API page leaves out), so a link can never break the strict build. ``~a.b.C`` shows ``C``;
+  ``.foo`` and bare names are looked up in the enclosing class, then module, then the package, then
+  (if unique) by name anywhere in the package.
+* ``SPEC §N`` (also ``§3a``, ``§1-2``) becomes a link to the matching heading of ``docs/math.md``
+  (headings carry the ids ``spec-1``, ``spec-3a``, ...); an id that does not exist fails the build.
+* An ``Args:`` entry naming several parameters is split into one entry per name, so that each
+  parameter's default is found (otherwise the table says "required").
+* A few displayed equations (exact code spans listed in ``EQUATIONS``) become typeset math; other
+  code spans stay code.
+
+Loaded by mkdocs.yml through the mkdocstrings Python handler's ``extensions`` option.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any
+
+import griffe
+
+ROLE_RE = re.compile(r":(?:py:)?(class|func|meth|attr|mod|data|exc|obj):`([^`]+)`")
+# the section ids of docs/math.md ("## 2. ... { #spec-2 }"); a subsection without an id links to its section
+MATH_ANCHORS = set(re.findall(r"\{ #(spec-[0-9a-z]+) \}",
+                              (Path(__file__).parent / "math.md").read_text(encoding="utf-8")))
+SPEC_RE = re.compile(r"SPEC\s*§\s*(\d)([a-d])?(?:\s*[-–]\s*(\d))?")
+ARGS_HEADER_RE = re.compile(
+    r"^(\s*)(Args|Arguments|Parameters|Keyword Args|Keyword Arguments|Other Parameters):\s*$")
+MULTI_ARG_RE = re.compile(r"^(\s+)([A-Za-z_]\w*(?:\s*,\s*[A-Za-z_]\w*)+)\s*:\s+(.*)$")
+
+# Code spans that are displayed equations, as written in the docstrings -> LaTeX (inline math).
+EQUATIONS = {
+    "q*(w|S) ∝ p(w) exp(-L_S(w)/beta)": r"q^*(w\mid S) \propto p(w)\, e^{-L_S(w)/\beta}",
+    "U_B(w) = mean_{i in B} l_i(w)/beta - log p(w)": (
+        r"U_B(w) = \frac{1}{|B|}\sum_{i\in B} \ell_i(w)/\beta - \log p(w)"
+    ),
+    "w <- w - h_t grad U_B(w) + sqrt(2 h_t) xi": r"w \leftarrow w - h_t \nabla U_B(w) + \sqrt{2h_t}\,\xi",
+    "KL(q||p)": r"\mathrm{KL}(q \Vert p)",
+    "Δθᵀ F Δθ": r"\Delta\theta^\top F \Delta\theta",
+    "Δθ = θ_S − θ₀": r"\Delta\theta = \theta_S - \theta_0",
+    "½ Δθᵀ F Δθ / β": r"\tfrac12 \Delta\theta^\top F \Delta\theta / \beta",
+    "F = (1/n) Σ_i ∇l_i ∇l_iᵀ": r"F = \frac1n \sum_i \nabla \ell_i \nabla \ell_i^\top",
+    "IIW_g(t) = Δθ_g(t)ᵀ F_g(t) Δθ_g(t)": (
+        r"\mathrm{IIW}_g(t) = \Delta\theta_g(t)^\top F_g(t)\, \Delta\theta_g(t)"
+    ),
+    "∇_W l_iᵀ ΔW = ⟨∂l_i/∂z_i, ΔW a_i⟩": (
+        r"\nabla_W \ell_i^\top \Delta W = \langle \partial \ell_i/\partial z_i, \Delta W a_i \rangle"
+    ),
+    "(1/K) Σ_k (ḡ_kᵀ Δθ)²": r"\frac1K \sum_k (\bar g_k^\top \Delta\theta)^2",
+    "I(w;S) <= E_S KL(Q_S || P)": r"I(w;S) \le \mathbb{E}_S\, \mathrm{KL}(Q_S \Vert P)",
+    "E[L(w)] <= E[L_S(w)] + sqrt(2 sigma^2 I(w; S) / n)": (
+        r"\mathbb{E}[L(w)] \le \mathbb{E}[L_S(w)] + \sqrt{2\sigma^2 I(w;S)/n}"
+    ),
+    "L(Q) <= L_S(Q) + (b - a) sqrt((KL(Q||P) + log(2 sqrt(n)/delta)) / (2n))": (
+        r"L(Q) \le L_S(Q) + (b-a)\sqrt{\frac{\mathrm{KL}(Q\Vert P) + \log(2\sqrt{n}/\delta)}{2n}}"
+    ),
+    "L(Q) <= kl^{-1}(L_S(Q), (KL(Q||P) + log(2 sqrt(n)/delta)) / n)": (
+        r"L(Q) \le \mathrm{kl}^{-1}\!\left(L_S(Q), "
+        r"\frac{\mathrm{KL}(Q\Vert P) + \log(2\sqrt{n}/\delta)}{n}\right)"
+    ),
+    "L(Q) <= (1 - exp(-C L_S(Q) - (KL(Q||P) + log(k/delta)) / n)) / (1 - exp(-C))": (
+        r"L(Q) \le \frac{1 - \exp\left(-C L_S(Q) - (\mathrm{KL}(Q\Vert P) + \log(k/\delta))/n\right)}"
+        r"{1 - e^{-C}}"
+    ),
+}
+
+
+def _objects(obj: griffe.Object) -> list[griffe.Object]:
+    """Every non-alias object under ``obj`` (itself included)."""
+    found = [obj]
+    for member in obj.members.values():
+        if member.is_alias:
+            continue
+        found.extend(_objects(member))  # type: ignore[arg-type]
+    return found
+
+
+class ReSTRoles(griffe.Extension):
+    """Rewrite reST roles, SPEC references, multi-name Args entries and listed equations."""
+
+    def on_package(self, *, pkg: griffe.Module, loader: griffe.GriffeLoader, **kwargs: Any) -> None:
+        self.pkg = pkg
+        self.collection = loader.modules_collection
+        objects = _objects(pkg)
+        self.by_name: dict[str, list[str]] = {}
+        for obj in objects:
+            self.by_name.setdefault(obj.name, []).append(obj.path)
+        for obj in objects:
+            if obj.docstring is not None:
+                obj.docstring.value = self.rewrite(obj.docstring.value, obj)
+
+    # -- cross-references -------------------------------------------------------------------------
+    def _canonical(self, path: str, kind: str) -> str | None:
+        try:
+            found = self.collection[path]
+            if found.is_alias:
+                found = found.final_target
+            # a function living in a module of the same name (pib_bayes.iiw.fisher): the function
+            if kind in ("func", "class") and found.is_module and found.name in found.members:
+                member = found.members[found.name]
+                found = member.final_target if member.is_alias else member
+            return found.path
+        except Exception:  # noqa: BLE001 - not found / alias that does not resolve: no link
+            return None
+
+    def resolve(self, target: str, obj: griffe.Object, kind: str = "obj") -> str | None:
+        """The canonical path a role's target names, seen from ``obj``; None if not in the package.
+
+        A docstring never links to itself: inside ``IIWTracker.peak``, ``:func:`peak``` is the
+        module-level function, not the method being documented."""
+        relative = target.startswith(".")
+        name = target.lstrip(".")
+        scope: griffe.Object | None = obj
+        while scope is not None:  # enclosing scopes, innermost first
+            found = self._canonical(f"{scope.path}.{name}", kind)
+            if found and found != obj.path:
+                return found
+            scope = scope.parent
+        if not relative:
+            found = self._canonical(name, kind)
+            if found and found != obj.path:
+                return found
+        last = name.rsplit(".", 1)[-1]
+        matches = [p for p in self.by_name.get(last, [])
+                   if (p.endswith("." + name) or p == name) and p != obj.path]
+        return matches[0] if len(matches) == 1 else None
+
+    def role(self, match: re.Match[str], obj: griffe.Object) -> str:
+        kind, text = match.group(1), match.group(2).strip()
+        if "<" in text and text.endswith(">"):  # :role:`title <target>`
+            title, target = text[:-1].split("<", 1)
+            title, target = title.strip(), target.strip()
+        else:
+            short = text.startswith("~")
+            target = text.lstrip("~")
+            title = target.rsplit(".", 1)[-1] if short else target.lstrip(".")
+            if kind in ("func", "meth") and not title.endswith(")"):
+                title += "()"
+        target = target.removesuffix("()")
+        path = self.resolve(target, obj, kind)
+        if path is None:
+            return f"`{title}`"
+        return f'<autoref identifier="{path}" optional><code>{title}</code></autoref>'
+
+    # -- the whole docstring -----------------------------------------------------------------------
+    def rewrite(self, text: str, obj: griffe.Object) -> str:
+        text = ROLE_RE.sub(lambda m: self.role(m, obj), text)
+        text = SPEC_RE.sub(_spec_link, text)
+        for code, tex in EQUATIONS.items():
+            text = text.replace(f"``{code}``", f"${tex}$")
+        return _split_multi_args(text)
+
+
+def _spec_link(match: re.Match[str]) -> str:
+    section, sub, upto = match.group(1), match.group(2) or "", match.group(3)
+    label = f"§{section}{sub}" + (f"-{upto}" if upto else "")
+    anchor = f"spec-{section}{sub}" if f"spec-{section}{sub}" in MATH_ANCHORS else f"spec-{section}"
+    return f"[the mathematics, {label}][{anchor}]"  # an unknown section fails the strict build
+
+
+def _split_multi_args(text: str) -> str:
+    """``a, b, c: desc`` inside an Args-like section -> one entry per name."""
+    lines = text.split("\n")
+    out: list[str] = []
+    section_indent: int | None = None
+    for line in lines:
+        header = ARGS_HEADER_RE.match(line)
+        if header:
+            section_indent = len(header.group(1))
+            out.append(line)
+            continue
+        if section_indent is not None and line.strip():
+            indent = len(line) - len(line.lstrip())
+            if indent <= section_indent:
+                section_indent = None
+        multi = MULTI_ARG_RE.match(line) if section_indent is not None else None
+        if multi:
+            pad, names, desc = multi.groups()
+            out.extend(f"{pad}{n.strip()}: {desc}" for n in names.split(","))
+            continue
+        out.append(line)
+    return "\n".join(out)

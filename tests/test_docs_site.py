@@ -1,0 +1,54 @@
+"""The docs-build helpers that need no mkdocs: the built-site check (.ci/check_site.py) and the
+SPEC-link hook (docs/_hooks.py). .ci/run builds the real site and runs the check on it."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _load(path: str):
+    spec = importlib.util.spec_from_file_location(Path(path).stem, ROOT / path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+check_site = _load(".ci/check_site.py")
+hooks = _load("docs/_hooks.py")
+
+
+def test_check_site_names_each_raw_role_and_bare_spec(tmp_path):
+    (tmp_path / "api").mkdir()
+    (tmp_path / "api" / "index.html").write_text(
+        "<p>Returns a :class:<code>~pib_bayes.Posterior</code> (SPEC §2).</p>"
+        "<p>see :meth:`.predict`</p><script>var s = ':func:`x`';</script>", encoding="utf-8")
+    (tmp_path / "index.html").write_text(
+        '<p>A <a href="api/#pib_bayes.posterior.Posterior"><code>Posterior</code></a>, '
+        '<a href="math/#spec-2">the mathematics, §2</a>.</p>', encoding="utf-8")
+    bad = check_site.check(tmp_path)
+    assert len(bad) == 3, bad  # two roles and one SPEC on the api page; the script and index.html are clean
+    assert all(line.startswith("api/index.html: ") for line in bad)
+    assert sum("raw reST role" in line for line in bad) == 2
+    assert check_site.main([str(tmp_path)]) == 1
+    (tmp_path / "api" / "index.html").unlink()
+    assert check_site.main([str(tmp_path)]) == 0
+
+
+def test_hook_links_spec_in_prose_only():
+    md = ("The energy (SPEC §1) and the oracle of SPEC §3c, SPEC §1-2.\n"
+          "```python\n# SPEC §2 in code stays\n```\n"
+          "`SPEC §4` stays\n## A heading with SPEC §5 stays\n")
+    out = hooks.link_spec(md)
+    assert "([the mathematics, §1][spec-1])" in out
+    assert "[the mathematics, §3c][spec-3c]" in out
+    assert "[the mathematics, §1-2][spec-1]" in out
+    assert "# SPEC §2 in code stays" in out and "`SPEC §4` stays" in out
+    assert "## A heading with SPEC §5 stays" in out
+
+
+def test_hook_links_a_subsection_without_an_id_to_its_section():
+    assert "spec-3c" in hooks.MATH_ANCHORS and "spec-2b" not in hooks.MATH_ANCHORS
+    assert hooks.link_spec("SPEC §2b") == "[the mathematics, §2b][spec-2]"
