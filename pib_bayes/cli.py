@@ -600,7 +600,8 @@ def _format_sample(s: dict) -> str:
 
 def _sample_plots(run_dir: str) -> list[str]:
     """``sample --plots``: trace.png, rank.png and energy.png of the run just written (as ``diagnose``)."""
-    _, post, data = _load_run(run_dir)
+    # this process wrote the run from the user's own config: its factory and data are the user's input
+    _, post, data = _load_run(run_dir, trust_code=True)
     opts = argparse.Namespace(projections=4, seed=0)
     return _diagnostic_plots(post, Path(run_dir), data, opts)
 
