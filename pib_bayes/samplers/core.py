@@ -23,6 +23,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -398,6 +399,8 @@ class Kernel:
         step: ``step(params, grads, state, step_size, noise, noise_scale=1.0, batch_ndim=0,
             with_stats=False) -> {stat_name: tensor}``; updates params and state in place.
         settings: the hyper-parameters it was built with (recorded in Posterior metadata).
+        curvature_rule: how ``step_size="auto"`` maps the energy's lambda_max to the step size
+            and settings (a :class:`~pib_bayes.samplers.step_size.CurvatureRule`); None: no "auto".
     """
 
     name: str
@@ -405,3 +408,4 @@ class Kernel:
     init: Callable[[list[Tensor]], dict[str, list[Tensor]]]
     step: Callable[..., dict[str, Tensor]]
     settings: dict = field(default_factory=dict)
+    curvature_rule: Any = None

@@ -1,0 +1,419 @@
+"""Automatic step size from curvature, and the minibatch-noise report (SPEC §2).
+
+On a quadratic energy with Hessian eigenvalues lambda, unadjusted Langevin (SGLD) with step h has
+stationary variance ``(1/lambda) / (1 - h lambda / 2)`` along each eigendirection. Bounding the
+relative variance bias by ``eps`` in the stiffest direction gives
+
+    h = 2 eps / ((1 + eps) lambda_max)                                           (SGLD, cSGLD)
+
+``lambda_max`` comes from power iteration on Hessian-vector products of the minibatch energy
+``U_B(w) = mean_B l_i(w)/beta - log p(w)`` (double backward), at given weights, on a few
+minibatches concatenated into one. Each kernel carries a :class:`CurvatureRule` that maps
+``lambda_max`` to its own settings:
+
+* pSGLD: the same bound on the *preconditioned* Hessian ``G^(1/2) H G^(1/2)`` (its move is SGLD
+  in the coordinates ``G^(-1/2) w``), with G the RMSprop preconditioner of the squared minibatch
+  gradients at those weights.
+* SGHMC (``v <- (1 - alpha) v - eta g + sqrt(2 alpha eta) xi; w <- w + v``) is the Euler scheme of
+  underdamped Langevin ``dw = p dt, dp = -grad U dt - gamma p dt + sqrt(2 gamma) dW`` with time step
+  ``e``: ``eta = e^2``, ``alpha = gamma e``. Its exact stationary variance on a harmonic direction
+  (discrete Lyapunov equation of the 2x2 recursion) is ``(1/lambda) / (1 - eta lambda / (2 (2 - alpha)))``,
+  so the bias bound gives ``eta lambda_max = 2 (2 - alpha) eps / (1 + eps)``. The friction is
+  ``gamma = sqrt(lambda_max)`` (damping ratio 1/2 in the stiffest direction), i.e.
+  ``alpha = sqrt(eta lambda_max)``, unless ``friction`` is given; both equations together are a
+  quadratic in ``s = sqrt(eta lambda_max)``: ``s^2 + 2 k s - 4 k = 0`` with ``k = eps / (1 + eps)``.
+
+Minibatch noise (SPEC §2): if ``grad U_B = grad U + zeta`` with noise covariance C, the excess
+stationary covariance Sigma_1 of SGLD solves ``H Sigma_1 + Sigma_1 H = h C`` to first order in h.
+In the eigenbasis of H this is ``(Sigma_1)_jj = h C_jj / (2 lambda_j)``: the *relative* variance
+inflation along an eigendirection u is ``h u^T C u / 2``, whatever its curvature. The report gives it
+along the top eigenvector v (from the power iteration) and averaged over all directions,
+``h tr(C) / (2 D)``. ``u^T C u = Var_i(u . grad l_i) / (|B| beta^2)`` (times the finite-population
+factor ``(n - |B|)/(n - 1)`` of batches drawn without replacement) needs only directional
+derivatives of the per-example losses (one forward-mode pass per direction); ``tr(C)`` is
+estimated with Rademacher probes (Hutchinson). For SGHMC the injected momentum noise is
+``2 alpha eta`` and the gradient noise adds ``eta^2 C``, so h becomes ``eta / alpha``.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor
+
+__all__ = ["AutoStep", "CurvatureRule", "PowerIteration", "GradientNoiseWarning", "estimate_lambda_max",
+           "energy_hvp", "minibatch_noise", "auto_step_size", "SGLD_RULE", "PSGLD_RULE", "SGHMC_RULE",
+           "NOISE_WARN_THRESHOLD"]
+
+NOISE_WARN_THRESHOLD = 0.1  # warn when the predicted relative variance inflation exceeds 10%
+
+
+class GradientNoiseWarning(UserWarning):
+    """The minibatch gradient noise is predicted to inflate the posterior covariance noticeably."""
+
+
+def _bias_fraction(eps: float) -> float:
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not 0 < eps < 1:
+        raise ValueError(f"step_size: eps (the allowed relative variance bias) must lie in (0, 1), "
+                         f"got {eps!r}")
+    return float(eps) / (1.0 + float(eps))
+
+
+def _sgld_choose(lam_max: float, eps: float, given: Mapping[str, Any]) -> dict[str, float]:
+    return {"step_size": 2.0 * _bias_fraction(eps) / lam_max}
+
+
+def _sghmc_choose(lam_max: float, eps: float, given: Mapping[str, Any]) -> dict[str, float]:
+    k = _bias_fraction(eps)
+    if "friction" in given:  # the user's friction: eta from the bias bound alone
+        alpha = float(given["friction"])
+        return {"step_size": 2.0 * (2.0 - alpha) * k / lam_max, "friction": alpha}
+    s = -k + math.sqrt(k * k + 4.0 * k)  # s = sqrt(eta lambda_max) = alpha
+    return {"step_size": s * s / lam_max, "friction": min(s, 1.0)}
+
+
+@dataclass(frozen=True)
+class CurvatureRule:
+    """How a kernel turns ``lambda_max`` into its settings (see the module docstring).
+
+    Attributes:
+        choose: ``(lambda_max, eps, given_settings) -> {"step_size": h, **kernel settings}``.
+        noise_gain: ``settings -> h_eff``; the predicted relative variance inflation along a
+            direction u is ``h_eff * u^T C u / 2`` (SGLD: h; SGHMC: eta / alpha).
+        preconditioned: estimate ``lambda_max`` of ``G^(1/2) H G^(1/2)`` (pSGLD).
+
+    >>> round(SGLD_RULE.choose(100.0, 0.05, {})["step_size"] * 100.0, 6)  # 2 eps / (1 + eps)
+    0.095238
+    """
+
+    choose: Callable[[float, float, Mapping[str, Any]], dict[str, float]]
+    noise_gain: Callable[[Mapping[str, float]], float] = field(default=lambda s: s["step_size"])
+    preconditioned: bool = False
+
+
+SGLD_RULE = CurvatureRule(_sgld_choose)
+PSGLD_RULE = CurvatureRule(_sgld_choose, preconditioned=True)
+SGHMC_RULE = CurvatureRule(_sghmc_choose, noise_gain=lambda s: s["step_size"] / s["friction"])
+
+
+@dataclass(frozen=True)
+class AutoStep:
+    """``step_size="auto"`` with its options: h from ``lambda_max`` at the chains' initial weights.
+
+    Args:
+        eps: allowed relative bias of the stationary variance in the stiffest direction
+            (default 0.05: 5%, i.e. about 2.5% in the standard deviation); SGLD takes
+            ``h = 2 eps / ((1 + eps) lambda_max)``.
+        num_batches: minibatches (of the run's batch size; the full data when it has none)
+            concatenated into the one batch whose Hessian is power-iterated.
+        max_iters, tol: power iteration stops when the Rayleigh quotient changes by less than
+            ``tol`` relatively, or after ``max_iters`` Hessian-vector products.
+        noise_probes: Rademacher probes for ``tr(C)`` in the minibatch-noise report.
+
+    >>> AutoStep(eps=0.1).eps
+    0.1
+    """
+
+    eps: float = 0.05
+    num_batches: int = 4
+    max_iters: int = 50
+    tol: float = 1e-3
+    noise_probes: int = 8
+
+    def __post_init__(self) -> None:
+        _bias_fraction(self.eps)
+        for name in ("num_batches", "max_iters", "noise_probes"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"step_size: AutoStep.{name} must be an int >= 1, got {v!r}")
+        if not (isinstance(self.tol, (int, float)) and 0 < self.tol < 1):
+            raise ValueError(f"step_size: AutoStep.tol must lie in (0, 1), got {self.tol!r}")
+
+
+@dataclass
+class PowerIteration:
+    """Result of :func:`estimate_lambda_max`: the top eigenvalue, its unit eigenvector (a list
+    shaped like the parameters), the Hessian-vector products spent, and whether it converged."""
+
+    value: float
+    vector: list[Tensor]
+    iterations: int
+    converged: bool
+    shift: float = 0.0
+
+
+def _dot(a: Sequence[Tensor], b: Sequence[Tensor]) -> float:
+    return float(sum((x * y).sum() for x, y in zip(a, b, strict=True)))
+
+
+def _power(hvp: Callable[[list[Tensor]], list[Tensor]], v: list[Tensor], shift: float, max_iters: int,
+           tol: float) -> tuple[float, list[Tensor], int, bool]:
+    norm = math.sqrt(_dot(v, v))
+    v = [t / norm for t in v]
+    value, it = math.nan, 0
+    for it in range(1, max_iters + 1):
+        hv = hvp(v)
+        if shift:
+            hv = [a - shift * b for a, b in zip(hv, v, strict=True)]
+        new = _dot(v, hv)  # Rayleigh quotient of the unit vector v
+        norm = math.sqrt(_dot(hv, hv))
+        if not math.isfinite(new) or not math.isfinite(norm) or norm == 0.0:
+            return new if math.isfinite(new) else math.nan, v, it, False
+        v = [t / norm for t in hv]
+        if math.isfinite(value) and abs(new - value) <= tol * abs(new):
+            return new, v, it, True
+        value = new
+    return value, v, it, False
+
+
+def estimate_lambda_max(hvp: Callable[[list[Tensor]], list[Tensor]], like: Sequence[Tensor], *,
+                        max_iters: int = 50, tol: float = 1e-3,
+                        generator: torch.Generator | None = None) -> PowerIteration:
+    """Largest eigenvalue of a symmetric operator given by Hessian-vector products (power iteration).
+
+        v <- H v / |H v|,    lambda = v^T H v    (Rayleigh quotient)
+
+    Power iteration finds the eigenvalue of largest *magnitude*; if that one is negative (a
+    saddle or a concave direction dominates), it is repeated on ``H - lambda_neg I``, whose top
+    eigenvalue is ``lambda_max - lambda_neg >= 0`` (``shift`` records lambda_neg). The result is
+    non-finite or non-positive when the curvature estimate fails; callers decide what to do.
+
+    Args:
+        hvp: ``v -> H v`` on lists of tensors shaped like ``like``.
+        like: tensors giving the shapes, dtype and device of v.
+        max_iters, tol: stop when the Rayleigh quotient changes by less than ``tol`` relatively.
+        generator: for the random start vector.
+
+    >>> import torch
+    >>> h = torch.diag(torch.tensor([3.0, 1.0, -0.5]))
+    >>> res = estimate_lambda_max(lambda v: [h @ v[0]], [torch.zeros(3)], tol=1e-8, max_iters=500)
+    >>> round(res.value, 4)
+    3.0
+    """
+    gen = generator if generator is not None else torch.Generator().manual_seed(0)
+    v0 = [torch.randn(t.shape, generator=gen, dtype=t.dtype).to(t.device) for t in like]
+    value, v, iters, ok = _power(hvp, v0, 0.0, max_iters, tol)
+    shift = 0.0
+    if math.isfinite(value) and value < 0:
+        shift = value
+        v1 = [torch.randn(t.shape, generator=gen, dtype=t.dtype).to(t.device) for t in like]
+        top, v, more, ok = _power(hvp, v1, shift, max_iters, tol)
+        value, iters = top + shift, iters + more
+    return PowerIteration(float(value), v, iters, ok, shift)
+
+
+def _with_names(names: Sequence[str], tensors: Sequence[Tensor]) -> dict[str, Tensor]:
+    return dict(zip(names, tensors, strict=True))
+
+
+def energy_hvp(energy: Any, params: Mapping[str, Tensor], x: Tensor, y: Tensor,
+               fixed: Mapping[str, Tensor] | None = None,
+               precond: Sequence[Tensor] | None = None) -> Callable[[list[Tensor]], list[Tensor]]:
+    """``v -> H v`` for the minibatch energy ``U_B(w) = mean_B l_i(w)/beta - log p(w)`` at ``params``
+    (one chain's weights, unbatched), by double backward; with ``precond`` (G per tensor),
+    ``v -> G^(1/2) H G^(1/2) v``. The graph of the gradient is built once and reused.
+
+    >>> import torch
+    >>> from torch import nn
+    >>> from pib_bayes import Energy
+    >>> e = Energy(nn.Linear(2, 1, bias=False), "gaussian", prior=1.0, beta=1.0)
+    >>> x, y = torch.eye(2), torch.zeros(2, 1)
+    >>> hvp = energy_hvp(e, {"weight": torch.zeros(1, 2)}, x, y)
+    >>> hvp([torch.tensor([[1.0, 0.0]])])[0]  # H = X^T X / 2 + I
+    tensor([[1.5000, 0.0000]])
+    """
+    names = list(params)
+    leaves = [params[n].detach().clone().requires_grad_(True) for n in names]
+    named = _with_names(names, leaves)
+    prior = energy.prior
+    analytic = getattr(prior, "log_prob_and_grad", None)
+    with torch.no_grad():
+        got = analytic({n: t.detach() for n, t in named.items()}) if analytic is not None else None
+    with torch.enable_grad():
+        u = energy.functional_loss(named, x, y, fixed) / energy.beta
+        if got is None:
+            u = u - prior.log_prob(named)
+        grads = torch.autograd.grad(u, leaves, create_graph=True)
+    root = [g.sqrt() for g in precond] if precond is not None else None
+
+    def prior_hv(v: list[Tensor]) -> list[Tensor]:
+        # a Gaussian prior's gradient (w - theta0)/sigma^2 is affine: H_p v = grad(w + v) - grad(w)
+        with torch.no_grad():
+            moved = analytic({n: t.detach() + dv for n, t, dv in zip(names, leaves, v, strict=True)})
+        return [a.reshape(t.shape) - b.reshape(t.shape)
+                for a, b, t in zip(moved[1], got[1], leaves, strict=True)]
+
+    def hvp(v: list[Tensor]) -> list[Tensor]:
+        w = [a * b for a, b in zip(root, v, strict=True)] if root is not None else v
+        with torch.enable_grad():
+            out = torch.autograd.grad(grads, leaves, grad_outputs=w, retain_graph=True, allow_unused=True)
+        hv = [torch.zeros_like(t) if o is None else o.detach() for o, t in zip(out, leaves, strict=True)]
+        if got is not None:
+            hv = [a + b for a, b in zip(hv, prior_hv(w), strict=True)]
+        return [a * b for a, b in zip(root, hv, strict=True)] if root is not None else hv
+
+    return hvp
+
+
+def _directional_losses(energy: Any, params: Mapping[str, Tensor], x: Tensor, y: Tensor,
+                        fixed: Mapping[str, Tensor] | None, direction: Sequence[Tensor]) -> Tensor:
+    """``u . grad l_i(w)`` for every example i (one forward-mode pass)."""
+    names = list(params)
+    state = dict(fixed or {})
+
+    def per_example(*ws: Tensor) -> Tensor:
+        out = torch.func.functional_call(energy.model, {**state, **_with_names(names, ws)}, (x,))
+        return energy.per_example_loss(out, y)
+
+    primals = tuple(params[n].detach() for n in names)
+    tangents = tuple(t.to(p.dtype) for t, p in zip(direction, primals, strict=True))
+    _, tangent = torch.func.jvp(per_example, primals, tangents)
+    return tangent.detach()
+
+
+def minibatch_noise(energy: Any, params: Mapping[str, Tensor], x: Tensor, y: Tensor, *, batch_size: int,
+                    n: int | None, h_eff: float, top: Sequence[Tensor] | None = None,
+                    fixed: Mapping[str, Tensor] | None = None, precond: Sequence[Tensor] | None = None,
+                    num_probes: int = 8, generator: torch.Generator | None = None) -> dict[str, float]:
+    """Predicted relative covariance inflation from minibatch gradient noise (SPEC §2, first order).
+
+        C = Cov_i(grad l_i(w)) / (|B| beta^2) * (n - |B|) / (n - 1)
+        inflation along u = h_eff * u^T C u / 2,      mean over directions = h_eff * tr(C) / (2 D)
+
+    ``u^T C u`` is estimated from the per-example directional derivatives ``u . grad l_i`` on the
+    examples ``x, y`` (one forward-mode pass each); ``tr(C) = E_z[z^T C z]`` with ``num_probes``
+    Rademacher z. With ``precond`` (pSGLD's G) the directions are taken in the coordinates
+    ``G^(-1/2) w``, where the move is plain SGLD (u -> G^(1/2) u). Full batches (``batch_size >= n``)
+    give zero.
+
+    Returns ``{"top": ..., "mean": ..., "trace_C": ..., "top_C": ..., "examples": m}``; "top" is
+    NaN without ``top``.
+    """
+    m = int(x.shape[0])
+    out = {"top": math.nan, "mean": 0.0, "trace_C": 0.0, "top_C": math.nan, "examples": m}
+    if n is not None and batch_size >= n:
+        out.update(top=0.0, top_C=0.0)
+        return out
+    fpc = (n - batch_size) / (n - 1) if n is not None and n > 1 else 1.0
+    scale = fpc / (batch_size * energy.beta**2)
+    root = [g.sqrt() for g in precond] if precond is not None else None
+    names = list(params)
+    dim = sum(params[k].numel() for k in names)
+
+    def quad(u: Sequence[Tensor]) -> float:
+        if root is not None:
+            u = [a * b for a, b in zip(root, u, strict=True)]
+        d = _directional_losses(energy, params, x, y, fixed, u)
+        return float(d.var(unbiased=True)) * scale if m > 1 else math.nan
+
+    if top is not None:
+        out["top_C"] = quad(top)
+        out["top"] = h_eff * out["top_C"] / 2.0
+    gen = generator if generator is not None else torch.Generator().manual_seed(0)
+    probes = []
+    for _ in range(num_probes):
+        z = [torch.randint(0, 2, params[k].shape, generator=gen).to(params[k].dtype) * 2 - 1 for k in names]
+        probes.append(quad(z))
+    out["trace_C"] = float(sum(probes) / len(probes))
+    out["mean"] = h_eff * out["trace_C"] / (2.0 * dim)
+    return out
+
+
+def _rms_preconditioner(energy: Any, params: Mapping[str, Tensor], x: Tensor, y: Tensor,
+                        fixed: Mapping[str, Tensor] | None, chunks: int, eps: float,
+                        square_avg: Sequence[Tensor] | None = None) -> list[Tensor]:
+    """pSGLD's G = 1/(eps + sqrt(V)); V = the given RMSprop average, else the mean squared
+    minibatch gradient over ``chunks`` slices of the batch (what the average settles to)."""
+    names = list(params)
+    if square_avg is None:
+        leaves = [params[k].detach().clone().requires_grad_(True) for k in names]
+        sq = [torch.zeros_like(t) for t in leaves]
+        parts = torch.arange(x.shape[0]).chunk(chunks)
+        for idx in parts:
+            with torch.enable_grad():
+                u = energy.functional_loss(_with_names(names, leaves), x[idx], y[idx], fixed) / energy.beta
+                u = u - energy.prior.log_prob(_with_names(names, leaves))
+                g = torch.autograd.grad(u, leaves)
+            for s, gi in zip(sq, g, strict=True):
+                s.add_(gi.detach().square() / len(parts))
+        square_avg = sq
+    return [1.0 / (eps + v.sqrt()) for v in square_avg]
+
+
+def run_auto_step(energy: Any, params: Mapping[str, Tensor], x: Tensor, y: Tensor, rule: CurvatureRule,
+                  spec: AutoStep, given: Mapping[str, Any], *, batch_size: int, n: int | None,
+                  fixed: Mapping[str, Tensor] | None = None, precond_eps: float = 1e-5,
+                  square_avg: Sequence[Tensor] | None = None, seed: int = 0,
+                  where: str = "the given weights") -> dict[str, Any]:
+    """The driver's curvature stage: lambda_max at ``params`` on ``(x, y)``, the rule's settings,
+    and the minibatch-noise report; everything (cost included) in one dict for the metadata."""
+    start = time.process_time()
+    gen = torch.Generator().manual_seed(int(seed))
+    precond = (_rms_preconditioner(energy, params, x, y, fixed, spec.num_batches, precond_eps, square_avg)
+               if rule.preconditioned else None)
+    hvp = energy_hvp(energy, params, x, y, fixed, precond)
+    res = estimate_lambda_max(hvp, [params[k] for k in params], max_iters=spec.max_iters, tol=spec.tol,
+                              generator=gen)
+    if not math.isfinite(res.value) or res.value <= 0:
+        raise ValueError(f"step_size: 'auto' needs a positive, finite curvature estimate, got lambda_max = "
+                         f"{res.value!r} at {where} (the energy is flat, concave or non-finite there); "
+                         "pass a float step_size instead")
+    settings = rule.choose(res.value, spec.eps, given)
+    h_eff = rule.noise_gain(settings)
+    noise = minibatch_noise(energy, params, x, y, batch_size=batch_size, n=n, h_eff=h_eff, top=res.vector,
+                            fixed=fixed, precond=precond, num_probes=spec.noise_probes, generator=gen)
+    return {
+        "step_size": settings["step_size"],
+        "settings": {k: v for k, v in settings.items() if k != "step_size"},
+        "lambda_max": res.value, "iterations": res.iterations, "converged": res.converged,
+        "shift": res.shift, "eps": spec.eps, "preconditioned": rule.preconditioned, "at": where,
+        "examples": int(x.shape[0]), "gradient_noise": noise, "cpu_s": time.process_time() - start,
+    }
+
+
+def auto_step_size(model: torch.nn.Module, loss_fn: Any, data: tuple[Tensor, Tensor], *, beta: float,
+                   prior: Any = None, sampler: str = "sgld", eps: float = 0.05, batch_size: int | None = None,
+                   num_batches: int = 4, sampler_kwargs: Mapping[str, Any] | None = None,
+                   seed: int = 0) -> dict[str, Any]:
+    """The step size (and kernel settings) ``sample(step_size="auto")`` would choose at the model's
+    current weights, with ``lambda_max``, its cost and the minibatch-noise report.
+
+    SGLD: ``h = 2 eps / ((1 + eps) lambda_max)``; see :class:`CurvatureRule` for pSGLD and SGHMC.
+    The batch is ``num_batches * batch_size`` examples drawn (without replacement) with ``seed``.
+
+    >>> import torch
+    >>> from torch import nn
+    >>> x = torch.randn(200, 3)
+    >>> got = auto_step_size(nn.Linear(3, 1), "gaussian", (x, x[:, :1]), beta=1 / 200)
+    >>> abs(got["step_size"] * got["lambda_max"] - 2 * 0.05 / 1.05) < 1e-12
+    True
+    """
+    from ..energy import Energy
+    from .kernels import build_kernel
+
+    energy = Energy(model, loss_fn, prior, beta)
+    kernel = build_kernel(sampler, **dict(sampler_kwargs or {}))
+    rule = getattr(kernel, "curvature_rule", None)
+    if rule is None:
+        raise ValueError(f"step_size: sampler {kernel.name!r} has no curvature rule for 'auto'")
+    x, y = data
+    n = int(x.shape[0])
+    b = n if batch_size is None else int(batch_size)
+    idx = torch.randperm(n, generator=torch.Generator().manual_seed(int(seed)))[: min(n, num_batches * b)]
+    params = {k: p.detach() for k, p in model.named_parameters() if p.requires_grad}
+    fixed = {k: t.detach() for k, t in model.named_buffers()}
+    fixed.update({k: p.detach() for k, p in model.named_parameters() if not p.requires_grad})
+    was = model.training
+    model.eval()
+    try:
+        return run_auto_step(energy, params, x[idx], y[idx], rule, AutoStep(eps=eps, num_batches=num_batches),
+                             dict(sampler_kwargs or {}), batch_size=b, n=n, fixed=fixed,
+                             precond_eps=float(kernel.settings.get("eps", 1e-5)), seed=seed,
+                             where="the model's weights")
+    finally:
+        model.train(was)
