@@ -262,7 +262,8 @@ def energy_hvp(energy: Any, params: Mapping[str, Tensor], x: Tensor, y: Tensor,
         u = energy.functional_loss(named, x, y, fixed) / energy.beta
         if got is None:
             u = u - prior.log_prob(named)
-        grads = torch.autograd.grad(u, leaves, create_graph=True)
+        grads = torch.autograd.grad(u, leaves, create_graph=True, allow_unused=True)
+    live = [i for i, g in enumerate(grads) if g is not None and g.requires_grad]  # others: zero curvature
     root = [g.sqrt() for g in precond] if precond is not None else None
 
     def prior_hv(v: list[Tensor]) -> list[Tensor]:
@@ -274,8 +275,13 @@ def energy_hvp(energy: Any, params: Mapping[str, Tensor], x: Tensor, y: Tensor,
 
     def hvp(v: list[Tensor]) -> list[Tensor]:
         w = [a * b for a, b in zip(root, v, strict=True)] if root is not None else v
-        with torch.enable_grad():
-            out = torch.autograd.grad(grads, leaves, grad_outputs=w, retain_graph=True, allow_unused=True)
+        out: list[Tensor | None] = [None] * len(leaves)
+        if live:
+            with torch.enable_grad():
+                got_hv = torch.autograd.grad([grads[i] for i in live], leaves,
+                                             grad_outputs=[w[i] for i in live], retain_graph=True,
+                                             allow_unused=True)
+            out = list(got_hv)
         hv = [torch.zeros_like(t) if o is None else o.detach() for o, t in zip(out, leaves, strict=True)]
         if got is not None:
             hv = [a + b for a, b in zip(hv, prior_hv(w), strict=True)]
@@ -329,7 +335,7 @@ def minibatch_noise(energy: Any, params: Mapping[str, Tensor], x: Tensor, y: Ten
                     generator: torch.Generator | None = None) -> dict[str, float]:
     """Predicted relative covariance inflation from minibatch gradient noise (SPEC §2).
 
-        C = Cov_i(grad l_i(w)) / (|B| beta^2) * (n - |B|) / (n - 1)
+        C = Cov_i(grad l_i(w)) / (|B| beta^2) * (n - |B|) / (n - 1)     (population Cov_i over the n)
         inflation along u = h_eff * u^T C u / 2,      mean over directions = h_eff * tr(C) / (2 D)
 
     for independently drawn batches ("top", "mean"), and times :func:`reshuffling_factor` at
@@ -349,7 +355,10 @@ def minibatch_noise(energy: Any, params: Mapping[str, Tensor], x: Tensor, y: Ten
     if n is not None and batch_size >= n:
         out.update(top=0.0, top_C=0.0, top_reshuffled=0.0)
         return out
-    fpc = (n - batch_size) / (n - 1) if n is not None and n > 1 else 1.0
+    # the unbiased sample variance s^2 of m of the n examples estimates n/(n-1) times their population
+    # variance sigma^2; a batch mean drawn without replacement has variance sigma^2 (n - B)/((n - 1) B),
+    # i.e. s^2 (n - B)/(n B)
+    fpc = (n - batch_size) / n if n is not None else 1.0
     scale = fpc / (batch_size * energy.beta**2)
     root = [g.sqrt() for g in precond] if precond is not None else None
     names = list(params)
