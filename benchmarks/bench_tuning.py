@@ -115,11 +115,11 @@ def time_to_accuracy(seeds: list[int], n: int, d: int, nuts_steps: tuple[int, in
     return per
 
 
-def _net_check(quick: bool) -> list[dict]:
+def _net_check(quick: bool, warmup: int | None = None, samplers: tuple[str, ...] = ("sgld",)) -> list[dict]:
     import arviz as az
 
     torch.set_num_threads(1)
-    warmup, draws = (100, 100) if quick else (1000, 1000)
+    warmup, draws = ((100, 100) if quick else (1000, 1000)) if warmup is None else (warmup, 1000)
     rows = []
     x, y = pb.data.make_classification_data(n=1000, num_classes=3, seed=0)
     torch.manual_seed(0)
@@ -130,18 +130,23 @@ def _net_check(quick: bool) -> list[dict]:
     images = patterns[labels] + 1.5 * torch.randn(600, 1, 8, 8, generator=g)
     torch.manual_seed(0)
     cnn = nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 6 * 6, 3))
-    for name, model, data in (("mlp 2-32-32-3", mlp, (x, y)), ("cnn conv4-fc3", cnn, (images, labels))):
+    models = (("mlp 2-32-32-3", mlp, (x, y)), ("cnn conv4-fc3", cnn, (images, labels)))
+    cases = [(f"{name} {sampler} {warmup}+{draws}", model, data, sampler)
+             for name, model, data in models for sampler in samplers]
+    for name, model, data, sampler in cases:
         start = time.process_time()
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            post = pb.sample(model, "cross_entropy", data, beta=1.0 / len(data[1]),
+            post = pb.sample(model, "cross_entropy", data, beta=1.0 / len(data[1]), sampler=sampler,
                              prior=pb.GaussianPrior(std=1.0), step_size="auto", num_chains=4,
                              num_warmup=warmup, num_draws=draws, batch_size=100, seed=0)
         cpu = time.process_time() - start
         energy = post.sample_stats["energy"].double().numpy()
         rhat = float(az.rhat(energy))
+        head, tail = float(energy[:, :100].mean()), float(energy[:, -100:].mean())
         info, noise = post.metadata["step_size_auto"], post.metadata["gradient_noise"]
         rows.append({"model": name, "diverged": int(post.diverged.sum()), "energy_rhat": rhat,
+                     "energy_first_100": head, "energy_last_100": tail,
                      "step_size": info["step_size"], "lambda_max": info["lambda_max"],
                      "iterations": info["iterations"], "curvature_cpu_s": info["cpu_s"], "cpu_s": cpu,
                      "noise_top_reshuffled": noise["top_reshuffled"],
@@ -150,7 +155,8 @@ def _net_check(quick: bool) -> list[dict]:
                                          if not issubclass(w.category, DeprecationWarning)})})
         print(f"{name}: diverged {rows[-1]['diverged']}, energy R-hat {rhat:.3f}, h {info['step_size']:.3g}, "
               f"lambda_max {info['lambda_max']:.4g} ({info['iterations']} HVPs, {info['cpu_s']:.2f}s), "
-              f"noise {noise['top_reshuffled']:.3f}/{noise['mean_reshuffled']:.3f}, total {cpu:.1f}s",
+              f"noise {noise['top_reshuffled']:.3f}/{noise['mean_reshuffled']:.3f}, energy first/last 100 "
+              f"{head:.1f}/{tail:.1f}, total {cpu:.1f}s",
               file=sys.stderr, flush=True)
     return rows
 
@@ -183,8 +189,18 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--no-nets", action="store_true", help="skip the MLP/CNN check")
+    ap.add_argument("--nets-only", action="store_true", help="only the MLP/CNN check")
+    ap.add_argument("--net-warmup", type=int, help="warm-up steps of the MLP/CNN check (default 1000)")
+    ap.add_argument("--net-samplers", default="sgld", help="comma-separated samplers for the MLP/CNN check")
     ap.add_argument("--out")
     args = ap.parse_args(argv)
+    if args.nets_only:
+        nets = _net_check(args.quick, args.net_warmup, tuple(args.net_samplers.split(",")))
+        print(json.dumps(nets, indent=1, default=str))
+        if args.out:
+            with open(args.out, "w") as fh:
+                json.dump({"nets": nets}, fh, indent=1, default=str)
+        return 0
     result = run(args.quick, nets=not args.no_nets)
     print(json.dumps(result["rows"], indent=1, default=str))
     if args.out:
