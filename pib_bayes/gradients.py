@@ -65,16 +65,18 @@ class ControlVariateGradient:
         centre: w_hat, tensors shaped like the chain group's parameters (one centre per chain).
         centre_grad: ``grad U_S(w_hat)`` per tensor (:func:`full_data_gradient`).
 
-    >>> import torch
-    >>> def base(params, batched, x, y, stacked):  # U = mean_i (w - x_i)^2 / 2, no prior
-    ...     w = params[0]
-    ...     return (w - x).square().mean() / 2, torch.zeros(()), ((w - x).mean(0),)
-    >>> data = torch.arange(6.0).reshape(6, 1)
-    >>> centre = [torch.tensor([1.0])]
-    >>> cv = ControlVariateGradient(base, centre, full_data_gradient(base, centre, False, [(data, data)])[2])
-    >>> w = torch.tensor([4.0])
-    >>> cv([w], False, data[:2], data[:2], False)[2][0]  # = grad U_S(w) = w - mean(x), for every batch
-    tensor([1.5000])
+    Examples:
+        >>> import torch
+        >>> def base(params, batched, x, y, stacked):  # U = mean_i (w - x_i)^2 / 2, no prior
+        ...     w = params[0]
+        ...     return (w - x).square().mean() / 2, torch.zeros(()), ((w - x).mean(0),)
+        >>> data = torch.arange(6.0).reshape(6, 1)
+        >>> centre = [torch.tensor([1.0])]
+        >>> full = full_data_gradient(base, centre, False, [(data, data)])[2]  # grad U_S(w_hat)
+        >>> cv = ControlVariateGradient(base, centre, full)
+        >>> w = torch.tensor([4.0])
+        >>> cv([w], False, data[:2], data[:2], False)[2][0]  # = grad U_S(w) = w - mean(x), for every batch
+        tensor([1.5000])
     """
 
     def __init__(self, base: GradientEstimator, centre: Sequence[Tensor],

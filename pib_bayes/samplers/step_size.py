@@ -106,8 +106,9 @@ class CurvatureRule:
             direction u is ``h_eff * u^T C u / 2`` (SGLD: h; SGHMC: eta / alpha).
         preconditioned: estimate ``lambda_max`` of ``G^(1/2) H G^(1/2)`` (pSGLD).
 
-    >>> round(SGLD_RULE.choose(100.0, 0.05, {})["step_size"] * 100.0, 6)  # 2 eps / (1 + eps)
-    0.095238
+    Examples:
+        >>> round(SGLD_RULE.choose(100.0, 0.05, {})["step_size"] * 100.0, 6)  # 2 eps / (1 + eps)
+        0.095238
     """
 
     choose: Callable[[float, float, Mapping[str, Any]], dict[str, float]]
@@ -137,8 +138,9 @@ class AutoStep:
             spectrum it creeps up slowly), or after ``max_iters`` Hessian-vector products.
         noise_probes: Rademacher probes for ``tr(C)`` in the minibatch-noise report.
 
-    >>> AutoStep(eps=0.1).eps
-    0.1
+    Examples:
+        >>> AutoStep(eps=0.1).eps
+        0.1
     """
 
     eps: float = 0.05
@@ -213,11 +215,12 @@ def estimate_lambda_max(hvp: Callable[[list[Tensor]], list[Tensor]], like: Seque
             relatively, after at least ``min_iters`` products.
         generator: for the random start vector.
 
-    >>> import torch
-    >>> h = torch.diag(torch.tensor([3.0, 1.0, -0.5]))
-    >>> res = estimate_lambda_max(lambda v: [h @ v[0]], [torch.zeros(3)], tol=1e-8, max_iters=500)
-    >>> round(res.value, 4)
-    3.0
+    Examples:
+        >>> import torch
+        >>> h = torch.diag(torch.tensor([3.0, 1.0, -0.5]))
+        >>> res = estimate_lambda_max(lambda v: [h @ v[0]], [torch.zeros(3)], tol=1e-8, max_iters=500)
+        >>> round(res.value, 4)
+        3.0
     """
     gen = generator if generator is not None else torch.Generator().manual_seed(0)
     v0 = [torch.randn(t.shape, generator=gen, dtype=t.dtype).to(t.device) for t in like]
@@ -242,14 +245,15 @@ def energy_hvp(energy: Any, params: Mapping[str, Tensor], x: Tensor, y: Tensor,
     (one chain's weights, unbatched), by double backward; with ``precond`` (G per tensor),
     ``v -> G^(1/2) H G^(1/2) v``. The graph of the gradient is built once and reused.
 
-    >>> import torch
-    >>> from torch import nn
-    >>> from pib_bayes import Energy
-    >>> e = Energy(nn.Linear(2, 1, bias=False), "gaussian", prior=1.0, beta=1.0)
-    >>> x, y = torch.eye(2), torch.zeros(2, 1)
-    >>> hvp = energy_hvp(e, {"weight": torch.zeros(1, 2)}, x, y)
-    >>> hvp([torch.tensor([[1.0, 0.0]])])[0]  # H = X^T X / 2 + I
-    tensor([[1.5000, 0.0000]])
+    Examples:
+        >>> import torch
+        >>> from torch import nn
+        >>> from pib_bayes import Energy
+        >>> e = Energy(nn.Linear(2, 1, bias=False), "gaussian", prior=1.0, beta=1.0)
+        >>> x, y = torch.eye(2), torch.zeros(2, 1)
+        >>> hvp = energy_hvp(e, {"weight": torch.zeros(1, 2)}, x, y)
+        >>> hvp([torch.tensor([[1.0, 0.0]])])[0]  # H = X^T X / 2 + I
+        tensor([[1.5000, 0.0000]])
     """
     names = list(params)
     leaves = [params[n].detach().clone().requires_grad_(True) for n in names]
@@ -310,10 +314,11 @@ def reshuffling_factor(a: float, batch_size: int, n: int | None) -> float:
     """How much less an AR(1) direction ``w <- a w + noise`` inflates with reshuffled epochs than with
     independent batches (module docstring): ``f(a, E = n // |B|, rho = |B| / (n - |B|))``.
 
-    >>> round(reshuffling_factor(0.9, 200, 2000), 4)
-    0.3026
-    >>> reshuffling_factor(0.0, 200, 2000)  # no memory: as independent batches
-    1.0
+    Examples:
+        >>> round(reshuffling_factor(0.9, 200, 2000), 4)
+        0.3026
+        >>> reshuffling_factor(0.0, 200, 2000)  # no memory: as independent batches
+        1.0
     """
     if n is None or batch_size >= n:
         return 1.0
@@ -463,12 +468,13 @@ def auto_step_size(model: torch.nn.Module, loss_fn: Any, data: tuple[Tensor, Ten
     SGLD: ``h = 2 eps / ((1 + eps) lambda_max)``; see :class:`CurvatureRule` for pSGLD and SGHMC.
     The batch is ``num_batches * batch_size`` examples drawn (without replacement) with ``seed``.
 
-    >>> import torch
-    >>> from torch import nn
-    >>> x = torch.randn(200, 3)
-    >>> got = auto_step_size(nn.Linear(3, 1), "gaussian", (x, x[:, :1]), beta=1 / 200)
-    >>> abs(got["step_size"] * got["lambda_max"] - 2 * 0.05 / 1.05) < 1e-12
-    True
+    Examples:
+        >>> import torch
+        >>> from torch import nn
+        >>> x = torch.randn(200, 3)
+        >>> got = auto_step_size(nn.Linear(3, 1), "gaussian", (x, x[:, :1]), beta=1 / 200)
+        >>> abs(got["step_size"] * got["lambda_max"] - 2 * 0.05 / 1.05) < 1e-12
+        True
     """
     from ..energy import Energy
     from .kernels import build_kernel
