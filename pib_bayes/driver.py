@@ -365,6 +365,11 @@ def sample(
         source = make_noise(noise, gens, batched=True)
         with torch.no_grad():
             state = kernel.init([p.detach() for p in params])
+            if auto_info is not None and auto_info.get("square_avg") is not None and "square_avg" in state:
+                # pSGLD with step_size='auto': start V where the step was chosen for (V = 0 would
+                # make the first steps' G = 1/eps, far larger than the one h was chosen for)
+                for buf, v in zip(state["square_avg"], auto_info["square_avg"], strict=True):
+                    buf.copy_(v.to(buf.dtype).expand_as(buf))
         prefetcher = NoisePrefetcher(noise, gens, batched=True) if prefetch_noise else None
         centre = (_CentreFinder(runner, num_warmup, lambda: _full_data_chunks(tensors, data, batch_size))
                   if gradient == "cv" else None)
@@ -446,7 +451,7 @@ def sample(
     }
     if auto_info is not None:
         metadata["step_size_auto"] = {k: v for k, v in auto_info.items()
-                                      if k not in ("gradient_noise", "report")}
+                                      if k not in ("gradient_noise", "report", "square_avg")}
         metadata["gradient_noise"] = {**noise_report.result, "warn_threshold": NOISE_WARN_THRESHOLD}
     if gradient == "cv":
         metadata["control_variate"] = {

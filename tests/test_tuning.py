@@ -124,27 +124,37 @@ def test_sample_auto_sghmc_rebuilds_the_kernel_with_the_chosen_friction_and_keep
     assert post.metadata["sampler_settings"]["friction"] == 0.2
 
 
-def test_psgld_auto_uses_the_preconditioned_hessian():
+def test_psgld_auto_uses_the_preconditioned_hessian_at_the_stationary_preconditioner():
     x, y = _linear_data(n=300, d=3)
     x = x * torch.tensor([1.0, 3.0, 0.3])  # anisotropic: G matters
     beta = 1 / 300
-    model = _model(3)
-    got = auto_step_size(model, pb.GaussianLoss(1.0), (x, y), beta=beta, prior=pb.GaussianPrior(std=1.0),
+    got = auto_step_size(_model(3), pb.GaussianLoss(1.0), (x, y), beta=beta, prior=pb.GaussianPrior(std=1.0),
                          sampler="psgld", eps=0.05)
-    # dense check: G = 1/(1e-5 + sqrt(mean_chunks g^2)) over the 4 chunks of the (shuffled) data
-    w = model.weight.detach()
-    idx = torch.randperm(300, generator=torch.Generator().manual_seed(0))
-    xs, ys = x[idx], y[idx]
-    sq = torch.zeros(3)
-    for part in torch.arange(300).chunk(4):
-        r = xs[part] @ w[0] - ys[part, 0]
-        sq += ((xs[part] * r[:, None]).mean(0) / beta + w[0]).square() / 4
-    g = 1 / (1e-5 + sq.sqrt())
-    hess = torch.eye(3) + xs.T @ xs / (300 * beta)
-    pre = torch.diag(g.sqrt()) @ hess @ torch.diag(g.sqrt())
-    exact = float(torch.linalg.eigvalsh(pre).max())
+    # dense check: V = diag(H) (what RMSprop settles to at stationarity), G = 1/(1e-5 + sqrt(V))
+    hess = torch.eye(3) + x.T @ x / (300 * beta)
+    g = 1 / (1e-5 + hess.diagonal().sqrt())
+    exact = float(torch.linalg.eigvalsh(torch.diag(g.sqrt()) @ hess @ torch.diag(g.sqrt())).max())
     assert abs(got["lambda_max"] - exact) < 2e-3 * exact
     assert abs(got["lambda_max"] - float(torch.linalg.eigvalsh(hess).max())) > 0.5 * exact  # not H itself
+
+
+def test_psgld_auto_starts_the_rmsprop_average_at_the_stationary_value_the_step_was_chosen_for():
+    """The first step's preconditioner is G = 1/(1e-5 + sqrt(0.99 V0 + 0.01 g0^2)) with V0 = diag(H);
+    with the kernel's own start V0 = 0 (the would-be bug) it is G = 1/(1e-5 + 0.1 |g0|)."""
+    x, y = _linear_data(n=300, d=3)
+    x = x * torch.tensor([1.0, 3.0, 0.3])
+    beta = 1 / 300
+    model = _model(3)
+    w0 = model.weight.detach()[0]
+    post = pb.sample(model, pb.GaussianLoss(1.0), (x, y), beta=beta, prior=pb.GaussianPrior(std=1.0),
+                     sampler="psgld", step_size="auto", num_chains=2, num_warmup=0, num_draws=1)
+    hess = torch.eye(3) + x.T @ x / (300 * beta)
+    g0 = ((x @ w0 - y[:, 0])[:, None] * x).mean(0) / beta + w0
+    right = float((1 / (1e-5 + (0.99 * hess.diagonal() + 0.01 * g0.square()).sqrt())).mean())
+    wrong = float((1 / (1e-5 + (0.01 * g0.square()).sqrt())).mean())
+    got = post.sample_stats["precond_mean"][:, 0]
+    assert torch.allclose(got, torch.full_like(got, right), rtol=1e-6), (got, right)
+    assert abs(wrong - right) > 0.1 * right
 
 
 def test_auto_rejects_a_curvature_estimate_that_is_not_positive():

@@ -12,8 +12,9 @@ minibatches concatenated into one. Each kernel carries a :class:`CurvatureRule` 
 ``lambda_max`` to its own settings:
 
 * pSGLD: the same bound on the *preconditioned* Hessian ``G^(1/2) H G^(1/2)`` (its move is SGLD
-  in the coordinates ``G^(-1/2) w``), with G the RMSprop preconditioner of the squared minibatch
-  gradients at those weights.
+  in the coordinates ``G^(-1/2) w``), with G = 1/(eps + sqrt(V)) at the value V settles to at
+  stationarity, V = diag(H) (E[g g^T] = H Sigma H = H for g = H (w - mu), w ~ N(mu, H^-1)), from
+  Hessian-vector products (:func:`hessian_diagonal`).
 * SGHMC (``v <- (1 - alpha) v - eta g + sqrt(2 alpha eta) xi; w <- w + v``) is the Euler scheme of
   underdamped Langevin ``dw = p dt, dp = -grad U dt - gamma p dt + sqrt(2 gamma) dW`` with time step
   ``e``: ``eta = e^2``, ``alpha = gamma e``. Its exact stationary variance on a harmonic direction
@@ -67,7 +68,7 @@ from torch import Tensor
 
 __all__ = ["AutoStep", "CurvatureRule", "PowerIteration", "GradientNoiseWarning", "estimate_lambda_max",
            "energy_hvp", "minibatch_noise", "auto_step_size", "reshuffling_factor", "SGLD_RULE", "PSGLD_RULE",
-           "SGHMC_RULE", "NOISE_WARN_THRESHOLD"]
+           "SGHMC_RULE", "NOISE_WARN_THRESHOLD", "hessian_diagonal"]
 
 NOISE_WARN_THRESHOLD = 0.1  # warn when the predicted relative variance inflation exceeds 10%
 
@@ -396,26 +397,52 @@ def minibatch_noise(energy: Any, params: Mapping[str, Tensor], x: Tensor, y: Ten
     return out
 
 
-def _rms_preconditioner(energy: Any, params: Mapping[str, Tensor], x: Tensor, y: Tensor,
-                        fixed: Mapping[str, Tensor] | None, chunks: int, eps: float,
-                        square_avg: Sequence[Tensor] | None = None) -> list[Tensor]:
-    """pSGLD's G = 1/(eps + sqrt(V)); V = the given RMSprop average, else the mean squared
-    minibatch gradient over ``chunks`` slices of the batch (what the average settles to)."""
-    names = list(params)
-    if square_avg is None:
-        leaves = [params[k].detach().clone().requires_grad_(True) for k in names]
-        sq = [torch.zeros_like(t) for t in leaves]
-        parts = torch.arange(x.shape[0]).chunk(chunks)
-        for idx in parts:
-            with torch.enable_grad():
-                u = energy.functional_loss(_with_names(names, leaves), x[idx], y[idx], fixed) / energy.beta
-                u = u - energy.prior.log_prob(_with_names(names, leaves))
-                g = torch.autograd.grad(u, leaves)
-            for s, gi in zip(sq, g, strict=True):
-                s.add_(gi.detach().square() / len(parts))
-        square_avg = sq
-    return [1.0 / (eps + v.sqrt()) for v in square_avg]
+def hessian_diagonal(hvp: Callable[[list[Tensor]], list[Tensor]], like: Sequence[Tensor], *,
+                     num_probes: int = 16, generator: torch.Generator | None = None) -> list[Tensor]:
+    """diag(H) from Hessian-vector products: exact with one unit vector per weight when there are at
+    most ``num_probes`` weights, else Hutchinson's ``mean_z z * (H z)`` over ``num_probes``
+    Rademacher probes (Bekas et al. 2007).
 
+    Examples:
+        >>> import torch
+        >>> h = torch.tensor([[2.0, 1.0], [1.0, 3.0]])
+        >>> hessian_diagonal(lambda v: [h @ v[0]], [torch.zeros(2)])[0]
+        tensor([2., 3.])
+    """
+    sizes = [t.numel() for t in like]
+    total = sum(sizes)
+    out = [torch.zeros_like(t) for t in like]
+    if total <= num_probes:
+        for j in range(total):
+            e = torch.zeros(total, dtype=like[0].dtype)
+            e[j] = 1.0
+            v = [c.view(t.shape).to(t.device) for c, t in zip(e.split(sizes), like, strict=True)]
+            hv = torch.cat([t.flatten() for t in hvp(v)])
+            flat = torch.cat([t.flatten() for t in out])
+            flat[j] = hv[j]
+            out = [c.view(t.shape) for c, t in zip(flat.split(sizes), like, strict=True)]
+        return out
+    gen = generator if generator is not None else torch.Generator().manual_seed(0)
+    for _ in range(num_probes):
+        z = [(torch.randint(0, 2, t.shape, generator=gen).to(t.dtype) * 2 - 1).to(t.device) for t in like]
+        out = [o + a * b / num_probes for o, a, b in zip(out, z, hvp(z), strict=True)]
+    return out
+
+
+def _rms_preconditioner(energy: Any, params: Mapping[str, Tensor], x: Tensor, y: Tensor,
+                        fixed: Mapping[str, Tensor] | None, probes: int, eps: float,
+                        square_avg: Sequence[Tensor] | None = None,
+                        generator: torch.Generator | None = None) -> list[Tensor]:
+    """pSGLD's G = 1/(eps + sqrt(V)); V = the given RMSprop average, else the value it settles to at
+    stationarity: with g = H (w - mu) and w ~ N(mu, H^-1), E[g g^T] = H, so V = diag(H) (its absolute
+    value where the curvature is negative; minibatch noise only adds to V, i.e. makes the true G
+    smaller and the chosen h conservative).
+    Not the squared gradient at the initial weights, which is far larger away from the mode."""
+    if square_avg is None:
+        hvp = energy_hvp(energy, params, x, y, fixed)
+        diag = hessian_diagonal(hvp, [params[k] for k in params], num_probes=probes, generator=generator)
+        square_avg = [d.abs() for d in diag]
+    return [1.0 / (eps + v.sqrt()) for v in square_avg]
 
 def run_auto_step(energy: Any, params: Mapping[str, Tensor], x: Tensor, y: Tensor, rule: CurvatureRule,
                   spec: AutoStep, given: Mapping[str, Any], *, batch_size: int, n: int | None,
@@ -424,12 +451,21 @@ def run_auto_step(energy: Any, params: Mapping[str, Tensor], x: Tensor, y: Tenso
                   where: str = "the given weights") -> dict[str, Any]:
     """The driver's curvature stage: lambda_max at ``params`` on ``(x, y)``, the rule's settings,
     and the minibatch-noise report; everything (cost included) in one dict for the metadata.
+    For a preconditioned rule, ``"square_avg"`` is the stationary RMSprop average V = diag(H) the
+    step was chosen for (the driver starts pSGLD's state there).
     Its ``"report"`` entry is ``(params, centre=None) -> noise report`` on the same examples and
     top direction, for re-evaluating the noise where the chains are after warm-up."""
     start = time.process_time()
     gen = torch.Generator().manual_seed(int(seed))
-    precond = (_rms_preconditioner(energy, params, x, y, fixed, spec.num_batches, precond_eps, square_avg)
-               if rule.preconditioned else None)
+    stationary_v: list[Tensor] | None = None
+    precond = None
+    if rule.preconditioned:
+        if square_avg is None:
+            diag = hessian_diagonal(energy_hvp(energy, params, x, y, fixed), [params[k] for k in params],
+                                    generator=gen)
+            square_avg = [d.abs() for d in diag]
+        stationary_v = list(square_avg)
+        precond = _rms_preconditioner(energy, params, x, y, fixed, 16, precond_eps, stationary_v)
     hvp = energy_hvp(energy, params, x, y, fixed, precond)
     res = estimate_lambda_max(hvp, [params[k] for k in params], max_iters=spec.max_iters, tol=spec.tol,
                               min_iters=spec.min_iters, generator=gen)
@@ -454,7 +490,7 @@ def run_auto_step(energy: Any, params: Mapping[str, Tensor], x: Tensor, y: Tenso
         "lambda_max": res.value, "iterations": res.iterations, "converged": res.converged,
         "shift": res.shift, "eps": spec.eps, "preconditioned": rule.preconditioned, "at": where,
         "examples": int(x.shape[0]), "gradient_noise": noise, "cpu_s": time.process_time() - start,
-        "report": report,
+        "report": report, "square_avg": stationary_v,
     }
 
 
@@ -499,6 +535,7 @@ def auto_step_size(model: torch.nn.Module, loss_fn: Any, data: tuple[Tensor, Ten
                             precond_eps=float(kernel.settings.get("eps", 1e-5)), seed=seed,
                             where="the model's weights")
         got.pop("report")
+        got.pop("square_avg")
         return got
     finally:
         model.train(was)
