@@ -404,3 +404,46 @@ def test_noise_report_after_warmup_predicts_the_inflation_and_warns():
                          gradient="cv")
     rep = post.metadata["gradient_noise"]
     assert rep["estimator"] == "control variate" and rep["top_reshuffled"] < 0.01
+
+
+# ---- "auto" keeps the driver's invariants -----------------------------------------------------------
+
+
+def _auto_run(**kw):
+    torch.manual_seed(0)
+    x, y = pb.data.make_classification_data(n=128, num_classes=3, seed=2)
+    model = nn.Sequential(nn.Linear(2, 8), nn.Tanh(), nn.Linear(8, 3))
+    base = dict(beta=1 / 128, step_size="auto", num_chains=3, num_warmup=10, num_draws=8, batch_size=16,
+                seed=3, init="prior", prior=pb.GaussianPrior(std=1.0))
+    return pb.sample(model, "cross_entropy", (x.double(), y), **{**base, **kw})
+
+
+def test_auto_gives_the_same_draws_sequential_vectorized_and_per_chain_subset():
+    """The curvature stage uses global chain 0's initial weights and a stream of its own, so the
+    draws do not depend on the chain method or on which chains a call runs."""
+    ref = _auto_run(chain_method="vectorized")
+    seq = _auto_run(chain_method="sequential")
+    sub = _auto_run(chain_ids=[2])
+    assert seq.metadata["step_size_auto"]["step_size"] == ref.metadata["step_size_auto"]["step_size"]
+    assert sub.metadata["step_size_auto"]["step_size"] == ref.metadata["step_size_auto"]["step_size"]
+    for k in ref.draws:
+        assert torch.allclose(ref.draws[k], seq.draws[k], atol=1e-10), k
+        assert torch.allclose(ref.draws[k][2:], sub.draws[k], atol=1e-10), k
+    # and a fixed step of the same value gives the same draws: "auto" moves no random stream
+    fixed = _auto_run(chain_method="vectorized", step_size=ref.metadata["step_size_auto"]["step_size"])
+    for k in ref.draws:
+        assert torch.equal(ref.draws[k], fixed.draws[k]), k
+
+
+def test_auto_with_a_dataloader_and_resume_from_checkpoint(tmp_path):
+    x, y = _linear_data(n=64, d=2)
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=16)
+    post = pb.sample(_model(2), "gaussian", loader, beta=1 / 64, step_size="auto", num_draws=5, num_warmup=3)
+    info = post.metadata["step_size_auto"]
+    assert info["examples"] == 64 and info["step_size"] > 0
+    assert post.metadata["gradient_noise"]["batch_size"] == 16
+    ckpt = tmp_path / "a.ckpt"
+    first = _auto_run(checkpoint=ckpt, checkpoint_every=3)
+    again = _auto_run(checkpoint=ckpt, checkpoint_every=3, resume=True)  # finished run: same posterior
+    for k in first.draws:
+        assert torch.equal(first.draws[k], again.draws[k]), k
