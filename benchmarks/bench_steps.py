@@ -8,6 +8,7 @@ opt.step()`` on a fixed minibatch. Compared, on MLP 784-256-256-10 (batch 128) a
 * ``floor``  the SGD step followed by one ``torch.randn(D, generator=g, out=buf)`` (one Gaussian
   draw per weight into a preallocated buffer): the least a Langevin step can cost;
 * ``sgld``, ``psgld``, ``sghmc``  :mod:`pib_bayes.optim` (exact Gaussian noise, the default);
+* ``sgnht``  :class:`pib_bayes.optim.SGNHT` (momentum + thermostat), reported against ``sgld``;
 * ``sgld_rademacher`` ...  the same optimizers with the opt-in ``noise="rademacher"`` source.
 
 Timing is interleaved: each round runs a block of steps of every candidate, in a rotated order,
@@ -43,6 +44,11 @@ import torch
 from torch import nn
 
 from pib_bayes.optim import PSGLD, SGHMC, SGLD
+
+try:
+    from pib_bayes.optim import SGNHT
+except ImportError:  # an older pib_bayes (before SGNHT)
+    SGNHT = None
 
 CASES = {"mlp784": ((784, 256, 256, 10), 128), "mlp20": ((20, 64, 64, 10), 64)}
 # throughput vs the floor (SGD + one Gaussian draw per weight), from the issue
@@ -115,6 +121,8 @@ def step_candidates(sizes: tuple[int, ...], batch: int, noises: tuple[str, ...] 
         "psgld": make(lambda p: PSGLD(p, lr=1e-10, generator=torch.Generator().manual_seed(seed + 3))),
         "sghmc": make(lambda p: SGHMC(p, lr=1e-8, generator=torch.Generator().manual_seed(seed + 4))),
     }
+    if SGNHT is not None:
+        cands["sgnht"] = make(lambda p: SGNHT(p, lr=1e-8, generator=torch.Generator().manual_seed(seed + 8)))
     if prefetch:  # the same optimizers drawing the next step's noise on a worker thread
         cands["sgld_prefetch"] = make(lambda p: SGLD(
             p, lr=1e-8, prefetch_noise=True, generator=torch.Generator().manual_seed(seed + 2)))
@@ -162,6 +170,9 @@ def run_case(case: str, quick: bool = False, clock: str = "cpu") -> list[dict]:
         row(f"{s} vs floor", "floor", s, TARGETS[s])
     for s in ("sgld", "psgld", "sghmc"):
         row(f"{s} vs sgd", "sgd", s, None)
+    if "sgnht" in t:
+        row("sgnht vs floor", "floor", "sgnht", None)
+        row("sgnht vs sgld", "sgld", "sgnht", None)
     for s in ("sgld", "psgld", "sghmc"):
         if f"{s}_rademacher" in t:
             row(f"{s} (noise=rademacher) vs floor", "floor", f"{s}_rademacher", TARGETS[s])

@@ -86,6 +86,45 @@ def load_split(path: str, n_train: int, n_test: int, seed: int) -> tuple[torch.T
     return x[tr], y[tr], x[te], y[te]
 
 
+def load_config(path: str) -> dict[str, Any]:
+    """A pre-registered reproduction config (``examples/configs/*.toml``); a usage error if unreadable."""
+    import tomllib
+
+    try:
+        with open(path, "rb") as f:
+            return tomllib.load(f)
+    except (OSError, tomllib.TOMLDecodeError) as err:
+        usage_error(f"--config: cannot read {path}: {err}")
+    raise AssertionError  # unreachable: usage_error exits
+
+
+def fixed_split(path: str, data: dict[str, Any], smoke: bool = False) -> dict[str, tuple[torch.Tensor, ...]]:
+    """The config's fixed train / prior / test split of the IDX set at ``path``: one permutation seeded
+    with ``data["split_seed"]``, the first ``train`` images, the next ``prior``, then ``test``; the same
+    for every seed. ``smoke`` keeps the proportions on at most 300 images (the CI set)."""
+    try:
+        x, y = load_mnist(path)
+    except (FileNotFoundError, IDXError) as err:
+        usage_error(f"--data: {err}")
+    sizes = [int(data[k]) for k in ("train", "prior", "test")]
+    if smoke:
+        scale = min(1.0, 300 / sum(sizes), len(y) / sum(sizes))
+        sizes = [max(10, int(s * scale)) for s in sizes]
+    if sum(sizes) > len(y):
+        usage_error(f"--config: the split {sizes} needs {sum(sizes)} images, {path} has {len(y)}")
+    perm = torch.randperm(len(y), generator=torch.Generator().manual_seed(int(data["split_seed"])))
+    a, b = sizes[0], sizes[0] + sizes[1]
+    parts = {"train": perm[:a], "prior": perm[a:b], "test": perm[b:b + sizes[2]]}
+    return {k: (x[i], y[i]) for k, i in parts.items()}
+
+
+def sign_test(successes: int, n: int) -> float:
+    """Exact two-sided sign test: P(a Binomial(n, 1/2) count at least as far from n/2 as ``successes``)."""
+    from scipy.stats import binomtest
+
+    return float(binomtest(int(successes), int(n), 0.5).pvalue) if n else float("nan")
+
+
 def mlp(
     hidden: Sequence[int], activation: str, seed: int, input_dim: int = 784, output_dim: int = 10
 ) -> nn.Module:

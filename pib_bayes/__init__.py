@@ -11,19 +11,30 @@ __version__ = "0.1.0"
 
 from . import data, optim, samplers  # noqa: E402
 from .driver import chain_seeds, sample  # noqa: E402
-from .energy import Energy, GaussianLoss, beta_from_temperature  # noqa: E402
-from .posterior import Posterior, Prediction  # noqa: E402
+from .energy import (  # noqa: E402
+    BCEWithLogitsLoss,
+    CrossEntropyLoss,
+    Energy,
+    GaussianLoss,
+    HeteroscedasticGaussianLoss,
+    beta_from_temperature,
+)
+from .posterior import DrawCollector, Posterior, Prediction  # noqa: E402
 from .prior import DistributionPrior, FlatPrior, GaussianPrior  # noqa: E402
 
 _LAZY = ("iiw", "diagnostics", "uncertainty", "bounds", "plots", "pyro", "distributed")
 
 __all__ = [
-    "__version__", "sample", "chain_seeds", "Energy", "GaussianLoss", "beta_from_temperature", "Posterior",
-    "Prediction", "GaussianPrior", "DistributionPrior", "FlatPrior", "data", "optim", "samplers", *_LAZY,
+    "__version__", "sample", "chain_seeds", "Energy", "GaussianLoss", "CrossEntropyLoss", "BCEWithLogitsLoss",
+    "HeteroscedasticGaussianLoss", "beta_from_temperature", "Posterior", "Prediction", "DrawCollector",
+    "GaussianPrior", "DistributionPrior", "FlatPrior", "data", "optim", "samplers", *_LAZY,
+    "train_pib", "PIBTrainResult",
 ]
 
 
 def __getattr__(name: str):
     if name in _LAZY:
         return importlib.import_module(f".{name}", __name__)
+    if name in ("train_pib", "PIBTrainResult"):  # imports pib_bayes.iiw (SciPy) on first use
+        return getattr(importlib.import_module(".pib_train", __name__), name)
     raise AttributeError(f"module 'pib_bayes' has no attribute {name!r}")

@@ -6,7 +6,8 @@ Exit codes (also in docs/cli.md):
 * 1: unexpected internal error (a bug: the traceback is printed);
 * 2: bad usage or input: a config key, a missing file, a run directory that exists, data that
   cannot be read; the message names the argument or ``section.key`` and the fix;
-* 3: the run finished but produced no usable result (every chain diverged);
+* 3: the run finished but produced no usable result (every chain diverged), or a distributed
+  run stopped because a rank failed, died or timed out (``PIB_DIST_TIMEOUT`` seconds, default 300);
 * 4: ``diagnose --strict`` found a quantity with R-hat or ESS outside the limits.
 
 With ``--json`` the command prints exactly one JSON object on stdout (errors too:
@@ -17,6 +18,7 @@ With ``--json`` the command prints exactly one JSON object on stdout (errors too
 from __future__ import annotations
 
 import argparse
+import glob
 import json
 import math
 import os
@@ -64,15 +66,11 @@ class UsageError(Exception):
 
 # --------------------------------------------------------------------------------- file helpers
 def _atomic_write_text(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    """UTF-8 ``text`` to ``path`` with :func:`pib_bayes.io.atomic_write_bytes` (temporary files
+    left by killed writers are swept, those of live ones kept)."""
+    from .io import atomic_write_bytes
+
+    atomic_write_bytes(path, text.encode("utf-8"))
 
 
 def _atomic_savefig(fig: Any, path: Path) -> None:
@@ -122,32 +120,86 @@ def _dumps(obj: Any) -> str:
     return json.dumps(clean(json.loads(json.dumps(obj, default=_json_default))), indent=2)
 
 
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two paths atomically (Linux ``renameat2(RENAME_EXCHANGE)``); False where unsupported."""
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        renameat2 = libc.renameat2
+    except (OSError, AttributeError):
+        return False
+    renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    at_fdcwd, rename_exchange = -100, 2
+    return renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0
+
+
 class _StagedDir:
-    """Build a directory under a temporary name next to ``target`` and move it into place on success."""
+    """Build a directory under a temporary name next to ``target`` and move it into place on success.
+
+    The staging name ``.NAME.partial-HOST.PID-RANDOM`` carries its writer, so a later run removes
+    the ones whose writer is gone (killed) and never one still being written. ``overwrite``
+    swaps the new directory with the old one (atomically on Linux, else by two renames with the
+    old one put back if the second fails) and only then deletes the old one; an old directory
+    left aside by a writer killed between the renames (``.NAME.old-HOST.PID``) is put back.
+    """
 
     def __init__(self, target: Path, overwrite: bool) -> None:
         self.target = target
         self.overwrite = overwrite
 
+    def _sweep(self) -> None:
+        from .io import is_stale
+
+        prefix = f".{self.target.name}."
+        for kind in ("partial-", "old-"):
+            for p in self.target.parent.glob(glob.escape(prefix + kind) + "*"):
+                rest = p.name[len(prefix + kind):]
+                tag = rest.rpartition("-")[0] if kind == "partial-" else rest
+                if not is_stale(tag, p):
+                    continue
+                if kind == "old-" and not self.target.exists():
+                    os.replace(p, self.target)  # an --overwrite cut short: the old run comes back
+                else:
+                    shutil.rmtree(p, ignore_errors=True)
+
     def __enter__(self) -> Path:
-        self.target.parent.mkdir(parents=True, exist_ok=True)
-        self.tmp = Path(tempfile.mkdtemp(dir=self.target.parent, prefix=f".{self.target.name}.partial-"))
+        from .io import writer_tag
+
+        try:
+            self.target.parent.mkdir(parents=True, exist_ok=True)
+            self._sweep()
+            self.tmp = Path(tempfile.mkdtemp(dir=self.target.parent,
+                                             prefix=f".{self.target.name}.partial-{writer_tag()}-"))
+        except OSError as err:
+            raise UsageError("output.dir", f"cannot create {self.target} ({err.strerror or err}); choose "
+                             "a directory you can write to") from None
         return self.tmp
 
     def __exit__(self, exc_type, exc, tb) -> None:
+        from .io import writer_tag
+
         if exc_type is not None:
             shutil.rmtree(self.tmp, ignore_errors=True)
             return
-        old = None
-        if self.target.exists():
-            if not self.overwrite:  # checked before the run too; someone created it meanwhile
-                shutil.rmtree(self.tmp, ignore_errors=True)
-                raise UsageError("output.dir", f"{self.target} appeared while running; nothing overwritten")
-            old = self.target.with_name(f".{self.target.name}.old-{os.getpid()}")
-            os.replace(self.target, old)
-        os.replace(self.tmp, self.target)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+        if not self.target.exists():
+            os.replace(self.tmp, self.target)
+            return
+        if not self.overwrite:  # checked before the run too; someone created it meanwhile
+            shutil.rmtree(self.tmp, ignore_errors=True)
+            raise UsageError("output.dir", f"{self.target} appeared while running; nothing overwritten")
+        if _exchange(self.tmp, self.target):  # the new run in place, the old one under the staging name
+            shutil.rmtree(self.tmp, ignore_errors=True)
+            return
+        old = self.target.with_name(f".{self.target.name}.old-{writer_tag()}")
+        os.replace(self.target, old)
+        try:
+            os.replace(self.tmp, self.target)
+        except BaseException:
+            os.replace(old, self.target)
+            shutil.rmtree(self.tmp, ignore_errors=True)
+            raise
+        shutil.rmtree(old, ignore_errors=True)
 
 
 def _check_output_dir(cfg: dict, command: str) -> Path:
@@ -158,6 +210,13 @@ def _check_output_dir(cfg: dict, command: str) -> Path:
             f'is required for `{command}`: set [output] dir = "runs/name" in the config or pass --output DIR',
         )
     path = Path(out)
+    parent = path.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+        why = "is not a directory" if not parent.is_dir() else "is not writable"
+        raise UsageError("output.dir", f"cannot create {path}: {parent} {why}; choose a directory you can "
+                         "write to")
     if path.exists() and not cfg["output"]["overwrite"]:
         raise UsageError(
             "output.dir",
@@ -246,6 +305,7 @@ def _pretrain(model: Any, loss_fn: Any, data: Any, cfg: dict, seed: int, progres
     bs = _batch(cfg["pretrain"]["batch_size"], n) or n
     gen = torch.Generator().manual_seed(seed + 1)
     perm, pos = torch.randperm(n, generator=gen), 0
+    start_loss = _train_loss(model, fn, data)
     model.train()
     for _ in tqdm(range(steps), desc="pretrain (Adam)", disable=not progress, leave=False):
         if pos + bs > n:
@@ -256,9 +316,21 @@ def _pretrain(model: Any, loss_fn: Any, data: Any, cfg: dict, seed: int, progres
         fn(model(data.x_train[idx]), data.y_train[idx]).mean().backward()
         opt.step()
     model.eval()
+    _check_pretrained(model, steps, cfg["pretrain"]["lr"], start_loss, _train_loss(model, fn, data))
     with torch.no_grad():
         point = _point_metrics(model, data)
     return {"steps": steps, "lr": cfg["pretrain"]["lr"], **point}
+
+
+def _train_loss(model: Any, fn: Any, data: Any) -> float:
+    import torch
+
+    was = model.training
+    model.eval()
+    with torch.no_grad():
+        value = float(fn(model(data.x_train), data.y_train).mean())
+    model.train(was)
+    return value
 
 
 def _point_metrics(model: Any, data: Any) -> dict:
@@ -308,6 +380,40 @@ def _resolve_config(args: argparse.Namespace) -> tuple[dict, Path]:
     return cfg, Path(args.config).resolve().parent
 
 
+def _check_run_memory(cfg: dict, num_weights: int, element_size: int = 4) -> None:
+    """Refuse a run whose draws and chain states cannot fit in memory, before sampling.
+
+    Estimate (bytes): K (T (32 + D e) + 6 D e + 2048) for K chains, T kept draws, D weights of e
+    bytes: the draws, the per-draw statistics, about six copies of the weights per chain while
+    stepping (weights, gradients, noise, kernel state, batched views) and per-chain bookkeeping
+    (generators, batchers).
+    """
+    from .config import check_memory
+
+    d, e = int(num_weights), int(element_size)
+    k, t = cfg["run"]["chains"], cfg["run"]["draws"]
+    key = "run.chains" if k > t else "run.draws"
+    check_memory(key, k * (t * (32 + d * e) + 6 * d * e + 2048),
+                 f"{k:,} chains x {t:,} draws of {d:,} weights",
+                 "lower run.chains or run.draws (raise run.thin to keep fewer draws of a long run)")
+
+
+def _check_pretrained(model: Any, steps: int, lr: float, start: float, end: float) -> None:
+    """A pretraining that diverged is the pretraining's fault, not the sampler's: non-finite
+    weights or training loss, or a training loss 100 times its starting value (a working Adam
+    does not raise it so; a too-large ``lr`` does, e.g. 1e30: 1.1 -> 3.9e30)."""
+    import torch
+
+    finite = all(bool(torch.isfinite(p).all()) for p in model.parameters()) and math.isfinite(end)
+    if not finite or end > 100 * max(start, 1e-3):
+        raise UsageError(
+            "pretrain.lr",
+            f"pretraining diverged: after {steps} Adam steps at lr = {lr:g} the training loss is "
+            f"{end:.4g} (it started at {start:.4g}); lower pretrain.lr (e.g. lr = 0.01) or set "
+            "pretrain.steps = 0",
+        )
+
+
 # -------------------------------------------------------------------------------------- sample
 def run_sample(
     cfg: dict, base_dir: Path, progress: bool, config_text: str | None = None, resume: bool = False
@@ -320,7 +426,7 @@ def run_sample(
     """
     import torch
 
-    from .config import ConfigError, build_model, load_data, resolve_source
+    from .config import ConfigError, build_model, check_memory, load_data, mlp_num_params, resolve_source
     from .driver import sample
     from .prior import GaussianPrior
 
@@ -328,10 +434,18 @@ def run_sample(
     t0 = time.perf_counter()
     data = load_data(cfg["data"], base_dir)
     run = cfg["run"]
-    model = build_model(cfg["model"], data.input_dim, data.output_dim, seed=run["seed"])
+    if cfg["model"]["factory"] is None:  # the MLP's size is known before building it
+        d = mlp_num_params(data.input_dim, data.output_dim, cfg["model"]["hidden"])
+        check_memory("model.hidden", 4 * d, f"the MLP's {d:,} weights", "use narrower layers")
+        _check_run_memory(cfg, d)
+    model = build_model(cfg["model"], data.input_dim, data.output_dim, seed=run["seed"],
+                        search_path=[base_dir])
     if data.x_train.dim() > 2 and cfg["model"]["factory"] is None:
         data.x_train, data.x_test = data.x_train.flatten(1), data.x_test.flatten(1)
     loss_fn = _loss_for(cfg, data.task)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    _check_run_memory(cfg, sum(p.numel() for p in trainable), max((p.element_size() for p in trainable),
+                                                                  default=4))
     # the prior is centred on the random initialisation (or 0), fixed BEFORE any pretraining on S
     prior = GaussianPrior.from_module(
         model, std=cfg["posterior"]["prior_std"], mean=cfg["posterior"]["prior_mean"]
@@ -362,7 +476,8 @@ def run_sample(
     if run["checkpoint_every"]:
         sample_kwargs.update(checkpoint=checkpoint, checkpoint_every=run["checkpoint_every"], resume=resume)
     elif resume:
-        raise ConfigError("run.checkpoint_every: is 0, so there is no checkpoint to --resume from")
+        raise ConfigError("run.checkpoint_every", "is 0, so there is no checkpoint to --resume from; set "
+                          "checkpoint_every = 500 (the default) for runs you may want to resume")
     mode = run["distributed"]
     if mode == "none" and int(os.environ.get("WORLD_SIZE", "1")) > 1:
         mode = "chains"  # launched by torchrun: share the chains out by default
@@ -433,14 +548,14 @@ def _sample_on_ranks(mode: str, model: Any, loss_fn: Any, train: tuple, kwargs: 
     import torch.distributed as dist
 
     from .config import ConfigError
-    from .distributed import sample_distributed, shard
+    from .distributed import sample_distributed, shard, start_process_group
 
     owned = not dist.is_initialized()
     if owned:
         if "RANK" not in os.environ:
-            raise ConfigError("run.distributed: needs a torchrun launch (torchrun --nproc_per_node=N "
+            raise ConfigError("run.distributed", "needs a torchrun launch (torchrun --nproc_per_node=N "
                               "-m pib_bayes sample ...); use distributed = \"none\" for one process")
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        start_process_group("nccl" if torch.cuda.is_available() else "gloo")  # PIB_DIST_TIMEOUT bounds it
     data = train if mode == "chains" else shard(train)
     try:
         return sample_distributed(model, loss_fn, data, mode=mode, **kwargs)
@@ -481,9 +596,94 @@ def _cmd_sample(args: argparse.Namespace) -> int:
 
 
 # ------------------------------------------------------------------------------------ run dirs
-def _load_run(run_dir: str) -> tuple[dict, Any, Any]:
-    """(config, Posterior with its model, Dataset) of a run directory written by ``sample``."""
-    from .config import build_model, load_data
+def _inside(path: Path, root: Path) -> bool:
+    try:
+        path.resolve().relative_to(root.resolve())
+        return True
+    except ValueError:
+        return False
+
+
+def _read_run_config(path: Path, trust_code: bool) -> dict:
+    """The validated config.json of a run directory: a run directory is data, so (unless
+    ``trust_code``) it may name no model factory but a built-in one, and no file outside itself."""
+    from .config import BUILTIN_DATA, BUILTIN_FACTORIES, ConfigError, validate_config
+
+    where = path / "config.json"
+    try:
+        cfg = json.loads(where.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as err:
+        raise UsageError("RUN_DIR", f"{where} is not valid JSON ({type(err).__name__}); is it a run "
+                         "directory of `pib-bayes sample`?") from None
+    if not isinstance(cfg, dict) or not isinstance(cfg.get("resolved"), dict):
+        raise UsageError("RUN_DIR", f"{where} has no 'resolved' table; is it a run directory of "
+                         "`pib-bayes sample`?")
+    res = cfg.pop("resolved")
+    # JSON null is a default left unset (TOML has no null): validate what was set
+    raw = {sec: ({k: v for k, v in val.items() if v is not None} if isinstance(val, dict) else val)
+           for sec, val in cfg.items()}
+    try:
+        cfg = validate_config(raw)
+    except ConfigError as err:
+        raise UsageError(err.key, f"{where}: {str(err).split(': ', 1)[1]}") from None
+
+    def bad(key: str, want: str) -> UsageError:
+        return UsageError(f"resolved.{key}", f"{where}: must be {want}, got {res.get(key)!r}")
+
+    for key in ("input_dim", "output_dim"):
+        v = res.get(key)
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise bad(key, "an integer >= 1")
+    if res.get("task") not in ("classification", "regression"):
+        raise bad("task", '"classification" or "regression"')
+    for key in ("feature_mean", "feature_std"):
+        v = res.get(key)
+        if v is not None and (not isinstance(v, list) or len(v) != res["input_dim"] or not all(
+                isinstance(c, (int, float)) and not isinstance(c, bool) and math.isfinite(c) for c in v)):
+            raise bad(key, f"null or a list of {res['input_dim']} finite numbers")
+    if (res.get("feature_mean") is None) != (res.get("feature_std") is None):
+        raise bad("feature_std", "given exactly when feature_mean is")
+    factory = cfg["model"]["factory"]
+    if factory is not None and factory not in BUILTIN_FACTORIES and not trust_code:
+        raise UsageError(
+            "model.factory",
+            f"{where} names the model factory {factory!r}; a run directory is data, and pib-bayes "
+            "does not import or call code named by one. If you trust whoever wrote this run "
+            "directory, pass --trust-code (the factory's module must be importable); built-in "
+            f"factories need no flag: {sorted(BUILTIN_FACTORIES)}",
+        )
+    root = path.resolve()
+    source = res.get("source", cfg["data"]["source"])
+    if not isinstance(source, str) or not source:
+        raise bad("source", "a built-in data set name or a path")
+    base_dir = res.get("base_dir")
+    if base_dir is not None and not isinstance(base_dir, str):
+        raise bad("base_dir", "a path")
+    if source not in BUILTIN_DATA and not trust_code:
+        src = Path(source)
+        src = src if src.is_absolute() else root / src
+        if not _inside(src, root):
+            raise UsageError(
+                "resolved.source",
+                f"{where} reads its data from {source!r}, outside the run directory; a run "
+                "directory cannot make pib-bayes read files elsewhere. If the run is yours (or you "
+                "trust its author) pass --trust-code, or copy the data into the run directory and "
+                "record it there (a path relative to the run directory)",
+            )
+        source, base_dir = str(src.resolve()), str(root)
+    search = [d for d in (base_dir, str(root)) if d is not None] if trust_code else []
+    cfg["resolved"] = {**res, "source": source, "base_dir": base_dir}
+    cfg["_search_path"] = search
+    return cfg
+
+
+def _load_run(run_dir: str, trust_code: bool = False) -> tuple[dict, Any, Any]:
+    """(config, Posterior with its model, Dataset) of a run directory written by ``sample``.
+
+    Without ``trust_code`` the run directory can name no code to import (only a built-in model
+    factory) and no data file outside itself; see docs/security.md.
+    """
+    from .config import ConfigError, build_model, load_data
     from .io import FormatError
     from .posterior import Posterior
 
@@ -497,15 +697,22 @@ def _load_run(run_dir: str) -> tuple[dict, Any, Any]:
             raise UsageError(
                 "RUN_DIR", f"{run_dir} has no {name}; is it a run directory of `pib-bayes sample`?"
             )
-    cfg = json.loads((path / "config.json").read_text())
+        if not trust_code and not _inside(path / name, path):
+            raise UsageError("RUN_DIR", f"{path / name} is a link to a file outside the run directory; "
+                             "pass --trust-code to follow it, or copy the file in")
+    cfg = _read_run_config(path, trust_code)
     res = cfg["resolved"]
-    model = build_model(cfg["model"], res["input_dim"], res["output_dim"], seed=cfg["run"]["seed"])
+    try:
+        model = build_model(cfg["model"], res["input_dim"], res["output_dim"], seed=cfg["run"]["seed"],
+                            search_path=cfg["_search_path"])
+    except ConfigError as err:
+        raise UsageError(err.key, f"{path / 'config.json'}: {str(err).split(': ', 1)[1]}") from None
     try:
         post = Posterior.load(path / "posterior.pt", model=model)
     except FormatError as err:
         raise UsageError("RUN_DIR", f"{err}") from None
-    data_cfg = {**cfg["data"], "source": res.get("source", cfg["data"]["source"])}
-    data = load_data(data_cfg, res.get("base_dir"))  # standardised again (same split) when configured
+    data_cfg = {**cfg["data"], "source": res["source"]}
+    data = load_data(data_cfg, res["base_dir"])  # standardised again (same split) when configured
     if data.x_train.dim() > 2 and cfg["model"]["factory"] is None:
         data.x_train, data.x_test = data.x_train.flatten(1), data.x_test.flatten(1)
     return cfg, post, data
@@ -517,7 +724,7 @@ def _cmd_diagnose(args: argparse.Namespace) -> int:
 
     from .diagnostics import ConvergenceWarning, summary
 
-    cfg, post, data = _load_run(args.run_dir)
+    cfg, post, data = _load_run(args.run_dir, args.trust_code)
     run_dir = Path(args.run_dir)
     eval_x, eval_y = (data.x_test, data.y_test) if len(data.y_test) else (data.x_train, data.y_train)
     n_eval = min(len(eval_y), args.max_examples)
@@ -598,7 +805,8 @@ def _bounds_report(cfg: dict, post: Any, data: Any, delta: float) -> Any:
     from .prior import GaussianPrior
 
     res = cfg["resolved"]
-    init = build_model(cfg["model"], res["input_dim"], res["output_dim"], seed=cfg["run"]["seed"])
+    init = build_model(cfg["model"], res["input_dim"], res["output_dim"], seed=cfg["run"]["seed"],
+                       search_path=cfg.get("_search_path", ()))
     post_cfg = cfg["posterior"]
     prior = GaussianPrior.from_module(init, std=post_cfg["prior_std"], mean=post_cfg["prior_mean"])
     with warnings.catch_warnings():
@@ -649,27 +857,33 @@ def _load_inputs(source: str, cfg: dict) -> tuple[Any, Any | None, str]:
     import numpy
     import torch
 
-    from .config import ConfigError, load_arrays
+    from .config import ConfigError, _csv_rows, load_arrays, read_npz
 
     res = cfg["resolved"]
     path = Path(source)
     if path.suffix.lower() == ".csv" and path.is_file():
-        rows = numpy.loadtxt(path, delimiter=",", ndmin=2, skiprows=_csv_header_rows(path))
-        if rows.shape[1] == res["input_dim"]:
-            return torch.tensor(rows, dtype=torch.float32), None, f"csv {path} (features only)"
+        try:
+            rows = _csv_rows(path, "--input")
+            header = bool(rows) and not _numeric_row(rows[0])
+            body = [r for r in rows[header:] if r and any(c.strip() for c in r)]
+            if body and all(len(r) == res["input_dim"] for r in body) and all(map(_numeric_row, body)):
+                x = torch.tensor([[float(c) for c in r] for r in body], dtype=torch.float32)
+                if not bool(torch.isfinite(x).all()):
+                    raise UsageError("--input", f"{path}: the features contain NaN/Inf")
+                return x, None, f"csv {path} (features only)"
+        except ConfigError as err:
+            raise UsageError("--input", str(err).split(": ", 1)[1]) from None
     if path.suffix.lower() == ".npz" and path.is_file():
-        with numpy.load(path, allow_pickle=False) as npz:
-            if cfg["data"]["y_key"] not in npz:
-                if cfg["data"]["x_key"] not in npz:
-                    raise UsageError(
-                        "--input",
-                        f"{path} has no array {cfg['data']['x_key']!r}; its arrays are {list(npz.keys())}",
-                    )
-                return (
-                    torch.tensor(npz[cfg["data"]["x_key"]], dtype=torch.float32),
-                    None,
-                    f"npz {path} (no labels)",
-                )
+        try:
+            xa, ya = read_npz(path, cfg["data"]["x_key"], cfg["data"]["y_key"], key="--input")
+        except ConfigError as err:
+            raise UsageError("--input", str(err).split(": ", 1)[1]) from None
+        if ya is None:
+            x = torch.tensor(numpy.asarray(xa, dtype=numpy.float32))
+            if x.dim() == 0 or len(x) == 0 or not bool(torch.isfinite(x).all()):
+                raise UsageError("--input", f"{path}: array {cfg['data']['x_key']!r} must be finite "
+                                 "numbers, one row per example")
+            return x, None, f"npz {path} (no labels)"
     data_cfg = {**cfg["data"], "source": source}
     try:
         x, y, desc = load_arrays(data_cfg, None)
@@ -680,19 +894,18 @@ def _load_inputs(source: str, cfg: dict) -> tuple[Any, Any | None, str]:
     return x, y, desc
 
 
-def _csv_header_rows(path: Path) -> int:
-    first = path.open().readline().split(",")
+def _numeric_row(row: list[str]) -> bool:
     try:
-        [float(c) for c in first]
-        return 0
+        [float(c) for c in row]
+        return True
     except ValueError:
-        return 1
+        return False
 
 
 def _cmd_predict(args: argparse.Namespace) -> int:
     import torch
 
-    cfg, post, data = _load_run(args.run_dir)
+    cfg, post, data = _load_run(args.run_dir, args.trust_code)
     res = cfg["resolved"]
     if args.input is None:
         x, y, desc = data.x_test, data.y_test, "the run's held-out test split"
@@ -857,7 +1070,8 @@ def run_iiw(cfg: dict, base_dir: Path, progress: bool) -> tuple[dict, Path]:
     t0 = time.perf_counter()
     data = load_data(cfg["data"], base_dir)
     run, icfg = cfg["run"], cfg["iiw"]
-    model = build_model(cfg["model"], data.input_dim, data.output_dim, seed=run["seed"])
+    model = build_model(cfg["model"], data.input_dim, data.output_dim, seed=run["seed"],
+                        search_path=[base_dir])
     if data.x_train.dim() > 2 and cfg["model"]["factory"] is None:
         data.x_train, data.x_test = data.x_train.flatten(1), data.x_test.flatten(1)
     loss_fn = _loss_for(cfg, data.task)
@@ -971,6 +1185,15 @@ def _common(p: argparse.ArgumentParser) -> None:
     )
 
 
+def _trust(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--trust-code",
+        action="store_true",
+        help="trust RUN_DIR: import the model factory its config.json names and read data files "
+        "outside it (only for run directories you wrote or whose author you trust)",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The ``pib-bayes`` argument parser (subcommands demo, sample, diagnose, iiw, predict)."""
     parser = argparse.ArgumentParser(
@@ -1006,6 +1229,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--strict", action="store_true", help="exit 4 when R-hat or ESS is outside the limits")
     d.add_argument("--delta", type=float, default=0.05, help="confidence of the PAC-Bayes bounds (1 - delta)")
     d.add_argument("--no-bounds", action="store_true", help="skip the generalization-bound report")
+    _trust(d)
     _common(d)
     d.set_defaults(func=_cmd_diagnose)
 
@@ -1026,6 +1250,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--output", help="CSV to write (default RUN_DIR/predictions.csv)")
     p.add_argument("--level", type=float, default=0.9, help="central credible level of regression intervals")
+    _trust(p)
     _common(p)
     p.set_defaults(func=_cmd_predict)
     return parser
@@ -1035,6 +1260,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``pib-bayes``; returns the exit code (see the module docstring)."""
     args = build_parser().parse_args(argv)
     from .config import ConfigError
+    from .distributed import DistributedSamplingError
 
     def fail(key: str, message: str, code: int) -> int:
         if getattr(args, "json", False):
@@ -1048,6 +1274,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return fail(err.key, str(err), EXIT_USAGE)
     except (FileNotFoundError, ValueError) as err:  # validation errors of the library name their argument
         return fail(str(err).split(":", 1)[0], str(err), EXIT_USAGE)
+    except DistributedSamplingError as err:  # a peer died, timed out or failed: named in the message
+        return fail("<distributed>", str(err), EXIT_FAILED)
     except KeyboardInterrupt:
         return fail("<interrupt>", "interrupted; nothing half-written was left in the output directory", 130)
     except Exception as err:  # a bug: show everything

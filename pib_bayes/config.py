@@ -34,8 +34,8 @@ optional except where marked, and an unknown key is an error (with the closest v
     noise_std = 1.0             # s of the Gaussian loss (regression)
 
     [sampler]
-    name = "sgld"               # sgld | psgld | sghmc | csgld
-    step_size = 1e-4            # h (SGLD/pSGLD), learning rate eta (SGHMC), h_0 (schedules)
+    name = "sgld"               # sgld | psgld | sghmc | csgld | sgnht
+    step_size = 1e-4            # h (SGLD/pSGLD/SGNHT), learning rate eta (SGHMC), h_0 (schedules)
     schedule = "constant"       # constant | polynomial | cosine | cyclical
     gamma = 0.55                # polynomial: h_t = step_size * (b + t)^-gamma * b^gamma  (h_0 = step_size)
     b = 1.0
@@ -66,8 +66,10 @@ import difflib
 import importlib
 import inspect
 import math
+import numbers
 import os
-from collections.abc import Callable, Mapping
+import sys
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -91,6 +93,10 @@ __all__ = [
     "ACTIVATIONS",
     "BUILTIN_DATA",
     "SCHEMA",
+    "BUILTIN_FACTORIES",
+    "check_memory",
+    "available_memory",
+    "mlp_num_params",
 ]
 
 
@@ -111,7 +117,7 @@ ACTIVATIONS: dict[str, type[nn.Module] | None] = {
     "gelu": nn.GELU,
 }
 BUILTIN_DATA = ("spirals", "regression")
-SAMPLERS = ("sgld", "psgld", "sghmc", "csgld")
+SAMPLERS = ("sgld", "psgld", "sghmc", "csgld", "sgnht")
 SCHEDULES = ("constant", "polynomial", "cosine", "cyclical")
 
 
@@ -386,8 +392,31 @@ def load_config(path: str | os.PathLike, output_dir: str | None = None) -> dict[
 
 
 # ------------------------------------------------------------------------------------------- model
-def build_mlp(input_dim: int, output_dim: int, hidden: list[int], activation: str) -> nn.Sequential:
-    """``Linear -> act -> ... -> Linear`` with the given hidden widths (``[]``: one linear layer)."""
+def build_mlp(input_dim: int, output_dim: int, hidden: list[int], activation: str = "tanh") -> nn.Sequential:
+    """``Linear -> act -> ... -> Linear`` with the given hidden widths (``[]``: one linear layer).
+
+    Also the built-in factory ``"pib_bayes.config:build_mlp"`` (a run directory may name it
+    without ``--trust-code``). A size that cannot fit in memory is refused before allocating.
+
+    >>> build_mlp(2, 1, [], "linear")
+    Sequential(
+      (0): Linear(in_features=2, out_features=1, bias=True)
+    )
+    """
+    if activation not in ACTIVATIONS:
+        raise ConfigError(
+            "model.activation", f"unknown value {activation!r}; choose one of {list(ACTIVATIONS)}"
+        )
+    if not isinstance(hidden, (list, tuple)) or any(
+        isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < 1 for v in hidden
+    ):
+        raise ConfigError("model.hidden", f"must be a list of positive integers, got {hidden!r}")
+    check_memory(
+        "model.hidden",
+        4 * mlp_num_params(input_dim, output_dim, list(hidden)),
+        "the MLP's weights",
+        "use narrower layers",
+    )
     act = ACTIVATIONS[activation]
     layers: list[nn.Module] = []
     d = input_dim
@@ -400,16 +429,40 @@ def build_mlp(input_dim: int, output_dim: int, hidden: list[int], activation: st
     return nn.Sequential(*layers)
 
 
-def _import_factory(spec: str) -> Callable[..., Any]:
+#: Factories that a run directory may name without ``--trust-code``: pib_bayes's own, taking only
+#: numbers and strings (no import path, no callable) as keyword arguments.
+BUILTIN_FACTORIES: dict[str, Callable[..., nn.Module]] = {
+    "pib_bayes.config:build_mlp": build_mlp,
+}
+
+
+def _import_factory(spec: str, search_path: Sequence[str | os.PathLike] = ()) -> Callable[..., Any]:
+    """The callable named by ``"module.path:attr"``; a module not importable as installed is looked
+    for in the folders of ``search_path`` (the config file's folder), which are on ``sys.path``
+    (after everything else, so they shadow nothing) only while importing."""
+    if spec in BUILTIN_FACTORIES:
+        return BUILTIN_FACTORIES[spec]
     module_name, _, attr = spec.partition(":")
+    top = module_name.split(".")[0]
+    extra = [
+        str(Path(d).resolve())
+        for d in search_path
+        if (Path(d) / f"{top}.py").is_file() or (Path(d) / top / "__init__.py").is_file()
+    ]
+    added = [d for d in extra if d not in sys.path]
+    sys.path.extend(added)
     try:
         module = importlib.import_module(module_name)
     except ImportError as err:
         raise ConfigError(
             "model.factory",
             f"cannot import module {module_name!r} ({err}); "
-            "check the path and that the package is installed or on PYTHONPATH",
+            "check the path and that the package is installed, on PYTHONPATH or next to the config file",
         ) from None
+    finally:
+        for d in added:
+            if d in sys.path:
+                sys.path.remove(d)
     obj: Any = module
     for part in attr.split("."):
         if not hasattr(obj, part):
@@ -420,15 +473,34 @@ def _import_factory(spec: str) -> Callable[..., Any]:
     return obj
 
 
-def build_model(model_cfg: Mapping[str, Any], input_dim: int, output_dim: int, seed: int = 0) -> nn.Module:
+def build_model(
+    model_cfg: Mapping[str, Any],
+    input_dim: int,
+    output_dim: int,
+    seed: int = 0,
+    search_path: Sequence[str | os.PathLike] = (),
+) -> nn.Module:
     """The module described by the ``[model]`` section, initialised from ``seed``.
 
     A factory is called with ``[model.kwargs]``; if its signature names ``input_dim`` or
-    ``output_dim`` and the kwargs do not set them, the data's dimensions are passed.
+    ``output_dim`` and the kwargs do not set them, the data's dimensions are passed. Its module
+    is imported as installed, or else from the folders in ``search_path`` (the CLI passes the
+    config file's folder, so a ``nets.py`` next to the config is found without ``PYTHONPATH``).
+    A size of the MLP that cannot fit in memory is refused before allocating (``model.hidden``).
+
+    This imports and calls code: only pass a config the user wrote or vouches for (the CLI refuses
+    a factory recorded in a run directory unless ``--trust-code`` is given).
+
+    >>> build_model({"hidden": [3], "activation": "tanh"}, 2, 1)
+    Sequential(
+      (0): Linear(in_features=2, out_features=3, bias=True)
+      (1): Tanh()
+      (2): Linear(in_features=3, out_features=1, bias=True)
+    )
     """
     torch.manual_seed(seed)
     if model_cfg.get("factory"):
-        factory = _import_factory(model_cfg["factory"])
+        factory = _import_factory(model_cfg["factory"], search_path)
         kwargs = dict(model_cfg.get("kwargs") or {})
         try:
             params = inspect.signature(factory).parameters
@@ -447,6 +519,51 @@ def build_model(model_cfg: Mapping[str, Any], input_dim: int, output_dim: int, s
             raise ConfigError("model.factory", f"must return a torch.nn.Module, got {type(model).__name__}")
         return model
     return build_mlp(input_dim, output_dim, list(model_cfg["hidden"]), model_cfg["activation"])
+
+
+def mlp_num_params(input_dim: int, output_dim: int, hidden: Sequence[int]) -> int:
+    """Weights and biases of :func:`build_mlp`: sum over layers of (d_in + 1) d_out.
+
+    >>> mlp_num_params(2, 3, [8])
+    51
+    """
+    dims = [int(input_dim), *[int(h) for h in hidden], int(output_dim)]  # Python ints: no overflow
+    return sum((a + 1) * b for a, b in zip(dims[:-1], dims[1:]))
+
+
+def available_memory() -> int:
+    """Bytes this process can still allocate: ``MemAvailable`` of /proc/meminfo (Linux), else the
+    physical memory, else a large number (no check)."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return int(os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
+    except (ValueError, OSError, AttributeError):  # pragma: no cover - not POSIX
+        return 1 << 62
+
+
+def check_memory(key: str, nbytes: float, what: str, fix: str) -> None:
+    """Refuse, before allocating, a size that cannot fit in the memory available (a
+    :class:`ConfigError` naming ``key``, the estimate and ``fix``).
+
+    >>> check_memory("run.draws", 1e3, "the draws", "lower run.draws")
+    >>> try:
+    ...     check_memory("run.draws", 1e30, "the draws", "lower run.draws")
+    ... except ConfigError as err:
+    ...     print(str(err)[:40])
+    run.draws: the draws need about 1e+21 GB
+    """
+    avail = available_memory()
+    if nbytes > avail:
+        raise ConfigError(
+            key, f"{what} need about {nbytes / 1e9:.3g} GB, more than the {avail / 1e9:.3g} GB of memory "
+            f"available; {fix}"
+        )
 
 
 # -------------------------------------------------------------------------------------------- data
@@ -476,11 +593,65 @@ class Dataset:
         }
 
 
-def _csv_arrays(path: Path, target: str | int) -> tuple[np.ndarray, np.ndarray]:
+def read_npz(
+    path: Path, x_key: str, y_key: str | None, key: str = "data.source"
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """Arrays ``x_key`` and ``y_key`` of a ``.npz`` file, read without pickle (an object array
+    cannot run code, it is refused); ``y`` is None when ``y_key`` is None or absent and
+    ``key == "--input"``. A file numpy cannot read is a :class:`ConfigError` naming it."""
+    import zipfile
+
+    try:
+        with np.load(path, allow_pickle=False) as npz:
+            keys = list(npz.keys())
+            for k, name in ((x_key, "x_key"), (y_key, "y_key")):
+                if k is not None and k not in keys and not (name == "y_key" and key == "--input"):
+                    raise ConfigError(
+                        key if key == "--input" else f"data.{name}",
+                        f"{path} has no array {k!r}; its arrays are {keys}",
+                    )
+            out = []
+            for k in (x_key, y_key):
+                if k is None or k not in keys:
+                    out.append(None)
+                    continue
+                try:
+                    a = np.asarray(npz[k])
+                except ValueError as err:  # an object array: numpy would need pickle
+                    raise ConfigError(
+                        key,
+                        f"{path}: array {k!r} is an object array ({err}); pib-bayes never unpickles "
+                        "data files: save numeric arrays (np.savez(path, x=x.astype(float), ...))",
+                    ) from None
+                if not (np.issubdtype(a.dtype, np.number) or a.dtype == np.bool_):
+                    raise ConfigError(key, f"{path}: array {k!r} has dtype {a.dtype}; it must be numeric")
+                out.append(a)
+    except (OSError, EOFError, zipfile.BadZipFile, ValueError) as err:
+        if isinstance(err, ConfigError):
+            raise
+        raise ConfigError(
+            key, f"{path} cannot be read as a .npz file ({type(err).__name__}: {err})"
+        ) from None
+    return out[0], out[1]
+
+
+def _csv_rows(path: Path, key: str = "data.source") -> list[list[str]]:
+    """The rows of a text CSV file; a binary or non-UTF-8 file is a :class:`ConfigError` naming it."""
     import csv
 
-    with open(path, newline="") as f:
-        rows = list(csv.reader(f))
+    try:
+        with open(path, newline="", encoding="utf-8") as f:
+            return list(csv.reader(f))
+    except UnicodeDecodeError as err:
+        raise ConfigError(
+            key, f"{path} is not a UTF-8 text CSV file (byte {err.start}: {err.reason}); is it binary?"
+        ) from None
+    except csv.Error as err:
+        raise ConfigError(key, f"{path} is not a readable CSV file ({err}); is it binary?") from None
+
+
+def _csv_arrays(path: Path, target: str | int) -> tuple[np.ndarray, np.ndarray]:
+    rows = _csv_rows(path)
     rows = [r for r in rows if r and any(c.strip() for c in r)]
     if not rows:
         raise ConfigError("data.source", f"{path} is empty")
@@ -559,6 +730,8 @@ def load_arrays(
         from .data import make_classification_data, make_regression_data
 
         n_total = data_cfg["n"]
+        # generated in float64 (a few temporaries of n x 2), then the float32 tensors
+        check_memory("data.n", 64 * n_total, f"{n_total:,} generated examples", "lower data.n")
         if source == "spirals":
             noise = 0.25 if data_cfg.get("noise") is None else data_cfg["noise"]
             x, y = make_classification_data(n=n_total, num_classes=3, noise=noise, seed=seed)
@@ -585,13 +758,7 @@ def load_arrays(
         return x, y, f"MNIST IDX {path} (split {data_cfg['split']})"
     suffix = path.suffix.lower()
     if suffix == ".npz":
-        with np.load(path, allow_pickle=False) as npz:
-            keys = list(npz.keys())
-            for k in (data_cfg["x_key"], data_cfg["y_key"]):
-                if k not in keys:
-                    key = "data.x_key" if k == data_cfg["x_key"] else "data.y_key"
-                    raise ConfigError(key, f"{path} has no array {k!r}; its arrays are {keys}")
-            xa, ya = np.asarray(npz[data_cfg["x_key"]]), np.asarray(npz[data_cfg["y_key"]])
+        xa, ya = read_npz(path, data_cfg["x_key"], data_cfg["y_key"])
         desc = f"npz {path}"
     elif suffix == ".csv":
         xa, ya = _csv_arrays(path, data_cfg["target"])
@@ -601,8 +768,12 @@ def load_arrays(
             "data.source",
             f"unsupported file type {suffix!r} ({path}); use a .npz, a .csv or an MNIST IDX directory",
         )
+    if xa.ndim == 0 or ya.ndim == 0:
+        raise ConfigError("data.source", f"{path}: x and y must be arrays with one row per example")
     if xa.ndim == 1:
         xa = xa[:, None]
+    if len(xa) == 0:
+        raise ConfigError("data.source", f"{path} holds no examples (0 rows)")
     if len(xa) != len(ya):
         raise ConfigError("data.source", f"{path}: x has {len(xa)} rows but y has {len(ya)}")
     if not np.issubdtype(xa.dtype, np.number) or not np.all(np.isfinite(xa)):

@@ -7,9 +7,10 @@ Two ways to spread a run over the ranks of an initialised process group (e.g. on
     The ``num_chains`` chains are split into contiguous blocks, one per rank
     (:func:`chain_shares`); each rank runs its block with ``pib_bayes.sample(..., chain_ids=block)``,
     so chain k keeps the seeds of chain k of the single-process run (:func:`~pib_bayes.chain_seeds`)
-    and the draws do not depend on the number of ranks. Nothing is communicated while sampling;
-    at the end the per-rank posteriors are gathered (``gather_object``) into one
-    :class:`~pib_bayes.Posterior` on ``dst``. Every rank holds the full data.
+    and the draws do not depend on the number of ranks. Nothing but a liveness heartbeat is
+    communicated while sampling; at the end the per-rank posteriors are gathered (as bytes,
+    never pickled) into one :class:`~pib_bayes.Posterior` on ``dst``. Every rank holds the full
+    data.
 
 ``mode="data"`` (data parallelism, for data that do not fit one worker)
     ``data`` is this rank's shard (:func:`shard`). Every rank runs the *same* chains from the same
@@ -38,13 +39,24 @@ Two ways to spread a run over the ranks of an initialised process group (e.g. on
 A rank that raises makes every rank raise :class:`DistributedSamplingError` naming the failing
 rank and its error (the failing rank's own exception is chained); no rank is left waiting. A rank
 that dies without raising (killed, out of memory) makes the others fail in the next collective,
-either at once (gloo sees the closed connection) or after the process group's ``timeout``; give
-``init_process_group`` a timeout that suits the run.
+either at once (gloo sees the closed connection) or after the process group's ``timeout``.
+:func:`start_process_group` (what the CLI uses) bounds it: 5 minutes by default, or
+``PIB_DIST_TIMEOUT`` seconds, or its ``timeout`` argument (torch's own default is 30 minutes), and
+its start-up handshake makes a peer that died while starting fail the others at once. In
+``mode="chains"``, where the chains exchange nothing while sampling, a heartbeat thread
+all-reduces one number every :data:`HEARTBEAT_S` seconds on a gloo group of its own (with the
+world group), so a dead peer stops the others within about a second.
+
+Nothing a peer sends is unpickled: statuses and layouts travel as JSON, the draws as
+``torch.save`` bytes read back with ``weights_only=True`` (tensors, numbers, strings).
 """
 
 from __future__ import annotations
 
+import datetime
 import inspect
+import io
+import json
 import math
 import os
 from collections.abc import Sequence
@@ -60,7 +72,8 @@ from .samplers.core import Kernel
 from .samplers.kernels import build_kernel
 from .samplers.schedules import as_schedule
 
-__all__ = ["sample_distributed", "shard", "chain_shares", "DistributedSamplingError"]
+__all__ = ["sample_distributed", "shard", "chain_shares", "DistributedSamplingError", "start_process_group",
+           "collective_timeout"]
 
 _SAMPLE_ARGS = {n for n, p in inspect.signature(sample).parameters.items() if p.kind is p.KEYWORD_ONLY}
 
@@ -127,6 +140,76 @@ def shard(data: Any, rank: int | None = None, world_size: int | None = None) -> 
     return x[bounds[rank]:bounds[rank + 1]], y[bounds[rank]:bounds[rank + 1]]
 
 
+# ----------------------------------------------------------------------- start-up and timeouts
+DEFAULT_TIMEOUT_S = 300.0
+TIMEOUT_ENV = "PIB_DIST_TIMEOUT"
+
+
+def collective_timeout(timeout: float | datetime.timedelta | None = None) -> datetime.timedelta:
+    """The bound on every collective: ``timeout`` (seconds or a timedelta), else the environment
+    variable ``PIB_DIST_TIMEOUT`` (seconds), else :data:`DEFAULT_TIMEOUT_S` (5 minutes; torch's
+    own default is 30).
+
+    >>> collective_timeout(90).total_seconds()
+    90.0
+    """
+    source = "timeout"
+    if timeout is None and os.environ.get(TIMEOUT_ENV, "").strip():
+        source, timeout = TIMEOUT_ENV, os.environ[TIMEOUT_ENV].strip()
+        try:
+            timeout = float(timeout)
+        except ValueError:
+            raise ValueError(f"{TIMEOUT_ENV}: must be a number of seconds, got {timeout!r}") from None
+    if timeout is None:
+        return datetime.timedelta(seconds=DEFAULT_TIMEOUT_S)
+    if isinstance(timeout, datetime.timedelta):
+        timeout = timeout.total_seconds()
+    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not math.isfinite(timeout) \
+            or timeout <= 0:
+        raise ValueError(f"{source}: must be a positive number of seconds, got {timeout!r}")
+    return datetime.timedelta(seconds=float(timeout))
+
+
+def start_process_group(backend: str | None = None, timeout: float | datetime.timedelta | None = None,
+                        **kwargs: Any) -> None:
+    """``torch.distributed.init_process_group`` with a bounded timeout, then one start-up handshake.
+
+    ``backend`` defaults to nccl with CUDA, else gloo; ``timeout`` as in :func:`collective_timeout`
+    bounds the rendezvous and every later collective of the group. The handshake (an all-reduce
+    of one number) makes a peer that died during start-up fail the survivors now, within the
+    timeout, not at their first collective after sampling. Other ``kwargs`` (``init_method``,
+    ``rank``, ``world_size``, ``store``) go to ``init_process_group``; under torchrun none is needed.
+
+    Raises:
+        DistributedSamplingError: a peer did not join, or died, within the timeout.
+
+    >>> import torch.distributed as dist
+    >>> if not dist.is_initialized():
+    ...     start_process_group("gloo", timeout=60, store=dist.HashStore(), rank=0, world_size=1)
+    ...     dist.destroy_process_group()
+    """
+    import torch.distributed as dist
+
+    bound = collective_timeout(timeout)
+    if backend is None:
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+    rank = kwargs.get("rank", os.environ.get("RANK", "?"))
+    try:
+        dist.init_process_group(backend, timeout=bound, **kwargs)
+    except Exception as err:  # the store's barrier timed out, or the rendezvous failed
+        raise DistributedSamplingError(
+            f"rank {rank}: the process group did not start within {bound.total_seconds():g} s "
+            f"({type(err).__name__}: {err}); a peer did not join: did it die during start-up? "
+            f"(raise the bound with {TIMEOUT_ENV}=SECONDS if start-up is slow)") from err
+    rank = dist.get_rank()
+    flag = torch.ones(1, device=_comm_device(None))
+    try:
+        _collective("start-up handshake", rank, dist.all_reduce, flag)
+    except DistributedSamplingError:
+        dist.destroy_process_group()  # a group left open aborts at interpreter exit
+        raise
+
+
 # ----------------------------------------------------------------------- collectives
 def _group_info(group: Any) -> tuple[Any, int, int]:
     import torch.distributed as dist
@@ -148,12 +231,77 @@ def _collective(what: str, rank: int, fn: Any, *args: Any, **kwargs: Any) -> Any
             "probably died or timed out (see its own output)") from err
 
 
-def _all_gather(obj: Any, group: Any, rank: int, world: int, what: str) -> list[Any]:
+def _comm_device(group: Any) -> torch.device:
+    """Where the backend reduces tensors: the current CUDA device for nccl, else the CPU."""
     import torch.distributed as dist
 
-    out: list[Any] = [None] * world
-    _collective(what, rank, dist.all_gather_object, out, obj, group=group)
-    return out
+    if "nccl" in str(dist.get_backend(group)).lower():
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def _exchange_bytes(data: bytes | None, group: Any, rank: int, world: int, what: str,
+                    dst: int | None = None) -> list[bytes] | None:
+    """Every rank's ``data`` (in rank order) on every rank, or on ``dst`` only (None elsewhere).
+
+    Sent as uint8 tensors (lengths first, then the padded bytes): nothing is pickled, so a peer
+    can send no code (``all_gather_object`` would unpickle whatever a peer sends).
+    """
+    import torch.distributed as dist
+
+    device = _comm_device(group)
+    payload = b"" if data is None else data
+    size = torch.tensor([len(payload)], dtype=torch.long, device=device)
+    sizes = [torch.zeros_like(size) for _ in range(world)]
+    _collective(what, rank, dist.all_gather, sizes, size, group=group)
+    lengths = [int(t.item()) for t in sizes]
+    buf = torch.zeros(max(lengths + [1]), dtype=torch.uint8, device=device)
+    if payload:
+        buf[:len(payload)] = torch.frombuffer(bytearray(payload), dtype=torch.uint8).to(device)
+    if dst is None:
+        bufs = [torch.empty_like(buf) for _ in range(world)]
+        _collective(what, rank, dist.all_gather, bufs, buf, group=group)
+    else:
+        bufs = [torch.empty_like(buf) for _ in range(world)] if rank == dst else None
+        _collective(what, rank, dist.gather, buf, bufs, group=group, group_dst=dst)
+        if bufs is None:
+            return None
+    return [bytes(b[:n].cpu().numpy().tobytes()) for b, n in zip(bufs, lengths)]
+
+
+def _all_gather(obj: Any, group: Any, rank: int, world: int, what: str) -> list[Any]:
+    """Every rank's JSON-able ``obj`` (statuses, shard sizes, layouts), exchanged as JSON text."""
+    import json
+
+    raw = _exchange_bytes(json.dumps(obj).encode(), group, rank, world, what)
+    assert raw is not None
+    try:
+        return [json.loads(r) for r in raw]
+    except (ValueError, RecursionError) as err:
+        raise DistributedSamplingError(f"rank {rank}: the {what} exchange received malformed data "
+                                       f"({err})") from None
+
+
+def _encode_part(part: dict[str, Any] | None) -> bytes | None:
+    if part is None:
+        return None
+    buf = io.BytesIO()
+    torch.save({**{k: v for k, v in part.items() if k != "metadata"},
+                "metadata_json": json.dumps(part["metadata"])}, buf)
+    return buf.getvalue()
+
+
+def _decode_part(raw: bytes, rank: int, source: int) -> dict[str, Any] | None:
+    """A peer's draws, loaded with ``weights_only=True`` (tensors, numbers, strings: no code)."""
+    if not raw:
+        return None
+    try:
+        part = torch.load(io.BytesIO(raw), weights_only=True)
+        part["metadata"] = json.loads(part.pop("metadata_json"))
+    except Exception as err:
+        raise DistributedSamplingError(f"rank {rank}: the draws received from rank {source} cannot be "
+                                       f"decoded ({type(err).__name__}: {err})") from None
+    return part
 
 
 def _describe(err: BaseException) -> str:
@@ -357,33 +505,107 @@ def sample_distributed(
     return post if dst is None or rank == dst else None
 
 
+HEARTBEAT_S = 1.0  # seconds between the liveness all-reduces of mode="chains"
+
+
+class _Heartbeat:
+    """Liveness for ``mode="chains"``, where nothing else is exchanged while sampling.
+
+    A daemon thread all-reduces one number every :data:`HEARTBEAT_S` seconds on a gloo group of
+    its own (bounded by :func:`collective_timeout`): 1 once this rank has finished sampling, else
+    0; every rank's thread leaves on the round whose sum is the world size. A dead peer breaks the
+    round (gloo sees the closed connection; a hung one exceeds the timeout): the error is kept,
+    and the sampling thread raises it at its next step (see :meth:`kernel`).
+    """
+
+    def __init__(self, world: int) -> None:
+        import threading
+
+        import torch.distributed as dist
+
+        self.world, self.error = world, None
+        self.group = dist.new_group(backend="gloo", timeout=collective_timeout())
+        self.done = threading.Event()
+        self.thread = threading.Thread(target=self._run, name="pib-bayes-heartbeat", daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        import torch.distributed as dist
+
+        while True:
+            self.done.wait(HEARTBEAT_S)
+            flag = torch.tensor([1.0 if self.done.is_set() else 0.0])
+            try:
+                dist.all_reduce(flag, group=self.group)
+            except Exception as err:  # a dead or hung peer
+                self.error = err
+                return
+            if float(flag) >= self.world:
+                return
+
+    def kernel(self, inner: Kernel) -> Kernel:
+        """``inner`` with a step that first raises if the heartbeat has failed (nothing else changes)."""
+        def step(*args: Any, **kwargs: Any) -> dict[str, Tensor]:
+            if self.error is not None:
+                raise _PeerFailed()
+            return inner.step(*args, **kwargs)
+
+        return Kernel(inner.name, inner.state_names, inner.init, step, dict(inner.settings))
+
+    def finish(self, rank: int) -> None:
+        """Wait until every rank has finished sampling (or the heartbeat broke), then close."""
+        import torch.distributed as dist
+
+        self.done.set()
+        self.thread.join()
+        if self.error is not None:
+            raise DistributedSamplingError(
+                f"rank {rank}: the heartbeat collective failed ({type(self.error).__name__}: "
+                f"{self.error}); another rank probably died or timed out (see its own output)"
+            ) from self.error
+        dist.destroy_process_group(self.group)
+
+
 def _chains(model: nn.Module, loss_fn: Any, data: Any, group: Any, rank: int, world: int, dst: int | None,
             info: dict[str, Any], kwargs: dict[str, Any]) -> Posterior | None:
     import torch.distributed as dist
 
     error: BaseException | None = None
     part = None
+    # a peer that dies while this rank samples stops it within a heartbeat (world group only: a
+    # new group is a collective of the whole world)
+    beat = _Heartbeat(world) if group is None and world > 1 and dist.is_gloo_available() else None
     try:
         num_chains = kwargs.get("num_chains", 1)
         shares = chain_shares(num_chains, world) if not isinstance(num_chains, bool) else None
         if shares is None:
             raise ValueError(f"num_chains: must be an int >= 1, got {num_chains!r}")
         if shares[rank]:
-            post = sample(model, loss_fn, data, chain_ids=shares[rank],
-                          **_rank_checkpoint(kwargs, f"rank{rank}-of-{world}"))
+            run_kwargs = _rank_checkpoint(kwargs, f"rank{rank}-of-{world}")
+            if beat is not None:
+                sampler = run_kwargs.get("sampler", "sgld")
+                if str(sampler).lower() == "csgld" and not hasattr(
+                        as_schedule(run_kwargs.get("step_size", 1e-4)), "cycle_length"):
+                    raise ValueError("step_size: sampler='csgld' needs a pib_bayes.samplers.Cyclical "
+                                     "schedule")
+                inner = build_kernel(sampler, **dict(run_kwargs.get("sampler_kwargs") or {}))
+                run_kwargs = {k: v for k, v in run_kwargs.items() if k != "sampler_kwargs"}
+                run_kwargs["sampler"] = beat.kernel(inner)
+            post = sample(model, loss_fn, data, chain_ids=shares[rank], **run_kwargs)
             part = _parts(post)
+    except _PeerFailed:
+        pass  # the heartbeat's own error is raised by finish() below
     except Exception as err:  # reported to every rank below, so none waits for this one
         error = err
+    if beat is not None:
+        beat.finish(rank)
     statuses = _all_gather(None if error is None else _describe(error), group, rank, world, "status")
     _raise_if_failed(statuses, rank, error)
     info = {**info, "chain_shares": shares}
-    if dst is None:
-        parts = _all_gather(part, group, rank, world, "gather of the draws")
-    else:
-        parts = [None] * world if rank == dst else None
-        _collective("gather of the draws", rank, dist.gather_object, part, parts, group=group, group_dst=dst)
-    if parts is None:
+    raw = _exchange_bytes(_encode_part(part), group, rank, world, "gather of the draws", dst)
+    if raw is None:
         return None
+    parts = [_decode_part(r, rank, source) for source, r in enumerate(raw)]
     return _merge([p for p in parts if p is not None], model, info)
 
 

@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 from . import __version__
 from .batched import batched_forward
 from .data import LoaderBatcher, TensorBatcher, as_tensors
-from .energy import Energy, LossFn
+from .energy import Energy, LossFn, loss_likelihood, require_task
 from .gradients import GRADIENTS, ControlVariateGradient, full_data_gradient
 from .io import FormatError, load_payload, save_payload
 from .posterior import Posterior
@@ -38,6 +38,7 @@ from .samplers.core import NOISES, GaussianNoise, Kernel, NoisePrefetcher, make_
 from .samplers.kernels import build_kernel
 from .samplers.schedules import Constant, Schedule, as_schedule
 from .samplers.step_size import NOISE_WARN_THRESHOLD, AutoStep, GradientNoiseWarning, run_auto_step
+from .subnet import Selection, select_params
 
 __all__ = ["sample", "chain_seeds"]
 
@@ -197,6 +198,7 @@ def sample(
     seed: int = 0,
     progress: bool = False,
     keep: Sequence[str] | None = None,
+    params: Selection | None = None,
     init: str | Mapping[str, Tensor] = "model",
     chain_method: str = "auto",
     task: str | None = None,
@@ -219,11 +221,16 @@ def sample(
     from them, stored with its energy and minibatch loss.
 
     Args:
-        model: the torch module; its trainable parameters are sampled, buffers and frozen
-            parameters (``requires_grad=False``) are held fixed at their current values, and it is
-            evaluated in ``eval()`` mode (so BatchNorm uses its running statistics).
-        loss_fn: per-example loss ``(output, target) -> (B,)`` or ``"cross_entropy"`` /
-            ``"gaussian"``. With the NLL as loss, ``beta = 1/n`` is the Bayesian posterior.
+        model: the torch module; its trainable parameters (or those ``params`` selects) are
+            sampled, buffers and the other parameters are held fixed at their current values, and
+            it is evaluated in ``eval()`` mode (so BatchNorm uses its running statistics).
+        loss_fn: a built-in loss (:class:`~pib_bayes.CrossEntropyLoss`,
+            :class:`~pib_bayes.BCEWithLogitsLoss`, :class:`~pib_bayes.GaussianLoss`,
+            :class:`~pib_bayes.HeteroscedasticGaussianLoss`, or the strings ``"cross_entropy"``,
+            ``"bce_with_logits"``, ``"gaussian"``, ``"heteroscedastic_gaussian"``), or a callable
+            per-example loss ``(output, target) -> (B,)`` (then ``task=`` is required unless it is
+            a known torch loss or has a ``task`` attribute). With the NLL as loss, ``beta = 1/n``
+            is the Bayesian posterior.
         data: ``(x, y)`` tensors or a TensorDataset (minibatched here, per-chain shuffles),
             or a DataLoader (iterated as is).
         beta: PIB trade-off > 0 (beta = T/n for temperature T).
@@ -250,12 +257,17 @@ def sample(
         seed: root seed; chains get independent streams (:func:`chain_seeds`).
         progress: show a tqdm bar per chain group.
         keep: names of the parameters whose draws are stored (default all); the others are
-            still sampled.
+            still sampled (``keep`` saves memory, not time; ``params`` chooses what is sampled).
+        params: the subnetwork to sample: parameter names, glob patterns (``"head.*"``),
+            submodules of ``model`` or its parameters (:func:`~pib_bayes.subnet.select_params`);
+            every other parameter is held at its current value, like a frozen one. ``params``
+            takes precedence over ``requires_grad``. None (default): every trainable parameter.
         init: ``"model"`` (every chain starts at the module's weights), ``"prior"`` (a draw from
             a Gaussian prior per chain), or a mapping name -> (chains run, *shape) tensors.
         chain_method: ``"vectorized"``, ``"sequential"`` or ``"auto"`` (vectorized when vmap
             can run the model, else sequential; the choice and reason land in metadata).
-        task: "classification" or "regression" (inferred from the loss when possible).
+        task: "classification" or "regression". Built-in and known torch losses imply it (an
+            explicit ``task`` must agree); a custom callable needs it, else a ``ValueError``.
         stat_fns: name -> function of one chain's parameter dict returning a scalar, evaluated
             at every kept draw and stored in ``sample_stats`` (e.g. an IIW tracker).
         noise: ``"gaussian"`` (exact; default) or the opt-in ``"rademacher"`` (random signs, cheaper
@@ -297,6 +309,7 @@ def sample(
     if not isinstance(model, nn.Module):
         raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
     energy = Energy(model, loss_fn, prior, beta, task)
+    require_task(energy.task, energy.loss_fn)
     auto = _as_auto(step_size)
     if auto is not None and str(sampler).lower() == "csgld":
         raise ValueError("step_size: 'auto' picks a constant step; sampler='csgld' needs a "
@@ -322,16 +335,24 @@ def sample(
     if chain_method not in ("auto", "vectorized", "sequential"):
         raise ValueError(f"chain_method: expected 'auto', 'vectorized' or 'sequential', got {chain_method!r}")
 
-    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    if not named:
-        raise ValueError("model: has no trainable parameters (requires_grad=True) to sample")
+    if params is None:
+        named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        if not named:
+            raise ValueError("model: has no trainable parameters (requires_grad=True) to sample")
+    else:
+        chosen = set(select_params(model, params))
+        named = [(n, p) for n, p in model.named_parameters() if n in chosen]
     names = [n for n, _ in named]
+    if params is not None and (prior is None or isinstance(prior, (int, float))):
+        # a float sigma_0 centres the prior on the initial weights of what is sampled, frozen or not
+        energy.prior = GaussianPrior(std=1.0 if prior is None else float(prior),
+                                     mean={n: p.detach().clone() for n, p in named})
     keep_names = names if keep is None else list(keep)
     unknown = [n for n in keep_names if n not in names]
     if unknown:
-        raise ValueError(f"keep: unknown parameter names {unknown}; trainable parameters are {names}")
+        raise ValueError(f"keep: unknown parameter names {unknown}; sampled parameters are {names}")
     fixed = {n: b.detach().clone() for n, b in model.named_buffers()}
-    fixed.update({n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad})
+    fixed.update({n: p.detach().clone() for n, p in model.named_parameters() if n not in names})
 
     tensors = as_tensors(data)
     all_seeds = chain_seeds(seed, total_chains)
@@ -364,7 +385,7 @@ def sample(
         gens = [_generator(seeds[c][0]) for c in chains]
         source = make_noise(noise, gens, batched=True)
         with torch.no_grad():
-            state = kernel.init([p.detach() for p in params])
+            state = kernel.init_state([p.detach() for p in params], batch_ndim=1)
             if auto_info is not None and auto_info.get("square_avg") is not None and "square_avg" in state:
                 # pSGLD with step_size='auto': start V where the step was chosen for (V = 0 would
                 # make the first steps' G = 1/eps, far larger than the one h was chosen for)
@@ -445,7 +466,8 @@ def sample(
         "n": int(tensors[0].shape[0]) if tensors is not None else None,
         "seed": int(seed), "chain_method": method, "chain_method_reason": reason, "task": energy.task,
         "noise": noise, "prefetch_noise": prefetch_noise,
-        "loss": loss_desc, "noise_std": getattr(energy.loss_fn, "noise_std", None), "init": init
+        "loss": loss_desc, "likelihood": loss_likelihood(energy.loss_fn),
+        "noise_std": getattr(energy.loss_fn, "noise_std", None), "init": init
         if isinstance(init, str) else "given", "sampled_params": names, "kept_params": keep_names,
         "gradient": gradient,
     }
@@ -659,7 +681,11 @@ def _check_model_takes_data(energy: Energy, params: dict[str, Tensor], fixed: di
                          f"{tuple(y.shape)} and dtype {y.dtype}") from err
     finally:
         energy.model.train(was_training)
-    if energy.task == "classification" and out.dim() >= 2:
+    if loss_likelihood(energy.loss_fn) == "bernoulli":
+        if bool((y < 0).any()) or bool((y > 1).any()):
+            raise ValueError(f"data: binary cross-entropy needs targets in [0, 1] (labels 0/1), got values "
+                             f"in [{float(y.min())}, {float(y.max())}]")
+    elif energy.task == "classification" and out.dim() >= 2:
         if y.is_floating_point() and y.dim() == 1:
             raise ValueError("data: classification labels must be integers (torch.long), got floats")
         if not y.is_floating_point() and (bool((y < 0).any()) or bool((y >= out.shape[-1]).any())):

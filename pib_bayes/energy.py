@@ -24,7 +24,9 @@ from torch.func import functional_call
 
 from .prior import Prior, as_prior
 
-__all__ = ["Energy", "GaussianLoss", "resolve_loss", "beta_from_temperature", "check_beta"]
+__all__ = ["Energy", "GaussianLoss", "CrossEntropyLoss", "BCEWithLogitsLoss", "HeteroscedasticGaussianLoss",
+           "resolve_loss", "loss_task", "loss_likelihood", "require_task", "beta_from_temperature",
+           "check_beta"]
 
 LossFn = Callable[[Tensor, Tensor], Tensor]
 
@@ -42,6 +44,7 @@ class GaussianLoss:
     """
 
     task = "regression"
+    likelihood = "gaussian"
 
     def __init__(self, noise_std: float = 1.0) -> None:
         self.noise_std = check_positive_finite("noise_std", noise_std)
@@ -62,39 +65,184 @@ class GaussianLoss:
         return f"GaussianLoss(noise_std={self.noise_std})"
 
 
-def _cross_entropy(output: Tensor, target: Tensor) -> Tensor:
-    return F.cross_entropy(output, target, reduction="none")
+class CrossEntropyLoss:
+    """Categorical negative log-likelihood of logits, optionally label-smoothed (classification).
 
+    ``l = -sum_k q_k log softmax(f(x))_k`` with ``q = (1 - eps) onehot(y) + eps / K``
+    (Szegedy et al. 2016, "label smoothing"); ``eps = 0`` is the plain cross-entropy. The string
+    ``"cross_entropy"`` is ``CrossEntropyLoss()``. :meth:`pib_bayes.Posterior.predict` turns the
+    outputs into probabilities with a softmax.
 
-def resolve_loss(loss_fn: str | LossFn, task: str | None = None) -> tuple[LossFn, str]:
-    """Turn the ``loss_fn`` argument into a per-example loss and a task name.
-
-    Strings: ``"cross_entropy"`` (classification), ``"mse"``/``"gaussian"`` (regression,
-    ``GaussianLoss(1.0)``). A callable ``(output, target) -> losses`` should return one loss per
-    example; a 0-d result is taken as the batch mean (e.g. ``nn.CrossEntropyLoss()``).
+    >>> import torch
+    >>> CrossEntropyLoss(label_smoothing=0.1)(torch.zeros(1, 2), torch.tensor([0]))
+    tensor([0.6931])
     """
-    if task not in ("classification", "regression", None):
+
+    task = "classification"
+    likelihood = "categorical"
+
+    def __init__(self, label_smoothing: float = 0.0) -> None:
+        if (isinstance(label_smoothing, bool) or not isinstance(label_smoothing, (int, float))
+                or not 0 <= label_smoothing < 1):
+            raise ValueError(f"label_smoothing: must be a number in [0, 1), got {label_smoothing!r}")
+        self.label_smoothing = float(label_smoothing)
+
+    def __call__(self, output: Tensor, target: Tensor) -> Tensor:
+        return F.cross_entropy(output, target, reduction="none", label_smoothing=self.label_smoothing)
+
+    def __repr__(self) -> str:
+        return f"CrossEntropyLoss(label_smoothing={self.label_smoothing})"
+
+
+class BCEWithLogitsLoss:
+    """Bernoulli negative log-likelihood of logits (binary classification, one output per example).
+
+    ``l = -[y log sigmoid(f) + (1 - y) log(1 - sigmoid(f))]`` summed over the output's entries, with
+    targets y in {0, 1} (any dtype). :meth:`pib_bayes.Posterior.predict` reports the two class
+    probabilities ``(1 - sigmoid(f), sigmoid(f))`` per draw, so every classification summary applies.
+
+    >>> import torch
+    >>> BCEWithLogitsLoss()(torch.zeros(2, 1), torch.tensor([0, 1]))
+    tensor([0.6931, 0.6931])
+    """
+
+    task = "classification"
+    likelihood = "bernoulli"
+
+    def __call__(self, output: Tensor, target: Tensor) -> Tensor:
+        if target.numel() != output.numel():
+            raise ValueError(f"y: the targets have shape {tuple(target.shape)} but the model outputs "
+                             f"{tuple(output.shape)}; give one 0/1 target per output")
+        target = target.reshape(output.shape).to(output.dtype)
+        losses = F.binary_cross_entropy_with_logits(output, target, reduction="none")
+        return losses.reshape(losses.shape[0], -1).sum(1) if losses.dim() > 1 else losses
+
+    def __repr__(self) -> str:
+        return "BCEWithLogitsLoss()"
+
+
+class HeteroscedasticGaussianLoss:
+    """Gaussian negative log-likelihood with a learnt, input-dependent noise (SPEC §4).
+
+    The model's last dimension holds ``2 d`` values: the means ``mu`` (first d) and the log-stds
+    ``log sigma`` (last d); per example ``l = sum_j (y_j - mu_j)^2 / (2 sigma_j^2) + log sigma_j``.
+    The constant ``d log(2 pi)/2`` is left out of the energy and included in :meth:`nll`. The
+    predictive is the mixture over draws (1/M) sum_m N(mu_m(x), sigma_m(x)^2)
+    (:meth:`pib_bayes.Posterior.predict`). String shortcut: ``"heteroscedastic_gaussian"``.
+
+    >>> import torch
+    >>> HeteroscedasticGaussianLoss()(torch.tensor([[1.0, 0.0]]), torch.tensor([3.0]))  # mu 1, sigma 1
+    tensor([2.])
+    """
+
+    task = "regression"
+    likelihood = "heteroscedastic_gaussian"
+
+    @staticmethod
+    def split(output: Tensor) -> tuple[Tensor, Tensor]:
+        """``(mu, log sigma)``: the first and second half of the last dimension of ``output``."""
+        if output.dim() < 1 or output.shape[-1] % 2:
+            raise ValueError(f"model: a heteroscedastic Gaussian needs an even last dimension (mean and "
+                             f"log-std halves), the model outputs shape {tuple(output.shape)}")
+        return output.chunk(2, dim=-1)
+
+    def __call__(self, output: Tensor, target: Tensor) -> Tensor:
+        mu, log_std = self.split(output)
+        if target.numel() != mu.numel():
+            raise ValueError(f"y: the targets have shape {tuple(target.shape)} but the model's means have "
+                             f"{tuple(mu.shape)} (outputs {tuple(output.shape)}: means, then log-stds)")
+        target = target.reshape(mu.shape)
+        losses = (target - mu).square() * torch.exp(-2 * log_std) / 2 + log_std
+        return losses.reshape(losses.shape[0], -1).sum(1) if losses.dim() > 1 else losses
+
+    def nll(self, output: Tensor, target: Tensor) -> Tensor:
+        d = self.split(output)[0][0].numel() if output.dim() > 1 else 1
+        return self(output, target) + d * 0.5 * math.log(2 * math.pi)
+
+    def __repr__(self) -> str:
+        return "HeteroscedasticGaussianLoss()"
+
+
+TASKS = ("classification", "regression")
+
+_BUILTIN: dict[str, Callable[[], LossFn]] = {
+    "cross_entropy": CrossEntropyLoss, "ce": CrossEntropyLoss, "nll": CrossEntropyLoss,
+    "bce_with_logits": BCEWithLogitsLoss, "bce": BCEWithLogitsLoss,
+    "gaussian": GaussianLoss, "mse": GaussianLoss,
+    "heteroscedastic_gaussian": HeteroscedasticGaussianLoss,
+}
+
+
+def _check_task(task: object) -> None:
+    if task is not None and task not in TASKS:
         raise ValueError(f"task: expected 'classification' or 'regression', got {task!r}")
+
+
+def loss_task(loss_fn: object) -> str | None:
+    """The task a loss implies: its ``task`` attribute, or that of a known torch loss; else None."""
+    task = getattr(loss_fn, "task", None)
+    if task is None and isinstance(loss_fn, (nn.CrossEntropyLoss, nn.NLLLoss, nn.BCEWithLogitsLoss,
+                                             nn.BCELoss)):
+        task = "classification"
+    if task is None and isinstance(loss_fn, (nn.MSELoss, nn.GaussianNLLLoss, nn.L1Loss, nn.HuberLoss)):
+        task = "regression"
+    if task is None and loss_fn in (F.cross_entropy, F.nll_loss, F.binary_cross_entropy_with_logits):
+        task = "classification"
+    if task is None and loss_fn in (F.mse_loss, F.l1_loss):
+        task = "regression"
+    return task
+
+
+def loss_likelihood(loss_fn: object) -> str | None:
+    """How predict turns outputs into a predictive: ``"categorical"`` (softmax), ``"bernoulli"``
+    (sigmoid), ``"gaussian"``, ``"heteroscedastic_gaussian"``, or None (the task's default)."""
+    if isinstance(loss_fn, nn.BCEWithLogitsLoss) or loss_fn is F.binary_cross_entropy_with_logits:
+        return "bernoulli"
+    return getattr(loss_fn, "likelihood", None)
+
+
+def resolve_loss(loss_fn: str | LossFn, task: str | None = None) -> tuple[LossFn, str | None]:
+    """Turn the ``loss_fn`` argument into a per-example loss and its task.
+
+    Strings: ``"cross_entropy"`` (:class:`CrossEntropyLoss`), ``"bce_with_logits"``
+    (:class:`BCEWithLogitsLoss`), ``"gaussian"``/``"mse"`` (``GaussianLoss(1.0)``) and
+    ``"heteroscedastic_gaussian"`` (:class:`HeteroscedasticGaussianLoss`). A callable
+    ``(output, target) -> losses`` should return one loss per example; a 0-d result is taken as the
+    batch mean (e.g. ``nn.CrossEntropyLoss()``). The task is ``task`` if given (it must agree with
+    the loss's own), else the loss's (built-in losses, a ``.task`` attribute, known torch losses),
+    else None: the caller that needs one (:func:`pib_bayes.sample`, :class:`~pib_bayes.Posterior`)
+    asks for ``task=``.
+
+    >>> resolve_loss("cross_entropy")
+    (CrossEntropyLoss(label_smoothing=0.0), 'classification')
+    """
+    _check_task(task)
     if isinstance(loss_fn, str):
-        key = loss_fn.lower()
-        if key in ("cross_entropy", "ce", "nll"):
-            return _cross_entropy, task or "classification"
-        if key in ("mse", "gaussian"):
-            return GaussianLoss(1.0), task or "regression"
-        raise ValueError(f"loss_fn: unknown loss {loss_fn!r}; use 'cross_entropy', 'gaussian' or a callable")
+        make = _BUILTIN.get(loss_fn.lower())
+        if make is None:
+            raise ValueError(f"loss_fn: unknown loss {loss_fn!r}; use one of {sorted(set(_BUILTIN))} "
+                             "or a callable")
+        loss_fn = make()
     if not callable(loss_fn):
         raise TypeError(f"loss_fn: expected a callable (output, target) -> per-example loss, got {loss_fn!r}")
+    own = loss_task(loss_fn)
+    _check_task(own)
+    if task is not None and own is not None and task != own:
+        raise ValueError(f"task: {task!r} contradicts the loss {loss_fn!r}, which is a {own} loss; "
+                         f"drop task= or pass a {task} loss")
+    return loss_fn, task or own
+
+
+def require_task(task: str | None, loss_fn: object) -> str:
+    """``task``, or one error asking for ``task=`` when the loss does not say which task it is."""
+    _check_task(task)
     if task is None:
-        task = getattr(loss_fn, "task", None)
-        if task is None and isinstance(loss_fn, (nn.CrossEntropyLoss, nn.NLLLoss)):
-            task = "classification"
-        if task is None and isinstance(loss_fn, (nn.MSELoss, nn.GaussianNLLLoss)):
-            task = "regression"
-        if task is None and loss_fn is F.cross_entropy:
-            task = "classification"
-    if task not in ("classification", "regression", None):
-        raise ValueError(f"task: expected 'classification' or 'regression', got {task!r}")
-    return loss_fn, task or "regression"
+        raise ValueError(f"task: cannot tell whether the custom loss {loss_fn!r} is for classification or "
+                         "regression; pass task='classification' (predict applies a softmax) or "
+                         "task='regression' (predict returns the raw outputs), or use a built-in loss "
+                         "(pib_bayes.CrossEntropyLoss, BCEWithLogitsLoss, GaussianLoss, "
+                         "HeteroscedasticGaussianLoss, or their strings)")
+    return task
 
 
 def check_positive_finite(name: str, value: object) -> float:
@@ -127,7 +275,9 @@ class Energy:
 
     Call :meth:`functional` with an explicit parameter dict (what the driver and the batched
     chains use) or :meth:`of_module` on the module's own parameters (what a hand-written loop
-    with :class:`pib_bayes.optim.SGLD` uses).
+    with :class:`pib_bayes.optim.SGLD` uses). ``task`` is the loss's task (:func:`resolve_loss`),
+    None for a custom loss given without one; :func:`~pib_bayes.sample` and
+    :meth:`~pib_bayes.Posterior.from_draws` then ask for it.
 
     >>> import torch
     >>> from torch import nn

@@ -14,33 +14,82 @@ so a crash leaves either the old file or the new one, never half of one.
 
 from __future__ import annotations
 
+import glob
 import hashlib
 import io
 import json
 import os
+import socket
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
 import torch
 
-__all__ = ["FormatError", "atomic_write_bytes", "save_payload", "load_payload"]
+__all__ = ["FormatError", "atomic_write_bytes", "save_payload", "load_payload", "writer_tag", "is_stale"]
 
 MAGIC = b"PIBBAYES\n"
+MAX_HEADER = 4096  # bytes of the JSON header line (ours are about 150)
 
 
 class FormatError(ValueError):
     """A file that is not ours, is truncated or corrupt, or has an incompatible format version."""
 
 
+def _host() -> str:
+    return "".join(c if c.isalnum() else "-" for c in socket.gethostname())[:40] or "host"
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError, ValueError):  # another user's process, or nonsense
+        return pid > 0
+    return True
+
+
+STALE_UNKNOWN_S = 3600.0  # a temporary file whose writer cannot be identified is stale after an hour
+
+
+def writer_tag() -> str:
+    """``host.pid`` of this process, part of every temporary name, so that a later process can
+    tell a file left by a dead writer (removed) from one being written right now (kept)."""
+    return f"{_host()}.{os.getpid()}"
+
+
+def is_stale(tag: str, path: str | os.PathLike) -> bool:
+    """Whether the temporary ``path`` tagged ``host.pid`` (see :func:`writer_tag`) was left by a
+    writer that is gone: a dead process of this host; on another host (a shared file system),
+    or when the tag cannot be parsed, a file untouched for :data:`STALE_UNKNOWN_S` seconds."""
+    host, _, pid = tag.rpartition(".")
+    if host == _host() and pid.isdigit():
+        return not _pid_alive(int(pid))
+    try:
+        return time.time() - os.stat(path, follow_symlinks=False).st_mtime > STALE_UNKNOWN_S
+    except OSError:
+        return False
+
+
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
-    """Write ``data`` to ``path`` atomically (temporary file + fsync + rename)."""
+    """Write ``data`` to ``path`` atomically (temporary file + fsync + rename).
+
+    The temporary name ``.NAME.HOST.PID.RANDOM.tmp`` is unique; temporary files of ``path`` left
+    by dead writers (a SIGKILL cannot be caught) are removed, those of live writers never, so
+    several processes may write the same path at once (the last rename wins; the file is always
+    one writer's whole content).
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    # a process killed mid-write (SIGKILL cannot be caught) leaves its temporary file: sweep it now
-    for stale in path.parent.glob(f".{path.name}.*.tmp"):
-        stale.unlink(missing_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    prefix = f".{path.name}."
+    for stale in path.parent.glob(f"{glob.escape(prefix)}*.tmp"):
+        middle = stale.name[len(prefix):-len(".tmp")]
+        tag = middle.rpartition(".")[0]  # HOST.PID (RANDOM from mkstemp has no dot)
+        if is_stale(tag, stale):
+            stale.unlink(missing_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f"{prefix}{writer_tag()}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)
@@ -69,23 +118,31 @@ def load_payload(path: str | os.PathLike, kind: str, supported_versions: tuple[i
     raw = path.read_bytes()
     if not raw.startswith(MAGIC):
         raise FormatError(f"{path}: not a pib_bayes file (bad magic bytes)")
-    nl = raw.find(b"\n", len(MAGIC))
+    nl = raw.find(b"\n", len(MAGIC), len(MAGIC) + MAX_HEADER + 1)
     if nl < 0:
-        raise FormatError(f"{path}: truncated header")
+        raise FormatError(f"{path}: truncated or oversized header (a header is one JSON line of at most "
+                          f"{MAX_HEADER} bytes)")
     try:
         header = json.loads(raw[len(MAGIC):nl])
-    except (json.JSONDecodeError, UnicodeDecodeError):
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError):  # RecursionError: deep nesting
         raise FormatError(f"{path}: corrupt header") from None
     if not isinstance(header, dict) or json.dumps(header).encode() != raw[len(MAGIC):nl]:
         raise FormatError(f"{path}: corrupt header")  # the header is written canonically: any edit shows
     if header.get("kind") != kind:
         raise FormatError(f"{path}: holds a {header.get('kind')!r}, expected a {kind!r}")
-    if header.get("format_version") not in supported_versions:
-        raise FormatError(f"{path}: format version {header.get('format_version')} is not supported "
+    version = header.get("format_version")
+    if isinstance(version, bool) or not isinstance(version, int):
+        raise FormatError(f"{path}: format_version must be an int, got {version!r} "
+                          f"({type(version).__name__}); the header is corrupt or not written by pib_bayes")
+    if version not in supported_versions:
+        raise FormatError(f"{path}: format version {version} is not supported "
                           f"(this pib_bayes reads {supported_versions}); re-create it with a matching "
                           "version")
+    size, digest = header.get("size"), header.get("sha256")
+    if isinstance(size, bool) or not isinstance(size, int) or not isinstance(digest, str):
+        raise FormatError(f"{path}: corrupt header (size must be an int and sha256 a string)")
     body = raw[nl + 1:]
-    if len(body) != header.get("size") or hashlib.sha256(body).hexdigest() != header.get("sha256"):
+    if len(body) != size or hashlib.sha256(body).hexdigest() != digest:
         raise FormatError(f"{path}: checksum mismatch: the file is truncated or corrupt")
     try:
         return torch.load(io.BytesIO(body), weights_only=True)

@@ -32,10 +32,10 @@ from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LRScheduler
 
 from .samplers.core import NOISES, GaussianNoise, Kernel, NoisePrefetcher, make_noise
-from .samplers.kernels import build_psgld, build_sghmc, build_sgld
+from .samplers.kernels import build_psgld, build_sghmc, build_sgld, build_sgnht
 from .samplers.schedules import Schedule
 
-__all__ = ["SGLD", "PSGLD", "SGHMC", "ScheduleLR"]
+__all__ = ["SGLD", "PSGLD", "SGHMC", "SGNHT", "ScheduleLR"]
 
 
 try:  # torch's registries of global step hooks (private; torch >= 2.0)
@@ -232,7 +232,7 @@ class SGLD(_LangevinOptimizer):
             (torch intra-op threads fewer than cores); on a small model the hand-off costs more
             than the draw. Read the generator's state through ``state_dict``, not the generator.
 
-    pSGLD and SGHMC take the same ``noise_scale``, ``generator``, ``noise`` and ``prefetch_noise``.
+    pSGLD, SGHMC and SGNHT take the same ``noise_scale``, ``generator``, ``noise`` and ``prefetch_noise``.
     """
 
     def __init__(self, params, lr: float, *, noise_scale: float = 1.0,
@@ -275,6 +275,51 @@ class SGHMC(_LangevinOptimizer):
 
     def _build(self, friction: float) -> Kernel:
         return build_sghmc(friction)
+
+
+class SGNHT(_LangevinOptimizer):
+    """SGNHT (Ding et al. 2014), the stochastic-gradient Nosé-Hoover thermostat; ``lr`` is the time step h.
+
+        p  <- p - lr * grad - lr * xi * p + noise_scale * sqrt(2 A lr) * eta
+        w  <- w + lr * p
+        xi <- xi + lr * (p . p / D - 1)
+
+    with ``A = diffusion``. There is one thermostat xi **per param group**, and D is the number of
+    weights of that group that have a gradient: with the usual single group this is the SPEC's
+    D = number of weights and the trajectory equals ``pib_bayes.sample(..., sampler="sgnht")``'s
+    (one chain). Groups may differ in ``lr`` or ``diffusion``, so each group keeps its own
+    kinetic energy p.p/D at 1 (a blockwise thermostat, which leaves the same target invariant).
+    xi starts at ``init_thermostat`` (default A) and is stored, with the momentum, in each
+    parameter's ``state`` (``"thermostat"``: the same 0-d tensor for every parameter of a group;
+    the step reads the first parameter's and writes it to the others, so a parameter that gets
+    its first gradient later joins its group's thermostat, unless it comes first in the group,
+    which restarts xi at ``init_thermostat``). See :func:`~pib_bayes.samplers.build_sgnht`.
+
+    Examples:
+        >>> import torch
+        >>> from pib_bayes.optim import SGNHT
+        >>> w = torch.zeros(20_000, requires_grad=True)
+        >>> opt = SGNHT([w], lr=0.05, diffusion=1.0, generator=torch.Generator().manual_seed(0))
+        >>> g = torch.Generator().manual_seed(1)
+        >>> for _ in range(1500):  # U = |w|^2 / 2, plus gradient noise of variance 4 the sampler is not told
+        ...     w.grad = w.detach() + 2.0 * torch.randn(20_000, generator=g)
+        ...     opt.step()
+        >>> ke = float(opt.state[w]["momentum"].square().mean())  # p.p/D: held at 1 by the thermostat
+        >>> xi = float(opt.state[w]["thermostat"])  # A + lr * 4 / 2 = 1.1 to first order in lr (1.13 exactly)
+        >>> abs(ke - 1) < 0.05, abs(xi - 1.13) < 0.05  # the thermostat absorbed the extra noise
+        (True, True)
+    """
+
+    _hyper = ("diffusion", "init_thermostat")
+
+    def __init__(self, params, lr: float, *, diffusion: float = 1.0, init_thermostat: float | None = None,
+                 noise_scale: float = 1.0, generator: torch.Generator | None = None, noise: str = "gaussian",
+                 prefetch_noise: bool = False) -> None:
+        super().__init__(params, {"lr": lr, "diffusion": diffusion, "init_thermostat": init_thermostat,
+                                  "noise_scale": noise_scale}, generator, noise, prefetch_noise)
+
+    def _build(self, diffusion: float, init_thermostat: float | None) -> Kernel:
+        return build_sgnht(diffusion, init_thermostat)
 
 
 class ScheduleLR(LRScheduler):

@@ -22,7 +22,7 @@ from torch.func import functional_call, vmap
 from .batched import batched_forward
 from .io import FormatError, load_payload, save_payload
 
-__all__ = ["Posterior", "Prediction", "FORMAT_VERSION"]
+__all__ = ["Posterior", "Prediction", "DrawCollector", "heteroscedastic_prediction", "FORMAT_VERSION"]
 
 FORMAT_VERSION = 1
 
@@ -51,6 +51,43 @@ def _softmax_into(logits: Tensor, dest: Tensor) -> None:
     dest.copy_(torch.softmax(logits.transpose(-1, -2).contiguous(), dim=-2).transpose(-1, -2))
 
 
+def _probs_shape(out_shape: torch.Size, likelihood: str | None) -> tuple[int, ...]:
+    """Per-draw shape of the stored predictions for a model output of ``out_shape`` (per draw)."""
+    if likelihood != "bernoulli":
+        return tuple(out_shape)
+    shape = tuple(out_shape[:-1]) if len(out_shape) > 1 and out_shape[-1] == 1 else tuple(out_shape)
+    return (*shape, 2)
+
+
+def _bernoulli_into(logits: Tensor, dest: Tensor) -> None:
+    """``dest <- (1 - sigmoid(f), sigmoid(f))`` in a last dimension of 2 (a trailing output dim of 1
+    dropped)."""
+    p = torch.sigmoid(logits.reshape(dest.shape[:-1]))
+    dest[..., 1] = p
+    torch.sub(1, p, out=dest[..., 0])
+
+
+def heteroscedastic_prediction(outputs: Tensor) -> Prediction:
+    """The mixture predictive (1/M) sum_m N(mu_m, sigma_m^2) from raw outputs (M, B, ..., 2d).
+
+    The last dimension holds the means (first d) and log-stds (last d) (SPEC §4,
+    :class:`~pib_bayes.HeteroscedasticGaussianLoss`). Mean (1/M) sum_m mu_m, epistemic variance
+    Var_m mu_m, aleatoric variance (1/M) sum_m sigma_m^2; a trailing d of 1 is dropped.
+
+    >>> out = torch.tensor([[[0.0, 0.0]], [[2.0, 0.0]]])  # two draws: mu 0 and 2, sigma 1
+    >>> pred = heteroscedastic_prediction(out)
+    >>> pred.mean, pred.variance
+    (tensor([1.]), tensor([2.]))
+    """
+    from .energy import HeteroscedasticGaussianLoss
+
+    mu, log_std = HeteroscedasticGaussianLoss.split(outputs)
+    if mu.shape[-1] == 1 and mu.dim() > 2:
+        mu, log_std = mu.squeeze(-1), log_std.squeeze(-1)
+    std = log_std.exp()
+    return Prediction("regression", mu.mean(0), mu, mu.var(0, unbiased=False), std.square().mean(0), std)
+
+
 @dataclass
 class Prediction:
     """Posterior-predictive summaries over M draws.
@@ -59,7 +96,14 @@ class Prediction:
     (M, B, K) probabilities. Regression: ``mean`` = (1/M) sum_m f(x; w_m), ``per_draw`` the
     (M, B, ...) outputs, ``epistemic_variance`` their variance over draws, ``aleatoric_variance``
     the observation noise s^2 (when the loss was :class:`~pib_bayes.GaussianLoss`) and
-    ``variance`` their sum.
+    ``variance`` their sum. With :class:`~pib_bayes.BCEWithLogitsLoss` the per-draw
+    probabilities are (1 - sigmoid(f), sigmoid(f)) in a last dimension of 2.
+
+    Heteroscedastic regression (:class:`~pib_bayes.HeteroscedasticGaussianLoss`, SPEC §4): the
+    predictive is the mixture (1/M) sum_m N(mu_m, sigma_m^2); ``per_draw`` holds the means mu_m,
+    ``per_draw_noise_std`` the sigma_m (M, B, ...), ``mean`` = (1/M) sum_m mu_m,
+    ``epistemic_variance`` = Var_m mu_m, ``aleatoric_variance`` = (1/M) sum_m sigma_m^2, so
+    ``variance`` is the mixture's variance.
     """
 
     task: str
@@ -67,6 +111,7 @@ class Prediction:
     per_draw: Tensor
     epistemic_variance: Tensor | None = None
     aleatoric_variance: Tensor | None = None
+    per_draw_noise_std: Tensor | None = None
 
     @property
     def variance(self) -> Tensor | None:
@@ -91,6 +136,12 @@ class Posterior:
         diverged: bool (chain,), true for chains stopped by a non-finite energy or weight.
         divergence_step: per chain, the global step at which it diverged, or -1.
         model: the module the draws belong to (needed by :meth:`predict`; not saved).
+        task: ``"classification"`` or ``"regression"``; stored in ``metadata["task"]`` (given
+            both, they must agree). A Posterior without a task still serves diagnostics;
+            :meth:`predict` then asks for one.
+
+    Built by :func:`~pib_bayes.sample`, by :meth:`from_draws` (draws from your own loop) or by
+    :class:`~pib_bayes.DrawCollector`.
     """
 
     draws: dict[str, Tensor]
@@ -100,6 +151,7 @@ class Posterior:
     diverged: Tensor | None = None
     divergence_step: Tensor | None = None
     model: nn.Module | None = None
+    task: str | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.draws, Mapping):
@@ -123,6 +175,16 @@ class Posterior:
                 raise ValueError(f"sample_stats: {name!r} must be a tensor of shape (chain, draw) = {(c, n)}")
         if not isinstance(self.metadata, dict):
             raise TypeError(f"metadata: expected a dict, got {type(self.metadata).__name__}")
+        stored = self.metadata.get("task")
+        for name, value in (("task", self.task), ("metadata['task']", stored)):
+            if value is not None and value not in ("classification", "regression"):
+                raise ValueError(f"{name}: expected 'classification' or 'regression', got {value!r}")
+        if self.task is not None and stored is not None and stored != self.task:
+            raise ValueError(f"task: {self.task!r} contradicts metadata['task'] = {stored!r}")
+        if self.task is None:
+            self.task = stored
+        elif stored is None:
+            self.metadata["task"] = self.task
         if self.diverged is None:
             self.diverged = torch.zeros(c, dtype=torch.bool)
         if self.divergence_step is None:
@@ -203,6 +265,11 @@ class Posterior:
         if model is None:
             raise ValueError("model: this Posterior has no model attached; pass model= or "
                              "Posterior.load(..., model=)")
+        if self.task is None:
+            raise ValueError("task: this Posterior does not say whether it is classification or regression; "
+                             "build it with task='classification' or task='regression' (predict would "
+                             "otherwise have to guess whether to apply a softmax)")
+        likelihood = self.metadata.get("likelihood")
         if model is not self.model:
             self.check_model(model)  # a mismatched module would silently use its own weights
         if not isinstance(x, Tensor):
@@ -244,9 +311,11 @@ class Posterior:
                     raise ValueError(f"x: the model cannot consume x of shape {tuple(x.shape)} and dtype "
                                      f"{x.dtype} ({type(err).__name__}: {err})") from err
                 if per_draw is None:  # one output buffer: no concatenation copy at the end
-                    per_draw = out.new_empty((m, *out.shape[1:]))
+                    per_draw = out.new_empty((m, *_probs_shape(out.shape[1:], likelihood)))
                 dest = per_draw[start:start + out.shape[0]]
-                if self.task == "classification":
+                if likelihood == "bernoulli":
+                    _bernoulli_into(out, dest)
+                elif self.task == "classification":
                     _softmax_into(out, dest)
                 else:
                     dest.copy_(out)
@@ -256,14 +325,105 @@ class Posterior:
         mean = per_draw.mean(0)
         if self.task == "classification":
             return Prediction("classification", mean, per_draw)
+        if likelihood == "heteroscedastic_gaussian":
+            return heteroscedastic_prediction(per_draw)
         var = per_draw.var(0, unbiased=False)
         noise_std = self.metadata.get("noise_std")
         aleatoric = torch.full_like(var, float(noise_std) ** 2) if noise_std is not None else None
         return Prediction("regression", mean, per_draw, var, aleatoric)
 
-    @property
-    def task(self) -> str:
-        return self.metadata.get("task", "regression")
+    # ---------------------------------------------------------- own loop
+    @classmethod
+    def from_draws(cls, model: nn.Module, draws: Any, *, task: str | None = None, loss: Any = None,
+                   params: Any = None, num_warmup: int = 0, thin: int = 1,
+                   sample_stats: Mapping[str, Tensor] | None = None,
+                   metadata: Mapping[str, Any] | None = None) -> Posterior:
+        """A Posterior from weights your own loop produced (e.g. with :class:`~pib_bayes.optim.SGLD`).
+
+        ``draws`` is one of: a mapping name -> tensor ``(chains, draws, *shape)`` or
+        ``(draws, *shape)`` (one chain); a list of state dicts (one chain, in order); a list of
+        such lists (one per chain, equally long). State-dict entries that are buffers are left
+        out (the module's current buffers are used), as are parameters ``params`` does not select
+        (:func:`~pib_bayes.subnet.select_params`; default: every parameter present). Parameters
+        without draws are held at the module's current values. Per chain the first ``num_warmup``
+        draws are dropped, then every ``thin``-th kept: draw k of the result is input draw
+        ``num_warmup + k * thin``.
+
+        The task is ``task``, or implied by ``loss`` (a built-in loss or string as in
+        :func:`~pib_bayes.sample`; it also sets the observation noise of a
+        :class:`~pib_bayes.GaussianLoss` and the predictive of a heteroscedastic or Bernoulli
+        one); with neither, a ``ValueError`` asks for one. ``loss`` may also be the
+        :class:`~pib_bayes.Energy` the loop used: its loss, task, beta and prior are recorded.
+        ``sample_stats``: optional name -> ``(chains, draws)`` or ``(draws,)`` tensors, thinned
+        alike.
+
+        >>> import torch
+        >>> from torch import nn
+        >>> net = nn.Linear(2, 1)
+        >>> trail = [{k: v.detach().clone() + i for k, v in net.state_dict().items()} for i in range(10)]
+        >>> post = Posterior.from_draws(net, trail, loss="gaussian", num_warmup=4, thin=2)
+        >>> post.draws["weight"].shape, post.task
+        (torch.Size([1, 3, 1, 2]), 'regression')
+        """
+        from .energy import Energy, loss_likelihood, require_task, resolve_loss
+
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
+        for name, value, least in (("num_warmup", num_warmup, 0), ("thin", thin, 1)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < least:
+                raise ValueError(f"{name}: must be an int >= {least}, got {value!r}")
+        loss_fn, energy = None, None
+        if isinstance(loss, Energy):
+            energy, loss = loss, loss.loss_fn
+            if task is not None and energy.task is not None and task != energy.task:
+                raise ValueError(f"task: {task!r} contradicts the energy's task {energy.task!r}")
+            task = task or energy.task
+        if loss is not None:
+            loss_fn, task = resolve_loss(loss, task)
+        if task is None:
+            if loss is not None:
+                require_task(task, loss_fn)
+            raise ValueError("task: pass task='classification' or task='regression', or loss= a built-in "
+                             "loss that implies it (e.g. 'cross_entropy', pib_bayes.GaussianLoss(noise_std))")
+        require_task(task, loss_fn)
+        shapes = {n: tuple(p.shape) for n, p in model.named_parameters()}
+        buffers = {n for n, _ in model.named_buffers()}
+        stacked = _stack_draws(draws, shapes, buffers)
+        if params is not None:
+            from .subnet import select_params
+
+            chosen = select_params(model, params)
+            missing = [n for n in chosen if n not in stacked]
+            if missing:
+                raise ValueError(f"params: {missing} are selected but have no draws")
+            stacked = {n: stacked[n] for n in chosen}
+        c, total = next(iter(stacked.values())).shape[:2]
+        if num_warmup >= total:
+            raise ValueError(f"num_warmup: {num_warmup} drops every one of the {total} draws per chain")
+        keep = slice(num_warmup, None, thin)
+        out = {n: v[:, keep].clone() for n, v in stacked.items()}
+        stats = {}
+        for name, v in (sample_stats or {}).items():
+            if not isinstance(v, Tensor):
+                raise TypeError(f"sample_stats: {name!r} must be a tensor, got {type(v).__name__}")
+            v = v.unsqueeze(0) if v.dim() == 1 else v
+            if tuple(v.shape[:2]) != (c, total):
+                raise ValueError(f"sample_stats: {name!r} has shape {tuple(v.shape)}, the draws "
+                                 f"(chains, draws) = {(c, total)}")
+            stats[name] = v[:, keep].clone()
+        fixed = {n: b.detach().clone() for n, b in model.named_buffers()}
+        fixed.update({n: p.detach().clone() for n, p in model.named_parameters() if n not in out})
+        meta: dict[str, Any] = {
+            "library": "pib_bayes", "sampler": "own loop", "source": "Posterior.from_draws",
+            "num_chains": int(c), "num_draws": int(out[next(iter(out))].shape[1]), "num_warmup": num_warmup,
+            "thin": thin, "loss": None if loss_fn is None else repr(loss_fn),
+            "likelihood": loss_likelihood(loss_fn), "noise_std": getattr(loss_fn, "noise_std", None),
+            "sampled_params": list(out), "kept_params": list(out),
+        }
+        if energy is not None:
+            meta.update(beta=energy.beta, prior=repr(energy.prior))
+        meta.update(metadata or {})
+        return cls(out, stats, meta, fixed, model=model, task=task)
 
     # -------------------------------------------------------------- arviz
     def to_arviz(self, *args: Any, **kwargs: Any):
@@ -285,7 +445,8 @@ class Posterior:
             "fixed": {k: v.contiguous() for k, v in self.fixed.items()},
             "diverged": self.diverged,
             "divergence_step": self.divergence_step,
-            "metadata_json": json.dumps(self.metadata, default=str),
+            "metadata_json": json.dumps(self.metadata if self.task is None
+                                        else {**self.metadata, "task": self.task}, default=str),
         }
         save_payload(path, "posterior", FORMAT_VERSION, payload)
 
@@ -305,7 +466,7 @@ class Posterior:
                 divergence_step=payload["divergence_step"],
                 model=model,
             )
-        except (KeyError, TypeError, ValueError, AttributeError, IndexError) as err:
+        except (KeyError, TypeError, ValueError, AttributeError, IndexError, RecursionError) as err:
             raise FormatError(f"{path}: incomplete posterior payload ({err})") from None
         if model is not None:
             post.check_model(model)
@@ -327,3 +488,156 @@ class Posterior:
                 f"beta={self.metadata.get('beta')}, sampler={self.metadata.get('sampler')!r})")
 
 
+def _stack_draws(draws: Any, shapes: Mapping[str, tuple[int, ...]], buffers: set[str]) -> dict[str, Tensor]:
+    """name -> (chains, draws, *shape) from the forms :meth:`Posterior.from_draws` accepts."""
+    if isinstance(draws, Mapping):
+        out = {}
+        for name, v in draws.items():
+            if name in buffers:
+                continue
+            if name not in shapes:
+                raise ValueError(f"draws: {name!r} is not a parameter of the model; its parameters are "
+                                 f"{list(shapes)}")
+            if not isinstance(v, Tensor):
+                raise TypeError(f"draws: {name!r} must be a tensor, got {type(v).__name__}")
+            if tuple(v.shape[1:]) == shapes[name]:
+                v = v.unsqueeze(0)
+            elif tuple(v.shape[2:]) != shapes[name]:
+                raise ValueError(f"draws: {name!r} has shape {tuple(v.shape)}; expected (chains, draws, "
+                                 f"*{shapes[name]}) or (draws, *{shapes[name]})")
+            out[name] = v.detach()
+        if not out:
+            raise ValueError("draws: holds no parameter of the model")
+        if len({tuple(v.shape[:2]) for v in out.values()}) != 1:
+            raise ValueError("draws: every parameter needs the same number of chains and draws, got "
+                             f"{ {n: tuple(v.shape[:2]) for n, v in out.items()} }")
+        return out
+    if not isinstance(draws, Sequence) or isinstance(draws, (str, bytes)) or not draws:
+        raise TypeError("draws: expected a mapping name -> tensor, a non-empty list of state dicts (one "
+                        f"chain) or a list of such lists (one per chain), got {type(draws).__name__}")
+    chains = [draws] if isinstance(draws[0], Mapping) else list(draws)
+    lengths = []
+    for ci, chain in enumerate(chains):
+        if (not isinstance(chain, Sequence) or isinstance(chain, (str, bytes)) or not chain
+                or not all(isinstance(d, Mapping) for d in chain)):
+            raise TypeError(f"draws: chain {ci} must be a non-empty list of state dicts (name -> tensor)")
+        lengths.append(len(chain))
+    if len(set(lengths)) != 1:
+        raise ValueError(f"draws: the chains hold different numbers of draws {lengths}; pass equally many "
+                         "per chain (trim the longer ones)")
+    names = [n for n in chains[0][0] if n not in buffers]
+    out = {}
+    for name in names:
+        if name not in shapes:
+            raise ValueError(f"draws: {name!r} is not a parameter of the model; its parameters are "
+                             f"{list(shapes)}")
+        rows = []
+        for ci, chain in enumerate(chains):
+            try:
+                tensors = [d[name] for d in chain]
+            except KeyError:
+                raise ValueError(f"draws: a state dict of chain {ci} lacks {name!r}; every draw needs the "
+                                 "same entries") from None
+            if len({t.data_ptr() for t in tensors}) < len(tensors) and len(tensors) > 1:
+                raise ValueError(f"draws: several draws of chain {ci} share the memory of {name!r} "
+                                 "(model.state_dict() returns the live weights, not a copy); store copies, "
+                                 "{k: v.detach().clone() for k, v in model.state_dict().items()}, or use "
+                                 "pib_bayes.DrawCollector")
+            for t in tensors:
+                if not isinstance(t, Tensor) or tuple(t.shape) != shapes[name]:
+                    raise ValueError(f"draws: {name!r} must be tensors of shape {shapes[name]}, got "
+                                     f"{tuple(getattr(t, 'shape', ()))}")
+            rows.append(torch.stack([t.detach() for t in tensors]))
+        out[name] = torch.stack(rows)
+    if not out:
+        raise ValueError("draws: the state dicts hold no parameter of the model")
+    return out
+
+
+class DrawCollector:
+    """Collects draws from your own sampling loop, with warm-up and thinning per chain.
+
+    Call :meth:`add` after each step (``chain=`` for several chains); it stores a copy of the
+    selected parameters (default: the trainable ones) at calls ``num_warmup + k * thin``
+    (k = 0, 1, ...) of that chain, then :meth:`posterior` builds the
+    :class:`~pib_bayes.Posterior` through :meth:`Posterior.from_draws`.
+
+    >>> import torch
+    >>> from torch import nn
+    >>> from pib_bayes import Energy
+    >>> from pib_bayes.optim import SGLD
+    >>> net = nn.Linear(2, 1)
+    >>> energy = Energy(net, "gaussian", prior=1.0, beta=0.1)
+    >>> opt = SGLD(net.parameters(), lr=1e-3, generator=torch.Generator().manual_seed(0))
+    >>> x, y = torch.randn(16, 2), torch.randn(16, 1)
+    >>> collector = DrawCollector(net, num_warmup=10, thin=2)
+    >>> for _ in range(30):
+    ...     opt.zero_grad()
+    ...     energy.of_module(x, y).backward()
+    ...     opt.step()
+    ...     _ = collector.add(net)
+    >>> post = collector.posterior(loss=energy.loss_fn)
+    >>> post.num_draws, post.task
+    (10, 'regression')
+    """
+
+    def __init__(self, model: nn.Module, *, params: Any = None, num_warmup: int = 0, thin: int = 1) -> None:
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
+        for name, value, least in (("num_warmup", num_warmup, 0), ("thin", thin, 1)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < least:
+                raise ValueError(f"{name}: must be an int >= {least}, got {value!r}")
+        if params is None:
+            self.names = [n for n, p in model.named_parameters() if p.requires_grad]
+            if not self.names:
+                raise ValueError("model: has no trainable parameters to collect; pass params=")
+        else:
+            from .subnet import select_params
+
+            self.names = select_params(model, params)
+        self.model, self.num_warmup, self.thin = model, num_warmup, thin
+        self._calls: dict[int, int] = {}
+        self._draws: dict[int, list[dict[str, Tensor]]] = {}
+        self._stats: dict[int, list[dict[str, float]]] = {}
+
+    def add(self, model: nn.Module | None = None, *, chain: int = 0, **stats: float) -> bool:
+        """Count one step of ``chain``; store the weights (and scalar ``stats``) if this step is kept.
+
+        Returns whether it was stored."""
+        model = self.model if model is None else model
+        if isinstance(chain, bool) or not isinstance(chain, int) or chain < 0:
+            raise ValueError(f"chain: must be an int >= 0, got {chain!r}")
+        calls = self._calls.get(chain, 0)
+        self._calls[chain] = calls + 1
+        if calls < self.num_warmup or (calls - self.num_warmup) % self.thin:
+            return False
+        current = dict(model.named_parameters())
+        missing = [n for n in self.names if n not in current]
+        if missing:
+            raise ValueError(f"model: lacks the collected parameters {missing}")
+        self._draws.setdefault(chain, []).append({n: current[n].detach().clone() for n in self.names})
+        self._stats.setdefault(chain, []).append({k: float(v) for k, v in stats.items()})
+        return True
+
+    def posterior(self, *, task: str | None = None, loss: Any = None,
+                  metadata: Mapping[str, Any] | None = None) -> Posterior:
+        """The collected draws as a :class:`Posterior` (chains in increasing index order)."""
+        if not self._draws:
+            raise ValueError(f"collector: no draw stored yet ({sum(self._calls.values())} steps added, "
+                             f"num_warmup={self.num_warmup})")
+        chains = sorted(self._draws)
+        if chains != list(range(len(chains))):
+            raise ValueError(f"collector: chains {chains} hold draws; number the chains 0, 1, ... without "
+                             "gaps")
+        lengths = [len(self._draws[c]) for c in chains]
+        n = min(lengths)
+        if len(set(lengths)) != 1:
+            raise ValueError(f"collector: the chains hold different numbers of draws {lengths}; run them "
+                             "equally long")
+        keys = sorted({k for c in chains for s in self._stats[c] for k in s})
+        stats = {k: torch.tensor([[s.get(k, float("nan")) for s in self._stats[c][:n]] for c in chains],
+                                 dtype=torch.float64) for k in keys}
+        meta = {"num_warmup": self.num_warmup, "thin": self.thin, "source": "DrawCollector",
+                **(metadata or {})}
+        return Posterior.from_draws(self.model, [self._draws[c] for c in chains], task=task, loss=loss,
+                                    sample_stats=stats, metadata=meta)

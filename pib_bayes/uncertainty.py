@@ -18,6 +18,11 @@ Regression, with draws f_m = f(x; w_m) and observation noise s (``GaussianLoss``
   mixture (1/M) sum_m N(f_m, s^2), or the empirical quantiles of f_m when s is unknown) and
   Gaussian (mean ± z sqrt(epistemic + aleatoric), z = Phi^{-1}((1 + level)/2));
 - empirical coverage of each interval, the Gaussian NLL and the mixture NLL.
+
+Heteroscedastic regression (SPEC §4): each draw has its own noise, s_m(x) (``noise_std`` of
+shape (M, B, ...), as in a Prediction's ``per_draw_noise_std``); the predictive is the mixture
+(1/M) sum_m N(f_m, s_m^2), its variance Var_m f_m + (1/M) sum_m s_m^2, and its quantiles and log
+density give the intervals and the NLL.
 """
 
 from __future__ import annotations
@@ -35,7 +40,7 @@ __all__ = [
     "ReliabilityData", "ClassificationUncertainty", "RegressionUncertainty", "classification_uncertainty",
     "regression_uncertainty", "predictive_entropy", "expected_entropy", "mutual_information",
     "expected_calibration_error", "brier_score", "credible_interval", "gaussian_interval", "coverage",
-    "gaussian_nll",
+    "gaussian_nll", "mixture_nll",
 ]
 
 
@@ -250,8 +255,9 @@ def _check_targets(y: Any, like: Tensor, other: str) -> Tensor:
     return y.reshape(like.shape)
 
 
-def _check_noise(noise_std: Any, point_shape: torch.Size) -> Tensor:
-    """The observation noise s as a float64 tensor broadcastable to ``point_shape``; finite and > 0."""
+def _check_noise(noise_std: Any, point_shape: torch.Size, draws: int | None = None) -> Tensor:
+    """The observation noise s as a float64 tensor broadcastable to ``point_shape``, or (with ``draws``)
+    one per draw, of shape ``(draws, *point_shape)``; finite and > 0."""
     if isinstance(noise_std, bool) or not isinstance(noise_std, (int, float, Tensor)):
         raise TypeError(f"noise_std: expected a positive number or a tensor of them, "
                         f"got {type(noise_std).__name__}")
@@ -261,13 +267,16 @@ def _check_noise(noise_std: Any, point_shape: torch.Size) -> Tensor:
     if not bool((torch.isfinite(s) & (s > 0)).all()):
         shown = noise_std if not isinstance(noise_std, Tensor) or noise_std.numel() <= 4 else "a tensor"
         raise ValueError(f"noise_std: must be finite and > 0 everywhere, got {shown}")
+    if draws is not None and tuple(s.shape) == (draws, *point_shape):
+        return s  # one noise per draw and point (heteroscedastic)
     try:
         shape = torch.broadcast_shapes(s.shape, point_shape)
     except RuntimeError:
         shape = None
     if shape != point_shape:
+        per_draw = f", or one per draw {(draws, *point_shape)}" if draws is not None else ""
         raise ValueError(f"noise_std: shape {tuple(s.shape)} does not fit the predictions' "
-                         f"{tuple(point_shape)}; pass a scalar or one value per prediction")
+                         f"{tuple(point_shape)}; pass a scalar or one value per prediction{per_draw}")
     return s
 
 
@@ -287,9 +296,10 @@ def gaussian_interval(mean: Tensor, variance: Tensor, level: float = 0.9) -> tup
 
 
 def _mixture(f: Tensor, s: Tensor) -> MixtureSameFamily:
-    """(1/M) sum_m N(f_m, s^2) per point; f (M, B, ...), s a scalar or one value per point."""
+    """(1/M) sum_m N(f_m, s_m^2) per point; f (M, B, ...), s a scalar, one value per point, or one per
+    draw and point (same shape as f)."""
     loc = f.movedim(0, -1)  # mixture components last
-    scale = s.unsqueeze(-1).expand_as(loc)
+    scale = s.movedim(0, -1) if s.shape == f.shape else s.unsqueeze(-1).expand_as(loc)
     return MixtureSameFamily(Categorical(logits=torch.zeros_like(loc)), Normal(loc, scale))
 
 
@@ -297,7 +307,8 @@ def credible_interval(per_draw: Tensor, level: float = 0.9, noise_std: float | T
                       *, tol: float = 1e-10, max_iter: int = 100) -> tuple[Tensor, Tensor]:
     """Central credible interval of the posterior predictive, from the draws f_m (M, B, ...).
 
-    With ``noise_std`` s: the (1 ∓ level)/2 quantiles of the mixture (1/M) sum_m N(f_m, s^2),
+    With ``noise_std`` s (a scalar, one per point, or one per draw and point, (M, B, ...), for a
+    heteroscedastic model): the (1 ∓ level)/2 quantiles of the mixture (1/M) sum_m N(f_m, s_m^2),
     solved to |CDF - q| < ``tol`` by safeguarded Newton on the mixture CDF
     (``torch.distributions.MixtureSameFamily``: ``cdf`` and ``log_prob``), falling back to
     bisection of the bracket [min f - 10 s, max f + 10 s] whenever a Newton step leaves it.
@@ -315,7 +326,7 @@ def credible_interval(per_draw: Tensor, level: float = 0.9, noise_std: float | T
     if noise_std is None:
         q = torch.quantile(f, torch.tensor(qs, dtype=torch.float64), dim=0)
         return q[0].to(per_draw.dtype), q[1].to(per_draw.dtype)
-    s = _check_noise(noise_std, per_draw.shape[1:])
+    s = _check_noise(noise_std, per_draw.shape[1:], per_draw.shape[0])
     mix = _mixture(f, s)
     scale = mix.component_distribution.scale
     sd = (f.var(0, unbiased=False) + scale.square().mean(-1)).sqrt()  # moment-matched start
@@ -356,6 +367,21 @@ def gaussian_nll(y: Tensor, mean: Tensor, variance: Tensor) -> float:
     return float(-dist.log_prob(y.double()).mean())
 
 
+def mixture_nll(y: Tensor, per_draw: Tensor, noise_std: float | Tensor) -> float:
+    """-mean log (1/M) sum_m N(y; f_m, s_m^2) over every output value (nats): the NLL of the sampled
+    predictive. ``noise_std``: a scalar, one per point, or one per draw and point (M, B, ...).
+
+    >>> round(mixture_nll(torch.zeros(1), torch.zeros(2, 1), torch.ones(2, 1)), 4)  # log(2 pi)/2
+    0.9189
+    """
+    if not isinstance(per_draw, Tensor) or per_draw.dim() < 2 or per_draw.shape[0] == 0:
+        raise ValueError("per_draw: expected a tensor (draws, points, ...) with at least one draw")
+    per_draw = _real_tensor("per_draw", per_draw)
+    s = _check_noise(noise_std, per_draw.shape[1:], per_draw.shape[0])
+    y = _check_targets(y, per_draw[0], "per_draw (per draw)")
+    return float(-_mixture(per_draw.double(), s).log_prob(y.double()).mean())
+
+
 @dataclass
 class RegressionUncertainty:
     """Predictive moments, credible intervals at ``level`` and, with targets, their scores.
@@ -381,12 +407,17 @@ class RegressionUncertainty:
 
 
 def regression_uncertainty(pred: Prediction | Tensor, y: Tensor | None = None, *,
-                           noise_std: float | None = None, level: float = 0.9) -> RegressionUncertainty:
+                           noise_std: float | Tensor | None = None,
+                           level: float = 0.9) -> RegressionUncertainty:
     """Predictive mean, epistemic/aleatoric variance, intervals, coverage and NLL.
 
-    ``pred``: a regression :class:`~pib_bayes.Prediction` (its ``aleatoric_variance`` gives s^2)
-    or the draws f_m as a tensor (M, B, ...) with ``noise_std`` s (None: epistemic only). The
-    epistemic variance is the population variance over draws, as in ``Posterior.predict``.
+    ``pred``: a regression :class:`~pib_bayes.Prediction` (its ``per_draw_noise_std`` or else its
+    ``aleatoric_variance`` gives s) or the draws f_m as a tensor (M, B, ...) with ``noise_std`` s:
+    a scalar, one per point, or one per draw and point (M, B, ...) for a heteroscedastic model
+    (None: epistemic only). The epistemic variance is the population variance over draws, as in
+    ``Posterior.predict``; the aleatoric one is (1/M) sum_m s_m^2, so their sum is the variance of
+    the mixture (1/M) sum_m N(f_m, s_m^2), whose quantiles and log density give ``lower``/``upper``
+    and ``nll_mixture``.
 
     >>> f = torch.tensor([[0.0], [2.0]])  # two draws at one point
     >>> u = regression_uncertainty(f, torch.tensor([1.0]), noise_std=1.0)
@@ -398,8 +429,10 @@ def regression_uncertainty(pred: Prediction | Tensor, y: Tensor | None = None, *
         if pred.task != "regression":
             raise ValueError(f"pred: expected a regression Prediction, got task {pred.task!r}")
         per_draw = pred.per_draw
-        if noise_std is None and pred.aleatoric_variance is not None:
-            noise: float | Tensor | None = pred.aleatoric_variance.sqrt()
+        if noise_std is None and pred.per_draw_noise_std is not None:
+            noise: float | Tensor | None = pred.per_draw_noise_std
+        elif noise_std is None and pred.aleatoric_variance is not None:
+            noise = pred.aleatoric_variance.sqrt()
         else:
             noise = noise_std
     elif isinstance(pred, Tensor):
@@ -412,12 +445,17 @@ def regression_uncertainty(pred: Prediction | Tensor, y: Tensor | None = None, *
         raise ValueError("pred: holds no draws; pass at least one")
     per_draw = _real_tensor("pred", per_draw, "a tensor of draws")
     if noise is not None:
-        noise = _check_noise(noise, per_draw.shape[1:]).to(per_draw.dtype)
+        noise = _check_noise(noise, per_draw.shape[1:], per_draw.shape[0]).to(per_draw.dtype)
     if y is not None:
         y = _check_targets(y, per_draw[0], "pred (per draw)")
     mean = per_draw.mean(0)
     epistemic = per_draw.var(0, unbiased=False)
-    aleatoric = None if noise is None else torch.as_tensor(noise, dtype=mean.dtype).square().expand_as(mean)
+    if noise is None:
+        aleatoric = None
+    elif noise.shape == per_draw.shape:  # one noise per draw: the mixture's mean noise variance
+        aleatoric = noise.square().mean(0)
+    else:
+        aleatoric = noise.square().expand_as(mean)
     variance = epistemic + (aleatoric if aleatoric is not None else 0.0)
     lower, upper = credible_interval(per_draw, level, noise)
     g_lower, g_upper = gaussian_interval(mean, variance, level)

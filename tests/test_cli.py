@@ -323,7 +323,10 @@ def test_run_dir_finds_relative_data_from_another_directory(tmp_path, monkeypatc
     other.mkdir()
     monkeypatch.chdir(other)
     capsys.readouterr()
-    assert main(["predict", "../r", "--json", "--output", "p.csv"]) == EXIT_OK
+    # the data lie outside the run directory: read only when the user vouches for the run (issue 19)
+    assert main(["predict", "../r", "--json", "--output", "p.csv"]) == EXIT_USAGE
+    assert json.loads(capsys.readouterr().out)["key"] == "resolved.source"
+    assert main(["predict", "../r", "--json", "--output", "p.csv", "--trust-code"]) == EXIT_OK
     res = json.loads(capsys.readouterr().out)
     assert res["n"] == 12 and 0 <= res["metrics"]["accuracy"] <= 1
 

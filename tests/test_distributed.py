@@ -190,6 +190,19 @@ def _scenario_crash_data(rank: int, out: str) -> None:
     sample_distributed(_model(), loss, (x, y), mode="data", **dict(DATA_ARGS, num_chains=1))
 
 
+def _scenario_crash_chains_long(rank: int, out: str) -> None:
+    """Rank 1 dies at its 5th loss call; rank 0's own chains would take minutes: the heartbeat
+    stops it within seconds."""
+    x, y = _data()
+    loss = _FailingLoss(fail_at=5, die=True) if rank == 1 else _FailingLoss(fail_at=10**9, die=True)
+    t0 = time.monotonic()
+    try:
+        sample_distributed(_model(), loss, (x, y), **dict(CHAIN_ARGS, num_warmup=10**6))
+    finally:
+        with open(os.path.join(out, "crash_chains_long.seconds"), "w") as f:
+            f.write(f"{time.monotonic() - t0:.3f} {loss.calls}")
+
+
 def _scenario_bad_input(rank: int, out: str) -> None:
     x, y = _data()
     model = _model() if rank == 0 else nn.Linear(3, 1).double()  # the ranks disagree on the model
@@ -458,9 +471,84 @@ def test_a_rank_that_dies_makes_the_others_fail_not_hang(tmp_path, mode):
     assert time.monotonic() - t0 < 60  # well inside the 60 s process-group timeout
 
 
+def test_a_rank_that_dies_mid_run_stops_the_chains_of_the_others_within_seconds(tmp_path):
+    """mode="chains" exchanges nothing while sampling; the heartbeat (every 1 s) notices the dead
+    peer, so rank 0 stops its 10^6-step chains instead of finishing them first."""
+    codes = _launch(["crash_chains_long"], tmp_path)
+    assert codes[1] == 3 and codes[0] == 0, codes
+    with open(tmp_path / "crash_chains_long.rank0.json") as f:
+        res = json.load(f)
+    assert res["type"] == "DistributedSamplingError" and "heartbeat collective failed" in res["message"], res
+    seconds, calls = (tmp_path / "crash_chains_long.seconds").read_text().split()
+    assert float(seconds) < 15 and int(calls) < 10**6, (seconds, calls)
+
+
 def test_data_parallel_one_chain_diverges_on_one_shard_the_other_goes_on(run_dir):
     _ok(run_dir, "data")
     ref = sample(_model(), _MarkerLoss(), _marked_data(), chain_method="vectorized", init=_two_chain_init(),
                  **dict(DATA_ARGS, num_warmup=0))
     assert ref.diverged.tolist() == [False, True] and ref.divergence_step.tolist() == [-1, 0]
     _assert_same(Posterior.load(run_dir / "data_one_diverged.rank0.pt"), ref, exact=False)
+
+
+# ----------------------------------------------------------------------------- start-up (issue 19)
+def _startup_worker(rank: int, world: int, port: int, how: str, out: str) -> None:
+    """Rank 1 dies during start-up: before joining (``never``) or after joining, before the
+    handshake (``joined``); rank 0 starts with pib_bayes's bounded timeout and reports."""
+    import torch.distributed as dist
+
+    from pib_bayes.distributed import start_process_group
+
+    init = f"tcp://127.0.0.1:{port}"
+    if rank == 1:
+        if how == "joined":
+            dist.init_process_group("gloo", init_method=init, rank=1, world_size=world,
+                                    timeout=datetime.timedelta(seconds=3))
+        os._exit(3)
+    t0 = time.monotonic()
+    os.environ["PIB_DIST_TIMEOUT"] = "3"
+    try:
+        start_process_group("gloo", init_method=init, rank=0, world_size=world)
+        result = {"ok": True}
+    except Exception as err:
+        result = {"ok": False, "type": type(err).__name__, "message": str(err)}
+    result["seconds"] = time.monotonic() - t0
+    with open(os.path.join(out, f"startup_{how}.json"), "w") as f:
+        json.dump(result, f)
+
+
+@pytest.mark.parametrize("how", ["never", "joined"])
+def test_a_rank_killed_during_start_up_fails_the_others_within_the_timeout(tmp_path, how):
+    import torch.multiprocessing as mp
+
+    t0 = time.monotonic()
+    ctx = mp.start_processes(_startup_worker, args=(WORLD, _free_port(), how, str(tmp_path)), nprocs=WORLD,
+                             join=False, start_method="spawn")
+    while any(p.is_alive() for p in ctx.processes):
+        if time.monotonic() - t0 > 60:
+            for p in ctx.processes:
+                p.kill()
+            pytest.fail("rank 0 did not give up within 60 s of a 3 s timeout")
+        time.sleep(0.1)
+    with open(tmp_path / f"startup_{how}.json") as f:
+        res = json.load(f)
+    assert not res["ok"] and res["type"] == "DistributedSamplingError", res
+    assert res["seconds"] < 20, res  # the 3 s bound (plus connection retries), not torch's 30 minutes
+    assert ("did not start within 3 s" in res["message"]) if how == "never" else (
+        "start-up handshake" in res["message"]), res
+
+
+def test_collective_timeout_sources(monkeypatch):
+    from pib_bayes.distributed import DEFAULT_TIMEOUT_S, collective_timeout
+
+    monkeypatch.delenv("PIB_DIST_TIMEOUT", raising=False)
+    assert collective_timeout().total_seconds() == DEFAULT_TIMEOUT_S == 300
+    monkeypatch.setenv("PIB_DIST_TIMEOUT", "12.5")
+    assert collective_timeout().total_seconds() == 12.5
+    assert collective_timeout(datetime.timedelta(minutes=2)).total_seconds() == 120
+    for bad in ("soon", "-1", "nan", "0"):
+        monkeypatch.setenv("PIB_DIST_TIMEOUT", bad)
+        with pytest.raises(ValueError, match="PIB_DIST_TIMEOUT"):
+            collective_timeout()
+    with pytest.raises(ValueError, match="timeout"):
+        collective_timeout(-3)

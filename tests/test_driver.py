@@ -12,7 +12,7 @@ from torch import nn
 
 import pib_bayes as pb
 from pib_bayes import Energy, GaussianLoss, GaussianPrior, chain_seeds, sample
-from pib_bayes.optim import PSGLD, SGHMC, SGLD
+from pib_bayes.optim import PSGLD, SGHMC, SGLD, SGNHT
 from pib_bayes.samplers import Cyclical
 
 
@@ -134,7 +134,7 @@ def test_same_seed_gives_bit_identical_draws_and_chains_differ():
     assert not torch.equal(w[0], w[1]) and not torch.equal(w[1], w[2])
 
 
-@pytest.mark.parametrize("sampler", ["sgld", "psgld", "sghmc", "csgld"])
+@pytest.mark.parametrize("sampler", ["sgld", "psgld", "sghmc", "csgld", "sgnht"])
 @pytest.mark.parametrize("method", ["vectorized", "sequential"])
 def test_prefetched_noise_gives_the_same_draws(sampler, method):
     """prefetch_noise=True draws each step's noise during the previous gradient pass: the draws are
@@ -153,7 +153,8 @@ def test_prefetched_noise_gives_the_same_draws(sampler, method):
 
 
 @pytest.mark.parametrize("sampler,opt_cls,kwargs", [("sgld", SGLD, {}), ("psgld", PSGLD, {"alpha": 0.9}),
-                                                     ("sghmc", SGHMC, {"friction": 0.2})])
+                                                     ("sghmc", SGHMC, {"friction": 0.2}),
+                                                     ("sgnht", SGNHT, {"diffusion": 0.5})])
 def test_optimizer_and_driver_produce_identical_trajectories(sampler, opt_cls, kwargs):
     x, y = _blr_data()
     torch.manual_seed(0)
@@ -293,7 +294,7 @@ def test_diverging_chain_is_flagged_and_others_keep_their_draws():
         return (out - target).pow(4).squeeze(1)
 
     post = sample(model, quartic, (x, y), beta=1.0, prior=GaussianPrior(std=10.0), step_size=0.01,
-                  num_chains=3, num_warmup=0, num_draws=50, init=init, seed=0)
+                  task="regression", num_chains=3, num_warmup=0, num_draws=50, init=init, seed=0)
     assert post.diverged.tolist() == [False, True, False]
     step = int(post.divergence_step[1])
     assert 0 < step < 50

@@ -197,7 +197,8 @@ def test_parameter_order_invariance():
 
 
 def test_minibatch_variant_scale():
-    """The paper's minibatch form averages gradients before squaring: on a least-squares fit (∇L_S = 0)
+    """The minibatch form (mean over batches of the squared projection of each batch's mean gradient):
+    on a least-squares fit (∇L_S = 0)
     it is ≈ per-example value / m, with m the minibatch size; its spread is measured, not assumed."""
     torch.manual_seed(0)
     n, d = 4000, 3
@@ -308,7 +309,7 @@ def test_data_the_model_cannot_take_names_data():
     model = _mlp()
     theta_0 = {k: v.clone() for k, v in model.state_dict().items()}
     x, y = torch.randn(20, 6, dtype=torch.float64), torch.randint(0, 3, (20,))
-    for method in ("jvp", "minibatch"):
+    for method in ("jvp", "minibatch", "paper"):
         with pytest.raises(ValueError, match=r"^data: the model cannot be evaluated on x of shape \(20, 5\)"):
             fisher(model, "cross_entropy", (x[:, :5], y), theta_0, method=method)
         with pytest.raises(ValueError, match="^data: the model cannot be evaluated on x .* torch.int64"):

@@ -17,10 +17,10 @@ from torch import nn
 from torch.optim.lr_scheduler import StepLR
 from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
 
-from pib_bayes.optim import PSGLD, SGHMC, SGLD, ScheduleLR
+from pib_bayes.optim import PSGLD, SGHMC, SGLD, SGNHT, ScheduleLR
 from pib_bayes.samplers import Cyclical
 
-OPTIMIZERS = [(SGLD, {}), (PSGLD, {"alpha": 0.9}), (SGHMC, {"friction": 0.2})]
+OPTIMIZERS = [(SGLD, {}), (PSGLD, {"alpha": 0.9}), (SGHMC, {"friction": 0.2}), (SGNHT, {"diffusion": 0.5})]
 
 
 def _problem(seed: int = 0) -> tuple[nn.Module, torch.Tensor, torch.Tensor]:

@@ -429,7 +429,8 @@ def test_psgld_sample_recovers_gaussian_linear_posterior_and_reports_preconditio
     assert ratio.max() < 1, ratio
 
 
-@pytest.mark.parametrize("sampler,stat", [("psgld", "precond_mean"), ("sghmc", "kinetic_energy")])
+@pytest.mark.parametrize("sampler,stat", [("psgld", "precond_mean"), ("sghmc", "kinetic_energy"),
+                                          ("sgnht", "thermostat")])
 def test_sampler_stats_at_the_last_draw(sampler, stat):
     post, _, _ = _sample_linear(sampler, 0.01, num_draws=3, num_warmup=0)
     assert bool(torch.isfinite(post.sample_stats[stat]).all()), post.sample_stats[stat]
@@ -584,6 +585,7 @@ SAMPLER_CASES = [
     ("psgld", 1e-4, {"alpha": 0.95}),
     ("sghmc", 1e-3, {"friction": 0.2}),
     ("csgld", Cyclical(1e-3, cycle_length=6, exploration_fraction=0.5), {}),
+    ("sgnht", 3e-2, {"diffusion": 0.5}),
 ]
 
 
@@ -608,9 +610,10 @@ def test_vectorized_chains_equal_sequential_chains(path, batch_size, sampler, st
     assert set(vec.sample_stats) == set(seq.sample_stats)
     for name in seq.sample_stats:
         torch.testing.assert_close(vec.sample_stats[name], seq.sample_stats[name], rtol=1e-4, atol=1e-5)
-    extra = {"psgld": "precond_mean", "sghmc": "kinetic_energy"}.get(sampler)
-    if extra:
-        assert vec.sample_stats[extra].shape == (3, 12)
+    extra = {"psgld": ["precond_mean"], "sghmc": ["kinetic_energy"],
+             "sgnht": ["kinetic_energy", "thermostat"]}.get(sampler, [])
+    for stat in extra:  # per chain (sgnht: one thermostat per chain, D = that chain's weights)
+        assert vec.sample_stats[stat].shape == (3, 12)
     # chains are really different (independent streams), so the equality above is not trivial
     assert not torch.allclose(vec.draws["0.weight" if path == "baddbmm" else "a.weight"][0, -1],
                               vec.draws["0.weight" if path == "baddbmm" else "a.weight"][1, -1])

@@ -124,6 +124,21 @@ def test_sample_auto_sghmc_rebuilds_the_kernel_with_the_chosen_friction_and_keep
     assert post.metadata["sampler_settings"]["friction"] == 0.2
 
 
+def test_sample_auto_sgnht_takes_the_smaller_of_its_two_bias_bounds():
+    """SGNHT (h21a): bias -h A/2 from the thermostat and +h^2 lambda_max/4 in the stiffest direction,
+    each held to eps/2: h = min(eps/A, sqrt(2 eps/lambda_max)); the diffusion A is kept."""
+    x, y = _linear_data(n=300, d=3)
+    _, lam = _posterior(x, y, 1 / 300)
+    exact = float(torch.linalg.eigvalsh(lam).max())
+    for diffusion, expect in ((1.0, math.sqrt(2 * 0.05 / exact)), (100.0, 0.05 / 100.0)):
+        post = pb.sample(_model(3), pb.GaussianLoss(1.0), (x, y), beta=1 / 300,
+                         prior=pb.GaussianPrior(std=1.0), sampler="sgnht",
+                         sampler_kwargs={"diffusion": diffusion}, step_size=AutoStep(tol=1e-8, max_iters=200),
+                         num_chains=2, num_warmup=5, num_draws=5)
+        assert abs(post.metadata["step_size_auto"]["step_size"] - expect) < 1e-6 * expect
+        assert post.metadata["sampler_settings"]["diffusion"] == diffusion and not post.diverged.any()
+
+
 def test_psgld_auto_uses_the_preconditioned_hessian_at_the_stationary_preconditioner():
     x, y = _linear_data(n=300, d=3)
     x = x * torch.tensor([1.0, 3.0, 0.3])  # anisotropic: G matters
@@ -165,6 +180,7 @@ def test_auto_rejects_a_curvature_estimate_that_is_not_positive():
 
     with pytest.raises(ValueError, match=r"^step_size: 'auto' needs a positive, finite curvature"):
         pb.sample(_model(3), concave, (x, y), beta=1.0, prior=pb.FlatPrior(), step_size="auto", num_draws=2,
+                  task="regression",
                   num_warmup=0)
 
     def linear(out, target):  # flat: H = 0
@@ -172,6 +188,7 @@ def test_auto_rejects_a_curvature_estimate_that_is_not_positive():
 
     with pytest.raises(ValueError, match=r"^step_size: 'auto' needs a positive, finite curvature"):
         pb.sample(_model(3), linear, (x, y), beta=1.0, prior=pb.FlatPrior(), step_size="auto", num_draws=2,
+                  task="regression",
                   num_warmup=0)
 
 

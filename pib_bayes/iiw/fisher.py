@@ -11,7 +11,7 @@ come from one forward and one backward pass to the layer outputs (``_layerwise.p
 ``torch.func.jvp`` of the per-example-loss vector, the groups' restricted tangents batched with
 ``vmap``. The joint derivative along the whole Δθ is their sum, by linearity. No per-example
 gradient and no F is ever formed. Cost (benchmarks/bench_iiw.py; docs/iiw.md): layerwise ≈ one
-forward-backward pass, 1.05x faster than the paper's minibatch gradients over the same examples;
+forward-backward pass, 1.05x faster than the minibatch method's gradients over the same examples;
 forward-mode ≈ two to three forward passes per group.
 """
 
@@ -31,11 +31,12 @@ from ..data import as_tensors
 from ..energy import LossFn, check_beta, resolve_loss
 from ._groups import resolve_groups
 from ._layerwise import plan_layerwise
+from .paper import check_paper_batches, is_weight, paper_gradients, paper_iiw
 from .result import IIWResult
 
 __all__ = ["fisher", "directional_derivatives", "check_theta0"]
 
-METHODS = ("jvp", "minibatch")
+METHODS = ("jvp", "minibatch", "paper")
 ENGINES = ("auto", "layerwise", "jvp")
 
 
@@ -180,7 +181,7 @@ def fisher(
     params: Mapping[str, Tensor] | None = None,
     chunk_size: int | None = 1024,
     engine: str = "auto",
-    num_batches: int = 10,
+    num_batches: int | str = 10,
     batch_size: int = 1000,
     seed: int = 0,
 ) -> IIWResult:
@@ -195,20 +196,38 @@ def fisher(
     is Σ_g IIW_g (block-diagonal F across groups, as in the paper); the joint form with the
     cross-group terms, Δθᵀ F Δθ, is in ``settings["joint_raw"]``.
 
-    ``method="minibatch"`` (the paper's code): ``(1/K) Σ_k (ḡ_kᵀ Δθ)²`` with ḡ_k the gradient of
-    the mean loss on minibatch k (K = ``num_batches`` minibatches of ``batch_size`` examples, by
-    backprop). It averages gradients before squaring, so it is *not* on the per-example scale:
-    E(ḡ_kᵀΔθ)² = (∇L_Sᵀ Δθ)² + Var_i(∇l_iᵀΔθ)/m, which near a stationary point is ≈ 1/m of the
-    per-example value.
+    ``method="minibatch"`` (a minibatch-gradient Fisher, this library's variant, NOT the authors'
+    code): ``IIW_g = (1/K) Σ_k (ḡ_{k,g}ᵀ Δθ_g)²`` with ḡ_k the gradient of the mean loss on minibatch
+    k, each of the K = ``num_batches`` minibatches ``min(batch_size, n)`` distinct examples (drawn
+    without replacement within a batch, independently across batches, seeded by ``seed``), the
+    model in eval mode, weights AND biases of each group, squared per batch then averaged over
+    the K batches. It is *not* on the per-example scale: E(ḡ_kᵀΔθ)² = (∇L_Sᵀ Δθ)² +
+    Var_i(∇l_iᵀΔθ)/m (m = batch size), ≈ 1/m of the per-example value near a stationary point.
 
-    Scales: ``raw_per_group``/``raw_total`` are always the paper's Δθᵀ F Δθ. When ``beta`` is
+    ``method="paper"`` (the authors' ``compute_information_bp_fast``, SPEC §3d): K =
+    ``num_batches`` minibatches of ``batch_size`` indices drawn WITH replacement, the model in
+    TRAIN mode; the gradients are SUMMED over the batches and scaled by 1/N_b, N_b =
+    ceil(n / batch_size) (not 1/K), and per WEIGHT tensor (``"weight" in name``; biases excluded)
+
+        IIW_l = ((w_l − w0_l) · g_l)²,   g_l = (1/N_b) Σ_k ∇_{w_l} mean-loss(batch k);
+
+    a group's value is the sum over its weight tensors (``settings["per_tensor"]`` has each).
+    ``num_batches="all"`` is their ``_all_sample`` variant: the N_b consecutive batches. It
+    differs from ``"minibatch"`` in four ways: it sums gradients before squaring (one square per
+    tensor, not a mean of K squares), scales by 1/N_b (so the value depends on n), drops biases
+    and runs in train mode. Only the raw scale is defined (``beta`` must be None); the value is
+    random (``seed``).
+
+    Scales (``"jvp"``, ``"minibatch"``): ``raw_per_group``/``raw_total`` are always the paper's Δθᵀ F Δθ
+    (``"paper"``: the authors' value above, raw only). When ``beta`` is
     given, ``per_group``/``total`` are in nats, ``½ Δθᵀ F Δθ / β`` (the first-order term of the
     channel formula ½ log det(I + W⁻¹B) with W⁻¹ ≈ F/β; accurate when it is small); otherwise
     they repeat the raw values with ``units="raw"``.
 
     Args:
         model: the network at θ_S (its current trainable parameters, or ``params``). Evaluated in
-            ``eval()`` mode so that every loss is per example (BatchNorm statistics, no dropout).
+            ``eval()`` mode so that every loss is per example (BatchNorm statistics, no dropout);
+            ``method="paper"`` runs it in train mode, as the authors' code (its mode is restored).
         loss_fn: per-example loss ``(output, target) -> (B,)``, or ``"cross_entropy"``/``"gaussian"``.
         data: ``(x, y)`` tensors, a TensorDataset, or a DataLoader (iterated once).
         theta_0: the prior mean θ₀ (initial weights or :func:`~pib_bayes.iiw.fit_prior_mean`),
@@ -224,7 +243,8 @@ def fisher(
             the weight/bias of an ``nn.Linear``/``nn.Conv{1,2,3}d``; assumes examples do not interact
             in the forward pass, true in eval mode for standard layers); ``"auto"`` (default) =
             layerwise when it applies, else jvp. The one used is in ``settings["engine"]``.
-        num_batches, batch_size, seed: the minibatch method.
+        num_batches, batch_size, seed: the ``"minibatch"`` and ``"paper"`` methods (``"paper"`` also
+            takes ``num_batches="all"``); ``seed`` seeds a ``torch.Generator`` for the batch draws.
 
     >>> import torch
     >>> from torch import nn
@@ -236,6 +256,10 @@ def fisher(
     >>> r = fisher(net, "gaussian", (torch.randn(64, 3), torch.randn(64, 1)), theta_0, beta=0.01)
     >>> r.groups, r.units, r.raw_per_group["2"] == 0.0  # only layer "0" moved
     (['0', '2'], 'nats', True)
+    >>> p = fisher(net, "gaussian", (torch.randn(64, 3), torch.randn(64, 1)), theta_0, method="paper",
+    ...            batch_size=16, num_batches=10, seed=0)   # the authors' estimator, weights only
+    >>> p.method, p.settings["N_b"], sorted(p.settings["per_tensor"])
+    ('fisher-paper', 4, ['0.weight', '2.weight'])
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
@@ -244,7 +268,13 @@ def fisher(
     if engine not in ENGINES:
         raise ValueError(f"engine: expected one of {ENGINES}, got {engine!r}")
     if beta is not None:
+        if method == "paper":
+            raise ValueError("beta: method='paper' has only the authors' raw scale ((Δw·g)² per weight "
+                             "tensor is not a per-example Fisher form, so ½ΔθᵀFΔθ/β does not apply); "
+                             "leave beta=None")
         beta = check_beta(beta)
+    if method == "paper":
+        check_paper_batches(num_batches, batch_size)
     loss, _ = resolve_loss(loss_fn)
     trainable = _trainable(model)
     names = list(trainable)
@@ -274,6 +304,8 @@ def fisher(
     fixed.update({n: p.detach() for n, p in model.named_parameters() if not p.requires_grad})
 
     group_names = list(grouped)
+    if method == "paper":
+        return _paper_result(model, loss, data, theta, delta, grouped, fixed, num_batches, batch_size, seed)
 
     def tangents() -> list[dict[str, Tensor]]:
         # the joint derivative along Δθ is the sum of the groups' (linearity): no extra JVP for it
@@ -321,6 +353,38 @@ def fisher(
         per_group = {g: 0.5 * v / beta for g, v in raw_per_group.items()}
         total, units = 0.5 * raw_total / beta, "nats"
     return IIWResult(per_group, float(total), f"fisher-{method}", units, settings, raw_per_group, raw_total)
+
+
+def _paper_result(model, loss, data, theta, delta, grouped, fixed, num_batches, batch_size,
+                  seed) -> IIWResult:
+    """``method="paper"``: the authors' estimator (SPEC §3d, :mod:`pib_bayes.iiw.paper`)."""
+    tensors = as_tensors(data)
+    if tensors is None:
+        raise ValueError("data: method='paper' needs (x, y) tensors or a TensorDataset")
+    x, y = tensors
+    weights = [n for members in grouped.values() for n in members if is_weight(n)]
+    empty = [g for g, members in grouped.items() if not any(is_weight(n) for n in members)]
+    if empty:
+        raise ValueError(f"groups: method='paper' measures weight tensors only (the authors' rule: 'weight' "
+                         f"in the parameter name); groups {empty} have none; leave them out or use "
+                         "method='jvp'")
+    gen = torch.Generator().manual_seed(seed)
+    with _explain_data_errors(model, loss, theta, fixed, x, y):
+        grads = paper_gradients(model, partial(_per_example, loss), x, y, weights, params=theta, fixed=fixed,
+                                batch_size=batch_size, num_batches=num_batches, generator=gen)
+    per_tensor = paper_iiw(delta, grads)
+    raw_per_group = {g: float(sum(per_tensor[n] for n in members if is_weight(n)))
+                     for g, members in grouped.items()}
+    raw_total = float(sum(raw_per_group.values()))
+    n_b = -(-x.shape[0] // batch_size)
+    settings = {"num_batches": num_batches, "batch_size": batch_size, "seed": seed, "examples": x.shape[0],
+                "N_b": n_b, "scale": "1/N_b, N_b = ceil(n / batch_size)", "mode": "train",
+                "draws": "consecutive batches" if num_batches == "all" else "with replacement",
+                "per_tensor": per_tensor, "total_rule": "sum of weight tensors (biases excluded)",
+                "beta": None,
+                "raw_scale": "((w_l - w0_l) . g_l)^2 per weight tensor (the authors' code)"}
+    return IIWResult(dict(raw_per_group), raw_total, "fisher-paper", "raw", settings, raw_per_group,
+                     raw_total)
 
 
 def _jvp_sums(derivs, data, chunk_size) -> tuple[Tensor, int]:

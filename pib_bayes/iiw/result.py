@@ -19,7 +19,7 @@ class IIWResult:
             estimators (Fisher, ``structure="diag"``/``"block"``) it is the sum of ``per_group``;
             for joint structures (``"full"``, ``"lowrank"``) it is the joint value and
             ``per_group`` holds the marginal value of each group (``settings["total_rule"]`` says which).
-        method: ``"fisher-jvp"``, ``"fisher-minibatch"``, ``"kl"`` or ``"channel"``.
+        method: ``"fisher-jvp"``, ``"fisher-minibatch"``, ``"fisher-paper"``, ``"kl"`` or ``"channel"``.
         units: ``"nats"``, or ``"raw"`` for the paper's unscaled quadratic form Δθᵀ F Δθ.
         settings: every choice that produced the number (structure, shrinkage, draw counts, ...).
         raw_per_group, raw_total: Fisher only: the paper's raw scale Δθᵀ F Δθ (Wang et al. 2022),

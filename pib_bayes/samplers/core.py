@@ -20,6 +20,7 @@ statistics are then reduced per chain.
 
 from __future__ import annotations
 
+import inspect
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -393,9 +394,11 @@ class Kernel:
     """A Langevin sampler as a pair of functions (BlackJAX style).
 
     Attributes:
-        name: registry name ("sgld", "psgld", "sghmc").
+        name: registry name ("sgld", "psgld", "sghmc", "sgnht").
         state_names: per-tensor state buffers the kernel keeps (e.g. ``("momentum",)``).
-        init: ``init(params) -> {state_name: [tensor per param]}``.
+        init: ``init(params) -> {state_name: [tensor per param]}``. A kernel whose state holds
+            per-chain scalars (SGNHT's thermostat) takes ``init(params, batch_ndim=0)``, told how
+            many leading dims of ``params`` are chain dims; call it through :meth:`init_state`.
         step: ``step(params, grads, state, step_size, noise, noise_scale=1.0, batch_ndim=0,
             with_stats=False) -> {stat_name: tensor}``; updates params and state in place.
         settings: the hyper-parameters it was built with (recorded in Posterior metadata).
@@ -409,3 +412,9 @@ class Kernel:
     step: Callable[..., dict[str, Tensor]]
     settings: dict = field(default_factory=dict)
     curvature_rule: Any = None
+
+    def init_state(self, params: list[Tensor], batch_ndim: int = 0) -> dict[str, list[Tensor]]:
+        """``init(params)``, passing ``batch_ndim`` on to an ``init`` that takes it (see ``init``)."""
+        if batch_ndim and "batch_ndim" in inspect.signature(self.init).parameters:
+            return self.init(params, batch_ndim=batch_ndim)
+        return self.init(params)

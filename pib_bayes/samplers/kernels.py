@@ -1,4 +1,4 @@
-"""SGLD, pSGLD and SGHMC kernels (SPEC §2), all built on :func:`~pib_bayes.samplers.core.langevin_move_`.
+"""SGLD, pSGLD, SGHMC and SGNHT kernels (SPEC §2), all on :func:`~pib_bayes.samplers.core.langevin_move_`.
 
 Each ``build_*`` returns a :class:`~pib_bayes.samplers.core.Kernel`; cyclical SGLD is SGLD with
 a :class:`~pib_bayes.samplers.schedules.Cyclical` schedule (the schedule switches the noise off in
@@ -7,13 +7,15 @@ the exploration phase and says which steps may be kept).
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
 from .core import GaussianNoise, Kernel, Workspace, flat_view, flat_zeros_like, langevin_move_, reduce_sum
-from .step_size import PSGLD_RULE, SGHMC_RULE, SGLD_RULE
+from .step_size import PSGLD_RULE, SGHMC_RULE, SGLD_RULE, SGNHT_RULE
 
-__all__ = ["build_sgld", "build_psgld", "build_sghmc", "build_kernel", "KERNELS"]
+__all__ = ["build_sgld", "build_psgld", "build_sghmc", "build_sgnht", "build_kernel", "KERNELS"]
 
 
 def build_sgld() -> Kernel:
@@ -129,11 +131,99 @@ def build_sghmc(friction: float = 0.1) -> Kernel:
     return Kernel("sghmc", ("momentum",), init, step, {"friction": friction}, curvature_rule=SGHMC_RULE)
 
 
-KERNELS = {"sgld": build_sgld, "psgld": build_psgld, "sghmc": build_sghmc, "csgld": build_sgld}
+def build_sgnht(diffusion: float = 1.0, init_thermostat: float | None = None) -> Kernel:
+    """Stochastic-gradient Nosé-Hoover thermostat (Ding et al. 2014, Algorithm 1), SPEC §2's Euler form.
+
+        p  <- p - h * grad U_B(w) - h * xi * p + sqrt(2 A h) * eta,    eta ~ N(0, I)
+        w  <- w + h * p
+        xi <- xi + h * (p . p / D - 1)
+
+    ``h`` is the step size, ``A = diffusion`` > 0 the injected diffusion, D the number of weights
+    of one chain (every tensor of the step together), and the thermostat xi is one scalar per
+    chain (shape ``params[0].shape[:batch_ndim]``), starting at ``init_thermostat`` (default A, as
+    in the paper); the momentum p starts at 0. xi acts as an adaptive friction: it grows while the
+    kinetic energy p.p/D is above 1 and shrinks while below, so at stationarity E[p.p/D] = 1
+    exactly (the expectation of the xi update vanishes) whatever extra noise the minibatch
+    gradient adds, and xi settles near A + B, B the (unknown) gradient-noise diffusion. That is
+    its point over SGHMC, whose fixed friction must match the noise it is not told.
+
+    ``h`` is a time step, not SGLD's step: the weights move by about h * p with |p| ~ 1 per
+    weight. On a quadratic direction of curvature lambda, with xi at its stationary value x (it
+    fluctuates by O(1/sqrt(D))), the recursion is linear and stable iff h^2 lambda + 2 h x < 4, and
+    its stationary variances are Var(p) = 2 q / (h x (4 - 2 h x - h^2 lambda)) with
+    q = 2 A h + h^2 (gradient-noise variance), and Var(w) = Var(p) (1 - h x / 2) / lambda: the
+    thermostat holds Var(p) at 1 on average, so the relative variance bias is -h x / 2 + O(h^2)
+    (derived and tested in tests/test_sgnht.py). The state is the momentum (one buffer shaped like
+    the weights) and the thermostat; the reported statistics are ``kinetic_energy`` = p.p/2 (mean
+    D/2 at stationarity, as SGHMC's) and ``thermostat`` = xi.
+
+    Examples:
+        >>> import torch
+        >>> k = build_sgnht(diffusion=1.0)
+        >>> w, g = [torch.zeros(4)], [torch.ones(4)]
+        >>> state = k.init(w)  # momentum 0, xi = A = 1
+        >>> stats = k.step(w, g, state, 0.1, noise=None, with_stats=True)  # noise=None: no eta term
+        >>> state["momentum"][0], w[0]  # p = -h g, then w = h p
+        (tensor([-0.1000, -0.1000, -0.1000, -0.1000]), tensor([-0.0100, -0.0100, -0.0100, -0.0100]))
+        >>> stats["thermostat"]  # xi + h (p.p/D - 1) = 1 + 0.1 * (0.01 - 1)
+        tensor(0.9010)
+    """
+    if isinstance(diffusion, bool) or not isinstance(diffusion, (int, float)) or not (
+            math.isfinite(diffusion) and diffusion > 0):
+        raise ValueError(f"diffusion: the SGNHT diffusion A must be a finite number > 0, got {diffusion!r}")
+    if init_thermostat is None:
+        init_thermostat = float(diffusion)
+    xi0 = init_thermostat
+    if isinstance(xi0, bool) or not isinstance(xi0, (int, float)) or not math.isfinite(xi0):
+        raise ValueError(f"init_thermostat: must be a finite number (None: the diffusion A), got "
+                         f"{init_thermostat!r}")
+    diffusion, xi0 = float(diffusion), float(xi0)
+
+    def init(params: list[Tensor], batch_ndim: int = 0) -> dict[str, list[Tensor]]:
+        if not params:
+            return {"momentum": [], "thermostat": []}
+        first = params[0]
+        xi = torch.full(first.shape[:batch_ndim], xi0, dtype=first.dtype, device=first.device)
+        # one scalar per chain, shared by every tensor's entry (torch.optim keeps state per parameter)
+        return {"momentum": flat_zeros_like(params), "thermostat": [xi] * len(params)}
+
+    def step(params, grads, state, step_size, noise, noise_scale=1.0, batch_ndim=0, with_stats=False):
+        p, thermostats = state["momentum"], state["thermostat"]
+        xi = thermostats[0]
+        h = float(step_size)
+        flat_p = flat_view(p)
+        shrink = 1.0 - h * xi  # per chain
+        if batch_ndim == 0 and flat_p is not None:
+            flat_p.mul_(shrink)
+        else:
+            torch._foreach_mul_(p, [shrink.view(*shrink.shape, *[1] * (t.dim() - batch_ndim)) for t in p])
+        langevin_move_(p, grads, h, noise, diffusion, noise_scale)
+        torch._foreach_add_(params, p, alpha=h)
+        batch = xi.shape
+        if batch_ndim == 0 and flat_p is not None:
+            pp = torch.dot(flat_p, flat_p)
+        else:
+            pp = sum(torch.linalg.vecdot(t.reshape(*batch, -1), t.reshape(*batch, -1)) for t in p)
+        d = sum(t.numel() for t in p) // max(xi.numel(), 1)
+        xi.add_(pp, alpha=h / d).sub_(h)
+        for other in thermostats[1:]:
+            if other is not xi:  # e.g. after load_state_dict: keep every parameter's copy equal
+                other.copy_(xi)
+        if not with_stats:
+            return {}
+        return {"kinetic_energy": pp / 2.0, "thermostat": xi.clone()}
+
+    return Kernel("sgnht", ("momentum", "thermostat"), init, step,
+                  {"diffusion": diffusion, "init_thermostat": xi0}, curvature_rule=SGNHT_RULE)
+
+
+KERNELS = {"sgld": build_sgld, "psgld": build_psgld, "sghmc": build_sghmc, "csgld": build_sgld,
+           "sgnht": build_sgnht}
 
 
 def build_kernel(sampler: str | Kernel, **settings) -> Kernel:
-    """A kernel by name (``"sgld"``, ``"psgld"``, ``"sghmc"``, ``"csgld"``) or a built :class:`Kernel`."""
+    """A kernel by name (``"sgld"``, ``"psgld"``, ``"sghmc"``, ``"csgld"``, ``"sgnht"``) or a built
+    :class:`Kernel`."""
     if isinstance(sampler, Kernel):
         if settings:
             raise ValueError("sampler_kwargs: pass settings to the build_* function of a pre-built kernel")

@@ -23,6 +23,9 @@ minibatches concatenated into one. Each kernel carries a :class:`CurvatureRule` 
   ``gamma = sqrt(lambda_max)`` (damping ratio 1/2 in the stiffest direction), i.e.
   ``alpha = sqrt(eta lambda_max)``, unless ``friction`` is given; both equations together are a
   quadratic in ``s = sqrt(eta lambda_max)``: ``s^2 + 2 k s - 4 k = 0`` with ``k = eps / (1 + eps)``.
+* SGNHT (time step h, diffusion A): the thermostat holds the mean of Var(p) at 1, so the relative
+  variance bias is ``-h x / 2`` (x ~ A, under-dispersion) plus about ``h^2 lambda_max / 4`` in the
+  stiffest direction; ``h = min(eps / A, sqrt(2 eps / lambda_max))`` holds each to eps / 2.
 
 Minibatch noise (SPEC §2): if ``grad U_B = grad U + zeta`` with noise covariance C, the excess
 stationary covariance Sigma_1 of SGLD solves ``H Sigma_1 + Sigma_1 H = h C`` to first order in h.
@@ -68,7 +71,7 @@ from torch import Tensor
 
 __all__ = ["AutoStep", "CurvatureRule", "PowerIteration", "GradientNoiseWarning", "estimate_lambda_max",
            "energy_hvp", "minibatch_noise", "auto_step_size", "reshuffling_factor", "SGLD_RULE", "PSGLD_RULE",
-           "SGHMC_RULE", "NOISE_WARN_THRESHOLD", "hessian_diagonal"]
+           "SGHMC_RULE", "SGNHT_RULE", "NOISE_WARN_THRESHOLD", "hessian_diagonal"]
 
 NOISE_WARN_THRESHOLD = 0.1  # warn when the predicted relative variance inflation exceeds 10%
 
@@ -97,6 +100,15 @@ def _sghmc_choose(lam_max: float, eps: float, given: Mapping[str, Any]) -> dict[
     return {"step_size": s * s / lam_max, "friction": min(s, 1.0)}
 
 
+def _sgnht_choose(lam_max: float, eps: float, given: Mapping[str, Any]) -> dict[str, float]:
+    _bias_fraction(eps)
+    a = float(given.get("diffusion", 1.0))
+    # SGNHT's variance bias (docs/samplers.md, SGNHT): the thermostat holds the mean Var(p) at 1, so
+    # Var(w_j) lambda_j = Var(p_j) (1 - h x / 2) with x ~ A, and the stiffest direction's Var(p_j)
+    # exceeds the mean by about h^2 lambda_max / 4: each term held to eps / 2 (first order in h)
+    return {"step_size": min(eps / a, math.sqrt(2.0 * eps / lam_max))}
+
+
 @dataclass(frozen=True)
 class CurvatureRule:
     """How a kernel turns ``lambda_max`` into its settings (see the module docstring).
@@ -121,6 +133,10 @@ class CurvatureRule:
 SGLD_RULE = CurvatureRule(_sgld_choose)
 PSGLD_RULE = CurvatureRule(_sgld_choose, preconditioned=True)
 SGHMC_RULE = CurvatureRule(_sghmc_choose, noise_gain=lambda s: s["step_size"] / s["friction"],
+                           first_order_ar1=False)
+# SGNHT: the thermostat absorbs the gradient noise (xi -> A + B, B = h u^T C u / 2); the weights then
+# under-disperse by a further h B / 2 = -(h^2 / 2) u^T C u / 2: a negative "inflation"
+SGNHT_RULE = CurvatureRule(_sgnht_choose, noise_gain=lambda s: -s["step_size"] ** 2 / 2,
                            first_order_ar1=False)
 
 
