@@ -9,9 +9,12 @@ give the same draws to float tolerance, and a chain gives the same draws as when
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
+import time
+import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -29,12 +32,14 @@ from ._threads import warn_if_oversubscribed
 from .batched import batched_forward
 from .data import LoaderBatcher, TensorBatcher, as_tensors
 from .energy import Energy, LossFn, loss_likelihood, require_task
+from .gradients import GRADIENTS, ControlVariateGradient, full_data_gradient
 from .io import FormatError, load_payload, save_payload
 from .posterior import Posterior
 from .prior import GaussianPrior, Prior
 from .samplers.core import NOISES, GaussianNoise, Kernel, NoisePrefetcher, make_noise
 from .samplers.kernels import build_kernel
-from .samplers.schedules import Schedule, as_schedule
+from .samplers.schedules import Constant, Schedule, as_schedule
+from .samplers.step_size import NOISE_WARN_THRESHOLD, AutoStep, GradientNoiseWarning, run_auto_step
 from .subnet import Selection, select_params
 
 __all__ = ["sample", "chain_seeds"]
@@ -80,6 +85,8 @@ class _Group:
     prefetcher: NoisePrefetcher | None = None  # prefetch_noise=True: draws ahead from noise's generators
     dropout_seed: int | None = None  # train_mode_dropout=True: seeds the dropout masks' RNG stream
     dropout_state: Tensor | None = None  # that stream's state restored from a checkpoint
+    centre: _CentreFinder | None = None  # gradient="cv": finds w_hat in warm-up, then swaps the estimator
+    estimator: Any = None  # a pib_bayes.gradients estimator; None: the plain minibatch gradient
 
     def generator_states(self) -> list[Tensor]:
         """The noise generators' states as the synchronous sampler has them (none drawn ahead)."""
@@ -153,6 +160,7 @@ class _Sampler:
         self.randomness = "different" if dropout else "error"
         # hand-batched forward (e.g. baddbmm for MLPs) is much faster than vmap for small layers
         self.fast_forward = batched_forward(energy.model) if not fixed else None
+        self.noise_report: _NoiseReport | None = None  # step_size='auto': re-evaluated after warm-up
 
     # ---- energies -----------------------------------------------------------------
     def _one_loss(self, p: dict[str, Tensor], x: Tensor, y: Tensor) -> Tensor:
@@ -160,10 +168,13 @@ class _Sampler:
 
     def _chain_params(self, group: _Group) -> tuple[dict[str, Tensor], int]:
         """The group's parameters as the model sees them, and their number of batch dims."""
-        if not group.vectorized:
+        return self._as_model_params(group.params, group.vectorized)
+
+    def _as_model_params(self, tensors: Sequence[Tensor], vectorized: bool) -> tuple[dict[str, Tensor], int]:
+        if not vectorized:
             # a view, not p[0]: ViewBackward hands the gradient through, SelectBackward allocates and copies
-            return {n: p.view(p.shape[1:]) for n, p in zip(self.names, group.params)}, 0
-        return dict(zip(self.names, group.params)), 1
+            return {n: p.view(p.shape[1:]) for n, p in zip(self.names, tensors)}, 0
+        return dict(zip(self.names, tensors)), 1
 
     def energies(self, group: _Group, x: Tensor, y: Tensor, stacked: bool) -> tuple[Tensor, Tensor]:
         """(U, loss) per chain of the group, each (K,), differentiable in the group's parameters."""
@@ -184,25 +195,33 @@ class _Sampler:
 
     # ---- one step -----------------------------------------------------------------
     def gradients(self, group: _Group) -> tuple[Tensor, Tensor, tuple[Tensor, ...]]:
-        """U and loss per chain at the current weights, and grad U on the next minibatch."""
+        """U and loss per chain at the current weights, and grad U on the next minibatch, from the
+        group's gradient estimator (the seam of :mod:`pib_bayes.gradients`)."""
         x, y, stacked = group.batcher.next()
+        estimate = group.estimator if group.estimator is not None else self.minibatch_gradient
+        return estimate(group.params, group.vectorized, x, y, stacked)
+
+    def minibatch_gradient(self, tensors: Sequence[Tensor], vectorized: bool, x: Tensor, y: Tensor,
+                           stacked: bool) -> tuple[Tensor, Tensor, tuple[Tensor, ...]]:
+        """The plain estimator: (U_B, loss_B) per chain and grad U_B w.r.t. ``tensors`` (leaves)."""
         prior = self.energy.prior
         analytic = getattr(prior, "log_prob_and_grad", None)
-        params, batch_ndim = self._chain_params(group)
+        params, batch_ndim = self._as_model_params(tensors, vectorized)
         with torch.no_grad():
             # a Gaussian prior's value and gradient in closed form, no autograd graph: the same numbers
             # as backpropagating through log_prob (tested), a fraction of its cost
             got = analytic(params, batch_ndim) if analytic is not None else None
         with torch.enable_grad():
             if got is None:
-                u, loss = self.energies(group, x, y, stacked)
+                loss = self.losses(params, batch_ndim, x, y, stacked)
+                u = loss / self.energy.beta - prior.log_prob(params, batch_ndim)
                 # chains are independent, so the gradient of the sum is each chain's own gradient
-                return u.detach(), loss.detach(), torch.autograd.grad(u.sum(), group.params)
+                return u.detach(), loss.detach(), torch.autograd.grad(u.sum(), list(tensors))
             loss = self.losses(params, batch_ndim, x, y, stacked)
             scaled = loss / self.energy.beta
-            grads = list(torch.autograd.grad(scaled.sum(), group.params))
+            grads = list(torch.autograd.grad(scaled.sum(), list(tensors)))
         log_prior, prior_grads = got
-        torch._foreach_add_(grads, [g.view(p.shape) for g, p in zip(prior_grads, group.params, strict=True)])
+        torch._foreach_add_(grads, [g.view(p.shape) for g, p in zip(prior_grads, tensors, strict=True)])
         return (scaled.detach() - log_prior).reshape(loss.shape), loss.detach(), tuple(grads)
 
     def move(self, group: _Group, grads: Sequence[Tensor], t: int, with_stats: bool) -> dict[str, Tensor]:
@@ -224,7 +243,7 @@ def sample(
     beta: float,
     prior: Prior | float | torch.distributions.Distribution | None = None,
     sampler: str | Kernel = "sgld",
-    step_size: float | Schedule = 1e-4,
+    step_size: float | Schedule | str | AutoStep = 1e-4,
     num_chains: int = 1,
     chain_ids: Sequence[int] | None = None,
     num_warmup: int = 1000,
@@ -246,6 +265,7 @@ def sample(
     checkpoint: str | os.PathLike | None = None,
     checkpoint_every: int = 1000,
     resume: bool = False,
+    gradient: str = "minibatch",
 ) -> Posterior:
     """Sample the PIB Gibbs posterior ``q*(w|S) ∝ p(w) exp(-L_S(w)/beta)`` (SPEC §1-2).
 
@@ -276,7 +296,17 @@ def sample(
             initial weights), a torch distribution, or None (sigma_0 = 1).
         sampler: ``"sgld"``, ``"psgld"``, ``"sghmc"``, ``"csgld"`` (SGLD + a cyclical schedule) or
             a built :class:`~pib_bayes.samplers.Kernel`; ``sampler_kwargs`` go to its builder.
-        step_size: a float (constant) or a :class:`~pib_bayes.samplers.Schedule`.
+        step_size: a float (constant), a :class:`~pib_bayes.samplers.Schedule`, or ``"auto"``
+            (an :class:`~pib_bayes.samplers.step_size.AutoStep` sets its options): a constant step
+            from the energy's curvature at chain 0's initial weights, before any chain runs.
+            lambda_max of the Hessian of U_B comes from power iteration with Hessian-vector
+            products on ``AutoStep.num_batches`` minibatches; SGLD takes
+            ``h = 2 eps / ((1 + eps) lambda_max)`` (relative variance bias <= eps = 0.05 in the
+            stiffest direction, SPEC §2), pSGLD the same on the preconditioned Hessian, SGHMC
+            ``eta`` and ``friction`` from it (:mod:`pib_bayes.samplers.step_size`). The choice,
+            lambda_max, iterations and CPU seconds land in ``metadata["step_size_auto"]``, and the
+            predicted minibatch-noise inflation in ``metadata["gradient_noise"]`` (a
+            :class:`~pib_bayes.samplers.step_size.GradientNoiseWarning` past 10%).
         num_chains, num_warmup, num_draws, thin: chain layout.
         chain_ids: run only these chains out of ``num_chains`` (e.g. one rank's share); chain k
             keeps the seeds of chain k of the full run, so the draws do not depend on how the
@@ -317,6 +347,14 @@ def sample(
         resume: continue from ``checkpoint`` if it exists (it must come from a run with the same
             settings). With tensor data, a run killed at any moment and resumed gives draws
             bit-identical to an uninterrupted run; a DataLoader restarts its iteration.
+        gradient: ``"minibatch"`` (grad U_B) or ``"cv"``, control variates (Baker et al. 2019,
+            :class:`~pib_bayes.gradients.ControlVariateGradient`): each chain's centre w_hat is
+            the mean of its weights over the second half of warm-up (its initial weights when
+            ``num_warmup < 2``); at the end of warm-up one full-data gradient there, then
+            ``grad U_cv(w) = grad U_S(w_hat) + grad U_B(w) - grad U_B(w_hat)`` for every step.
+            Costs one pass over the data per chain plus a second minibatch gradient per step;
+            pays when the minibatch noise dominates (``metadata["gradient_noise"]``). Needs the
+            full data (tensors, or a DataLoader over a dataset with a length).
 
     Returns:
         A :class:`~pib_bayes.Posterior`. Chains whose energy or weights become non-finite stop,
@@ -336,10 +374,16 @@ def sample(
         raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
     energy = Energy(model, loss_fn, prior, beta, task)
     require_task(energy.task, energy.loss_fn)
-    schedule = as_schedule(step_size)
+    auto = _as_auto(step_size)
+    if auto is not None and str(sampler).lower() == "csgld":
+        raise ValueError("step_size: 'auto' picks a constant step; sampler='csgld' needs a "
+                         "pib_bayes.samplers.Cyclical schedule (use sampler='sgld' with 'auto')")
+    schedule = as_schedule(step_size) if auto is None else Constant(1.0)  # 'auto': replaced below
     if str(sampler).lower() == "csgld" and not hasattr(schedule, "cycle_length"):
         raise ValueError("step_size: sampler='csgld' needs a pib_bayes.samplers.Cyclical schedule")
     kernel = build_kernel(sampler, **dict(sampler_kwargs or {}))
+    if gradient not in GRADIENTS:
+        raise ValueError(f"gradient: expected one of {list(GRADIENTS)}, got {gradient!r}")
     if noise not in NOISES:
         raise ValueError(f"noise: expected one of {sorted(NOISES)}, got {noise!r}")
     if not isinstance(prefetch_noise, bool):
@@ -380,6 +424,15 @@ def sample(
     all_seeds = chain_seeds(seed, total_chains)
     seeds = [all_seeds[c] for c in ids]
     init_params = _initial_params(named, init, num_chains, energy.prior, seeds)
+    if gradient == "cv" and tensors is None:
+        _check_loader_has_length(data)
+
+    auto_info: dict[str, Any] | None = None
+    if auto is not None:
+        kernel, schedule, auto_info = _auto_step_stage(
+            auto, energy, kernel, sampler, sampler_kwargs, named, init, init_params, all_seeds, fixed,
+            tensors, data, batch_size, int(seed), names)
+    noise_report = _NoiseReport(auto_info, num_warmup, names, gradient) if auto_info is not None else None
 
     def make_batcher(chains: list[int]) -> TensorBatcher | LoaderBatcher:
         if tensors is None:
@@ -389,6 +442,7 @@ def sample(
         return TensorBatcher(tensors[0], tensors[1], batch_size, [_generator(seeds[c][1]) for c in chains])
 
     runner = _Sampler(energy, names, fixed, kernel, schedule, stat_fns or {}, train_mode_dropout)
+    runner.noise_report = noise_report
     if tensors is not None:
         _check_model_takes_data(energy, {n: init_params[n][0] for n in names}, fixed, *tensors)
 
@@ -398,10 +452,17 @@ def sample(
         source = make_noise(noise, gens, batched=True)
         with torch.no_grad():
             state = kernel.init_state([p.detach() for p in params], batch_ndim=1)
+            if auto_info is not None and auto_info.get("square_avg") is not None and "square_avg" in state:
+                # pSGLD with step_size='auto': start V where the step was chosen for (V = 0 would
+                # make the first steps' G = 1/eps, far larger than the one h was chosen for)
+                for buf, v in zip(state["square_avg"], auto_info["square_avg"], strict=True):
+                    buf.copy_(v.to(buf.dtype).expand_as(buf))
         prefetcher = NoisePrefetcher(noise, gens, batched=True) if prefetch_noise else None
         dropout_seed = _dropout_seed([seeds[c] for c in chains]) if train_mode_dropout else None
+        centre = (_CentreFinder(runner, num_warmup, lambda: _full_data_chunks(tensors, data, batch_size))
+                  if gradient == "cv" else None)
         return _Group(chains, params, state, source, make_batcher(chains), vectorized, prefetcher,
-                      dropout_seed)
+                      dropout_seed=dropout_seed, centre=centre)
 
     device = init_params[names[0]].device
 
@@ -451,6 +512,8 @@ def sample(
         **({"train_mode_dropout": True} if train_mode_dropout else {}),  # old checkpoints stay resumable
         "params": {n: list(init_params[n].shape) for n in names}, "keep": keep_names,
         "n": int(tensors[0].shape[0]) if tensors is not None else None,
+        **({"gradient": gradient} if gradient != "minibatch" else {}),
+        **({"step_size_auto": dataclasses.asdict(auto)} if auto is not None else {}),
     }, sort_keys=True, default=str)
     ckpt = _Checkpointer(checkpoint, fingerprint, out, checkpoint_every) if checkpoint is not None else None
     if checkpoint is None and resume:
@@ -479,8 +542,195 @@ def sample(
         "loss": loss_desc, "likelihood": loss_likelihood(energy.loss_fn),
         "noise_std": getattr(energy.loss_fn, "noise_std", None), "init": init
         if isinstance(init, str) else "given", "sampled_params": names, "kept_params": keep_names,
+        "gradient": gradient,
     }
+    if auto_info is not None:
+        metadata["step_size_auto"] = {k: v for k, v in auto_info.items()
+                                      if k not in ("gradient_noise", "report", "square_avg")}
+        metadata["gradient_noise"] = {**noise_report.result, "warn_threshold": NOISE_WARN_THRESHOLD}
+    if gradient == "cv":
+        metadata["control_variate"] = {
+            "centre": (f"mean of each chain's weights over warm-up steps [{num_warmup // 2}, {num_warmup})"
+                       if num_warmup >= 2 else "each chain's initial weights"),
+            "full_gradient_cpu_s": sum(g.centre.cpu_s for g in groups if g.centre is not None),
+        }
     return Posterior(draws, stats, metadata, fixed, diverged, divergence_step, model=model)
+
+
+def _as_auto(step_size: object) -> AutoStep | None:
+    if isinstance(step_size, AutoStep):
+        return step_size
+    if isinstance(step_size, str):
+        if step_size.lower() != "auto":
+            raise ValueError(f"step_size: expected a float, a Schedule or 'auto', got {step_size!r}")
+        return AutoStep()
+    return None
+
+
+def _auto_seed(seed: int) -> int:
+    """The curvature stage's own stream (its minibatches and start vector): no chain's streams move."""
+    words = np.random.SeedSequence(int(seed), spawn_key=(2**31 - 21,)).generate_state(1, np.uint64)
+    return int(words[0]) >> 1
+
+
+def _auto_step_stage(auto: AutoStep, energy: Energy, kernel: Kernel, sampler: str | Kernel,
+                     sampler_kwargs: Mapping[str, Any] | None, named: list[tuple[str, Tensor]],
+                     init: str | Mapping[str, Tensor], init_params: dict[str, Tensor],
+                     all_seeds: list[tuple[int, int, int]], fixed: dict[str, Tensor],
+                     tensors: tuple[Tensor, Tensor] | None, data: Any, batch_size: int | None, seed: int,
+                     names: list[str]) -> tuple[Kernel, Schedule, dict[str, Any]]:
+    """step_size='auto': lambda_max at global chain 0's initial weights -> (kernel, Constant(h), info)."""
+    rule = getattr(kernel, "curvature_rule", None)
+    if rule is None:
+        raise ValueError(f"step_size: 'auto' needs a kernel with a curvature_rule; {kernel.name!r} has none "
+                         "(pass a float step_size)")
+    if isinstance(init, str):  # the same weights whichever chains this call runs (chain_ids)
+        start = _initial_params(named, init, 1, energy.prior, all_seeds[:1])
+        where = "chain 0's initial weights"
+    else:
+        start, where = init_params, "the first given initial weights"
+    params = {n: start[n][0] for n in names}
+    gen = _generator(_auto_seed(seed))
+    if tensors is not None:
+        n = int(tensors[0].shape[0])
+        b = n if batch_size is None else int(batch_size)
+        idx = torch.randperm(n, generator=gen)[: min(n, auto.num_batches * b)]
+        x, y = tensors[0][idx], tensors[1][idx]
+    else:
+        got, b = [], int(getattr(data, "batch_size", None) or 0)
+        for i, batch in enumerate(data):
+            got.append(batch)
+            if i + 1 >= auto.num_batches:
+                break
+        if not got:
+            raise ValueError("data: the DataLoader yields no batches (empty dataset)")
+        x, y = torch.cat([g[0] for g in got]), torch.cat([g[1] for g in got])
+        b = b or int(got[0][0].shape[0])
+        try:
+            n = len(data.dataset)
+        except TypeError:
+            n = None
+    given = dict(sampler_kwargs or {}) if not isinstance(sampler, Kernel) else dict(kernel.settings)
+    with _sampling_mode(energy.model, False):  # the eval-mode forward sampling uses; modes restored
+        info = run_auto_step(energy, params, x, y, rule, auto, given, batch_size=b, n=n, fixed=fixed,
+                             precond_eps=float(kernel.settings.get("eps", 1e-5)), seed=_auto_seed(seed) + 1,
+                             where=where)
+    if info["settings"] and any(kernel.settings.get(k) != v for k, v in info["settings"].items()):
+        kernel = build_kernel(sampler, **{**dict(sampler_kwargs or {}), **info["settings"]})
+    return kernel, Constant(info["step_size"]), info
+
+
+def _check_loader_has_length(loader: Any) -> None:
+    try:
+        len(loader.dataset)
+        ok = not isinstance(loader.dataset, torch.utils.data.IterableDataset)
+    except (TypeError, AttributeError):
+        ok = False
+    if not ok:
+        raise ValueError("gradient: 'cv' needs one full-data gradient at its centre, and this DataLoader "
+                         "streams data without a length (an iterable dataset); pass (x, y) tensors or a "
+                         "DataLoader over a map-style dataset, or use gradient='minibatch'")
+
+
+def _full_data_chunks(tensors: tuple[Tensor, Tensor] | None, data: Any, batch_size: int | None):
+    """One pass over the whole data: tensor slices (>= 256 examples each), or one DataLoader epoch."""
+    if tensors is None:
+        for batch in data:
+            yield batch[0], batch[1]
+        return
+    x, y = tensors
+    step = max(batch_size or x.shape[0], 256)
+    for i in range(0, x.shape[0], step):
+        yield x[i:i + step], y[i:i + step]
+
+
+class _NoiseReport:
+    """step_size='auto': the minibatch-noise report, first at the initial weights, then re-evaluated
+    once at step num_warmup at the first chain's current weights (where the chains sample; with
+    gradient='cv' for the control variate there), warning past NOISE_WARN_THRESHOLD."""
+
+    def __init__(self, auto_info: dict[str, Any], num_warmup: int, names: list[str], gradient: str) -> None:
+        self.report, self.names, self.at = auto_info["report"], names, num_warmup
+        self.gradient = gradient
+        self.result: dict[str, Any] = {**auto_info["gradient_noise"], "estimator": "minibatch"}
+        self.done = False
+
+    def after_warmup(self, group: _Group) -> None:
+        if self.done:
+            return
+        self.done = True
+        start = time.process_time()
+        params = {n: p[0].detach() for n, p in zip(self.names, group.params, strict=True)}
+        if not all(bool(torch.isfinite(p).all()) for p in params.values()):
+            return
+        est = group.estimator
+        centre = ({n: c[0].detach() for n, c in zip(self.names, est.centre, strict=True)}
+                  if isinstance(est, ControlVariateGradient) else None)
+        got = self.report(params, centre)
+        self.result = {**got, "at": f"chain {group.chains[0]}'s weights at step {self.at} (end of warm-up)",
+                       "estimator": "control variate" if centre is not None else "minibatch",
+                       "cpu_s": time.process_time() - start}
+        worst = max(got["top_reshuffled"], got["mean_reshuffled"])
+        if worst > NOISE_WARN_THRESHOLD:
+            warnings.warn(GradientNoiseWarning(
+                "step_size='auto': minibatch gradient noise is predicted to inflate the posterior variance "
+                f"by {100 * got['top_reshuffled']:.1f}% along the stiffest direction "
+                f"({100 * got['mean_reshuffled']:.1f}% on average) at batch_size={got['batch_size']}; use a "
+                "larger batch, gradient='cv', or a smaller AutoStep(eps=...)"), stacklevel=4)
+
+
+class _CentreFinder:
+    """gradient='cv' for one chain group: sums each chain's weights over warm-up steps
+    [num_warmup // 2, num_warmup), and at step num_warmup (before its gradient) takes their mean as
+    the centre w_hat, forms the full-data gradient there and makes the control variate the group's
+    estimator."""
+
+    def __init__(self, runner: _Sampler, num_warmup: int, chunks: Callable[[], Any]) -> None:
+        self.runner = runner
+        self.start, self.stop = (num_warmup // 2, num_warmup) if num_warmup >= 2 else (0, 0)
+        self.at = num_warmup if num_warmup >= 2 else 0
+        self.chunks = chunks
+        self.sums: list[Tensor] | None = None
+        self.count = 0
+        self.cpu_s = 0.0
+
+    def before_step(self, group: _Group, t: int) -> None:
+        if group.estimator is not None:
+            return
+        if self.start <= t < self.stop:
+            with torch.no_grad():
+                w = [p.detach() for p in group.params]
+                self.sums = ([v.clone() for v in w] if self.sums is None
+                             else [a + b for a, b in zip(self.sums, w, strict=True)])
+            self.count += 1
+        if t == self.at:
+            centre = ([a / self.count for a in self.sums] if self.sums is not None and self.count
+                      else [p.detach().clone() for p in group.params])
+            self.activate(group, centre)
+
+    def activate(self, group: _Group, centre: list[Tensor], centre_grad: list[Tensor] | None = None) -> None:
+        runner = self.runner
+        if centre_grad is None:
+            start = time.process_time()
+            leaves = [c.detach().clone().requires_grad_(True) for c in centre]
+            centre_grad = full_data_gradient(runner.minibatch_gradient, leaves, group.vectorized,
+                                             self.chunks())[2]
+            self.cpu_s += time.process_time() - start
+        group.estimator = ControlVariateGradient(runner.minibatch_gradient, centre, centre_grad)
+        self.sums = None
+
+    def state_dict(self, group: _Group) -> dict[str, Any]:
+        est = group.estimator
+        cv = est.state_dict() if isinstance(est, ControlVariateGradient) else None
+        return {"sums": None if self.sums is None else [a.clone() for a in self.sums], "count": self.count,
+                "cpu_s": self.cpu_s, "cv": cv}
+
+    def load_state_dict(self, group: _Group, state: dict[str, Any]) -> None:
+        self.sums = None if state["sums"] is None else [a.clone() for a in state["sums"]]
+        self.count, self.cpu_s = int(state["count"]), float(state["cpu_s"])
+        group.estimator = None
+        if state["cv"] is not None:
+            self.activate(group, state["cv"]["centre"], state["cv"]["centre_grad"])
 
 
 def _check_model_takes_data(energy: Energy, params: dict[str, Tensor], fixed: dict[str, Tensor],
@@ -613,6 +863,7 @@ def _group_state(group: _Group, cur: _Cursor) -> dict[str, Any]:
         "noise_generators": group.generator_states(),
         "batcher": group.batcher.state_dict(),
         **({"dropout_rng": torch.get_rng_state()} if group.dropout_seed is not None else {}),
+        **({"centre": group.centre.state_dict(group)} if group.centre is not None else {}),
     }
 
 
@@ -627,6 +878,8 @@ def _restore_group(group: _Group, saved: dict[str, Any]) -> _Cursor:
     group.batcher.load_state_dict(saved["batcher"])
     if group.dropout_seed is not None and "dropout_rng" in saved:
         group.dropout_state = saved["dropout_rng"]
+    if group.centre is not None:
+        group.centre.load_state_dict(group, saved["centre"])
     return _Cursor(int(saved["t"]), int(saved["kept"]), int(saved["counter"]), saved["alive"].clone())
 
 
@@ -672,6 +925,10 @@ def _run_group(runner: _Sampler, group: _Group, names: list[str], keep_names: li
             t = cur.t
             if checkpoint is not None and checkpoint_every and t % checkpoint_every == 0 and t != resumed_at:
                 checkpoint(_group_state(group, cur))
+            if group.centre is not None:
+                group.centre.before_step(group, t)
+            if runner.noise_report is not None and t == runner.noise_report.at:
+                runner.noise_report.after_warmup(group)
             u, loss, grads = runner.gradients(group)
             # a non-finite gradient shows up as a non-finite energy one step later
             newly = cur.alive & ~torch.isfinite(u)

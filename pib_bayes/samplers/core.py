@@ -24,6 +24,7 @@ import inspect
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -401,6 +402,8 @@ class Kernel:
         step: ``step(params, grads, state, step_size, noise, noise_scale=1.0, batch_ndim=0,
             with_stats=False) -> {stat_name: tensor}``; updates params and state in place.
         settings: the hyper-parameters it was built with (recorded in Posterior metadata).
+        curvature_rule: how ``step_size="auto"`` maps the energy's lambda_max to the step size
+            and settings (a :class:`~pib_bayes.samplers.step_size.CurvatureRule`); None: no "auto".
     """
 
     name: str
@@ -408,6 +411,7 @@ class Kernel:
     init: Callable[[list[Tensor]], dict[str, list[Tensor]]]
     step: Callable[..., dict[str, Tensor]]
     settings: dict = field(default_factory=dict)
+    curvature_rule: Any = None
 
     def init_state(self, params: list[Tensor], batch_ndim: int = 0) -> dict[str, list[Tensor]]:
         """``init(params)``, passing ``batch_ndim`` on to an ``init`` that takes it (see ``init``)."""

@@ -13,6 +13,7 @@ import torch
 from torch import Tensor
 
 from .core import GaussianNoise, Kernel, Workspace, flat_view, flat_zeros_like, langevin_move_, reduce_sum
+from .step_size import PSGLD_RULE, SGHMC_RULE, SGLD_RULE, SGNHT_RULE
 
 __all__ = ["build_sgld", "build_psgld", "build_sghmc", "build_sgnht", "build_kernel", "KERNELS"]
 
@@ -38,7 +39,7 @@ def build_sgld() -> Kernel:
         langevin_move_(params, grads, step_size, noise, 1.0, noise_scale)
         return {}
 
-    return Kernel("sgld", (), init, step, {})
+    return Kernel("sgld", (), init, step, {}, curvature_rule=SGLD_RULE)
 
 
 def build_psgld(alpha: float = 0.99, eps: float = 1e-5) -> Kernel:
@@ -92,7 +93,8 @@ def build_psgld(alpha: float = 0.99, eps: float = 1e-5) -> Kernel:
                        divide_by=denom)
         return stats
 
-    return Kernel("psgld", ("square_avg",), init, step, {"alpha": alpha, "eps": eps})
+    return Kernel("psgld", ("square_avg",), init, step, {"alpha": alpha, "eps": eps},
+                  curvature_rule=PSGLD_RULE)
 
 
 def build_sghmc(friction: float = 0.1) -> Kernel:
@@ -126,7 +128,7 @@ def build_sghmc(friction: float = 0.1) -> Kernel:
         sq = torch._foreach_mul(v, v)
         return {"kinetic_energy": reduce_sum(sq, batch_ndim) / (2.0 * step_size)}
 
-    return Kernel("sghmc", ("momentum",), init, step, {"friction": friction})
+    return Kernel("sghmc", ("momentum",), init, step, {"friction": friction}, curvature_rule=SGHMC_RULE)
 
 
 def build_sgnht(diffusion: float = 1.0, init_thermostat: float | None = None) -> Kernel:
@@ -212,7 +214,7 @@ def build_sgnht(diffusion: float = 1.0, init_thermostat: float | None = None) ->
         return {"kinetic_energy": pp / 2.0, "thermostat": xi.clone()}
 
     return Kernel("sgnht", ("momentum", "thermostat"), init, step,
-                  {"diffusion": diffusion, "init_thermostat": xi0})
+                  {"diffusion": diffusion, "init_thermostat": xi0}, curvature_rule=SGNHT_RULE)
 
 
 KERNELS = {"sgld": build_sgld, "psgld": build_psgld, "sghmc": build_sghmc, "csgld": build_sgld,
