@@ -8,8 +8,9 @@ each one:
 
 - ``energy``, ``loss`` (and ``iiw*`` when tracked): the sampler's own statistics per draw;
 - ``log_lik``: sum_i log p(y_i | x_i, w) on the given data;
-- ``pred[i]``: the prediction at probe input i (regression: f(x_i; w); classification: the
-  softmax probability of the class the posterior mean predicts);
+- ``pred[i]``: the prediction at probe input i (regression: f(x_i; w), the mean mu(x_i; w) for the
+  heteroscedastic likelihood; classification: the softmax probability of the class the posterior
+  mean predicts, P(y = 1) for binary cross-entropy);
 - ``proj[j]``: <u_j, w> for k seeded random unit directions u_j in R^D, or, when D is small,
   every weight (``name[i,j]``).
 
@@ -250,7 +251,14 @@ def scalar_quantities(post: Posterior, *, data: tuple[Tensor, Tensor] | None = N
         add("log_lik", "log_likelihood", _pointwise_loglik(post, x, y, chains, chunk_size).sum(-1))
     if probe_x is not None:
         out = _outputs(post, probe_x, chains, chunk_size, name="probe_x")
-        if _check_task(post) == "classification":
+        likelihood = post.metadata.get("likelihood")
+        if likelihood == "bernoulli":  # P(y = 1): one logit per output
+            pred = torch.sigmoid(out).reshape(*out.shape[:3], -1)
+            pred = pred.squeeze(-1) if pred.shape[-1] == 1 else pred
+        elif likelihood == "heteroscedastic_gaussian":  # the mean mu: the first half of the last dim
+            pred = out.chunk(2, dim=-1)[0].reshape(*out.shape[:3], -1)
+            pred = pred.squeeze(-1) if pred.shape[-1] == 1 else pred
+        elif _check_task(post) == "classification":
             probs = torch.softmax(out, dim=-1)                        # (C, N, B, K)
             top = probs.reshape(-1, *probs.shape[2:]).nanmean(0).argmax(-1)  # class of the posterior mean
             pred = probs.gather(-1, top.expand(*probs.shape[:2], -1).unsqueeze(-1)).squeeze(-1)

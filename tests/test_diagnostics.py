@@ -331,3 +331,23 @@ def test_inputs_the_model_cannot_consume_raise_value_error_from_the_model_error(
         summary(_linear_posterior(nn.Linear(4, 2)), data=(torch.randn(4, 4), torch.zeros(4)), warn=False)
     with pytest.raises(ValueError, match="chunk_size"):
         log_likelihood(post, torch.randn(4, 3), torch.zeros(4), chunk_size=2.5)
+
+
+@pytest.mark.parametrize("loss", ["bce_with_logits", "heteroscedastic_gaussian"])
+def test_probe_predictions_follow_the_likelihood(loss):
+    # pred[i] is P(y = 1) = sigmoid(f) for binary cross-entropy (a softmax over one logit would be 1 for
+    # every draw), and the mean mu (first half of the output) for the heteroscedastic Gaussian
+    from pib_bayes.diagnostics import scalar_quantities
+
+    torch.manual_seed(0)
+    net = nn.Linear(2, 1 if loss == "bce_with_logits" else 2)
+    draws = {n: p.detach() + 0.3 * torch.randn(2, 5, *p.shape) for n, p in net.named_parameters()}
+    post = Posterior.from_draws(net, draws, loss=loss)
+    probe = torch.randn(3, 2)
+    values, kinds, _ = scalar_quantities(post, probe_x=probe)
+    out = torch.stack([torch.stack([functional_call(net, {k: v[c, d] for k, v in draws.items()}, (probe,))
+                                    for d in range(5)]) for c in range(2)])  # (chain, draw, 3, out)
+    want = torch.sigmoid(out[..., 0]) if loss == "bce_with_logits" else out[..., 0]
+    for i in range(3):
+        assert kinds[f"pred[{i}]"] == "prediction"
+        np.testing.assert_allclose(values[f"pred[{i}]"], want[:, :, i].numpy(), rtol=1e-5, atol=1e-6)

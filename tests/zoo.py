@@ -175,6 +175,20 @@ def buffers() -> nn.Module:
     return WithBuffers()
 
 
+def heteroscedastic(n: int = 64, seed: int = 0) -> tuple[Tensor, Tensor]:
+    """y = sin(x_0) + noise whose sd grows with |x_1|: a regression target for (mu, log sigma)."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, 8, generator=g)
+    sd = 0.05 + 0.5 * x[:, 1].abs().clamp(max=1.9)
+    return x, (torch.sin(x[:, 0]) + sd * torch.randn(n, generator=g)).unsqueeze(1)
+
+
+def hetero_mlp() -> nn.Module:
+    """Mean and log-std in the last dimension (pib_bayes.HeteroscedasticGaussianLoss)."""
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(8, 32), nn.Tanh(), nn.Linear(32, 2))
+
+
 @dataclass(frozen=True)
 class ZooEntry:
     """A zoo model: its name, a seeded factory, a seeded data maker ``(n) -> (x, y)``, and its loss."""
@@ -195,4 +209,5 @@ ZOO: list[ZooEntry] = [
     ZooEntry("embedding_bag", embedding, tokens),
     ZooEntry("tied_weights", tied, tabular),
     ZooEntry("buffers", buffers, tabular),
+    ZooEntry("heteroscedastic_mlp", hetero_mlp, heteroscedastic, "heteroscedastic_gaussian"),
 ]
