@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -24,12 +25,13 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from . import __version__
+from ._validate import PrecisionWarning, check_bool, check_memory, check_path, itemsize
 from .batched import batched_forward
 from .data import LoaderBatcher, TensorBatcher, as_tensors
 from .energy import Energy, LossFn
 from .io import FormatError, load_payload, save_payload
 from .posterior import Posterior
-from .prior import GaussianPrior, Prior
+from .prior import GaussianPrior, Prior, check_prior_fits
 from .samplers.core import NOISES, GaussianNoise, Kernel, NoisePrefetcher, make_noise
 from .samplers.kernels import build_kernel
 from .samplers.schedules import Schedule, as_schedule
@@ -188,6 +190,7 @@ def sample(
     checkpoint: str | os.PathLike | None = None,
     checkpoint_every: int = 1000,
     resume: bool = False,
+    divergence_threshold: float | None = 1e4,
 ) -> Posterior:
     """Sample the PIB Gibbs posterior ``q*(w|S) ∝ p(w) exp(-L_S(w)/beta)`` (SPEC §1-2).
 
@@ -258,6 +261,7 @@ def sample(
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
+    _check_model_storage(model)
     energy = Energy(model, loss_fn, prior, beta, task)
     schedule = as_schedule(step_size)
     if str(sampler).lower() == "csgld" and not hasattr(schedule, "cycle_length"):
@@ -267,25 +271,40 @@ def sample(
         raise ValueError(f"noise: expected one of {sorted(NOISES)}, got {noise!r}")
     if not isinstance(prefetch_noise, bool):
         raise ValueError(f"prefetch_noise: expected True or False, got {prefetch_noise!r}")
+    progress, resume = check_bool("progress", progress), check_bool("resume", resume)
+    threshold = _check_threshold(divergence_threshold)
     total_chains = _positive_int("num_chains", num_chains)
-    ids = list(range(total_chains)) if chain_ids is None else [int(c) for c in chain_ids]
-    if not ids or len(set(ids)) != len(ids) or not all(0 <= c < total_chains for c in ids):
-        raise ValueError(f"chain_ids: must be distinct indices in [0, {total_chains}), got {chain_ids!r}")
-    num_chains = len(ids)  # chains run by this call
+    if chain_ids is not None:
+        _check_chain_ids(chain_ids, total_chains)
+    num_run = total_chains if chain_ids is None else len(chain_ids)  # chains run by this call
     num_draws = _positive_int("num_draws", num_draws)
     num_warmup = _positive_int("num_warmup", num_warmup, minimum=0)
     thin = _positive_int("thin", thin)
     if chain_method not in ("auto", "vectorized", "sequential"):
         raise ValueError(f"chain_method: expected 'auto', 'vectorized' or 'sequential', got {chain_method!r}")
+    if checkpoint is not None:
+        checkpoint = check_path("checkpoint", checkpoint)
 
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     if not named:
         raise ValueError("model: has no trainable parameters (requires_grad=True) to sample")
     names = [n for n, _ in named]
+    if isinstance(keep, (str, bytes)):
+        raise TypeError(f"keep: expected a list of parameter names, got the string {keep!r}; "
+                        f"use keep=[{keep!r}]")
     keep_names = names if keep is None else list(keep)
+    if not keep_names:
+        raise ValueError(f"keep: is empty, so no draws would be stored; name at least one of {names} "
+                         "(or keep=None for all)")
     unknown = [n for n in keep_names if n not in names]
     if unknown:
         raise ValueError(f"keep: unknown parameter names {unknown}; trainable parameters are {names}")
+    check_prior_fits(energy.prior, {n: tuple(p.shape) for n, p in named})
+    _check_run_memory(named, keep_names, num_run, num_draws)
+    _warn_low_precision(named, schedule)
+    ids = list(range(total_chains)) if chain_ids is None else [int(c) for c in chain_ids]
+    num_chains = num_run
+    stat_fns = _check_stat_fns(stat_fns)
     fixed = {n: b.detach().clone() for n, b in model.named_buffers()}
     fixed.update({n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad})
 
@@ -293,6 +312,7 @@ def sample(
     all_seeds = chain_seeds(seed, total_chains)
     seeds = [all_seeds[c] for c in ids]
     init_params = _initial_params(named, init, num_chains, energy.prior, seeds)
+    _probe_stat_fns(stat_fns, {n: init_params[n][0] for n in names})
 
     def make_batcher(chains: list[int]) -> TensorBatcher | LoaderBatcher:
         if tensors is None:
@@ -301,7 +321,7 @@ def sample(
             return LoaderBatcher(data)
         return TensorBatcher(tensors[0], tensors[1], batch_size, [_generator(seeds[c][1]) for c in chains])
 
-    runner = _Sampler(energy, names, fixed, kernel, schedule, stat_fns or {})
+    runner = _Sampler(energy, names, fixed, kernel, schedule, stat_fns)
     if tensors is not None:
         _check_model_takes_data(energy, {n: init_params[n][0] for n in names}, fixed, *tensors)
 
@@ -354,6 +374,7 @@ def sample(
         "batch_size": batch_size, "seed": int(seed), "chain_method": method, "noise": noise,
         "params": {n: list(init_params[n].shape) for n in names}, "keep": keep_names,
         "n": int(tensors[0].shape[0]) if tensors is not None else None,
+        "divergence_threshold": threshold,
     }, sort_keys=True, default=str)
     ckpt = _Checkpointer(checkpoint, fingerprint, out, checkpoint_every) if checkpoint is not None else None
     if checkpoint is None and resume:
@@ -365,7 +386,7 @@ def sample(
         for gi in range(first_group, len(groups)):
             save = ckpt.saver(gi) if ckpt is not None else None
             _run_group(runner, groups[gi], names, keep_names, num_warmup, num_draws, thin, out, progress,
-                       cursor if gi == first_group else None, save, checkpoint_every)
+                       cursor if gi == first_group else None, save, checkpoint_every, threshold)
             if ckpt is not None:
                 ckpt.write(gi + 1, None)
     finally:
@@ -382,10 +403,120 @@ def sample(
         "n": int(tensors[0].shape[0]) if tensors is not None else None,
         "seed": int(seed), "chain_method": method, "chain_method_reason": reason, "task": energy.task,
         "noise": noise, "prefetch_noise": prefetch_noise,
+        "divergence_threshold": None if math.isinf(threshold) else threshold,
         "loss": loss_desc, "noise_std": getattr(energy.loss_fn, "noise_std", None), "init": init
         if isinstance(init, str) else "given", "sampled_params": names, "kept_params": keep_names,
     }
     return Posterior(draws, stats, metadata, fixed, diverged, divergence_step, model=model)
+
+
+def _check_model_storage(model: nn.Module) -> None:
+    """A module whose tensors have no storage (the meta device) cannot be sampled."""
+    for n, t in [*model.named_parameters(), *model.named_buffers()]:
+        if t.is_meta:
+            raise ValueError(f"model: {n!r} is on the meta device (no values); materialise the module first, "
+                             "e.g. model.to_empty(device='cpu') and load its weights")
+
+
+def _check_threshold(value: object) -> float:
+    if value is None:
+        return math.inf
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)) \
+            or math.isnan(float(value)) or not float(value) > 1:
+        raise ValueError(f"divergence_threshold: expected a number > 1 (a ratio to the initial energy) or "
+                         f"None to flag only non-finite energies, got {value!r}")
+    return float(value)
+
+
+def _check_chain_ids(chain_ids: object, total: int) -> None:
+    if isinstance(chain_ids, (str, bytes)) or not isinstance(chain_ids, (Sequence, np.ndarray, range)):
+        raise TypeError(f"chain_ids: expected a sequence of chain indices, got {type(chain_ids).__name__}")
+    bad = [c for c in chain_ids if isinstance(c, (bool, np.bool_)) or not isinstance(c, (int, np.integer))]
+    if bad:
+        raise TypeError(f"chain_ids: chain indices must be ints, got {bad[:3]!r}")
+    ids = [int(c) for c in chain_ids]
+    if not ids or len(set(ids)) != len(ids) or not all(0 <= c < total for c in ids):
+        raise ValueError(f"chain_ids: must be distinct indices in [0, {total}), got {chain_ids!r}")
+
+
+def _check_run_memory(named: list[tuple[str, Tensor]], keep_names: list[str], num_chains: int,
+                      num_draws: int) -> None:
+    """Refuse, before allocating, a run whose buffers would not fit in the available memory.
+
+    Estimate: the stored draws C x N x D_kept plus the per-draw statistics C x N x (2 values + a float64
+    step size + a bool), and about 6 copies of the C x D chain state (initial weights, chain weights,
+    gradients, sampler state, noise, the vectorization probe)."""
+    item = itemsize(named[0][1].dtype)
+    d = sum(p.numel() for _, p in named)
+    d_kept = sum(p.numel() for n, p in named if n in keep_names)
+    draws = float(num_chains) * num_draws * (d_kept * item + 2 * item + 9)
+    state = 6.0 * num_chains * d * item
+    if draws >= state:
+        check_memory("num_draws", draws + state,
+                     f"storing {num_chains} chain(s) x {num_draws} draws of {d_kept:,} kept weights",
+                     "store fewer draws (num_draws, thin), fewer parameters (keep=[...]) or fewer chains "
+                     "per call (chain_ids)")
+    else:
+        check_memory("num_chains", draws + state, f"the state of {num_chains} chain(s) of {d:,} weights",
+                     "run fewer chains per call (chain_ids, or sequential calls)")
+
+
+_LOW_PRECISION = {torch.float16: 10, torch.bfloat16: 7}  # explicit mantissa bits
+
+
+def _warn_low_precision(named: list[tuple[str, Tensor]], schedule: Schedule) -> None:
+    low = sorted({str(p.dtype) for _, p in named if p.dtype in _LOW_PRECISION})
+    if not low:
+        return
+    h = float(schedule.step_size(0))
+    ws = [p.detach().reshape(-1) for _, p in named if p.dtype in _LOW_PRECISION]
+    w = torch.cat([v.float() for v in ws])
+    dtype = ws[0].dtype
+    # a change of one noise standard deviation sqrt(2h) that leaves the stored number as it was
+    stuck = float(((w + math.sqrt(2 * h)).to(dtype).float() == w).double().mean()) if w.numel() else 0.0
+    warnings.warn(
+        f"model: its weights are {', '.join(low)}: a Langevin update of size h*grad U + sqrt(2h)*xi "
+        f"smaller than half the spacing of {dtype} numbers at w (|w| * 2^-{_LOW_PRECISION[dtype] + 1}) "
+        f"rounds away, so those coordinates never move; at step size h={h:g}, a change of one noise "
+        f"standard deviation sqrt(2h) leaves {100 * stuck:.0f}% of the initial weights unchanged. "
+        "Sample in float32 or float64 (model.float() / model.double()).", PrecisionWarning, stacklevel=3)
+
+
+def _check_stat_fns(stat_fns: object) -> dict[str, StatFn]:
+    if stat_fns is None:
+        return {}
+    if not isinstance(stat_fns, Mapping):
+        raise TypeError(f"stat_fns: expected a mapping name -> function(params) -> scalar, got "
+                        f"{type(stat_fns).__name__}")
+    for key, fn in stat_fns.items():
+        if not isinstance(key, str):
+            raise TypeError(f"stat_fns: keys must be str names, got {key!r}")
+        if key in ("energy", "loss", "step_size", "diverging"):
+            raise ValueError(f"stat_fns: {key!r} is a built-in statistic; give it another name")
+        if not callable(fn):
+            raise TypeError(f"stat_fns: {key!r} must be a callable params -> scalar, got {type(fn).__name__}")
+    return dict(stat_fns)
+
+
+def _stat_value(key: str, value: object) -> float:
+    """A stat function's result as a float; a string, a vector or None is an error naming it."""
+    if isinstance(value, Tensor):
+        if value.numel() != 1:
+            raise ValueError(f"stat_fns: {key!r} must return a scalar, got a tensor of shape "
+                             f"{tuple(value.shape)}")
+        return float(value)
+    if isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, (bool, np.bool_)):
+        return float(value)
+    if isinstance(value, np.ndarray) and value.size == 1 and value.dtype.kind in "iuf":
+        return float(value)
+    raise TypeError(f"stat_fns: {key!r} must return a number or a 1-element tensor, got "
+                    f"{type(value).__name__} {value!r:.60}")
+
+
+def _probe_stat_fns(stat_fns: Mapping[str, StatFn], params: dict[str, Tensor]) -> None:
+    """Evaluate every stat function once at chain 0's initial weights, so a bad one fails before the run."""
+    for key, fn in stat_fns.items():
+        _stat_value(key, fn({n: p.detach() for n, p in params.items()}))
 
 
 def _check_model_takes_data(energy: Energy, params: dict[str, Tensor], fixed: dict[str, Tensor],
@@ -398,13 +529,18 @@ def _check_model_takes_data(energy: Energy, params: dict[str, Tensor], fixed: di
     try:
         with torch.no_grad():
             out = torch.func.functional_call(energy.model, {**fixed, **params}, (x[head],))
-            energy.mean_loss(out, y[head])
+            losses = energy.loss_fn(out, y[head])
     except (RuntimeError, IndexError, TypeError, ValueError) as err:
         raise ValueError(f"data: the model and loss cannot consume the data ({type(err).__name__}: {err}); "
                          f"check x's shape {tuple(x.shape)} and dtype {x.dtype}, and y's shape "
                          f"{tuple(y.shape)} and dtype {y.dtype}") from err
     finally:
         energy.model.train(was_training)
+    rows = len(x[head])
+    if not isinstance(losses, Tensor) or (losses.dim() != 0 and tuple(losses.shape) != (rows,)):
+        shape = tuple(losses.shape) if isinstance(losses, Tensor) else type(losses).__name__
+        raise ValueError(f"loss_fn: must return one loss per example, shape ({rows},) for {rows} examples "
+                         f"(reduction='none'), or a 0-d batch mean; got {shape}")
     if energy.task == "classification" and out.dim() >= 2:
         if y.is_floating_point() and y.dim() == 1:
             raise ValueError("data: classification labels must be integers (torch.long), got floats")
@@ -507,11 +643,13 @@ class _Cursor:
     kept: int
     counter: int
     alive: Tensor
+    ref: Tensor | None = None  # per chain, the energy scale of the relative divergence check
 
 
 def _group_state(group: _Group, cur: _Cursor) -> dict[str, Any]:
     return {
         "t": cur.t, "kept": cur.kept, "counter": cur.counter, "alive": cur.alive.clone(),
+        "energy_ref": None if cur.ref is None else cur.ref.clone(),
         "params": [p.detach().clone() for p in group.params],
         "kernel_state": {k: [v.clone() for v in vs] for k, vs in group.state.items()},
         "noise_generators": group.generator_states(),
@@ -528,17 +666,25 @@ def _restore_group(group: _Group, saved: dict[str, Any]) -> _Cursor:
                 buf.copy_(v)
     group.set_generator_states(saved["noise_generators"])
     group.batcher.load_state_dict(saved["batcher"])
-    return _Cursor(int(saved["t"]), int(saved["kept"]), int(saved["counter"]), saved["alive"].clone())
+    ref = saved.get("energy_ref")
+    return _Cursor(int(saved["t"]), int(saved["kept"]), int(saved["counter"]), saved["alive"].clone(),
+                   None if ref is None else ref.clone())
 
 
 def _run_group(runner: _Sampler, group: _Group, names: list[str], keep_names: list[str], num_warmup: int,
                num_draws: int, thin: int, out: _Buffers, progress: bool, cur: _Cursor | None = None,
-               checkpoint: Callable[[dict[str, Any]], None] | None = None, checkpoint_every: int = 0) -> None:
+               checkpoint: Callable[[dict[str, Any]], None] | None = None, checkpoint_every: int = 0,
+               divergence_threshold: float = math.inf) -> None:
     """Advance one chain group until it holds ``num_draws`` draws (or every chain diverged).
 
     A draw is the weights w_t *before* step t, stored with U(w_t); ``checkpoint`` is called with the
     group's complete state at the start of every ``checkpoint_every``-th step, so a resumed run
     repeats exactly the steps an uninterrupted one takes.
+
+    A chain diverges at the first step t whose energy U(w_t) is non-finite or exceeds
+    ``divergence_threshold`` x its reference scale ``max(|U(w_0)|, D)`` (initial energy, floored at
+    the number D of sampled coordinates); from then on its weights are NaN and
+    ``sample_stats["diverging"]`` is true at every draw of that chain from the divergence on.
     """
     schedule = runner.schedule
     idx = torch.tensor(group.chains)
@@ -546,6 +692,7 @@ def _run_group(runner: _Sampler, group: _Group, names: list[str], keep_names: li
     resumed_at = cur.t if cur is not None else -1
     if cur is None:
         cur = _Cursor(0, 0, 0, torch.ones(len(group.chains), dtype=torch.bool))
+    floor = float(sum(p[0].numel() for p in group.params))
     desc = f"chain {group.chains[0]}" if len(group.chains) == 1 else f"{len(group.chains)} chains"
     bar = tqdm(total=num_draws, initial=cur.kept, desc=desc, disable=not progress, leave=False)
     try:
@@ -554,12 +701,18 @@ def _run_group(runner: _Sampler, group: _Group, names: list[str], keep_names: li
             if checkpoint is not None and checkpoint_every and t % checkpoint_every == 0 and t != resumed_at:
                 checkpoint(_group_state(group, cur))
             u, loss, grads = runner.gradients(group)
+            if cur.ref is None:  # the energy scale a relative explosion is measured against
+                cur.ref = torch.clamp(u.detach().double().abs(), min=floor).nan_to_num(nan=math.inf)
             # a non-finite gradient shows up as a non-finite energy one step later
-            newly = cur.alive & ~torch.isfinite(u)
+            ok = torch.isfinite(u)
+            if math.isfinite(divergence_threshold):
+                ok &= u.detach().double().abs() <= divergence_threshold * cur.ref
+            newly = cur.alive & ~ok
             if bool(newly.any()):
                 for j in torch.nonzero(newly).flatten().tolist():
                     out.diverged[group.chains[j]] = True
                     out.divergence_step[group.chains[j]] = t
+                    out.stats["diverging"][group.chains[j], cur.kept:] = True  # every draw from here on
                 cur.alive &= ~newly
                 with torch.no_grad():  # from here on a diverged chain holds NaN: never averaged in
                     for p in group.params:
@@ -576,9 +729,8 @@ def _run_group(runner: _Sampler, group: _Group, names: list[str], keep_names: li
                     out.stats["energy"][idx, k] = u.to(out.stats["energy"].dtype)
                     out.stats["loss"][idx, k] = loss.to(out.stats["loss"].dtype)
                     out.stats["step_size"][idx, k] = schedule.step_size(t)
-                    out.stats["diverging"][idx, k] = ~cur.alive
                     for name, fn in runner.stat_fns.items():
-                        vals = [float(fn({n: p[j].detach() for n, p in zip(names, group.params)}))
+                        vals = [_stat_value(name, fn({n: p[j].detach() for n, p in zip(names, group.params)}))
                                 if bool(cur.alive[j]) else math.nan for j in range(len(group.chains))]
                         out.stat(name)[idx, k] = torch.tensor(vals, dtype=torch.float64)
                 cur.kept += 1

@@ -27,7 +27,7 @@ from torch import Tensor
 from torch.distributions import LowRankMultivariateNormal, MultivariateNormal, Normal
 
 from ..posterior import Posterior
-from ..prior import FlatPrior, GaussianPrior, Prior
+from ..prior import FlatPrior, GaussianPrior, Prior, check_prior_fits
 from ._groups import resolve_groups
 from .result import IIWResult
 
@@ -217,7 +217,7 @@ def _chains_of(post: Posterior, names: list[str], what: str) -> Tensor:
         warnings.warn(f"{what}: chains {sorted(set(range(post.num_chains)) - set(chains))} diverged and are "
                       "left out", stacklevel=3)
     if not chains:
-        raise ValueError(f"{what}: every chain diverged; nothing to estimate from")
+        raise ValueError(f"{what}: every chain diverged (or holds NaN/Inf draws); nothing to estimate from")
     x = post.flat(names)[chains].to(torch.float64)
     if x.shape[0] * x.shape[1] < 2:
         raise ValueError(f"{what}: needs at least 2 draws in total, got {x.shape[0] * x.shape[1]}; "
@@ -312,6 +312,7 @@ def kl(
         raise ValueError("prior: the KL to an improper flat prior is infinite; pass a proper prior")
     if not isinstance(prior, Prior):
         raise TypeError(f"prior: expected a pib_bayes Prior (e.g. GaussianPrior), got {type(prior).__name__}")
+    check_prior_fits(prior, {n: tuple(v.shape[2:]) for n, v in posterior.draws.items()})
     names, index, slices = _layout(posterior, groups)
     x = _chains_of(posterior, names, "posterior").reshape(-1, sum(s.stop - s.start for s in slices.values()))
     m, d = x.shape
