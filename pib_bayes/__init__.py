@@ -10,6 +10,7 @@ import importlib
 __version__ = "0.1.0"
 
 from . import data, optim, samplers  # noqa: E402
+from ._validate import PrecisionWarning  # noqa: E402
 from .driver import chain_seeds, sample  # noqa: E402
 from .energy import Energy, GaussianLoss, beta_from_temperature  # noqa: E402
 from .posterior import Posterior, Prediction  # noqa: E402
@@ -19,7 +20,8 @@ _LAZY = ("iiw", "diagnostics", "uncertainty", "bounds", "plots", "pyro", "distri
 
 __all__ = [
     "__version__", "sample", "chain_seeds", "Energy", "GaussianLoss", "beta_from_temperature", "Posterior",
-    "Prediction", "GaussianPrior", "DistributionPrior", "FlatPrior", "data", "optim", "samplers", *_LAZY,
+    "Prediction", "GaussianPrior", "DistributionPrior", "FlatPrior", "PrecisionWarning", "data", "optim",
+    "samplers", *_LAZY,
 ]
 
 

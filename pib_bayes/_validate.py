@@ -138,12 +138,12 @@ def format_bytes(n: float) -> str:
 
 
 def check_memory(name: str, needed: float, what: str, fix: str,
-                 available: Callable[[], int] = available_memory) -> None:
+                 available: Callable[[], int] | None = None) -> None:
     """Raise ``ValueError`` naming ``name`` when ``needed`` bytes exceed the available memory.
 
     >>> check_memory("num_draws", 1024, "the draws", "use fewer draws")
     """
-    have = available()
+    have = (available or available_memory)()
     if needed > have:
         raise ValueError(f"{name}: {what} would need about {format_bytes(needed)} ({int(needed):,} bytes) "
                          f"but only {format_bytes(have)} ({have:,} bytes) of memory is available; {fix}")

@@ -206,7 +206,9 @@ def sample(
             parameters (``requires_grad=False``) are held fixed at their current values, and it is
             evaluated in ``eval()`` mode (so BatchNorm uses its running statistics).
         loss_fn: per-example loss ``(output, target) -> (B,)`` or ``"cross_entropy"`` /
-            ``"gaussian"``. With the NLL as loss, ``beta = 1/n`` is the Bayesian posterior.
+            ``"gaussian"``. With the NLL as loss, ``beta = 1/n`` is the Bayesian posterior. A 0-d
+            result is taken as the batch mean (e.g. ``nn.CrossEntropyLoss()``); any other shape
+            than ``(B,)`` (e.g. B-1 values) is a ``ValueError`` before the run.
         data: ``(x, y)`` tensors or a TensorDataset (minibatched here, per-chain shuffles),
             or a DataLoader (iterated as is).
         beta: PIB trade-off > 0 (beta = T/n for temperature T).
@@ -221,16 +223,18 @@ def sample(
             chains are split. The Posterior holds ``len(chain_ids)`` chains, in that order.
         batch_size: minibatch size for tensor data (None = full batch).
         seed: root seed; chains get independent streams (:func:`chain_seeds`).
-        progress: show a tqdm bar per chain group.
-        keep: names of the parameters whose draws are stored (default all); the others are
-            still sampled.
+        progress: show a tqdm bar per chain group (a bool).
+        keep: names of the parameters whose draws are stored (default all, a non-empty list);
+            the others are still sampled.
         init: ``"model"`` (every chain starts at the module's weights), ``"prior"`` (a draw from
             a Gaussian prior per chain), or a mapping name -> (chains run, *shape) tensors.
         chain_method: ``"vectorized"``, ``"sequential"`` or ``"auto"`` (vectorized when vmap
             can run the model, else sequential; the choice and reason land in metadata).
         task: "classification" or "regression" (inferred from the loss when possible).
-        stat_fns: name -> function of one chain's parameter dict returning a scalar, evaluated
-            at every kept draw and stored in ``sample_stats`` (e.g. an IIW tracker).
+        stat_fns: name -> function of one chain's parameter dict returning a scalar (a number
+            or a 1-element tensor), evaluated at every kept draw and stored in ``sample_stats``
+            (e.g. an IIW tracker); a non-callable value is refused before the run, a function
+            returning anything else (a string, a vector) at its first kept draw.
         noise: ``"gaussian"`` (exact; default) or the opt-in ``"rademacher"`` (random signs, cheaper
             to draw): on a Gaussian target it keeps the stationary covariance of the linear recursion
             but not the higher moments (see docs/performance.md for the measured law).
@@ -242,13 +246,28 @@ def sample(
             chain's RNG states, data order, draws so far, step counters) is written atomically
             every ``checkpoint_every`` steps, after each chain group and at the end.
         resume: continue from ``checkpoint`` if it exists (it must come from a run with the same
-            settings). With tensor data, a run killed at any moment and resumed gives draws
+            settings; a bool). With tensor data, a run killed at any moment and resumed gives draws
             bit-identical to an uninterrupted run; a DataLoader restarts its iteration.
+        divergence_threshold: a chain diverges at the first step t where ``|U(w_t)|`` exceeds
+            ``divergence_threshold x max(|U(w_0)|, D)`` (its initial energy, floored at the number D
+            of sampled coordinates, the scale of equilibrium energy fluctuations, E[U] - min U ~ D/2),
+            or where U or the weights are non-finite. Default 1e4 (a step size far too large, e.g.
+            h = 1 on a small MLP, drives U from 2e2 to 1e7 within 5 steps); ``None`` flags only
+            non-finite values.
+
+    Before anything is allocated, a run whose draw buffers and chain state would exceed the
+    available memory (``MemAvailable``) is refused with a ``ValueError`` naming ``num_draws`` or
+    ``num_chains``, with the estimate. Float16/bfloat16 models raise a
+    :class:`~pib_bayes.PrecisionWarning`: an update ``h grad U + sqrt(2h) xi`` smaller than half
+    the format's spacing at w rounds away (bfloat16 keeps 8 significant bits), so many
+    coordinates never move; sample in float32 or float64.
 
     Returns:
-        A :class:`~pib_bayes.Posterior`. Chains whose energy or weights become non-finite stop,
-        are flagged in ``diverged``/``divergence_step`` and hold NaN draws from then on; the
-        others continue.
+        A :class:`~pib_bayes.Posterior`. Chains whose energy or weights become non-finite, or
+        whose energy explodes (``divergence_threshold``), stop, are flagged in
+        ``diverged``/``divergence_step`` and hold NaN draws from then on; the others continue.
+        ``sample_stats["diverging"]`` is true at every draw of a chain from its divergence on
+        (exactly the NaN draws), the same for vectorized and sequential chains.
 
     >>> import torch
     >>> from torch import nn
@@ -312,7 +331,6 @@ def sample(
     all_seeds = chain_seeds(seed, total_chains)
     seeds = [all_seeds[c] for c in ids]
     init_params = _initial_params(named, init, num_chains, energy.prior, seeds)
-    _probe_stat_fns(stat_fns, {n: init_params[n][0] for n in names})
 
     def make_batcher(chains: list[int]) -> TensorBatcher | LoaderBatcher:
         if tensors is None:
@@ -511,12 +529,6 @@ def _stat_value(key: str, value: object) -> float:
         return float(value)
     raise TypeError(f"stat_fns: {key!r} must return a number or a 1-element tensor, got "
                     f"{type(value).__name__} {value!r:.60}")
-
-
-def _probe_stat_fns(stat_fns: Mapping[str, StatFn], params: dict[str, Tensor]) -> None:
-    """Evaluate every stat function once at chain 0's initial weights, so a bad one fails before the run."""
-    for key, fn in stat_fns.items():
-        _stat_value(key, fn({n: p.detach() for n, p in params.items()}))
 
 
 def _check_model_takes_data(energy: Energy, params: dict[str, Tensor], fixed: dict[str, Tensor],
