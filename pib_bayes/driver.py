@@ -285,8 +285,11 @@ def sample(
     schedule = as_schedule(step_size)
     if str(sampler).lower() == "csgld" and not hasattr(schedule, "cycle_length"):
         raise ValueError("step_size: sampler='csgld' needs a pib_bayes.samplers.Cyclical schedule")
+    if sampler_kwargs is not None and not isinstance(sampler_kwargs, Mapping):
+        raise TypeError(f"sampler_kwargs: expected a mapping of keyword arguments for the sampler, got "
+                        f"{type(sampler_kwargs).__name__}")
     kernel = build_kernel(sampler, **dict(sampler_kwargs or {}))
-    if noise not in NOISES:
+    if not isinstance(noise, str) or noise not in NOISES:
         raise ValueError(f"noise: expected one of {sorted(NOISES)}, got {noise!r}")
     if not isinstance(prefetch_noise, bool):
         raise ValueError(f"prefetch_noise: expected True or False, got {prefetch_noise!r}")
@@ -311,6 +314,8 @@ def sample(
     if isinstance(keep, (str, bytes)):
         raise TypeError(f"keep: expected a list of parameter names, got the string {keep!r}; "
                         f"use keep=[{keep!r}]")
+    if keep is not None and not isinstance(keep, (Sequence, set, frozenset)):
+        raise TypeError(f"keep: expected a list of parameter names, got {type(keep).__name__} {keep!r}")
     keep_names = names if keep is None else list(keep)
     if not keep_names:
         raise ValueError(f"keep: is empty, so no draws would be stored; name at least one of {names} "
@@ -573,6 +578,9 @@ def _initial_params(named: list[tuple[str, Tensor]], init: str | Mapping[str, Te
             per_chain = [prior.sample_like(current, _generator(seeds[c][2])) for c in range(num_chains)]
             return {n: torch.stack([d[n] for d in per_chain]) for n, _ in named}
         raise ValueError(f"init: expected 'model', 'prior' or a mapping of tensors, got {init!r}")
+    if not isinstance(init, Mapping):
+        raise TypeError(f"init: expected 'model', 'prior' or a mapping name -> tensor, got "
+                        f"{type(init).__name__} {init!r}")
     out = {}
     for n, p in named:
         if n not in init:

@@ -220,6 +220,8 @@ class Posterior:
         Classification: p(y|x,S) ≈ (1/M) sum_m softmax(f(x; w_m)) (SPEC §4). Parameters without
         draws (a run with ``keep=``) take the module's current values, with a warning.
         """
+        if model is not None and not isinstance(model, nn.Module):
+            raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
         model = model or self.model
         if model is None:
             raise ValueError("model: this Posterior has no model attached; pass model= or "

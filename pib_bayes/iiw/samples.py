@@ -26,6 +26,7 @@ import torch
 from torch import Tensor
 from torch.distributions import LowRankMultivariateNormal, MultivariateNormal, Normal
 
+from .._validate import check_bool
 from ..posterior import Posterior
 from ..prior import FlatPrior, GaussianPrior, Prior, check_prior_fits
 from ._groups import resolve_groups
@@ -455,6 +456,7 @@ def channel(
     _check_structure(structure)
     _check_shrinkage(shrinkage)
     _check_rank(rank)
+    check_bool("mc_correction", mc_correction)
     if isinstance(posteriors, Posterior) or not isinstance(posteriors, Sequence):
         raise TypeError("posteriors: expected a list of Posterior objects, one per resample of the data")
     if len(posteriors) < 2:
