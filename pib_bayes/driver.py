@@ -252,8 +252,8 @@ def sample(
             ``divergence_threshold x max(|U(w_0)|, D)`` (its initial energy, floored at the number D
             of sampled coordinates, the scale of equilibrium energy fluctuations, E[U] - min U ~ D/2),
             or where U or the weights are non-finite. Default 1e4 (a step size far too large, e.g.
-            h = 1 on a small MLP, drives U from 2e2 to 1e7 within 5 steps); ``None`` flags only
-            non-finite values.
+            h = 1 on a 2-16-2 MLP, drives U from 2.4e2 to 4.2e6 in 2 steps, and to 1e9, with no
+            NaN); ``None`` flags only non-finite values.
 
     Before anything is allocated, a run whose draw buffers and chain state would exceed the
     available memory (``MemAvailable``) is refused with a ``ValueError`` naming ``num_draws`` or
