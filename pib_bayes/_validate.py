@@ -85,7 +85,8 @@ def check_real(name: str, value: object, *, positive: bool = False, nonnegative:
 
 
 def check_path(name: str, value: object, *, must_exist: bool = False) -> str:
-    """A file path: a ``str``/``os.PathLike`` that is not a directory and whose parent exists.
+    """A file path: a ``str``/``os.PathLike`` that is not a directory and whose nearest existing
+    ancestor is a directory (missing parent directories are created when the file is written).
 
     >>> check_path("checkpoint", "run.ckpt")
     'run.ckpt'
@@ -100,8 +101,10 @@ def check_path(name: str, value: object, *, must_exist: bool = False) -> str:
         raise ValueError(f"{name}: {path!r} is a directory; pass a file path inside it, e.g. "
                          f"{os.path.join(path, 'run.ckpt')!r}")
     parent = os.path.dirname(os.path.abspath(path))
-    if not os.path.isdir(parent):
-        raise ValueError(f"{name}: the directory {parent!r} of {path!r} does not exist; create it first")
+    while parent and not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if parent and not os.path.isdir(parent):
+        raise ValueError(f"{name}: {parent!r} is a file, so {path!r} cannot be created below it")
     if must_exist and not os.path.isfile(path):
         raise ValueError(f"{name}: no such file {path!r}")
     return path

@@ -204,7 +204,7 @@ def _grid():
     add(
         "sample",
         "checkpoint",
-        [123, b"x.ckpt", "", "/nonexistent/dir/x.ckpt", 1.5, ["a.ckpt"]],
+        [123, b"x.ckpt", "", __file__ + "/x.ckpt", 1.5, ["a.ckpt"]],
         lambda v: run(checkpoint=v),
     )
     add("sample", "checkpoint", [None], lambda v: run(checkpoint=Path("/tmp")))
