@@ -689,10 +689,8 @@ def test_hypothesis_chain_ids(v):
 
 
 @FAST
-@given(v=st.one_of(not_an_int, st.integers(max_value=0)))
+@given(v=st.one_of(not_an_int, st.integers(max_value=0)).filter(lambda v: v is not None))  # None: automatic
 def test_hypothesis_predict_chunk_size(v):
-    if v is None:  # None is the automatic chunk size
-        return
     check(lambda: POST.predict(X, chunk_size=v), "chunk_size")
 
 
@@ -757,10 +755,8 @@ def test_hypothesis_bound_n(n):
 
 
 @FAST
-@given(v=st.one_of(not_an_int, st.integers(max_value=0)))
+@given(v=st.one_of(not_an_int, st.integers(max_value=0)).filter(lambda v: v is not None))  # None: automatic
 def test_hypothesis_fisher_chunk_size(v):
-    if v is None:  # None is "all at once"
-        return
     theta0 = {k: t.clone() for k, t in net().state_dict().items()}
     check(lambda: iiw.fisher(net(), "cross_entropy", (X, Y), theta0, chunk_size=v), "chunk_size")
 
