@@ -140,12 +140,17 @@ def format_bytes(n: float) -> str:
     return f"{n:.1f} PiB"  # pragma: no cover
 
 
+_ALWAYS_FITS = 2**26  # 64 MiB
+
+
 def check_memory(name: str, needed: float, what: str, fix: str,
                  available: Callable[[], int] | None = None) -> None:
     """Raise ``ValueError`` naming ``name`` when ``needed`` bytes exceed the available memory.
 
     >>> check_memory("num_draws", 1024, "the draws", "use fewer draws")
     """
+    if needed < _ALWAYS_FITS:  # not worth a look at /proc/meminfo (hot paths such as predict)
+        return
     have = (available or available_memory)()
     if needed > have:
         raise ValueError(f"{name}: {what} would need about {format_bytes(needed)} ({int(needed):,} bytes) "

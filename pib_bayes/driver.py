@@ -663,13 +663,13 @@ class _Cursor:
     kept: int
     counter: int
     alive: Tensor
-    ref: Tensor | None = None  # per chain, the energy scale of the relative divergence check
+    limit: Tensor | None = None  # per chain, the |U| above which the chain has diverged
 
 
 def _group_state(group: _Group, cur: _Cursor) -> dict[str, Any]:
     return {
         "t": cur.t, "kept": cur.kept, "counter": cur.counter, "alive": cur.alive.clone(),
-        "energy_ref": None if cur.ref is None else cur.ref.clone(),
+        "energy_limit": None if cur.limit is None else cur.limit.clone(),
         "params": [p.detach().clone() for p in group.params],
         "kernel_state": {k: [v.clone() for v in vs] for k, vs in group.state.items()},
         "noise_generators": group.generator_states(),
@@ -686,9 +686,9 @@ def _restore_group(group: _Group, saved: dict[str, Any]) -> _Cursor:
                 buf.copy_(v)
     group.set_generator_states(saved["noise_generators"])
     group.batcher.load_state_dict(saved["batcher"])
-    ref = saved.get("energy_ref")
+    limit = saved.get("energy_limit")
     return _Cursor(int(saved["t"]), int(saved["kept"]), int(saved["counter"]), saved["alive"].clone(),
-                   None if ref is None else ref.clone())
+                   None if limit is None else limit.clone())
 
 
 def _run_group(runner: _Sampler, group: _Group, names: list[str], keep_names: list[str], num_warmup: int,
@@ -721,12 +721,15 @@ def _run_group(runner: _Sampler, group: _Group, names: list[str], keep_names: li
             if checkpoint is not None and checkpoint_every and t % checkpoint_every == 0 and t != resumed_at:
                 checkpoint(_group_state(group, cur))
             u, loss, grads = runner.gradients(group)
-            if cur.ref is None:  # the energy scale a relative explosion is measured against
-                cur.ref = torch.clamp(u.detach().double().abs(), min=floor).nan_to_num(nan=math.inf)
-            # a non-finite gradient shows up as a non-finite energy one step later
-            ok = torch.isfinite(u)
-            if math.isfinite(divergence_threshold):
-                ok &= u.detach().double().abs() <= divergence_threshold * cur.ref
+            if cur.limit is None and math.isfinite(divergence_threshold):
+                # threshold x the energy scale a relative explosion is measured against (a NaN U(w_0)
+                # gives a NaN limit: every comparison fails, the chain is flagged at once, as it must be)
+                scale = torch.clamp(u.detach().double().abs(), min=floor)
+                # below the dtype's largest value, so that |U| = inf never passes
+                cur.limit = (divergence_threshold * scale).clamp(max=torch.finfo(u.dtype).max).to(u.dtype)
+            # a non-finite gradient shows up as a non-finite energy one step later; |U| <= limit is
+            # false for NaN and +-inf as well
+            ok = u.abs() <= cur.limit if cur.limit is not None else torch.isfinite(u)
             newly = cur.alive & ~ok
             if bool(newly.any()):
                 for j in torch.nonzero(newly).flatten().tolist():

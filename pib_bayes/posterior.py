@@ -138,8 +138,13 @@ class Posterior:
         # diagnostics must not average it in silently
         broken = torch.zeros(c, dtype=torch.bool)
         for v in self.draws.values():
-            if v.is_floating_point() or v.is_complex():
+            if not (v.is_floating_point() or v.is_complex()):
+                continue
+            if v.numel() <= 2**24:
                 broken |= ~torch.isfinite(v.reshape(c, -1)).all(1)
+            else:  # one chain at a time: the boolean temporary stays small
+                for ci in range(c):
+                    broken[ci] |= not bool(torch.isfinite(v[ci]).all())
         unflagged = broken & ~self.diverged.bool()
         if bool(unflagged.any()):
             chains = torch.nonzero(unflagged).flatten().tolist()

@@ -135,6 +135,7 @@ def test_keep_reduces_the_estimate():
     budget = 8 * 100 * 200 * 200 * 4  # 8 chains x 100 draws of the weight matrix would need this
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(V, "available_memory", lambda: budget // 2)
+        mp.setattr(V, "_ALWAYS_FITS", 0)
         with pytest.raises(ValueError, match="num_draws"):
             sample(model, "gaussian", data, beta=0.1, num_chains=8, num_draws=100, num_warmup=0)
         post = sample(model, "gaussian", data, beta=0.1, num_chains=8, num_draws=100, num_warmup=0,
@@ -149,6 +150,7 @@ def test_predict_beyond_memory_is_refused_naming_x():
     x = torch.randn(50, 3, generator=g)
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(V, "available_memory", lambda: 1000)
+        mp.setattr(V, "_ALWAYS_FITS", 0)  # below 64 MiB the check is skipped (hot path)
         with pytest.raises(ValueError, match=r"^x: .* bytes.* available"):
             post.predict(x)
     assert post.predict(x).per_draw.shape == (10, 50, 2)
