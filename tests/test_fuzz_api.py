@@ -500,6 +500,87 @@ def _grid():
     add("mi_bound", "sigma", [0.0, -1.0, NAN, "1"], lambda v: B.mi_bound(1.0, 100, sigma=v))
     add("bounded_ce", "p_min", [0.0, -0.1, 1.0, NAN, "1e-4"], lambda v: B.bounded_cross_entropy(P3[0], Y6, v))
     add("bounded_ce", "y", [Y6[:3], Y6 + 5, "x"], lambda v: B.bounded_cross_entropy(P3[0], v))
+    # ---- more estimators and scores
+    add(
+        "ledoit_wolf",
+        "x",
+        ["x", torch.ones(3), torch.zeros(1, 3), torch.full((4, 3), NAN)],
+        lambda v: iiw.ledoit_wolf(v),
+    )
+    add("mutual_information", "pred", ["x", P3 * 3, -P3], lambda v: U.mutual_information(v))
+    add("expected_entropy", "pred", ["x", None, P3[..., :0]], lambda v: U.expected_entropy(v))
+    add(
+        "classification_uncertainty",
+        "num_bins",
+        [0, 1.5, "x", True],
+        lambda v: U.classification_uncertainty(P3, Y6, num_bins=v),
+    )
+    add(
+        "classification_uncertainty",
+        "y",
+        [Y6[:2], Y6 + 9, "x"],
+        lambda v: U.classification_uncertainty(P3, v),
+    )
+    add(
+        "regression_uncertainty",
+        "level",
+        [0.0, 1.0, NAN, "0.9", True],
+        lambda v: U.regression_uncertainty(F, level=v),
+    )
+    add(
+        "regression_uncertainty",
+        "noise_std",
+        [0.0, -1.0, NAN, "1", True],
+        lambda v: U.regression_uncertainty(F, noise_std=v),
+    )
+    add(
+        "regression_uncertainty",
+        "y",
+        [torch.zeros(7), "x", torch.full((4,), NAN)],
+        lambda v: U.regression_uncertainty(F, v),
+    )
+    add(
+        "gaussian_nll", "y", [torch.zeros(7), "x"], lambda v: U.gaussian_nll(v, torch.zeros(4), torch.ones(4))
+    )
+    add(
+        "split_data",
+        "prior_fraction",
+        [0.0, 1.0, -0.5, NAN, "0.5", True],
+        lambda v: B.split_data((X, Y), prior_fraction=v),
+    )
+    add("split_data", "data", ["x", (X,), (X, Y[:3])], lambda v: B.split_data(v))
+    add("report", "train", ["x", (X,), (X, Y[:3]), (X[:, :2], Y), (X, Y + 5)], lambda v: B.report(POST, v))
+    add("report", "delta", [0.0, 1.0, NAN, "0.05"], lambda v: B.report(POST, (X, Y), delta=v))
+    add("report", "p_min", [0.0, -1.0, 1.0, NAN], lambda v: B.report(POST, (X, Y), p_min=v))
+    add("report", "include_diverged", ["yes", 1, None], lambda v: B.report(POST, (X, Y), include_diverged=v))
+    add("report", "posterior", ["x", None, 3], lambda v: B.report(v, (X, Y)))
+    add("check_model", "model", [other_net(), nn.Linear(4, 2)], lambda v: POST.check_model(v))
+    add("flat", "names", [["nope"]], lambda v: POST.flat(v))
+    add(
+        "Posterior",
+        "draws",
+        [
+            {},
+            "x",
+            {"w": torch.ones(3)},
+            {"a": torch.ones(2, 3), "b": torch.ones(3, 3)},
+            {"w": torch.ones(0, 3)},
+        ],
+        lambda v: Posterior(v, {}, {}),
+    )
+    add(
+        "Posterior",
+        "sample_stats",
+        ["x", {"energy": torch.ones(5)}],
+        lambda v: Posterior({"w": torch.ones(2, 3)}, v, {}),
+    )
+    add("Posterior", "metadata", ["x", 3, [1]], lambda v: Posterior({"w": torch.ones(2, 3)}, {}, v))
+    add(
+        "Posterior",
+        "diverged",
+        ["x", torch.zeros(5, dtype=torch.bool)],
+        lambda v: Posterior({"w": torch.ones(2, 3)}, {}, {}, diverged=v),
+    )
     return cases
 
 

@@ -49,6 +49,13 @@ def ledoit_wolf(x: Tensor) -> tuple[Tensor, float]:
     >>> bool(torch.linalg.eigvalsh(cov).min() > 0), 0.0 <= a <= 1.0
     (True, True)
     """
+    if not isinstance(x, Tensor) or x.dim() != 2 or not x.is_floating_point():
+        raise TypeError(f"x: expected a floating-point tensor (M, d) of centred draws, got "
+                        f"{type(x).__name__} {tuple(x.shape) if isinstance(x, Tensor) else ''}")
+    if x.shape[0] < 2 or x.shape[1] < 1:
+        raise ValueError(f"x: needs at least 2 rows (draws) and 1 column, got shape {tuple(x.shape)}")
+    if not bool(torch.isfinite(x).all()):
+        raise ValueError("x: contains NaN or Inf values")
     m, d = x.shape
     s = x.T @ x / m
     mu = torch.trace(s) / d
