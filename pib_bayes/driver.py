@@ -208,7 +208,8 @@ def sample(
         loss_fn: per-example loss ``(output, target) -> (B,)`` or ``"cross_entropy"`` /
             ``"gaussian"``. With the NLL as loss, ``beta = 1/n`` is the Bayesian posterior. A 0-d
             result is taken as the batch mean (e.g. ``nn.CrossEntropyLoss()``); any other shape
-            than ``(B,)`` (e.g. B-1 values) is a ``ValueError`` before the run.
+            than ``(B,)`` (e.g. B-1 values) is a ``ValueError`` before the run (checked on tensor
+            data; a DataLoader's batches are not inspected ahead).
         data: ``(x, y)`` tensors or a TensorDataset (minibatched here, per-chain shuffles),
             or a DataLoader (iterated as is).
         beta: PIB trade-off > 0 (beta = T/n for temperature T).
