@@ -10,6 +10,7 @@ import importlib
 __version__ = "0.1.0"
 
 from . import data, optim, samplers  # noqa: E402
+from ._validate import PrecisionWarning  # noqa: E402
 from .driver import chain_seeds, sample  # noqa: E402
 from .energy import (  # noqa: E402
     BCEWithLogitsLoss,
@@ -27,8 +28,8 @@ _LAZY = ("iiw", "diagnostics", "uncertainty", "bounds", "plots", "pyro", "distri
 __all__ = [
     "__version__", "sample", "chain_seeds", "Energy", "GaussianLoss", "CrossEntropyLoss", "BCEWithLogitsLoss",
     "HeteroscedasticGaussianLoss", "beta_from_temperature", "Posterior", "Prediction", "DrawCollector",
-    "GaussianPrior", "DistributionPrior", "FlatPrior", "data", "optim", "samplers", *_LAZY,
-    "train_pib", "PIBTrainResult",
+    "GaussianPrior", "DistributionPrior", "FlatPrior", "PrecisionWarning", "data", "optim", "samplers",
+    *_LAZY, "train_pib", "PIBTrainResult",
 ]
 
 

@@ -206,12 +206,46 @@ def binary_kl(q: float | np.ndarray, p: float | np.ndarray) -> float | np.ndarra
     return float(out) if out.ndim == 0 else out
 
 
+def _log1p_minus_x(x: float) -> float:
+    """``log(1 + x) - x`` without cancellation: the series ``-x^2/2 + x^3/3 - ...`` for |x| < 0.1 (to
+    full double precision), ``log1p(x) - x`` otherwise (where the two terms differ by >= 5%)."""
+    if abs(x) >= 0.1:
+        return math.log1p(x) - x
+    total, power, k = 0.0, x, 1
+    while True:
+        k += 1
+        power *= -x
+        term = power / k  # (-1)^(k+1) x^k / k with the sign folded in: -x^2/2, +x^3/3, ...
+        total += term
+        if abs(term) <= 1e-17 * abs(total):
+            return total
+
+
+def _binary_kl_accurate(q: float, p: float) -> float:
+    """``kl(q || p)`` for ``0 <= q < 1``, ``q <= p <= 1``, accurate to a few ulps also where p ~ q.
+
+    With d = p - q: kl = -q g(d/q) - (1-q) g(-d/(1-q)), g(x) = log(1+x) - x; the linear terms of the two
+    logarithms cancel exactly in this form, and both parts are >= 0, so nothing cancels numerically."""
+    if p >= 1.0:
+        return math.inf
+    d = p - q
+    if q == 0.0:
+        return -math.log1p(-p)
+    if d > 0.5 * min(q, 1.0 - q):  # p far from q: the direct form does not cancel (and d/q may overflow)
+        return q * math.log(q / p) + (1.0 - q) * math.log1p(-d / (1.0 - q)) * -1.0
+    return -q * _log1p_minus_x(d / q) - (1.0 - q) * _log1p_minus_x(-d / (1.0 - q))
+
+
 def kl_inverse(q: float, c: float, tol: float = 1e-12) -> float:
     """Upper kl-inverse ``kl^{-1}(q, c) = sup{p in [q, 1] : kl(q || p) <= c}`` (Seeger 2002, Maurer 2004).
 
     ``p -> kl(q||p)`` increases on [q, 1], so bisection on that interval converges; it stops when the
-    bracket is narrower than ``tol`` and returns its upper end, so the result is never below the exact
-    inverse (a conservative bound) and at most ``tol`` above it.
+    bracket is narrower than ``tol`` and returns its upper end plus 2 ulps, so the result is never below
+    the exact inverse (a conservative bound) and at most ``tol`` (+ 2 ulps) above it, for every c >= 0.
+    ``kl(q||p)`` is evaluated in the cancellation-free form
+    ``-q g(d/q) - (1-q) g(-d/(1-q))``, d = p - q, g(x) = log(1+x) - x (series for small |x|), so a
+    tiny budget (c = 1e-15: p - q ~ 1e-8, where ``q log(q/p) + (1-q) log((1-q)/(1-p))`` loses every
+    digit) is still inverted exactly.
 
     Args:
         q: the empirical risk, in [0, 1].
@@ -220,6 +254,8 @@ def kl_inverse(q: float, c: float, tol: float = 1e-12) -> float:
 
     >>> round(kl_inverse(0.0, math.log(2)), 9)  # kl(0||p) = -log(1-p)  ->  p = 1 - e^{-c} = 0.5
     0.5
+    >>> round(kl_inverse(0.2, 1e-15), 12)  # q + sqrt(2 q (1-q) c) to first order
+    0.200000017889
     """
     if isinstance(q, bool) or not isinstance(q, (int, float, np.floating)) or not 0.0 <= float(q) <= 1.0:
         raise ValueError(f"q: the empirical risk must be a float in [0, 1], got {q!r}")
@@ -233,16 +269,21 @@ def kl_inverse(q: float, c: float, tol: float = 1e-12) -> float:
     lo, hi = q, 1.0
     if c == 0.0:
         return q
-    # 200 halvings take any bracket below 1e-60; the loop ends much earlier on tol
+    # invariant: kl(q||hi) > c >= kl(q||lo); 200 halvings take any bracket below 1e-60, the loop ends
+    # much earlier on tol
     for _ in range(200):
         if hi - lo <= tol:
             break
         mid = 0.5 * (lo + hi)
-        if binary_kl(q, mid) > c:
+        if mid <= lo or mid >= hi:  # the bracket is one ulp wide
+            break
+        if _binary_kl_accurate(q, mid) > c:
             hi = mid
         else:
             lo = mid
-    return hi
+    # the kl is accurate to a few ulps, so a comparison near the exact inverse can misclassify a point
+    # by at most ~1 ulp of p; 2 ulps keep the result above the exact inverse
+    return min(1.0, hi + 2 * math.ulp(hi))
 
 
 # ---------------------------------------------------------------------------- the bounds

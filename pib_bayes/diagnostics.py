@@ -35,6 +35,7 @@ from torch.distributions import Categorical, Normal
 from torch.func import vmap
 
 from . import _arviz_compat as compat
+from ._validate import check_bool
 from .posterior import _OOM, Posterior
 
 __all__ = ["ConvergenceWarning", "to_arviz", "summary", "scalar_quantities", "log_likelihood",
@@ -233,6 +234,8 @@ def scalar_quantities(post: Posterior, *, data: tuple[Tensor, Tensor] | None = N
     """
     _check_post(post)
     _check_count("max_weights", max_weights, 0)
+    _check_count("chunk_size", chunk_size, 1)
+    _check_count("num_projections", num_projections, 1)
     if data is not None:
         data = _check_data(data)
     chains = _kept_chains(post, include_diverged)
@@ -317,6 +320,7 @@ def summary(post: Posterior, *, data: tuple[Tensor, Tensor] | None = None, probe
     (['energy', 'w[0]', 'w[1]'], True)
     """
     _check_post(post)
+    check_bool("warn", warn)
     for name, val in (("rhat_threshold", rhat_threshold), ("min_ess_per_chain", min_ess_per_chain)):
         if not isinstance(val, (int, float)) or isinstance(val, bool) or not math.isfinite(val) or val <= 0:
             raise ValueError(f"{name}: must be a positive number, got {val!r}")

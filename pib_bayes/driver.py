@@ -29,13 +29,14 @@ from tqdm.auto import tqdm
 
 from . import __version__
 from ._threads import warn_if_oversubscribed
+from ._validate import PrecisionWarning, check_bool, check_memory, check_path, itemsize
 from .batched import batched_forward
 from .data import LoaderBatcher, TensorBatcher, as_tensors
 from .energy import Energy, LossFn, loss_likelihood, require_task
 from .gradients import GRADIENTS, ControlVariateGradient, full_data_gradient
 from .io import FormatError, load_payload, save_payload
 from .posterior import Posterior
-from .prior import GaussianPrior, Prior
+from .prior import GaussianPrior, Prior, check_prior_fits
 from .samplers.core import NOISES, GaussianNoise, Kernel, NoisePrefetcher, make_noise
 from .samplers.kernels import build_kernel
 from .samplers.schedules import Constant, Schedule, as_schedule
@@ -266,6 +267,7 @@ def sample(
     checkpoint_every: int = 1000,
     resume: bool = False,
     gradient: str = "minibatch",
+    divergence_threshold: float | None = 1e4,
 ) -> Posterior:
     """Sample the PIB Gibbs posterior ``q*(w|S) ∝ p(w) exp(-L_S(w)/beta)`` (SPEC §1-2).
 
@@ -288,7 +290,10 @@ def sample(
             ``"bce_with_logits"``, ``"gaussian"``, ``"heteroscedastic_gaussian"``), or a callable
             per-example loss ``(output, target) -> (B,)`` (then ``task=`` is required unless it is
             a known torch loss or has a ``task`` attribute). With the NLL as loss, ``beta = 1/n``
-            is the Bayesian posterior.
+            is the Bayesian posterior. A 0-d result is taken as the batch mean (e.g.
+            ``nn.CrossEntropyLoss()``); any other shape than ``(B,)`` (e.g. B-1 values) is a
+            ``ValueError`` before the run (checked on tensor data; a DataLoader's batches are not
+            inspected ahead).
         data: ``(x, y)`` tensors or a TensorDataset (minibatched here, per-chain shuffles),
             or a DataLoader (iterated as is).
         beta: PIB trade-off > 0 (beta = T/n for temperature T).
@@ -313,9 +318,10 @@ def sample(
             chains are split. The Posterior holds ``len(chain_ids)`` chains, in that order.
         batch_size: minibatch size for tensor data (None = full batch).
         seed: root seed; chains get independent streams (:func:`chain_seeds`).
-        progress: show a tqdm bar per chain group.
-        keep: names of the parameters whose draws are stored (default all); the others are
-            still sampled (``keep`` saves memory, not time; ``params`` chooses what is sampled).
+        progress: show a tqdm bar per chain group (a bool).
+        keep: names of the parameters whose draws are stored (default all, a non-empty list); the
+            others are still sampled (``keep`` saves memory, not time; ``params`` chooses what is
+            sampled).
         params: the subnetwork to sample: parameter names, glob patterns (``"head.*"``),
             submodules of ``model`` or its parameters (:func:`~pib_bayes.subnet.select_params`);
             every other parameter is held at its current value, like a frozen one. ``params``
@@ -332,8 +338,10 @@ def sample(
             masks. The caller's global RNG is left untouched. Default False (dropout off).
         task: "classification" or "regression". Built-in and known torch losses imply it (an
             explicit ``task`` must agree); a custom callable needs it, else a ``ValueError``.
-        stat_fns: name -> function of one chain's parameter dict returning a scalar, evaluated
-            at every kept draw and stored in ``sample_stats`` (e.g. an IIW tracker).
+        stat_fns: name -> function of one chain's parameter dict returning a scalar (a number
+            or a 1-element tensor), evaluated at every kept draw and stored in ``sample_stats``
+            (e.g. an IIW tracker); a non-callable value is refused before the run, a function
+            returning anything else (a string, a vector) at its first kept draw.
         noise: ``"gaussian"`` (exact; default) or the opt-in ``"rademacher"`` (random signs, cheaper
             to draw): on a Gaussian target it keeps the stationary covariance of the linear recursion
             but not the higher moments (see docs/performance.md for the measured law).
@@ -345,7 +353,7 @@ def sample(
             chain's RNG states, data order, draws so far, step counters) is written atomically
             every ``checkpoint_every`` steps, after each chain group and at the end.
         resume: continue from ``checkpoint`` if it exists (it must come from a run with the same
-            settings). With tensor data, a run killed at any moment and resumed gives draws
+            settings; a bool). With tensor data, a run killed at any moment and resumed gives draws
             bit-identical to an uninterrupted run; a DataLoader restarts its iteration.
         gradient: ``"minibatch"`` (grad U_B) or ``"cv"``, control variates (Baker et al. 2019,
             :class:`~pib_bayes.gradients.ControlVariateGradient`): each chain's centre w_hat is
@@ -355,11 +363,26 @@ def sample(
             Costs one pass over the data per chain plus a second minibatch gradient per step;
             pays when the minibatch noise dominates (``metadata["gradient_noise"]``). Needs the
             full data (tensors, or a DataLoader over a dataset with a length).
+        divergence_threshold: a chain diverges at the first step t where ``|U(w_t)|`` exceeds
+            ``divergence_threshold x max(|U(w_0)|, D)`` (its initial energy, floored at the number D
+            of sampled coordinates, the scale of equilibrium energy fluctuations, E[U] - min U ~ D/2),
+            or where U or the weights are non-finite. Default 1e4 (a step size far too large, e.g.
+            h = 1 on a 2-16-2 MLP, drives U from 2.4e2 to 4.2e6 in 2 steps, and to 1e9, with no
+            NaN); ``None`` flags only non-finite values.
+
+    Before anything is allocated, a run whose draw buffers and chain state would exceed the
+    available memory (``MemAvailable``) is refused with a ``ValueError`` naming ``num_draws`` or
+    ``num_chains``, with the estimate. Float16/bfloat16 models raise a
+    :class:`~pib_bayes.PrecisionWarning`: an update ``h grad U + sqrt(2h) xi`` smaller than half
+    the format's spacing at w rounds away (bfloat16 keeps 8 significant bits), so many
+    coordinates never move; sample in float32 or float64.
 
     Returns:
-        A :class:`~pib_bayes.Posterior`. Chains whose energy or weights become non-finite stop,
-        are flagged in ``diverged``/``divergence_step`` and hold NaN draws from then on; the
-        others continue.
+        A :class:`~pib_bayes.Posterior`. Chains whose energy or weights become non-finite, or
+        whose energy explodes (``divergence_threshold``), stop, are flagged in
+        ``diverged``/``divergence_step`` and hold NaN draws from then on; the others continue.
+        ``sample_stats["diverging"]`` is true at every draw of a chain from its divergence on
+        (exactly the NaN draws), the same for vectorized and sequential chains.
 
     >>> import torch
     >>> from torch import nn
@@ -372,6 +395,7 @@ def sample(
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
+    _check_model_storage(model)
     energy = Energy(model, loss_fn, prior, beta, task)
     require_task(energy.task, energy.loss_fn)
     auto = _as_auto(step_size)
@@ -381,25 +405,31 @@ def sample(
     schedule = as_schedule(step_size) if auto is None else Constant(1.0)  # 'auto': replaced below
     if str(sampler).lower() == "csgld" and not hasattr(schedule, "cycle_length"):
         raise ValueError("step_size: sampler='csgld' needs a pib_bayes.samplers.Cyclical schedule")
+    if sampler_kwargs is not None and not isinstance(sampler_kwargs, Mapping):
+        raise TypeError(f"sampler_kwargs: expected a mapping of keyword arguments for the sampler, got "
+                        f"{type(sampler_kwargs).__name__}")
     kernel = build_kernel(sampler, **dict(sampler_kwargs or {}))
     if gradient not in GRADIENTS:
         raise ValueError(f"gradient: expected one of {list(GRADIENTS)}, got {gradient!r}")
-    if noise not in NOISES:
+    if not isinstance(noise, str) or noise not in NOISES:
         raise ValueError(f"noise: expected one of {sorted(NOISES)}, got {noise!r}")
     if not isinstance(prefetch_noise, bool):
         raise ValueError(f"prefetch_noise: expected True or False, got {prefetch_noise!r}")
     if not isinstance(train_mode_dropout, bool):
         raise ValueError(f"train_mode_dropout: expected True or False, got {train_mode_dropout!r}")
+    progress, resume = check_bool("progress", progress), check_bool("resume", resume)
+    threshold = _check_threshold(divergence_threshold)
     total_chains = _positive_int("num_chains", num_chains)
-    ids = list(range(total_chains)) if chain_ids is None else [int(c) for c in chain_ids]
-    if not ids or len(set(ids)) != len(ids) or not all(0 <= c < total_chains for c in ids):
-        raise ValueError(f"chain_ids: must be distinct indices in [0, {total_chains}), got {chain_ids!r}")
-    num_chains = len(ids)  # chains run by this call
+    if chain_ids is not None:
+        _check_chain_ids(chain_ids, total_chains)
+    num_run = total_chains if chain_ids is None else len(chain_ids)  # chains run by this call
     num_draws = _positive_int("num_draws", num_draws)
     num_warmup = _positive_int("num_warmup", num_warmup, minimum=0)
     thin = _positive_int("thin", thin)
     if chain_method not in ("auto", "vectorized", "sequential"):
         raise ValueError(f"chain_method: expected 'auto', 'vectorized' or 'sequential', got {chain_method!r}")
+    if checkpoint is not None:
+        checkpoint = check_path("checkpoint", checkpoint)
 
     if params is None:
         named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
@@ -413,10 +443,23 @@ def sample(
         # a float sigma_0 centres the prior on the initial weights of what is sampled, frozen or not
         energy.prior = GaussianPrior(std=1.0 if prior is None else float(prior),
                                      mean={n: p.detach().clone() for n, p in named})
+    if isinstance(keep, (str, bytes)):
+        raise TypeError(f"keep: expected a list of parameter names, got the string {keep!r}; "
+                        f"use keep=[{keep!r}]")
+    if keep is not None and not isinstance(keep, (Sequence, set, frozenset)):
+        raise TypeError(f"keep: expected a list of parameter names, got {type(keep).__name__} {keep!r}")
     keep_names = names if keep is None else list(keep)
+    if not keep_names:
+        raise ValueError(f"keep: is empty, so no draws would be stored; name at least one of {names} "
+                         "(or keep=None for all)")
     unknown = [n for n in keep_names if n not in names]
     if unknown:
         raise ValueError(f"keep: unknown parameter names {unknown}; sampled parameters are {names}")
+    check_prior_fits(energy.prior, {n: tuple(p.shape) for n, p in named})
+    _check_run_memory(named, keep_names, num_run, num_draws)
+    ids = list(range(total_chains)) if chain_ids is None else [int(c) for c in chain_ids]
+    num_chains = num_run
+    stat_fns = _check_stat_fns(stat_fns)
     fixed = {n: b.detach().clone() for n, b in model.named_buffers()}
     fixed.update({n: p.detach().clone() for n, p in model.named_parameters() if n not in names})
 
@@ -433,6 +476,7 @@ def sample(
             auto, energy, kernel, sampler, sampler_kwargs, named, init, init_params, all_seeds, fixed,
             tensors, data, batch_size, int(seed), names)
     noise_report = _NoiseReport(auto_info, num_warmup, names, gradient) if auto_info is not None else None
+    _warn_low_precision(named, schedule)  # at the step size the run uses ('auto': the chosen one)
 
     def make_batcher(chains: list[int]) -> TensorBatcher | LoaderBatcher:
         if tensors is None:
@@ -441,7 +485,7 @@ def sample(
             return LoaderBatcher(data)
         return TensorBatcher(tensors[0], tensors[1], batch_size, [_generator(seeds[c][1]) for c in chains])
 
-    runner = _Sampler(energy, names, fixed, kernel, schedule, stat_fns or {}, train_mode_dropout)
+    runner = _Sampler(energy, names, fixed, kernel, schedule, stat_fns, train_mode_dropout)
     runner.noise_report = noise_report
     if tensors is not None:
         _check_model_takes_data(energy, {n: init_params[n][0] for n in names}, fixed, *tensors)
@@ -514,6 +558,7 @@ def sample(
         "n": int(tensors[0].shape[0]) if tensors is not None else None,
         **({"gradient": gradient} if gradient != "minibatch" else {}),
         **({"step_size_auto": dataclasses.asdict(auto)} if auto is not None else {}),
+        **({"divergence_threshold": threshold} if threshold != 1e4 else {}),  # old checkpoints resume
     }, sort_keys=True, default=str)
     ckpt = _Checkpointer(checkpoint, fingerprint, out, checkpoint_every) if checkpoint is not None else None
     if checkpoint is None and resume:
@@ -524,7 +569,7 @@ def sample(
             save = ckpt.saver(gi) if ckpt is not None else None
             with _dropout_rng(groups[gi], device):
                 _run_group(runner, groups[gi], names, keep_names, num_warmup, num_draws, thin, out, progress,
-                           cursor if gi == first_group else None, save, checkpoint_every)
+                           cursor if gi == first_group else None, save, checkpoint_every, threshold)
             if ckpt is not None:
                 ckpt.write(gi + 1, None)
     draws, stats, diverged, divergence_step = out.draws, out.stats, out.diverged, out.divergence_step
@@ -539,6 +584,7 @@ def sample(
         "n": int(tensors[0].shape[0]) if tensors is not None else None,
         "seed": int(seed), "chain_method": method, "chain_method_reason": reason, "task": energy.task,
         "noise": noise, "prefetch_noise": prefetch_noise, "train_mode_dropout": train_mode_dropout,
+        "divergence_threshold": None if math.isinf(threshold) else threshold,
         "loss": loss_desc, "likelihood": loss_likelihood(energy.loss_fn),
         "noise_std": getattr(energy.loss_fn, "noise_std", None), "init": init
         if isinstance(init, str) else "given", "sampled_params": names, "kept_params": keep_names,
@@ -732,6 +778,108 @@ class _CentreFinder:
         if state["cv"] is not None:
             self.activate(group, state["cv"]["centre"], state["cv"]["centre_grad"])
 
+def _check_model_storage(model: nn.Module) -> None:
+    """A module whose tensors have no storage (the meta device) cannot be sampled."""
+    for n, t in [*model.named_parameters(), *model.named_buffers()]:
+        if t.is_meta:
+            raise ValueError(f"model: {n!r} is on the meta device (no values); materialise the module first, "
+                             "e.g. model.to_empty(device='cpu') and load its weights")
+
+
+def _check_threshold(value: object) -> float:
+    if value is None:
+        return math.inf
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)) \
+            or math.isnan(float(value)) or not float(value) > 1:
+        raise ValueError(f"divergence_threshold: expected a number > 1 (a ratio to the initial energy) or "
+                         f"None to flag only non-finite energies, got {value!r}")
+    return float(value)
+
+
+def _check_chain_ids(chain_ids: object, total: int) -> None:
+    if isinstance(chain_ids, (str, bytes)) or not isinstance(chain_ids, (Sequence, np.ndarray, range)):
+        raise TypeError(f"chain_ids: expected a sequence of chain indices, got {type(chain_ids).__name__}")
+    bad = [c for c in chain_ids if isinstance(c, (bool, np.bool_)) or not isinstance(c, (int, np.integer))]
+    if bad:
+        raise TypeError(f"chain_ids: chain indices must be ints, got {bad[:3]!r}")
+    ids = [int(c) for c in chain_ids]
+    if not ids or len(set(ids)) != len(ids) or not all(0 <= c < total for c in ids):
+        raise ValueError(f"chain_ids: must be distinct indices in [0, {total}), got {chain_ids!r}")
+
+
+def _check_run_memory(named: list[tuple[str, Tensor]], keep_names: list[str], num_chains: int,
+                      num_draws: int) -> None:
+    """Refuse, before allocating, a run whose buffers would not fit in the available memory.
+
+    Estimate: the stored draws C x N x D_kept plus the per-draw statistics C x N x (2 values + a float64
+    step size + a bool), and about 6 copies of the C x D chain state (initial weights, chain weights,
+    gradients, sampler state, noise, the vectorization probe)."""
+    item = itemsize(named[0][1].dtype)
+    d = sum(p.numel() for _, p in named)
+    d_kept = sum(p.numel() for n, p in named if n in keep_names)
+    draws = float(num_chains) * num_draws * (d_kept * item + 2 * item + 9)
+    state = 6.0 * num_chains * d * item
+    if draws >= state:
+        check_memory("num_draws", draws + state,
+                     f"storing {num_chains} chain(s) x {num_draws} draws of {d_kept:,} kept weights",
+                     "store fewer draws (num_draws, thin), fewer parameters (keep=[...]) or fewer chains "
+                     "per call (chain_ids)")
+    else:
+        check_memory("num_chains", draws + state, f"the state of {num_chains} chain(s) of {d:,} weights",
+                     "run fewer chains per call (chain_ids, or sequential calls)")
+
+
+_LOW_PRECISION = {torch.float16: 10, torch.bfloat16: 7}  # explicit mantissa bits
+
+
+def _warn_low_precision(named: list[tuple[str, Tensor]], schedule: Schedule) -> None:
+    low = sorted({str(p.dtype) for _, p in named if p.dtype in _LOW_PRECISION})
+    if not low:
+        return
+    h = float(schedule.step_size(0))
+    ws = [p.detach().reshape(-1) for _, p in named if p.dtype in _LOW_PRECISION]
+    w = torch.cat([v.float() for v in ws])
+    dtype = ws[0].dtype
+    # a change of one noise standard deviation sqrt(2h) that leaves the stored number as it was
+    stuck = float(((w + math.sqrt(2 * h)).to(dtype).float() == w).double().mean()) if w.numel() else 0.0
+    warnings.warn(
+        f"model: its weights are {', '.join(low)}: a Langevin update of size h*grad U + sqrt(2h)*xi "
+        f"smaller than half the spacing of {dtype} numbers at w (|w| * 2^-{_LOW_PRECISION[dtype] + 1}) "
+        f"rounds away, so those coordinates never move; at step size h={h:g}, a change of one noise "
+        f"standard deviation sqrt(2h) leaves {100 * stuck:.0f}% of the initial weights unchanged. "
+        "Sample in float32 or float64 (model.float() / model.double()).", PrecisionWarning, stacklevel=3)
+
+
+def _check_stat_fns(stat_fns: object) -> dict[str, StatFn]:
+    if stat_fns is None:
+        return {}
+    if not isinstance(stat_fns, Mapping):
+        raise TypeError(f"stat_fns: expected a mapping name -> function(params) -> scalar, got "
+                        f"{type(stat_fns).__name__}")
+    for key, fn in stat_fns.items():
+        if not isinstance(key, str):
+            raise TypeError(f"stat_fns: keys must be str names, got {key!r}")
+        if key in ("energy", "loss", "step_size", "diverging"):
+            raise ValueError(f"stat_fns: {key!r} is a built-in statistic; give it another name")
+        if not callable(fn):
+            raise TypeError(f"stat_fns: {key!r} must be a callable params -> scalar, got {type(fn).__name__}")
+    return dict(stat_fns)
+
+
+def _stat_value(key: str, value: object) -> float:
+    """A stat function's result as a float; a string, a vector or None is an error naming it."""
+    if isinstance(value, Tensor):
+        if value.numel() != 1:
+            raise ValueError(f"stat_fns: {key!r} must return a scalar, got a tensor of shape "
+                             f"{tuple(value.shape)}")
+        return float(value)
+    if isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, (bool, np.bool_)):
+        return float(value)
+    if isinstance(value, np.ndarray) and value.size == 1 and value.dtype.kind in "iuf":
+        return float(value)
+    raise TypeError(f"stat_fns: {key!r} must return a number or a 1-element tensor, got "
+                    f"{type(value).__name__} {value!r:.60}")
+
 
 def _check_model_takes_data(energy: Energy, params: dict[str, Tensor], fixed: dict[str, Tensor],
                             x: Tensor, y: Tensor) -> None:
@@ -742,11 +890,16 @@ def _check_model_takes_data(energy: Energy, params: dict[str, Tensor], fixed: di
         # as when sampling: BatchNorm must not update its statistics here
         with _sampling_mode(energy.model, False), torch.no_grad():
             out = torch.func.functional_call(energy.model, {**fixed, **params}, (x[head],))
-            energy.mean_loss(out, y[head])
+            losses = energy.loss_fn(out, y[head])
     except (RuntimeError, IndexError, TypeError, ValueError) as err:
         raise ValueError(f"data: the model and loss cannot consume the data ({type(err).__name__}: {err}); "
                          f"check x's shape {tuple(x.shape)} and dtype {x.dtype}, and y's shape "
                          f"{tuple(y.shape)} and dtype {y.dtype}") from err
+    rows = len(x[head])
+    if not isinstance(losses, Tensor) or (losses.dim() != 0 and tuple(losses.shape) != (rows,)):
+        shape = tuple(losses.shape) if isinstance(losses, Tensor) else type(losses).__name__
+        raise ValueError(f"loss_fn: must return one loss per example, shape ({rows},) for {rows} examples "
+                         f"(reduction='none'), or a 0-d batch mean; got {shape}")
     if loss_likelihood(energy.loss_fn) == "bernoulli":
         if bool((y < 0).any()) or bool((y > 1).any()):
             raise ValueError(f"data: binary cross-entropy needs targets in [0, 1] (labels 0/1), got values "
@@ -771,6 +924,9 @@ def _initial_params(named: list[tuple[str, Tensor]], init: str | Mapping[str, Te
             per_chain = [prior.sample_like(current, _generator(seeds[c][2])) for c in range(num_chains)]
             return {n: torch.stack([d[n] for d in per_chain]) for n, _ in named}
         raise ValueError(f"init: expected 'model', 'prior' or a mapping of tensors, got {init!r}")
+    if not isinstance(init, Mapping):
+        raise TypeError(f"init: expected 'model', 'prior' or a mapping name -> tensor, got "
+                        f"{type(init).__name__} {init!r}")
     out = {}
     for n, p in named:
         if n not in init:
@@ -853,11 +1009,13 @@ class _Cursor:
     kept: int
     counter: int
     alive: Tensor
+    limit: Tensor | None = None  # per chain, the |U| above which the chain has diverged
 
 
 def _group_state(group: _Group, cur: _Cursor) -> dict[str, Any]:
     return {
         "t": cur.t, "kept": cur.kept, "counter": cur.counter, "alive": cur.alive.clone(),
+        "energy_limit": None if cur.limit is None else cur.limit.clone(),
         "params": [p.detach().clone() for p in group.params],
         "kernel_state": {k: [v.clone() for v in vs] for k, vs in group.state.items()},
         "noise_generators": group.generator_states(),
@@ -880,7 +1038,9 @@ def _restore_group(group: _Group, saved: dict[str, Any]) -> _Cursor:
         group.dropout_state = saved["dropout_rng"]
     if group.centre is not None:
         group.centre.load_state_dict(group, saved["centre"])
-    return _Cursor(int(saved["t"]), int(saved["kept"]), int(saved["counter"]), saved["alive"].clone())
+    limit = saved.get("energy_limit")
+    return _Cursor(int(saved["t"]), int(saved["kept"]), int(saved["counter"]), saved["alive"].clone(),
+                   None if limit is None else limit.clone())
 
 
 def _total_steps(schedule: Schedule, num_warmup: int, num_draws: int, thin: int) -> int | None:
@@ -901,12 +1061,18 @@ def _total_steps(schedule: Schedule, num_warmup: int, num_draws: int, thin: int)
 
 def _run_group(runner: _Sampler, group: _Group, names: list[str], keep_names: list[str], num_warmup: int,
                num_draws: int, thin: int, out: _Buffers, progress: bool, cur: _Cursor | None = None,
-               checkpoint: Callable[[dict[str, Any]], None] | None = None, checkpoint_every: int = 0) -> None:
+               checkpoint: Callable[[dict[str, Any]], None] | None = None, checkpoint_every: int = 0,
+               divergence_threshold: float = math.inf) -> None:
     """Advance one chain group until it holds ``num_draws`` draws (or every chain diverged).
 
     A draw is the weights w_t *before* step t, stored with U(w_t); ``checkpoint`` is called with the
     group's complete state at the start of every ``checkpoint_every``-th step, so a resumed run
     repeats exactly the steps an uninterrupted one takes.
+
+    A chain diverges at the first step t whose energy U(w_t) is non-finite or exceeds
+    ``divergence_threshold`` x its reference scale ``max(|U(w_0)|, D)`` (initial energy, floored at
+    the number D of sampled coordinates); from then on its weights are NaN and
+    ``sample_stats["diverging"]`` is true at every draw of that chain from the divergence on.
     """
     schedule = runner.schedule
     idx = torch.tensor(group.chains)
@@ -914,6 +1080,7 @@ def _run_group(runner: _Sampler, group: _Group, names: list[str], keep_names: li
     resumed_at = cur.t if cur is not None else -1
     if cur is None:
         cur = _Cursor(0, 0, 0, torch.ones(len(group.chains), dtype=torch.bool))
+    floor = float(sum(p[0].numel() for p in group.params))
     desc = f"chain {group.chains[0]}" if len(group.chains) == 1 else f"{len(group.chains)} chains"
     warn_if_oversubscribed()
     # the bar counts every step, warm-up included, so its ETA holds from the start; it stays on screen
@@ -930,12 +1097,21 @@ def _run_group(runner: _Sampler, group: _Group, names: list[str], keep_names: li
             if runner.noise_report is not None and t == runner.noise_report.at:
                 runner.noise_report.after_warmup(group)
             u, loss, grads = runner.gradients(group)
-            # a non-finite gradient shows up as a non-finite energy one step later
-            newly = cur.alive & ~torch.isfinite(u)
+            if cur.limit is None and math.isfinite(divergence_threshold):
+                # threshold x the energy scale a relative explosion is measured against (a NaN U(w_0)
+                # gives a NaN limit: every comparison fails, the chain is flagged at once, as it must be)
+                scale = torch.clamp(u.detach().double().abs(), min=floor)
+                # below the dtype's largest value, so that |U| = inf never passes
+                cur.limit = (divergence_threshold * scale).clamp(max=torch.finfo(u.dtype).max).to(u.dtype)
+            # a non-finite gradient shows up as a non-finite energy one step later; |U| <= limit is
+            # false for NaN and +-inf as well
+            ok = u.abs() <= cur.limit if cur.limit is not None else torch.isfinite(u)
+            newly = cur.alive & ~ok
             if bool(newly.any()):
                 for j in torch.nonzero(newly).flatten().tolist():
                     out.diverged[group.chains[j]] = True
                     out.divergence_step[group.chains[j]] = t
+                    out.stats["diverging"][group.chains[j], cur.kept:] = True  # every draw from here on
                 cur.alive &= ~newly
                 with torch.no_grad():  # from here on a diverged chain holds NaN: never averaged in
                     for p in group.params:
@@ -952,9 +1128,8 @@ def _run_group(runner: _Sampler, group: _Group, names: list[str], keep_names: li
                     out.stats["energy"][idx, k] = u.to(out.stats["energy"].dtype)
                     out.stats["loss"][idx, k] = loss.to(out.stats["loss"].dtype)
                     out.stats["step_size"][idx, k] = schedule.step_size(t)
-                    out.stats["diverging"][idx, k] = ~cur.alive
                     for name, fn in runner.stat_fns.items():
-                        vals = [float(fn({n: p[j].detach() for n, p in zip(names, group.params)}))
+                        vals = [_stat_value(name, fn({n: p[j].detach() for n, p in zip(names, group.params)}))
                                 if bool(cur.alive[j]) else math.nan for j in range(len(group.chains))]
                         out.stat(name)[idx, k] = torch.tensor(vals, dtype=torch.float64)
                 cur.kept += 1

@@ -20,6 +20,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call, vmap
 
+from ._validate import check_bool, check_memory
 from .batched import batched_forward
 from .io import FormatError, load_payload, save_payload
 
@@ -146,12 +147,15 @@ class Posterior:
     Attributes:
         draws: name -> tensor (chain, draw, *param_shape).
         sample_stats: name -> tensor (chain, draw): ``energy`` (U_B at the kept step),
-            ``loss`` (minibatch mean loss), ``step_size``, ``diverging`` (bool), and
+            ``loss`` (minibatch mean loss), ``step_size``, ``diverging`` (bool; true at every
+            draw of a diverged chain from its divergence on, the draws that hold NaN), and
             sampler-specific statistics.
         metadata: beta, prior, sampler settings, seed, library version, chain method, ...
         fixed: name -> tensor of everything not sampled (buffers, frozen parameters), held at
             the values they had when sampling started.
-        diverged: bool (chain,), true for chains stopped by a non-finite energy or weight.
+        diverged: bool (chain,), true for chains stopped by a non-finite or exploding energy or
+            weight (see :func:`~pib_bayes.sample`), and for any chain whose draws hold NaN/Inf
+            (flagged at construction, with a warning).
         divergence_step: per chain, the global step at which it diverged, or -1.
         model: the module the draws belong to (needed by :meth:`predict`; not saved).
         task: ``"classification"`` or ``"regression"``; stored in ``metadata["task"]`` (given
@@ -213,6 +217,24 @@ class Posterior:
         for name, v in (("diverged", self.diverged), ("divergence_step", self.divergence_step)):
             if not isinstance(v, Tensor) or tuple(v.shape) != (c,):
                 raise ValueError(f"{name}: must be a tensor with one entry per chain ({c})")
+        # a chain holding NaN/Inf draws is diverged whether or not it was flagged: predictions and
+        # diagnostics must not average it in silently
+        broken = torch.zeros(c, dtype=torch.bool)
+        for v in self.draws.values():
+            if not (v.is_floating_point() or v.is_complex()):
+                continue
+            if v.numel() <= 2**24:
+                broken |= ~torch.isfinite(v.reshape(c, -1)).all(1)
+            else:  # one chain at a time: the boolean temporary stays small
+                for ci in range(c):
+                    broken[ci] |= not bool(torch.isfinite(v[ci]).all())
+        unflagged = broken & ~self.diverged.bool()
+        if bool(unflagged.any()):
+            chains = torch.nonzero(unflagged).flatten().tolist()
+            warnings.warn(f"draws: chains {chains} hold NaN/Inf draws but were not flagged as diverged; "
+                          "they are flagged now (diverged=True, divergence_step=-1, unknown) and left out of "
+                          "predictions and diagnostics unless include_diverged=True", stacklevel=3)
+            self.diverged = self.diverged.bool() | unflagged
 
     # ----------------------------------------------------------------- shape
     @property
@@ -240,6 +262,7 @@ class Posterior:
     def kept_chains(self, include_diverged: bool = False) -> list[int]:
         """Chains used for predictions and diagnostics: all, or (default) those that did not diverge,
         with a warning naming the diverged ones and their steps."""
+        check_bool("include_diverged", include_diverged)
         chains = list(range(self.num_chains)) if include_diverged else self.good_chains
         if not include_diverged and len(chains) < self.num_chains:
             bad = [c for c in range(self.num_chains) if c not in chains]
@@ -267,6 +290,8 @@ class Posterior:
 
     # ------------------------------------------------------------- outputs
     def _model_for(self, model: nn.Module | None) -> nn.Module:
+        if model is not None and not isinstance(model, nn.Module):
+            raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
         model = model or self.model
         if model is None:
             raise ValueError("model: this Posterior has no model attached; pass model= or "
@@ -339,6 +364,9 @@ class Posterior:
         came from, for the error messages."""
         if not isinstance(x, Tensor):
             raise TypeError(f"{name}: expected a tensor, got {type(x).__name__}")
+        if x.dim() == 0 or x.shape[0] == 0:
+            raise ValueError(f"{name}: holds no inputs (shape {tuple(x.shape)}); pass at least one row "
+                             "(predictions over an empty batch are not defined)")
         if x.is_floating_point() and not bool(torch.isfinite(x).all()):
             raise ValueError(f"{name}: x contains NaN or Inf values")
         if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int)
@@ -366,6 +394,9 @@ class Posterior:
         def write(start: int, out: Tensor) -> None:
             if not per_draw:
                 shape = tuple(out.shape[1:]) if dest_shape is None else dest_shape(out.shape[1:])
+                check_memory(name, float(m) * math.prod(shape) * out.element_size() * 2,
+                             f"the outputs of {m} draws at {x.shape[0]} inputs ({shape} per draw, plus "
+                             "their mean and variance)", "predict on fewer inputs at a time (split x)")
                 per_draw.append(out.new_empty((m, *shape)))
             finish(out, per_draw[0][start:start + out.shape[0]])
 
@@ -509,6 +540,10 @@ class Posterior:
         instead of cache; 1.7x the loop on MLP 20-64-64-10 at 256 inputs with 64 draws per chunk,
         2.7x with 16). Chains flagged as diverged are left out (with a warning) unless
         ``include_diverged``.
+
+        A chain whose draws contain NaN/Inf is flagged as diverged when the Posterior is built. An
+        empty ``x`` (no rows) is a ``ValueError``, as are predictions whose (draws x inputs x
+        outputs) buffer would exceed the available memory (checked before it is allocated).
 
         Classification: p(y|x,S) ≈ (1/M) sum_m softmax(f(x; w_m)) (SPEC §4). Parameters without
         draws (a run with ``keep=``) take the module's current values, with a warning.

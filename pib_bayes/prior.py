@@ -19,7 +19,7 @@ from typing import Protocol, runtime_checkable
 import torch
 from torch import Tensor, nn
 
-__all__ = ["Prior", "GaussianPrior", "DistributionPrior", "FlatPrior", "as_prior"]
+__all__ = ["Prior", "GaussianPrior", "DistributionPrior", "FlatPrior", "as_prior", "check_prior_fits"]
 
 
 @runtime_checkable
@@ -125,6 +125,9 @@ class GaussianPrior:
         if isinstance(self.std, dict):
             for name, s in self.std.items():
                 _check_std(f"std[{name!r}]", s)
+        # the trainable parameter names of the module it was built for (set by from_module): a
+        # posterior over other names would silently get a zero-mean prior for them
+        self.param_names: frozenset[str] | None = None
 
     def std_of(self, name: str) -> float | Tensor:
         if isinstance(self.std, dict):
@@ -175,7 +178,9 @@ class GaussianPrior:
                     except RuntimeError:
                         raise ValueError(f"std: {n!r} has shape {tuple(s.shape)}, which does not broadcast "
                                          f"to the parameter's {tuple(current[n].shape)}") from None
-        return cls(std=std, mean=centre)
+        prior = cls(std=std, mean=centre)
+        prior.param_names = frozenset(current)
+        return prior
 
     def _isotropic(self, params: Mapping[str, Tensor], batch_ndim: int) -> tuple[list, float]:
         """``[(w, mean or None, 1/s^2)]`` for the tensors with a scalar sigma, and their log-normaliser."""
@@ -283,6 +288,58 @@ class FlatPrior:
 
     def __repr__(self) -> str:
         return "FlatPrior()"
+
+
+def _fits(shape: tuple[int, ...], target: tuple[int, ...]) -> bool:
+    try:
+        return tuple(torch.broadcast_shapes(shape, target)) == tuple(target)
+    except RuntimeError:
+        return False
+
+
+def check_prior_fits(prior: object, shapes: Mapping[str, tuple[int, ...]], what: str = "prior") -> None:
+    """Raise ``ValueError`` naming ``what`` unless ``prior`` covers every parameter in ``shapes``
+    (name -> shape) with tensors of fitting shapes: a :class:`GaussianPrior` built by
+    :meth:`GaussianPrior.from_module` for another module, a mean or std of another shape, or a
+    :class:`DistributionPrior` whose distribution's ``batch_shape + event_shape`` does not broadcast
+    to a parameter's shape (it would silently expand the log-density).
+
+    >>> import torch
+    >>> try:
+    ...     check_prior_fits(DistributionPrior(torch.distributions.Normal(torch.zeros(4), 1.0)), {"w": (3,)})
+    ... except ValueError as err:
+    ...     print(str(err)[:44])
+    prior: the distribution for 'w' has shape (4
+    """
+    if isinstance(prior, GaussianPrior):
+        if prior.param_names is not None:
+            missing = sorted(set(shapes) - prior.param_names)
+            if missing:
+                raise ValueError(f"{what}: was built (GaussianPrior.from_module) for a module without the "
+                                 f"parameters {missing}; build it from the sampled module")
+        for n, shape in shapes.items():
+            m = prior.mean.get(n)
+            if m is not None and tuple(m.shape) != tuple(shape):
+                raise ValueError(f"{what}: the mean of {n!r} has shape {tuple(m.shape)}, the parameter "
+                                 f"{tuple(shape)}; build the prior from the sampled module")
+            std = prior.std_of(n)
+            if isinstance(std, Tensor) and not _fits(tuple(std.shape), tuple(shape)):
+                raise ValueError(f"{what}: the std of {n!r} has shape {tuple(std.shape)}, which does not "
+                                 f"broadcast to the parameter's {tuple(shape)}")
+    elif isinstance(prior, DistributionPrior):
+        for n, shape in shapes.items():
+            if isinstance(prior.dist, Mapping):
+                if n not in prior.dist:
+                    raise ValueError(f"{what}: no distribution for the parameter {n!r}; the mapping has "
+                                     f"{sorted(prior.dist)}")
+                d = prior.dist[n]
+            else:
+                d = prior.dist
+            dshape = tuple(d.batch_shape) + tuple(d.event_shape)
+            if not _fits(dshape, tuple(shape)):
+                raise ValueError(f"{what}: the distribution for {n!r} has shape {dshape}, which does not "
+                                 f"broadcast to the parameter's {tuple(shape)}; use a scalar distribution "
+                                 "(e.g. Laplace(0., 1.)) or one of that shape")
 
 
 def as_prior(prior: object, module: nn.Module) -> Prior:

@@ -34,6 +34,7 @@ import torch
 from torch import Tensor
 from torch.distributions import Categorical, MixtureSameFamily, Normal
 
+from ._validate import check_int, check_real
 from .posterior import Prediction
 
 __all__ = [
@@ -309,13 +310,16 @@ def credible_interval(per_draw: Tensor, level: float = 0.9, noise_std: float | T
 
     With ``noise_std`` s (a scalar, one per point, or one per draw and point, (M, B, ...), for a
     heteroscedastic model): the (1 ∓ level)/2 quantiles of the mixture (1/M) sum_m N(f_m, s_m^2),
-    solved to |CDF - q| < ``tol`` by safeguarded Newton on the mixture CDF
+    solved to |CDF - q| < ``tol`` (> 0) in at most ``max_iter`` (>= 1) steps of safeguarded Newton
+    on the mixture CDF
     (``torch.distributions.MixtureSameFamily``: ``cdf`` and ``log_prob``), falling back to
     bisection of the bracket [min f - 10 s, max f + 10 s] whenever a Newton step leaves it.
     Without: the empirical quantiles of f_m (``torch.quantile``, linear interpolation), an
     interval for f(x) alone.
     """
     level = _check_level(level)
+    tol = check_real("tol", tol, positive=True)
+    max_iter = check_int("max_iter", max_iter, minimum=1)
     if not isinstance(per_draw, Tensor) or per_draw.dim() < 2:
         raise ValueError("per_draw: expected a tensor (draws, points, ...)")
     if per_draw.shape[0] == 0:
@@ -349,11 +353,16 @@ def credible_interval(per_draw: Tensor, level: float = 0.9, noise_std: float | T
 
 
 def coverage(y: Tensor, lower: Tensor, upper: Tensor) -> float:
-    """Fraction of observed values inside [lower, upper]."""
+    """Fraction of observed values inside [lower, upper] (``lower <= upper`` everywhere, else a
+    ``ValueError``)."""
     lower = _real_tensor("lower", lower)
     upper = _real_tensor("upper", upper)
     if upper.shape != lower.shape:
         raise ValueError(f"upper: shape {tuple(upper.shape)} differs from lower's {tuple(lower.shape)}")
+    if bool((lower > upper).any()):
+        k = int((lower > upper).sum())
+        raise ValueError(f"lower: exceeds upper at {k} of {lower.numel()} points; pass (lower, upper) of an "
+                         "interval, in that order")
     y = _check_targets(y, lower, "lower").to(lower.dtype)
     return float(((y >= lower) & (y <= upper)).double().mean())
 

@@ -472,3 +472,56 @@ def test_report_flags_vacuous_and_rejects_bad_input(sampled):
                     num_warmup=5, num_draws=5)
     with pytest.raises(ValueError, match="classification"):
         B.report(reg, (x, torch.zeros(32, dtype=torch.long)), kl=1.0)
+
+
+# ------------------------------------------------------------------ kl_inverse exact for every c >= 0
+def _exact_kl_inverse(q: float, c: float):
+    """sup{p in [q, 1]: kl(q||p) <= c} by 400 bisection steps at 60 significant digits (mpmath)."""
+    import mpmath
+
+    with mpmath.workdps(60):
+        qq, cc = mpmath.mpf(q), mpmath.mpf(c)
+
+        def kl(p):
+            if p >= 1:  # the inverse lies within 1e-60 of 1
+                return mpmath.inf
+            return (qq * mpmath.log(qq / p) if qq > 0 else 0) + (1 - qq) * mpmath.log((1 - qq) / (1 - p))
+
+        lo, hi = qq, mpmath.mpf(1)
+        for _ in range(400):
+            mid = (lo + hi) / 2
+            if kl(mid) > cc:
+                hi = mid
+            else:
+                lo = mid
+        return hi
+
+
+@settings(max_examples=150, deadline=None)
+@given(q=st.floats(0.0, 0.999), log_c=st.floats(-40.0, 1.5))
+def test_kl_inverse_is_never_below_the_exact_inverse_and_within_tol(q, log_c):
+    import mpmath
+
+    c = 10.0**log_c
+    tol = 1e-12
+    got, exact = B.kl_inverse(q, c, tol), _exact_kl_inverse(q, c)
+    with mpmath.workdps(60):
+        gap = mpmath.mpf(got) - exact
+        assert gap >= 0, (q, c, got, mpmath.nstr(exact, 20))
+        assert gap <= tol + 4 * math.ulp(got), (q, c, got, mpmath.nstr(exact, 20))
+
+
+def test_kl_inverse_tiny_budget_from_the_issue():
+    """q = 0.2, c = 1e-15: 0.2000000171 (below the exact 0.2000000179) before the cancellation-free kl."""
+    import mpmath
+
+    got = B.kl_inverse(0.2, 1e-15)
+    exact = _exact_kl_inverse(0.2, 1e-15)
+    assert mpmath.mpf(got) >= exact and float(mpmath.mpf(got) - exact) < 1e-12
+    # the would-catch-the-bug twin: the textbook kl q log(q/p) + (1-q) log((1-q)/(1-p)) in the same
+    # bisection lands below the exact inverse
+    lo, hi = 0.2, 1.0
+    while hi - lo > 1e-12:
+        mid = 0.5 * (lo + hi)
+        lo, hi = (lo, mid) if float(B.binary_kl(0.2, mid)) > 1e-15 else (mid, hi)
+    assert mpmath.mpf(hi) < exact

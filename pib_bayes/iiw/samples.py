@@ -26,8 +26,9 @@ import torch
 from torch import Tensor
 from torch.distributions import LowRankMultivariateNormal, MultivariateNormal, Normal
 
+from .._validate import check_bool
 from ..posterior import Posterior
-from ..prior import FlatPrior, GaussianPrior, Prior
+from ..prior import FlatPrior, GaussianPrior, Prior, check_prior_fits
 from ._groups import resolve_groups
 from .result import IIWResult
 
@@ -48,6 +49,13 @@ def ledoit_wolf(x: Tensor) -> tuple[Tensor, float]:
     >>> bool(torch.linalg.eigvalsh(cov).min() > 0), 0.0 <= a <= 1.0
     (True, True)
     """
+    if not isinstance(x, Tensor) or x.dim() != 2 or not x.is_floating_point():
+        raise TypeError(f"x: expected a floating-point tensor (M, d) of centred draws, got "
+                        f"{type(x).__name__} {tuple(x.shape) if isinstance(x, Tensor) else ''}")
+    if x.shape[0] < 2 or x.shape[1] < 1:
+        raise ValueError(f"x: needs at least 2 rows (draws) and 1 column, got shape {tuple(x.shape)}")
+    if not bool(torch.isfinite(x).all()):
+        raise ValueError("x: contains NaN or Inf values")
     m, d = x.shape
     s = x.T @ x / m
     mu = torch.trace(s) / d
@@ -217,7 +225,7 @@ def _chains_of(post: Posterior, names: list[str], what: str) -> Tensor:
         warnings.warn(f"{what}: chains {sorted(set(range(post.num_chains)) - set(chains))} diverged and are "
                       "left out", stacklevel=3)
     if not chains:
-        raise ValueError(f"{what}: every chain diverged; nothing to estimate from")
+        raise ValueError(f"{what}: every chain diverged (or holds NaN/Inf draws); nothing to estimate from")
     x = post.flat(names)[chains].to(torch.float64)
     if x.shape[0] * x.shape[1] < 2:
         raise ValueError(f"{what}: needs at least 2 draws in total, got {x.shape[0] * x.shape[1]}; "
@@ -312,6 +320,7 @@ def kl(
         raise ValueError("prior: the KL to an improper flat prior is infinite; pass a proper prior")
     if not isinstance(prior, Prior):
         raise TypeError(f"prior: expected a pib_bayes Prior (e.g. GaussianPrior), got {type(prior).__name__}")
+    check_prior_fits(prior, {n: tuple(v.shape[2:]) for n, v in posterior.draws.items()})
     names, index, slices = _layout(posterior, groups)
     x = _chains_of(posterior, names, "posterior").reshape(-1, sum(s.stop - s.start for s in slices.values()))
     m, d = x.shape
@@ -454,6 +463,7 @@ def channel(
     _check_structure(structure)
     _check_shrinkage(shrinkage)
     _check_rank(rank)
+    check_bool("mc_correction", mc_correction)
     if isinstance(posteriors, Posterior) or not isinstance(posteriors, Sequence):
         raise TypeError("posteriors: expected a list of Posterior objects, one per resample of the data")
     if len(posteriors) < 2:
