@@ -5,8 +5,9 @@ roles (``:class:`~pib_bayes.Posterior```) that docs/_griffe_ext.py turns into cr
 that reaches the HTML as text means that conversion missed it. Math is written ``$...$`` / ``$$...$$``
 and pymdownx.arithmatex wraps it in ``arithmatex`` elements for KaTeX; a ``$`` (or a ``\(``, ``\[``)
 left in the prose outside those elements and outside code is math that was not recognised, e.g. a
-``$$`` block inside a list item without the list's indentation, or an unbalanced ``$``. Exit status 1
-names each page and the offending text.
+``$$`` block inside a list item without the list's indentation, or an unbalanced ``$``. Nested block
+quotes are a doctest written outside an ``Examples:`` section that the docs extension did not fence.
+Exit status 1 names each page and the offending text.
 """
 
 from __future__ import annotations
@@ -23,6 +24,8 @@ SCRIPT = re.compile(r"<(script|style)\b.*?</\1>", re.S | re.I)
 CODE_OR_MATH = re.compile(r"<(pre|code)\b.*?</\1>|<(span|div)\b[^>]*\bclass=\"arithmatex\"[^>]*>.*?</\2>",
                           re.S | re.I)
 LOOSE_MATH = re.compile(r"\$\$?|\\\(|\\\[")
+# a doctest (">>> ...") that Markdown read as text: three nested block quotes, the code run together
+QUOTED_DOCTEST = re.compile(r"<blockquote>\s*<blockquote>", re.I)
 TAG = re.compile(r"<[^>]+>")
 
 
@@ -34,6 +37,9 @@ def problems(page: str) -> list[str]:
         for m in pattern.finditer(text):
             context = html.unescape(TAG.sub("", text[max(0, m.start() - 60): m.end() + 60]))
             found.append(f"{what}: ...{' '.join(context.split())}...")
+    for m in QUOTED_DOCTEST.finditer(text):
+        context = html.unescape(TAG.sub(" ", text[m.end(): m.end() + 300]))
+        found.append(f"doctest rendered as block quotes: {' '.join(context.split())[:80]}...")
     prose = html.unescape(TAG.sub("", CODE_OR_MATH.sub(" ", text)))
     for m in LOOSE_MATH.finditer(prose):
         context = prose[max(0, m.start() - 60): m.end() + 60]

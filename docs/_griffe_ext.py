@@ -18,6 +18,10 @@ them; the source keeps its plain-text form.
   parameter's default is found (otherwise the table says "required").
 * A few displayed equations (exact code spans listed in ``EQUATIONS``) become typeset math; other
   code spans stay code.
+* A doctest written in the body of a docstring (``>>>`` lines at the left margin, outside an
+  ``Examples:`` section) becomes a fenced ``pycon`` block; as plain Markdown its ``>>>`` would
+  render as three nested block quotes with the code run together. Any other line that starts with
+  ``>`` (a wrapped ``>= 1 - delta``) gets the ``>`` escaped, so it is not a block quote either.
 
 Loaded by mkdocs.yml through the mkdocstrings Python handler's ``extensions`` option.
 """
@@ -215,7 +219,7 @@ class ReSTRoles(griffe.Extension):
         text = SPEC_RE.sub(_spec_link, text)
         for code, tex in EQUATIONS.items():
             text = text.replace(f"``{code}``", f"${tex}$")
-        return _split_multi_args(text)
+        return _fence_doctests(_split_multi_args(text))
 
 
 def _spec_link(match: re.Match[str]) -> str:
@@ -223,6 +227,32 @@ def _spec_link(match: re.Match[str]) -> str:
     label = f"§{section}{sub}" + (f"-{upto}" if upto else "")
     anchor = f"spec-{section}{sub}" if f"spec-{section}{sub}" in MATH_ANCHORS else f"spec-{section}"
     return f"[the mathematics, {label}][{anchor}]"  # an unknown section fails the strict build
+
+
+def _fence_doctests(text: str) -> str:
+    """Each doctest block at the left margin (a ``>>>`` line up to the next blank line) -> a ``pycon`` fence.
+
+    Indented doctests belong to a section (``Examples:``), which mkdocstrings renders itself; text
+    already inside a fence is left alone. Other lines starting with ``>`` get it escaped."""
+    out: list[str] = []
+    in_fence = in_doctest = False
+    for line in text.split("\n"):
+        if in_doctest and not line.strip():
+            out.append("```")
+            in_doctest = False
+        if line.startswith("```"):
+            in_fence = not in_fence
+        elif not in_fence and not in_doctest and line.startswith(">>>"):
+            if out and out[-1].strip():
+                out.append("")  # a fence opens a block of its own
+            out.append("```pycon")
+            in_doctest = True
+        elif not in_fence and not in_doctest and re.match(r"\s*>(?!>>)", line):
+            line = line.replace(">", "\\>", 1)  # ">= 1 - delta" wrapped to a line start: text, not a quote
+        out.append(line)
+    if in_doctest:
+        out.append("```")
+    return "\n".join(out)
 
 
 def _split_multi_args(text: str) -> str:

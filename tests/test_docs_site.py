@@ -71,6 +71,13 @@ def test_check_site_flags_math_left_untypeset():
     assert len(check_site.problems('<a class="md-nav__link">across \\(\\beta\\)</a>')) == 1
 
 
+def test_check_site_flags_a_doctest_rendered_as_block_quotes():
+    quoted = "<blockquote>\n<blockquote>\n<blockquote>\n<p>import torch prior = GaussianPrior(std=2.0)</p>"
+    bad = check_site.problems(quoted + "</blockquote></blockquote></blockquote>")
+    assert len(bad) == 1 and bad[0].startswith("doctest rendered as block quotes: import torch"), bad
+    assert check_site.problems("<blockquote><p>a quoted remark</p></blockquote>") == []
+
+
 PROSE_CODE = re.compile(r"^(```|~~~).*?^\1[^\n]*$|`[^`\n]+`", re.S | re.M)
 DOLLAR = re.compile(r"(?<!\\)\$")
 
