@@ -14,6 +14,8 @@ them; the source keeps its plain-text form.
   (if unique) by name anywhere in the package.
 * ``SPEC §N`` (also ``§3a``, ``§1-2``) becomes a link to the matching heading of ``docs/math.md``
   (headings carry the ids ``spec-1``, ``spec-3a``, ...); an id that does not exist fails the build.
+* A mention of a docs page by its path (``docs/performance.md``, outside code) becomes an autorefs
+  link to that page's title heading, shown as the title; a page without a title fails the build.
 * An ``Args:`` entry naming several parameters is split into one entry per name, so that each
   parameter's default is found (otherwise the table says "required").
 * A few displayed equations (exact code spans listed in ``EQUATIONS``) become typeset math; other
@@ -39,6 +41,8 @@ ROLE_RE = re.compile(r":(?:py:)?(class|func|meth|attr|mod|data|exc|obj):`([^`]+)
 MATH_ANCHORS = set(re.findall(r"\{ #(spec-[0-9a-z]+) \}",
                               (Path(__file__).parent / "math.md").read_text(encoding="utf-8")))
 SPEC_RE = re.compile(r"SPEC\s*§\s*(\d)([a-d])?(?:\s*[-–]\s*(\d))?")
+# "docs/performance.md" in prose (not in a code span) -> a link to the page's "# Title" heading
+DOCS_PAGE_RE = re.compile(r"(?<![\w/`])docs/([a-z_]+(?:/[a-z_]+)?)\.md(?![\w`])")
 ARGS_HEADER_RE = re.compile(
     r"^(\s*)(Args|Arguments|Parameters|Keyword Args|Keyword Arguments|Other Parameters):\s*$")
 MULTI_ARG_RE = re.compile(r"^(\s+)([A-Za-z_]\w*(?:\s*,\s*[A-Za-z_]\w*)+)\s*:\s+(.*)$")
@@ -217,9 +221,22 @@ class ReSTRoles(griffe.Extension):
     def rewrite(self, text: str, obj: griffe.Object) -> str:
         text = ROLE_RE.sub(lambda m: self.role(m, obj), text)
         text = SPEC_RE.sub(_spec_link, text)
+        text = DOCS_PAGE_RE.sub(_page_link, text)
         for code, tex in EQUATIONS.items():
             text = text.replace(f"``{code}``", f"${tex}$")
         return _fence_doctests(_split_multi_args(text))
+
+
+def _page_link(match: re.Match[str]) -> str:
+    """``docs/<page>.md`` -> ``[<its title>][<the title's heading id>]`` (autorefs)."""
+    from markdown.extensions.toc import slugify
+
+    page = Path(__file__).parent / f"{match.group(1)}.md"
+    first = page.read_text(encoding="utf-8").split("\n", 1)[0] if page.is_file() else ""
+    if not first.startswith("# "):
+        return f"[{match.group(0)}][no-title-heading-in-{match.group(1)}]"  # fails the strict build
+    title = first[2:].strip()
+    return f"[{title}][{slugify(title, '-')}]"
 
 
 def _spec_link(match: re.Match[str]) -> str:
