@@ -299,8 +299,9 @@ def sample(
         beta: PIB trade-off > 0 (beta = T/n for temperature T).
         prior: a :class:`~pib_bayes.prior.Prior`, a float sigma_0 (Gaussian centred at the
             initial weights), a torch distribution, or None (sigma_0 = 1).
-        sampler: ``"sgld"``, ``"psgld"``, ``"sghmc"``, ``"csgld"`` (SGLD + a cyclical schedule) or
-            a built :class:`~pib_bayes.samplers.Kernel`; ``sampler_kwargs`` go to its builder.
+        sampler: ``"sgld"``, ``"psgld"``, ``"sghmc"``, ``"sgnht"``, ``"csgld"`` (SGLD + a cyclical
+            schedule) or a built :class:`~pib_bayes.samplers.Kernel`; ``sampler_kwargs`` go to its
+            builder.
         step_size: a float (constant), a :class:`~pib_bayes.samplers.Schedule`, or ``"auto"``
             (an :class:`~pib_bayes.samplers.step_size.AutoStep` sets its options): a constant step
             from the energy's curvature at chain 0's initial weights, before any chain runs.
