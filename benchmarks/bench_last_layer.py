@@ -5,7 +5,7 @@ MLP 2-256-256-3 on 2000 spiral points, 4 chains, 400 SGLD steps (300 warm-up, 10
 Process CPU time (one torch thread), the three variants interleaved in each of ``--rounds`` rounds;
 the medians and their ratios to the full run are printed (docs/howto/last_layer.md).
 
-    flock /tmp/pib_heavy.lock python benchmarks/bench_last_layer.py [--rounds 3]
+    python benchmarks/bench_last_layer.py [--rounds 3]
 """
 
 from __future__ import annotations
