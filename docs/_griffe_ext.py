@@ -14,10 +14,16 @@ them; the source keeps its plain-text form.
   (if unique) by name anywhere in the package.
 * ``SPEC §N`` (also ``§3a``, ``§1-2``) becomes a link to the matching heading of ``docs/math.md``
   (headings carry the ids ``spec-1``, ``spec-3a``, ...); an id that does not exist fails the build.
+* A mention of a docs page by its path (``docs/performance.md``, outside code) becomes an autorefs
+  link to that page's title heading, shown as the title; a page without a title fails the build.
 * An ``Args:`` entry naming several parameters is split into one entry per name, so that each
   parameter's default is found (otherwise the table says "required").
 * A few displayed equations (exact code spans listed in ``EQUATIONS``) become typeset math; other
   code spans stay code.
+* A doctest written in the body of a docstring (``>>>`` lines at the left margin, outside an
+  ``Examples:`` section) becomes a fenced ``pycon`` block; as plain Markdown its ``>>>`` would
+  render as three nested block quotes with the code run together. Any other line that starts with
+  ``>`` (a wrapped ``>= 1 - delta``) gets the ``>`` escaped, so it is not a block quote either.
 
 Loaded by mkdocs.yml through the mkdocstrings Python handler's ``extensions`` option.
 """
@@ -35,6 +41,8 @@ ROLE_RE = re.compile(r":(?:py:)?(class|func|meth|attr|mod|data|exc|obj):`([^`]+)
 MATH_ANCHORS = set(re.findall(r"\{ #(spec-[0-9a-z]+) \}",
                               (Path(__file__).parent / "math.md").read_text(encoding="utf-8")))
 SPEC_RE = re.compile(r"SPEC\s*§\s*(\d)([a-d])?(?:\s*[-–]\s*(\d))?")
+# "docs/performance.md" in prose (not in a code span) -> a link to the page's "# Title" heading
+DOCS_PAGE_RE = re.compile(r"(?<![\w/`])docs/([a-z_]+(?:/[a-z_]+)?)\.md(?![\w`])")
 ARGS_HEADER_RE = re.compile(
     r"^(\s*)(Args|Arguments|Parameters|Keyword Args|Keyword Arguments|Other Parameters):\s*$")
 MULTI_ARG_RE = re.compile(r"^(\s+)([A-Za-z_]\w*(?:\s*,\s*[A-Za-z_]\w*)+)\s*:\s+(.*)$")
@@ -73,6 +81,62 @@ EQUATIONS = {
         r"L(Q) \le \frac{1 - \exp\left(-C L_S(Q) - (\mathrm{KL}(Q\Vert P) + \log(k/\delta))/n\right)}"
         r"{1 - e^{-C}}"
     ),
+    # the samplers' update rules, step-size rules and stationary variances, the losses, the prior,
+    # the bounds' forms and the IIW estimators as their docstrings write them
+    "h = 2 eps / ((1 + eps) lambda_max)": r"h = \frac{2\varepsilon}{(1 + \varepsilon)\, \lambda_{\max}}",
+    "h = min(eps / A, sqrt(2 eps / lambda_max))": (
+        r"h = \min\left(\varepsilon / A,\ \sqrt{2\varepsilon / \lambda_{\max}}\right)"),
+    "eta lambda_max = 2 (2 - alpha) eps / (1 + eps)": (
+        r"\eta\, \lambda_{\max} = 2 (2 - \alpha)\, \varepsilon / (1 + \varepsilon)"),
+    "(1/lambda) / (1 - h lambda / 2)": r"(1/\lambda) / (1 - h\lambda/2)",
+    "(1/lambda) / (1 - eta lambda / (2 (2 - alpha)))": (
+        r"(1/\lambda) \big/ \left(1 - \frac{\eta\lambda}{2(2 - \alpha)}\right)"),
+    "Sigma = A Sigma A^T + 2h I + h^2 C": r"\Sigma = A \Sigma A^\top + 2h I + h^2 C",
+    "(Sigma_1)_jj = h C_jj / (2 lambda_j)": r"(\Sigma_1)_{jj} = h C_{jj} / (2 \lambda_j)",
+    "P^{-1} (I - h P/2)^{-1}": r"P^{-1} (I - h P/2)^{-1}",
+    "h_t = a (b + t)^(-gamma)": r"h_t = a (b + t)^{-\gamma}",
+    "v <- (1 - alpha) v - eta g + sqrt(2 alpha eta) xi; w <- w + v": (
+        r"v \leftarrow (1 - \alpha) v - \eta g + \sqrt{2 \alpha \eta}\, \xi, \quad w \leftarrow w + v"),
+    "grad U_B(w) = (1/beta) mean_{i in B} grad l_i(w) - grad log p(w)": (
+        r"\nabla U_B(w) = \frac{1}{\beta} \frac{1}{|B|} \sum_{i \in B} \nabla \ell_i(w) - \nabla \log p(w)"),
+    "U_B(w) = mean_{i in B} l_i(w) / beta - log p(w)": (
+        r"U_B(w) = \frac{1}{|B|}\sum_{i\in B} \ell_i(w)/\beta - \log p(w)"),
+    "U_B(w) = mean_B l_i(w)/beta - log p(w)": (
+        r"U_B(w) = \frac{1}{|B|}\sum_{i\in B} \ell_i(w)/\beta - \log p(w)"),
+    "U_B(w) = mean_B l / beta - log p(w)": r"U_B(w) = \frac{1}{|B|}\sum_{i\in B} \ell_i(w)/\beta - \log p(w)",
+    "l = -sum_k q_k log softmax(f(x))_k": r"\ell = -\sum_k q_k \log \mathrm{softmax}(f(x))_k",
+    "l = ||y - f(x)||^2 / (2 s^2)": r"\ell = \lVert y - f(x) \rVert^2 / (2 s^2)",
+    "l = sum_j (y_j - mu_j)^2 / (2 sigma_j^2) + log sigma_j": (
+        r"\ell = \sum_j \frac{(y_j - \mu_j)^2}{2 \sigma_j^2} + \log \sigma_j"),
+    "l = -[y log sigmoid(f) + (1 - y) log(1 - sigmoid(f))]": (
+        r"\ell = -\left[y \log \sigma(f) + (1 - y) \log(1 - \sigma(f))\right]"),
+    "log p(w) = sum_j [ -(w_j - theta_0j)^2 / (2 sigma_0j^2) - log sigma_0j - log(2 pi)/2 ]": (
+        r"\log p(w) = \sum_j \left[ -\frac{(w_j - \theta_{0j})^2}{2 \sigma_{0j}^2} - \log \sigma_{0j}"
+        r" - \tfrac12 \log(2\pi) \right]"),
+    "dw = p dt, dp = -grad U dt - gamma p dt + sqrt(2 gamma) dW": (
+        r"dw = p\, dt, \quad dp = -\nabla U\, dt - \gamma p\, dt + \sqrt{2\gamma}\, dW"),
+    "θ <- θ − h ∇U_B + √(2h) ξ": r"\theta \leftarrow \theta - h \nabla U_B + \sqrt{2h}\, \xi",
+    "kl^{-1}(q, c) = sup{p in [q, 1] : kl(q || p) <= c}": (
+        r"\mathrm{kl}^{-1}(q, c) = \sup\{p \in [q, 1] : \mathrm{kl}(q \Vert p) \le c\}"),
+    "L(Q) <= L_S(Q) + sqrt((KL + log(2 sqrt(n)/delta)) / (2n))": (
+        r"L(Q) \le L_S(Q) + \sqrt{\frac{\mathrm{KL} + \log(2\sqrt{n}/\delta)}{2n}}"),
+    "L(Q) <= kl^{-1}(L_S(Q), (KL + log(2 sqrt(n)/delta)) / n)": (
+        r"L(Q) \le \mathrm{kl}^{-1}\!\left(L_S(Q), \frac{\mathrm{KL} + \log(2\sqrt{n}/\delta)}{n}\right)"),
+    "L(Q) <= (1 - exp(-C L_S(Q) - (KL + log(1/delta)) / n)) / (1 - exp(-C))": (
+        r"L(Q) \le \frac{1 - \exp\left(-C L_S(Q) - (\mathrm{KL} + \log(1/\delta))/n\right)}{1 - e^{-C}}"),
+    "kl(L_S(Q) || L(Q)) <= (KL + log(2 sqrt(n)/delta)) / n": (
+        r"\mathrm{kl}(L_S(Q) \Vert L(Q)) \le \frac{\mathrm{KL} + \log(2\sqrt{n}/\delta)}{n}"),
+    "IIW_g = (1/K) Σ_k (ḡ_{k,g}ᵀ Δθ_g)²": (
+        r"\mathrm{IIW}_g = \frac1K \sum_k (\bar g_{k,g}^\top \Delta\theta_g)^2"),
+    "q(x) ∝ p(x) p(y|x)^(1/T)": r"q(x) \propto p(x)\, p(y \mid x)^{1/T}",
+    "1/T = 1/(n beta)": r"1/T = 1/(n\beta)",
+    "−H(q) − E_q[log p(w)]": r"-H(q) - \mathbb{E}_q[\log p(w)]",
+    "u^T C u = Var_i(u . grad l_i) / (|B| beta^2)": (
+        r"u^\top C u = \mathrm{Var}_i(u \cdot \nabla \ell_i) / (|B| \beta^2)"),
+    "N(theta_0, diag(sigma_0^2))": r"\mathcal{N}(\theta_0, \mathrm{diag}(\sigma_0^2))",
+    "N(θ₀, diag(σ₀²))": r"\mathcal{N}(\theta_0, \mathrm{diag}(\sigma_0^2))",
+    "β Σ_l ((w_l − w0_l)·g_l)²": r"\beta \sum_l \big((w_l - w_{0,l}) \cdot g_l\big)^2",
+    "U_B = L_B/β' − log p(θ) + β·IIW_B": r"U_B = L_B/\beta' - \log p(\theta) + \beta\, \mathrm{IIW}_B",
 }
 
 
@@ -157,9 +221,22 @@ class ReSTRoles(griffe.Extension):
     def rewrite(self, text: str, obj: griffe.Object) -> str:
         text = ROLE_RE.sub(lambda m: self.role(m, obj), text)
         text = SPEC_RE.sub(_spec_link, text)
+        text = DOCS_PAGE_RE.sub(_page_link, text)
         for code, tex in EQUATIONS.items():
             text = text.replace(f"``{code}``", f"${tex}$")
-        return _split_multi_args(text)
+        return _fence_doctests(_split_multi_args(text))
+
+
+def _page_link(match: re.Match[str]) -> str:
+    """``docs/<page>.md`` -> ``[<its title>][<the title's heading id>]`` (autorefs)."""
+    from markdown.extensions.toc import slugify
+
+    page = Path(__file__).parent / f"{match.group(1)}.md"
+    first = page.read_text(encoding="utf-8").split("\n", 1)[0] if page.is_file() else ""
+    if not first.startswith("# "):
+        return f"[{match.group(0)}][no-title-heading-in-{match.group(1)}]"  # fails the strict build
+    title = first[2:].strip()
+    return f"[{title}][{slugify(title, '-')}]"
 
 
 def _spec_link(match: re.Match[str]) -> str:
@@ -167,6 +244,32 @@ def _spec_link(match: re.Match[str]) -> str:
     label = f"§{section}{sub}" + (f"-{upto}" if upto else "")
     anchor = f"spec-{section}{sub}" if f"spec-{section}{sub}" in MATH_ANCHORS else f"spec-{section}"
     return f"[the mathematics, {label}][{anchor}]"  # an unknown section fails the strict build
+
+
+def _fence_doctests(text: str) -> str:
+    """Each doctest block at the left margin (a ``>>>`` line up to the next blank line) -> a ``pycon`` fence.
+
+    Indented doctests belong to a section (``Examples:``), which mkdocstrings renders itself; text
+    already inside a fence is left alone. Other lines starting with ``>`` get it escaped."""
+    out: list[str] = []
+    in_fence = in_doctest = False
+    for line in text.split("\n"):
+        if in_doctest and not line.strip():
+            out.append("```")
+            in_doctest = False
+        if line.startswith("```"):
+            in_fence = not in_fence
+        elif not in_fence and not in_doctest and line.startswith(">>>"):
+            if out and out[-1].strip():
+                out.append("")  # a fence opens a block of its own
+            out.append("```pycon")
+            in_doctest = True
+        elif not in_fence and not in_doctest and re.match(r"\s*>(?!>>)", line):
+            line = line.replace(">", "\\>", 1)  # ">= 1 - delta" wrapped to a line start: text, not a quote
+        out.append(line)
+    if in_doctest:
+        out.append("```")
+    return "\n".join(out)
 
 
 def _split_multi_args(text: str) -> str:

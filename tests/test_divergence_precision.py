@@ -79,7 +79,7 @@ def _quartic(method: str):
         warnings.simplefilter("ignore")
         return sample(nn.Linear(1, 1, bias=False), quartic, (x, y), beta=1.0, prior=GaussianPrior(std=10.0),
                       step_size=0.01, num_chains=3, num_warmup=0, num_draws=50, init=init, seed=0,
-                      chain_method=method, divergence_threshold=None)
+                      chain_method=method, divergence_threshold=None, task="regression")
 
 
 def test_diverging_means_the_same_for_vectorized_and_sequential_chains():

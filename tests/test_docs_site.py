@@ -1,10 +1,14 @@
-"""The docs-build helpers that need no mkdocs: the built-site check (.ci/check_site.py) and the
-SPEC-link hook (docs/_hooks.py). .ci/run builds the real site and runs the check on it."""
+"""The docs-build helpers that need no mkdocs: the built-site check (.ci/check_site.py), the
+SPEC-link hook (docs/_hooks.py), and the pages' math delimiters. .ci/run builds the real site and
+runs the check on it."""
 
 from __future__ import annotations
 
 import importlib.util
+import re
 from pathlib import Path
+
+import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -52,3 +56,46 @@ def test_hook_links_spec_in_prose_only():
 def test_hook_links_a_subsection_without_an_id_to_its_section():
     assert "spec-3c" in hooks.MATH_ANCHORS and "spec-2b" not in hooks.MATH_ANCHORS
     assert hooks.link_spec("SPEC §2b") == "[the mathematics, §2b][spec-2]"
+
+
+def test_check_site_flags_math_left_untypeset():
+    ok = ('<p>A <span class="arithmatex">\\(q^*(w)\\)</span> and</p>'
+          '<div class="arithmatex">\\[U = L/\\beta\\]</div>'
+          '<pre><code>echo $HOME \\(x\\)</code></pre><p><code>cost = $5</code></p>')
+    assert check_site.problems(ok) == []
+    # a $$ block in a list item without the item's indentation reaches the page as text, twice
+    bad = check_site.problems('<li>around a centre: $$ \\nabla U_{cv}(w) = ... $$ It is unbiased</li>')
+    assert len(bad) == 2 and all("math not typeset (a stray '$$')" in line for line in bad), bad
+    # an unbalanced $ in prose, and math in a heading (the table of contents keeps only its text)
+    assert len(check_site.problems("<p>costs $5 a run</p>")) == 1
+    assert len(check_site.problems('<a class="md-nav__link">across \\(\\beta\\)</a>')) == 1
+
+
+def test_check_site_flags_a_doctest_rendered_as_block_quotes():
+    quoted = "<blockquote>\n<blockquote>\n<blockquote>\n<p>import torch prior = GaussianPrior(std=2.0)</p>"
+    bad = check_site.problems(quoted + "</blockquote></blockquote></blockquote>")
+    assert len(bad) == 1 and bad[0].startswith("doctest rendered as block quotes: import torch"), bad
+    assert check_site.problems("<blockquote><p>a quoted remark</p></blockquote>") == []
+
+
+PROSE_CODE = re.compile(r"^(```|~~~).*?^\1[^\n]*$|`[^`\n]+`", re.S | re.M)
+DOLLAR = re.compile(r"(?<!\\)\$")
+
+
+def unbalanced_dollars(markdown: str) -> list[str]:
+    """The paragraphs of ``markdown`` (outside code) with an odd number of unescaped ``$``."""
+    prose = PROSE_CODE.sub("", markdown)
+    return [p.strip()[:120] for p in re.split(r"\n\s*\n", prose) if len(DOLLAR.findall(p)) % 2]
+
+
+def test_unbalanced_dollars_finds_a_stray_dollar_only():
+    text = "Inline $x$ and\n\n$$\na + b\n$$\n\nand `$HOME` and\n```bash\necho $A\n```\n"
+    assert unbalanced_dollars(text) == []
+    assert unbalanced_dollars("a $x$ b\n\nit costs $5 here\n") == ["it costs $5 here"]
+    assert unbalanced_dollars(r"a price of \$5") == []
+
+
+@pytest.mark.parametrize("page", sorted(p.relative_to(ROOT / "docs").as_posix()
+                                        for p in (ROOT / "docs").rglob("*.md")))
+def test_every_dollar_on_the_pages_is_balanced(page):
+    assert unbalanced_dollars((ROOT / "docs" / page).read_text(encoding="utf-8")) == []

@@ -239,7 +239,8 @@ def _grid():
             lambda o, t: torch.zeros(len(t), 2),
             lambda o, t: 1.0,
         ],
-        lambda v: run(loss_fn=v),
+        # a custom callable must say its task (else the task error comes first): the shape is what is tested
+        lambda v: run(loss_fn=v, **({"task": "classification"} if callable(v) else {})),
     )
     add(
         "sample",
@@ -618,7 +619,8 @@ LISTED = [
     pytest.param(lambda: _nan_chain_post().predict(X), "diverged", id="all-nan-draws-predict"),
     pytest.param(lambda: D.summary(_nan_chain_post()), "diverged", id="all-nan-draws-summary"),
     pytest.param(
-        lambda: run(loss_fn=lambda o, t: torch.nn.functional.cross_entropy(o, t, reduction="none")[1:]),
+        lambda: run(loss_fn=lambda o, t: torch.nn.functional.cross_entropy(o, t, reduction="none")[1:],
+                    task="classification"),
         "loss_fn",
         id="loss-b-minus-1",
     ),
