@@ -1,7 +1,7 @@
 """Run every pib_bayes benchmark, one subprocess per comparison, and print a markdown table of ratios.
 
     python benchmarks/run.py [--quick] [--out results.json]
-        [--only steps,predict,memory,chains,iiw,zoo,tuning]
+        [--only steps,sample,predict,memory,chains,iiw,zoo,tuning]
 
 Comparisons (each in its own fresh Python process, so no allocator or thread-pool state leaks
 from one into the next):
@@ -11,6 +11,9 @@ from one into the next):
   MLP 20-64-64-10 b64, one process each; plus the opt-in Rademacher noise against the exact
   Gaussian oracle of SPEC §2 (``noise``), and ``prefetch_noise=True`` against the floor by wall
   clock (``prefetch``).
+* ``sample``  benchmarks/bench_sample.py: ``sample()`` with one chain vs a minimal hand-written SGLD loop
+  with the same prior, and ``optim.SGLD`` + ``Energy.of_module`` vs torch SGD + a naive autograd prior,
+  on both MLPs (issue 17).
 * ``predict`` benchmarks/bench_predict.py: ``Posterior.predict`` over 100 draws vs a
   ``load_state_dict`` loop, one process per model.
 * ``memory``  benchmarks/bench_memory.py: peak RSS of ``sample()`` for a 1M-weight model vs steps
@@ -51,6 +54,8 @@ def jobs(quick: bool) -> list[tuple[str, list[str], str]]:
     out: list[tuple[str, list[str], str]] = []
     for case in ("mlp784", "mlp20", "noise", "prefetch"):
         out.append(("steps", [_script("bench_steps.py"), "--case", case, *q], "rows"))
+    if os.path.exists(_script("bench_sample.py")):
+        out.append(("sample", [_script("bench_sample.py"), *q], "rows"))
     for case in ("mlp784", "mlp20", "mlp784_x16", "mlp20_x16"):
         out.append(("predict", [_script("bench_predict.py"), "--case", case, *q], "rows"))
     out.append(("memory", [_script("bench_memory.py"), *q], "rows"))
@@ -129,7 +134,8 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="fewer repeats: a smoke run, not a measurement")
     ap.add_argument("--out", help="write every row, the commands and the environment as JSON here")
-    ap.add_argument("--only", help="comma-separated groups: steps,predict,memory,chains,iiw,zoo,tuning")
+    ap.add_argument("--only", help="comma-separated groups: steps,sample,predict,memory,chains,iiw,zoo,"
+                                   "tuning")
     args = ap.parse_args(argv)
     only = set(args.only.split(",")) if args.only else None
     rows, runs = [], []

@@ -7,10 +7,9 @@ adapters (pyro, cli, io, distributed) at the edges. Submodules that pull in heav
 
 import importlib
 
-__version__ = "0.1.0"
-
 from . import data, optim, samplers  # noqa: E402
 from ._validate import PrecisionWarning  # noqa: E402
+from ._version import __version__  # noqa: E402
 from .driver import chain_seeds, sample  # noqa: E402
 from .energy import (  # noqa: E402
     BCEWithLogitsLoss,

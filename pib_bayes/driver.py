@@ -27,9 +27,9 @@ from torch.func import vmap
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from . import __version__
 from ._threads import warn_if_oversubscribed
 from ._validate import PrecisionWarning, check_bool, check_memory, check_path, itemsize
+from ._version import __version__
 from .batched import batched_forward
 from .data import LoaderBatcher, TensorBatcher, as_tensors
 from .energy import Energy, LossFn, loss_likelihood, require_task
@@ -88,6 +88,7 @@ class _Group:
     dropout_state: Tensor | None = None  # that stream's state restored from a checkpoint
     centre: _CentreFinder | None = None  # gradient="cv": finds w_hat in warm-up, then swaps the estimator
     estimator: Any = None  # a pib_bayes.gradients estimator; None: the plain minibatch gradient
+    direct: _Direct | None = None  # a one-chain group while it runs: the module called on its own weights
 
     def generator_states(self) -> list[Tensor]:
         """The noise generators' states as the synchronous sampler has them (none drawn ahead)."""
@@ -152,6 +153,47 @@ def _dropout_rng(group: _Group, device: torch.device) -> Iterator[None]:
         yield
 
 
+class _Direct:
+    """A one-chain group's weights as the module sees them while the group runs: leaf tensors of the
+    parameter shapes sharing memory with the group's (1, *shape) weights (the kernel's in-place moves
+    show through), put into the module once, and the prior's closed form on them (None: autograd).
+
+    With the closed form, the gradient lives in one persistent flat buffer: each step writes the prior's
+    ``(w - theta_0) / sigma_0^2`` into it and the backward pass accumulates the likelihood's gradient
+    into the same memory (the leaves' ``.grad`` are views of it), so the kernel gets
+    ``grad(loss)/beta + (w - theta_0)/sigma_0^2`` with no per-step allocation, view or extra add.
+    """
+
+    def __init__(self, leaves: list[Tensor], params: list[Tensor],
+                 prior: Any) -> None:
+        self.leaves, self.prior = leaves, prior
+        self.grads: tuple[Tensor, ...] = ()
+        if prior is not None:
+            like = params[0]
+            flat = torch.zeros(sum(p.numel() for p in params), dtype=like.dtype, device=like.device)
+            views, off = [], 0
+            for p in params:
+                views.append(flat[off:off + p.numel()].view(p.shape))
+                off += p.numel()
+            self.grads = tuple(views)  # (1, *shape): what the kernel takes
+            self.leaf_grads = [g.view(q.shape) for g, q in zip(views, leaves, strict=True)]
+            for q, g in zip(leaves, self.leaf_grads, strict=True):
+                q.grad = g
+
+    def prior_into_grads(self) -> Tensor:
+        """Write ``(w - theta_0)/sigma_0^2`` into the gradient buffer; return ``log p(w)`` (the numbers of
+        :meth:`~pib_bayes.GaussianPrior.closed_form`)."""
+        plan, grads = self.prior, self.leaf_grads
+        with torch.no_grad():
+            torch._foreach_copy_(grads, self.leaves)
+            torch._foreach_sub_(grads, plan.means)
+            norms = torch.stack(torch._foreach_norm(grads))
+            value = torch.dot(norms * plan.coef, norms) + plan.const
+            if plan.scale is not None:
+                torch._foreach_mul_(grads, plan.scale)
+        return value
+
+
 class _Sampler:
     def __init__(self, energy: Energy, names: list[str], fixed: dict[str, Tensor], kernel: Kernel,
                  schedule: Schedule, stat_fns: Mapping[str, StatFn], dropout: bool = False) -> None:
@@ -195,12 +237,63 @@ class _Sampler:
         return vmap(self._one_loss, in_dims=(0, data_dim, data_dim), randomness=self.randomness)(params, x, y)
 
     # ---- one step -----------------------------------------------------------------
+    @contextmanager
+    def bound(self, group: _Group) -> Iterator[None]:
+        """While a one-chain group runs: the module's sampled parameters are leaf views of the group's
+        weights, its other parameters and buffers the fixed copies (``functional_call``'s substitution,
+        made once instead of every step), so the step calls the module directly; nothing for a
+        vectorized group. The module gets its own tensors back afterwards."""
+        if group.vectorized or len(group.chains) != 1:
+            yield
+            return
+        leaves = [p.detach().view(p.shape[1:]).requires_grad_(True) for p in group.params]
+        prior = self.energy.prior
+        closed = prior.closed_form(self.names, leaves) if isinstance(prior, GaussianPrior) else None
+        state = {**self.fixed, **dict(zip(self.names, leaves, strict=True))}
+        with torch.nn.utils.stateless._reparametrize_module(self.energy.model, state, tie_weights=True):
+            group.direct = _Direct(leaves, group.params, closed)
+            try:
+                yield
+            finally:
+                group.direct = None
+
     def gradients(self, group: _Group) -> tuple[Tensor, Tensor, tuple[Tensor, ...]]:
         """U and loss per chain at the current weights, and grad U on the next minibatch, from the
         group's gradient estimator (the seam of :mod:`pib_bayes.gradients`)."""
+        if group.direct is not None and group.estimator is None:
+            batcher = group.batcher
+            x, y = batcher.next_one() if isinstance(batcher, TensorBatcher) else batcher.next()[:2]
+            return self.direct_gradient(group, x, y)
         x, y, stacked = group.batcher.next()
         estimate = group.estimator if group.estimator is not None else self.minibatch_gradient
         return estimate(group.params, group.vectorized, x, y, stacked)
+
+    def direct_gradient(self, group: _Group, x: Tensor,
+                        y: Tensor) -> tuple[Tensor, Tensor, tuple[Tensor, ...]]:
+        """:meth:`minibatch_gradient` of a one-chain group inside :meth:`bound`: the same numbers (the
+        module's forward on the same weights, the prior's closed-form gradient added to the
+        likelihood's), without the per-step parameter substitution."""
+        direct = group.direct
+        assert direct is not None
+        energy, leaves = self.energy, direct.leaves
+        if direct.prior is None:
+            with torch.enable_grad():
+                loss = energy.mean_loss(energy.model(x), y)
+                params = dict(zip(self.names, leaves, strict=True))
+                u = loss / energy.beta - energy.prior.log_prob(params, 0)
+                grads = torch.autograd.grad(u, leaves)
+            return (u.detach().reshape(1), loss.detach().reshape(1),
+                    tuple(g.view(p.shape) for g, p in zip(grads, group.params, strict=True)))
+        log_prior = direct.prior_into_grads()
+        with torch.enable_grad():
+            loss = energy.mean_loss(energy.model(x), y)
+            scaled = loss / energy.beta
+            scaled.backward(inputs=leaves)  # accumulates into the buffer that holds the prior's gradient
+        for q, g in zip(leaves, direct.leaf_grads, strict=True):
+            if q.grad is not g:  # autograd replaced it (out-of-place sum): keep the buffer authoritative
+                g.copy_(q.grad)
+                q.grad = g
+        return (scaled.detach() - log_prior).reshape(1), loss.detach().reshape(1), direct.grads
 
     def minibatch_gradient(self, tensors: Sequence[Tensor], vectorized: bool, x: Tensor, y: Tensor,
                            stacked: bool) -> tuple[Tensor, Tensor, tuple[Tensor, ...]]:
@@ -1076,7 +1169,10 @@ def _run_group(runner: _Sampler, group: _Group, names: list[str], keep_names: li
     ``sample_stats["diverging"]`` is true at every draw of that chain from the divergence on.
     """
     schedule = runner.schedule
-    idx = torch.tensor(group.chains)
+    # the group's chains are consecutive (all chains, or one): basic indexing, no index_put per draw
+    contiguous = group.chains == list(range(group.chains[0], group.chains[0] + len(group.chains)))
+    idx: Tensor | slice = (slice(group.chains[0], group.chains[0] + len(group.chains)) if contiguous
+                           else torch.tensor(group.chains))
     keep_pos = [names.index(n) for n in keep_names]
     resumed_at = cur.t if cur is not None else -1
     if cur is None:
@@ -1088,61 +1184,94 @@ def _run_group(runner: _Sampler, group: _Group, names: list[str], keep_names: li
     phase = lambda t: f"{desc} {'warm-up' if t < num_warmup else 'sampling'}"  # noqa: E731
     bar = tqdm(total=_total_steps(schedule, num_warmup, num_draws, thin), initial=cur.t, desc=phase(cur.t),
                unit="step", disable=not progress, leave=True)
+    plain_collect = type(schedule).collect is Schedule.collect
+    single = len(group.chains) == 1 and group.params[0].device.type == "cpu"
     try:
-        while cur.kept < num_draws and bool(cur.alive.any()):
-            t = cur.t
-            if checkpoint is not None and checkpoint_every and t % checkpoint_every == 0 and t != resumed_at:
-                checkpoint(_group_state(group, cur))
-            if group.centre is not None:
-                group.centre.before_step(group, t)
-            if runner.noise_report is not None and t == runner.noise_report.at:
-                runner.noise_report.after_warmup(group)
-            u, loss, grads = runner.gradients(group)
-            if cur.limit is None and math.isfinite(divergence_threshold):
-                # threshold x the energy scale a relative explosion is measured against (a NaN U(w_0)
-                # gives a NaN limit: every comparison fails, the chain is flagged at once, as it must be)
-                scale = torch.clamp(u.detach().double().abs(), min=floor)
-                # below the dtype's largest value, so that |U| = inf never passes
-                cur.limit = (divergence_threshold * scale).clamp(max=torch.finfo(u.dtype).max).to(u.dtype)
-            # a non-finite gradient shows up as a non-finite energy one step later; |U| <= limit is
-            # false for NaN and +-inf as well
-            ok = u.abs() <= cur.limit if cur.limit is not None else torch.isfinite(u)
-            newly = cur.alive & ~ok
-            if bool(newly.any()):
-                for j in torch.nonzero(newly).flatten().tolist():
-                    out.diverged[group.chains[j]] = True
-                    out.divergence_step[group.chains[j]] = t
-                    out.stats["diverging"][group.chains[j], cur.kept:] = True  # every draw from here on
-                cur.alive &= ~newly
-                with torch.no_grad():  # from here on a diverged chain holds NaN: never averaged in
-                    for p in group.params:
-                        p[newly] = math.nan
-            record = t >= num_warmup and schedule.collect(t)
-            if record:
-                record = cur.counter % thin == 0
-                cur.counter += 1
-            if record:
-                k = cur.kept
-                with torch.no_grad():
-                    for n, pos in zip(keep_names, keep_pos):
-                        out.draws[n][idx, k] = group.params[pos].detach()
-                    out.stats["energy"][idx, k] = u.to(out.stats["energy"].dtype)
-                    out.stats["loss"][idx, k] = loss.to(out.stats["loss"].dtype)
-                    out.stats["step_size"][idx, k] = schedule.step_size(t)
-                    for name, fn in runner.stat_fns.items():
-                        vals = [_stat_value(name, fn({n: p[j].detach() for n, p in zip(names, group.params)}))
-                                if bool(cur.alive[j]) else math.nan for j in range(len(group.chains))]
-                        out.stat(name)[idx, k] = torch.tensor(vals, dtype=torch.float64)
-                cur.kept += 1
-            step_stats = runner.move(group, grads, t, record)
-            if record:
-                for name, val in step_stats.items():
-                    out.stat(name)[idx, cur.kept - 1] = val.double()
-            cur.t += 1
-            bar.update(1)
-            if cur.t == num_warmup:
-                bar.set_description(phase(cur.t), refresh=False)
+        with runner.bound(group):
+            _steps(runner, group, names, keep_names, keep_pos, num_warmup, num_draws, thin, out, cur, idx,
+                   resumed_at, checkpoint, checkpoint_every, divergence_threshold, floor, bar, phase,
+                   plain_collect, single)
     finally:
         bar.close()
         if group.prefetcher is not None:
             group.prefetcher.close()  # the draw made ahead for a step that will not run is dropped
+
+
+def _steps(runner: _Sampler, group: _Group, names: list[str], keep_names: list[str], keep_pos: list[int],
+           num_warmup: int, num_draws: int, thin: int, out: _Buffers, cur: _Cursor, idx: Tensor | slice,
+           resumed_at: int, checkpoint: Callable[[dict[str, Any]], None] | None, checkpoint_every: int,
+           divergence_threshold: float, floor: float, bar: Any, phase: Callable[[int], str],
+           plain_collect: bool, single: bool) -> None:
+    """The step loop of :func:`_run_group`. With one chain on the CPU (``single``) the divergence test
+    and the recorded scalars use Python floats (the same comparisons on the same values)."""
+    schedule = runner.schedule
+    limit_f: float | None = None  # single: the limit as a Python float (no tensor ops per step)
+    u_f = math.nan
+    while cur.kept < num_draws and (bool(cur.alive[0]) if single else bool(cur.alive.any())):
+        t = cur.t
+        if checkpoint is not None and checkpoint_every and t % checkpoint_every == 0 and t != resumed_at:
+            checkpoint(_group_state(group, cur))
+        if group.centre is not None:
+            group.centre.before_step(group, t)
+        if runner.noise_report is not None and t == runner.noise_report.at:
+            runner.noise_report.after_warmup(group)
+        u, loss, grads = runner.gradients(group)
+        if cur.limit is None and math.isfinite(divergence_threshold):
+            # threshold x the energy scale a relative explosion is measured against (a NaN U(w_0)
+            # gives a NaN limit: every comparison fails, the chain is flagged at once, as it must be)
+            scale = torch.clamp(u.detach().double().abs(), min=floor)
+            # below the dtype's largest value, so that |U| = inf never passes
+            cur.limit = (divergence_threshold * scale).clamp(max=torch.finfo(u.dtype).max).to(u.dtype)
+        if single:
+            u_f = u.item()  # exact: a float32/float64 value is a Python float
+            if limit_f is None and cur.limit is not None:
+                limit_f = cur.limit.item()
+            # a non-finite gradient shows up as a non-finite energy one step later; |U| <= limit is
+            # false for NaN and +-inf as well
+            diverges = not (abs(u_f) <= limit_f if limit_f is not None else math.isfinite(u_f))
+            newly = cur.alive if diverges else None
+        else:
+            ok = u.abs() <= cur.limit if cur.limit is not None else torch.isfinite(u)
+            newly = cur.alive & ~ok
+            diverges = bool(newly.any())
+        if diverges:
+            assert newly is not None
+            newly = newly.clone()
+            for j in torch.nonzero(newly).flatten().tolist():
+                out.diverged[group.chains[j]] = True
+                out.divergence_step[group.chains[j]] = t
+                out.stats["diverging"][group.chains[j], cur.kept:] = True  # every draw from here on
+            cur.alive &= ~newly
+            with torch.no_grad():  # from here on a diverged chain holds NaN: never averaged in
+                for p in group.params:
+                    p[newly] = math.nan
+        record = t >= num_warmup and (plain_collect or schedule.collect(t))
+        if record:
+            record = cur.counter % thin == 0
+            cur.counter += 1
+        if record:
+            k = cur.kept
+            with torch.no_grad():
+                for n, pos in zip(keep_names, keep_pos):
+                    out.draws[n][idx, k] = group.params[pos].detach()
+                if single:  # the same values, stored without tensor conversions
+                    out.stats["energy"][idx, k] = u_f
+                    out.stats["loss"][idx, k] = loss.item()
+                else:
+                    out.stats["energy"][idx, k] = u.to(out.stats["energy"].dtype)
+                    out.stats["loss"][idx, k] = loss.to(out.stats["loss"].dtype)
+                out.stats["step_size"][idx, k] = schedule.step_size(t)
+                for name, fn in runner.stat_fns.items():
+                    vals = [_stat_value(name, fn({n: p[j].detach() for n, p in zip(names, group.params)}))
+                            if bool(cur.alive[j]) else math.nan for j in range(len(group.chains))]
+                    out.stat(name)[idx, k] = torch.tensor(vals, dtype=torch.float64)
+            cur.kept += 1
+        step_stats = runner.move(group, grads, t, record)
+        if record:
+            for name, val in step_stats.items():
+                out.stat(name)[idx, cur.kept - 1] = val.double()
+        cur.t += 1
+        if not bar.disable:
+            bar.update(1)
+            if cur.t == num_warmup:
+                bar.set_description(phase(cur.t), refresh=False)

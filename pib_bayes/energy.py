@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from .prior import Prior, as_prior
+from .prior import GaussianPrior, Prior, _ClosedFormLogDensity, as_prior
 
 __all__ = ["Energy", "GaussianLoss", "CrossEntropyLoss", "BCEWithLogitsLoss", "HeteroscedasticGaussianLoss",
            "resolve_loss", "loss_task", "loss_likelihood", "require_task", "beta_from_temperature",
@@ -342,7 +342,26 @@ class Energy:
         return self.mean_loss(functional_call(self.model, state, (x,)), y)
 
     def of_module(self, x: Tensor, y: Tensor) -> Tensor:
-        """``U_B`` at the module's own trainable parameters (for ``loss.backward()`` loops)."""
-        params = {n: p for n, p in self.model.named_parameters() if p.requires_grad}
+        """``U_B`` at the module's own trainable parameters (for ``loss.backward()`` loops).
+
+        A :class:`~pib_bayes.GaussianPrior` with scalar sigmas enters as one autograd node whose
+        backward adds the closed-form ``(w - theta_0) / sigma_0^2`` (the same value and gradient as
+        :func:`~pib_bayes.sample` computes at the same weights, bit for bit).
+        """
+        named = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
         loss = self.mean_loss(self.model(x), y)
-        return loss / self.beta - self.prior.log_prob(params)
+        plan = self._closed_form(named)
+        if plan is not None:
+            return loss / self.beta - _ClosedFormLogDensity.apply(plan, *[p for _, p in named])
+        return loss / self.beta - self.prior.log_prob(dict(named))
+
+    def _closed_form(self, named: list[tuple[str, Tensor]]) -> Callable | None:
+        """The prior's closed form for these tensors, made once per (prior, tensors) and cached."""
+        if not named or not isinstance(self.prior, GaussianPrior):
+            return None
+        key = (id(self.prior), tuple((n, id(p), p.shape, p.device, p.dtype) for n, p in named))
+        cached = getattr(self, "_plan", None)
+        if cached is None or cached[0] != key:
+            cached = (key, self.prior.closed_form([n for n, _ in named], [p.detach() for _, p in named]))
+            self._plan = cached
+        return cached[1]

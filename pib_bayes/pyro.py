@@ -44,7 +44,7 @@ from pyro.poutine.subsample_messenger import _Subsample
 from torch import Tensor
 from torch.distributions import biject_to
 
-from . import __version__
+from ._version import __version__
 from .driver import chain_seeds
 from .energy import check_beta
 from .posterior import Posterior

@@ -152,10 +152,6 @@ def test_demo_quick_json(tmp_path):
 
 
 def test_iiw_subcommand(tmp_path):
-    try:
-        from pib_bayes.iiw import fisher  # noqa: F401
-    except ImportError:
-        pytest.skip("pib_bayes.iiw.fisher has not landed in this checkout")
     _write(tmp_path, TINY.format(source="spirals") + "\n[iiw]\nepochs = 4\nlr = 0.1\nbatch_size = 32\n")
     r = _cli("iiw", "--config", "run.toml", "--output", "iiwrun", "--json", cwd=tmp_path)
     assert r.returncode == EXIT_OK, r.stderr

@@ -8,7 +8,6 @@ start has a deadline: a hang fails the test instead of blocking the suite.
 from __future__ import annotations
 
 import datetime
-import inspect
 import json
 import os
 import socket
@@ -25,7 +24,6 @@ from pib_bayes.distributed import DistributedSamplingError, chain_shares, sample
 
 WORLD = 2
 DEADLINE_S = 120.0
-HAS_CHECKPOINT = "checkpoint" in inspect.signature(sample).parameters
 
 
 @pytest.fixture(autouse=True)
@@ -160,9 +158,7 @@ def _scenario_fail_chains(rank: int, out: str) -> None:
 def _scenario_fail_data(rank: int, out: str) -> None:
     x, y = shard(_data(DATA_N))
     loss = _FailingLoss(fail_at=25) if rank == 1 else _FailingLoss(fail_at=10**9)
-    kw = dict(DATA_ARGS, num_chains=1)
-    if HAS_CHECKPOINT:
-        kw.update(checkpoint=os.path.join(out, "run.ckpt"), checkpoint_every=10)
+    kw = dict(DATA_ARGS, num_chains=1, checkpoint=os.path.join(out, "run.ckpt"), checkpoint_every=10)
     sample_distributed(_model(), loss, (x, y), mode="data", **kw)
 
 
@@ -268,8 +264,7 @@ def _results(out, scenario: str) -> list[dict]:
     return results
 
 
-SCENARIOS = ["chains", "data", "fail_chains", "fail_data"] + (["resume_data"] if HAS_CHECKPOINT else []) + [
-    "bad_input"]
+SCENARIOS = ["chains", "data", "fail_chains", "fail_data", "resume_data", "bad_input"]
 
 
 @pytest.fixture(scope="module")
@@ -437,7 +432,6 @@ def test_a_rank_that_raises_stops_every_rank_with_a_clear_error(run_dir):
         assert results[1]["cause"].startswith("ValueError: boom")
 
 
-@pytest.mark.skipif(not HAS_CHECKPOINT, reason="sample(checkpoint=...) has not landed")
 def test_a_failed_data_parallel_run_leaves_checkpoints_that_resume_exactly(run_dir):
     tmp_path = run_dir
     assert all(not res["ok"] for res in _results(tmp_path, "fail_data"))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import numpy as np
@@ -347,3 +348,56 @@ def test_chain_ids_reproduce_the_chains_of_the_full_run():
     assert part.metadata["chain_ids"] == [3, 1]
     with pytest.raises(ValueError, match="chain_ids"):
         sample(nn.Linear(2, 1), "gaussian", (x, y), beta=0.1, num_chains=2, chain_ids=[2], num_draws=1)
+
+
+def test_one_chain_run_hands_the_module_back_with_its_own_parameters_even_on_error():
+    # a one-chain run puts leaf views of the chain's weights into the module for the whole run (issue 17);
+    # afterwards, and after an error mid-run, the module holds its own Parameter objects and values again
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2))
+    own = {n: p for n, p in model.named_parameters()}
+    values = {n: p.detach().clone() for n, p in own.items()}
+    x, y = torch.randn(40, 3), torch.randn(40, 2)
+    sample(model, "gaussian", (x, y), beta=1 / 40, step_size=1e-3, num_warmup=3, num_draws=3, seed=0)
+    calls = []
+
+    def exploding(out, target):
+        calls.append(1)
+        if len(calls) > 5:
+            raise RuntimeError("boom")
+        return ((out - target) ** 2).sum(1)
+
+    with pytest.raises(RuntimeError, match="boom"):
+        sample(model, exploding, (x, y), beta=1 / 40, step_size=1e-3, num_warmup=10, num_draws=3, seed=0,
+               task="regression")
+    for n, p in model.named_parameters():
+        assert p is own[n] and isinstance(p, nn.Parameter) and torch.equal(p, values[n])
+        assert p.grad is None  # nothing accumulated into the user's parameters
+
+
+def test_one_chain_direct_step_equals_the_functional_step():
+    # the direct one-chain gradient (module called on its own swapped-in weights, prior gradient in a
+    # persistent buffer) gives exactly the functional_call estimator's numbers
+    from pib_bayes.driver import _Sampler
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 5), nn.ReLU(), nn.Linear(5, 2))
+    x, y = torch.randn(30, 3), torch.randint(0, 2, (30,))
+    direct = sample(model, "cross_entropy", (x, y), beta=1 / 30, prior=0.5, step_size=1e-2, num_warmup=5,
+                    num_draws=20, batch_size=10, seed=4)
+    original = _Sampler.bound
+
+    @contextlib.contextmanager
+    def no_direct(self, group):
+        yield
+
+    _Sampler.bound = no_direct
+    try:
+        functional = sample(model, "cross_entropy", (x, y), beta=1 / 30, prior=0.5, step_size=1e-2,
+                            num_warmup=5, num_draws=20, batch_size=10, seed=4)
+    finally:
+        _Sampler.bound = original
+    for n in direct.draws:
+        assert torch.equal(direct.draws[n], functional.draws[n]), n
+    assert torch.equal(direct.sample_stats["loss"], functional.sample_stats["loss"])
+    torch.testing.assert_close(direct.sample_stats["energy"], functional.sample_stats["energy"])
