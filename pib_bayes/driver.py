@@ -1189,7 +1189,8 @@ def _run_group(runner: _Sampler, group: _Group, names: list[str], keep_names: li
     try:
         with runner.bound(group):
             _steps(runner, group, names, keep_names, keep_pos, num_warmup, num_draws, thin, out, cur, idx,
-                   resumed_at, checkpoint, checkpoint_every, divergence_threshold, floor, bar, phase,
+                   resumed_at, checkpoint, checkpoint_every, divergence_threshold, floor,
+                   bar if progress else None, phase,
                    plain_collect, single)
     finally:
         bar.close()
@@ -1271,7 +1272,7 @@ def _steps(runner: _Sampler, group: _Group, names: list[str], keep_names: list[s
             for name, val in step_stats.items():
                 out.stat(name)[idx, cur.kept - 1] = val.double()
         cur.t += 1
-        if not bar.disable:
+        if bar is not None:  # None without progress: a disabled bar still costs a call per step
             bar.update(1)
             if cur.t == num_warmup:
                 bar.set_description(phase(cur.t), refresh=False)
