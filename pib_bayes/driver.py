@@ -34,7 +34,7 @@ from .batched import batched_forward
 from .data import LoaderBatcher, TensorBatcher, as_tensors
 from .energy import Energy, LossFn, loss_likelihood, require_task
 from .gradients import GRADIENTS, ControlVariateGradient, full_data_gradient
-from .io import FormatError, load_payload, save_payload
+from .io import FormatError, holds_lock, load_payload, save_payload
 from .posterior import Posterior
 from .prior import GaussianPrior, Prior
 from .samplers.core import NOISES, GaussianNoise, Kernel, NoisePrefetcher, make_noise
@@ -236,6 +236,7 @@ class _Sampler:
                                     with_stats=with_stats)
 
 
+@holds_lock("checkpoint")
 def sample(
     model: nn.Module,
     loss_fn: str | LossFn,
@@ -344,7 +345,10 @@ def sample(
             hand-off and a CPU core is free (docs/performance.md); slower on small models.
         checkpoint: a file to which the complete run state (weights, sampler state, every
             chain's RNG states, data order, draws so far, step counters) is written atomically
-            every ``checkpoint_every`` steps, after each chain group and at the end.
+            every ``checkpoint_every`` steps, after each chain group and at the end. The call holds
+            an exclusive lock (``fcntl.flock`` of ``.NAME.lock`` beside it, dropped by the OS
+            however the process ends): a second run on the same checkpoint fails at once with
+            :class:`~pib_bayes.io.LockedError`.
         resume: continue from ``checkpoint`` if it exists. It must come from the same run: the same
             settings, the same data (its length and a blake2b hash of its shapes, dtypes and of at
             most 4096 evenly spaced rows, every row of smaller data) and the same initial weights

@@ -21,7 +21,7 @@ from torch import Tensor, nn
 from torch.func import functional_call, vmap
 
 from .batched import batched_forward
-from .io import FormatError, load_payload, save_payload
+from .io import FormatError, exclusive_lock, load_payload, save_payload
 
 __all__ = [
     "Posterior", "Prediction", "DrawCollector", "heteroscedastic_prediction", "FORMAT_VERSION", "ENGINES",
@@ -650,7 +650,8 @@ class Posterior:
             "metadata_json": json.dumps(self.metadata if self.task is None
                                         else {**self.metadata, "task": self.task}, default=str),
         }
-        save_payload(path, "posterior", FORMAT_VERSION, payload)
+        with exclusive_lock(path, "path"):
+            save_payload(path, "posterior", FORMAT_VERSION, payload)
 
     @classmethod
     def load(cls, path: str | os.PathLike, model: nn.Module | None = None) -> Posterior:
