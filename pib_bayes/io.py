@@ -165,8 +165,10 @@ def is_stale(tag: str, path: str | os.PathLike) -> bool:
         return False
 
 
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
-    """Write ``data`` to ``path`` atomically (temporary file + fsync + rename).
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[str]:
+    """A temporary path to write ``path``'s new content to; on leaving the block it is fsynced and
+    renamed over ``path`` (on an exception it is removed).
 
     The temporary name ``.NAME.HOST.PID.RANDOM.tmp`` is unique; temporary files of ``path`` left
     by dead writers (a SIGKILL cannot be caught) are removed, those of live writers never, so
@@ -182,16 +184,25 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
         if is_stale(tag, stale):
             stale.unlink(missing_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f"{prefix}{writer_tag()}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
     try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
+        yield tmp
+        fd = os.open(tmp, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    """Write ``data`` to ``path`` atomically (temporary file + fsync + rename; see :func:`atomic_path`)."""
+    with atomic_path(path) as tmp, open(tmp, "wb") as fh:
+        fh.write(data)
 
 
 def save_payload(path: str | os.PathLike, kind: str, format_version: int, payload: dict[str, Any]) -> None:
