@@ -28,13 +28,14 @@ def test_quick_benchmark_run_produces_every_row(tmp_path):
     result = json.loads(out.read_text())
     assert all(run["returncode"] == 0 for run in result["runs"])
     groups = {r["group"] for r in result["rows"]}
-    assert groups == {"steps", "predict", "memory", "chains", "iiw", "zoo", "tuning"}
+    assert groups == {"steps", "predict", "memory", "chains", "iiw", "zoo", "tuning", "io"}
     for row in result["rows"]:
         assert math.isfinite(row["ratio"]) and row["ratio"] > 0, row["name"]
     names = " ".join(r["name"] for r in result["rows"])
     for needle in ("sgld vs floor", "psgld vs floor", "sghmc vs floor", "predict vs loop", "matmul floor",
                    "jvp vs loop", "jvp vs minibatch", "IIWRegularizer step",
                    "sample() step vs torch SGD step", "zoo lstm: predict vs loop",
-                   "time to accuracy vs NUTS"):
+                   "time to accuracy vs NUTS", "io Posterior.save vs torch.save",
+                   "io Posterior.load transient memory"):
         assert needle in names
     assert "| benchmark | baseline | candidate | ratio | target | met |" in proc.stdout
