@@ -23,7 +23,8 @@ from one into the next):
   SGHMC, vs Pyro NUTS 300 + 1000 on the Gaussian-linear posterior; met only when accurate on every
   seed and faster), plus ``step_size="auto"`` on a small MLP and CNN (divergences, energy R-hat).
 * ``io``      benchmarks/bench_io.py: ``Posterior.save``/``load`` (netCDF4/HDF5) vs
-  ``torch.save``/``torch.load`` on 1M weights x 60 draws, CPU time and transient memory (``ru_maxrss`` of a fresh process per case).
+  ``torch.save``/``torch.load`` on 1M weights x 60 draws, CPU time and transient memory
+  (``ru_maxrss`` of a fresh process per case).
 
 Ratios are throughput ratios, larger is better, each measured inside one process with
 interleaved repeats (see each script). A row meets its target when ratio >= target.
