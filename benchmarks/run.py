@@ -1,7 +1,7 @@
 """Run every pib_bayes benchmark, one subprocess per comparison, and print a markdown table of ratios.
 
     python benchmarks/run.py [--quick] [--out results.json]
-        [--only steps,sample,predict,memory,chains,iiw,zoo,tuning]
+        [--only steps,sample,predict,memory,chains,iiw,zoo,tuning,io]
 
 Comparisons (each in its own fresh Python process, so no allocator or thread-pool state leaks
 from one into the next):
@@ -25,6 +25,9 @@ from one into the next):
 * ``tuning``  benchmarks/bench_tuning.py: "time to accuracy vs NUTS" (``step_size="auto"``, SGLD and
   SGHMC, vs Pyro NUTS 300 + 1000 on the Gaussian-linear posterior; met only when accurate on every
   seed and faster), plus ``step_size="auto"`` on a small MLP and CNN (divergences, energy R-hat).
+* ``io``      benchmarks/bench_io.py: ``Posterior.save``/``load`` (netCDF4/HDF5) vs
+  ``torch.save``/``torch.load`` on 1M weights x 60 draws, CPU time and transient memory
+  (``ru_maxrss`` of a fresh process per case).
 
 Ratios are throughput ratios, larger is better, each measured inside one process with
 interleaved repeats (see each script). A row meets its target when ratio >= target.
@@ -68,6 +71,8 @@ def jobs(quick: bool) -> list[tuple[str, list[str], str]]:
         out.append(("iiw", [_script("bench_iiw.py"), *iiw], "iiw"))
     if os.path.exists(_script("bench_tuning.py")):
         out.append(("tuning", [_script("bench_tuning.py"), *q], "tuning"))
+    if os.path.exists(_script("bench_io.py")):
+        out.append(("io", [_script("bench_io.py"), *q], "rows"))
     return out
 
 
@@ -135,7 +140,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--quick", action="store_true", help="fewer repeats: a smoke run, not a measurement")
     ap.add_argument("--out", help="write every row, the commands and the environment as JSON here")
     ap.add_argument("--only", help="comma-separated groups: steps,sample,predict,memory,chains,iiw,zoo,"
-                                   "tuning")
+                                   "tuning,io")
     args = ap.parse_args(argv)
     only = set(args.only.split(",")) if args.only else None
     rows, runs = [], []

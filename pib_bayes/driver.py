@@ -10,6 +10,7 @@ give the same draws to float tolerance, and a chain gives the same draws as when
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import math
 import os
@@ -34,7 +35,7 @@ from .batched import batched_forward
 from .data import LoaderBatcher, TensorBatcher, as_tensors
 from .energy import Energy, LossFn, loss_likelihood, require_task
 from .gradients import GRADIENTS, ControlVariateGradient, full_data_gradient
-from .io import FormatError, load_payload, save_payload
+from .io import FormatError, holds_lock, load_payload, save_payload
 from .posterior import Posterior
 from .prior import GaussianPrior, Prior, check_prior_fits
 from .samplers.core import NOISES, GaussianNoise, Kernel, NoisePrefetcher, make_noise
@@ -329,6 +330,7 @@ class _Sampler:
                                     with_stats=with_stats)
 
 
+@holds_lock("checkpoint")
 def sample(
     model: nn.Module,
     loss_fn: str | LossFn,
@@ -445,10 +447,18 @@ def sample(
             hand-off and a CPU core is free (docs/performance.md); slower on small models.
         checkpoint: a file to which the complete run state (weights, sampler state, every
             chain's RNG states, data order, draws so far, step counters) is written atomically
-            every ``checkpoint_every`` steps, after each chain group and at the end.
-        resume: continue from ``checkpoint`` if it exists (it must come from a run with the same
-            settings; a bool). With tensor data, a run killed at any moment and resumed gives draws
-            bit-identical to an uninterrupted run; a DataLoader restarts its iteration.
+            every ``checkpoint_every`` steps, after each chain group and at the end. The call holds
+            an exclusive lock (``fcntl.flock`` of ``.NAME.lock`` beside it, dropped by the OS
+            however the process ends): a second run on the same checkpoint fails at once with
+            :class:`~pib_bayes.io.LockedError`.
+        resume: continue from ``checkpoint`` if it exists (a bool). It must come from the same run: the same
+            settings, the same data (its length and a blake2b hash of its shapes, dtypes and of at
+            most 4096 evenly spaced rows, every row of smaller data) and the same initial weights
+            (a hash of them); otherwise one ``ValueError`` names what differs. A checkpoint from
+            before this check is refused (it cannot be verified). With tensor data, a run killed at
+            any moment and resumed gives draws bit-identical to an uninterrupted run; a DataLoader
+            restarts its iteration (its data is hashed only over a TensorDataset). A finished
+            run's checkpoint gives its posterior back without running the model at all.
         gradient: ``"minibatch"`` (grad U_B) or ``"cv"``, control variates (Baker et al. 2019,
             :class:`~pib_bayes.gradients.ControlVariateGradient`): each chain's centre w_hat is
             the mean of its weights over the second half of warm-up (its initial weights when
@@ -564,6 +574,30 @@ def sample(
     if gradient == "cv" and tensors is None:
         _check_loader_has_length(data)
 
+    # what identifies this run before any model evaluation: a finished checkpoint of the same run is
+    # returned from here without running the model or the loss even once
+    setup = {
+        "beta": energy.beta, "prior": repr(energy.prior), "sampler": kernel.name, "settings": kernel.settings,
+        "step_size": schedule.to_dict() if auto is None else dataclasses.asdict(auto),
+        "num_chains": total_chains, "chain_ids": ids, "num_warmup": num_warmup, "num_draws": num_draws,
+        "thin": thin, "batch_size": batch_size, "seed": int(seed), "chain_method": chain_method,
+        "noise": noise, "train_mode_dropout": train_mode_dropout, "gradient": gradient,
+        "params": {n: list(init_params[n].shape) for n in names}, "keep": keep_names,
+        "n": int(tensors[0].shape[0]) if tensors is not None else _loader_length(data),
+        "data": data_fingerprint(tensors if tensors is not None else _loader_tensors(data)),
+        "initial_weights": tensor_fingerprint([init_params[n] for n in names]),
+    }
+    setup_fingerprint = json.dumps(setup, sort_keys=True, default=str)
+    if checkpoint is None and resume:
+        raise ValueError("resume: needs checkpoint=PATH (the file to resume from)")
+    saved = _Checkpointer.read(checkpoint, setup_fingerprint) if resume else None
+    if saved is not None and saved.get("finished"):
+        try:
+            return Posterior(dict(saved["draws"]), dict(saved["stats"]), json.loads(saved["metadata_json"]),
+                             fixed, saved["diverged"], saved["divergence_step"], model=model)
+        except (KeyError, TypeError, ValueError) as err:
+            raise FormatError(f"{checkpoint}: incomplete checkpoint ({err})") from None
+
     auto_info: dict[str, Any] | None = None
     if auto is not None:
         kernel, schedule, auto_info = _auto_step_stage(
@@ -652,19 +686,19 @@ def sample(
         "n": int(tensors[0].shape[0]) if tensors is not None else None,
         **({"gradient": gradient} if gradient != "minibatch" else {}),
         **({"step_size_auto": dataclasses.asdict(auto)} if auto is not None else {}),
-        **({"divergence_threshold": threshold} if threshold != 1e4 else {}),  # old checkpoints resume
+        **({"divergence_threshold": threshold} if threshold != 1e4 else {}),  # non-default only
+        "data": setup["data"], "initial_weights": setup["initial_weights"],
     }, sort_keys=True, default=str)
-    ckpt = _Checkpointer(checkpoint, fingerprint, out, checkpoint_every) if checkpoint is not None else None
-    if checkpoint is None and resume:
-        raise ValueError("resume: needs checkpoint=PATH (the file to resume from)")
-    first_group, cursor = (ckpt.resume(groups) if ckpt is not None and resume else (0, None))
+    ckpt = (_Checkpointer(checkpoint, fingerprint, setup_fingerprint, out, checkpoint_every)
+            if checkpoint is not None else None)
+    first_group, cursor = ckpt.resume(groups, saved) if ckpt is not None and saved is not None else (0, None)
     with _sampling_mode(model, train_mode_dropout):
         for gi in range(first_group, len(groups)):
             save = ckpt.saver(gi) if ckpt is not None else None
             with _dropout_rng(groups[gi], device):
                 _run_group(runner, groups[gi], names, keep_names, num_warmup, num_draws, thin, out, progress,
                            cursor if gi == first_group else None, save, checkpoint_every, threshold)
-            if ckpt is not None:
+            if ckpt is not None and gi + 1 < len(groups):
                 ckpt.write(gi + 1, None)
     draws, stats, diverged, divergence_step = out.draws, out.stats, out.diverged, out.divergence_step
 
@@ -694,6 +728,8 @@ def sample(
                        if num_warmup >= 2 else "each chain's initial weights"),
             "full_gradient_cpu_s": sum(g.centre.cpu_s for g in groups if g.centre is not None),
         }
+    if ckpt is not None:  # the finished run, with what resume=True needs to hand it back unsampled
+        ckpt.write(len(groups), None, metadata)
     return Posterior(draws, stats, metadata, fixed, diverged, divergence_step, model=model)
 
 
@@ -1041,33 +1077,47 @@ CHECKPOINT_VERSION = 1
 
 
 class _Checkpointer:
-    """Atomic checkpoints of a whole run (see :func:`sample`'s ``checkpoint``)."""
+    """Atomic checkpoints of a whole run (see :func:`sample`'s ``checkpoint``).
 
-    def __init__(self, path: str | os.PathLike, fingerprint: str, out: _Buffers, every: int) -> None:
+    A checkpoint holds two fingerprints: ``setup`` (the arguments, the data's and the initial
+    weights' hashes: known before the model runs) and ``fingerprint`` (``setup``'s settings as the
+    run resolved them: chain method, automatic step size). Resuming compares both; a finished run
+    (``finished``, with its metadata) is handed back by :func:`sample` without sampling again."""
+
+    def __init__(self, path: str | os.PathLike, fingerprint: str, setup: str, out: _Buffers,
+                 every: int) -> None:
         if isinstance(every, bool) or not isinstance(every, int) or every < 1:
             raise ValueError(f"checkpoint_every: must be an int >= 1 (steps), got {every!r}")
-        self.path, self.fingerprint, self.out = path, fingerprint, out
+        self.path, self.fingerprint, self.setup, self.out = path, fingerprint, setup, out
 
-    def write(self, group_index: int, group_state: dict[str, Any] | None) -> None:
+    def write(self, group_index: int, group_state: dict[str, Any] | None,
+              metadata: dict[str, Any] | None = None) -> None:
         save_payload(self.path, "checkpoint", CHECKPOINT_VERSION, {
-            "fingerprint": self.fingerprint, "group_index": group_index, "group_state": group_state,
-            "draws": self.out.draws, "stats": self.out.stats, "diverged": self.out.diverged,
-            "divergence_step": self.out.divergence_step,
+            "fingerprint": self.fingerprint, "setup": self.setup, "group_index": group_index,
+            "group_state": group_state, "draws": self.out.draws, "stats": self.out.stats,
+            "diverged": self.out.diverged, "divergence_step": self.out.divergence_step,
+            **({"finished": True, "metadata_json": json.dumps(metadata, default=str)}
+               if metadata is not None else {}),
         })
 
     def saver(self, group_index: int) -> Callable[[dict[str, Any]], None]:
         return lambda state: self.write(group_index, state)
 
-    def resume(self, groups: list[_Group]) -> tuple[int, _Cursor | None]:
-        if not os.path.exists(self.path):
-            return 0, None
-        saved = load_payload(self.path, "checkpoint", (CHECKPOINT_VERSION,))
-        if saved.get("fingerprint") != self.fingerprint:
-            old, new = json.loads(saved.get("fingerprint", "{}")), json.loads(self.fingerprint)
-            diff = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
-            raise ValueError(f"resume: the checkpoint {str(self.path)!r} comes from a run with other "
-                             f"settings ({', '.join(diff)} differ); use the same arguments, or "
-                             "resume=False to start over")
+    @staticmethod
+    def read(path: str | os.PathLike | None, setup: str) -> dict[str, Any] | None:
+        """The checkpoint at ``path`` if there is one, after checking it comes from this run."""
+        if path is None or not os.path.exists(path):
+            return None
+        saved = load_payload(path, "checkpoint", (CHECKPOINT_VERSION,))
+        if not isinstance(saved.get("setup"), str):
+            raise ValueError(f"resume: the checkpoint {str(path)!r} predates the check that it comes from "
+                             "the same data and initial weights (written by pib_bayes <= 0.2), so it "
+                             "cannot be resumed safely; use resume=False to start over")
+        _check_same_run(path, saved["setup"], setup)
+        return saved
+
+    def resume(self, groups: list[_Group], saved: dict[str, Any]) -> tuple[int, _Cursor | None]:
+        _check_same_run(self.path, saved.get("fingerprint", "{}"), self.fingerprint)
         try:
             self.out.draws.update(saved["draws"])
             self.out.stats.update(saved["stats"])
@@ -1078,6 +1128,71 @@ class _Checkpointer:
         except (KeyError, IndexError, TypeError, RuntimeError) as err:
             raise FormatError(f"{self.path}: incomplete checkpoint ({err})") from None
         return gi, cursor
+
+
+_FINGERPRINT_LABELS = {"initial_weights": "initial weights", "n": "data (number of examples)"}
+
+
+def _check_same_run(path: str | os.PathLike, stored: str, current: str) -> None:
+    if stored == current:
+        return
+    try:
+        old = json.loads(stored)
+    except (json.JSONDecodeError, TypeError, RecursionError):
+        raise FormatError(f"{path}: corrupt checkpoint fingerprint") from None
+    new = json.loads(current)
+    if not isinstance(old, dict):
+        raise FormatError(f"{path}: corrupt checkpoint fingerprint")
+    diff = sorted(_FINGERPRINT_LABELS.get(k, k) for k in set(old) | set(new) if old.get(k) != new.get(k))
+    raise ValueError(f"resume: the checkpoint {str(path)!r} comes from a different run ({', '.join(diff)} "
+                     "differ); use the same arguments, data and initial weights, or resume=False to start "
+                     "over")
+
+
+ROWS_HASHED = 4096  # data rows hashed by data_fingerprint (evenly spaced; all rows of smaller data)
+
+
+def _tensor_bytes(t: Tensor) -> bytes:
+    t = t.detach().cpu().contiguous().reshape(-1)
+    return t.view(torch.uint8).numpy().tobytes() if t.numel() else b""
+
+
+def tensor_fingerprint(tensors: Sequence[Tensor]) -> str:
+    """blake2b hex digest of the shapes, dtypes and bytes of ``tensors`` (in order)."""
+    h = hashlib.blake2b(digest_size=16)
+    for t in tensors:
+        h.update(f"{tuple(t.shape)}|{t.dtype}|".encode())
+        h.update(_tensor_bytes(t))
+    return h.hexdigest()
+
+
+def data_fingerprint(tensors: Sequence[Tensor] | None) -> str | None:
+    """blake2b digest of the data tensors' shapes and dtypes and of at most :data:`ROWS_HASHED`
+    evenly spaced rows (every row of smaller data): cheap on any data size, and two data sets of one
+    shape differ in the hashed rows unless they agree on every one of them. None: data that is not
+    tensors (a DataLoader over another dataset) is not fingerprinted."""
+    if tensors is None:
+        return None
+    n = int(tensors[0].shape[0])
+    idx = torch.linspace(0, n - 1, ROWS_HASHED).round().long().unique() if n > ROWS_HASHED else None
+    h = hashlib.blake2b(digest_size=16)
+    h.update(f"{n}|".encode())
+    for t in tensors:
+        h.update(f"{tuple(t.shape)}|{t.dtype}|".encode())
+        h.update(_tensor_bytes(t if idx is None else t.detach().cpu().index_select(0, idx)))
+    return h.hexdigest()
+
+
+def _loader_tensors(data: object) -> tuple[Tensor, ...] | None:
+    ds = getattr(data, "dataset", None)
+    return tuple(ds.tensors) if isinstance(ds, torch.utils.data.TensorDataset) else None
+
+
+def _loader_length(data: object) -> int | None:
+    try:
+        return len(data.dataset)  # type: ignore[attr-defined]
+    except (AttributeError, TypeError):
+        return None
 
 
 @dataclass

@@ -14,20 +14,26 @@ so a crash leaves either the old file or the new one, never half of one.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
+import functools
 import glob
 import hashlib
+import inspect
 import io
 import json
 import os
 import socket
 import tempfile
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 
-__all__ = ["FormatError", "atomic_write_bytes", "save_payload", "load_payload", "writer_tag", "is_stale"]
+__all__ = ["FormatError", "LockedError", "atomic_write_bytes", "exclusive_lock", "save_payload",
+           "load_payload", "writer_tag", "is_stale"]
 
 MAGIC = b"PIBBAYES\n"
 MAX_HEADER = 4096  # bytes of the JSON header line (ours are about 150)
@@ -35,6 +41,92 @@ MAX_HEADER = 4096  # bytes of the JSON header line (ours are about 150)
 
 class FormatError(ValueError):
     """A file that is not ours, is truncated or corrupt, or has an incompatible format version."""
+
+
+class LockedError(ValueError):
+    """Another writer holds the path: a second process (or thread) writing the same checkpoint or
+    posterior file is refused at once instead of interleaving with the first."""
+
+
+def lock_path(path: str | os.PathLike) -> Path:
+    """The lock file of ``path``: ``.NAME.lock`` in the same directory."""
+    path = Path(path)
+    return path.parent / f".{path.name}.lock"
+
+
+@contextlib.contextmanager
+def exclusive_lock(path: str | os.PathLike, argname: str = "path") -> Iterator[None]:
+    """Hold an exclusive ``fcntl.flock`` on ``.NAME.lock`` next to ``path`` for the block.
+
+    Fails fast: if another open file (another process, or another thread of this one) holds it,
+    :class:`LockedError` names the path and the holder (its ``host.pid``, written in the lock
+    file). The operating system drops the lock when its holder exits, killed or not, so a crash
+    never leaves ``path`` locked (only an unlocked ``.NAME.lock``, reused by the next writer); a
+    holder removes the lock file while still holding it, and a writer that locked a file of that
+    name which has meanwhile been removed retries, so two writers never hold two files of one
+    name. Readers take no lock: they see whole files only, because every write goes to a
+    temporary name renamed over ``path``.
+
+    >>> import tempfile, os
+    >>> target = os.path.join(tempfile.mkdtemp(), "post.nc")
+    >>> with exclusive_lock(target):
+    ...     try:
+    ...         with exclusive_lock(target):
+    ...             pass
+    ...     except LockedError as err:
+    ...         print(str(err).split(" is ")[1].split(" (")[0])
+    being written by another writer
+    """
+    lock = lock_path(path)
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    while True:
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            try:
+                holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "unknown"
+            except OSError:  # pragma: no cover
+                holder = "unknown"
+            os.close(fd)
+            raise LockedError(f"{argname}: {str(path)!r} is being written by another writer (process "
+                              f"{holder} holds {str(lock)!r}); wait for it to finish, or write to another "
+                              "path") from None
+        try:  # the file locked must still be the one of that name (a releasing holder unlinks it)
+            same = os.stat(lock).st_ino == os.fstat(fd).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:
+            break
+        os.close(fd)
+    try:
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, writer_tag().encode() + b"\n", 0)
+        yield
+    finally:
+        try:
+            os.unlink(lock)  # still holding it: a writer waiting on this name locks a fresh file
+        finally:
+            os.close(fd)  # closing the descriptor releases the lock
+
+
+_F = TypeVar("_F", bound=Callable[..., Any])
+
+
+def holds_lock(argname: str) -> Callable[[_F], _F]:
+    """Decorator: the call holds :func:`exclusive_lock` on its argument ``argname`` (if not None)."""
+    def wrap(fn: _F) -> _F:
+        sig = inspect.signature(fn)
+
+        @functools.wraps(fn)
+        def locked(*args: Any, **kwargs: Any) -> Any:
+            path = sig.bind(*args, **kwargs).arguments.get(argname)
+            if path is None:
+                return fn(*args, **kwargs)
+            with exclusive_lock(path, argname):
+                return fn(*args, **kwargs)
+        return locked  # type: ignore[return-value]
+    return wrap
 
 
 def _host() -> str:
@@ -73,8 +165,10 @@ def is_stale(tag: str, path: str | os.PathLike) -> bool:
         return False
 
 
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
-    """Write ``data`` to ``path`` atomically (temporary file + fsync + rename).
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[str]:
+    """A temporary path to write ``path``'s new content to; on leaving the block it is fsynced and
+    renamed over ``path`` (on an exception it is removed).
 
     The temporary name ``.NAME.HOST.PID.RANDOM.tmp`` is unique; temporary files of ``path`` left
     by dead writers (a SIGKILL cannot be caught) are removed, those of live writers never, so
@@ -90,16 +184,25 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
         if is_stale(tag, stale):
             stale.unlink(missing_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f"{prefix}{writer_tag()}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
     try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
+        yield tmp
+        fd = os.open(tmp, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    """Write ``data`` to ``path`` atomically (temporary file + fsync + rename; see :func:`atomic_path`)."""
+    with atomic_path(path) as tmp, open(tmp, "wb") as fh:
+        fh.write(data)
 
 
 def save_payload(path: str | os.PathLike, kind: str, format_version: int, payload: dict[str, Any]) -> None:

@@ -22,13 +22,14 @@ from torch.func import functional_call, vmap
 
 from ._validate import check_bool, check_memory
 from .batched import batched_forward
-from .io import FormatError, load_payload, save_payload
+from .io import FormatError, exclusive_lock, load_payload
 
 __all__ = [
     "Posterior", "Prediction", "DrawCollector", "heteroscedastic_prediction", "FORMAT_VERSION", "ENGINES",
 ]
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # netCDF4/HDF5 (pib_bayes.store)
+LEGACY_FORMAT_VERSION = 1  # the PIBBAYES torch payload: read-only
 
 ENGINES = ("auto", "batched", "vmap", "loop")
 """How :meth:`Posterior.outputs` runs the model over the draws (see there)."""
@@ -671,38 +672,71 @@ class Posterior:
 
     # ------------------------------------------------------------ save/load
     def save(self, path: str | os.PathLike) -> None:
-        """Write the posterior to ``path`` (format described in :mod:`pib_bayes.io`), atomically.
+        """Write the posterior to ``path`` as a netCDF4/HDF5 file, atomically (layout, integrity
+        checks and dtype rules in :mod:`pib_bayes.store`; docs/files.md).
 
-        Saved: draws, sample statistics, fixed tensors, divergence flags, metadata (as JSON).
-        Not saved: the model itself (pass it to :meth:`load`).
+        Saved: draws (group ``posterior``, dims chain, draw, ``<param>_dim_0``, ...), sample
+        statistics (``sample_stats``), fixed tensors (``fixed``), divergence flags
+        (``divergences``), metadata (JSON attribute). ArviZ and xarray open the file without
+        pib_bayes: ``arviz.from_netcdf(path)``, ``xarray.open_dataset(path, group="posterior",
+        engine="h5netcdf")``. Not saved: the model itself (pass it to :meth:`load`). The write holds
+        :func:`~pib_bayes.io.exclusive_lock` on ``path``: a concurrent second writer gets
+        :class:`~pib_bayes.io.LockedError`.
+
+        >>> import tempfile, os, torch
+        >>> post = Posterior({"w": torch.randn(2, 3, 4)}, {}, {"task": "regression"})
+        >>> path = os.path.join(tempfile.mkdtemp(), "post.nc")
+        >>> post.save(path)
+        >>> torch.equal(Posterior.load(path).draws["w"], post.draws["w"])
+        True
         """
-        payload = {
-            "draws": {k: v.contiguous() for k, v in self.draws.items()},
-            "sample_stats": {k: v.contiguous() for k, v in self.sample_stats.items()},
-            "fixed": {k: v.contiguous() for k, v in self.fixed.items()},
-            "diverged": self.diverged,
-            "divergence_step": self.divergence_step,
-            "metadata_json": json.dumps(self.metadata if self.task is None
-                                        else {**self.metadata, "task": self.task}, default=str),
+        from .store import write_store
+
+        groups = {
+            "posterior": dict(self.draws), "sample_stats": dict(self.sample_stats), "fixed": dict(self.fixed),
+            "divergences": {"diverged": self.diverged, "divergence_step": self.divergence_step},
         }
-        save_payload(path, "posterior", FORMAT_VERSION, payload)
+        metadata = self.metadata if self.task is None else {**self.metadata, "task": self.task}
+        metadata = json.loads(json.dumps(metadata, default=str))
+        with exclusive_lock(path, "path"):
+            write_store(path, "posterior", FORMAT_VERSION, groups, metadata)
 
     @classmethod
     def load(cls, path: str | os.PathLike, model: nn.Module | None = None) -> Posterior:
         """Read a file written by :meth:`save`.
 
-        A corrupt, truncated or foreign file, or another format version, raises ``FormatError``."""
-        payload = load_payload(path, "posterior", (FORMAT_VERSION,))
+        A corrupt (a flipped byte in any chunk or header), truncated or foreign file, or another
+        format version, raises one ``FormatError`` naming the file (and, for a data chunk, the
+        variable and the chunk). No pickle is involved: only numeric arrays and JSON are read.
+        Files of the format before version 2 (starting ``PIBBAYES``) still load, read-only, with a
+        ``DeprecationWarning``; :meth:`save` rewrites them in the current format."""
+        from .io import MAGIC
+        from .store import read_store
+
+        path = os.fspath(path)
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"path: no file at {path!r}")
+        with open(path, "rb") as fh:
+            legacy = fh.read(len(MAGIC)) == MAGIC
+        if legacy:
+            warnings.warn(f"{path}: a posterior file of the pib_bayes format version 1 (torch payload); "
+                          "it is read-only and its support will be removed: load it and save() it again to "
+                          "rewrite it as netCDF", DeprecationWarning, stacklevel=2)
+            payload = load_payload(path, "posterior", (LEGACY_FORMAT_VERSION,))
+            try:
+                parts = {"draws": dict(payload["draws"]), "sample_stats": dict(payload["sample_stats"]),
+                         "metadata": json.loads(payload["metadata_json"]), "fixed": dict(payload["fixed"]),
+                         "diverged": payload["diverged"], "divergence_step": payload["divergence_step"]}
+            except (KeyError, TypeError, ValueError, AttributeError, IndexError, RecursionError) as err:
+                raise FormatError(f"{path}: incomplete posterior payload ({err})") from None
+        else:
+            groups, metadata = read_store(path, "posterior", (FORMAT_VERSION,))
+            div = groups["divergences"]
+            parts = {"draws": groups["posterior"], "sample_stats": groups["sample_stats"],
+                     "metadata": metadata, "fixed": groups["fixed"], "diverged": div.get("diverged"),
+                     "divergence_step": div.get("divergence_step")}
         try:
-            post = cls(
-                draws=dict(payload["draws"]),
-                sample_stats=dict(payload["sample_stats"]),
-                metadata=json.loads(payload["metadata_json"]),
-                fixed=dict(payload["fixed"]),
-                diverged=payload["diverged"],
-                divergence_step=payload["divergence_step"],
-                model=model,
-            )
+            post = cls(model=model, **parts)
         except (KeyError, TypeError, ValueError, AttributeError, IndexError, RecursionError) as err:
             raise FormatError(f"{path}: incomplete posterior payload ({err})") from None
         if model is not None:

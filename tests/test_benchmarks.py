@@ -28,7 +28,7 @@ def test_quick_benchmark_run_produces_every_row(tmp_path):
     result = json.loads(out.read_text())
     assert all(run["returncode"] == 0 for run in result["runs"])
     groups = {r["group"] for r in result["rows"]}
-    assert groups == {"steps", "sample", "predict", "memory", "chains", "iiw", "zoo", "tuning"}
+    assert groups == {"steps", "sample", "predict", "memory", "chains", "iiw", "zoo", "tuning", "io"}
     for row in result["rows"]:
         assert math.isfinite(row["ratio"]) and row["ratio"] > 0, row["name"]
     names = " ".join(r["name"] for r in result["rows"])
@@ -36,6 +36,7 @@ def test_quick_benchmark_run_produces_every_row(tmp_path):
                    "jvp vs loop", "jvp vs minibatch", "IIWRegularizer step",
                    "sample() step vs torch SGD step", "zoo lstm: predict vs loop",
                    "time to accuracy vs NUTS", "vs hand-written SGLD loop",
-                   "optim.SGLD + Energy.of_module"):
+                   "optim.SGLD + Energy.of_module", "io Posterior.save vs torch.save",
+                   "io Posterior.load transient memory"):
         assert needle in names
     assert "| benchmark | baseline | candidate | ratio | target | met |" in proc.stdout

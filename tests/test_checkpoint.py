@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -160,3 +161,101 @@ def test_corrupt_or_truncated_checkpoint_is_a_clear_error(tmp_path):
     ckpt.write_bytes(bytes(flipped))
     with pytest.raises(FormatError):
         pb.sample(nn.Linear(2, 1), "gaussian", (x, y), resume=True, **kw)
+
+
+def _small_run(ckpt, x, y, seed_model=0, resume=False, loss=None, **kw):
+    torch.manual_seed(seed_model)
+    model = nn.Linear(2, 1)
+    return pb.sample(model, loss or "gaussian", (x, y), beta=0.1, num_warmup=5, num_draws=5, num_chains=2,
+                     checkpoint=ckpt, checkpoint_every=2, resume=resume, seed=1,
+                     **({"task": "regression"} if loss is not None else {}), **kw)
+
+
+def _interrupt(ckpt, x, y, seed_model=0):
+    """A run stopped by a crash after a few steps, its checkpoint mid-run."""
+    def crash(params):
+        raise _Crash
+    with pytest.raises(_Crash):
+        _small_run(ckpt, x, y, seed_model, stat_fns={"boom": crash})
+
+
+@pytest.mark.parametrize("finished", [False, True])
+def test_resume_from_another_runs_data_or_initial_weights_is_refused(tmp_path, finished):
+    """The fingerprint covers the data and the initial weights, not only shapes and settings: a
+    checkpoint of another run with the same shapes and settings is refused, naming what differs."""
+    ckpt = tmp_path / "c.ckpt"
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(20, 2, generator=g), torch.randn(20, 1, generator=g)
+    if finished:
+        _small_run(ckpt, x, y)
+    else:
+        _interrupt(ckpt, x, y)
+    y2 = y.clone()
+    y2[7, 0] += 1.0  # one target changed
+    with pytest.raises(ValueError, match=r"resume:.*different run \(data differ\)"):
+        _small_run(ckpt, x, y2, resume=True)
+    with pytest.raises(ValueError, match=r"resume:.*different run \(initial weights differ\)"):
+        _small_run(ckpt, x, y, seed_model=1, resume=True)
+    with pytest.raises(ValueError, match=r"\(data, data \(number of examples\) differ\)"):
+        _small_run(ckpt, x[:19], y[:19], resume=True)
+    resumed = _small_run(ckpt, x, y, resume=True)  # the same run resumes
+    ref = _small_run(None, x, y)
+    assert torch.equal(resumed.draws["weight"], ref.draws["weight"])
+
+
+def test_resume_of_a_finished_run_returns_it_without_evaluating_the_loss(tmp_path):
+    ckpt = tmp_path / "c.ckpt"
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(20, 2, generator=g), torch.randn(20, 1, generator=g)
+    calls = {"n": 0}
+
+    def loss(out, target):
+        calls["n"] += 1
+        return ((out - target) ** 2).sum(-1)
+
+    first = _small_run(ckpt, x, y, loss=loss)
+    assert calls["n"] > 0
+    calls["n"] = 0
+    again = _small_run(ckpt, x, y, loss=loss, resume=True)
+    assert calls["n"] == 0
+    assert again.metadata == first.metadata
+    for k in first.draws:
+        assert torch.equal(first.draws[k], again.draws[k])
+    for k in first.sample_stats:
+        assert torch.equal(first.sample_stats[k], again.sample_stats[k])
+    assert torch.equal(first.diverged, again.diverged)
+
+
+def test_checkpoint_older_than_the_data_check_is_refused(tmp_path):
+    """Decision: a checkpoint without the data/initial-weights fingerprint cannot be verified, so
+    resuming it is refused with an error that says so (never resumed silently)."""
+    ckpt = tmp_path / "c.ckpt"
+    x, y = torch.randn(20, 2), torch.randn(20, 1)
+    _interrupt(ckpt, x, y)
+    saved = pb.driver.load_payload(ckpt, "checkpoint", (pb.driver.CHECKPOINT_VERSION,))
+    old = {k: v for k, v in saved.items() if k != "setup"}
+    fp = json.loads(old["fingerprint"])
+    old["fingerprint"] = json.dumps({k: v for k, v in fp.items() if k not in ("data", "initial_weights")},
+                                    sort_keys=True)
+    pb.io.save_payload(ckpt, "checkpoint", pb.driver.CHECKPOINT_VERSION, old)
+    with pytest.raises(ValueError, match="predates the check"):
+        _small_run(ckpt, x, y, resume=True)
+
+
+def test_data_fingerprint_hashes_a_fixed_sample_of_rows_of_big_data():
+    from pib_bayes.driver import ROWS_HASHED, data_fingerprint
+
+    n = 3 * ROWS_HASHED
+    x, y = torch.arange(2.0 * n).reshape(n, 2), torch.zeros(n, dtype=torch.long)
+    base = data_fingerprint((x, y))
+    assert data_fingerprint((x.clone(), y.clone())) == base
+    hashed = x.clone()
+    hashed[n - 1, 0] += 1  # the last row is always among the hashed ones
+    assert data_fingerprint((hashed, y)) != base
+    assert data_fingerprint((x.double(), y)) != base  # dtypes count
+    assert data_fingerprint((x[:-1], y[:-1])) != base  # and the length
+    small = x[:10]
+    for i in range(10):  # data up to ROWS_HASHED rows: every row is hashed
+        changed = small.clone()
+        changed[i, 1] = -1.0
+        assert data_fingerprint((changed, y[:10])) != data_fingerprint((small, y[:10]))

@@ -29,7 +29,7 @@ from pib_bayes import uncertainty as U
 from pib_bayes.config import ConfigError, validate_config
 from pib_bayes.io import FormatError, save_payload
 from pib_bayes.optim import PSGLD, SGHMC, SGLD
-from pib_bayes.posterior import FORMAT_VERSION
+from pib_bayes.posterior import LEGACY_FORMAT_VERSION
 from pib_bayes.samplers import schedules as S
 
 NAN, INF = math.nan, math.inf
@@ -768,7 +768,7 @@ def test_load_checks_the_model(tmp_path):
 def test_load_rejects_bad_payload_values(tmp_path, key, value):
     payload = _payload(post())
     payload[key] = value
-    save_payload(tmp_path / "p.pib", "posterior", FORMAT_VERSION, payload)
+    save_payload(tmp_path / "p.pib", "posterior", LEGACY_FORMAT_VERSION, payload)
     with pytest.raises(FormatError, match="incomplete posterior payload"):
         Posterior.load(tmp_path / "p.pib")
 
@@ -785,7 +785,7 @@ def bug(id_, fn, arg, reason):
 def _bad_payload_load(tmp: str, key: str, value) -> Posterior:
     payload = _payload(post())
     payload[key] = value
-    save_payload(f"{tmp}/bad.pib", "posterior", FORMAT_VERSION, payload)
+    save_payload(f"{tmp}/bad.pib", "posterior", LEGACY_FORMAT_VERSION, payload)
     return Posterior.load(f"{tmp}/bad.pib")
 
 
