@@ -32,6 +32,8 @@ from typing import Any, TypeVar
 
 import torch
 
+from ._validate import check_path
+
 __all__ = ["FormatError", "LockedError", "atomic_write_bytes", "exclusive_lock", "save_payload",
            "load_payload", "writer_tag", "is_stale"]
 
@@ -123,7 +125,8 @@ def holds_lock(argname: str) -> Callable[[_F], _F]:
             path = sig.bind(*args, **kwargs).arguments.get(argname)
             if path is None:
                 return fn(*args, **kwargs)
-            with exclusive_lock(path, argname):
+            # a bad path gets its clear error (naming argname) before any lock file is made beside it
+            with exclusive_lock(check_path(argname, path), argname):
                 return fn(*args, **kwargs)
         return locked  # type: ignore[return-value]
     return wrap
