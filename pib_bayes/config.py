@@ -78,6 +78,8 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from ._validate import available_memory  # one estimate of free memory for the API and the CLI
+
 try:  # Python >= 3.11
     import tomllib
 except ModuleNotFoundError:  # pragma: no cover - Python 3.10
@@ -529,22 +531,6 @@ def mlp_num_params(input_dim: int, output_dim: int, hidden: Sequence[int]) -> in
     """
     dims = [int(input_dim), *[int(h) for h in hidden], int(output_dim)]  # Python ints: no overflow
     return sum((a + 1) * b for a, b in zip(dims[:-1], dims[1:]))
-
-
-def available_memory() -> int:
-    """Bytes this process can still allocate: ``MemAvailable`` of /proc/meminfo (Linux), else the
-    physical memory, else a large number (no check)."""
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        pass
-    try:
-        return int(os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
-    except (ValueError, OSError, AttributeError):  # pragma: no cover - not POSIX
-        return 1 << 62
 
 
 def check_memory(key: str, nbytes: float, what: str, fix: str) -> None:
