@@ -19,16 +19,6 @@ from torch import nn
 import pib_bayes as pb
 from pib_bayes import bounds as B
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # tiny tensors: one thread avoids oversubscribing the shared CPUs (10x less CPU time here)
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 probs = st.floats(0.0, 0.999, allow_nan=False)
 budgets = st.floats(1e-8, 8.0, allow_nan=False)
 kls = st.floats(0.0, 500.0, allow_nan=False)

@@ -42,13 +42,6 @@ batch_size = 32
 """
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """One torch thread: on a shared 2-core machine two spinning threads cost 4x the CPU time."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def _cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:

@@ -26,13 +26,6 @@ WORLD = 2
 DEADLINE_S = 120.0
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """2 shared cores: several torch threads per process only contend (0.15 s vs 5 s per reference run)."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
 
 
 # ----------------------------------------------------------------------------- shared set-up

@@ -15,20 +15,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
 from pib_bayes.mnist import write_idx
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """One torch thread: on a shared 2-core machine two spinning threads cost 4x the CPU time."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

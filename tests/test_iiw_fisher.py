@@ -13,14 +13,6 @@ from pib_bayes.iiw import IIWResult, fisher
 from pib_bayes.iiw.fisher import per_example_gradient_quadratic
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)  # shared CPUs: avoid oversubscription stalls
-    yield
-    torch.set_num_threads(n)
-
-
 def _moved(model: nn.Module, scale: float = 0.05, seed: int = 1) -> dict[str, torch.Tensor]:
     """theta_0 = the current weights; then move the weights by a random Δθ."""
     theta_0 = {k: v.detach().clone() for k, v in model.state_dict().items()}

@@ -14,14 +14,6 @@ from torch import nn
 from pib_bayes.iiw import fisher
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _net():
     """Train mode matters here: BatchNorm uses batch statistics, Dropout drops."""
     torch.manual_seed(0)

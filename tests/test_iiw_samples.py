@@ -28,13 +28,6 @@ from pib_bayes.iiw import channel, kl, ledoit_wolf
 F64 = torch.float64
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # the CPUs are shared: one intra-op thread avoids oversubscription stalls
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def _oracle(d: int, n: int, nres: int, draws: int, corr: float, seed: int = 0, hl: float = 0.05):

@@ -25,12 +25,6 @@ from pib_bayes.optim import SGLD
 F64 = torch.float64
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)  # shared CPUs: avoid oversubscription stalls
-    yield
-    torch.set_num_threads(n)
 
 
 # ----------------------------------------------------------------------------- peak

@@ -27,12 +27,6 @@ Z_PASS = 4.5
 Z_CATCH = 10.0
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def _gen(seed: int) -> torch.Generator:

@@ -16,14 +16,6 @@ from pib_bayes.iiw.paper import paper_gradients
 from pib_bayes.pib_train import _streams, paper_penalty, train_pib
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _data(n=48, d=5, k=3, seed=0):
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(n, d, generator=g, dtype=torch.float64)

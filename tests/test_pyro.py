@@ -40,13 +40,6 @@ _NOISE = torch.randn(N, generator=_gen, dtype=torch.float64)
 Y = X @ torch.tensor([1.0, -0.5], dtype=torch.float64) + S * _NOISE
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # tiny tensors on a shared 2-core box: intra-op threads only contend (measured ~70x slower)
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
 
 
 @pytest.fixture

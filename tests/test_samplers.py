@@ -39,13 +39,6 @@ Z_PASS = 4.5   # a correct sampler: every |z| below this (few comparisons per te
 Z_CATCH = 10.0  # a wrong sampler: some |z| above this (the bugs below sit at 15-100 standard errors)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """These tests are many small ops: one intra-op thread avoids OpenMP contention on a busy 2-core box."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def _gen(seed: int) -> torch.Generator:

@@ -46,12 +46,6 @@ H, A, SIGMA_G = 0.1, 1.0, 2.0
 BURN, WINDOW = 600, 1200
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def _gen(seed: int) -> torch.Generator:

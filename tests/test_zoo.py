@@ -28,12 +28,6 @@ RUN = dict(beta=BETA, prior=1.0, step_size=1e-4, num_chains=3, num_warmup=10, nu
 IDS = [e.name for e in ZOO]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def _modes(model: nn.Module) -> list[bool]:
