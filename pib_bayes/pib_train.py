@@ -306,6 +306,18 @@ def _new_history() -> dict[str, list[float]]:
     return {k: [] for k in ("epoch", "lr", "train_loss", "train_acc", "iiw", "val_acc")}
 
 
+def _start_epoch(opt: torch.optim.Optimizer, lr: float, epoch: int, milestones: Sequence[int], gamma: float,
+                 n: int, batch_size: int, shuffle_gen: torch.Generator) -> tuple[float, list[Tensor]]:
+    """An epoch of both modes begins alike: the learning rate times ``gamma`` at each milestone, then
+    one permutation of the n examples cut into minibatches of ``batch_size`` (the last may be short)."""
+    if epoch in milestones:
+        lr *= gamma
+        for group in opt.param_groups:
+            group["lr"] = lr
+    perm = torch.randperm(n, generator=shuffle_gen)
+    return lr, [perm[start:start + batch_size] for start in range(0, n, batch_size)]
+
+
 def _train_paper(model, loss, x, y, val, theta0, names, lr, momentum, noise_std, beta, epochs, batch_size,
                  milestones, gamma, patience, iiw_batch_size, iiw_num_batches, shuffle_gen, iiw_gen,
                  noise_gen, settings) -> PIBTrainResult:
@@ -317,16 +329,11 @@ def _train_paper(model, loss, x, y, val, theta0, names, lr, momentum, noise_std,
     best_acc, best_epoch, best_state, counter, stopped = -1.0, None, None, 0, False
     n = x.shape[0]
     for epoch in range(epochs):
-        if epoch in milestones:
-            lr *= gamma
-            for group in opt.param_groups:
-                group["lr"] = lr
+        lr, batches = _start_epoch(opt, lr, epoch, milestones, gamma, n, batch_size, shuffle_gen)
         model.train()
-        perm = torch.randperm(n, generator=shuffle_gen)
         total = 0.0
         steps = 0
-        for start in range(0, n, batch_size):
-            idx = perm[start:start + batch_size]
+        for idx in batches:
             opt.zero_grad()
             batch_loss = _per_example(loss, model(x[idx]), y[idx]).mean()
             batch_loss.backward()
@@ -388,15 +395,10 @@ def _train_langevin(model, loss, loss_fn, x, y, val, theta0, names, lr, beta, gi
     n = x.shape[0]
     step = 0
     for epoch in range(epochs):
-        if epoch in milestones:
-            lr *= gamma
-            for group in opt.param_groups:
-                group["lr"] = lr
+        lr, batches = _start_epoch(opt, lr, epoch, milestones, gamma, n, batch_size, shuffle_gen)
         model.train()
-        perm = torch.randperm(n, generator=shuffle_gen)
         total, steps = 0.0, 0
-        for start in range(0, n, batch_size):
-            idx = perm[start:start + batch_size]
+        for idx in batches:
             opt.zero_grad()
             u = energy.of_module(x[idx], y[idx])
             if reg is not None:
