@@ -13,6 +13,7 @@ import time
 import numpy as np
 import pytest
 import torch
+from crash_helpers import Crash, crashing_stat
 from torch import nn
 
 import pib_bayes as pb
@@ -71,19 +72,8 @@ def test_sigkill_at_random_moments_then_resume_is_bit_identical(tmp_path):
         assert not a.sample_stats[k].isnan().any(), k
 
 
-class _Crash(Exception):
-    pass
-
-
 def _run(tmp_path, ckpt=None, crash_after=None, method="sequential", resume=False, prefetch=False):
-    calls = {"n": 0}
-
-    def crash(params):
-        calls["n"] += 1
-        if crash_after is not None and calls["n"] > crash_after:
-            raise _Crash
-        return params["0.weight"].sum()
-
+    crash = crashing_stat(crash_after)
     torch.manual_seed(0)
     x, y = pb.data.make_classification_data(n=128, num_classes=3, seed=2)
     model = nn.Sequential(nn.Linear(2, 8), nn.Tanh(), nn.Linear(8, 3))
@@ -98,7 +88,7 @@ def _run(tmp_path, ckpt=None, crash_after=None, method="sequential", resume=Fals
 def test_crash_and_resume_in_process(tmp_path, method, crash_after):
     ref = _run(tmp_path, method=method)
     ckpt = tmp_path / "c.ckpt"
-    with pytest.raises(_Crash):
+    with pytest.raises(Crash):
         _run(tmp_path, ckpt, crash_after=crash_after, method=method)
     resumed = _run(tmp_path, ckpt, method=method, resume=True)
     for k in ref.draws:
@@ -118,7 +108,7 @@ def test_crash_and_resume_with_prefetched_noise(tmp_path, method, resume_prefetc
     to the draws of a run that never prefetched."""
     ref = _run(tmp_path, method=method)
     ckpt = tmp_path / "c.ckpt"
-    with pytest.raises(_Crash):
+    with pytest.raises(Crash):
         _run(tmp_path, ckpt, crash_after=30, method=method, prefetch=True)
     resumed = _run(tmp_path, ckpt, method=method, resume=True, prefetch=resume_prefetch)
     for k in ref.draws:
@@ -174,8 +164,8 @@ def _small_run(ckpt, x, y, seed_model=0, resume=False, loss=None, **kw):
 def _interrupt(ckpt, x, y, seed_model=0):
     """A run stopped by a crash after a few steps, its checkpoint mid-run."""
     def crash(params):
-        raise _Crash
-    with pytest.raises(_Crash):
+        raise Crash
+    with pytest.raises(Crash):
         _small_run(ckpt, x, y, seed_model, stat_fns={"boom": crash})
 
 

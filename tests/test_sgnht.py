@@ -31,6 +31,7 @@ import math
 import numpy as np
 import pytest
 import torch
+from crash_helpers import Crash, crashing_stat
 from scipy.linalg import solve_discrete_lyapunov
 from scipy.optimize import brentq
 
@@ -303,10 +304,6 @@ def test_sgnht_bad_settings_name_the_argument(kwargs, match):
         SGNHT([torch.zeros(2, requires_grad=True)], lr=0.1, **kwargs)
 
 
-class _Crash(Exception):
-    pass
-
-
 @pytest.mark.parametrize("method", ["sequential", "vectorized"])
 def test_sgnht_crash_and_resume_restores_momentum_and_thermostat(tmp_path, method):
     """The checkpoint holds each chain's momentum and xi: a resumed run equals the uninterrupted one."""
@@ -315,14 +312,7 @@ def test_sgnht_crash_and_resume_restores_momentum_and_thermostat(tmp_path, metho
     import pib_bayes
 
     def run(ckpt=None, crash_after=None, resume=False):
-        calls = {"n": 0}
-
-        def crash(params):
-            calls["n"] += 1
-            if crash_after is not None and calls["n"] > crash_after:
-                raise _Crash
-            return params["0.weight"].sum()
-
+        crash = crashing_stat(crash_after)
         torch.manual_seed(0)
         x, y = pib_bayes.data.make_classification_data(n=64, num_classes=3, seed=2)
         model = nn.Sequential(nn.Linear(2, 6), nn.Tanh(), nn.Linear(6, 3))
@@ -333,7 +323,7 @@ def test_sgnht_crash_and_resume_restores_momentum_and_thermostat(tmp_path, metho
 
     ref = run()
     ckpt = tmp_path / "c.ckpt"
-    with pytest.raises(_Crash):
+    with pytest.raises(Crash):
         run(ckpt, crash_after=7)
     resumed = run(ckpt, resume=True)
     for k in ref.draws:

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import scipy.linalg as sl
 import torch
+from crash_helpers import Crash, crashing_stat
 from stat_helpers import mean_and_mcse
 from torch import nn
 
@@ -337,19 +338,8 @@ def test_cv_with_a_map_style_loader_matches_tensor_data_full_gradient():
     assert torch.isfinite(post.draws["weight"]).all()
 
 
-class _Crash(RuntimeError):
-    pass
-
-
 def _cv_run(ckpt=None, crash_after=None, resume=False, method="vectorized"):
-    calls = {"n": 0}
-
-    def stat(params):
-        calls["n"] += 1
-        if crash_after is not None and calls["n"] > crash_after:
-            raise _Crash
-        return params["0.weight"].sum()
-
+    stat = crashing_stat(crash_after)
     torch.manual_seed(0)
     x, y = pb.data.make_classification_data(n=128, num_classes=3, seed=2)
     model = nn.Sequential(nn.Linear(2, 8), nn.Tanh(), nn.Linear(8, 3))
@@ -365,7 +355,7 @@ def test_cv_run_crashed_and_resumed_gives_identical_draws(tmp_path, method, cras
     9: after the centre was taken (the control variate is restored)."""
     ref = _cv_run(method=method)
     ckpt = tmp_path / "c.ckpt"
-    with pytest.raises(_Crash):
+    with pytest.raises(Crash):
         _cv_run(ckpt, crash_after=crash_after * (2 if method == "vectorized" else 1), method=method)
     resumed = _cv_run(ckpt, resume=True, method=method)
     for k in ref.draws:
