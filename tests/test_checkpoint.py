@@ -58,7 +58,7 @@ def test_sigkill_at_random_moments_then_resume_is_bit_identical(tmp_path):
             kills += 1
         proc.wait(timeout=60)
         if ckpt.exists():  # whatever moment the kill hit, the checkpoint on disk is whole
-            pb.driver.load_payload(ckpt, "checkpoint", (pb.driver.CHECKPOINT_VERSION,))
+            pb.io.load_payload(ckpt, "checkpoint", (pb.driver.checkpoint.CHECKPOINT_VERSION,))
     assert kills >= 1
     final = _child(tmp_path, tmp_path / "resumed.pib", ckpt)
     assert final.wait(timeout=300) == 0, final.stderr.read()
@@ -222,12 +222,12 @@ def test_checkpoint_older_than_the_data_check_is_refused(tmp_path):
     ckpt = tmp_path / "c.ckpt"
     x, y = torch.randn(20, 2), torch.randn(20, 1)
     _interrupt(ckpt, x, y)
-    saved = pb.driver.load_payload(ckpt, "checkpoint", (pb.driver.CHECKPOINT_VERSION,))
+    saved = pb.io.load_payload(ckpt, "checkpoint", (pb.driver.checkpoint.CHECKPOINT_VERSION,))
     old = {k: v for k, v in saved.items() if k != "setup"}
     fp = json.loads(old["fingerprint"])
     old["fingerprint"] = json.dumps({k: v for k, v in fp.items() if k not in ("data", "initial_weights")},
                                     sort_keys=True)
-    pb.io.save_payload(ckpt, "checkpoint", pb.driver.CHECKPOINT_VERSION, old)
+    pb.io.save_payload(ckpt, "checkpoint", pb.driver.checkpoint.CHECKPOINT_VERSION, old)
     with pytest.raises(ValueError, match="predates the check"):
         _small_run(ckpt, x, y, resume=True)
 

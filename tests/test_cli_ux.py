@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-import pib_bayes.driver as driver
+import pib_bayes.driver.recorder as driver
 from pib_bayes import Posterior, _threads, sample
 from pib_bayes.bounds import Bound, BoundsReport
 from pib_bayes.cli import EXIT_OK, EXIT_USAGE, main

@@ -378,7 +378,7 @@ def test_one_chain_run_hands_the_module_back_with_its_own_parameters_even_on_err
 def test_one_chain_direct_step_equals_the_functional_step():
     # the direct one-chain gradient (module called on its own swapped-in weights, prior gradient in a
     # persistent buffer) gives exactly the functional_call estimator's numbers
-    from pib_bayes.driver import _Sampler
+    from pib_bayes.driver.chains import _Sampler
 
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(3, 5), nn.ReLU(), nn.Linear(5, 2))

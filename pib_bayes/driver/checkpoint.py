@@ -1,0 +1,170 @@
+"""Checkpoints of a run: fingerprints of what identifies it, the state of a chain group, resume."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ..io import FormatError, load_payload, save_payload
+from .chains import (
+    _Group,
+)
+from .recorder import _Buffers, _Cursor
+
+CHECKPOINT_VERSION = 1
+
+
+class _Checkpointer:
+    """Atomic checkpoints of a whole run (see :func:`sample`'s ``checkpoint``).
+
+    A checkpoint holds two fingerprints: ``setup`` (the arguments, the data's and the initial
+    weights' hashes: known before the model runs) and ``fingerprint`` (``setup``'s settings as the
+    run resolved them: chain method, automatic step size). Resuming compares both; a finished run
+    (``finished``, with its metadata) is handed back by :func:`sample` without sampling again."""
+
+    def __init__(self, path: str | os.PathLike, fingerprint: str, setup: str, out: _Buffers,
+                 every: int) -> None:
+        if isinstance(every, bool) or not isinstance(every, int) or every < 1:
+            raise ValueError(f"checkpoint_every: must be an int >= 1 (steps), got {every!r}")
+        self.path, self.fingerprint, self.setup, self.out = path, fingerprint, setup, out
+
+    def write(self, group_index: int, group_state: dict[str, Any] | None,
+              metadata: dict[str, Any] | None = None) -> None:
+        save_payload(self.path, "checkpoint", CHECKPOINT_VERSION, {
+            "fingerprint": self.fingerprint, "setup": self.setup, "group_index": group_index,
+            "group_state": group_state, "draws": self.out.draws, "stats": self.out.stats,
+            "diverged": self.out.diverged, "divergence_step": self.out.divergence_step,
+            **({"finished": True, "metadata_json": json.dumps(metadata, default=str)}
+               if metadata is not None else {}),
+        })
+
+    def saver(self, group_index: int) -> Callable[[_Group, _Cursor], None]:
+        return lambda group, cursor: self.write(group_index, _group_state(group, cursor))
+
+    @staticmethod
+    def read(path: str | os.PathLike | None, setup: str) -> dict[str, Any] | None:
+        """The checkpoint at ``path`` if there is one, after checking it comes from this run."""
+        if path is None or not os.path.exists(path):
+            return None
+        saved = load_payload(path, "checkpoint", (CHECKPOINT_VERSION,))
+        if not isinstance(saved.get("setup"), str):
+            raise ValueError(f"resume: the checkpoint {str(path)!r} predates the check that it comes from "
+                             "the same data and initial weights (written by pib_bayes <= 0.2), so it "
+                             "cannot be resumed safely; use resume=False to start over")
+        _check_same_run(path, saved["setup"], setup)
+        return saved
+
+    def resume(self, groups: list[_Group], saved: dict[str, Any]) -> tuple[int, _Cursor | None]:
+        _check_same_run(self.path, saved.get("fingerprint", "{}"), self.fingerprint)
+        try:
+            self.out.draws.update(saved["draws"])
+            self.out.stats.update(saved["stats"])
+            self.out.diverged.copy_(saved["diverged"])
+            self.out.divergence_step.copy_(saved["divergence_step"])
+            gi = int(saved["group_index"])
+            cursor = _restore_group(groups[gi], saved["group_state"]) if saved["group_state"] else None
+        except (KeyError, IndexError, TypeError, RuntimeError) as err:
+            raise FormatError(f"{self.path}: incomplete checkpoint ({err})") from None
+        return gi, cursor
+
+
+_FINGERPRINT_LABELS = {"initial_weights": "initial weights", "n": "data (number of examples)"}
+
+
+def _check_same_run(path: str | os.PathLike, stored: str, current: str) -> None:
+    if stored == current:
+        return
+    try:
+        old = json.loads(stored)
+    except (json.JSONDecodeError, TypeError, RecursionError):
+        raise FormatError(f"{path}: corrupt checkpoint fingerprint") from None
+    new = json.loads(current)
+    if not isinstance(old, dict):
+        raise FormatError(f"{path}: corrupt checkpoint fingerprint")
+    diff = sorted(_FINGERPRINT_LABELS.get(k, k) for k in set(old) | set(new) if old.get(k) != new.get(k))
+    raise ValueError(f"resume: the checkpoint {str(path)!r} comes from a different run ({', '.join(diff)} "
+                     "differ); use the same arguments, data and initial weights, or resume=False to start "
+                     "over")
+
+
+ROWS_HASHED = 4096  # data rows hashed by data_fingerprint (evenly spaced; all rows of smaller data)
+
+
+def _tensor_bytes(t: Tensor) -> bytes:
+    t = t.detach().cpu().contiguous().reshape(-1)
+    return t.view(torch.uint8).numpy().tobytes() if t.numel() else b""
+
+
+def tensor_fingerprint(tensors: Sequence[Tensor]) -> str:
+    """blake2b hex digest of the shapes, dtypes and bytes of ``tensors`` (in order)."""
+    h = hashlib.blake2b(digest_size=16)
+    for t in tensors:
+        h.update(f"{tuple(t.shape)}|{t.dtype}|".encode())
+        h.update(_tensor_bytes(t))
+    return h.hexdigest()
+
+
+def data_fingerprint(tensors: Sequence[Tensor] | None) -> str | None:
+    """blake2b digest of the data tensors' shapes and dtypes and of at most :data:`ROWS_HASHED`
+    evenly spaced rows (every row of smaller data): cheap on any data size, and two data sets of one
+    shape differ in the hashed rows unless they agree on every one of them. None: data that is not
+    tensors (a DataLoader over another dataset) is not fingerprinted."""
+    if tensors is None:
+        return None
+    n = int(tensors[0].shape[0])
+    idx = torch.linspace(0, n - 1, ROWS_HASHED).round().long().unique() if n > ROWS_HASHED else None
+    h = hashlib.blake2b(digest_size=16)
+    h.update(f"{n}|".encode())
+    for t in tensors:
+        h.update(f"{tuple(t.shape)}|{t.dtype}|".encode())
+        h.update(_tensor_bytes(t if idx is None else t.detach().cpu().index_select(0, idx)))
+    return h.hexdigest()
+
+
+def _loader_tensors(data: object) -> tuple[Tensor, ...] | None:
+    ds = getattr(data, "dataset", None)
+    return tuple(ds.tensors) if isinstance(ds, torch.utils.data.TensorDataset) else None
+
+
+def _loader_length(data: object) -> int | None:
+    try:
+        return len(data.dataset)  # type: ignore[attr-defined]
+    except (AttributeError, TypeError):
+        return None
+
+
+def _group_state(group: _Group, cur: _Cursor) -> dict[str, Any]:
+    return {
+        "t": cur.t, "kept": cur.kept, "counter": cur.counter, "alive": cur.alive.clone(),
+        "energy_limit": None if cur.limit is None else cur.limit.clone(),
+        "params": [p.detach().clone() for p in group.params],
+        "kernel_state": {k: [v.clone() for v in vs] for k, vs in group.state.items()},
+        "noise_generators": group.generator_states(),
+        "batcher": group.batcher.state_dict(),
+        **({"dropout_rng": torch.get_rng_state()} if group.dropout_seed is not None else {}),
+        **({"centre": group.centre.state_dict(group)} if group.centre is not None else {}),
+    }
+
+
+def _restore_group(group: _Group, saved: dict[str, Any]) -> _Cursor:
+    with torch.no_grad():
+        for p, v in zip(group.params, saved["params"]):
+            p.copy_(v)
+        for k, vs in saved["kernel_state"].items():
+            for buf, v in zip(group.state[k], vs):
+                buf.copy_(v)
+    group.set_generator_states(saved["noise_generators"])
+    group.batcher.load_state_dict(saved["batcher"])
+    if group.dropout_seed is not None and "dropout_rng" in saved:
+        group.dropout_state = saved["dropout_rng"]
+    if group.centre is not None:
+        group.centre.load_state_dict(group, saved["centre"])
+    limit = saved.get("energy_limit")
+    return _Cursor(int(saved["t"]), int(saved["kept"]), int(saved["counter"]), saved["alive"].clone(),
+                   None if limit is None else limit.clone())

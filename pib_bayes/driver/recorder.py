@@ -1,0 +1,204 @@
+"""The step loop of a chain group and the buffers its kept draws and statistics go to."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from .._threads import warn_if_oversubscribed
+from ..samplers.schedules import Schedule
+from .chains import (
+    _Group,
+    _Sampler,
+)
+
+
+def _stat_value(key: str, value: object) -> float:
+    """A stat function's result as a float; a string, a vector or None is an error naming it."""
+    if isinstance(value, Tensor):
+        if value.numel() != 1:
+            raise ValueError(f"stat_fns: {key!r} must return a scalar, got a tensor of shape "
+                             f"{tuple(value.shape)}")
+        return float(value)
+    if isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, (bool, np.bool_)):
+        return float(value)
+    if isinstance(value, np.ndarray) and value.size == 1 and value.dtype.kind in "iuf":
+        return float(value)
+    raise TypeError(f"stat_fns: {key!r} must return a number or a 1-element tensor, got "
+                    f"{type(value).__name__} {value!r:.60}")
+
+
+
+@dataclass
+class _Buffers:
+    """Everything the run has produced so far, shared by the chain groups."""
+
+    draws: dict[str, Tensor]
+    stats: dict[str, Tensor]
+    diverged: Tensor
+    divergence_step: Tensor
+
+    def stat(self, name: str) -> Tensor:
+        if name not in self.stats:
+            self.stats[name] = torch.full(self.stats["energy"].shape, math.nan, dtype=torch.float64)
+        return self.stats[name]
+
+
+@dataclass
+class _Cursor:
+    """Where a chain group is: global step t, draws kept, sampling-phase steps seen, live chains."""
+
+    t: int
+    kept: int
+    counter: int
+    alive: Tensor
+    limit: Tensor | None = None  # per chain, the |U| above which the chain has diverged
+
+
+
+def _total_steps(schedule: Schedule, num_warmup: int, num_draws: int, thin: int) -> int | None:
+    """Steps a chain takes to keep ``num_draws`` draws (None if not found within 10^7 steps).
+
+    After warm-up, every ``thin``-th *collected* step is kept and the loop ends after the step of the
+    last draw: the ``((num_draws - 1) * thin + 1)``-th collected step.
+    """
+    needed = (num_draws - 1) * thin + 1
+    if type(schedule).collect is Schedule.collect:  # every step after warm-up is collected
+        return num_warmup + needed
+    t, counted = num_warmup, 0
+    while counted < needed and t < num_warmup + 10**7:  # e.g. a cyclical schedule: part of each cycle
+        counted += bool(schedule.collect(t))
+        t += 1
+    return t if counted == needed else None
+
+
+def _run_group(runner: _Sampler, group: _Group, names: list[str], keep_names: list[str], num_warmup: int,
+               num_draws: int, thin: int, out: _Buffers, progress: bool, cur: _Cursor | None = None,
+               checkpoint: Callable[[_Group, _Cursor], None] | None = None, checkpoint_every: int = 0,
+               divergence_threshold: float = math.inf) -> None:
+    """Advance one chain group until it holds ``num_draws`` draws (or every chain diverged).
+
+    A draw is the weights w_t *before* step t, stored with U(w_t); ``checkpoint`` is called with the
+    group's complete state at the start of every ``checkpoint_every``-th step, so a resumed run
+    repeats exactly the steps an uninterrupted one takes.
+
+    A chain diverges at the first step t whose energy U(w_t) is non-finite or exceeds
+    ``divergence_threshold`` x its reference scale ``max(|U(w_0)|, D)`` (initial energy, floored at
+    the number D of sampled coordinates); from then on its weights are NaN and
+    ``sample_stats["diverging"]`` is true at every draw of that chain from the divergence on.
+    """
+    schedule = runner.schedule
+    # the group's chains are consecutive (all chains, or one): basic indexing, no index_put per draw
+    contiguous = group.chains == list(range(group.chains[0], group.chains[0] + len(group.chains)))
+    idx: Tensor | slice = (slice(group.chains[0], group.chains[0] + len(group.chains)) if contiguous
+                           else torch.tensor(group.chains))
+    keep_pos = [names.index(n) for n in keep_names]
+    resumed_at = cur.t if cur is not None else -1
+    if cur is None:
+        cur = _Cursor(0, 0, 0, torch.ones(len(group.chains), dtype=torch.bool))
+    floor = float(sum(p[0].numel() for p in group.params))
+    desc = f"chain {group.chains[0]}" if len(group.chains) == 1 else f"{len(group.chains)} chains"
+    warn_if_oversubscribed()
+    # the bar counts every step, warm-up included, so its ETA holds from the start; it stays on screen
+    phase = lambda t: f"{desc} {'warm-up' if t < num_warmup else 'sampling'}"  # noqa: E731
+    bar = tqdm(total=_total_steps(schedule, num_warmup, num_draws, thin), initial=cur.t, desc=phase(cur.t),
+               unit="step", disable=not progress, leave=True)
+    plain_collect = type(schedule).collect is Schedule.collect
+    single = len(group.chains) == 1 and group.params[0].device.type == "cpu"
+    try:
+        with runner.bound(group):
+            _steps(runner, group, names, keep_names, keep_pos, num_warmup, num_draws, thin, out, cur, idx,
+                   resumed_at, checkpoint, checkpoint_every, divergence_threshold, floor,
+                   bar if progress else None, phase,
+                   plain_collect, single)
+    finally:
+        bar.close()
+        if group.prefetcher is not None:
+            group.prefetcher.close()  # the draw made ahead for a step that will not run is dropped
+
+
+def _steps(runner: _Sampler, group: _Group, names: list[str], keep_names: list[str], keep_pos: list[int],
+           num_warmup: int, num_draws: int, thin: int, out: _Buffers, cur: _Cursor, idx: Tensor | slice,
+           resumed_at: int, checkpoint: Callable[[_Group, _Cursor], None] | None, checkpoint_every: int,
+           divergence_threshold: float, floor: float, bar: Any, phase: Callable[[int], str],
+           plain_collect: bool, single: bool) -> None:
+    """The step loop of :func:`_run_group`. With one chain on the CPU (``single``) the divergence test
+    and the recorded scalars use Python floats (the same comparisons on the same values)."""
+    schedule = runner.schedule
+    limit_f: float | None = None  # single: the limit as a Python float (no tensor ops per step)
+    u_f = math.nan
+    while cur.kept < num_draws and (bool(cur.alive[0]) if single else bool(cur.alive.any())):
+        t = cur.t
+        if checkpoint is not None and checkpoint_every and t % checkpoint_every == 0 and t != resumed_at:
+            checkpoint(group, cur)
+        if group.centre is not None:
+            group.centre.before_step(group, t)
+        if runner.noise_report is not None and t == runner.noise_report.at:
+            runner.noise_report.after_warmup(group)
+        u, loss, grads = runner.gradients(group)
+        if cur.limit is None and math.isfinite(divergence_threshold):
+            # threshold x the energy scale a relative explosion is measured against (a NaN U(w_0)
+            # gives a NaN limit: every comparison fails, the chain is flagged at once, as it must be)
+            scale = torch.clamp(u.detach().double().abs(), min=floor)
+            # below the dtype's largest value, so that |U| = inf never passes
+            cur.limit = (divergence_threshold * scale).clamp(max=torch.finfo(u.dtype).max).to(u.dtype)
+        if single:
+            u_f = u.item()  # exact: a float32/float64 value is a Python float
+            if limit_f is None and cur.limit is not None:
+                limit_f = cur.limit.item()
+            # a non-finite gradient shows up as a non-finite energy one step later; |U| <= limit is
+            # false for NaN and +-inf as well
+            diverges = not (abs(u_f) <= limit_f if limit_f is not None else math.isfinite(u_f))
+            newly = cur.alive if diverges else None
+        else:
+            ok = u.abs() <= cur.limit if cur.limit is not None else torch.isfinite(u)
+            newly = cur.alive & ~ok
+            diverges = bool(newly.any())
+        if diverges:
+            assert newly is not None
+            newly = newly.clone()
+            for j in torch.nonzero(newly).flatten().tolist():
+                out.diverged[group.chains[j]] = True
+                out.divergence_step[group.chains[j]] = t
+                out.stats["diverging"][group.chains[j], cur.kept:] = True  # every draw from here on
+            cur.alive &= ~newly
+            with torch.no_grad():  # from here on a diverged chain holds NaN: never averaged in
+                for p in group.params:
+                    p[newly] = math.nan
+        record = t >= num_warmup and (plain_collect or schedule.collect(t))
+        if record:
+            record = cur.counter % thin == 0
+            cur.counter += 1
+        if record:
+            k = cur.kept
+            with torch.no_grad():
+                for n, pos in zip(keep_names, keep_pos):
+                    out.draws[n][idx, k] = group.params[pos].detach()
+                if single:  # the same values, stored without tensor conversions
+                    out.stats["energy"][idx, k] = u_f
+                    out.stats["loss"][idx, k] = loss.item()
+                else:
+                    out.stats["energy"][idx, k] = u.to(out.stats["energy"].dtype)
+                    out.stats["loss"][idx, k] = loss.to(out.stats["loss"].dtype)
+                out.stats["step_size"][idx, k] = schedule.step_size(t)
+                for name, fn in runner.stat_fns.items():
+                    vals = [_stat_value(name, fn({n: p[j].detach() for n, p in zip(names, group.params)}))
+                            if bool(cur.alive[j]) else math.nan for j in range(len(group.chains))]
+                    out.stat(name)[idx, k] = torch.tensor(vals, dtype=torch.float64)
+            cur.kept += 1
+        step_stats = runner.move(group, grads, t, record)
+        if record:
+            for name, val in step_stats.items():
+                out.stat(name)[idx, cur.kept - 1] = val.double()
+        cur.t += 1
+        if bar is not None:  # None without progress: a disabled bar still costs a call per step
+            bar.update(1)
+            if cur.t == num_warmup:
+                bar.set_description(phase(cur.t), refresh=False)

@@ -1,0 +1,470 @@
+"""``pib_bayes.sample``: the runner that validates the arguments, plans the chain groups, runs them and
+returns a :class:`~pib_bayes.Posterior`."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+from .._validate import check_bool, check_path
+from .._version import __version__
+from ..data import LoaderBatcher, TensorBatcher, as_tensors
+from ..energy import Energy, LossFn, loss_likelihood, require_task
+from ..gradients import GRADIENTS
+from ..io import FormatError, holds_lock
+from ..posterior import Posterior
+from ..prior import GaussianPrior, Prior, check_prior_fits
+from ..samplers.core import NOISES, Kernel, NoisePrefetcher, make_noise
+from ..samplers.kernels import build_kernel
+from ..samplers.schedules import Constant, Schedule, as_schedule
+from ..samplers.step_size import NOISE_WARN_THRESHOLD, AutoStep
+from ..subnet import Selection, select_params
+from .chains import (
+    _dropout_rng,
+    _dropout_seed,
+    _generator,
+    _Group,
+    _Sampler,
+    _sampling_mode,
+    chain_seeds,
+)
+from .checkpoint import (
+    _Checkpointer,
+    _loader_length,
+    _loader_tensors,
+    data_fingerprint,
+    tensor_fingerprint,
+)
+from .checks import (
+    StatFn,
+    _check_chain_ids,
+    _check_model_storage,
+    _check_model_takes_data,
+    _check_run_memory,
+    _check_stat_fns,
+    _check_threshold,
+    _initial_params,
+    _positive_int,
+    _warn_low_precision,
+)
+from .recorder import _Buffers, _run_group
+from .warmup import (
+    _as_auto,
+    _auto_step_stage,
+    _CentreFinder,
+    _check_loader_has_length,
+    _full_data_chunks,
+    _NoiseReport,
+)
+
+
+@holds_lock("checkpoint")
+def sample(
+    model: nn.Module,
+    loss_fn: str | LossFn,
+    data: tuple[Tensor, Tensor] | DataLoader | Any,
+    *,
+    beta: float,
+    prior: Prior | float | torch.distributions.Distribution | None = None,
+    sampler: str | Kernel = "sgld",
+    step_size: float | Schedule | str | AutoStep = 1e-4,
+    num_chains: int = 1,
+    chain_ids: Sequence[int] | None = None,
+    num_warmup: int = 1000,
+    num_draws: int = 1000,
+    thin: int = 1,
+    batch_size: int | None = None,
+    seed: int = 0,
+    progress: bool = False,
+    keep: Sequence[str] | None = None,
+    params: Selection | None = None,
+    init: str | Mapping[str, Tensor] = "model",
+    chain_method: str = "auto",
+    train_mode_dropout: bool = False,
+    task: str | None = None,
+    stat_fns: Mapping[str, StatFn] | None = None,
+    sampler_kwargs: Mapping[str, Any] | None = None,
+    noise: str = "gaussian",
+    prefetch_noise: bool = False,
+    checkpoint: str | os.PathLike | None = None,
+    checkpoint_every: int = 1000,
+    resume: bool = False,
+    gradient: str = "minibatch",
+    divergence_threshold: float | None = 1e4,
+) -> Posterior:
+    """Sample the PIB Gibbs posterior ``q*(w|S) ∝ p(w) exp(-L_S(w)/beta)`` (SPEC §1-2).
+
+    Each chain runs the chosen kernel on the minibatch energy
+    ``U_B(w) = mean_{i in B} l_i(w)/beta - log p(w)``; e.g. SGLD:
+    ``w <- w - h_t grad U_B(w) + sqrt(2 h_t) xi``. The first ``num_warmup`` steps are discarded,
+    then every ``thin``-th step (only in sampling phases for a cyclical schedule) is kept until
+    ``num_draws`` draws per chain are stored. A draw is the weights *before* the step taken
+    from them, stored with its energy and minibatch loss.
+
+    Args:
+        model: the torch module; its trainable parameters (or those ``params`` selects) are
+            sampled, buffers and the other parameters are held fixed at their current values.
+            Sampling runs its ``eval()``-mode forward whatever mode it is handed in (dropout off,
+            BatchNorm on its running statistics, frozen), so the mode never changes the chain method
+            or the draws; the model is handed back with every module in the mode it came in.
+        loss_fn: a built-in loss (:class:`~pib_bayes.CrossEntropyLoss`,
+            :class:`~pib_bayes.BCEWithLogitsLoss`, :class:`~pib_bayes.GaussianLoss`,
+            :class:`~pib_bayes.HeteroscedasticGaussianLoss`, or the strings ``"cross_entropy"``,
+            ``"bce_with_logits"``, ``"gaussian"``, ``"heteroscedastic_gaussian"``), or a callable
+            per-example loss ``(output, target) -> (B,)`` (then ``task=`` is required unless it is
+            a known torch loss or has a ``task`` attribute). With the NLL as loss, ``beta = 1/n``
+            is the Bayesian posterior. A 0-d result is taken as the batch mean (e.g.
+            ``nn.CrossEntropyLoss()``); any other shape than ``(B,)`` (e.g. B-1 values) is a
+            ``ValueError`` before the run (checked on tensor data; a DataLoader's batches are not
+            inspected ahead).
+        data: ``(x, y)`` tensors or a TensorDataset (minibatched here, per-chain shuffles),
+            or a DataLoader (iterated as is).
+        beta: PIB trade-off > 0 (beta = T/n for temperature T).
+        prior: a :class:`~pib_bayes.prior.Prior`, a float sigma_0 (Gaussian centred at the
+            initial weights), a torch distribution, or None (sigma_0 = 1).
+        sampler: ``"sgld"``, ``"psgld"``, ``"sghmc"``, ``"sgnht"``, ``"csgld"`` (SGLD + a cyclical
+            schedule) or a built :class:`~pib_bayes.samplers.Kernel`; ``sampler_kwargs`` go to its
+            builder.
+        step_size: a float (constant), a :class:`~pib_bayes.samplers.Schedule`, or ``"auto"``
+            (an :class:`~pib_bayes.samplers.step_size.AutoStep` sets its options): a constant step
+            from the energy's curvature at chain 0's initial weights, before any chain runs.
+            lambda_max of the Hessian of U_B comes from power iteration with Hessian-vector
+            products on ``AutoStep.num_batches`` minibatches; SGLD takes
+            ``h = 2 eps / ((1 + eps) lambda_max)`` (relative variance bias <= eps = 0.05 in the
+            stiffest direction, SPEC §2), pSGLD the same on the preconditioned Hessian, SGHMC
+            ``eta`` and ``friction`` from it (:mod:`pib_bayes.samplers.step_size`). The choice,
+            lambda_max, iterations and CPU seconds land in ``metadata["step_size_auto"]``, and the
+            predicted minibatch-noise inflation in ``metadata["gradient_noise"]`` (a
+            :class:`~pib_bayes.samplers.step_size.GradientNoiseWarning` past 10%).
+        num_chains, num_warmup, num_draws, thin: chain layout.
+        chain_ids: run only these chains out of ``num_chains`` (e.g. one rank's share); chain k
+            keeps the seeds of chain k of the full run, so the draws do not depend on how the
+            chains are split. The Posterior holds ``len(chain_ids)`` chains, in that order.
+        batch_size: minibatch size for tensor data (None = full batch).
+        seed: root seed; chains get independent streams (:func:`chain_seeds`).
+        progress: show a tqdm bar per chain group (a bool).
+        keep: names of the parameters whose draws are stored (default all, a non-empty list); the
+            others are still sampled (``keep`` saves memory, not time; ``params`` chooses what is
+            sampled).
+        params: the subnetwork to sample: parameter names, glob patterns (``"head.*"``),
+            submodules of ``model`` or its parameters (:func:`~pib_bayes.subnet.select_params`);
+            every other parameter is held at its current value, like a frozen one. ``params``
+            takes precedence over ``requires_grad``. None (default): every trainable parameter.
+        init: ``"model"`` (every chain starts at the module's weights), ``"prior"`` (a draw from
+            a Gaussian prior per chain), or a mapping name -> (chains run, *shape) tensors.
+        chain_method: ``"vectorized"``, ``"sequential"`` or ``"auto"`` (vectorized when vmap
+            can run the model, else sequential; the choice and reason land in metadata and, with
+            ``progress``, in the progress output).
+        train_mode_dropout: keep the ``nn.Dropout*`` modules in training mode while sampling (BatchNorm
+            stays in eval mode): each chain evaluates U_B with its own dropout masks (vmap with
+            ``randomness="different"`` when vectorized), a stream seeded from the chains' seeds, so
+            the same seed gives the same draws; vectorized and sequential chains then draw different
+            masks. The caller's global RNG is left untouched. Default False (dropout off).
+        task: "classification" or "regression". Built-in and known torch losses imply it (an
+            explicit ``task`` must agree); a custom callable needs it, else a ``ValueError``.
+        stat_fns: name -> function of one chain's parameter dict returning a scalar (a number
+            or a 1-element tensor), evaluated at every kept draw and stored in ``sample_stats``
+            (e.g. an IIW tracker); a non-callable value is refused before the run, a function
+            returning anything else (a string, a vector) at its first kept draw.
+        noise: ``"gaussian"`` (exact; default) or the opt-in ``"rademacher"`` (random signs, cheaper
+            to draw): on a Gaussian target it keeps the stationary covariance of the linear recursion
+            but not the higher moments (see docs/performance.md for the measured law).
+        prefetch_noise: draw each step's noise on a worker thread during the previous gradient
+            pass (:class:`~pib_bayes.samplers.core.NoisePrefetcher`): the same draws as without,
+            faster by wall clock on models where the noise draw costs more than a thread
+            hand-off and a CPU core is free (docs/performance.md); slower on small models.
+        checkpoint: a file to which the complete run state (weights, sampler state, every
+            chain's RNG states, data order, draws so far, step counters) is written atomically
+            every ``checkpoint_every`` steps, after each chain group and at the end. The call holds
+            an exclusive lock (``fcntl.flock`` of ``.NAME.lock`` beside it, dropped by the OS
+            however the process ends): a second run on the same checkpoint fails at once with
+            :class:`~pib_bayes.io.LockedError`.
+        resume: continue from ``checkpoint`` if it exists (a bool). It must come from the same run: the same
+            settings, the same data (its length and a blake2b hash of its shapes, dtypes and of at
+            most 4096 evenly spaced rows, every row of smaller data) and the same initial weights
+            (a hash of them); otherwise one ``ValueError`` names what differs. A checkpoint from
+            before this check is refused (it cannot be verified). With tensor data, a run killed at
+            any moment and resumed gives draws bit-identical to an uninterrupted run; a DataLoader
+            restarts its iteration (its data is hashed only over a TensorDataset). A finished
+            run's checkpoint gives its posterior back without running the model at all.
+        gradient: ``"minibatch"`` (grad U_B) or ``"cv"``, control variates (Baker et al. 2019,
+            :class:`~pib_bayes.gradients.ControlVariateGradient`): each chain's centre w_hat is
+            the mean of its weights over the second half of warm-up (its initial weights when
+            ``num_warmup < 2``); at the end of warm-up one full-data gradient there, then
+            ``grad U_cv(w) = grad U_S(w_hat) + grad U_B(w) - grad U_B(w_hat)`` for every step.
+            Costs one pass over the data per chain plus a second minibatch gradient per step;
+            pays when the minibatch noise dominates (``metadata["gradient_noise"]``). Needs the
+            full data (tensors, or a DataLoader over a dataset with a length).
+        divergence_threshold: a chain diverges at the first step t where ``|U(w_t)|`` exceeds
+            ``divergence_threshold x max(|U(w_0)|, D)`` (its initial energy, floored at the number D
+            of sampled coordinates, the scale of equilibrium energy fluctuations, E[U] - min U ~ D/2),
+            or where U or the weights are non-finite. Default 1e4 (a step size far too large, e.g.
+            h = 1 on a 2-16-2 MLP, drives U from 2.4e2 to 4.2e6 in 2 steps, and to 1e9, with no
+            NaN); ``None`` flags only non-finite values.
+
+    Before anything is allocated, a run whose draw buffers and chain state would exceed the
+    available memory (``MemAvailable``) is refused with a ``ValueError`` naming ``num_draws`` or
+    ``num_chains``, with the estimate. Float16/bfloat16 models raise a
+    :class:`~pib_bayes.PrecisionWarning`: an update ``h grad U + sqrt(2h) xi`` smaller than half
+    the format's spacing at w rounds away (bfloat16 keeps 8 significant bits), so many
+    coordinates never move; sample in float32 or float64.
+
+    Returns:
+        A :class:`~pib_bayes.Posterior`. Chains whose energy or weights become non-finite, or
+        whose energy explodes (``divergence_threshold``), stop, are flagged in
+        ``diverged``/``divergence_step`` and hold NaN draws from then on; the others continue.
+        ``sample_stats["diverging"]`` is true at every draw of a chain from its divergence on
+        (exactly the NaN draws), the same for vectorized and sequential chains.
+
+    >>> import torch
+    >>> from torch import nn
+    >>> from pib_bayes import sample
+    >>> x, y = torch.randn(64, 3), torch.randn(64, 1)
+    >>> post = sample(nn.Linear(3, 1), "gaussian", (x, y), beta=1 / 64, step_size=1e-3,
+    ...               num_chains=2, num_warmup=50, num_draws=20, seed=0)
+    >>> post.draws["weight"].shape
+    torch.Size([2, 20, 1, 3])
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
+    _check_model_storage(model)
+    energy = Energy(model, loss_fn, prior, beta, task)
+    require_task(energy.task, energy.loss_fn)
+    auto = _as_auto(step_size)
+    if auto is not None and str(sampler).lower() == "csgld":
+        raise ValueError("step_size: 'auto' picks a constant step; sampler='csgld' needs a "
+                         "pib_bayes.samplers.Cyclical schedule (use sampler='sgld' with 'auto')")
+    schedule = as_schedule(step_size) if auto is None else Constant(1.0)  # 'auto': replaced below
+    if str(sampler).lower() == "csgld" and not hasattr(schedule, "cycle_length"):
+        raise ValueError("step_size: sampler='csgld' needs a pib_bayes.samplers.Cyclical schedule")
+    if sampler_kwargs is not None and not isinstance(sampler_kwargs, Mapping):
+        raise TypeError(f"sampler_kwargs: expected a mapping of keyword arguments for the sampler, got "
+                        f"{type(sampler_kwargs).__name__}")
+    kernel = build_kernel(sampler, **dict(sampler_kwargs or {}))
+    if gradient not in GRADIENTS:
+        raise ValueError(f"gradient: expected one of {list(GRADIENTS)}, got {gradient!r}")
+    if not isinstance(noise, str) or noise not in NOISES:
+        raise ValueError(f"noise: expected one of {sorted(NOISES)}, got {noise!r}")
+    if not isinstance(prefetch_noise, bool):
+        raise ValueError(f"prefetch_noise: expected True or False, got {prefetch_noise!r}")
+    if not isinstance(train_mode_dropout, bool):
+        raise ValueError(f"train_mode_dropout: expected True or False, got {train_mode_dropout!r}")
+    progress, resume = check_bool("progress", progress), check_bool("resume", resume)
+    threshold = _check_threshold(divergence_threshold)
+    total_chains = _positive_int("num_chains", num_chains)
+    if chain_ids is not None:
+        _check_chain_ids(chain_ids, total_chains)
+    num_run = total_chains if chain_ids is None else len(chain_ids)  # chains run by this call
+    num_draws = _positive_int("num_draws", num_draws)
+    num_warmup = _positive_int("num_warmup", num_warmup, minimum=0)
+    thin = _positive_int("thin", thin)
+    if chain_method not in ("auto", "vectorized", "sequential"):
+        raise ValueError(f"chain_method: expected 'auto', 'vectorized' or 'sequential', got {chain_method!r}")
+    if checkpoint is not None:
+        checkpoint = check_path("checkpoint", checkpoint)
+
+    if params is None:
+        named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        if not named:
+            raise ValueError("model: has no trainable parameters (requires_grad=True) to sample")
+    else:
+        chosen = set(select_params(model, params))
+        named = [(n, p) for n, p in model.named_parameters() if n in chosen]
+    names = [n for n, _ in named]
+    if params is not None and (prior is None or isinstance(prior, (int, float))):
+        # a float sigma_0 centres the prior on the initial weights of what is sampled, frozen or not
+        energy.prior = GaussianPrior(std=1.0 if prior is None else float(prior),
+                                     mean={n: p.detach().clone() for n, p in named})
+    if isinstance(keep, (str, bytes)):
+        raise TypeError(f"keep: expected a list of parameter names, got the string {keep!r}; "
+                        f"use keep=[{keep!r}]")
+    if keep is not None and not isinstance(keep, (Sequence, set, frozenset)):
+        raise TypeError(f"keep: expected a list of parameter names, got {type(keep).__name__} {keep!r}")
+    keep_names = names if keep is None else list(keep)
+    if not keep_names:
+        raise ValueError(f"keep: is empty, so no draws would be stored; name at least one of {names} "
+                         "(or keep=None for all)")
+    unknown = [n for n in keep_names if n not in names]
+    if unknown:
+        raise ValueError(f"keep: unknown parameter names {unknown}; sampled parameters are {names}")
+    check_prior_fits(energy.prior, {n: tuple(p.shape) for n, p in named})
+    _check_run_memory(named, keep_names, num_run, num_draws)
+    ids = list(range(total_chains)) if chain_ids is None else [int(c) for c in chain_ids]
+    num_chains = num_run
+    stat_fns = _check_stat_fns(stat_fns)
+    fixed = {n: b.detach().clone() for n, b in model.named_buffers()}
+    fixed.update({n: p.detach().clone() for n, p in model.named_parameters() if n not in names})
+
+    tensors = as_tensors(data)
+    all_seeds = chain_seeds(seed, total_chains)
+    seeds = [all_seeds[c] for c in ids]
+    init_params = _initial_params(named, init, num_chains, energy.prior, seeds)
+    if gradient == "cv" and tensors is None:
+        _check_loader_has_length(data)
+
+    # what identifies this run before any model evaluation: a finished checkpoint of the same run is
+    # returned from here without running the model or the loss even once
+    setup = {
+        "beta": energy.beta, "prior": repr(energy.prior), "sampler": kernel.name, "settings": kernel.settings,
+        "step_size": schedule.to_dict() if auto is None else dataclasses.asdict(auto),
+        "num_chains": total_chains, "chain_ids": ids, "num_warmup": num_warmup, "num_draws": num_draws,
+        "thin": thin, "batch_size": batch_size, "seed": int(seed), "chain_method": chain_method,
+        "noise": noise, "train_mode_dropout": train_mode_dropout, "gradient": gradient,
+        "params": {n: list(init_params[n].shape) for n in names}, "keep": keep_names,
+        "n": int(tensors[0].shape[0]) if tensors is not None else _loader_length(data),
+        "data": data_fingerprint(tensors if tensors is not None else _loader_tensors(data)),
+        "initial_weights": tensor_fingerprint([init_params[n] for n in names]),
+    }
+    setup_fingerprint = json.dumps(setup, sort_keys=True, default=str)
+    if checkpoint is None and resume:
+        raise ValueError("resume: needs checkpoint=PATH (the file to resume from)")
+    saved = _Checkpointer.read(checkpoint, setup_fingerprint) if resume else None
+    if saved is not None and saved.get("finished"):
+        try:
+            return Posterior(dict(saved["draws"]), dict(saved["stats"]), json.loads(saved["metadata_json"]),
+                             fixed, saved["diverged"], saved["divergence_step"], model=model)
+        except (KeyError, TypeError, ValueError) as err:
+            raise FormatError(f"{checkpoint}: incomplete checkpoint ({err})") from None
+
+    auto_info: dict[str, Any] | None = None
+    if auto is not None:
+        kernel, schedule, auto_info = _auto_step_stage(
+            auto, energy, kernel, sampler, sampler_kwargs, named, init, init_params, all_seeds, fixed,
+            tensors, data, batch_size, int(seed), names)
+    noise_report = _NoiseReport(auto_info, num_warmup, names, gradient) if auto_info is not None else None
+    _warn_low_precision(named, schedule)  # at the step size the run uses ('auto': the chosen one)
+
+    def make_batcher(chains: list[int]) -> TensorBatcher | LoaderBatcher:
+        if tensors is None:
+            if batch_size is not None:
+                raise ValueError("batch_size: set the batch size on the DataLoader itself")
+            return LoaderBatcher(data)
+        return TensorBatcher(tensors[0], tensors[1], batch_size, [_generator(seeds[c][1]) for c in chains])
+
+    runner = _Sampler(energy, names, fixed, kernel, schedule, stat_fns, train_mode_dropout)
+    runner.noise_report = noise_report
+    if tensors is not None:
+        _check_model_takes_data(energy, {n: init_params[n][0] for n in names}, fixed, *tensors)
+
+    def make_group(chains: list[int], vectorized: bool) -> _Group:
+        params = [init_params[n][chains].clone().requires_grad_(True) for n in names]
+        gens = [_generator(seeds[c][0]) for c in chains]
+        source = make_noise(noise, gens, batched=True)
+        with torch.no_grad():
+            state = kernel.init_state([p.detach() for p in params], batch_ndim=1)
+            if auto_info is not None and auto_info.get("square_avg") is not None and "square_avg" in state:
+                # pSGLD with step_size='auto': start V where the step was chosen for (V = 0 would
+                # make the first steps' G = 1/eps, far larger than the one h was chosen for)
+                for buf, v in zip(state["square_avg"], auto_info["square_avg"], strict=True):
+                    buf.copy_(v.to(buf.dtype).expand_as(buf))
+        prefetcher = NoisePrefetcher(noise, gens, batched=True) if prefetch_noise else None
+        dropout_seed = _dropout_seed([seeds[c] for c in chains]) if train_mode_dropout else None
+        centre = (_CentreFinder(runner, num_warmup, lambda: _full_data_chunks(tensors, data, batch_size))
+                  if gradient == "cv" else None)
+        return _Group(chains, params, state, source, make_batcher(chains), vectorized, prefetcher,
+                      dropout_seed=dropout_seed, centre=centre)
+
+    device = init_params[names[0]].device
+
+    method, reason = chain_method, "requested"
+    if num_chains == 1:
+        method, reason = "sequential", "one chain"
+    elif chain_method in ("auto", "vectorized"):
+        probe = make_group(list(range(num_chains)), True)
+        try:
+            # in the mode sampling runs in, whatever mode the model came in (a BatchNorm in training mode
+            # would make the probe fail: it updates its statistics in place)
+            with _sampling_mode(model, train_mode_dropout), _dropout_rng(probe, device):
+                x, y, stacked = probe.batcher.next()
+                runner.energies(probe, x, y, stacked)
+            how = "batched matmul (pib_bayes.batched)" if runner.fast_forward is not None else "vmap"
+            method, reason = "vectorized", f"{how} runs the model" + ("" if chain_method == "auto" else
+                                                                        ", requested")
+        except Exception as err:  # vmap cannot run every module (data-dependent control flow, ...)
+            if chain_method == "vectorized":
+                raise ValueError(f"chain_method: 'vectorized' failed, vmap cannot run this model ({err}); "
+                                 "use chain_method='sequential'") from err
+            method, reason = "sequential", f"vmap failed: {type(err).__name__}: {err}"
+            if progress:
+                tqdm.write(f"pib_bayes.sample: chains run sequentially ({reason.splitlines()[0]})")
+
+    groups = ([make_group(list(range(num_chains)), True)] if method == "vectorized"
+              else [make_group([c], False) for c in range(num_chains)])
+
+    dtype = init_params[names[0]].dtype
+    out = _Buffers(
+        draws={n: torch.full((num_chains, num_draws, *init_params[n].shape[1:]), math.nan, dtype=dtype)
+               for n in keep_names},
+        stats={
+            "energy": torch.full((num_chains, num_draws), math.nan, dtype=dtype),
+            "loss": torch.full((num_chains, num_draws), math.nan, dtype=dtype),
+            "step_size": torch.full((num_chains, num_draws), math.nan, dtype=torch.float64),
+            "diverging": torch.zeros((num_chains, num_draws), dtype=torch.bool),
+        },
+        diverged=torch.zeros(num_chains, dtype=torch.bool),
+        divergence_step=torch.full((num_chains,), -1, dtype=torch.long),
+    )
+    fingerprint = json.dumps({
+        "beta": energy.beta, "prior": repr(energy.prior), "sampler": kernel.name,
+        "settings": kernel.settings, "schedule": schedule.to_dict(), "num_chains": total_chains,
+        "chain_ids": ids, "num_warmup": num_warmup, "num_draws": num_draws, "thin": thin,
+        "batch_size": batch_size, "seed": int(seed), "chain_method": method, "noise": noise,
+        **({"train_mode_dropout": True} if train_mode_dropout else {}),  # old checkpoints stay resumable
+        "params": {n: list(init_params[n].shape) for n in names}, "keep": keep_names,
+        "n": int(tensors[0].shape[0]) if tensors is not None else None,
+        **({"gradient": gradient} if gradient != "minibatch" else {}),
+        **({"step_size_auto": dataclasses.asdict(auto)} if auto is not None else {}),
+        **({"divergence_threshold": threshold} if threshold != 1e4 else {}),  # non-default only
+        "data": setup["data"], "initial_weights": setup["initial_weights"],
+    }, sort_keys=True, default=str)
+    ckpt = (_Checkpointer(checkpoint, fingerprint, setup_fingerprint, out, checkpoint_every)
+            if checkpoint is not None else None)
+    first_group, cursor = ckpt.resume(groups, saved) if ckpt is not None and saved is not None else (0, None)
+    with _sampling_mode(model, train_mode_dropout):
+        for gi in range(first_group, len(groups)):
+            save = ckpt.saver(gi) if ckpt is not None else None
+            with _dropout_rng(groups[gi], device):
+                _run_group(runner, groups[gi], names, keep_names, num_warmup, num_draws, thin, out, progress,
+                           cursor if gi == first_group else None, save, checkpoint_every, threshold)
+            if ckpt is not None and gi + 1 < len(groups):
+                ckpt.write(gi + 1, None)
+    draws, stats, diverged, divergence_step = out.draws, out.stats, out.diverged, out.divergence_step
+
+    loss_desc = getattr(energy.loss_fn, "__name__", None) or repr(energy.loss_fn)
+    metadata = {
+        "library": "pib_bayes", "version": __version__, "beta": energy.beta, "prior": repr(energy.prior),
+        "sampler": kernel.name, "sampler_settings": dict(kernel.settings), "schedule": schedule.to_dict(),
+        "num_chains": num_chains, "chain_ids": ids, "num_warmup": num_warmup, "num_draws": num_draws,
+        "thin": thin,
+        "batch_size": batch_size if tensors is not None else getattr(data, "batch_size", None),
+        "n": int(tensors[0].shape[0]) if tensors is not None else None,
+        "seed": int(seed), "chain_method": method, "chain_method_reason": reason, "task": energy.task,
+        "noise": noise, "prefetch_noise": prefetch_noise, "train_mode_dropout": train_mode_dropout,
+        "divergence_threshold": None if math.isinf(threshold) else threshold,
+        "loss": loss_desc, "likelihood": loss_likelihood(energy.loss_fn),
+        "noise_std": getattr(energy.loss_fn, "noise_std", None), "init": init
+        if isinstance(init, str) else "given", "sampled_params": names, "kept_params": keep_names,
+        "gradient": gradient,
+    }
+    if auto_info is not None:
+        metadata["step_size_auto"] = {k: v for k, v in auto_info.items()
+                                      if k not in ("gradient_noise", "report", "square_avg")}
+        metadata["gradient_noise"] = {**noise_report.result, "warn_threshold": NOISE_WARN_THRESHOLD}
+    if gradient == "cv":
+        metadata["control_variate"] = {
+            "centre": (f"mean of each chain's weights over warm-up steps [{num_warmup // 2}, {num_warmup})"
+                       if num_warmup >= 2 else "each chain's initial weights"),
+            "full_gradient_cpu_s": sum(g.centre.cpu_s for g in groups if g.centre is not None),
+        }
+    if ckpt is not None:  # the finished run, with what resume=True needs to hand it back unsampled
+        ckpt.write(len(groups), None, metadata)
+    return Posterior(draws, stats, metadata, fixed, diverged, divergence_step, model=model)
