@@ -23,7 +23,15 @@ from ..gradients import GRADIENTS
 from ..io import FormatError, holds_lock
 from ..posterior import Posterior
 from ..prior import GaussianPrior, Prior, check_prior_fits
-from ..samplers.core import NOISES, Kernel, NoisePrefetcher, make_noise
+from ..samplers.core import (
+    NOISES,
+    FlatTensors,
+    Kernel,
+    NoisePrefetcher,
+    flat_view,
+    flat_zeros_like,
+    make_noise,
+)
 from ..samplers.kernels import build_kernel
 from ..samplers.schedules import Constant, Schedule, as_schedule
 from ..samplers.step_size import NOISE_WARN_THRESHOLD, AutoStep
@@ -67,13 +75,62 @@ from .warmup import (
 )
 
 
+def _flat_copy(tensors: Sequence[Tensor]) -> FlatTensors:
+    """Copies of ``tensors`` as views tiling one contiguous buffer (whole-buffer ops in the kernels)."""
+    out = flat_zeros_like(tensors)
+    if not isinstance(out, FlatTensors):  # mixed dtypes or devices: one tensor each
+        out = [t.clone(memory_format=torch.contiguous_format) for t in tensors]
+    else:
+        torch._foreach_copy_(list(out), list(tensors))
+    return out
+
+
+def _chain_weights(init_params: Mapping[str, Tensor], names: Sequence[str], chains: list[int],
+                   num_chains: int) -> Sequence[Tensor]:
+    """The weights a chain group moves in place (leaves that require grad), from the initial weights.
+
+    A group of every chain (vectorized, or the one chain of a one-chain run) takes ``init_params``
+    themselves, which nothing else moves (no copy: one fewer copy of the weights at peak); a group
+    of one chain out of several gets its own copy, as one flat buffer.
+    """
+    if chains == list(range(num_chains)):
+        tensors: Sequence[Tensor] = [init_params[n] for n in names]
+        flat = flat_view(tensors) if len(chains) == 1 else None
+        if flat is not None:
+            tensors = FlatTensors(tensors, flat)
+    else:
+        tensors = _flat_copy([init_params[n][chains] for n in names])
+    for t in tensors:
+        t.requires_grad_(True)
+    return tensors
+
+
+def _as_energy(model: nn.Module, loss_fn: str | LossFn | Energy, beta: float | None, prior: Any,
+               task: str | None) -> tuple[Energy, bool]:
+    """The run's :class:`~pib_bayes.Energy` and whether ``sample`` built its prior (None or a float)."""
+    if isinstance(loss_fn, Energy):
+        if loss_fn.model is not model:
+            raise ValueError("loss_fn: the Energy is built on another module than model; pass "
+                             "Energy(model, ...) for this model")
+        for name, value in (("beta", beta), ("prior", prior), ("task", task)):
+            if value is not None:
+                raise ValueError(f"{name}: the Energy given as loss_fn already holds its {name} "
+                                 f"({getattr(loss_fn, name)!r}); drop {name}=")
+        return loss_fn, False
+    if beta is None:
+        raise TypeError("beta: sample() needs beta= (the PIB trade-off > 0; 1/n is the Bayesian posterior), "
+                        "or an Energy as loss_fn")
+    own = prior is None or (isinstance(prior, (int, float)) and not isinstance(prior, bool))
+    return Energy(model, loss_fn, prior, beta, task), own
+
+
 @holds_lock("checkpoint")
 def sample(
     model: nn.Module,
-    loss_fn: str | LossFn,
+    loss_fn: str | LossFn | Energy,
     data: tuple[Tensor, Tensor] | DataLoader | Any,
     *,
-    beta: float,
+    beta: float | None = None,
     prior: Prior | float | torch.distributions.Distribution | None = None,
     sampler: str | Kernel = "sgld",
     step_size: float | Schedule | str | AutoStep = 1e-4,
@@ -126,9 +183,16 @@ def sample(
             ``nn.CrossEntropyLoss()``); any other shape than ``(B,)`` (e.g. B-1 values) is a
             ``ValueError`` before the run (checked on tensor data; a DataLoader's batches are not
             inspected ahead).
+
+            Or an :class:`~pib_bayes.Energy` built on ``model`` (then ``beta``, ``prior`` and ``task``
+            stay None: the energy holds them): the energy is the loss, the prior and beta together,
+            so the one object a hand-written loop steps on (``Energy.of_module``) runs here as is.
+            It goes in the loss's place rather than as a separate ``energy=`` because it replaces
+            exactly the loss-side arguments, and two ways to give the loss could disagree.
         data: ``(x, y)`` tensors or a TensorDataset (minibatched here, per-chain shuffles),
             or a DataLoader (iterated as is).
-        beta: PIB trade-off > 0 (beta = T/n for temperature T).
+        beta: PIB trade-off > 0 (beta = T/n for temperature T); required unless ``loss_fn`` is an
+            :class:`~pib_bayes.Energy`.
         prior: a :class:`~pib_bayes.prior.Prior`, a float sigma_0 (Gaussian centred at the
             initial weights), a torch distribution, or None (sigma_0 = 1).
         sampler: ``"sgld"``, ``"psgld"``, ``"sghmc"``, ``"sgnht"``, ``"csgld"`` (SGLD + a cyclical
@@ -237,7 +301,7 @@ def sample(
     if not isinstance(model, nn.Module):
         raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
     _check_model_storage(model)
-    energy = Energy(model, loss_fn, prior, beta, task)
+    energy, own_prior = _as_energy(model, loss_fn, beta, prior, task)
     require_task(energy.task, energy.loss_fn)
     auto = _as_auto(step_size)
     if auto is not None and str(sampler).lower() == "csgld":
@@ -280,10 +344,13 @@ def sample(
         chosen = set(select_params(model, params))
         named = [(n, p) for n, p in model.named_parameters() if n in chosen]
     names = [n for n, _ in named]
-    if params is not None and (prior is None or isinstance(prior, (int, float))):
+    if own_prior and params is not None:
         # a float sigma_0 centres the prior on the initial weights of what is sampled, frozen or not
         energy.prior = GaussianPrior(std=1.0 if prior is None else float(prior),
-                                     mean={n: p.detach().clone() for n, p in named})
+                                     mean={n: p.detach() for n, p in named})
+    if own_prior:  # the means as one flat buffer: w - theta_0 is one op per step (BoundEnergy)
+        means = energy.prior.mean
+        means.update(zip(list(means), _flat_copy(list(means.values())), strict=True))
     if isinstance(keep, (str, bytes)):
         raise TypeError(f"keep: expected a list of parameter names, got the string {keep!r}; "
                         f"use keep=[{keep!r}]")
@@ -308,6 +375,8 @@ def sample(
     all_seeds = chain_seeds(seed, total_chains)
     seeds = [all_seeds[c] for c in ids]
     init_params = _initial_params(named, init, num_chains, energy.prior, seeds)
+    if num_chains == 1:  # the one group moves these very tensors: one flat buffer, no copy
+        init_params = dict(zip(names, _flat_copy([init_params[n] for n in names]), strict=True))
     if gradient == "cv" and tensors is None:
         _check_loader_has_length(data)
 
@@ -356,7 +425,7 @@ def sample(
         _check_model_takes_data(energy, {n: init_params[n][0] for n in names}, fixed, *tensors)
 
     def make_group(chains: list[int], vectorized: bool) -> _Group:
-        params = [init_params[n][chains].clone().requires_grad_(True) for n in names]
+        params = _chain_weights(init_params, names, chains, num_chains)
         gens = [_generator(seeds[c][0]) for c in chains]
         source = make_noise(noise, gens, batched=True)
         with torch.no_grad():
