@@ -365,7 +365,9 @@ def validate_config(raw: Mapping[str, Any], output_dir: str | None = None) -> di
 def _check_sampler_kwargs(name: str, kwargs: Mapping[str, Any]) -> None:
     """Build the kernel once so that unknown or out-of-range [sampler.kwargs] fail before any work."""
     from .samplers import KERNELS, build_kernel
+    from .samplers.schedules import SHORTHANDS
 
+    name = SHORTHANDS[name][0] if name in SHORTHANDS else name  # 'csgld': the SGLD kernel's settings
     valid = list(inspect.signature(KERNELS[name]).parameters)
     unknown = [k for k in kwargs if k not in valid]
     if unknown:

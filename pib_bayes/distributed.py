@@ -70,7 +70,7 @@ from .driver import sample
 from .posterior import Posterior
 from .samplers.core import Kernel
 from .samplers.kernels import build_kernel
-from .samplers.schedules import as_schedule
+from .samplers.schedules import expand_shorthand
 
 __all__ = ["sample_distributed", "shard", "chain_shares", "DistributedSamplingError", "start_process_group",
            "collective_timeout"]
@@ -583,11 +583,8 @@ def _chains(model: nn.Module, loss_fn: Any, data: Any, group: Any, rank: int, wo
         if shares[rank]:
             run_kwargs = _rank_checkpoint(kwargs, f"rank{rank}-of-{world}")
             if beat is not None:
-                sampler = run_kwargs.get("sampler", "sgld")
-                if str(sampler).lower() == "csgld" and not hasattr(
-                        as_schedule(run_kwargs.get("step_size", 1e-4)), "cycle_length"):
-                    raise ValueError("step_size: sampler='csgld' needs a pib_bayes.samplers.Cyclical "
-                                     "schedule")
+                sampler = expand_shorthand(run_kwargs.get("sampler", "sgld"),
+                                           run_kwargs.get("step_size", 1e-4))
                 inner = build_kernel(sampler, **dict(run_kwargs.get("sampler_kwargs") or {}))
                 run_kwargs = {k: v for k, v in run_kwargs.items() if k != "sampler_kwargs"}
                 run_kwargs["sampler"] = beat.kernel(inner)
@@ -632,10 +629,7 @@ def _data_parallel(model: nn.Module, loss_fn: Any, data: Any, group: Any, rank: 
         if kwargs.get("chain_method", "auto") not in ("auto", "vectorized", "sequential"):
             raise ValueError("chain_method: expected 'auto', 'vectorized' or 'sequential', got "
                              f"{kwargs['chain_method']!r}")
-        sampler = kwargs.get("sampler", "sgld")
-        if str(sampler).lower() == "csgld" and not hasattr(as_schedule(kwargs.get("step_size", 1e-4)),
-                                                           "cycle_length"):
-            raise ValueError("step_size: sampler='csgld' needs a pib_bayes.samplers.Cyclical schedule")
+        sampler = expand_shorthand(kwargs.get("sampler", "sgld"), kwargs.get("step_size", 1e-4))
         inner = build_kernel(sampler, **dict(kwargs.get("sampler_kwargs") or {}))
         trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
         if not trainable:

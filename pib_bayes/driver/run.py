@@ -33,7 +33,7 @@ from ..samplers.core import (
     make_noise,
 )
 from ..samplers.kernels import build_kernel
-from ..samplers.schedules import Constant, Schedule, as_schedule
+from ..samplers.schedules import Constant, Schedule, as_schedule, expand_shorthand
 from ..samplers.step_size import NOISE_WARN_THRESHOLD, AutoStep
 from ..subnet import Selection, select_params
 from .chains import (
@@ -195,9 +195,10 @@ def sample(
             :class:`~pib_bayes.Energy`.
         prior: a :class:`~pib_bayes.prior.Prior`, a float sigma_0 (Gaussian centred at the
             initial weights), a torch distribution, or None (sigma_0 = 1).
-        sampler: ``"sgld"``, ``"psgld"``, ``"sghmc"``, ``"sgnht"``, ``"csgld"`` (SGLD + a cyclical
-            schedule) or a built :class:`~pib_bayes.samplers.Kernel`; ``sampler_kwargs`` go to its
-            builder.
+        sampler: ``"sgld"``, ``"psgld"``, ``"sghmc"``, ``"sgnht"`` or a built
+            :class:`~pib_bayes.samplers.Kernel`; ``sampler_kwargs`` go to its builder. ``"csgld"`` is
+            shorthand for ``"sgld"`` with a :class:`~pib_bayes.samplers.Cyclical` ``step_size``
+            (required); the metadata then records ``sampler="sgld"`` and the cyclical schedule.
         step_size: a float (constant), a :class:`~pib_bayes.samplers.Schedule`, or ``"auto"``
             (an :class:`~pib_bayes.samplers.step_size.AutoStep` sets its options): a constant step
             from the energy's curvature at chain 0's initial weights, before any chain runs.
@@ -304,12 +305,8 @@ def sample(
     energy, own_prior = _as_energy(model, loss_fn, beta, prior, task)
     require_task(energy.task, energy.loss_fn)
     auto = _as_auto(step_size)
-    if auto is not None and str(sampler).lower() == "csgld":
-        raise ValueError("step_size: 'auto' picks a constant step; sampler='csgld' needs a "
-                         "pib_bayes.samplers.Cyclical schedule (use sampler='sgld' with 'auto')")
+    sampler = expand_shorthand(sampler, step_size)  # 'csgld': SGLD on its Cyclical schedule
     schedule = as_schedule(step_size) if auto is None else Constant(1.0)  # 'auto': replaced below
-    if str(sampler).lower() == "csgld" and not hasattr(schedule, "cycle_length"):
-        raise ValueError("step_size: sampler='csgld' needs a pib_bayes.samplers.Cyclical schedule")
     if sampler_kwargs is not None and not isinstance(sampler_kwargs, Mapping):
         raise TypeError(f"sampler_kwargs: expected a mapping of keyword arguments for the sampler, got "
                         f"{type(sampler_kwargs).__name__}")
