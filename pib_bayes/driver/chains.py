@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -15,6 +16,7 @@ from torch.func import vmap
 from ..batched import batched_forward
 from ..data import LoaderBatcher, TensorBatcher
 from ..energy import BoundEnergy, Energy
+from ..gradients import GradientTransform
 from ..samplers.core import GaussianNoise, Kernel, NoisePrefetcher
 from ..samplers.schedules import Schedule
 
@@ -127,8 +129,10 @@ def _dropout_rng(group: _Group, device: torch.device) -> Iterator[None]:
 
 class _Sampler:
     def __init__(self, energy: Energy, names: list[str], fixed: dict[str, Tensor], kernel: Kernel,
-                 schedule: Schedule, stat_fns: Mapping[str, StatFn], dropout: bool = False) -> None:
+                 schedule: Schedule, stat_fns: Mapping[str, StatFn], dropout: bool = False,
+                 transform: GradientTransform | None = None) -> None:
         self.energy, self.names, self.fixed = energy, names, fixed
+        self.transform = transform  # between the estimator and the kernel (pib_bayes.gradients)
         self.kernel, self.schedule, self.stat_fns = kernel, schedule, dict(stat_fns)
         # train_mode_dropout: vmap draws a different dropout mask for each chain
         self.randomness = "different" if dropout else "error"
@@ -218,11 +222,23 @@ class _Sampler:
         return u.reshape(loss.shape), loss, grads
 
     def move(self, group: _Group, grads: Sequence[Tensor], t: int, with_stats: bool) -> dict[str, Tensor]:
+        """The kernel's step on ``grads`` (after the gradient transform, if any); chains the transform
+        stops get NaN weights."""
+        stop = None
+        if self.transform is not None:
+            grads, stop = self.transform(group.params, grads)
         h, scale = self.schedule.step_size(t), self.schedule.noise_scale(t)
         noise: GaussianNoise | None = group.noise
         if group.prefetcher is not None:  # this step's noise was drawn during the gradient pass
             drawn = group.prefetcher.take([group.params] if scale != 0 else [])
             noise = drawn[0] if drawn else None
         with torch.no_grad():
-            return self.kernel.step(group.params, grads, group.state, h, noise, scale, batch_ndim=1,
-                                    with_stats=with_stats)
+            if stop is None:
+                return self.kernel.step(group.params, grads, group.state, h, noise, scale, batch_ndim=1,
+                                        with_stats=with_stats)
+            stats = {} if bool(stop.all()) else self.kernel.step(
+                group.params, grads, group.state, h, noise, scale, batch_ndim=1, with_stats=with_stats)
+            if bool(stop.any()):
+                for p in group.params:
+                    p[stop] = math.nan
+            return stats

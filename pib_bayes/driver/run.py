@@ -19,7 +19,7 @@ from .._validate import check_bool, check_path
 from .._version import __version__
 from ..data import LoaderBatcher, TensorBatcher, as_tensors
 from ..energy import Energy, LossFn, loss_likelihood, require_task
-from ..gradients import GRADIENTS
+from ..gradients import GRADIENTS, GradientTransform
 from ..io import FormatError, holds_lock
 from ..posterior import Posterior
 from ..prior import GaussianPrior, Prior, check_prior_fits
@@ -157,6 +157,7 @@ def sample(
     resume: bool = False,
     gradient: str = "minibatch",
     divergence_threshold: float | None = 1e4,
+    gradient_transform: GradientTransform | None = None,
 ) -> Posterior:
     """Sample the PIB Gibbs posterior ``q*(w|S) ∝ p(w) exp(-L_S(w)/beta)`` (SPEC §1-2).
 
@@ -275,6 +276,11 @@ def sample(
             or where U or the weights are non-finite. Default 1e4 (a step size far too large, e.g.
             h = 1 on a 2-16-2 MLP, drives U from 2.4e2 to 4.2e6 in 2 steps, and to 1e9, with no
             NaN); ``None`` flags only non-finite values.
+        gradient_transform: an advanced hook (:class:`~pib_bayes.gradients.GradientTransform`),
+            ``(params, grads) -> (grads', stop)``, applied to every step's gradient after the
+            divergence test and before the kernel's step; ``stop`` marks chains to stop (NaN
+            weights). :func:`~pib_bayes.distributed.sample_distributed` all-reduces the shard
+            gradients with it. Default None: the estimator's gradient as is.
 
     Before anything is allocated, a run whose draw buffers and chain state would exceed the
     available memory (``MemAvailable``) is refused with a ``ValueError`` naming ``num_draws`` or
@@ -416,7 +422,8 @@ def sample(
             return LoaderBatcher(data)
         return TensorBatcher(tensors[0], tensors[1], batch_size, [_generator(seeds[c][1]) for c in chains])
 
-    runner = _Sampler(energy, names, fixed, kernel, schedule, stat_fns, train_mode_dropout)
+    runner = _Sampler(energy, names, fixed, kernel, schedule, stat_fns, train_mode_dropout,
+                      gradient_transform)
     runner.noise_report = noise_report
     if tensors is not None:
         _check_model_takes_data(energy, {n: init_params[n][0] for n in names}, fixed, *tensors)
