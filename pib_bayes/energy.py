@@ -543,24 +543,28 @@ class BoundEnergy:
 
     def _prior_into_grads(self) -> Tensor:
         """Write ``(w - theta_0)/sigma_0^2`` into the gradient buffer; return ``log p(w)``."""
-        plan, grads, flat = self.plan, self.leaf_grads, self._flat
-        assert plan is not None
+        if self._flat_w is not None and self._flat_m is not None:
+            # no tensor here requires grad (the weights' flat view is detached): nothing to record
+            torch.sub(self._flat_w, self._flat_m, out=self._flat)
+            return self._scale_and_value()
         with torch.no_grad():
-            if self._flat_w is not None and self._flat_m is not None:
-                torch.sub(self._flat_w, self._flat_m, out=flat)
+            torch._foreach_copy_(self.leaf_grads, self.leaves)
+            torch._foreach_sub_(self.leaf_grads, self.plan.means)
+            return self._scale_and_value()
+
+    def _scale_and_value(self) -> Tensor:
+        """With ``w - theta_0`` in the buffer: scale it by 1/sigma_0^2, return ``log p(w)``."""
+        plan, grads, flat = self.plan, self.leaf_grads, self._flat
+        if self._one_sigma:  # -||w - m||^2 / (2 s^2) + const: one dot product over the buffer
+            value = torch.dot(flat, flat) * plan.coef[0] + plan.const
+        else:  # per tensor: the numbers of the prior's closed form
+            norms = torch.stack(torch._foreach_norm(grads))
+            value = torch.dot(norms * plan.coef, norms) + plan.const
+        if plan.scale is not None:
+            if isinstance(plan.scale, float):  # one sigma: one op on the whole buffer
+                flat.mul_(plan.scale)
             else:
-                torch._foreach_copy_(grads, self.leaves)
-                torch._foreach_sub_(grads, plan.means)
-            if self._one_sigma:  # -||w - m||^2 / (2 s^2) + const: one dot product over the buffer
-                value = torch.dot(flat, flat) * plan.coef[0] + plan.const
-            else:  # per tensor: the numbers of the prior's closed form
-                norms = torch.stack(torch._foreach_norm(grads))
-                value = torch.dot(norms * plan.coef, norms) + plan.const
-            if plan.scale is not None:
-                if isinstance(plan.scale, float):  # one sigma: one op on the whole buffer
-                    flat.mul_(plan.scale)
-                else:
-                    torch._foreach_mul_(grads, plan.scale)
+                torch._foreach_mul_(grads, plan.scale)
         return value
 
     def value_and_grad(self, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor, tuple[Tensor, ...]]:
@@ -575,10 +579,15 @@ class BoundEnergy:
             return (u.detach(), loss.detach(),
                     tuple(g.view(s) for g, s in zip(grads, self._shapes, strict=True)))
         log_prior = self._prior_into_grads()
-        with torch.enable_grad():
+        if torch.is_grad_enabled():  # (as in a sampler's step loop: no context switch per call)
             loss = energy.mean_loss(energy.model(x), y)
             scaled = loss / energy.beta
             scaled.backward(inputs=leaves)  # accumulates into the buffer that holds the prior's gradient
+        else:
+            with torch.enable_grad():
+                loss = energy.mean_loss(energy.model(x), y)
+                scaled = loss / energy.beta
+                scaled.backward(inputs=leaves)
         for q, g in zip(leaves, self.leaf_grads, strict=True):
             if q.grad is not g:  # autograd replaced it (out-of-place sum): keep the buffer authoritative
                 g.copy_(q.grad)
