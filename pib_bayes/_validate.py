@@ -9,16 +9,23 @@ pre-checks of :func:`~pib_bayes.sample` and :meth:`~pib_bayes.Posterior.predict`
 
 from __future__ import annotations
 
+import functools
 import math
 import os
+import warnings
 from collections.abc import Callable, Iterable
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
 
 __all__ = ["PrecisionWarning", "check_bool", "check_int", "check_choice", "check_real", "check_path",
-           "available_memory", "check_memory", "format_bytes"]
+           "available_memory", "check_memory", "format_bytes", "warn_renamed", "renamed_args"]
+
+_F = TypeVar("_F", bound=Callable[..., Any])
+
+#: The release in which the deprecated names of :func:`renamed_args` and the config loader stop working.
+REMOVED_IN = "0.3"
 
 
 class PrecisionWarning(UserWarning):
@@ -155,6 +162,55 @@ def check_memory(name: str, needed: float, what: str, fix: str,
     if needed > have:
         raise ValueError(f"{name}: {what} would need about {format_bytes(needed)} ({int(needed):,} bytes) "
                          f"but only {format_bytes(have)} ({have:,} bytes) of memory is available; {fix}")
+
+
+def warn_renamed(old: str, new: str, *, where: str = "", what: str = "the argument",
+                 stacklevel: int = 3) -> None:
+    """Warn (``FutureWarning``, shown by default) that ``old`` is a deprecated name of ``new``.
+
+    >>> import warnings
+    >>> with warnings.catch_warnings(record=True) as caught:
+    ...     warnings.simplefilter("always")
+    ...     warn_renamed("post", "posterior", where="summary()")
+    >>> print(caught[0].message)
+    summary(): the argument 'post' is deprecated, use 'posterior' (the old name goes in 0.3)
+    """
+    prefix = f"{where}: " if where else ""
+    warnings.warn(f"{prefix}{what} {old!r} is deprecated, use {new!r} "
+                  f"(the old name goes in {REMOVED_IN})", FutureWarning, stacklevel=stacklevel)
+
+
+def renamed_args(**renames: str) -> Callable[[_F], _F]:
+    """Decorator: keyword arguments ``old=...`` of the decorated function still work, with a
+    :func:`warn_renamed` ``FutureWarning``, as the new name (``renamed_args(post="posterior")``).
+    Giving both the old and the new name is a ``TypeError``. The signature (``inspect.signature``
+    follows ``__wrapped__``) and the docstring are the new function's.
+
+    >>> @renamed_args(post="posterior")
+    ... def count(posterior):
+    ...     return posterior
+    >>> import warnings
+    >>> with warnings.catch_warnings():
+    ...     warnings.simplefilter("ignore")
+    ...     count(post=3)
+    3
+    """
+
+    def decorate(func: _F) -> _F:
+        @functools.wraps(func)
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            for old, new in renames.items():
+                if old in kwargs:
+                    if new in kwargs:
+                        raise TypeError(f"{new}: given twice, as {new!r} and as its deprecated name {old!r}; "
+                                        f"pass only {new!r}")
+                    warn_renamed(old, new, where=f"{func.__name__}()")
+                    kwargs[new] = kwargs.pop(old)
+            return func(*args, **kwargs)
+
+        return wrapper  # type: ignore[return-value]
+
+    return decorate
 
 
 def itemsize(dtype: torch.dtype) -> int:

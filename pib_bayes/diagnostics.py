@@ -35,7 +35,7 @@ from torch.distributions import Categorical, Normal
 from torch.func import vmap
 
 from . import _arviz_compat as compat
-from ._validate import check_bool
+from ._validate import check_bool, renamed_args
 from .posterior import _OOM, Posterior
 
 __all__ = ["ConvergenceWarning", "to_arviz", "summary", "scalar_quantities", "log_likelihood",
@@ -49,8 +49,8 @@ class ConvergenceWarning(UserWarning):
 # ------------------------------------------------------------------------------------ helpers
 def _check_post(post: Any) -> Posterior:
     if not isinstance(post, Posterior):
-        raise TypeError(f"post: expected a pib_bayes.Posterior (from pib_bayes.sample or Posterior.load), "
-                        f"got {type(post).__name__}")
+        raise TypeError(f"posterior: expected a pib_bayes.Posterior (from pib_bayes.sample or "
+                        f"Posterior.load), got {type(post).__name__}")
     return post
 
 
@@ -82,7 +82,7 @@ def _outputs(post: Posterior, x: Tensor, chains: Sequence[int], chunk_size: int,
     """
     model = post.model
     if model is None:
-        raise ValueError("post: this Posterior has no model attached; pass model= to Posterior.load")
+        raise ValueError("posterior: this Posterior has no model attached; pass model= to Posterior.load")
     # a model whose parameter names or shapes differ from the draws would silently evaluate its own
     # weights for every draw (functional_call ignores unknown keys)
     post.check_model(model)
@@ -92,7 +92,7 @@ def _outputs(post: Posterior, x: Tensor, chains: Sequence[int], chunk_size: int,
     _check_count("chunk_size", chunk_size, 1)
     c, n = len(chains), post.num_draws
     if not c:
-        raise ValueError("post: holds no draws to evaluate the model with")
+        raise ValueError("posterior: holds no draws to evaluate the model with")
     draws = {k: v[list(chains)].reshape(c * n, *v.shape[2:]) for k, v in post.draws.items()}
     with torch.no_grad():
         out = post._run_over_draws(model, draws, x, chunk_size, "auto", name)
@@ -167,7 +167,8 @@ def _targets(post: Posterior, out: Tensor, y: Tensor) -> Tensor:
     return y.reshape(out.shape[2:]).to(out.dtype)
 
 
-def log_likelihood(post: Posterior, x: Tensor, y: Tensor, *, include_diverged: bool = False,
+@renamed_args(post="posterior")
+def log_likelihood(posterior: Posterior, x: Tensor, y: Tensor, *, include_diverged: bool = False,
                    chunk_size: int = 64) -> Tensor:
     """Pointwise log-likelihood log p(y_i | x_i, w) for every draw: (chain, draw, n).
 
@@ -175,7 +176,7 @@ def log_likelihood(post: Posterior, x: Tensor, y: Tensor, *, include_diverged: b
     over output dimensions, s = ``post.metadata["noise_std"]``. The model runs through
     ``torch.func.functional_call`` vmapped over ``chunk_size`` draws at a time.
     """
-    _check_post(post)
+    post = _check_post(posterior)
     x, y = _check_data((x, y))
     return _pointwise_loglik(post, x, y, _kept_chains(post, include_diverged), chunk_size)
 
@@ -187,13 +188,15 @@ def _pointwise_loglik(post: Posterior, x: Tensor, y: Tensor, chains: Sequence[in
     return lp.reshape(*lp.shape[:3], -1).sum(-1)
 
 
-def random_projections(post: Posterior, num_projections: int, seed: int = 0,
+@renamed_args(post="posterior")
+def random_projections(posterior: Posterior, num_projections: int, seed: int = 0,
                        chains: Sequence[int] | None = None) -> Tensor:
     """<u_j, w> for ``num_projections`` random unit directions u_j of the flattened weights: (C, N, k).
 
     u_j = g_j / ||g_j|| with g_j ~ N(0, I_D) from ``torch.Generator().manual_seed(seed)``, drawn
     parameter by parameter so no (chain, draw, D) copy of the weights is ever made.
     """
+    post = _check_post(posterior)
     if isinstance(num_projections, bool) or not isinstance(num_projections, int) or num_projections < 1:
         raise ValueError(f"num_projections: must be an int >= 1, got {num_projections!r}")
     chains = list(range(post.num_chains)) if chains is None else list(chains)
@@ -221,7 +224,8 @@ def _weight_names(post: Posterior) -> list[str]:
     return names
 
 
-def scalar_quantities(post: Posterior, *, data: tuple[Tensor, Tensor] | None = None,
+@renamed_args(post="posterior")
+def scalar_quantities(posterior: Posterior, *, data: tuple[Tensor, Tensor] | None = None,
                       probe_x: Tensor | None = None, num_projections: int = 8, seed: int = 0,
                       max_weights: int = 32, include_diverged: bool = False,
                       chunk_size: int = 64) -> tuple[dict[str, np.ndarray], dict[str, str], list[int]]:
@@ -232,7 +236,7 @@ def scalar_quantities(post: Posterior, *, data: tuple[Tensor, Tensor] | None = N
     indices of the chains used. Every weight is its own quantity when D <= ``max_weights``,
     otherwise ``num_projections`` seeded random projections stand in for the weights.
     """
-    _check_post(post)
+    post = _check_post(posterior)
     _check_count("max_weights", max_weights, 0)
     _check_count("chunk_size", chunk_size, 1)
     _check_count("num_projections", num_projections, 1)
@@ -289,7 +293,8 @@ def _as_dataset(values: dict[str, np.ndarray], chains: Sequence[int]) -> xr.Data
 
 
 # ------------------------------------------------------------------------------------ summary
-def summary(post: Posterior, *, data: tuple[Tensor, Tensor] | None = None, probe_x: Tensor | None = None,
+@renamed_args(post="posterior")
+def summary(posterior: Posterior, *, data: tuple[Tensor, Tensor] | None = None, probe_x: Tensor | None = None,
             num_projections: int = 8, seed: int = 0, max_weights: int = 32, rhat_threshold: float = 1.01,
             min_ess_per_chain: float = 100.0, include_diverged: bool = False, chunk_size: int = 64,
             warn: bool = True) -> pd.DataFrame:
@@ -319,13 +324,14 @@ def summary(post: Posterior, *, data: tuple[Tensor, Tensor] | None = None, probe
     >>> list(table.index), bool((table["r_hat"] < 1.01).all())
     (['energy', 'w[0]', 'w[1]'], True)
     """
-    _check_post(post)
+    post = _check_post(posterior)
     check_bool("warn", warn)
     for name, val in (("rhat_threshold", rhat_threshold), ("min_ess_per_chain", min_ess_per_chain)):
         if not isinstance(val, (int, float)) or isinstance(val, bool) or not math.isfinite(val) or val <= 0:
             raise ValueError(f"{name}: must be a positive number, got {val!r}")
     if post.num_draws < 4:
-        raise ValueError(f"post: ArviZ diagnostics need at least 4 draws per chain, got {post.num_draws}")
+        raise ValueError(f"posterior: ArviZ diagnostics need at least 4 draws per chain, "
+                         f"got {post.num_draws}")
     values, kinds, chains = scalar_quantities(
         post, data=data, probe_x=probe_x, num_projections=num_projections, seed=seed, max_weights=max_weights,
         include_diverged=include_diverged, chunk_size=chunk_size)
@@ -397,7 +403,8 @@ LARGE_EXPORT = 10_000
 """Weights above which :func:`to_arviz` (all parameters) warns that per-weight diagnostics are slow."""
 
 
-def to_arviz(post: Posterior, *, params: None | Sequence[str] | str = None, num_projections: int = 8,
+@renamed_args(post="posterior")
+def to_arviz(posterior: Posterior, *, params: None | Sequence[str] | str = None, num_projections: int = 8,
              seed: int = 0, data: tuple[Tensor, Tensor] | None = None, include_diverged: bool = False,
              chunk_size: int = 64, predictive_seed: int = 0) -> Any:
     """Export to ArviZ: ``InferenceData`` on arviz 0.x, ``xarray.DataTree`` on arviz 1.x.
@@ -422,7 +429,7 @@ def to_arviz(post: Posterior, *, params: None | Sequence[str] | str = None, num_
     >>> dict(idata.posterior["w"].sizes)
     {'chain': 2, 'draw': 5, 'w_dim_0': 3}
     """
-    _check_post(post)
+    post = _check_post(posterior)
     if data is not None:
         data = _check_data(data)
     chains = _kept_chains(post, include_diverged)
@@ -636,7 +643,8 @@ def _energy_scores(energy: Any, draws: dict[str, Tensor], fixed: dict[str, Tenso
     return out
 
 
-def ksd(post: Posterior, energy: Any, data: tuple[Tensor, Tensor], *,
+@renamed_args(post="posterior")
+def ksd(posterior: Posterior, energy: Any, data: tuple[Tensor, Tensor], *,
         params: Sequence[str] | None = None, c: float = 1.0, power: float = -0.5, thin: int = 1,
         include_diverged: bool = False,
         batch_size: int | None = None, chunk_size: int = 64, block_size: int | None = None) -> float:
@@ -665,7 +673,7 @@ def ksd(post: Posterior, energy: Any, data: tuple[Tensor, Tensor], *,
     in S), memory O(m d); thin the draws or restrict ``params`` for large nets.
 
     Args:
-        post: the draws; every sampled parameter must have been kept (``sample(keep=None)``), as
+        posterior: the draws; every sampled parameter must have been kept (``sample(keep=None)``), as
             U needs all of them.
         energy: the :class:`~pib_bayes.Energy` of the target (the same model, loss, prior and
             beta as the sampling run).
@@ -695,7 +703,7 @@ def ksd(post: Posterior, energy: Any, data: tuple[Tensor, Tensor], *,
     """
     from .energy import Energy
 
-    _check_post(post)
+    post = _check_post(posterior)
     if not isinstance(energy, Energy):
         raise TypeError(f"energy: expected a pib_bayes.Energy (model, loss, prior, beta of the target), "
                         f"got {type(energy).__name__}")
@@ -708,7 +716,7 @@ def ksd(post: Posterior, energy: Any, data: tuple[Tensor, Tensor], *,
     sampled = list(post.metadata.get("sampled_params", post.param_names))
     missing = [k for k in sampled if k not in post.draws]
     if missing:
-        raise ValueError(f"post: the draws of {missing} were not kept (sample(keep=...)); the energy's "
+        raise ValueError(f"posterior: the draws of {missing} were not kept (sample(keep=...)); the energy's "
                          "gradient needs every sampled parameter, so sample with keep=None")
     names = post.param_names if params is None else list(params)
     if isinstance(params, str) or not names:
