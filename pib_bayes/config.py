@@ -25,11 +25,13 @@ optional except where marked, and an unknown key is an error (with the closest v
     lr = 0.01
     batch_size = 128
 
+    [prior]                     # the Gaussian prior N(theta_0, sigma_0^2 I): GaussianPrior.from_module
+    std = 1.0                   # sigma_0
+    mean = "init"               # theta_0: init (the random initialisation, before any pretraining) | zeros
+
     [posterior]
     beta = 0.001                # PIB trade-off; give beta OR temperature (beta = T/n);
     temperature = 1.0           #   default temperature = 1, i.e. beta = 1/n, the Bayesian posterior
-    prior_std = 1.0             # sigma_0 of N(theta_0, sigma_0^2 I)
-    prior_mean = "init"         # init (the random initialisation, before any pretraining) | zeros
     loss = "auto"               # auto | cross_entropy | gaussian
     noise_std = 1.0             # s of the Gaussian loss (regression)
 
@@ -46,8 +48,8 @@ optional except where marked, and an unknown key is an error (with the closest v
 
     [run]
     chains = 4
-    warmup = 1000
-    draws = 200
+    num_warmup = 1000           # the names of pib_bayes.sample's arguments
+    num_draws = 200
     thin = 1
     batch_size = 128            # 0 = full batch
     seed = 0
@@ -58,6 +60,10 @@ optional except where marked, and an unknown key is an error (with the closest v
     overwrite = false
 
 Every validation error is a :class:`ConfigError` whose message starts with the dotted key.
+
+Renamed keys (:data:`RENAMED_KEYS`) still load, with a ``FutureWarning`` naming the new key:
+``run.warmup`` -> ``run.num_warmup``, ``run.draws`` -> ``run.num_draws``, ``posterior.prior_std`` ->
+``prior.std``, ``posterior.prior_mean`` -> ``prior.mean``.
 """
 
 from __future__ import annotations
@@ -78,7 +84,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from ._validate import available_memory  # one estimate of free memory for the API and the CLI
+from ._validate import available_memory, warn_renamed  # one estimate of free memory for the API and the CLI
 
 try:  # Python >= 3.11
     import tomllib
@@ -99,6 +105,7 @@ __all__ = [
     "check_memory",
     "available_memory",
     "mlp_num_params",
+    "RENAMED_KEYS",
 ]
 
 
@@ -161,11 +168,13 @@ SCHEMA: dict[str, dict[str, Field]] = {
         "lr": Field("float", 0.01, minimum=0.0, exclusive_min=True, example="lr = 0.01"),
         "batch_size": Field("int", 128, minimum=0, example="batch_size = 128"),
     },
+    "prior": {
+        "std": Field("float", 1.0, minimum=0.0, exclusive_min=True, example="std = 1.0"),
+        "mean": Field("str", "init", choices=("init", "zeros"), example='mean = "init"'),
+    },
     "posterior": {
         "beta": Field("float", None, minimum=0.0, exclusive_min=True, example="beta = 0.001"),
         "temperature": Field("float", None, minimum=0.0, exclusive_min=True, example="temperature = 1.0"),
-        "prior_std": Field("float", 1.0, minimum=0.0, exclusive_min=True, example="prior_std = 1.0"),
-        "prior_mean": Field("str", "init", choices=("init", "zeros"), example='prior_mean = "init"'),
         "loss": Field(
             "str", "auto", choices=("auto", "cross_entropy", "gaussian"), example='loss = "gaussian"'
         ),
@@ -184,8 +193,8 @@ SCHEMA: dict[str, dict[str, Field]] = {
     },
     "run": {
         "chains": Field("int", 4, minimum=1, example="chains = 4"),
-        "warmup": Field("int", 1000, minimum=0, example="warmup = 1000"),
-        "draws": Field("int", 200, minimum=1, example="draws = 200"),
+        "num_warmup": Field("int", 1000, minimum=0, example="num_warmup = 1000"),
+        "num_draws": Field("int", 200, minimum=1, example="num_draws = 200"),
         "thin": Field("int", 1, minimum=1, example="thin = 1"),
         "batch_size": Field("int", 128, minimum=0, example="batch_size = 128"),
         "seed": Field("int", 0, minimum=0, example="seed = 0"),
@@ -212,6 +221,14 @@ SCHEMA: dict[str, dict[str, Field]] = {
         "optimizer": Field("str", "sgd", choices=("sgd", "adam"), example='optimizer = "sgd"'),
         "fisher_examples": Field("int", 1000, minimum=1, example="fisher_examples = 1000"),
     },
+}
+
+#: Deprecated config keys -> their new ``(section, key)``; they load with a ``FutureWarning`` until 0.3.
+RENAMED_KEYS: dict[tuple[str, str], tuple[str, str]] = {
+    ("run", "warmup"): ("run", "num_warmup"),
+    ("run", "draws"): ("run", "num_draws"),
+    ("posterior", "prior_std"): ("prior", "std"),
+    ("posterior", "prior_mean"): ("prior", "mean"),
 }
 
 _TYPE_WORDS = {
@@ -300,6 +317,7 @@ def validate_config(raw: Mapping[str, Any], output_dir: str | None = None) -> di
             )
         if not isinstance(value, Mapping):
             raise ConfigError(section, f"must be a table ([{section}]), got {value!r}")
+    raw = _renamed_keys(raw)
     cfg: dict[str, dict[str, Any]] = {}
     for section, fields in SCHEMA.items():
         given = dict(raw.get(section, {}))
@@ -360,6 +378,21 @@ def validate_config(raw: Mapping[str, Any], output_dir: str | None = None) -> di
             "model.kwargs", "only applies with model.factory; for an MLP use hidden and activation"
         )
     return cfg
+
+
+def _renamed_keys(raw: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
+    """``raw`` with every key of :data:`RENAMED_KEYS` moved to its new name (one ``FutureWarning``
+    each); an old key given together with its new name is a :class:`ConfigError`."""
+    out = {section: dict(value) for section, value in raw.items()}
+    for (section, key), (new_section, new_key) in RENAMED_KEYS.items():
+        if key not in out.get(section, {}):
+            continue
+        old, new = f"{section}.{key}", f"{new_section}.{new_key}"
+        if new_key in out.get(new_section, {}):
+            raise ConfigError(old, f"is the deprecated name of {new}, which is also given; keep only {new}")
+        warn_renamed(old, new, what="the config key", stacklevel=4)
+        out.setdefault(new_section, {})[new_key] = out[section].pop(key)
+    return out
 
 
 def _check_sampler_kwargs(name: str, kwargs: Mapping[str, Any]) -> None:
@@ -537,12 +570,12 @@ def check_memory(key: str, nbytes: float, what: str, fix: str) -> None:
     """Refuse, before allocating, a size that cannot fit in the memory available (a
     :class:`ConfigError` naming ``key``, the estimate and ``fix``).
 
-    >>> check_memory("run.draws", 1e3, "the draws", "lower run.draws")
+    >>> check_memory("run.num_draws", 1e3, "the draws", "lower run.num_draws")
     >>> try:
-    ...     check_memory("run.draws", 1e30, "the draws", "lower run.draws")
+    ...     check_memory("run.num_draws", 1e30, "the draws", "lower run.num_draws")
     ... except ConfigError as err:
     ...     print(str(err)[:40])
-    run.draws: the draws need about 1e+21 GB
+    run.num_draws: the draws need about
     """
     avail = available_memory()
     if nbytes > avail:

@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -35,8 +36,8 @@ temperature = 1.0
 step_size = 2e-4
 [run]
 chains = 2
-warmup = 10
-draws = 8
+num_warmup = 10
+num_draws = 8
 thin = 1
 batch_size = 32
 """
@@ -169,7 +170,7 @@ def _cfg(**sections):
     "raw, key",
     [
         ({"sampelr": {}}, "sampelr"),
-        ({"run": {"draws": 0}}, "run.draws"),
+        ({"run": {"num_draws": 0}}, "run.num_draws"),
         ({"run": {"chains": 1.5}}, "run.chains"),
         ({"posterior": {"beta": -1.0}}, "posterior.beta"),
         ({"posterior": {"beta": 0.1, "temperature": 1.0}}, "posterior.beta"),
@@ -271,6 +272,39 @@ def test_regression_run_and_features_only_predict(tmp_path, capsys):
     assert np.all(np.array([float(r["sd"]) for r in rows]) >= 0.3 - 1e-6)
 
 
+def test_a_config_with_the_old_key_names_runs_with_warnings_and_the_same_draws(tmp_path):
+    """run.warmup/run.draws/posterior.prior_std/prior_mean are deprecated names of run.num_warmup/
+    num_draws and prior.std/mean (issue 17): same run, one FutureWarning per old key."""
+    new = TINY.format(source="spirals").replace("[posterior]",
+                                                "[prior]\nstd = 0.5\nmean = \"zeros\"\n[posterior]")
+    old = (TINY.format(source="spirals").replace("num_warmup = 10", "warmup = 10")
+           .replace("num_draws = 8", "draws = 8")
+           .replace("[posterior]", "[posterior]\nprior_std = 0.5\nprior_mean = \"zeros\""))
+    draws = {}
+    for name, text in (("new", new), ("old", old)):
+        _write(tmp_path, text, f"{name}.toml")
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            code = main(["sample", "--config", str(tmp_path / f"{name}.toml"), "--output",
+                         str(tmp_path / name), "--quiet"])
+        assert code == EXIT_OK
+        renamed = [str(w.message) for w in caught if issubclass(w.category, FutureWarning)
+                   and "is deprecated" in str(w.message)]
+        assert len(renamed) == (4 if name == "old" else 0), renamed
+        draws[name] = Posterior.load(tmp_path / name / "posterior.pt").draws
+        cfg = json.loads((tmp_path / name / "config.json").read_text())
+        assert cfg["prior"] == {"std": 0.5, "mean": "zeros"} and cfg["run"]["num_draws"] == 8
+    assert draws["old"].keys() == draws["new"].keys()
+    for k in draws["new"]:
+        assert torch.equal(draws["old"][k], draws["new"][k])
+    # "would catch the bug": an old key that was ignored (prior std 1, mean init) changes the draws
+    _write(tmp_path, TINY.format(source="spirals"), "default.toml")
+    assert main(["sample", "--config", str(tmp_path / "default.toml"), "--output", str(tmp_path / "default"),
+                 "--quiet"]) == EXIT_OK
+    other = Posterior.load(tmp_path / "default" / "posterior.pt").draws
+    assert any(not torch.equal(other[k], draws["new"][k]) for k in other)
+
+
 def test_failed_run_leaves_nothing_and_all_diverged_exits_3(tmp_path, capsys):
     _write(tmp_path, TINY.format(source="spirals") + "\n[sampler.kwargs]\nfriction = 0.5\n")
     out = tmp_path / "fail"
@@ -334,8 +368,8 @@ def test_sample_under_torchrun_shares_the_chains_and_matches_one_process(tmp_pat
         n = 200
         [run]
         chains = 4
-        warmup = 20
-        draws = 10
+        num_warmup = 20
+        num_draws = 10
         chain_method = "sequential"
         [output]
         dir = "OUT"
@@ -362,7 +396,8 @@ def test_sample_killed_then_resumed_gives_the_uninterrupted_draws(tmp_path):
     import signal
     import time
 
-    text = TINY.format(source="spirals").replace("warmup = 10", "warmup = 4000") + "checkpoint_every = 50\n"
+    text = (TINY.format(source="spirals").replace("num_warmup = 10", "num_warmup = 4000")
+            + "checkpoint_every = 50\n")
     _write(tmp_path, text)
     r = _cli("sample", "--config", "run.toml", "--output", "runs/ref", "--quiet", cwd=tmp_path)
     assert r.returncode == EXIT_OK, r.stderr

@@ -33,8 +33,8 @@ steps = 30
 step_size = 2e-4
 [run]
 chains = 2
-warmup = 10
-draws = 8
+num_warmup = 10
+num_draws = 8
 thin = 1
 batch_size = 32
 """

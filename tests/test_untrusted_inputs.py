@@ -22,8 +22,8 @@ n = 60
 temperature = 1.0
 [run]
 chains = 2
-warmup = 5
-draws = 4
+num_warmup = 5
+num_draws = 4
 batch_size = 16
 checkpoint_every = 0
 """
