@@ -574,8 +574,8 @@ def check_memory(key: str, nbytes: float, what: str, fix: str) -> None:
     >>> try:
     ...     check_memory("run.num_draws", 1e30, "the draws", "lower run.num_draws")
     ... except ConfigError as err:
-    ...     print(str(err)[:40])
-    run.num_draws: the draws need about
+    ...     print(str(err)[:44])
+    run.num_draws: the draws need about 1e+21 GB
     """
     avail = available_memory()
     if nbytes > avail:

@@ -674,7 +674,7 @@ CASES = [
         ValueError,
         "min_ess_per_chain",
     ),
-    c("summary-few-draws", lambda: D.summary(post(num_draws=3)), ValueError, "post"),
+    c("summary-few-draws", lambda: D.summary(post(num_draws=3)), ValueError, "posterior"),
     c("summary-data-not-pair", lambda: D.summary(post(net()), data=X), TypeError, "data"),
     c("summary-data-rows", lambda: D.summary(post(net()), data=(X, Y_CLS[:3])), ValueError, "data"),
     c(
@@ -690,7 +690,7 @@ CASES = [
         "chunk_size",
     ),
     c("summary-probe-list", lambda: D.summary(post(net()), probe_x=X.tolist()), TypeError, "x"),
-    c("summary-no-model", lambda: D.summary(post(), data=(X, Y_CLS)), ValueError, "post"),
+    c("summary-no-model", lambda: D.summary(post(), data=(X, Y_CLS)), ValueError, "posterior"),
     c("to-arviz-params-unknown", lambda: D.to_arviz(post(), params=["nope"]), ValueError, "params"),
     c("to-arviz-params-str", lambda: D.to_arviz(post(), params="weight"), ValueError, "params"),
     c("to-arviz-data-not-pair", lambda: D.to_arviz(post(net()), data=X), TypeError, "data"),
@@ -1335,13 +1335,13 @@ BUGS = [
     bug(
         "summary-not-posterior",
         lambda: D.summary({"w": 1}),
-        "post",
+        "posterior",
         "diagnostics.summary: a non-Posterior raises AttributeError (no 'num_draws')",
     ),
     bug(
         "to-arviz-not-posterior",
         lambda: D.to_arviz("post"),
-        "post",
+        "posterior",
         "diagnostics.to_arviz: a non-Posterior raises AttributeError (no 'kept_chains')",
     ),
     bug(
