@@ -294,7 +294,7 @@ def check_finite_tensor(name: str, part: str, t: torch.Tensor) -> None:
     >>> check_finite_tensor("data", "x", torch.zeros(2))
     """
     if (torch.is_floating_point(t) or t.is_complex()) and not bool(torch.isfinite(t).all()):
-        raise ValueError(f"{name}: {part} contains NaN or infinite values; remove or impute those rows first")
+        raise ValueError(f"{name}: {part} contains NaN or Inf values; remove or impute those rows first")
 
 
 def check_tensors(x: object, y: object, name: str = "data") -> None:

@@ -634,6 +634,7 @@ def _inside(path: Path, root: Path) -> bool:
 def _read_run_config(path: Path, trust_code: bool) -> dict:
     """The validated config.json of a run directory: a run directory is data, so (unless
     ``trust_code``) it may name no model factory but a built-in one, and no file outside itself."""
+    from ._validate import is_int
     from .config import BUILTIN_DATA, BUILTIN_FACTORIES, ConfigError, validate_config
 
     where = path / "config.json"
@@ -659,7 +660,7 @@ def _read_run_config(path: Path, trust_code: bool) -> dict:
 
     for key in ("input_dim", "output_dim"):
         v = res.get(key)
-        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+        if not is_int(v) or v < 1:
             raise bad(key, "an integer >= 1")
     if res.get("task") not in ("classification", "regression"):
         raise bad("task", '"classification" or "regression"')

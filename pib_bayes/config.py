@@ -72,7 +72,6 @@ import difflib
 import importlib
 import inspect
 import math
-import numbers
 import os
 import sys
 from collections.abc import Callable, Mapping, Sequence
@@ -84,7 +83,8 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from ._validate import available_memory, warn_renamed  # one estimate of free memory for the API and the CLI
+# available_memory: one estimate of free memory for the API and the CLI
+from ._validate import available_memory, is_int, is_real, warn_renamed
 
 try:  # Python >= 3.11
     import tomllib
@@ -254,10 +254,10 @@ def _check_value(key: str, field: Field, value: Any) -> Any:
         f"write e.g. {field.example}",
     )
     if field.kind == "int":
-        if isinstance(value, bool) or not isinstance(value, int):
+        if not is_int(value):
             raise bad
     elif field.kind == "float":
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
+        if not is_real(value):
             raise bad
         value = float(value)
         if not math.isfinite(value):
@@ -281,7 +281,7 @@ def _check_value(key: str, field: Field, value: Any) -> Any:
             raise bad
     elif field.kind == "int_list":
         if not isinstance(value, list) or any(
-            isinstance(v, bool) or not isinstance(v, int) or v < 1 for v in value
+            not is_int(v) or v < 1 for v in value
         ):
             raise ConfigError(
                 key,
@@ -443,7 +443,7 @@ def build_mlp(input_dim: int, output_dim: int, hidden: list[int], activation: st
             "model.activation", f"unknown value {activation!r}; choose one of {list(ACTIVATIONS)}"
         )
     if not isinstance(hidden, (list, tuple)) or any(
-        isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < 1 for v in hidden
+        not is_int(v) or v < 1 for v in hidden
     ):
         raise ConfigError("model.hidden", f"must be a list of positive integers, got {hidden!r}")
     check_memory(

@@ -19,6 +19,8 @@ from typing import Protocol, runtime_checkable
 import torch
 from torch import Tensor, nn
 
+from ._validate import is_real
+
 __all__ = ["Prior", "GaussianPrior", "DistributionPrior", "FlatPrior", "as_prior", "check_prior_fits"]
 
 
@@ -34,7 +36,7 @@ def _check_std(name: str, s: object) -> float | Tensor:
         if not bool(torch.isfinite(s).all()) or not bool((s > 0).all()):
             raise ValueError(f"{name}: every prior standard deviation must be finite and > 0")
         return s
-    if isinstance(s, bool) or not isinstance(s, (int, float)):
+    if not is_real(s):
         raise TypeError(f"{name}: expected a finite number > 0 or a tensor, got {type(s).__name__} {s!r}")
     if not math.isfinite(s) or s <= 0:
         raise ValueError(f"{name}: the prior std must be finite and > 0, got {s!r}")
