@@ -308,7 +308,17 @@ class GaussianPrior:
         return _ClosedForm(self, list(names), list(like), stds)  # type: ignore[arg-type]
 
     def sample_like(self, params: Mapping[str, Tensor], generator: torch.Generator | None = None) -> dict:
-        """One draw from the prior with the shapes of ``params``."""
+        """One draw from the prior with the shapes of ``params``, ``mean + std * N(0, I)``.
+
+        ``generator`` (a ``torch.Generator``; None: the global stream) rather than a ``seed``:
+        :func:`~pib_bayes.sample` hands each chain its own stream (``init="prior"``).
+
+        >>> import torch
+        >>> gen = torch.Generator().manual_seed(0)
+        >>> draw = GaussianPrior(std=0.5).sample_like({"w": torch.zeros(2, 3)}, gen)
+        >>> tuple(draw["w"].shape)
+        (2, 3)
+        """
         out = {}
         for name, w in params.items():
             s = torch.as_tensor(self.std_of(name), dtype=w.dtype)

@@ -61,7 +61,9 @@ def paper_gradients(
     ``loss_fn`` returns one loss per example (``reduction="none"``); the batch loss is their mean. The
     model runs in train mode (as the authors' code), its own mode restored afterwards; buffers are
     copies, so BatchNorm running statistics are not changed. Random batches take
-    ``torch.randint(n, (batch_size,), generator=generator)``, one call per batch.
+    ``torch.randint(n, (batch_size,), generator=generator)``, one call per batch; a
+    ``torch.Generator`` rather than a ``seed``, since a training loop calls this every step and the
+    batches must continue one stream (:mod:`pib_bayes.pib_train` passes its own).
     """
     check_paper_batches(num_batches, batch_size)
     n = x.shape[0]
