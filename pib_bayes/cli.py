@@ -393,11 +393,11 @@ def _check_run_memory(cfg: dict, num_weights: int, element_size: int = 4) -> Non
     from .config import check_memory
 
     d, e = int(num_weights), int(element_size)
-    k, t = cfg["run"]["chains"], cfg["run"]["num_draws"]
-    key = "run.chains" if k > t else "run.num_draws"
+    k, t = cfg["run"]["num_chains"], cfg["run"]["num_draws"]
+    key = "run.num_chains" if k > t else "run.num_draws"
     check_memory(key, k * (t * (32 + d * e) + 6 * d * e + 2048),
                  f"{k:,} chains x {t:,} draws of {d:,} weights",
-                 "lower run.chains or run.num_draws (raise run.thin to keep fewer draws of a long run)")
+                 "lower run.num_chains or run.num_draws (raise run.thin to keep fewer draws of a long run)")
 
 
 def _check_pretrained(model: Any, steps: int, lr: float, start: float, end: float) -> None:
@@ -476,7 +476,7 @@ def run_sample(
         prior=prior,
         sampler=cfg["sampler"]["name"],
         step_size=schedule,
-        num_chains=run["chains"],
+        num_chains=run["num_chains"],
         num_warmup=run["num_warmup"],
         num_draws=run["num_draws"],
         thin=run["thin"],

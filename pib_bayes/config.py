@@ -47,8 +47,8 @@ optional except where marked, and an unknown key is an error (with the closest v
     # [sampler.kwargs]          # passed to the kernel builder, e.g. friction = 0.1 (sghmc)
 
     [run]
-    chains = 4
-    num_warmup = 1000           # the names of pib_bayes.sample's arguments
+    num_chains = 4              # the names of pib_bayes.sample's arguments
+    num_warmup = 1000
     num_draws = 200
     thin = 1
     batch_size = 128            # 0 = full batch
@@ -62,8 +62,8 @@ optional except where marked, and an unknown key is an error (with the closest v
 Every validation error is a :class:`ConfigError` whose message starts with the dotted key.
 
 Renamed keys (:data:`RENAMED_KEYS`) still load, with a ``FutureWarning`` naming the new key:
-``run.warmup`` -> ``run.num_warmup``, ``run.draws`` -> ``run.num_draws``, ``posterior.prior_std`` ->
-``prior.std``, ``posterior.prior_mean`` -> ``prior.mean``.
+``run.chains`` -> ``run.num_chains``, ``run.warmup`` -> ``run.num_warmup``, ``run.draws`` ->
+``run.num_draws``, ``posterior.prior_std`` -> ``prior.std``, ``posterior.prior_mean`` -> ``prior.mean``.
 """
 
 from __future__ import annotations
@@ -192,7 +192,7 @@ SCHEMA: dict[str, dict[str, Field]] = {
         "kwargs": Field("table", {}, example="[sampler.kwargs]\nfriction = 0.1"),
     },
     "run": {
-        "chains": Field("int", 4, minimum=1, example="chains = 4"),
+        "num_chains": Field("int", 4, minimum=1, example="num_chains = 4"),
         "num_warmup": Field("int", 1000, minimum=0, example="num_warmup = 1000"),
         "num_draws": Field("int", 200, minimum=1, example="num_draws = 200"),
         "thin": Field("int", 1, minimum=1, example="thin = 1"),
@@ -225,6 +225,7 @@ SCHEMA: dict[str, dict[str, Field]] = {
 
 #: Deprecated config keys -> their new ``(section, key)``; they load with a ``FutureWarning`` until 0.3.
 RENAMED_KEYS: dict[tuple[str, str], tuple[str, str]] = {
+    ("run", "chains"): ("run", "num_chains"),
     ("run", "warmup"): ("run", "num_warmup"),
     ("run", "draws"): ("run", "num_draws"),
     ("posterior", "prior_std"): ("prior", "std"),

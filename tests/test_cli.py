@@ -35,7 +35,7 @@ temperature = 1.0
 [sampler]
 step_size = 2e-4
 [run]
-chains = 2
+num_chains = 2
 num_warmup = 10
 num_draws = 8
 thin = 1
@@ -127,14 +127,15 @@ def test_bad_config_exits_2_naming_the_key(tmp_path, capsys):
     r = _cli("sample", "--config", "run.toml", "--output", "o", cwd=tmp_path)
     assert r.returncode == EXIT_USAGE
     assert "sampler.stepsize" in r.stderr and "step_size" in r.stderr
-    _write(tmp_path, TINY.format(source="spirals").replace("chains = 2", 'chains = "two"'))
+    _write(tmp_path, TINY.format(source="spirals").replace("num_chains = 2", 'num_chains = "two"'))
     capsys.readouterr()
     assert (
         main(["sample", "--config", str(tmp_path / "run.toml"), "--output", str(tmp_path / "o"), "--json"])
         == 2
     )
     err = json.loads(capsys.readouterr().out)
-    assert err["key"] == "run.chains" and err["exit_code"] == EXIT_USAGE and "chains = 4" in err["error"]
+    assert err["key"] == "run.num_chains" and err["exit_code"] == EXIT_USAGE
+    assert "num_chains = 4" in err["error"]
     assert not (tmp_path / "o").exists()
 
 
@@ -171,7 +172,7 @@ def _cfg(**sections):
     [
         ({"sampelr": {}}, "sampelr"),
         ({"run": {"num_draws": 0}}, "run.num_draws"),
-        ({"run": {"chains": 1.5}}, "run.chains"),
+        ({"run": {"num_chains": 1.5}}, "run.num_chains"),
         ({"posterior": {"beta": -1.0}}, "posterior.beta"),
         ({"posterior": {"beta": 0.1, "temperature": 1.0}}, "posterior.beta"),
         ({"sampler": {"name": "nuts"}}, "sampler.name"),
@@ -193,9 +194,9 @@ def test_validation_names_the_key(raw, key):
 
 def test_missing_source_and_defaults():
     with pytest.raises(ConfigError, match="data.source: is required"):
-        validate_config({"run": {"chains": 2}})
+        validate_config({"run": {"num_chains": 2}})
     cfg = validate_config(_cfg(sampler={"name": "csgld"}))
-    assert cfg["sampler"]["schedule"] == "cyclical" and cfg["run"]["chains"] == 4
+    assert cfg["sampler"]["schedule"] == "cyclical" and cfg["run"]["num_chains"] == 4
     assert cfg["posterior"]["beta"] is None and cfg["posterior"]["temperature"] is None
 
 
@@ -273,11 +274,13 @@ def test_regression_run_and_features_only_predict(tmp_path, capsys):
 
 
 def test_a_config_with_the_old_key_names_runs_with_warnings_and_the_same_draws(tmp_path):
-    """run.warmup/run.draws/posterior.prior_std/prior_mean are deprecated names of run.num_warmup/
-    num_draws and prior.std/mean (issue 17): same run, one FutureWarning per old key."""
+    """run.chains/warmup/draws and posterior.prior_std/prior_mean are deprecated names of
+    run.num_chains/num_warmup/num_draws and prior.std/mean (issue 17): same run, one FutureWarning per
+    old key."""
     new = TINY.format(source="spirals").replace("[posterior]",
                                                 "[prior]\nstd = 0.5\nmean = \"zeros\"\n[posterior]")
-    old = (TINY.format(source="spirals").replace("num_warmup = 10", "warmup = 10")
+    old = (TINY.format(source="spirals").replace("num_chains = 2", "chains = 2")
+           .replace("num_warmup = 10", "warmup = 10")
            .replace("num_draws = 8", "draws = 8")
            .replace("[posterior]", "[posterior]\nprior_std = 0.5\nprior_mean = \"zeros\""))
     draws = {}
@@ -290,7 +293,7 @@ def test_a_config_with_the_old_key_names_runs_with_warnings_and_the_same_draws(t
         assert code == EXIT_OK
         renamed = [str(w.message) for w in caught if issubclass(w.category, FutureWarning)
                    and "is deprecated" in str(w.message)]
-        assert len(renamed) == (4 if name == "old" else 0), renamed
+        assert len(renamed) == (5 if name == "old" else 0), renamed
         draws[name] = Posterior.load(tmp_path / name / "posterior.pt").draws
         cfg = json.loads((tmp_path / name / "config.json").read_text())
         assert cfg["prior"] == {"std": 0.5, "mean": "zeros"} and cfg["run"]["num_draws"] == 8
@@ -367,7 +370,7 @@ def test_sample_under_torchrun_shares_the_chains_and_matches_one_process(tmp_pat
         source = "spirals"
         n = 200
         [run]
-        chains = 4
+        num_chains = 4
         num_warmup = 20
         num_draws = 10
         chain_method = "sequential"
