@@ -308,6 +308,45 @@ def test_a_config_with_the_old_key_names_runs_with_warnings_and_the_same_draws(t
     assert any(not torch.equal(other[k], draws["new"][k]) for k in other)
 
 
+def test_a_run_directory_written_with_the_old_key_names_still_predicts_the_same(tmp_path, capsys):
+    """The config.json of a run directory from before the renames loads with one FutureWarning per old
+    key and gives the same predictions and bounds as the directory with the new names."""
+    _write(tmp_path, TINY.format(source="spirals").replace("[posterior]", "[prior]\nstd = 0.5\n[posterior]"))
+    new_dir, old_dir = tmp_path / "new", tmp_path / "old"
+    assert main(["sample", "--config", str(tmp_path / "run.toml"), "--output", str(new_dir), "--quiet"]) == 0
+    import shutil
+
+    shutil.copytree(new_dir, old_dir)
+    cfg = json.loads((old_dir / "config.json").read_text())
+    run, prior = cfg["run"], cfg.pop("prior")
+    for old, new in (("chains", "num_chains"), ("warmup", "num_warmup"), ("draws", "num_draws")):
+        run[old] = run.pop(new)
+    cfg["posterior"].update(prior_std=prior["std"], prior_mean=prior["mean"])
+    (old_dir / "config.json").write_text(json.dumps(cfg))
+    def diagnose(run_dir: Path) -> str:
+        capsys.readouterr()
+        assert main(["diagnose", str(run_dir), "--json", "--no-plots"]) == 0
+        return capsys.readouterr().out.replace(str(run_dir), "RUN")
+
+    results = {}
+    for name, run_dir in (("new", new_dir), ("old", old_dir)):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            assert main(["predict", str(run_dir), "--json", "--output", str(tmp_path / f"{name}.csv")]) == 0
+            report = diagnose(run_dir)
+        renamed = [w for w in caught if issubclass(w.category, FutureWarning)
+                   and "is deprecated" in str(w.message)]
+        assert len(renamed) == (10 if name == "old" else 0)  # 5 old keys, read by predict and by diagnose
+        results[name] = ((tmp_path / f"{name}.csv").read_text(), report)
+    assert results["old"] == results["new"]
+    # "would catch the bug": with the old prior_std dropped (std 1, the default) the bounds differ
+    del cfg["posterior"]["prior_std"]
+    (old_dir / "config.json").write_text(json.dumps(cfg))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert diagnose(old_dir) != results["new"][1]
+
+
 def test_failed_run_leaves_nothing_and_all_diverged_exits_3(tmp_path, capsys):
     _write(tmp_path, TINY.format(source="spirals") + "\n[sampler.kwargs]\nfriction = 0.5\n")
     out = tmp_path / "fail"
