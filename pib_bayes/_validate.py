@@ -84,7 +84,8 @@ def check_int(name: str, value: object, minimum: int | None = None, maximum: int
 def check_count(name: str, value: object, minimum: int = 0, what: str = "") -> int:
     """``int(value)`` for an int >= ``minimum``, else ONE ``ValueError`` (a wrong type included)
     ``"name: must be an int >= minimum (what), got value"``: the counts, sizes and steps of the
-    public functions.
+    public functions. (:func:`check_int` raises ``TypeError`` for a wrong type instead; the entry
+    points that used this message before keep their ``ValueError``.)
 
     >>> check_count("num_bins", 10, 1)
     10
