@@ -7,7 +7,8 @@ import dataclasses
 import json
 import math
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -77,11 +78,12 @@ from .warmup import (
 
 def _flat_copy(tensors: Sequence[Tensor]) -> FlatTensors:
     """Copies of ``tensors`` as views tiling one contiguous buffer (whole-buffer ops in the kernels)."""
-    out = flat_zeros_like(tensors)
-    if not isinstance(out, FlatTensors):  # mixed dtypes or devices: one tensor each
-        out = [t.clone(memory_format=torch.contiguous_format) for t in tensors]
-    else:
-        torch._foreach_copy_(list(out), list(tensors))
+    with torch.no_grad():  # plain copies (leaves), whatever the sources require
+        out = flat_zeros_like(tensors)
+        if not isinstance(out, FlatTensors):  # mixed dtypes or devices: one tensor each
+            out = [t.detach().clone(memory_format=torch.contiguous_format) for t in tensors]
+        else:
+            torch._foreach_copy_(list(out), [t.detach() for t in tensors])
     return out
 
 
@@ -122,6 +124,144 @@ def _as_energy(model: nn.Module, loss_fn: str | LossFn | Energy, beta: float | N
                         "or an Energy as loss_fn")
     own = prior is None or (isinstance(prior, (int, float)) and not isinstance(prior, bool))
     return Energy(model, loss_fn, prior, beta, task), own
+
+
+@dataclass(frozen=True)
+class _RunSpec:
+    """Every argument of one :func:`sample` call that needs no model evaluation, checked once
+    (:func:`_run_spec`): what the run does, before it does anything."""
+
+    sampler: str | Kernel
+    kernel: Kernel
+    schedule: Schedule  # Constant(1.0) with step_size='auto' until the auto stage replaces it
+    auto: AutoStep | None
+    gradient: str
+    noise: str
+    prefetch_noise: bool
+    train_mode_dropout: bool
+    progress: bool
+    resume: bool
+    threshold: float
+    total_chains: int  # num_chains of the whole run
+    ids: tuple[int, ...]  # the chains this call runs
+    num_chains: int  # len(ids)
+    num_draws: int
+    num_warmup: int
+    thin: int
+    chain_method: str
+    checkpoint: str | os.PathLike | None
+    named: tuple[tuple[str, Tensor], ...]  # the sampled parameters, in the module's order
+    names: tuple[str, ...]
+    keep_names: tuple[str, ...]
+    stat_fns: Mapping[str, StatFn]
+
+
+def _run_spec(model: nn.Module, sampler: str | Kernel, step_size: Any, sampler_kwargs: Any, gradient: Any,
+              noise: Any, prefetch_noise: Any, train_mode_dropout: Any, progress: Any, resume: Any,
+              divergence_threshold: Any, num_chains: Any, chain_ids: Any, num_draws: Any, num_warmup: Any,
+              thin: Any, chain_method: Any, checkpoint: Any, params: Any, keep: Any,
+              stat_fns: Any) -> _RunSpec:
+    """The checks of :func:`sample`'s arguments, in the order it has always made them (the first bad
+    argument is the one named), into one :class:`_RunSpec`."""
+    auto = _as_auto(step_size)
+    sampler = expand_shorthand(sampler, step_size)  # 'csgld': SGLD on its Cyclical schedule
+    schedule = as_schedule(step_size) if auto is None else Constant(1.0)  # 'auto': replaced below
+    if sampler_kwargs is not None and not isinstance(sampler_kwargs, Mapping):
+        raise TypeError(f"sampler_kwargs: expected a mapping of keyword arguments for the sampler, got "
+                        f"{type(sampler_kwargs).__name__}")
+    kernel = build_kernel(sampler, **dict(sampler_kwargs or {}))
+    if gradient not in GRADIENTS:
+        raise ValueError(f"gradient: expected one of {list(GRADIENTS)}, got {gradient!r}")
+    if not isinstance(noise, str) or noise not in NOISES:
+        raise ValueError(f"noise: expected one of {sorted(NOISES)}, got {noise!r}")
+    if not isinstance(prefetch_noise, bool):
+        raise ValueError(f"prefetch_noise: expected True or False, got {prefetch_noise!r}")
+    if not isinstance(train_mode_dropout, bool):
+        raise ValueError(f"train_mode_dropout: expected True or False, got {train_mode_dropout!r}")
+    progress, resume = check_bool("progress", progress), check_bool("resume", resume)
+    threshold = _check_threshold(divergence_threshold)
+    total_chains = _positive_int("num_chains", num_chains)
+    if chain_ids is not None:
+        _check_chain_ids(chain_ids, total_chains)
+    num_run = total_chains if chain_ids is None else len(chain_ids)  # chains run by this call
+    num_draws = _positive_int("num_draws", num_draws)
+    num_warmup = _positive_int("num_warmup", num_warmup, minimum=0)
+    thin = _positive_int("thin", thin)
+    if chain_method not in ("auto", "vectorized", "sequential"):
+        raise ValueError(f"chain_method: expected 'auto', 'vectorized' or 'sequential', got {chain_method!r}")
+    if checkpoint is not None:
+        checkpoint = check_path("checkpoint", checkpoint)
+
+    if params is None:
+        named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        if not named:
+            raise ValueError("model: has no trainable parameters (requires_grad=True) to sample")
+    else:
+        chosen = set(select_params(model, params))
+        named = [(n, p) for n, p in model.named_parameters() if n in chosen]
+    names = [n for n, _ in named]
+    if isinstance(keep, (str, bytes)):
+        raise TypeError(f"keep: expected a list of parameter names, got the string {keep!r}; "
+                        f"use keep=[{keep!r}]")
+    if keep is not None and not isinstance(keep, (Sequence, set, frozenset)):
+        raise TypeError(f"keep: expected a list of parameter names, got {type(keep).__name__} {keep!r}")
+    keep_names = names if keep is None else list(keep)
+    if not keep_names:
+        raise ValueError(f"keep: is empty, so no draws would be stored; name at least one of {names} "
+                         "(or keep=None for all)")
+    unknown = [n for n in keep_names if n not in names]
+    if unknown:
+        raise ValueError(f"keep: unknown parameter names {unknown}; sampled parameters are {names}")
+    ids = list(range(total_chains)) if chain_ids is None else [int(c) for c in chain_ids]
+    return _RunSpec(sampler, kernel, schedule, auto, gradient, noise, prefetch_noise, train_mode_dropout,
+                    progress, resume, threshold, total_chains, tuple(ids), num_run, num_draws, num_warmup,
+                    thin, chain_method, checkpoint, tuple(named), tuple(names), tuple(keep_names),
+                    _check_stat_fns(stat_fns))
+
+
+def _sampled_prior(energy: Energy, own_prior: bool, prior: Any, named: Sequence[tuple[str, Tensor]],
+                   subset: bool) -> None:
+    """The prior ``sample`` builds (``prior`` None or a float): centred on the initial weights of what
+    is sampled (frozen or not, with ``params=``), its means one flat buffer (``w - theta_0`` is then
+    one op per step, :class:`~pib_bayes.energy.BoundEnergy`). A given prior is left as it is."""
+    if not own_prior:
+        return
+    if subset:  # params= chose what is sampled
+        energy.prior = GaussianPrior(std=1.0 if prior is None else float(prior),
+                                     mean={n: p.detach() for n, p in named})
+    means = energy.prior.mean
+    means.update(zip(list(means), _flat_copy(list(means.values())), strict=True))
+
+
+def _plan_groups(runner: _Sampler, make_group: Callable[[list[int], bool], _Group], num_chains: int,
+                 chain_method: str, model: nn.Module, train_mode_dropout: bool, device: torch.device,
+                 progress: bool) -> tuple[str, str]:
+    """``(method, reason)``: run the chains ``"vectorized"`` (one group of every chain) or
+    ``"sequential"`` (one group per chain). ``"auto"`` and ``"vectorized"`` probe one energy
+    evaluation of the stacked chains first; ``"auto"`` falls back to sequential when it fails
+    (vmap cannot run every module), ``"vectorized"`` then raises."""
+    method, reason = chain_method, "requested"
+    if num_chains == 1:
+        method, reason = "sequential", "one chain"
+    elif chain_method in ("auto", "vectorized"):
+        probe = make_group(list(range(num_chains)), True)
+        try:
+            # in the mode sampling runs in, whatever mode the model came in (a BatchNorm in training mode
+            # would make the probe fail: it updates its statistics in place)
+            with _sampling_mode(model, train_mode_dropout), _dropout_rng(probe, device):
+                x, y, stacked = probe.batcher.next()
+                runner.energies(probe, x, y, stacked)
+            how = "batched matmul (pib_bayes.batched)" if runner.fast_forward is not None else "vmap"
+            method, reason = "vectorized", f"{how} runs the model" + ("" if chain_method == "auto" else
+                                                                        ", requested")
+        except Exception as err:  # vmap cannot run every module (data-dependent control flow, ...)
+            if chain_method == "vectorized":
+                raise ValueError(f"chain_method: 'vectorized' failed, vmap cannot run this model ({err}); "
+                                 "use chain_method='sequential'") from err
+            method, reason = "sequential", f"vmap failed: {type(err).__name__}: {err}"
+            if progress:
+                tqdm.write(f"pib_bayes.sample: chains run sequentially ({reason.splitlines()[0]})")
+    return method, reason
 
 
 @holds_lock("checkpoint")
@@ -310,67 +450,20 @@ def sample(
     _check_model_storage(model)
     energy, own_prior = _as_energy(model, loss_fn, beta, prior, task)
     require_task(energy.task, energy.loss_fn)
-    auto = _as_auto(step_size)
-    sampler = expand_shorthand(sampler, step_size)  # 'csgld': SGLD on its Cyclical schedule
-    schedule = as_schedule(step_size) if auto is None else Constant(1.0)  # 'auto': replaced below
-    if sampler_kwargs is not None and not isinstance(sampler_kwargs, Mapping):
-        raise TypeError(f"sampler_kwargs: expected a mapping of keyword arguments for the sampler, got "
-                        f"{type(sampler_kwargs).__name__}")
-    kernel = build_kernel(sampler, **dict(sampler_kwargs or {}))
-    if gradient not in GRADIENTS:
-        raise ValueError(f"gradient: expected one of {list(GRADIENTS)}, got {gradient!r}")
-    if not isinstance(noise, str) or noise not in NOISES:
-        raise ValueError(f"noise: expected one of {sorted(NOISES)}, got {noise!r}")
-    if not isinstance(prefetch_noise, bool):
-        raise ValueError(f"prefetch_noise: expected True or False, got {prefetch_noise!r}")
-    if not isinstance(train_mode_dropout, bool):
-        raise ValueError(f"train_mode_dropout: expected True or False, got {train_mode_dropout!r}")
-    progress, resume = check_bool("progress", progress), check_bool("resume", resume)
-    threshold = _check_threshold(divergence_threshold)
-    total_chains = _positive_int("num_chains", num_chains)
-    if chain_ids is not None:
-        _check_chain_ids(chain_ids, total_chains)
-    num_run = total_chains if chain_ids is None else len(chain_ids)  # chains run by this call
-    num_draws = _positive_int("num_draws", num_draws)
-    num_warmup = _positive_int("num_warmup", num_warmup, minimum=0)
-    thin = _positive_int("thin", thin)
-    if chain_method not in ("auto", "vectorized", "sequential"):
-        raise ValueError(f"chain_method: expected 'auto', 'vectorized' or 'sequential', got {chain_method!r}")
-    if checkpoint is not None:
-        checkpoint = check_path("checkpoint", checkpoint)
-
-    if params is None:
-        named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-        if not named:
-            raise ValueError("model: has no trainable parameters (requires_grad=True) to sample")
-    else:
-        chosen = set(select_params(model, params))
-        named = [(n, p) for n, p in model.named_parameters() if n in chosen]
-    names = [n for n, _ in named]
-    if own_prior and params is not None:
-        # a float sigma_0 centres the prior on the initial weights of what is sampled, frozen or not
-        energy.prior = GaussianPrior(std=1.0 if prior is None else float(prior),
-                                     mean={n: p.detach() for n, p in named})
-    if own_prior:  # the means as one flat buffer: w - theta_0 is one op per step (BoundEnergy)
-        means = energy.prior.mean
-        means.update(zip(list(means), _flat_copy(list(means.values())), strict=True))
-    if isinstance(keep, (str, bytes)):
-        raise TypeError(f"keep: expected a list of parameter names, got the string {keep!r}; "
-                        f"use keep=[{keep!r}]")
-    if keep is not None and not isinstance(keep, (Sequence, set, frozenset)):
-        raise TypeError(f"keep: expected a list of parameter names, got {type(keep).__name__} {keep!r}")
-    keep_names = names if keep is None else list(keep)
-    if not keep_names:
-        raise ValueError(f"keep: is empty, so no draws would be stored; name at least one of {names} "
-                         "(or keep=None for all)")
-    unknown = [n for n in keep_names if n not in names]
-    if unknown:
-        raise ValueError(f"keep: unknown parameter names {unknown}; sampled parameters are {names}")
-    check_prior_fits(energy.prior, {n: tuple(p.shape) for n, p in named})
-    _check_run_memory(named, keep_names, num_run, num_draws)
-    ids = list(range(total_chains)) if chain_ids is None else [int(c) for c in chain_ids]
-    num_chains = num_run
-    stat_fns = _check_stat_fns(stat_fns)
+    spec = _run_spec(model, sampler, step_size, sampler_kwargs, gradient, noise, prefetch_noise,
+                     train_mode_dropout, progress, resume, divergence_threshold, num_chains, chain_ids,
+                     num_draws, num_warmup, thin, chain_method, checkpoint, params, keep, stat_fns)
+    _sampled_prior(energy, own_prior, prior, spec.named, subset=params is not None)
+    check_prior_fits(energy.prior, {n: tuple(p.shape) for n, p in spec.named})
+    _check_run_memory(list(spec.named), list(spec.keep_names), spec.num_chains, spec.num_draws)
+    # the validated values under the names the rest of the run reads
+    kernel, schedule, auto, sampler = spec.kernel, spec.schedule, spec.auto, spec.sampler
+    named, names, keep_names = list(spec.named), list(spec.names), list(spec.keep_names)
+    total_chains, ids, num_chains = spec.total_chains, list(spec.ids), spec.num_chains
+    num_draws, num_warmup, thin, chain_method = spec.num_draws, spec.num_warmup, spec.thin, spec.chain_method
+    gradient, noise, prefetch_noise, progress = spec.gradient, spec.noise, spec.prefetch_noise, spec.progress
+    train_mode_dropout, resume, threshold = spec.train_mode_dropout, spec.resume, spec.threshold
+    checkpoint, stat_fns = spec.checkpoint, dict(spec.stat_fns)
     fixed = {n: b.detach().clone() for n, b in model.named_buffers()}
     fixed.update({n: p.detach().clone() for n, p in model.named_parameters() if n not in names})
 
@@ -448,28 +541,8 @@ def sample(
 
     device = init_params[names[0]].device
 
-    method, reason = chain_method, "requested"
-    if num_chains == 1:
-        method, reason = "sequential", "one chain"
-    elif chain_method in ("auto", "vectorized"):
-        probe = make_group(list(range(num_chains)), True)
-        try:
-            # in the mode sampling runs in, whatever mode the model came in (a BatchNorm in training mode
-            # would make the probe fail: it updates its statistics in place)
-            with _sampling_mode(model, train_mode_dropout), _dropout_rng(probe, device):
-                x, y, stacked = probe.batcher.next()
-                runner.energies(probe, x, y, stacked)
-            how = "batched matmul (pib_bayes.batched)" if runner.fast_forward is not None else "vmap"
-            method, reason = "vectorized", f"{how} runs the model" + ("" if chain_method == "auto" else
-                                                                        ", requested")
-        except Exception as err:  # vmap cannot run every module (data-dependent control flow, ...)
-            if chain_method == "vectorized":
-                raise ValueError(f"chain_method: 'vectorized' failed, vmap cannot run this model ({err}); "
-                                 "use chain_method='sequential'") from err
-            method, reason = "sequential", f"vmap failed: {type(err).__name__}: {err}"
-            if progress:
-                tqdm.write(f"pib_bayes.sample: chains run sequentially ({reason.splitlines()[0]})")
-
+    method, reason = _plan_groups(runner, make_group, num_chains, chain_method, model, train_mode_dropout,
+                                  device, progress)
     groups = ([make_group(list(range(num_chains)), True)] if method == "vectorized"
               else [make_group([c], False) for c in range(num_chains)])
 
