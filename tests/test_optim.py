@@ -135,7 +135,7 @@ def test_schedule_lr_sets_lr_and_noise_scale_from_a_cyclical_schedule():
 
 def test_schedule_lr_get_lr_has_no_side_effect():
     # get_lr only reports h_t; the noise scale is set by step() (it was written by get_lr before)
-    model, _, _ = _problem()
+    model, x, y = _problem()
     schedule = Cyclical(0.1, cycle_length=4, exploration_fraction=0.5)
     opt = SGLD(model.parameters(), lr=0.1)
     sched = ScheduleLR(opt, schedule)
@@ -144,6 +144,9 @@ def test_schedule_lr_get_lr_has_no_side_effect():
     assert sched.get_lr() == [schedule.step_size(0)]
     assert opt.param_groups[0]["noise_scale"] == 0.25  # untouched by get_lr
     for _ in range(2):  # t = 2: sampling phase
+        opt.zero_grad()
+        nn.functional.mse_loss(model(x), y).backward()
+        opt.step()
         sched.step()
     assert opt.param_groups[0]["noise_scale"] == 1.0
 
