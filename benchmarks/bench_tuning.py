@@ -161,6 +161,81 @@ def _net_check(quick: bool, warmup: int | None = None, samplers: tuple[str, ...]
     return rows
 
 
+def _net_models() -> list[tuple[str, nn.Module, tuple[torch.Tensor, torch.Tensor]]]:
+    """The MLP and CNN of the net check (fresh modules, seeded)."""
+    x, y = pb.data.make_classification_data(n=1000, num_classes=3, seed=0)
+    torch.manual_seed(0)
+    mlp = nn.Sequential(nn.Linear(2, 32), nn.Tanh(), nn.Linear(32, 32), nn.Tanh(), nn.Linear(32, 3))
+    g = torch.Generator().manual_seed(0)
+    labels = torch.randint(0, 3, (600,), generator=g)
+    patterns = torch.randn(3, 1, 8, 8, generator=g)
+    images = patterns[labels] + 1.5 * torch.randn(600, 1, 8, 8, generator=g)
+    torch.manual_seed(0)
+    cnn = nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 6 * 6, 3))
+    return [("mlp 2-32-32-3", mlp, (x, y)), ("cnn conv4-fc3", cnn, (images, labels))]
+
+
+def net_diagnosis(sampler: str = "sgld", warmup: int = 1000, draws: int = 1000, init: str = "model",
+                  step_size: object = "auto") -> list[dict]:
+    """Why the energy R-hat of the nets misses 1.05: per chain, the mean and sd of the energy U and of
+    |w|^2 / 2 (the prior's share of U) over the first and second half of the draws (a trend = still
+    drifting; flat halves at different levels = different basins), and the curvature spread at chain
+    0's last draw: lambda_max and the bottom of the spectrum, by power iteration on (lambda_max I - H)
+    (lambda_max - that = lambda_min), against the prior precision 1 (SPEC §2: the slowest direction
+    mixes in about 2 / (h lambda_min) steps)."""
+    import arviz as az
+
+    from pib_bayes.energy import Energy
+    from pib_bayes.samplers.step_size import energy_hvp, estimate_lambda_max
+
+    torch.set_num_threads(1)
+    rows = []
+    for name, model, (x, y) in _net_models():
+        start = time.process_time()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            post = pb.sample(model, "cross_entropy", (x, y), beta=1.0 / len(y), sampler=sampler,
+                             prior=pb.GaussianPrior(std=1.0), step_size=step_size, num_chains=4,
+                             num_warmup=warmup, num_draws=draws, batch_size=100, seed=0, init=init,
+                             stat_fns={"half_sqnorm": lambda p: 0.5 * sum(float((t * t).sum())
+                                                                         for t in p.values())})
+        cpu = time.process_time() - start
+        u = post.sample_stats["energy"].double().numpy()
+        q = post.sample_stats["half_sqnorm"].double().numpy()
+        half = draws // 2
+        info = post.metadata.get("step_size_auto", {})
+        h = info.get("step_size", step_size)
+        print(f"{name} {sampler} {warmup}+{draws} init={init}: h {h:.3g}, energy R-hat "
+              f"{float(az.rhat(u)):.3f}, |w|^2/2 R-hat {float(az.rhat(q)):.3f}, cpu {cpu:.1f}s",
+              file=sys.stderr, flush=True)
+        for c in range(u.shape[0]):
+            print(f"  chain {c}: U mean/sd 1st half {u[c, :half].mean():8.1f} / {u[c, :half].std():5.1f}"
+                  f"  2nd half {u[c, half:].mean():8.1f} / {u[c, half:].std():5.1f}   |w|^2/2 "
+                  f"{q[c, :half].mean():7.1f} -> {q[c, half:].mean():7.1f}", file=sys.stderr, flush=True)
+        energy = Energy(model, "cross_entropy", pb.GaussianPrior(std=1.0), 1.0 / len(y))
+        params = {k: v[0, -1].clone() for k, v in post.draws.items()}
+        idx = torch.randperm(len(y), generator=torch.Generator().manual_seed(0))[:400]
+        hvp = energy_hvp(energy, params, x[idx], y[idx])
+        like = list(params.values())
+        top = estimate_lambda_max(hvp, like, max_iters=100, min_iters=20)
+        shifted = lambda v, f=hvp, c=top.value: [c * a - b for a, b in zip(v, f(v), strict=True)]  # noqa: E731
+        bottom = estimate_lambda_max(shifted, like, max_iters=300, min_iters=50, tol=1e-4)
+        lam_min = top.value - bottom.value
+        dim = sum(t.numel() for t in like)
+        print(f"  curvature at chain 0's last draw: lambda_max {top.value:.4g}, lambda_min {lam_min:.4g} "
+              f"(converged {bottom.converged}), prior precision 1, D = {dim}; 2/(h lambda_min) = "
+              f"{2 / (h * max(lam_min, 1e-12)):.3g} steps, 1/(h * 1) = {1 / h:.3g} steps (prior scale)",
+              file=sys.stderr, flush=True)
+        rows.append({"model": name, "sampler": sampler, "warmup": warmup, "draws": draws, "init": init,
+                     "step_size": h, "energy_rhat": float(az.rhat(u)), "sqnorm_rhat": float(az.rhat(q)),
+                     "chain_u_halves": [[float(u[c, :half].mean()), float(u[c, half:].mean())]
+                                        for c in range(u.shape[0])],
+                     "chain_sqnorm_halves": [[float(q[c, :half].mean()), float(q[c, half:].mean())]
+                                             for c in range(u.shape[0])],
+                     "lambda_max": top.value, "lambda_min": lam_min, "cpu_s": cpu})
+    return rows
+
+
 def run(quick: bool = False, nets: bool = True) -> dict:
     nuts_steps, auto_steps = ((50, 100), (50, 100)) if quick else ((300, 1000), (200, 1000))
     seeds = [0] if quick else [0, 1, 2, 3, 4]
@@ -192,8 +267,17 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--nets-only", action="store_true", help="only the MLP/CNN check")
     ap.add_argument("--net-warmup", type=int, help="warm-up steps of the MLP/CNN check (default 1000)")
     ap.add_argument("--net-samplers", default="sgld", help="comma-separated samplers for the MLP/CNN check")
+    ap.add_argument("--diagnose-nets", action="store_true",
+                    help="per-chain energy halves and curvature spread of the MLP/CNN (issue 21 (b))")
+    ap.add_argument("--net-draws", type=int, default=1000, help="draws of --diagnose-nets")
+    ap.add_argument("--net-init", default="model", help="init of --diagnose-nets ('model' or 'prior')")
     ap.add_argument("--out")
     args = ap.parse_args(argv)
+    if args.diagnose_nets:
+        rows = [r for s in args.net_samplers.split(",")
+                for r in net_diagnosis(s, args.net_warmup or 1000, args.net_draws, args.net_init)]
+        print(json.dumps(rows, indent=1, default=str))
+        return 0
     if args.nets_only:
         nets = _net_check(args.quick, args.net_warmup, tuple(args.net_samplers.split(",")))
         print(json.dumps(nets, indent=1, default=str))

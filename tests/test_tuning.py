@@ -197,6 +197,10 @@ def test_auto_rejects_a_curvature_estimate_that_is_not_positive():
     ({"step_size": "fast"}, "step_size: expected a float"),
     ({"step_size": "auto", "sampler": "csgld"}, "step_size: 'auto' picks a constant step"),
     ({"gradient": "svrg"}, "gradient: expected one of"),
+    ({"step_size": AutoStep(adapt=True), "num_warmup": 1},
+     r"step_size: AutoStep\(adapt=True\) .* num_warmup >= 2"),
+    ({"step_size": AutoStep(adapt=True), "num_warmup": 4, "checkpoint": "/nonexistent/x.ckpt"},
+     r"step_size: AutoStep\(adapt=True\) cannot be combined with checkpoint="),
 ])
 def test_bad_arguments_name_themselves(kwargs, needle):
     x, y = _linear_data(n=50, d=2)
@@ -204,6 +208,10 @@ def test_bad_arguments_name_themselves(kwargs, needle):
         pb.sample(_model(2), "gaussian", (x, y), beta=0.1, num_draws=2, **kwargs)
     with pytest.raises(ValueError, match="step_size: eps"):
         AutoStep(eps=1.5)
+    with pytest.raises(ValueError, match="step_size: AutoStep.adapt_at"):
+        AutoStep(adapt=True, adapt_at=1.0)
+    with pytest.raises(ValueError, match="step_size: AutoStep.adapt must be True or False"):
+        AutoStep(adapt=1)
 
 
 # ---- control variates ------------------------------------------------------------------------------
@@ -454,3 +462,72 @@ def test_auto_with_a_dataloader_and_resume_from_checkpoint(tmp_path):
     again = _auto_run(checkpoint=ckpt, checkpoint_every=3, resume=True)  # finished run: same posterior
     for k in first.draws:
         assert torch.equal(first.draws[k], again.draws[k]), k
+
+
+# ---- AutoStep(adapt=True): the warm-up re-estimate ---------------------------------------------------
+
+
+def _far_logistic():
+    """Two-class logistic regression started far from its mode: the softmax saturates at the start, so
+    the curvature there (lambda_max ~ 19) is ~5x smaller than where the chains sample (~100)."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(400, 2, generator=g)
+    y = (x[:, 0] + 0.5 * torch.randn(400, generator=g) > 0).long()
+    model = nn.Linear(2, 2)
+    with torch.no_grad():
+        model.weight.copy_(torch.tensor([[8.0, -8.0], [-8.0, 8.0]]))
+        model.bias.zero_()
+    return model, x, y
+
+
+def _far_run(sampler, step_size, num_warmup, num_draws=20, **kw):
+    model, x, y = _far_logistic()
+    post = pb.sample(model, "cross_entropy", (x, y), beta=1 / 400, prior=pb.GaussianPrior(std=1.0),
+                     sampler=sampler, step_size=step_size, num_chains=3, num_warmup=num_warmup,
+                     num_draws=num_draws, seed=1, **kw)
+    return post, model, x, y
+
+
+@pytest.mark.parametrize("sampler", ["sgld", "psgld", "sghmc"])
+def test_adapt_reestimates_the_step_at_the_chains_weights_mid_warmup(sampler):
+    """AutoStep(adapt=True) at step t_a = num_warmup / 2 = 200 takes the rule's step for lambda_max at
+    chain 0's weights w_200. Oracle: w_200 from the non-adapting run (its first 200 steps are the same
+    steps), then auto_step_size there (full batch, the same examples; pSGLD: V = |diag H| exact for 6
+    weights; SGHMC: the friction kept). Twin: the step at the initial weights -- what a run that does
+    not adapt (or re-estimates at the wrong weights) uses -- fails the same 1% check."""
+    post, model, x, y = _far_run(sampler, AutoStep(adapt=True), 400)
+    info = post.metadata["step_size_auto"]
+    adapted = info["adapted"]
+    assert adapted["at_step"] == 200 and adapted["at"] == "chain 0's weights at warm-up step 200"
+    first, *_ = _far_run(sampler, AutoStep(), 200, num_draws=1)  # the same 200 warm-up steps, no adapt
+    settings = dict(post.metadata["sampler_settings"])
+    with torch.no_grad():
+        model.weight.copy_(first.draws["weight"][0, 0])
+        model.bias.copy_(first.draws["bias"][0, 0])
+    oracle = auto_step_size(model, "cross_entropy", (x, y), beta=1 / 400, prior=pb.GaussianPrior(std=1.0),
+                            sampler=sampler, sampler_kwargs=settings)
+    assert abs(adapted["step_size"] / oracle["step_size"] - 1) < 0.01, (adapted, oracle["step_size"])
+    assert adapted["initial_step_size"] == info["step_size"]
+    # the twin: the step chosen at the initial weights misses the same check by >= 10x its tolerance
+    # (SGLD, SGHMC: ~5x too large; pSGLD, whose preconditioner absorbs part of the change: 29%)
+    assert abs(info["step_size"] / oracle["step_size"] - 1) > 0.1, (info["step_size"], oracle["step_size"])
+    # every draw (after warm-up) was taken with the new step; the schedule records both
+    assert torch.all(post.sample_stats["step_size"] == adapted["step_size"])
+    assert post.metadata["schedule"] == {"type": "AdaptedConstant", "h": info["step_size"], "at": 200,
+                                         "adapted": adapted["step_size"]}
+    assert not bool(post.diverged.any())
+
+
+@pytest.mark.parametrize("sampler", ["psgld", "sghmc"])
+def test_adapt_gives_the_same_draws_sequential_and_vectorized(sampler):
+    """The first chain group to reach t_a estimates; the later sequential groups reuse that step and
+    reset their own kernel state (pSGLD's V, SGHMC's momentum scale) at t_a as the vectorized group."""
+    vec, *_ = _far_run(sampler, AutoStep(adapt=True), 40, num_draws=10, chain_method="vectorized")
+    seq, *_ = _far_run(sampler, AutoStep(adapt=True), 40, num_draws=10, chain_method="sequential")
+    assert vec.metadata["step_size_auto"]["adapted"] == seq.metadata["step_size_auto"]["adapted"] | {
+        "cpu_s": vec.metadata["step_size_auto"]["adapted"]["cpu_s"]}
+    for k in vec.draws:
+        assert torch.allclose(vec.draws[k], seq.draws[k], atol=1e-10), k
+    # and the reset matters: without it (adapt=False) the draws differ
+    plain, *_ = _far_run(sampler, AutoStep(), 40, num_draws=10, chain_method="vectorized")
+    assert not torch.allclose(plain.draws["weight"], vec.draws["weight"], atol=1e-6)

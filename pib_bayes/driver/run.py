@@ -63,7 +63,9 @@ from .warmup import (
     _CentreFinder,
     _check_loader_has_length,
     _full_data_chunks,
+    _make_adapter,
     _NoiseReport,
+    _with_adapter,
 )
 
 
@@ -341,6 +343,9 @@ def sample(
             auto, energy, kernel, sampler, sampler_kwargs, named, init, init_params, all_seeds, fixed,
             tensors, data, batch_size, int(seed), names)
     noise_report = _NoiseReport(auto_info, num_warmup, names, gradient) if auto_info is not None else None
+    # AutoStep(adapt=True): a schedule whose step the adapter re-estimates mid-warm-up (driver/warmup.py)
+    schedule, adapter = _make_adapter(auto, auto_info, schedule, num_warmup, checkpoint, names, kernel,
+                                      noise_report)
     _warn_low_precision(named, schedule)  # at the step size the run uses ('auto': the chosen one)
 
     def make_batcher(chains: list[int]) -> TensorBatcher | LoaderBatcher:
@@ -370,6 +375,7 @@ def sample(
         dropout_seed = _dropout_seed([seeds[c] for c in chains]) if train_mode_dropout else None
         centre = (_CentreFinder(runner, num_warmup, lambda: _full_data_chunks(tensors, data, batch_size))
                   if gradient == "cv" else None)
+        centre = _with_adapter(adapter, centre)  # AutoStep(adapt=True): its hook runs before each step
         return _Group(chains, params, state, source, make_batcher(chains), vectorized, prefetcher,
                       dropout_seed=dropout_seed, centre=centre)
 
@@ -457,7 +463,9 @@ def sample(
     }
     if auto_info is not None:
         metadata["step_size_auto"] = {k: v for k, v in auto_info.items()
-                                      if k not in ("gradient_noise", "report", "square_avg")}
+                                      if k not in ("gradient_noise", "report", "square_avg", "reestimate")}
+        if adapter is not None:
+            metadata["step_size_auto"]["adapted"] = adapter.summary()
         metadata["gradient_noise"] = {**noise_report.result, "warn_threshold": NOISE_WARN_THRESHOLD}
     if gradient == "cv":
         metadata["control_variate"] = {
