@@ -7,7 +7,8 @@ included):
 
 * ``nuts``: Pyro NUTS with defaults, 300 warm-up + 1000 draws, one chain;
 * ``auto_sgld``: ``pb.sample(step_size="auto", num_chains=8, num_warmup=200, num_draws=1000)`` (SGLD);
-* ``auto_sghmc``: the same with ``sampler="sghmc"`` (eta and friction from the same lambda_max).
+* ``sampler_auto``: the same with ``sampler="auto"``, i.e. SGHMC with eta and friction from the same
+  lambda_max (``--arithmetic`` shows why no constant SGLD step meets the target reliably).
 
 Accuracy: max over coordinates of |mean error| / posterior sd (target <= 0.1) and of
 |sd estimate / posterior sd - 1| (target <= 0.1). A row meets its target when the candidate reaches
@@ -88,11 +89,11 @@ def _run_auto(x, y, sampler: str, warmup: int, draws: int, seed: int) -> tuple[n
 def time_to_accuracy(seeds: list[int], n: int, d: int, nuts_steps: tuple[int, int],
                      auto_steps: tuple[int, int]) -> dict:
     torch.set_num_threads(1)
-    per: dict[str, list[dict]] = {"nuts": [], "auto_sgld": [], "auto_sghmc": []}
+    per: dict[str, list[dict]] = {"nuts": [], "auto_sgld": [], "sampler_auto": []}
     xw, yw = _data(500, d, 999)  # one untimed warm-up call each: one-time import/JIT costs are not counted
     _run_nuts(xw, yw, 20, 20, 0)
     _run_auto(xw, yw, "sgld", 10, 10, 0)
-    _run_auto(xw, yw, "sghmc", 10, 10, 0)
+    _run_auto(xw, yw, "auto", 10, 10, 0)
     for seed in seeds:
         x, y = _data(n, d, seed)
         mu, sd = _exact(x, y)
@@ -159,6 +160,96 @@ def _net_check(quick: bool, warmup: int | None = None, samplers: tuple[str, ...]
               f"{head:.1f}/{tail:.1f}, total {cpu:.1f}s",
               file=sys.stderr, flush=True)
     return rows
+
+
+def _rule_sghmc(eps: float) -> float:
+    k = eps / (1 + eps)
+    return -k + math.sqrt(k * k + 4 * k)  # s = sqrt(eta lambda_max) = alpha (step_size.py, SGHMC rule)
+
+
+def step_arithmetic(replicates: int = 400, seed: int = 0) -> dict:
+    """Issue 21 (a): can ANY constant SGLD step meet both criteria on 5 seeds with 8 x 1000 draws?
+
+    Analytic (every direction at a = h lambda): AR(1) with integrated autocorrelation time
+    tau = (2 - a)/a, so the mean error has s.e. sqrt(tau / 8000) / sqrt(1 - a/2) posterior sd,
+    and the stationary sd is biased by (1 - a/2)^(-1/2) - 1. Exact: full-batch SGLD (and SGHMC at
+    its auto settings) simulated in the eigenbasis of each seed's posterior precision (the real
+    spectrum, lambda_max/lambda_min ~ 1.1-1.2), 8 chains x 1000 draws from stationarity, ``replicates``
+    times: the fraction of replicates meeting max|mean err| <= 0.1 sd and max|sd err| <= 0.1 on one
+    seed and on all five."""
+    rng = np.random.default_rng(seed)
+    total = 8000
+    analytic = []
+    for a in (0.05, 0.095, 0.15, 0.2, 0.25, 0.3, 0.4, 0.5):
+        tau = (2 - a) / a
+        se = math.sqrt(tau / total) / math.sqrt(1 - a / 2)
+        per = 1 - math.erfc(0.1 / se / math.sqrt(2))
+        analytic.append({"a": a, "tau": tau, "ess": total / tau, "mean_se": se,
+                         "sd_bias": (1 - a / 2) ** -0.5 - 1, "p_mean_ok_50_coords": per**50})
+        print(f"analytic a = h lambda {a:.3f}: tau {tau:6.2f}, ESS {total / tau:5.0f}, mean-err s.e. "
+              f"{se:.4f} sd, sd bias {(1 - a / 2) ** -0.5 - 1:.4f}, P(50 coordinates' mean ok) "
+              f"{per ** 50:.3f}", file=sys.stderr)
+    spectra = []
+    for s_ in range(5):
+        x, _ = _data(10_000, 10, s_)
+        xd = x.double().numpy()
+        prec = np.eye(10) + xd.T @ xd
+        lam, q = np.linalg.eigh(prec)
+        spectra.append((lam, q, np.sqrt(np.diag(np.linalg.inv(prec)))))
+    print(f"seed 0 spectrum: lambda_min {spectra[0][0][0]:.4g}, lambda_max {spectra[0][0][-1]:.4g}",
+          file=sys.stderr)
+
+    def simulate(kind: str, a: float) -> dict:
+        ok_all, ok_one, me, se_ = np.ones(replicates, bool), [], [], []
+        for lam, q, sd in spectra:
+            if kind == "sgld":
+                h = a / lam[-1]
+                z = rng.standard_normal((replicates, 8, 10)) / np.sqrt(lam * (1 - h * lam / 2))
+            else:  # SGHMC, eta = s^2 / lambda_max, alpha = s; 200 steps to stationarity first
+                alpha, eta = a, a * a / lam[-1]
+                z = rng.standard_normal((replicates, 8, 10)) / np.sqrt(lam)
+                v = rng.standard_normal((replicates, 8, 10)) * math.sqrt(eta)
+            s1 = np.zeros((replicates, 10))
+            s2 = np.zeros((replicates, 10))
+            for t in range(1000 if kind == "sgld" else 1200):
+                if kind == "sgld" or t >= 200:
+                    w = z @ q.T
+                    s1 += w.sum(1)
+                    s2 += (w * w).sum(1)
+                xi = rng.standard_normal((replicates, 8, 10))
+                if kind == "sgld":
+                    z = (1 - h * lam) * z + math.sqrt(2 * h) * xi
+                else:
+                    v = (1 - alpha) * v - eta * lam * z + math.sqrt(2 * alpha * eta) * xi
+                    z = z + v
+            m = s1 / total
+            sdv = np.sqrt(s2 / total - m * m)
+            merr, serr = (np.abs(m) / sd).max(1), np.abs(sdv / sd - 1).max(1)
+            ok = (merr <= 0.1) & (serr <= 0.1)
+            ok_all &= ok
+            ok_one.append(ok.mean())
+            me.append(np.median(merr))
+            se_.append(np.median(serr))
+        return {"p_one_seed": float(np.mean(ok_one)), "p_all_5_seeds": float(ok_all.mean()),
+                "median_max_mean_err": float(np.median(me)), "median_max_sd_err": float(np.median(se_))}
+
+    exact = []
+    for a in (0.095, 0.15, 0.2, 0.22, 0.25, 0.28, 0.3, 0.35):
+        got = {"kind": "sgld", "a": a, "eps": a / (2 - a), **simulate("sgld", a)}
+        exact.append(got)
+        print(f"SGLD  h lambda_max {a:.3f} (eps {a / (2 - a):.3f}): P(one seed) {got['p_one_seed']:.3f}, "
+              f"P(all 5 seeds) {got['p_all_5_seeds']:.3f}, median max|mean err| "
+              f"{got['median_max_mean_err']:.3f}, median max|sd err| {got['median_max_sd_err']:.3f}",
+              file=sys.stderr, flush=True)
+    for eps in (0.05, 0.1):
+        s_ = _rule_sghmc(eps)
+        got = {"kind": "sghmc", "a": s_, "eps": eps, **simulate("sghmc", s_)}
+        exact.append(got)
+        print(f"SGHMC auto eps {eps} (alpha = sqrt(eta lambda_max) = {s_:.3f}): P(one seed) "
+              f"{got['p_one_seed']:.3f}, P(all 5 seeds) {got['p_all_5_seeds']:.3f}, median max|mean err| "
+              f"{got['median_max_mean_err']:.3f}, median max|sd err| {got['median_max_sd_err']:.3f}",
+              file=sys.stderr, flush=True)
+    return {"analytic": analytic, "exact": exact, "replicates": replicates}
 
 
 def _net_models() -> list[tuple[str, nn.Module, tuple[torch.Tensor, torch.Tensor]]]:
@@ -242,10 +333,11 @@ def run(quick: bool = False, nets: bool = True) -> dict:
     per = time_to_accuracy(seeds, 2000 if quick else 10_000, 10, nuts_steps, auto_steps)
     nuts = statistics.median(r["cpu_s"] for r in per["nuts"])
     rows = []
-    for key in ("auto_sgld", "auto_sghmc"):
+    labels = {"auto_sgld": "step_size='auto' (SGLD)", "sampler_auto": "sampler='auto' (SGHMC)"}
+    for key in ("auto_sgld", "sampler_auto"):
         cand = statistics.median(r["cpu_s"] for r in per[key])
         every = all(r["ok"] for r in per[key])
-        rows.append({"name": f"time to accuracy vs NUTS: {key.replace('_', ' ')} (8 chains, "
+        rows.append({"name": f"time to accuracy vs NUTS: {labels[key]} (8 chains, "
                              f"{auto_steps[0]}+{auto_steps[1]})",
                      "baseline": f"nuts {nuts_steps[0]}+{nuts_steps[1]} {nuts:.2f}s",
                      "value": f"{cand:.2f}s, all seeds accurate: {every}",
@@ -257,6 +349,11 @@ def run(quick: bool = False, nets: bool = True) -> dict:
     out = {"rows": rows, "per_seed": per}
     if nets:
         out["nets"] = _net_check(quick)
+        for r in out["nets"]:  # met when no chain diverged and the energy R-hat <= 1.05
+            rows.append({"name": f"step_size='auto' on {r['model']}: energy R-hat (4 chains)",
+                         "baseline": "1.05", "value": f"{r['energy_rhat']:.3f}, diverged {r['diverged']}",
+                         "ratio": 1.05 / r["energy_rhat"] if r["diverged"] == 0 else 0.0,
+                         "target": None if quick else 1.0})
     return out
 
 
@@ -271,8 +368,13 @@ def main(argv: list[str] | None = None) -> int:
                     help="per-chain energy halves and curvature spread of the MLP/CNN (issue 21 (b))")
     ap.add_argument("--net-draws", type=int, default=1000, help="draws of --diagnose-nets")
     ap.add_argument("--net-init", default="model", help="init of --diagnose-nets ('model' or 'prior')")
+    ap.add_argument("--arithmetic", action="store_true",
+                    help="issue 21 (a): can a constant SGLD step meet the target (arithmetic)")
     ap.add_argument("--out")
     args = ap.parse_args(argv)
+    if args.arithmetic:
+        print(json.dumps(step_arithmetic(), indent=1))
+        return 0
     if args.diagnose_nets:
         rows = [r for s in args.net_samplers.split(",")
                 for r in net_diagnosis(s, args.net_warmup or 1000, args.net_draws, args.net_init)]

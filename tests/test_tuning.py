@@ -531,3 +531,23 @@ def test_adapt_gives_the_same_draws_sequential_and_vectorized(sampler):
     # and the reset matters: without it (adapt=False) the draws differ
     plain, *_ = _far_run(sampler, AutoStep(), 40, num_draws=10, chain_method="vectorized")
     assert not torch.allclose(plain.draws["weight"], vec.draws["weight"], atol=1e-6)
+
+
+# ---- sampler="auto" --------------------------------------------------------------------------------
+
+
+def test_sampler_auto_runs_sghmc_with_its_auto_settings_and_says_so():
+    """sampler='auto' is SGHMC with eta and friction from lambda_max: the same draws as naming it;
+    the default sampler stays SGLD (a different chain)."""
+    x, y = _linear_data(n=200, d=3)
+    base = dict(beta=1 / 200, step_size="auto", num_chains=2, num_warmup=20, num_draws=10, seed=4)
+    auto = pb.sample(_model(3), "gaussian", (x, y), sampler="auto", **base)
+    named = pb.sample(_model(3), "gaussian", (x, y), sampler="sghmc", **base)
+    default = pb.sample(_model(3), "gaussian", (x, y), **base)
+    assert auto.metadata["sampler"] == "sghmc" and auto.metadata["sampler_auto"]["chosen"] == "sghmc"
+    assert "sampler_auto" not in named.metadata and default.metadata["sampler"] == "sgld"
+    assert auto.metadata["sampler_settings"] == named.metadata["sampler_settings"]
+    assert torch.equal(auto.draws["weight"], named.draws["weight"])
+    assert not torch.equal(auto.draws["weight"], default.draws["weight"])
+    with pytest.raises(ValueError, match=r"^sampler: 'auto' chooses the kernel together with its step size"):
+        pb.sample(_model(3), "gaussian", (x, y), beta=1 / 200, sampler="auto", step_size=1e-4, num_draws=2)

@@ -65,6 +65,7 @@ from .warmup import (
     _full_data_chunks,
     _make_adapter,
     _NoiseReport,
+    _resolve_sampler,
     _with_adapter,
 )
 
@@ -135,7 +136,9 @@ def sample(
             initial weights), a torch distribution, or None (sigma_0 = 1).
         sampler: ``"sgld"``, ``"psgld"``, ``"sghmc"``, ``"sgnht"``, ``"csgld"`` (SGLD + a cyclical
             schedule) or a built :class:`~pib_bayes.samplers.Kernel`; ``sampler_kwargs`` go to its
-            builder.
+            builder. ``"auto"`` (with ``step_size="auto"`` only) lets the library choose the kernel
+            as well: SGHMC with eta and friction from lambda_max (``metadata["sampler_auto"]`` says
+            so); the default stays ``"sgld"``.
         step_size: a float (constant), a :class:`~pib_bayes.samplers.Schedule`, or ``"auto"``
             (an :class:`~pib_bayes.samplers.step_size.AutoStep` sets its options): a constant step
             from the energy's curvature at chain 0's initial weights, before any chain runs.
@@ -242,6 +245,7 @@ def sample(
     energy = Energy(model, loss_fn, prior, beta, task)
     require_task(energy.task, energy.loss_fn)
     auto = _as_auto(step_size)
+    sampler, sampler_auto = _resolve_sampler(sampler, auto)  # sampler='auto' -> SGHMC (driver/warmup.py)
     if auto is not None and str(sampler).lower() == "csgld":
         raise ValueError("step_size: 'auto' picks a constant step; sampler='csgld' needs a "
                          "pib_bayes.samplers.Cyclical schedule (use sampler='sgld' with 'auto')")
@@ -466,6 +470,8 @@ def sample(
                                       if k not in ("gradient_noise", "report", "square_avg", "reestimate")}
         if adapter is not None:
             metadata["step_size_auto"]["adapted"] = adapter.summary()
+    if sampler_auto is not None:
+        metadata["sampler_auto"] = sampler_auto
         metadata["gradient_noise"] = {**noise_report.result, "warn_threshold": NOISE_WARN_THRESHOLD}
     if gradient == "cv":
         metadata["control_variate"] = {
