@@ -546,6 +546,7 @@ def test_sampler_auto_runs_sghmc_with_its_auto_settings_and_says_so():
     default = pb.sample(_model(3), "gaussian", (x, y), **base)
     assert auto.metadata["sampler"] == "sghmc" and auto.metadata["sampler_auto"]["chosen"] == "sghmc"
     assert "sampler_auto" not in named.metadata and default.metadata["sampler"] == "sgld"
+    assert "gradient_noise" in auto.metadata and "gradient_noise" in default.metadata
     assert auto.metadata["sampler_settings"] == named.metadata["sampler_settings"]
     assert torch.equal(auto.draws["weight"], named.draws["weight"])
     assert not torch.equal(auto.draws["weight"], default.draws["weight"])

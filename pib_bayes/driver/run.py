@@ -470,9 +470,9 @@ def sample(
                                       if k not in ("gradient_noise", "report", "square_avg", "reestimate")}
         if adapter is not None:
             metadata["step_size_auto"]["adapted"] = adapter.summary()
+        metadata["gradient_noise"] = {**noise_report.result, "warn_threshold": NOISE_WARN_THRESHOLD}
     if sampler_auto is not None:
         metadata["sampler_auto"] = sampler_auto
-        metadata["gradient_noise"] = {**noise_report.result, "warn_threshold": NOISE_WARN_THRESHOLD}
     if gradient == "cv":
         metadata["control_variate"] = {
             "centre": (f"mean of each chain's weights over warm-up steps [{num_warmup // 2}, {num_warmup})"
