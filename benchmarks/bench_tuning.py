@@ -122,16 +122,7 @@ def _net_check(quick: bool, warmup: int | None = None, samplers: tuple[str, ...]
     torch.set_num_threads(1)
     warmup, draws = ((100, 100) if quick else (1000, 1000)) if warmup is None else (warmup, 1000)
     rows = []
-    x, y = pb.data.make_classification_data(n=1000, num_classes=3, seed=0)
-    torch.manual_seed(0)
-    mlp = nn.Sequential(nn.Linear(2, 32), nn.Tanh(), nn.Linear(32, 32), nn.Tanh(), nn.Linear(32, 3))
-    g = torch.Generator().manual_seed(0)
-    labels = torch.randint(0, 3, (600,), generator=g)
-    patterns = torch.randn(3, 1, 8, 8, generator=g)
-    images = patterns[labels] + 1.5 * torch.randn(600, 1, 8, 8, generator=g)
-    torch.manual_seed(0)
-    cnn = nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 6 * 6, 3))
-    models = (("mlp 2-32-32-3", mlp, (x, y)), ("cnn conv4-fc3", cnn, (images, labels)))
+    models = _net_models()
     cases = [(f"{name} {sampler} {warmup}+{draws}", model, data, sampler)
              for name, model, data in models for sampler in samplers]
     for name, model, data, sampler in cases:
@@ -267,7 +258,8 @@ def _net_models() -> list[tuple[str, nn.Module, tuple[torch.Tensor, torch.Tensor
 
 
 def net_diagnosis(sampler: str = "sgld", warmup: int = 1000, draws: int = 1000, init: str = "model",
-                  step_size: object = "auto") -> list[dict]:
+                  step_size: object = "auto", sampler_kwargs: dict | None = None,
+                  batch_size: int | None = 100, gradient: str = "minibatch") -> list[dict]:
     """Why the energy R-hat of the nets misses 1.05: per chain, the mean and sd of the energy U and of
     |w|^2 / 2 (the prior's share of U) over the first and second half of the draws (a trend = still
     drifting; flat halves at different levels = different basins), and the curvature spread at chain
@@ -287,7 +279,8 @@ def net_diagnosis(sampler: str = "sgld", warmup: int = 1000, draws: int = 1000, 
             warnings.simplefilter("ignore")
             post = pb.sample(model, "cross_entropy", (x, y), beta=1.0 / len(y), sampler=sampler,
                              prior=pb.GaussianPrior(std=1.0), step_size=step_size, num_chains=4,
-                             num_warmup=warmup, num_draws=draws, batch_size=100, seed=0, init=init,
+                             num_warmup=warmup, num_draws=draws, batch_size=batch_size, seed=0, init=init,
+                             sampler_kwargs=sampler_kwargs, gradient=gradient,
                              stat_fns={"half_sqnorm": lambda p: 0.5 * sum(float((t * t).sum())
                                                                          for t in p.values())})
         cpu = time.process_time() - start
@@ -296,9 +289,12 @@ def net_diagnosis(sampler: str = "sgld", warmup: int = 1000, draws: int = 1000, 
         half = draws // 2
         info = post.metadata.get("step_size_auto", {})
         h = info.get("step_size", step_size)
-        print(f"{name} {sampler} {warmup}+{draws} init={init}: h {h:.3g}, energy R-hat "
-              f"{float(az.rhat(u)):.3f}, |w|^2/2 R-hat {float(az.rhat(q)):.3f}, cpu {cpu:.1f}s",
-              file=sys.stderr, flush=True)
+        noise = post.metadata.get("gradient_noise", {})
+        print(f"{name} {sampler} {post.metadata['sampler_settings']} {warmup}+{draws} init={init} batch "
+              f"{batch_size} {gradient}: h {h:.3g}, energy R-hat {float(az.rhat(u)):.3f}, |w|^2/2 R-hat "
+              f"{float(az.rhat(q)):.3f}, diverged {int(post.diverged.sum())}, predicted noise inflation "
+              f"top/mean {noise.get('top_reshuffled', math.nan):.3f}/"
+              f"{noise.get('mean_reshuffled', math.nan):.3f}, cpu {cpu:.1f}s", file=sys.stderr, flush=True)
         for c in range(u.shape[0]):
             print(f"  chain {c}: U mean/sd 1st half {u[c, :half].mean():8.1f} / {u[c, :half].std():5.1f}"
                   f"  2nd half {u[c, half:].mean():8.1f} / {u[c, half:].std():5.1f}   |w|^2/2 "
@@ -317,7 +313,10 @@ def net_diagnosis(sampler: str = "sgld", warmup: int = 1000, draws: int = 1000, 
               f"(converged {bottom.converged}), prior precision 1, D = {dim}; 2/(h lambda_min) = "
               f"{2 / (h * max(lam_min, 1e-12)):.3g} steps, 1/(h * 1) = {1 / h:.3g} steps (prior scale)",
               file=sys.stderr, flush=True)
-        rows.append({"model": name, "sampler": sampler, "warmup": warmup, "draws": draws, "init": init,
+        rows.append({"model": name, "sampler": sampler, "settings": post.metadata["sampler_settings"],
+                     "batch_size": batch_size, "gradient": gradient,
+                     "noise_top_reshuffled": noise.get("top_reshuffled"),
+                     "warmup": warmup, "draws": draws, "init": init,
                      "step_size": h, "energy_rhat": float(az.rhat(u)), "sqnorm_rhat": float(az.rhat(q)),
                      "chain_u_halves": [[float(u[c, :half].mean()), float(u[c, half:].mean())]
                                         for c in range(u.shape[0])],
@@ -368,6 +367,9 @@ def main(argv: list[str] | None = None) -> int:
                     help="per-chain energy halves and curvature spread of the MLP/CNN (issue 21 (b))")
     ap.add_argument("--net-draws", type=int, default=1000, help="draws of --diagnose-nets")
     ap.add_argument("--net-init", default="model", help="init of --diagnose-nets ('model' or 'prior')")
+    ap.add_argument("--net-kwargs", default="{}", help="sampler_kwargs of --diagnose-nets, as JSON")
+    ap.add_argument("--net-batch", default="100", help="batch size of --diagnose-nets ('none': full batch)")
+    ap.add_argument("--net-gradient", default="minibatch", help="gradient= of --diagnose-nets")
     ap.add_argument("--arithmetic", action="store_true",
                     help="issue 21 (a): can a constant SGLD step meet the target (arithmetic)")
     ap.add_argument("--out")
@@ -376,8 +378,11 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(step_arithmetic(), indent=1))
         return 0
     if args.diagnose_nets:
+        batch = None if args.net_batch == "none" else int(args.net_batch)
         rows = [r for s in args.net_samplers.split(",")
-                for r in net_diagnosis(s, args.net_warmup or 1000, args.net_draws, args.net_init)]
+                for r in net_diagnosis(s, args.net_warmup or 1000, args.net_draws, args.net_init,
+                                       sampler_kwargs=json.loads(args.net_kwargs), batch_size=batch,
+                                       gradient=args.net_gradient)]
         print(json.dumps(rows, indent=1, default=str))
         return 0
     if args.nets_only:
