@@ -289,6 +289,11 @@ def net_diagnosis(sampler: str = "sgld", warmup: int = 1000, draws: int = 1000, 
         half = draws // 2
         info = post.metadata.get("step_size_auto", {})
         h = info.get("step_size", step_size)
+        if "adapted" in info and "step_size" in info["adapted"]:  # AutoStep(adapt=True)
+            print(f"{name}: adapted at step {info['adapted']['at_step']}: lambda_max "
+                  f"{info['lambda_max']:.4g} -> {info['adapted']['lambda_max']:.4g}, h {h:.3g} -> "
+                  f"{info['adapted']['step_size']:.3g}", file=sys.stderr, flush=True)
+            h = info["adapted"]["step_size"]
         noise = post.metadata.get("gradient_noise", {})
         print(f"{name} {sampler} {post.metadata['sampler_settings']} {warmup}+{draws} init={init} batch "
               f"{batch_size} {gradient}: h {h:.3g}, energy R-hat {float(az.rhat(u)):.3f}, |w|^2/2 R-hat "
@@ -370,6 +375,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--net-kwargs", default="{}", help="sampler_kwargs of --diagnose-nets, as JSON")
     ap.add_argument("--net-batch", default="100", help="batch size of --diagnose-nets ('none': full batch)")
     ap.add_argument("--net-gradient", default="minibatch", help="gradient= of --diagnose-nets")
+    ap.add_argument("--net-adapt", action="store_true", help="--diagnose-nets with AutoStep(adapt=True)")
     ap.add_argument("--arithmetic", action="store_true",
                     help="issue 21 (a): can a constant SGLD step meet the target (arithmetic)")
     ap.add_argument("--out")
@@ -382,7 +388,9 @@ def main(argv: list[str] | None = None) -> int:
         rows = [r for s in args.net_samplers.split(",")
                 for r in net_diagnosis(s, args.net_warmup or 1000, args.net_draws, args.net_init,
                                        sampler_kwargs=json.loads(args.net_kwargs), batch_size=batch,
-                                       gradient=args.net_gradient)]
+                                       gradient=args.net_gradient,
+                                       step_size=pb.samplers.step_size.AutoStep(adapt=True)
+                                       if args.net_adapt else "auto")]
         print(json.dumps(rows, indent=1, default=str))
         return 0
     if args.nets_only:
