@@ -147,7 +147,9 @@ def sample(
             ``h = 2 eps / ((1 + eps) lambda_max)`` (relative variance bias <= eps = 0.05 in the
             stiffest direction, SPEC §2), pSGLD the same on the preconditioned Hessian, SGHMC
             ``eta`` and ``friction`` from it (:mod:`pib_bayes.samplers.step_size`). The choice,
-            lambda_max, iterations and CPU seconds land in ``metadata["step_size_auto"]``, and the
+            lambda_max, iterations and CPU seconds land in ``metadata["step_size_auto"]``
+            (``AutoStep(adapt=True)``: estimated again mid-warm-up at the first chain's weights, the
+            step reset, the second estimate under ``"adapted"``), and the
             predicted minibatch-noise inflation in ``metadata["gradient_noise"]`` (a
             :class:`~pib_bayes.samplers.step_size.GradientNoiseWarning` past 10%).
         num_chains, num_warmup, num_draws, thin: chain layout.

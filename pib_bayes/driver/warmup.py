@@ -180,8 +180,12 @@ class _AutoAdapter:
                 for buf, v in zip(group.state["square_avg"], self.result["square_avg"], strict=True):
                     buf.copy_(v.to(buf.dtype).expand_as(buf))
             if self.kernel_name == "sghmc" and "momentum" in group.state:
-                ratio = (self.schedule.adapted / self.schedule.h) ** 0.5
-                torch._foreach_mul_(group.state["momentum"], ratio)
+                torch._foreach_mul_(group.state["momentum"], self.momentum_ratio())
+
+    def momentum_ratio(self) -> float:
+        """SGHMC: v = sqrt(eta) p, so p keeps its (thermal) scale when v is multiplied by sqrt(eta1/eta0)."""
+        assert self.schedule.adapted is not None
+        return (self.schedule.adapted / self.schedule.h) ** 0.5
 
     def summary(self) -> dict[str, Any]:
         if self.result is None:
