@@ -39,7 +39,7 @@ def _as_auto(step_size: object) -> AutoStep | None:
     return None
 
 
-AUTO_SAMPLER = "sghmc"  # what sampler="auto" runs (docs/samplers.md, "Which sampler 'auto' picks")
+AUTO_SAMPLER = "sghmc"  # what sampler="auto" runs (docs/samplers.md, "Which kernel: sampler='auto'")
 
 
 def _resolve_sampler(sampler: str | Kernel,
@@ -142,7 +142,8 @@ class _AdaptedStep(Schedule):
 
 class _AutoAdapter:
     """AutoStep(adapt=True): at warm-up step ``at`` the first chain group to get there re-estimates
-    lambda_max (pSGLD: and V = |diag H|) at its first chain's weights and sets the schedule's new step;
+    lambda_max (pSGLD: and V = |diag H|) at its first finite chain's weights (the same chain whether
+    the chains run vectorized or sequentially) and sets the schedule's new step;
     every group then resets its kernel state to what that step was chosen for (pSGLD: the RMSprop
     average to V; SGHMC: the momentum form v = sqrt(eta) p rescaled by sqrt(eta1 / eta0))."""
 
@@ -157,11 +158,15 @@ class _AutoAdapter:
         if t != self.at:
             return
         if self.result is None and self.kept is None:
-            params = {n: p[0].detach().clone() for n, p in zip(self.names, group.params, strict=True)}
-            where = f"chain {group.chains[0]}'s weights at warm-up step {t}"
-            if not all(bool(torch.isfinite(p).all()) for p in params.values()):
-                self.kept = f"{where} are not finite"
+            # the first chain whose weights are finite (a diverged chain holds NaN)
+            finite = [j for j in range(len(group.chains))
+                      if all(bool(torch.isfinite(p[j]).all()) for p in group.params)]
+            if not finite:
+                self.kept = f"no chain of the first group has finite weights at warm-up step {t}"
             else:
+                j = finite[0]
+                params = {n: p[j].detach().clone() for n, p in zip(self.names, group.params, strict=True)}
+                where = f"chain {group.chains[j]}'s weights at warm-up step {t}"
                 try:
                     self.result = self.reestimate(params, where)
                 except ValueError as err:  # flat or concave there: keep the initial step, say why

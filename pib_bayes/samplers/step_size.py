@@ -157,7 +157,8 @@ class AutoStep:
         noise_probes: Rademacher probes for ``tr(C)`` in the minibatch-noise report.
         adapt: warm-up adaptation. At warm-up step ``t_a = max(1, int(adapt_at * num_warmup))``
             (before its gradient) ``lambda_max`` is estimated again, on the same examples, at the
-            weights of the first chain the call runs (global chain 0 in a full run), and the step
+            weights of the first chain the call runs that has not diverged (global chain 0 in a
+            full run), and the step
             from then on is the rule's step for that estimate: SGLD ``h1 = 2 eps / ((1 + eps)
             lambda_max(w_ta))``; pSGLD also re-estimates its preconditioner (V = |diag H| at
             w_ta) and resets every chain's RMSprop average there; SGHMC keeps its friction alpha
