@@ -63,7 +63,10 @@ from .warmup import (
     _CentreFinder,
     _check_loader_has_length,
     _full_data_chunks,
+    _make_adapter,
     _NoiseReport,
+    _resolve_sampler,
+    _with_adapter,
 )
 
 
@@ -133,7 +136,9 @@ def sample(
             initial weights), a torch distribution, or None (sigma_0 = 1).
         sampler: ``"sgld"``, ``"psgld"``, ``"sghmc"``, ``"sgnht"``, ``"csgld"`` (SGLD + a cyclical
             schedule) or a built :class:`~pib_bayes.samplers.Kernel`; ``sampler_kwargs`` go to its
-            builder.
+            builder. ``"auto"`` (with ``step_size="auto"`` only) lets the library choose the kernel
+            as well: SGHMC with eta and friction from lambda_max (``metadata["sampler_auto"]`` says
+            so); the default stays ``"sgld"``.
         step_size: a float (constant), a :class:`~pib_bayes.samplers.Schedule`, or ``"auto"``
             (an :class:`~pib_bayes.samplers.step_size.AutoStep` sets its options): a constant step
             from the energy's curvature at chain 0's initial weights, before any chain runs.
@@ -142,7 +147,9 @@ def sample(
             ``h = 2 eps / ((1 + eps) lambda_max)`` (relative variance bias <= eps = 0.05 in the
             stiffest direction, SPEC §2), pSGLD the same on the preconditioned Hessian, SGHMC
             ``eta`` and ``friction`` from it (:mod:`pib_bayes.samplers.step_size`). The choice,
-            lambda_max, iterations and CPU seconds land in ``metadata["step_size_auto"]``, and the
+            lambda_max, iterations and CPU seconds land in ``metadata["step_size_auto"]``
+            (``AutoStep(adapt=True)``: estimated again mid-warm-up at the first chain's weights, the
+            step reset, the second estimate under ``"adapted"``), and the
             predicted minibatch-noise inflation in ``metadata["gradient_noise"]`` (a
             :class:`~pib_bayes.samplers.step_size.GradientNoiseWarning` past 10%).
         num_chains, num_warmup, num_draws, thin: chain layout.
@@ -240,6 +247,7 @@ def sample(
     energy = Energy(model, loss_fn, prior, beta, task)
     require_task(energy.task, energy.loss_fn)
     auto = _as_auto(step_size)
+    sampler, sampler_auto = _resolve_sampler(sampler, auto)  # sampler='auto' -> SGHMC (driver/warmup.py)
     if auto is not None and str(sampler).lower() == "csgld":
         raise ValueError("step_size: 'auto' picks a constant step; sampler='csgld' needs a "
                          "pib_bayes.samplers.Cyclical schedule (use sampler='sgld' with 'auto')")
@@ -341,6 +349,9 @@ def sample(
             auto, energy, kernel, sampler, sampler_kwargs, named, init, init_params, all_seeds, fixed,
             tensors, data, batch_size, int(seed), names)
     noise_report = _NoiseReport(auto_info, num_warmup, names, gradient) if auto_info is not None else None
+    # AutoStep(adapt=True): a schedule whose step the adapter re-estimates mid-warm-up (driver/warmup.py)
+    schedule, adapter = _make_adapter(auto, auto_info, schedule, num_warmup, checkpoint, names, kernel,
+                                      noise_report)
     _warn_low_precision(named, schedule)  # at the step size the run uses ('auto': the chosen one)
 
     def make_batcher(chains: list[int]) -> TensorBatcher | LoaderBatcher:
@@ -370,6 +381,7 @@ def sample(
         dropout_seed = _dropout_seed([seeds[c] for c in chains]) if train_mode_dropout else None
         centre = (_CentreFinder(runner, num_warmup, lambda: _full_data_chunks(tensors, data, batch_size))
                   if gradient == "cv" else None)
+        centre = _with_adapter(adapter, centre)  # AutoStep(adapt=True): its hook runs before each step
         return _Group(chains, params, state, source, make_batcher(chains), vectorized, prefetcher,
                       dropout_seed=dropout_seed, centre=centre)
 
@@ -457,8 +469,12 @@ def sample(
     }
     if auto_info is not None:
         metadata["step_size_auto"] = {k: v for k, v in auto_info.items()
-                                      if k not in ("gradient_noise", "report", "square_avg")}
+                                      if k not in ("gradient_noise", "report", "square_avg", "reestimate")}
+        if adapter is not None:
+            metadata["step_size_auto"]["adapted"] = adapter.summary()
         metadata["gradient_noise"] = {**noise_report.result, "warn_threshold": NOISE_WARN_THRESHOLD}
+    if sampler_auto is not None:
+        metadata["sampler_auto"] = sampler_auto
     if gradient == "cv":
         metadata["control_variate"] = {
             "centre": (f"mean of each chain's weights over warm-up steps [{num_warmup // 2}, {num_warmup})"
