@@ -4,8 +4,9 @@ Draws of 1,000,000 float32 weights x 60 draws (one chain: 240 MB = 229 MiB). Eac
 fresh subprocess (``MALLOC_MMAP_THRESHOLD_=131072``, one thread) that times one call with
 ``time.process_time`` (CPU) and ``time.perf_counter`` (wall), with h5py and h5netcdf imported
 before the clock starts (as torch is), and reports its transient memory:
-``ru_maxrss`` (peak resident set of the process, which sees HDF5's C allocations that tracemalloc
-does not) minus the resident set just before the call, minus the result's bytes for a load. The
+the peak resident set during the call (``VmHWM``, reset just before it through
+``/proc/self/clear_refs``; it sees HDF5's C allocations that tracemalloc does not) minus the
+resident set just before the call, minus the result's bytes for a load. The
 cases are interleaved (save, torch.save, load, torch.load, then again), ``--repeats`` rounds
 (3; 1 with ``--quick``, which also uses 100,000 weights); medians count.
 
@@ -21,7 +22,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -35,6 +35,21 @@ def _rss() -> int:
             if line.startswith("VmRSS:"):
                 return int(line.split()[1]) * 1024
     raise RuntimeError("VmRSS not in /proc/self/status")
+
+
+def _reset_peak() -> None:
+    """Reset the process's peak resident set (VmHWM) to its current one (Linux ``clear_refs`` 5), so
+    that the peak read after the call is the call's own, not that of making its input."""
+    with open("/proc/self/clear_refs", "w") as fh:
+        fh.write("5")
+
+
+def _peak() -> int:
+    with open("/proc/self/status") as fh:
+        for line in fh:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError("VmHWM not in /proc/self/status")
 
 
 def _draws(weights: int, draws: int):
@@ -57,12 +72,14 @@ def one(case: str, path: str, weights: int, draws: int) -> dict:
     if case in ("save", "torch_save"):
         d = _draws(weights, draws)
         post = pib_bayes.Posterior(d, {}, {"task": "regression"})
+        _reset_peak()
         before, c0, w0 = _rss(), time.process_time(), time.perf_counter()
         if case == "save":
             post.save(path)
         else:
             torch.save({"draws": d}, path)
     else:
+        _reset_peak()
         before, c0, w0 = _rss(), time.process_time(), time.perf_counter()
         if case == "load":
             got = pib_bayes.Posterior.load(path).draws["w"]
@@ -70,7 +87,7 @@ def one(case: str, path: str, weights: int, draws: int) -> dict:
             got = torch.load(path, weights_only=True)["draws"]["w"]
         result_bytes = got.nbytes
     cpu, wall = time.process_time() - c0, time.perf_counter() - w0
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    peak = _peak()
     return {"case": case, "cpu_s": cpu, "wall_s": wall, "transient_bytes": peak - before - result_bytes}
 
 
