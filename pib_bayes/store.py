@@ -531,6 +531,11 @@ def _datasets(path: Path, f: Any, header: Mapping[str, Any], gname: str) -> Iter
         yield name, ds
 
 
+def _digested(kind: str, version: int) -> bool:
+    """Whether chunks carry XXH3-64 digests (else HDF5's fletcher32: posterior files of version 2)."""
+    return not (kind == "posterior" and version < 3)
+
+
 def _hdf5_errors(path: Path, fn: Callable[[], Any]) -> Any:
     try:
         return fn()
@@ -557,7 +562,7 @@ def read_store(path: str | os.PathLike, kind: str, supported_versions: tuple[int
                 continue
             out: dict[str, Tensor] = {}
             for name, ds in _datasets(path, f, header, gname):
-                arr = (_Chunked(path, gname, name, ds).read_all() if version >= 3
+                arr = (_Chunked(path, gname, name, ds).read_all() if _digested(kind, version)
                        else _read_dataset(path, gname, name, ds))
                 out[name] = _decode(path, gname, name, arr, dict(ds.attrs))
             groups[gname] = out
@@ -606,7 +611,7 @@ class LazyDraws(Mapping[str, Tensor]):
                 if attrs.get("pib_bayes_scalar") == 1:
                     raise FormatError(f"{self.path}: variable {group}/{name}: a 0-d variable has no "
                                       "(chain, draw) dimensions")
-                var = _Chunked(self.path, group, name, ds) if self.version >= 3 else None
+                var = _Chunked(self.path, group, name, ds) if _digested(kind, self.version) else None
                 self._vars[name] = (ds, attrs, var)
         except BaseException:
             self._f.close()
