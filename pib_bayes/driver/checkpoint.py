@@ -5,7 +5,9 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -16,6 +18,7 @@ from .chains import (
     _Group,
 )
 from .recorder import _Buffers, _Cursor
+from .stream import segments_dir
 
 CHECKPOINT_VERSION = 2  # 2: draws in segments (appended); 1: every draw in the payload (still resumed)
 
@@ -118,6 +121,12 @@ class _Checkpointer:
         except (KeyError, IndexError, TypeError, RuntimeError) as err:
             raise FormatError(f"{self.path}: incomplete checkpoint ({err})") from None
         return gi, cursor
+
+
+def remove_checkpoint(path: str | os.PathLike) -> None:
+    """Delete a checkpoint: its payload file and its segments (``.NAME.segments/``)."""
+    Path(path).unlink(missing_ok=True)
+    shutil.rmtree(segments_dir(path), ignore_errors=True)
 
 
 _FINGERPRINT_LABELS = {"initial_weights": "initial weights", "n": "data (number of examples)"}
