@@ -693,10 +693,13 @@ class Posterior:
         >>> torch.equal(Posterior.load(path).draws["w"], post.draws["w"])
         True
         """
-        from .store import write_store
+        from .store import LazyDraws, write_store
 
+        # a lazily loaded posterior is copied chunk by chunk, never a whole variable in memory
+        draws = ({n: self.draws.source(n) for n in self.draws} if isinstance(self.draws, LazyDraws)
+                 else dict(self.draws))
         groups = {
-            "posterior": dict(self.draws), "sample_stats": dict(self.sample_stats), "fixed": dict(self.fixed),
+            "posterior": draws, "sample_stats": dict(self.sample_stats), "fixed": dict(self.fixed),
             "divergences": {"diverged": self.diverged, "divergence_step": self.divergence_step},
         }
         metadata = self.metadata if self.task is None else {**self.metadata, "task": self.task}

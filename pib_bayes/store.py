@@ -680,6 +680,12 @@ class LazyDraws(Mapping[str, Tensor]):
         t = _decode(self.path, self.group, name, arr, attrs)
         return t if step == 1 else t[:, ::step]
 
+    def source(self, name: str) -> BlockSource:
+        """``name`` as a :class:`BlockSource`: :func:`write_store` copies it chunk by chunk (saving a
+        lazily loaded posterior never holds a whole variable in memory)."""
+        self._get(name)
+        return _LazySource(self, name)
+
     def __getitem__(self, name: str) -> Tensor:
         ds, attrs, var = self._get(name)
         arr = _hdf5_errors(self.path, lambda: var.read_all() if var is not None
@@ -701,3 +707,24 @@ class LazyDraws(Mapping[str, Tensor]):
 
     def __repr__(self) -> str:
         return f"LazyDraws({str(self.path)!r}, {', '.join(f'{n}{self.shape(n)}' for n in self._vars)})"
+
+
+@dataclass
+class _LazySource:
+    lazy: LazyDraws
+    name: str
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return self.lazy.shape(self.name)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.lazy.dtype(self.name)
+
+    def block(self, region: tuple[slice, ...]) -> Tensor:
+        ds, attrs, var = self.lazy._get(self.name)
+        if var is None:  # a version-2 file: whole rows of draws, then the region's part of them
+            return self.lazy.read(self.name, region[0], region[1])[(slice(None), slice(None), *region[2:])]
+        arr = _hdf5_errors(self.lazy.path, lambda: var.read(region))
+        return _decode(self.lazy.path, self.lazy.group, self.name, arr, attrs)

@@ -263,3 +263,20 @@ def test_chunks_are_contiguous_slabs_of_one_chain(tmp_path, monkeypatch):
         assert f["posterior"]["a"].chunks == (1, 2, 2, 5)  # 2 draws of 40 bytes in 80
         assert f["posterior"]["b"].chunks == (1, 1, 10)  # a draw of 320 bytes: 10 float64 a chunk
         assert f["posterior"]["c"].chunks == (1, 7) and not f["posterior"]["a"].fletcher32
+
+
+@pytest.mark.parametrize("same_path", [False, True])
+def test_a_lazily_loaded_posterior_saves_chunk_by_chunk_to_the_same_file(tmp_path, monkeypatch, same_path):
+    path, draws = _small_chunked_file(tmp_path, monkeypatch)
+    lazy = Posterior.load(path, lazy=True)
+    calls = []
+    real = LazyDraws.source
+    monkeypatch.setattr(LazyDraws, "source", lambda self, n: calls.append(n) or real(self, n))
+    target = path if same_path else tmp_path / "copy.nc"
+    lazy.save(target)
+    assert calls == list(draws)  # every variable copied through its chunks, none materialised
+    back = Posterior.load(target)
+    for name, t in draws.items():
+        assert torch.equal(back.draws[name], t), name
+    if not same_path:
+        assert target.read_bytes() == path.read_bytes()  # the same layout, digests and bytes
