@@ -20,7 +20,10 @@ transient memory of save and of load against one chunk (pib_bayes.store.CHUNK_BY
 (ratio = 1.1 chunk / transient, target >= 1.0); the bytes a checkpoint writes (its new segment plus
 its payload, measured on the files) in a run of 4000 draws vs one of 1000 (800 vs 200 with
 ``--quick``), checkpoints every 50 steps (ratio = short-run mean / long-run mean: 1 when a
-checkpoint costs what it adds; a checkpoint rewriting every draw so far would give about 0.25).
+checkpoint costs what it adds; a checkpoint rewriting every draw so far would give about 0.25); the
+peak memory of ``sample`` above the resident set before it, in memory vs ``store=``, on 100,100
+weights x 2000 draws (764 MiB; 200 draws with ``--quick``), a fresh process each; for the streamed
+run also the peak before the Posterior it returns is built (``Posterior.load(store, lazy=True)``).
 
     flock /tmp/pib_heavy.lock python benchmarks/bench_io.py [--quick] [--out rows.json]
 """
@@ -198,6 +201,63 @@ def checkpoint_bytes(num_draws: int, every: int = 50) -> list[int]:
     return sizes
 
 
+def stream_one(store: str | None, weights_out: int, draws: int) -> dict:
+    """One run of ``sample`` (a 1000 x ``weights_out`` linear model, 1 chain, no warm-up), in memory or
+    streamed to ``store``: its CPU time and its peak resident set above the one before the call."""
+    import torch
+    from torch import nn
+
+    import pib_bayes as pb
+
+    torch.set_num_threads(1)
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(32, 1000, generator=g), torch.randn(32, weights_out, generator=g)
+    torch.manual_seed(0)
+    model = nn.Linear(1000, weights_out)
+    pb.sample(nn.Linear(3, 1), "gaussian", (torch.randn(8, 3), torch.randn(8, 1)), beta=0.1, num_warmup=0,
+              num_draws=2, seed=0, store=None if store is None else store + ".tiny.nc")  # warm-up
+    sampled: dict[str, int] = {}
+    real_load = pb.Posterior.load.__func__
+
+    def load(cls, *args, **kwargs):  # the streamed run's end: its store written, the Posterior not built
+        sampled["peak"] = _peak()
+        return real_load(cls, *args, **kwargs)
+
+    pb.Posterior.load = classmethod(load)
+    _reset_peak()
+    before, c0 = _rss(), time.process_time()
+    post = pb.sample(model, "gaussian", (x, y), beta=1 / 32, step_size=1e-6, num_warmup=0, num_draws=draws,
+                     seed=0, store=store)
+    cpu, peak = time.process_time() - c0, _peak()
+    return {"case": "store" if store else "memory", "cpu_s": cpu, "peak_above_bytes": peak - before,
+            "sampling_peak_above_bytes": sampled.get("peak", peak) - before,
+            "draw_bytes": draws * post.num_params * 4}
+
+
+def stream_rows(quick: bool = False) -> list[dict]:
+    weights_out, draws = (100, 200) if quick else (100, 2000)
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "131072", "OMP_NUM_THREADS": "1"}
+    res = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for case in ("memory", "store"):
+            store = os.path.join(tmp, "post.nc") if case == "store" else "-"
+            out = subprocess.run([sys.executable, os.path.abspath(__file__), "--stream", store,
+                                  str(weights_out), str(draws)], check=True, capture_output=True, text=True,
+                                 env=env).stdout
+            res[case] = json.loads(out.strip().splitlines()[-1])
+    from pib_bayes.store import CHUNK_BYTES
+
+    return [{"name": f"io sample(store=) peak memory vs in memory, {1000 * weights_out + weights_out:,} "
+                     f"weights x {draws} draws ({res['memory']['draw_bytes'] / 2**20:.0f} MiB of draws)",
+             "baseline": "in memory", "value": "store=",
+             "baseline_peak_bytes": res["memory"]["peak_above_bytes"],
+             "value_peak_bytes": res["store"]["peak_above_bytes"],
+             "value_sampling_peak_bytes": res["store"]["sampling_peak_above_bytes"],
+             "baseline_cpu_s": res["memory"]["cpu_s"], "value_cpu_s": res["store"]["cpu_s"],
+             "draw_bytes": res["memory"]["draw_bytes"], "chunk_bytes": CHUNK_BYTES,
+             "ratio": res["memory"]["peak_above_bytes"] / res["store"]["peak_above_bytes"], "target": None}]
+
+
 def checkpoint_rows(quick: bool = False) -> list[dict]:
     short_n, long_n = (200, 800) if quick else (1000, 4000)
     short, long = checkpoint_bytes(short_n), checkpoint_bytes(long_n)
@@ -220,14 +280,24 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--repeats", type=int)
     ap.add_argument("--out")
     ap.add_argument("--one", nargs=4, metavar=("CASE", "PATH", "WEIGHTS", "DRAWS"), help=argparse.SUPPRESS)
+    ap.add_argument("--stream", nargs=3, metavar=("STORE", "WEIGHTS_OUT", "DRAWS"), help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
+    if args.stream:
+        store, weights_out, draws = args.stream
+        print(json.dumps(stream_one(None if store == "-" else store, int(weights_out), int(draws))))
+        return 0
     if args.one:
         case, path, weights, draws = args.one
         print(json.dumps(one(case, path, int(weights), int(draws))))
         return 0
-    rows = run(args.quick, args.repeats) + checkpoint_rows(args.quick)
+    rows = run(args.quick, args.repeats) + checkpoint_rows(args.quick) + stream_rows(args.quick)
     for r in rows:
-        if "value_last_bytes" in r:
+        if "value_peak_bytes" in r:
+            print(f"{r['name']:80s} peak {r['baseline_peak_bytes'] / 2**20:.1f} MiB -> "
+                  f"{r['value_peak_bytes'] / 2**20:.1f} MiB, before the returned Posterior is built "
+                  f"{r['value_sampling_peak_bytes'] / 2**20:.1f} MiB (cpu {r['baseline_cpu_s']:.2f} s -> "
+                  f"{r['value_cpu_s']:.2f} s; chunk {r['chunk_bytes'] / 2**20:.0f} MiB)", flush=True)
+        elif "value_last_bytes" in r:
             print(f"{r['name']:80s} mean {r['baseline_bytes']:,.0f} B -> {r['value_bytes']:,.0f} B (last "
                   f"{r['baseline_last_bytes']:,} -> {r['value_last_bytes']:,}; new draws "
                   f"{r['draw_bytes_per_checkpoint']:,} B; run total {r['baseline_total_bytes']:,} -> "

@@ -418,14 +418,18 @@ class _Chunked:
                 dest[...] = scratch.view(self.np_dtype)[:dest.size].reshape(dest.shape)
         return out
 
-    def read(self, index: tuple[slice | np.ndarray, ...]) -> np.ndarray:
+    def read(self, index: tuple[slice | np.ndarray, ...], into: np.ndarray | None = None) -> np.ndarray:
         """``array[index]`` (each entry a step-1 slice, or an integer array along the first
-        dimension) reading only the chunks that intersect it."""
+        dimension) reading only the chunks that intersect it (into ``into`` if given, an array of
+        the selection's shape and dtype)."""
         lead = index[0]
         rows = (np.arange(*lead.indices(self.shape[0])) if isinstance(lead, slice) else np.asarray(lead))
         rest = [sl.indices(a)[:2] for sl, a in zip(index[1:], self.shape[1:], strict=False)]
         rest += [(0, a) for a in self.shape[1 + len(rest):]]
-        out = _empty((len(rows), *(max(0, b - a) for a, b in rest)), self.np_dtype)
+        shape = (len(rows), *(max(0, b - a) for a, b in rest))
+        out = _empty(shape, self.np_dtype) if into is None else into
+        if out.shape != shape or out.dtype != self.np_dtype:
+            raise ValueError(f"into: expected an array of shape {shape} and dtype {self.np_dtype}")
         if out.size == 0 or self.chunk is None:
             return out
         scratch = np.empty(self.nbytes, dtype=np.uint8)

@@ -24,9 +24,10 @@ import torch
 from torch import Tensor
 
 from ..io import FormatError
-from ..store import CHUNK_BYTES, LazyDraws, _decode, read_store, write_store
+from ..store import CHUNK_BYTES, LazyDraws, _storage, read_store, write_store
 
 SEGMENT_VERSION = 1
+_CACHE = 4  # segment files held open while consolidating (about 1.3 MiB of HDF5 caches each)
 
 
 def segments_dir(path: str | os.PathLike) -> Path:
@@ -123,13 +124,14 @@ class _SegmentSource:
         lazy = self.cache.pop(seg, None)
         if lazy is None:
             lazy = LazyDraws(self.segments.dir / seg, kind="segment", supported_versions=(SEGMENT_VERSION,))
-            if len(self.cache) >= 16:
+            if len(self.cache) >= _CACHE:
                 self.cache.popitem(last=False)[1].close()
         self.cache[seg] = lazy
         return lazy
 
     def block(self, region: tuple[slice, ...]) -> Tensor:
         out = torch.full([r.stop - r.start for r in region], math.nan, dtype=self.dtype)
+        view = _storage(out)  # the segments' chunks are read straight into it
         d0, d1 = region[1].start, region[1].stop
         for c in range(region[0].start, region[0].stop):
             for k0, k1, seg, pos in self.index.get(c, []):
@@ -140,9 +142,11 @@ class _SegmentSource:
                 ds, attrs, var = lazy._get(self.name)
                 if var is None or lazy.shape(self.name)[2:] != self.shape[2:]:
                     raise FormatError(f"{lazy.path}: variable {self.name!r} has another shape than the run's")
-                arr = var.read((slice(pos, pos + 1), slice(lo - k0, hi - k0), *region[2:]))
-                out[c - region[0].start, lo - d0:hi - d0] = _decode(lazy.path, "posterior", self.name, arr,
-                                                                    attrs)[0]
+                if lazy.dtype(self.name) != self.dtype:
+                    raise FormatError(f"{lazy.path}: variable {self.name!r} has another dtype than the run's")
+                c0 = c - region[0].start
+                var.read((slice(pos, pos + 1), slice(lo - k0, hi - k0), *region[2:]),
+                         into=view[c0:c0 + 1, lo - d0:hi - d0])
         return out
 
 
