@@ -17,7 +17,7 @@ from torch import nn
 
 import pib_bayes as pb
 from pib_bayes.driver import checkpoint as ckpt_mod
-from pib_bayes.driver.stream import segments_dir
+from pib_bayes.driver.stream import _Segments, segments_dir
 from pib_bayes.io import LockedError, exclusive_lock
 from pib_bayes.store import LazyDraws
 
@@ -190,8 +190,9 @@ def test_sigkill_at_random_moments_of_a_streamed_run_then_resume_is_bit_identica
         proc.wait(timeout=60)
         if ckpt.exists():  # whatever moment the kill hit, the checkpoint and the segments it lists are whole
             pb.io.load_payload(ckpt, "checkpoint", (ckpt_mod.CHECKPOINT_VERSION,))
-            for seg in sorted(segments_dir(ckpt).glob("seg-*.nc")):  # committed or not: each one whole
-                pb.store.read_store(seg, "segment", (1,))
+            segments = _Segments(segments_dir(ckpt))
+            for seg in sorted(segments_dir(ckpt).glob("seg-*.seg")):  # committed or not: each one whole
+                segments.read(seg.name)
     assert kills >= 1
     final = _child(tmp_path, tmp_path / "resumed.nc", store, ckpt)
     assert final.wait(timeout=300) == 0, final.stderr.read()
@@ -200,3 +201,17 @@ def test_sigkill_at_random_moments_of_a_streamed_run_then_resume_is_bit_identica
     _same(a, b)  # no draw lost or duplicated: every draw of every chain equal to the uninterrupted run's
     for k in a.sample_stats:
         assert not a.sample_stats[k].isnan().any(), k
+
+
+@pytest.mark.parametrize("where", ["data", "header"])
+def test_a_damaged_segment_is_a_format_error_naming_it(tmp_path, small_chunks, where):
+    ckpt = tmp_path / "c.ckpt"
+    with pytest.raises(Crash):
+        _run(ckpt, crash_after=30)
+    seg = sorted(segments_dir(ckpt).glob("seg-*.seg"))[0]
+    raw = bytearray(seg.read_bytes())
+    raw[-3 if where == "data" else 30] ^= 0x04
+    seg.write_bytes(bytes(raw))
+    with pytest.raises(pb.io.FormatError,
+                       match=rf"{seg.name}: (variable .* digest mismatch|corrupt segment)"):
+        _run(ckpt, resume=True)
