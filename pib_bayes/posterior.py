@@ -715,7 +715,8 @@ class Posterior:
         ``lazy=True``: ``draws`` is a :class:`~pib_bayes.store.LazyDraws` over the file, read chunk
         by chunk on demand (``draws.read(name, chains, draws)``), for posteriors larger than memory;
         sample statistics, fixed tensors and divergence flags are read at once (they are small).
-        ``draws[name]`` gives the same tensor either way.
+        ``draws[name]`` gives the same tensor either way. (A file of format version 1 loads
+        eagerly.)
 
         A corrupt (a flipped byte in any chunk or header), truncated or foreign file, or another
         format version, raises one ``FormatError`` naming the file (and, for a data chunk, the

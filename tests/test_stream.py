@@ -215,3 +215,13 @@ def test_a_damaged_segment_is_a_format_error_naming_it(tmp_path, small_chunks, w
     with pytest.raises(pb.io.FormatError,
                        match=rf"{seg.name}: (variable .* digest mismatch|corrupt segment)"):
         _run(ckpt, resume=True)
+
+
+def test_a_crashed_run_without_checkpoint_leaves_no_store_and_the_next_starts_clean(tmp_path, small_chunks):
+    ref = _run()
+    store = tmp_path / "post.nc"
+    with pytest.raises(Crash):
+        _run(store=store, crash_after=30)
+    assert not store.exists() and any(segments_dir(store).iterdir())  # only its uncommitted segments
+    _same(ref, _run(store=store))  # a fresh run: the old segments are dropped, not mixed in
+    assert not segments_dir(store).exists()
