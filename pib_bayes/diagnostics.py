@@ -93,9 +93,8 @@ def _outputs(post: Posterior, x: Tensor, chains: Sequence[int], chunk_size: int,
     c, n = len(chains), post.num_draws
     if not c:
         raise ValueError("post: holds no draws to evaluate the model with")
-    draws = {k: v[list(chains)].reshape(c * n, *v.shape[2:]) for k, v in post.draws.items()}
-    with torch.no_grad():
-        out = post._run_over_draws(model, draws, x, chunk_size, "auto", name)
+    with torch.no_grad():  # the draws are read a chunk at a time (Posterior.iter_draws)
+        out = post._run_over_draws(model, list(chains), x, chunk_size, "auto", name)
     return out.reshape(c, n, *out.shape[1:])
 
 
