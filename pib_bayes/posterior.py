@@ -53,7 +53,8 @@ def is_lazy_draws(draws: Any) -> bool:
     >>> is_lazy_draws({"w": torch.zeros(2, 3)})
     False
     """
-    return isinstance(draws, Mapping) and all(callable(getattr(draws, a, None)) for a in ("shape", "dtype", "read"))
+    return isinstance(draws, Mapping) and all(callable(getattr(draws, a, None))
+                                              for a in ("shape", "dtype", "read"))
 
 
 _ACTIVATION_BUDGET = 2**18  # elements of one layer's activations over a chunk of draws (1 MB float32)
@@ -428,9 +429,10 @@ class Posterior:
                 continue
             for i, ci in enumerate(chains):
                 if not bool(self.diverged[ci]) and not bool(torch.isfinite(v[i]).all()):
-                    raise ValueError(f"draws: chain {ci} holds NaN/Inf in {k!r} at draws {sl.start}:{sl.stop} "
-                                     "but is not flagged as diverged; call post.check_finite() (one pass "
-                                     "over the draws) to flag such chains, then retry")
+                    raise ValueError(f"draws: chain {ci} holds NaN/Inf in {k!r} at draws "
+                                     f"{sl.start}:{sl.stop} but is not flagged as diverged; call "
+                                     "post.check_finite() (one pass over the draws) to flag such chains, "
+                                     "then retry")
 
     def check_finite(self, *, draw_chunk: int | None = None) -> list[int]:
         """Scan every draw once (chunk by chunk) and flag each chain holding NaN/Inf as diverged
@@ -455,8 +457,8 @@ class Posterior:
                     broken[chains] |= ~torch.isfinite(v.reshape(len(chains), -1)).all(1)
         new = broken & ~self.diverged.bool()
         if bool(new.any()):
-            warnings.warn(f"draws: chains {torch.nonzero(new).flatten().tolist()} hold NaN/Inf draws; they are "
-                          "flagged as diverged now (divergence_step=-1, unknown)", stacklevel=2)
+            warnings.warn(f"draws: chains {torch.nonzero(new).flatten().tolist()} hold NaN/Inf draws; they "
+                          "are flagged as diverged now (divergence_step=-1, unknown)", stacklevel=2)
             self.diverged = self.diverged.bool() | new
         return torch.nonzero(new).flatten().tolist()
 
