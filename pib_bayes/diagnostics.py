@@ -35,7 +35,7 @@ from torch.distributions import Categorical, Normal
 from torch.func import vmap
 
 from . import _arviz_compat as compat
-from ._validate import check_bool, check_memory
+from ._validate import check_bool, check_memory, format_bytes
 from .posterior import _OOM, Posterior
 
 __all__ = ["ConvergenceWarning", "to_arviz", "summary", "scalar_quantities", "log_likelihood",
@@ -555,7 +555,8 @@ def to_arviz(post: Posterior, *, params: None | Sequence[str] | str = None, num_
         attrs["projection_seed"] = seed
     else:
         names = post.param_names if params is None else list(params)
-        size = sum(math.prod(post.param_shapes[k]) for k in names if k in post.draws)
+        shapes = post.param_shapes  # (`k in post.draws` on a lazy Mapping would read the variable)
+        size = sum(math.prod(shapes[k]) for k in names if k in shapes)
         if size > LARGE_EXPORT:
             warnings.warn(
                 f"to_arviz: exporting {size:,} weights; az.summary over all of them is slow (about 8 s of "
@@ -563,7 +564,7 @@ def to_arviz(post: Posterior, *, params: None | Sequence[str] | str = None, num_
                 f"params=[...] (or az.summary's var_names), params='projections', or use "
                 f"pib_bayes.diagnostics.summary (scalar summaries)",
                 UserWarning, stacklevel=2)
-        unknown = [k for k in names if k not in post.draws]
+        unknown = [k for k in names if k not in shapes]
         if unknown:
             raise ValueError(f"params: unknown parameters {unknown}; available: {post.param_names}")
         if post.lazy:
@@ -572,8 +573,7 @@ def to_arviz(post: Posterior, *, params: None | Sequence[str] | str = None, num_
             if nbytes > LAZY_EXPORT_BYTES:
                 raise ValueError(
                     f"params: exporting {', '.join(names)} from a lazily read posterior would hold "
-                    f"{nbytes / 2**30:.2f} GiB of draws in memory (limit "
-                    f"{LAZY_EXPORT_BYTES / 2**30:.0f} GiB); "
+                    f"{format_bytes(nbytes)} of draws in memory (limit {format_bytes(LAZY_EXPORT_BYTES)}); "
                     "pass params=[a few parameters] or params='projections', use "
                     "pib_bayes.diagnostics.summary or Posterior.iter_draws (chunk by chunk), or open the "
                     "file lazily: xarray.open_dataset(path, group='posterior', engine='h5netcdf')")

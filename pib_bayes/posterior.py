@@ -324,7 +324,7 @@ class Posterior:
     def flat(self, names: Sequence[str] | None = None) -> Tensor:
         """All (or the named) parameters flattened: tensor (chain, draw, D) in parameter order."""
         names = list(names) if names is not None else self.param_names
-        unknown = [n for n in names if n not in self.draws]
+        unknown = [n for n in names if n not in set(self.draws)]
         if unknown:
             raise KeyError(f"names: unknown parameters {unknown}; available: {self.param_names}")
         c, n = self.num_chains, self.num_draws
@@ -395,7 +395,8 @@ class Posterior:
         [([0, 1], 0, 4, (2, 4, 2)), ([0, 1], 4, 6, (2, 2, 2))]
         """
         names = self.param_names if names is None else list(names)
-        unknown = [n for n in names if n not in self.draws]
+        known = set(self.draws)  # iterating names: `in` on a Mapping would read the variable
+        unknown = [n for n in names if n not in known]
         if unknown or not names:
             raise ValueError(f"names: unknown parameters {unknown or names}; available: {self.param_names}")
         chain_list = self._chain_list(chains)
@@ -484,6 +485,11 @@ class Posterior:
         mode it came in. This is the one place the model runs over the draws: :meth:`predict`,
         :mod:`pib_bayes.diagnostics` (``log_lik``, ``pred[i]``, ``to_arviz``'s log-likelihood) and
         :mod:`pib_bayes.bounds` (through :meth:`predict`) all call it.
+
+        The draws are read ``chunk_size`` at a time (:meth:`iter_draws`; never more than
+        :data:`DRAW_CHUNK_BYTES` of draws per chunk, fewer draws when they are larger), so a lazily
+        read posterior larger than memory is evaluated chunk by chunk: memory is one chunk of draws
+        plus the (M, N, ...) outputs.
 
         Engines (``engine``): ``"batched"``, one batched matmul per layer over the draws
         (:func:`~pib_bayes.batched.batched_forward`; MLPs only); ``"vmap"``,
@@ -580,6 +586,9 @@ class Posterior:
         if chunk_size is None:
             meta = {k: torch.empty((1, *s), device="meta") for k, s in shapes.items()}
             chunk_size = _auto_chunk(meta, x) if fast is not None else 64
+        # never more than one chunk of draws (DRAW_CHUNK_BYTES) in memory at once
+        per_draw = sum(math.prod(s) * itemsize(self._dtype(k)) for k, s in shapes.items())
+        chunk_size = min(chunk_size, max(1, DRAW_CHUNK_BYTES // max(1, per_draw)))
         per_draw: list[Tensor] = []  # one output buffer, made at the first output: no concatenation copy
 
         def write(start: int, out: Tensor) -> None:
