@@ -247,9 +247,15 @@ def _chunks_of(post: Posterior, names: list[str], chains: list[int], what: str,
     """(draw slice, (C, d, k) float64) chunks of the flattened draws of ``names`` (the flat ``columns``
     only, when given), read through :meth:`~pib_bayes.Posterior.iter_draws`, checked finite."""
     c = len(chains)
+    sizes = [math.prod(post.param_shapes[n]) for n in names]
     for _, sl, block in post.iter_draws(names, chains=chains):
-        x = torch.cat([block[n].reshape(c, sl.stop - sl.start, -1) for n in names], dim=2)
-        x = (x if columns is None else x[:, :, columns]).to(torch.float64)
+        x = torch.empty(c, sl.stop - sl.start, sum(sizes), dtype=torch.float64)  # no float32 concatenation
+        start = 0
+        for n, size in zip(names, sizes, strict=True):
+            x[:, :, start:start + size] = block[n].reshape(c, sl.stop - sl.start, -1)
+            start += size
+        del block
+        x = x if columns is None else x[:, :, columns]
         if not bool(torch.isfinite(x).all()):
             raise ValueError(f"{what}: draws contain NaN/Inf; drop those chains or resample")
         yield sl, x
@@ -282,7 +288,7 @@ def _moments(post: Posterior, names: list[str], what: str) -> tuple[list[int], T
     for sl, x in _chunks_of(post, names, chains, what):
         nb = sl.stop - sl.start
         mb = x.mean(1)
-        m2b = (x - mb[:, None]).square().sum(1)
+        m2b = (x - mb[:, None]).square_().sum(1)
         if mean is None or m2 is None:
             mean, m2 = mb, m2b
         else:
