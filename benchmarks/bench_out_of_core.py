@@ -117,6 +117,10 @@ def phase_write(path: str, cfg: dict) -> dict:
     gen = torch.Generator().manual_seed(2)
     rho, scale, block = 0.9, 0.01, 8
     state = {k: torch.randn(c, *p.shape, generator=gen) for k, p in params.items()}
+    # every buffer allocated once: fresh 12-100 MB tensors per block, freed between h5py writes, left
+    # glibc's heap fragmented (its dynamic mmap threshold) and the RSS grew to 9.4 GB over the 16 GB
+    noise = {k: torch.empty(c, *p.shape) for k, p in params.items()}
+    out = {k: torch.empty(c, block, *p.shape) for k, p in params.items()}
     written = 0
     with h5py.File(path, "w") as f:
         grp = f.create_group("posterior")
@@ -128,13 +132,13 @@ def phase_write(path: str, cfg: dict) -> dict:
         for d0 in range(0, n, block):
             d1 = min(n, d0 + block)
             for k, p in params.items():
-                out = torch.empty(c, d1 - d0, *p.shape)
+                buf = out[k][:, :d1 - d0]
                 for j in range(d1 - d0):
-                    noise = torch.randn(state[k].shape, generator=gen)
-                    state[k].mul_(rho).add_(noise, alpha=(1 - rho**2) ** 0.5)
-                    out[:, j] = p.detach() + scale * state[k]
-                sets[k][:, d0:d1] = out.numpy()
-                written += out.numel() * 4
+                    torch.randn(state[k].shape, generator=gen, out=noise[k])
+                    state[k].mul_(rho).add_(noise[k], alpha=(1 - rho**2) ** 0.5)
+                    torch.add(p.detach(), state[k], alpha=scale, out=buf[:, j])
+                sets[k][:, d0:d1] = buf.numpy()
+                written += buf.numel() * 4
             energy[:, d0:d1] = torch.randn(c, d1 - d0, generator=gen).double().numpy()
         stats.create_dataset("energy", data=energy)
         stats.create_dataset("loss", data=energy * 0.5 + 1.0)
@@ -232,7 +236,8 @@ def main() -> None:
             proc = subprocess.run(cmd + (["--quick"] if args.quick else []), capture_output=True, text=True,
                                   env=env)
             if proc.returncode:
-                raise SystemExit(f"phase {name} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+                raise SystemExit(f"phase {name} failed (exit status {proc.returncode}):\n"
+                                 f"{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
             row = json.loads(proc.stdout.strip().splitlines()[-1])
             row["within_4GB"] = row["peak_rss_bytes"] <= LIMIT_BYTES
             rows.append(row)

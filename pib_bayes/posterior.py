@@ -166,7 +166,9 @@ class Posterior:
     """Posterior draws of a torch model's weights.
 
     Attributes:
-        draws: name -> tensor (chain, draw, *param_shape).
+        draws: name -> tensor (chain, draw, *param_shape), or a lazily read mapping of the same
+            (:func:`is_lazy_draws`, e.g. a store on disk larger than memory): then nothing is read
+            until a consumer walks the draws with :meth:`iter_draws`, a chunk at a time.
         sample_stats: name -> tensor (chain, draw): ``energy`` (U_B at the kept step),
             ``loss`` (minibatch mean loss), ``step_size``, ``diverging`` (bool; true at every
             draw of a diverged chain from its divergence on, the draws that hold NaN), and
