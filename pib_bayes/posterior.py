@@ -200,6 +200,7 @@ class Posterior:
     last_engine: str | None = field(default=None, init=False, repr=False, compare=False)
     last_engine_reason: str | None = field(default=None, init=False, repr=False, compare=False)
     _engine_cache: dict = field(default_factory=dict, init=False, repr=False, compare=False)
+    _lazy_cache: tuple = field(default=(None, False), init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if not isinstance(self.draws, Mapping):
@@ -273,15 +274,19 @@ class Posterior:
     @property
     def lazy(self) -> bool:
         """Whether the draws are read on demand (:func:`is_lazy_draws`) rather than held in memory."""
-        return is_lazy_draws(self.draws)
+        source, flag = self._lazy_cache
+        if source is not self.draws:  # hot path (every chunk): the check once per draws object
+            flag = is_lazy_draws(self.draws)
+            self._lazy_cache = (self.draws, flag)
+        return flag
 
     def _full_shape(self, name: str) -> tuple[int, ...]:
-        if is_lazy_draws(self.draws):
+        if self.lazy:
             return tuple(int(s) for s in self.draws.shape(name))
         return tuple(self.draws[name].shape)
 
     def _dtype(self, name: str) -> torch.dtype:
-        return self.draws.dtype(name) if is_lazy_draws(self.draws) else self.draws[name].dtype
+        return self.draws.dtype(name) if self.lazy else self.draws[name].dtype
 
     @property
     def num_chains(self) -> int:
@@ -357,8 +362,8 @@ class Posterior:
         """Draws ``draws`` of ``chains`` of one variable: (len(chains), d, *shape); a view of a plain
         tensor when the chains are a contiguous range."""
         c0, c1 = chains[0], chains[-1] + 1
-        contiguous = chains == list(range(c0, c1))
-        if not is_lazy_draws(self.draws):
+        contiguous = len(chains) == c1 - c0 and chains == list(range(c0, c1))
+        if not self.lazy:
             v = self.draws[name]
             return v[c0:c1, draws] if contiguous else v[:, draws][chains]
         t = self.draws.read(name, slice(c0, c1) if contiguous else list(chains), draws)
@@ -408,7 +413,7 @@ class Posterior:
         if not isinstance(draws, slice) or draws.step not in (None, 1):
             raise ValueError(f"draws: expected a slice of draws with step 1, got {draws!r}")
         start, stop, _ = draws.indices(n)
-        yield from self._walk(names, chain_list, start, stop, draw_chunk, check=is_lazy_draws(self.draws))
+        yield from self._walk(names, chain_list, start, stop, draw_chunk, check=self.lazy)
 
     def _walk(self, names: list[str], chains: list[int], start: int, stop: int, draw_chunk: int | None,
               check: bool) -> Iterator[tuple[list[int], slice, dict[str, Tensor]]]:
@@ -538,13 +543,13 @@ class Posterior:
 
     def _window(self, chains: list[int], start: int, stop: int) -> dict[str, Tensor]:
         """name -> (stop - start, *shape): draws [start, stop) of the chain-major sequence of the draws of
-        ``chains``, read through :meth:`iter_draws` (one read per chain the window touches; a view of
+        ``chains``, read by :meth:`iter_draws`' chunk reader (one read per chain the window touches; a view of
         plain tensors within one chain)."""
-        n, parts, pos = self.num_draws, [], start
+        n, parts, pos, names = self.num_draws, [], start, self.param_names
         while pos < stop:
             ci, d0 = divmod(pos, n)
             d1 = min(n, d0 + stop - pos)
-            _, _, block = next(self.iter_draws(chains=[chains[ci]], draws=slice(d0, d1), draw_chunk=d1 - d0))
+            _, _, block = next(self._walk(names, [chains[ci]], d0, d1, d1 - d0, check=self.lazy))
             parts.append({k: v.reshape(-1, *v.shape[2:]) for k, v in block.items()})
             pos += d1 - d0
         if len(parts) == 1:
