@@ -401,6 +401,9 @@ class Posterior:
         >>> [(c, s.start, s.stop, tuple(b["w"].shape)) for c, s, b in post.iter_draws(draw_chunk=4)]
         [([0, 1], 0, 4, (2, 4, 2)), ([0, 1], 4, 6, (2, 2, 2))]
         """
+        if isinstance(names, str):
+            raise ValueError(f"names: expected a list of parameter names, got the string {names!r}; pass "
+                             f"[{names!r}]")
         names = self.param_names if names is None else list(names)
         known = set(self.draws)  # iterating names: `in` on a Mapping would read the variable
         unknown = [n for n in names if n not in known]

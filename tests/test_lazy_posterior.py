@@ -124,7 +124,8 @@ def test_iter_draws_default_chunk_follows_the_byte_budget(monkeypatch):
 
 def test_iter_draws_rejects_bad_arguments():
     post, _, _ = _mlp_posterior(True)
-    for kw, match in (({"names": ["nope"]}, "names: unknown"), ({"chains": [3]}, "chains:"),
+    for kw, match in (({"names": ["nope"]}, "names: unknown"),
+                      ({"names": "0.bias"}, r"names: .*\['0.bias'\]"), ({"chains": [3]}, "chains:"),
                       ({"chains": []}, "chains:"), ({"chains": [True]}, "chains:"),
                       ({"draws": slice(0, 10, 2)}, "draws: expected a slice"), ({"draws": 3}, "draws:"),
                       ({"draw_chunk": 0}, "draw_chunk:"), ({"draw_chunk": 2.5}, "draw_chunk:")):
