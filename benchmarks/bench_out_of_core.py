@@ -7,14 +7,17 @@ Full size: MLP 784-1024-192-10 (1,002,570 float32 weights), 4 chains x 1,000 dra
 Phases, each in a fresh subprocess that reports its own peak resident set (``ru_maxrss``), process
 CPU time (one torch thread) and wall time:
 
-* ``write``: the draws are streamed to an HDF5 file (group ``posterior``, one chunked dataset per
-  parameter, dims (chain, draw, *shape), chunks of one draw of one chain), a block of draws at a
-  time: an AR(1) walk (rho 0.9, scale 0.01) around the initial weights per chain, plus per-draw
-  ``energy``/``loss`` statistics. This stands in for ``sample(store=...)`` (streaming, #18's write
-  side) until that merges; then this phase should call it instead.
+* ``write`` with ``--writer stand-in`` (default): the draws are streamed to an HDF5 file (group
+  ``posterior``, one chunked dataset per parameter, dims (chain, draw, *shape), chunks of one draw
+  of one chain), a block of draws at a time: an AR(1) walk (rho 0.9, scale 0.01) around the
+  initial weights per chain, plus per-draw ``energy``/``loss`` statistics; the later phases read it
+  through :class:`H5Draws`. With ``--writer sample``: ``pib_bayes.sample(..., store=path)`` (SGLD
+  on the 256 rows below, 10 warm-up steps, then the draws streamed to the store; needs #18's write
+  side, ``sample(store=)`` and ``Posterior.load(lazy=True)``), read back with
+  ``Posterior.load(path, lazy=True)``.
 * ``summary``: :func:`pib_bayes.diagnostics.summary` with ``data=`` (256 rows: ``log_lik``),
   ``probe_x=`` (4 inputs: ``pred[i]``) and the 8 default random projections, on a
-  :class:`~pib_bayes.Posterior` over :class:`H5Draws` (the lazy draws protocol over the file).
+  :class:`~pib_bayes.Posterior` whose draws are read lazily from the file.
 * ``predict``: :meth:`~pib_bayes.Posterior.predict` at 256 inputs over all 4,000 draws, checked
   bit-equal against an in-memory Posterior of the first 8 draws of chain 0.
 * ``iiw``: :func:`pib_bayes.iiw.samples.kl` with ``structure="diag"`` (streamed per-coordinate
@@ -22,7 +25,8 @@ CPU time (one torch thread) and wall time:
 
 The file is deleted at the end (``--keep`` keeps it). Heavy: run it under the lock,
 
-    flock /tmp/pib_heavy.lock python benchmarks/bench_out_of_core.py [--quick] [--dir /tmp] [--out rows.json]
+    flock /tmp/pib_heavy.lock python benchmarks/bench_out_of_core.py [--quick] [--writer stand-in|sample]
+        [--dir /tmp] [--out rows.json]
 """
 
 from __future__ import annotations
@@ -106,13 +110,21 @@ def _data(sizes: tuple[int, ...]):
     return x, torch.randint(0, sizes[-1], (ROWS,), generator=g)
 
 
-def phase_write(path: str, cfg: dict) -> dict:
+def phase_write(path: str, cfg: dict, writer: str) -> dict:
     import h5py
     import numpy as np
     import torch
 
     model = _model(cfg["sizes"])
     c, n = cfg["chains"], cfg["draws"]
+    if writer == "sample":
+        import pib_bayes
+
+        x, y = _data(cfg["sizes"])
+        os.remove(path)  # sample() creates the store itself
+        pib_bayes.sample(model, "cross_entropy", (x, y), beta=1 / ROWS, prior=1.0, step_size=1e-6,
+                         batch_size=64, num_chains=c, num_warmup=10, num_draws=n, seed=0, store=path)
+        return {"file_bytes": os.path.getsize(path)}
     params = dict(model.named_parameters())
     gen = torch.Generator().manual_seed(2)
     rho, scale, block = 0.9, 0.01, 8
@@ -145,25 +157,27 @@ def phase_write(path: str, cfg: dict) -> dict:
     return {"bytes_written": written, "file_bytes": os.path.getsize(path)}
 
 
-def _posterior(path: str, cfg: dict):
+def _posterior(path: str, cfg: dict, writer: str):
     import h5py
     import torch
 
     from pib_bayes import Posterior
 
     model = _model(cfg["sizes"])
+    if writer == "sample":
+        return Posterior.load(path, model=model, lazy=True), model
     with h5py.File(path, "r") as f:
         stats = {k: torch.from_numpy(f["sample_stats"][k][...]) for k in ("energy", "loss")}
     meta = {"task": "classification", "likelihood": None, "noise_std": None}
     return Posterior(H5Draws(path), stats, meta, model=model), model
 
 
-def phase_summary(path: str, cfg: dict) -> dict:
+def phase_summary(path: str, cfg: dict, writer: str) -> dict:
     import warnings
 
     from pib_bayes import diagnostics
 
-    post, _ = _posterior(path, cfg)
+    post, _ = _posterior(path, cfg, writer)
     x, y = _data(cfg["sizes"])
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -172,12 +186,12 @@ def phase_summary(path: str, cfg: dict) -> dict:
             "lazy": post.lazy, "draws": post.num_chains * post.num_draws, "weights": post.num_params}
 
 
-def phase_predict(path: str, cfg: dict) -> dict:
+def phase_predict(path: str, cfg: dict, writer: str) -> dict:
     import torch
 
     from pib_bayes import Posterior
 
-    post, model = _posterior(path, cfg)
+    post, model = _posterior(path, cfg, writer)
     x, _ = _data(cfg["sizes"])
     pred = post.predict(x)
     first = {k: v for _, _, b in post.iter_draws(chains=[0], draws=slice(0, 8)) for k, v in b.items()}
@@ -187,11 +201,11 @@ def phase_predict(path: str, cfg: dict) -> dict:
             "mean_sums_to_one": bool(torch.allclose(pred.mean.sum(-1), torch.ones(ROWS)))}
 
 
-def phase_iiw(path: str, cfg: dict) -> dict:
+def phase_iiw(path: str, cfg: dict, writer: str) -> dict:
     from pib_bayes import GaussianPrior
     from pib_bayes.iiw.samples import kl
 
-    post, _ = _posterior(path, cfg)
+    post, _ = _posterior(path, cfg, writer)
     res = kl(post, GaussianPrior(std=1.0), structure="diag")
     return {"kl_total_nats": res.total}
 
@@ -199,14 +213,14 @@ def phase_iiw(path: str, cfg: dict) -> dict:
 PHASES = {"write": phase_write, "summary": phase_summary, "predict": phase_predict, "iiw": phase_iiw}
 
 
-def run_phase(name: str, path: str, quick: bool) -> dict:
+def run_phase(name: str, path: str, quick: bool, writer: str) -> dict:
     import torch
 
     torch.set_num_threads(1)
     cfg = QUICK if quick else FULL
     base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # after importing torch
     t0, w0 = time.process_time(), time.perf_counter()
-    extra = PHASES[name](path, cfg)
+    extra = PHASES[name](path, cfg, writer)
     cpu, wall = time.process_time() - t0, time.perf_counter() - w0
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     return {"phase": name, "peak_rss_bytes": peak, "rss_after_torch_import_bytes": base, "cpu_s": cpu,
@@ -219,12 +233,22 @@ def main() -> None:
     ap.add_argument("--dir", default=tempfile.gettempdir(), help="where the draws file is written")
     ap.add_argument("--keep", action="store_true", help="keep the draws file")
     ap.add_argument("--out", help="write the rows as JSON here")
+    ap.add_argument("--writer", choices=("stand-in", "sample"), default="stand-in",
+                    help="who writes the draws: the benchmark's chunked HDF5 writer, or sample(store=)")
     ap.add_argument("--phase", choices=list(PHASES), help=argparse.SUPPRESS)
     ap.add_argument("--path", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.phase:
-        print(json.dumps(run_phase(args.phase, args.path, args.quick)))
+        print(json.dumps(run_phase(args.phase, args.path, args.quick, args.writer)))
         return
+    if args.writer == "sample":
+        import inspect
+
+        import pib_bayes
+
+        if "store" not in inspect.signature(pib_bayes.sample).parameters:
+            raise SystemExit("--writer sample: this pib_bayes has no sample(store=) (issue 18's streaming "
+                             "write side); use --writer stand-in")
     cfg = QUICK if args.quick else FULL
     fd, path = tempfile.mkstemp(prefix="pib_out_of_core_", suffix=".h5", dir=args.dir)
     os.close(fd)
@@ -232,7 +256,8 @@ def main() -> None:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
     try:
         for name in PHASES:
-            cmd = [sys.executable, os.path.abspath(__file__), "--phase", name, "--path", path]
+            cmd = [sys.executable, os.path.abspath(__file__), "--phase", name, "--path", path,
+                   "--writer", args.writer]
             proc = subprocess.run(cmd + (["--quick"] if args.quick else []), capture_output=True, text=True,
                                   env=env)
             if proc.returncode:
@@ -244,8 +269,16 @@ def main() -> None:
             short = {k: v for k, v in row.items() if k not in ("rows",)}
             print(json.dumps(short), flush=True)
     finally:
-        if not args.keep and os.path.exists(path):
-            os.remove(path)
+        if not args.keep:  # the file, and what a writer left beside it (.NAME.lock, .NAME.segments/)
+            import shutil
+
+            folder, base = os.path.split(path)
+            for entry in [base] + [e for e in os.listdir(folder) if e.startswith(f".{base}.")]:
+                full = os.path.join(folder, entry)
+                if os.path.isdir(full):
+                    shutil.rmtree(full)
+                elif os.path.exists(full):
+                    os.remove(full)
     weights = sum(a * b + b for a, b in zip(cfg["sizes"][:-1], cfg["sizes"][1:], strict=True))
     print(f"{weights:,} weights x {cfg['chains'] * cfg['draws']:,} draws = "
           f"{weights * cfg['chains'] * cfg['draws'] * 4 / 1e9:.2f} GB of float32 draws; peak RSS per phase: "
@@ -253,7 +286,7 @@ def main() -> None:
           + f"; all <= 4 GB: {all(r['within_4GB'] for r in rows)}")
     if args.out:
         with open(args.out, "w") as fh:
-            json.dump({"config": cfg, "rows": rows}, fh, indent=2)
+            json.dump({"config": cfg, "writer": args.writer, "rows": rows}, fh, indent=2)
 
 
 if __name__ == "__main__":
