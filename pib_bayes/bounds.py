@@ -50,7 +50,8 @@ import torch
 from scipy.special import rel_entr
 from torch import Tensor, nn
 
-from .data import as_tensors, check_tensors
+from ._validate import check_count, check_fraction, check_posterior, check_tensors, is_real
+from .data import as_tensors
 from .energy import resolve_loss
 from .iiw.prior_fit import random_split, train_copy
 from .posterior import Posterior
@@ -131,21 +132,11 @@ class Bound:
 # ----------------------------------------------------------------------------- validation
 def _check_n(n: object, name: str = "n",
              what: str = "examples used by the bound, prior split excluded") -> int:
-    if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1:
-        raise ValueError(f"{name}: must be an int >= 1 ({what}), got {n!r}")
-    return int(n)
+    return check_count(name, n, 1, what)
 
 
 def _check_delta(delta: object, name: str = "delta") -> float:
-    if isinstance(delta, bool) or not isinstance(delta, (int, float, np.floating)) or not 0 < delta < 1:
-        raise ValueError(f"{name}: the confidence parameter must be a float in (0, 1), e.g. 0.05, "
-                         f"got {delta!r}")
-    return float(delta)
-
-
-def _is_real(v: object) -> bool:
-    """A real number (int, float, NumPy scalar), not a bool or a string."""
-    return not isinstance(v, bool) and isinstance(v, (int, float, np.integer, np.floating))
+    return check_fraction(name, delta, "the confidence parameter", hint="e.g. 0.05")
 
 
 def _check_range(loss_range: object) -> tuple[float, float]:
@@ -173,7 +164,7 @@ def as_nats(value: object, name: str = "kl") -> float:
     raw = getattr(value, "total", value)
     if isinstance(raw, Tensor):
         raw = raw.item() if raw.numel() == 1 else raw
-    if isinstance(raw, bool) or not isinstance(raw, (int, float, np.floating, np.integer)):
+    if not is_real(raw):
         raise TypeError(f"{name}: expected a float (nats) or an object with a float .total, "
                         f"got {type(value).__name__}")
     v = float(raw)
@@ -183,7 +174,7 @@ def as_nats(value: object, name: str = "kl") -> float:
 
 
 def _check_empirical(empirical: object, a: float, b: float) -> float:
-    if isinstance(empirical, bool) or not isinstance(empirical, (int, float, np.floating)):
+    if not is_real(empirical):
         raise TypeError(f"empirical: expected a float (the empirical risk), got {type(empirical).__name__}")
     e = float(empirical)
     if not (a - 1e-12 <= e <= b + 1e-12):
@@ -257,11 +248,11 @@ def kl_inverse(q: float, c: float, tol: float = 1e-12) -> float:
     >>> round(kl_inverse(0.2, 1e-15), 12)  # q + sqrt(2 q (1-q) c) to first order
     0.200000017889
     """
-    if isinstance(q, bool) or not isinstance(q, (int, float, np.floating)) or not 0.0 <= float(q) <= 1.0:
+    if not is_real(q) or not 0.0 <= float(q) <= 1.0:  # type: ignore[arg-type]
         raise ValueError(f"q: the empirical risk must be a float in [0, 1], got {q!r}")
-    if isinstance(c, bool) or not isinstance(c, (int, float, np.floating)) or not float(c) >= 0.0:
+    if not is_real(c) or not float(c) >= 0.0:  # type: ignore[arg-type]
         raise ValueError(f"c: the kl budget must be a float >= 0, got {c!r}")
-    if not _is_real(tol) or not 0.0 < float(tol) <= 1e-6:
+    if not is_real(tol) or not 0.0 < float(tol) <= 1e-6:
         raise ValueError(f"tol: the bisection accuracy must be a float in (0, 1e-6], e.g. 1e-12, got {tol!r}")
     q, c = float(q), float(c)
     if q >= 1.0 or math.isinf(c):
@@ -315,7 +306,7 @@ def mi_bound(info: object, n: int, *, empirical: float = 0.0, sigma: float | Non
         trivial = b
     else:
         a, b, trivial = -math.inf, math.inf, math.inf
-        if isinstance(empirical, bool) or not isinstance(empirical, (int, float, np.floating)):
+        if not is_real(empirical):
             raise TypeError(f"empirical: expected a float, got {type(empirical).__name__}")
         e = float(empirical)
         if not math.isfinite(e):
@@ -326,7 +317,7 @@ def mi_bound(info: object, n: int, *, empirical: float = 0.0, sigma: float | Non
             raise ValueError("sigma: give the loss's sub-Gaussian parameter sigma, or loss_range=(a, b) "
                              "for a bounded loss (then sigma = (b - a)/2)")
         sigma = (b - a) / 2
-    if isinstance(sigma, bool) or not isinstance(sigma, (int, float)) or not (0 < sigma < math.inf):
+    if not is_real(sigma) or not (0 < sigma < math.inf):
         raise ValueError(f"sigma: must be a finite float > 0, got {sigma!r}")
     gap = math.sqrt(2.0 * sigma**2 * i / n)
     details: dict[str, Any] = {"sigma": float(sigma), "loss_range": None if loss_range is None else (a, b),
@@ -409,13 +400,13 @@ def catoni_bound(empirical: float, kl: object, n: int, delta: float = 0.05,
                        f"(or None for the default grid), got {c!r}")
     if c is None:
         grid: tuple = DEFAULT_CATONI_GRID
-    elif _is_real(c):
+    elif is_real(c):
         grid = (c,)
     elif isinstance(c, (str, bytes)) or not isinstance(c, (Sequence, np.ndarray)):
         raise bad_c
     else:
         grid = tuple(c)
-    if not grid or any(not _is_real(v) or not (float(v) > 0 and math.isfinite(float(v))) for v in grid):
+    if not grid or any(not is_real(v) or not (float(v) > 0 and math.isfinite(float(v))) for v in grid):
         raise bad_c
     penalty = (k + math.log(len(grid) / delta)) / n
     values = [-math.expm1(-float(cc) * q - penalty) / -math.expm1(-float(cc)) for cc in grid]
@@ -454,7 +445,7 @@ def bounded_cross_entropy(probs: Tensor, y: Tensor, p_min: float = 1e-4) -> Tens
     >>> float(bounded_cross_entropy(torch.tensor([[0.5, 0.5]]), torch.tensor([0]), p_min=0.25))
     0.5
     """
-    if not _is_real(p_min) or not 0.0 < p_min < 1.0:
+    if not is_real(p_min) or not 0.0 < p_min < 1.0:
         raise ValueError(f"p_min: the probability floor must be in (0, 1), e.g. 1e-4, got {p_min!r}")
     _check_probs_labels(probs, y)
     py = probs.gather(-1, y.expand(*probs.shape[:-1]).unsqueeze(-1)).squeeze(-1)
@@ -518,9 +509,8 @@ def fit_prior(model: nn.Module, loss_fn: str | Callable[[Tensor, Tensor], Tensor
     ``model`` is not modified.
     """
     x, y = _pair(prior_data, "prior_data")
-    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
-        raise ValueError(f"steps: must be an int >= 1, got {steps!r}")
-    if not _is_real(lr) or not (0 < lr < math.inf):
+    check_count("steps", steps, 1)
+    if not is_real(lr) or not (0 < lr < math.inf):
         raise ValueError(f"lr: the Adam learning rate must be a finite float > 0, e.g. 1e-2, got {lr!r}")
     if not isinstance(model, nn.Module):
         raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
@@ -783,8 +773,7 @@ def report(posterior: Posterior, train: tuple[Tensor, Tensor], heldout: tuple[Te
     >>> rep.bounds["0-1 error"][2].vacuous
     False
     """
-    if not isinstance(posterior, Posterior):
-        raise TypeError(f"posterior: expected a pib_bayes.Posterior, got {type(posterior).__name__}")
+    check_posterior("posterior", posterior)
     if posterior.task != "classification":
         raise ValueError(f"posterior: report() needs a classification posterior (0-1 error, cross-entropy), "
                          f"got task {posterior.task!r}; use mi_bound/pac_bayes_bounds with your loss's range")
@@ -795,8 +784,7 @@ def report(posterior: Posterior, train: tuple[Tensor, Tensor], heldout: tuple[Te
             raise ValueError(f"mc_delta: delta + mc_delta must be < 1, got {delta} + {mc_delta}")
     if not 0.0 < p_min < 1.0:
         raise ValueError(f"p_min: the probability floor must be in (0, 1), e.g. 1e-4, got {p_min!r}")
-    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
-        raise ValueError(f"chunk_size: must be an int >= 1, got {chunk_size!r}")
+    check_count("chunk_size", chunk_size, 1)
     if n_prior is not None:
         _check_n(n_prior, "n_prior", "size of the prior's split, recorded only")
     xt, yt = _labels(train, "train")

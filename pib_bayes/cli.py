@@ -393,11 +393,11 @@ def _check_run_memory(cfg: dict, num_weights: int, element_size: int = 4) -> Non
     from .config import check_memory
 
     d, e = int(num_weights), int(element_size)
-    k, t = cfg["run"]["chains"], cfg["run"]["draws"]
-    key = "run.chains" if k > t else "run.draws"
+    k, t = cfg["run"]["num_chains"], cfg["run"]["num_draws"]
+    key = "run.num_chains" if k > t else "run.num_draws"
     check_memory(key, k * (t * (32 + d * e) + 6 * d * e + 2048),
                  f"{k:,} chains x {t:,} draws of {d:,} weights",
-                 "lower run.chains or run.draws (raise run.thin to keep fewer draws of a long run)")
+                 "lower run.num_chains or run.num_draws (raise run.thin to keep fewer draws of a long run)")
 
 
 def _check_pretrained(model: Any, steps: int, lr: float, start: float, end: float) -> None:
@@ -463,12 +463,12 @@ def run_sample(
                                                                   default=4))
     # the prior is centred on the random initialisation (or 0), fixed BEFORE any pretraining on S
     prior = GaussianPrior.from_module(
-        model, std=cfg["posterior"]["prior_std"], mean=cfg["posterior"]["prior_mean"]
+        model, std=cfg["prior"]["std"], mean=cfg["prior"]["mean"]
     )
     pre = _pretrain(model, loss_fn, data, cfg, run["seed"], progress)
     n = len(data.y_train)
     beta, beta_from = _beta_for(cfg, n)
-    total_steps = run["warmup"] + run["draws"] * run["thin"]
+    total_steps = run["num_warmup"] + run["num_draws"] * run["thin"]
     schedule = _schedule_for(cfg, total_steps)
     t1 = time.perf_counter()
     sample_kwargs = dict(
@@ -476,9 +476,9 @@ def run_sample(
         prior=prior,
         sampler=cfg["sampler"]["name"],
         step_size=schedule,
-        num_chains=run["chains"],
-        num_warmup=run["warmup"],
-        num_draws=run["draws"],
+        num_chains=run["num_chains"],
+        num_warmup=run["num_warmup"],
+        num_draws=run["num_draws"],
         thin=run["thin"],
         batch_size=_batch(run["batch_size"], n),
         seed=run["seed"],
@@ -634,6 +634,7 @@ def _inside(path: Path, root: Path) -> bool:
 def _read_run_config(path: Path, trust_code: bool) -> dict:
     """The validated config.json of a run directory: a run directory is data, so (unless
     ``trust_code``) it may name no model factory but a built-in one, and no file outside itself."""
+    from ._validate import is_int
     from .config import BUILTIN_DATA, BUILTIN_FACTORIES, ConfigError, validate_config
 
     where = path / "config.json"
@@ -659,7 +660,7 @@ def _read_run_config(path: Path, trust_code: bool) -> dict:
 
     for key in ("input_dim", "output_dim"):
         v = res.get(key)
-        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+        if not is_int(v) or v < 1:
             raise bad(key, "an integer >= 1")
     if res.get("task") not in ("classification", "regression"):
         raise bad("task", '"classification" or "regression"')
@@ -835,8 +836,7 @@ def _bounds_report(cfg: dict, post: Any, data: Any, delta: float) -> Any:
     res = cfg["resolved"]
     init = build_model(cfg["model"], res["input_dim"], res["output_dim"], seed=cfg["run"]["seed"],
                        search_path=cfg.get("_search_path", ()))
-    post_cfg = cfg["posterior"]
-    prior = GaussianPrior.from_module(init, std=post_cfg["prior_std"], mean=post_cfg["prior_mean"])
+    prior = GaussianPrior.from_module(init, std=cfg["prior"]["std"], mean=cfg["prior"]["mean"])
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         return report(post, (data.x_train, data.y_train), (data.x_test, data.y_test), prior=prior,

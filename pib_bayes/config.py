@@ -25,11 +25,13 @@ optional except where marked, and an unknown key is an error (with the closest v
     lr = 0.01
     batch_size = 128
 
+    [prior]                     # the Gaussian prior N(theta_0, sigma_0^2 I): GaussianPrior.from_module
+    std = 1.0                   # sigma_0
+    mean = "init"               # theta_0: init (the random initialisation, before any pretraining) | zeros
+
     [posterior]
     beta = 0.001                # PIB trade-off; give beta OR temperature (beta = T/n);
     temperature = 1.0           #   default temperature = 1, i.e. beta = 1/n, the Bayesian posterior
-    prior_std = 1.0             # sigma_0 of N(theta_0, sigma_0^2 I)
-    prior_mean = "init"         # init (the random initialisation, before any pretraining) | zeros
     loss = "auto"               # auto | cross_entropy | gaussian
     noise_std = 1.0             # s of the Gaussian loss (regression)
 
@@ -45,9 +47,9 @@ optional except where marked, and an unknown key is an error (with the closest v
     # [sampler.kwargs]          # passed to the kernel builder, e.g. friction = 0.1 (sghmc)
 
     [run]
-    chains = 4
-    warmup = 1000
-    draws = 200
+    num_chains = 4              # the names of pib_bayes.sample's arguments
+    num_warmup = 1000
+    num_draws = 200
     thin = 1
     batch_size = 128            # 0 = full batch
     seed = 0
@@ -58,6 +60,10 @@ optional except where marked, and an unknown key is an error (with the closest v
     overwrite = false
 
 Every validation error is a :class:`ConfigError` whose message starts with the dotted key.
+
+Renamed keys (:data:`RENAMED_KEYS`) still load, with a ``FutureWarning`` naming the new key:
+``run.chains`` -> ``run.num_chains``, ``run.warmup`` -> ``run.num_warmup``, ``run.draws`` ->
+``run.num_draws``, ``posterior.prior_std`` -> ``prior.std``, ``posterior.prior_mean`` -> ``prior.mean``.
 """
 
 from __future__ import annotations
@@ -66,7 +72,6 @@ import difflib
 import importlib
 import inspect
 import math
-import numbers
 import os
 import sys
 from collections.abc import Callable, Mapping, Sequence
@@ -78,7 +83,8 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from ._validate import available_memory  # one estimate of free memory for the API and the CLI
+# available_memory: one estimate of free memory for the API and the CLI
+from ._validate import available_memory, is_int, is_real, warn_renamed
 
 try:  # Python >= 3.11
     import tomllib
@@ -99,6 +105,7 @@ __all__ = [
     "check_memory",
     "available_memory",
     "mlp_num_params",
+    "RENAMED_KEYS",
 ]
 
 
@@ -161,11 +168,13 @@ SCHEMA: dict[str, dict[str, Field]] = {
         "lr": Field("float", 0.01, minimum=0.0, exclusive_min=True, example="lr = 0.01"),
         "batch_size": Field("int", 128, minimum=0, example="batch_size = 128"),
     },
+    "prior": {
+        "std": Field("float", 1.0, minimum=0.0, exclusive_min=True, example="std = 1.0"),
+        "mean": Field("str", "init", choices=("init", "zeros"), example='mean = "init"'),
+    },
     "posterior": {
         "beta": Field("float", None, minimum=0.0, exclusive_min=True, example="beta = 0.001"),
         "temperature": Field("float", None, minimum=0.0, exclusive_min=True, example="temperature = 1.0"),
-        "prior_std": Field("float", 1.0, minimum=0.0, exclusive_min=True, example="prior_std = 1.0"),
-        "prior_mean": Field("str", "init", choices=("init", "zeros"), example='prior_mean = "init"'),
         "loss": Field(
             "str", "auto", choices=("auto", "cross_entropy", "gaussian"), example='loss = "gaussian"'
         ),
@@ -183,9 +192,9 @@ SCHEMA: dict[str, dict[str, Field]] = {
         "kwargs": Field("table", {}, example="[sampler.kwargs]\nfriction = 0.1"),
     },
     "run": {
-        "chains": Field("int", 4, minimum=1, example="chains = 4"),
-        "warmup": Field("int", 1000, minimum=0, example="warmup = 1000"),
-        "draws": Field("int", 200, minimum=1, example="draws = 200"),
+        "num_chains": Field("int", 4, minimum=1, example="num_chains = 4"),
+        "num_warmup": Field("int", 1000, minimum=0, example="num_warmup = 1000"),
+        "num_draws": Field("int", 200, minimum=1, example="num_draws = 200"),
         "thin": Field("int", 1, minimum=1, example="thin = 1"),
         "batch_size": Field("int", 128, minimum=0, example="batch_size = 128"),
         "seed": Field("int", 0, minimum=0, example="seed = 0"),
@@ -214,6 +223,15 @@ SCHEMA: dict[str, dict[str, Field]] = {
     },
 }
 
+#: Deprecated config keys -> their new ``(section, key)``; they load with a ``FutureWarning`` until 0.3.
+RENAMED_KEYS: dict[tuple[str, str], tuple[str, str]] = {
+    ("run", "chains"): ("run", "num_chains"),
+    ("run", "warmup"): ("run", "num_warmup"),
+    ("run", "draws"): ("run", "num_draws"),
+    ("posterior", "prior_std"): ("prior", "std"),
+    ("posterior", "prior_mean"): ("prior", "mean"),
+}
+
 _TYPE_WORDS = {
     "int": "an integer",
     "float": "a number",
@@ -237,10 +255,10 @@ def _check_value(key: str, field: Field, value: Any) -> Any:
         f"write e.g. {field.example}",
     )
     if field.kind == "int":
-        if isinstance(value, bool) or not isinstance(value, int):
+        if not is_int(value):
             raise bad
     elif field.kind == "float":
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
+        if not is_real(value):
             raise bad
         value = float(value)
         if not math.isfinite(value):
@@ -264,7 +282,7 @@ def _check_value(key: str, field: Field, value: Any) -> Any:
             raise bad
     elif field.kind == "int_list":
         if not isinstance(value, list) or any(
-            isinstance(v, bool) or not isinstance(v, int) or v < 1 for v in value
+            not is_int(v) or v < 1 for v in value
         ):
             raise ConfigError(
                 key,
@@ -300,6 +318,7 @@ def validate_config(raw: Mapping[str, Any], output_dir: str | None = None) -> di
             )
         if not isinstance(value, Mapping):
             raise ConfigError(section, f"must be a table ([{section}]), got {value!r}")
+    raw = _renamed_keys(raw)
     cfg: dict[str, dict[str, Any]] = {}
     for section, fields in SCHEMA.items():
         given = dict(raw.get(section, {}))
@@ -362,6 +381,21 @@ def validate_config(raw: Mapping[str, Any], output_dir: str | None = None) -> di
     return cfg
 
 
+def _renamed_keys(raw: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
+    """``raw`` with every key of :data:`RENAMED_KEYS` moved to its new name (one ``FutureWarning``
+    each); an old key given together with its new name is a :class:`ConfigError`."""
+    out = {section: dict(value) for section, value in raw.items()}
+    for (section, key), (new_section, new_key) in RENAMED_KEYS.items():
+        if key not in out.get(section, {}):
+            continue
+        old, new = f"{section}.{key}", f"{new_section}.{new_key}"
+        if new_key in out.get(new_section, {}):
+            raise ConfigError(old, f"is the deprecated name of {new}, which is also given; keep only {new}")
+        warn_renamed(old, new, what="the config key", stacklevel=4)
+        out.setdefault(new_section, {})[new_key] = out[section].pop(key)
+    return out
+
+
 def _check_sampler_kwargs(name: str, kwargs: Mapping[str, Any]) -> None:
     """Build the kernel once so that unknown or out-of-range [sampler.kwargs] fail before any work."""
     from .samplers import KERNELS, build_kernel
@@ -410,7 +444,7 @@ def build_mlp(input_dim: int, output_dim: int, hidden: list[int], activation: st
             "model.activation", f"unknown value {activation!r}; choose one of {list(ACTIVATIONS)}"
         )
     if not isinstance(hidden, (list, tuple)) or any(
-        isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < 1 for v in hidden
+        not is_int(v) or v < 1 for v in hidden
     ):
         raise ConfigError("model.hidden", f"must be a list of positive integers, got {hidden!r}")
     check_memory(
@@ -537,12 +571,12 @@ def check_memory(key: str, nbytes: float, what: str, fix: str) -> None:
     """Refuse, before allocating, a size that cannot fit in the memory available (a
     :class:`ConfigError` naming ``key``, the estimate and ``fix``).
 
-    >>> check_memory("run.draws", 1e3, "the draws", "lower run.draws")
+    >>> check_memory("run.num_draws", 1e3, "the draws", "lower run.num_draws")
     >>> try:
-    ...     check_memory("run.draws", 1e30, "the draws", "lower run.draws")
+    ...     check_memory("run.num_draws", 1e30, "the draws", "lower run.num_draws")
     ... except ConfigError as err:
-    ...     print(str(err)[:40])
-    run.draws: the draws need about 1e+21 GB
+    ...     print(str(err)[:44])
+    run.num_draws: the draws need about 1e+21 GB
     """
     avail = available_memory()
     if nbytes > avail:

@@ -16,20 +16,10 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, TensorDataset
 
+from ._validate import check_tensors, is_int
+
 __all__ = ["as_tensors", "check_tensors", "TensorBatcher", "LoaderBatcher", "make_classification_data",
            "make_regression_data"]
-
-
-def check_tensors(x: Tensor, y: Tensor, name: str = "data") -> None:
-    if not isinstance(x, Tensor) or not isinstance(y, Tensor):
-        raise TypeError(f"{name}: expected tensors (x, y), got ({type(x).__name__}, {type(y).__name__})")
-    if x.shape[0] == 0:
-        raise ValueError(f"{name}: is empty (0 examples)")
-    if x.shape[0] != y.shape[0]:
-        raise ValueError(f"{name}: x has {x.shape[0]} examples but y has {y.shape[0]}; they must match")
-    for label, t in (("x", x), ("y", y)):
-        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
-            raise ValueError(f"{name}: {label} contains NaN or Inf values; clean or impute them first")
 
 
 def as_tensors(data: object) -> tuple[Tensor, Tensor] | None:
@@ -60,7 +50,7 @@ class TensorBatcher:
         n = x.shape[0]
         if batch_size is None:
             batch_size = n
-        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or not 1 <= batch_size <= n:
+        if not is_int(batch_size) or not 1 <= batch_size <= n:
             raise ValueError(f"batch_size: must be an int in [1, {n}] (the number of examples), "
                              f"got {batch_size!r}")
         self.x, self.y, self.n, self.batch_size = x, y, n, batch_size

@@ -35,7 +35,17 @@ from torch.distributions import Categorical, Normal
 from torch.func import vmap
 
 from . import _arviz_compat as compat
-from ._validate import check_bool, check_memory, format_bytes
+from ._validate import (
+    check_bool,
+    check_count,
+    check_finite_tensor,
+    check_memory,
+    check_posterior,
+    check_tensors,
+    format_bytes,
+    is_real,
+    renamed_args,
+)
 from .posterior import _OOM, Posterior
 
 __all__ = ["ConvergenceWarning", "to_arviz", "summary", "scalar_quantities", "log_likelihood",
@@ -47,19 +57,6 @@ class ConvergenceWarning(UserWarning):
 
 
 # ------------------------------------------------------------------------------------ helpers
-def _check_post(post: Any) -> Posterior:
-    if not isinstance(post, Posterior):
-        raise TypeError(f"post: expected a pib_bayes.Posterior (from pib_bayes.sample or Posterior.load), "
-                        f"got {type(post).__name__}")
-    return post
-
-
-def _check_count(name: str, value: Any, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"{name}: must be an int >= {minimum}, got {value!r}")
-    return value
-
-
 def _kept_chains(post: Posterior, include_diverged: bool) -> list[int]:
     # Posterior.kept_chains warns (naming the chains and steps) when it leaves diverged chains out
     return post.kept_chains(include_diverged)
@@ -82,17 +79,17 @@ def _outputs(post: Posterior, x: Tensor, chains: Sequence[int], chunk_size: int,
     """
     model = post.model
     if model is None:
-        raise ValueError("post: this Posterior has no model attached; pass model= to Posterior.load")
+        raise ValueError("posterior: this Posterior has no model attached; pass model= to Posterior.load")
     # a model whose parameter names or shapes differ from the draws would silently evaluate its own
     # weights for every draw (functional_call ignores unknown keys)
     post.check_model(model)
     if not isinstance(x, Tensor):
         raise TypeError(f"{name}: expected a tensor of inputs x, got {type(x).__name__}")
-    _check_finite(name, "x", x)
-    _check_count("chunk_size", chunk_size, 1)
+    check_finite_tensor(name, "x", x)
+    check_count("chunk_size", chunk_size, 1)
     c, n = len(chains), post.num_draws
     if not c:
-        raise ValueError("post: holds no draws to evaluate the model with")
+        raise ValueError("posterior: holds no draws to evaluate the model with")
     with torch.no_grad():  # the draws are read a chunk at a time (Posterior.iter_draws)
         out = post._run_over_draws(model, list(chains), x, chunk_size, "auto", name)
     return out.reshape(c, n, *out.shape[1:])
@@ -117,24 +114,11 @@ def _observation_dist(post: Posterior, out: Tensor) -> torch.distributions.Distr
     return Normal(out, float(noise_std))
 
 
-def _check_finite(name: str, part: str, t: Tensor) -> None:
-    if (torch.is_floating_point(t) or t.is_complex()) and not bool(torch.isfinite(t).all()):
-        raise ValueError(f"{name}: {part} contains NaN or infinite values; remove or impute those rows first")
-
-
 def _check_data(data: Any) -> tuple[Tensor, Tensor]:
     if not (isinstance(data, (tuple, list)) and len(data) == 2 and all(isinstance(t, Tensor) for t in data)):
         raise TypeError(f"data: expected a pair of tensors (x, y), got {type(data).__name__}")
-    x, y = data
-    if x.dim() == 0 or y.dim() == 0:
-        raise ValueError("data: x and y need a leading row dimension, got a 0-d tensor")
-    if x.shape[0] != y.shape[0]:
-        raise ValueError(f"data: x and y need the same number of rows, got {x.shape[0]} and {y.shape[0]}")
-    if x.shape[0] == 0:
-        raise ValueError("data: holds no rows; pass at least one (x, y) pair")
-    _check_finite("data", "x", x)
-    _check_finite("data", "y", y)
-    return x, y
+    check_tensors(*data)
+    return data[0], data[1]
 
 
 def _targets(post: Posterior, out: Tensor, y: Tensor) -> Tensor:
@@ -166,7 +150,8 @@ def _targets(post: Posterior, out: Tensor, y: Tensor) -> Tensor:
     return y.reshape(out.shape[2:]).to(out.dtype)
 
 
-def log_likelihood(post: Posterior, x: Tensor, y: Tensor, *, include_diverged: bool = False,
+@renamed_args(post="posterior")
+def log_likelihood(posterior: Posterior, x: Tensor, y: Tensor, *, include_diverged: bool = False,
                    chunk_size: int = 64) -> Tensor:
     """Pointwise log-likelihood log p(y_i | x_i, w) for every draw: (chain, draw, n).
 
@@ -174,7 +159,7 @@ def log_likelihood(post: Posterior, x: Tensor, y: Tensor, *, include_diverged: b
     over output dimensions, s = ``post.metadata["noise_std"]``. The model runs through
     ``torch.func.functional_call`` vmapped over ``chunk_size`` draws at a time.
     """
-    _check_post(post)
+    post = check_posterior("posterior", posterior)
     x, y = _check_data((x, y))
     return _pointwise_loglik(post, x, y, _kept_chains(post, include_diverged), chunk_size)
 
@@ -186,15 +171,16 @@ def _pointwise_loglik(post: Posterior, x: Tensor, y: Tensor, chains: Sequence[in
     return lp.reshape(*lp.shape[:3], -1).sum(-1)
 
 
-def random_projections(post: Posterior, num_projections: int, seed: int = 0,
+@renamed_args(post="posterior")
+def random_projections(posterior: Posterior, num_projections: int, seed: int = 0,
                        chains: Sequence[int] | None = None) -> Tensor:
     """<u_j, w> for ``num_projections`` random unit directions u_j of the flattened weights: (C, N, k).
 
     u_j = g_j / ||g_j|| with g_j ~ N(0, I_D) from ``torch.Generator().manual_seed(seed)``, drawn
     parameter by parameter so no (chain, draw, D) copy of the weights is ever made.
     """
-    if isinstance(num_projections, bool) or not isinstance(num_projections, int) or num_projections < 1:
-        raise ValueError(f"num_projections: must be an int >= 1, got {num_projections!r}")
+    post = check_posterior("posterior", posterior)
+    check_count("num_projections", num_projections, 1)
     chains = list(range(post.num_chains)) if chains is None else list(chains)
     gen = torch.Generator().manual_seed(int(seed))
     c, n = len(chains), post.num_draws
@@ -265,7 +251,8 @@ def _gather(post: Posterior, selection: Sequence[tuple[str, str, int]], chains: 
     return out
 
 
-def scalar_quantities(post: Posterior, *, data: tuple[Tensor, Tensor] | None = None,
+@renamed_args(post="posterior")
+def scalar_quantities(posterior: Posterior, *, data: tuple[Tensor, Tensor] | None = None,
                       probe_x: Tensor | None = None, num_projections: int = 8, seed: int = 0,
                       max_weights: int = 32, include_diverged: bool = False,
                       chunk_size: int = 64, var_names: Sequence[str] | None = None,
@@ -280,21 +267,21 @@ def scalar_quantities(post: Posterior, *, data: tuple[Tensor, Tensor] | None = N
     that are their own quantities instead (no projections then). The draws are read chunk by
     chunk (:meth:`~pib_bayes.Posterior.iter_draws`).
     """
-    return _quantities(post, data=data, probe_x=probe_x, num_projections=num_projections, seed=seed,
+    return _quantities(posterior, data=data, probe_x=probe_x, num_projections=num_projections, seed=seed,
                        max_weights=max_weights, include_diverged=include_diverged, chunk_size=chunk_size,
                        var_names=var_names, weights_apart=False)
 
 
-def _quantities(post: Posterior, *, data: tuple[Tensor, Tensor] | None, probe_x: Tensor | None,
+def _quantities(posterior: Posterior, *, data: tuple[Tensor, Tensor] | None, probe_x: Tensor | None,
                 num_projections: int, seed: int, max_weights: int, include_diverged: bool, chunk_size: int,
                 var_names: Sequence[str] | None, weights_apart: bool
                 ) -> tuple[dict[str, np.ndarray], dict[str, str], list[int]]:
     """:func:`scalar_quantities`; with ``weights_apart`` the selected weights are left out (summary
     diagnoses them block by block)."""
-    _check_post(post)
-    _check_count("max_weights", max_weights, 0)
-    _check_count("chunk_size", chunk_size, 1)
-    _check_count("num_projections", num_projections, 1)
+    post = check_posterior("posterior", posterior)
+    check_count("max_weights", max_weights, 0)
+    check_count("chunk_size", chunk_size, 1)
+    check_count("num_projections", num_projections, 1)
     if data is not None:
         data = _check_data(data)
     chains = _kept_chains(post, include_diverged)
@@ -365,7 +352,8 @@ def _as_dataset(values: dict[str, np.ndarray], chains: Sequence[int]) -> xr.Data
 
 
 # ------------------------------------------------------------------------------------ summary
-def summary(post: Posterior, *, data: tuple[Tensor, Tensor] | None = None, probe_x: Tensor | None = None,
+@renamed_args(post="posterior")
+def summary(posterior: Posterior, *, data: tuple[Tensor, Tensor] | None = None, probe_x: Tensor | None = None,
             num_projections: int = 8, seed: int = 0, max_weights: int = 32, rhat_threshold: float = 1.01,
             min_ess_per_chain: float = 100.0, include_diverged: bool = False, chunk_size: int = 64,
             warn: bool = True, var_names: Sequence[str] | None = None) -> pd.DataFrame:
@@ -403,13 +391,14 @@ def summary(post: Posterior, *, data: tuple[Tensor, Tensor] | None = None, probe
     >>> list(table.index), bool((table["r_hat"] < 1.01).all())
     (['energy', 'w[0]', 'w[1]'], True)
     """
-    _check_post(post)
+    post = check_posterior("posterior", posterior)
     check_bool("warn", warn)
     for name, val in (("rhat_threshold", rhat_threshold), ("min_ess_per_chain", min_ess_per_chain)):
-        if not isinstance(val, (int, float)) or isinstance(val, bool) or not math.isfinite(val) or val <= 0:
+        if not is_real(val) or not math.isfinite(val) or val <= 0:
             raise ValueError(f"{name}: must be a positive number, got {val!r}")
     if post.num_draws < 4:
-        raise ValueError(f"post: ArviZ diagnostics need at least 4 draws per chain, got {post.num_draws}")
+        raise ValueError(f"posterior: ArviZ diagnostics need at least 4 draws per chain, "
+                         f"got {post.num_draws}")
     values, kinds, chains = _quantities(
         post, data=data, probe_x=probe_x, num_projections=num_projections, seed=seed, max_weights=max_weights,
         include_diverged=include_diverged, chunk_size=chunk_size, var_names=var_names, weights_apart=True)
@@ -503,7 +492,8 @@ LAZY_EXPORT_BYTES = 2**30
 """Most bytes of draws :func:`to_arviz` reads into memory from a lazily read posterior."""
 
 
-def to_arviz(post: Posterior, *, params: None | Sequence[str] | str = None, num_projections: int = 8,
+@renamed_args(post="posterior")
+def to_arviz(posterior: Posterior, *, params: None | Sequence[str] | str = None, num_projections: int = 8,
              seed: int = 0, data: tuple[Tensor, Tensor] | None = None, include_diverged: bool = False,
              chunk_size: int = 64, predictive_seed: int = 0) -> Any:
     """Export to ArviZ: ``InferenceData`` on arviz 0.x, ``xarray.DataTree`` on arviz 1.x.
@@ -536,7 +526,7 @@ def to_arviz(post: Posterior, *, params: None | Sequence[str] | str = None, num_
     >>> dict(idata.posterior["w"].sizes)
     {'chain': 2, 'draw': 5, 'w_dim_0': 3}
     """
-    _check_post(post)
+    post = check_posterior("posterior", posterior)
     if data is not None:
         data = _check_data(data)
     chains = _kept_chains(post, include_diverged)
@@ -632,14 +622,14 @@ def _as_rows(name: str, value: Any) -> Tensor:
     rows = value.detach().reshape(-1, value.shape[-1]).to(torch.float64)
     if rows.shape[0] == 0 or rows.shape[1] == 0:
         raise ValueError(f"{name}: holds no draws or no coordinates (shape {tuple(value.shape)})")
-    _check_finite(name, "it", rows)
+    check_finite_tensor(name, "it", rows)
     return rows
 
 
 def _check_imq(c: Any, power: Any) -> tuple[float, float]:
-    if isinstance(c, bool) or not isinstance(c, (int, float)) or not (math.isfinite(c) and c > 0):
+    if not is_real(c) or not (math.isfinite(c) and c > 0):
         raise ValueError(f"c: the IMQ kernel's scale must be a finite number > 0, got {c!r}")
-    if isinstance(power, bool) or not isinstance(power, (int, float)) or not -1.0 < power < 0.0:
+    if not is_real(power) or not -1.0 < power < 0.0:
         raise ValueError(f"power: the IMQ exponent must lie in (-1, 0) (Gorham & Mackey 2017; -0.5 is "
                          f"SPEC §4's), got {power!r}")
     return float(c), float(power)
@@ -697,7 +687,7 @@ def kernel_stein_discrepancy(draws: Tensor | np.ndarray, scores: Tensor | np.nda
     m, d = x.shape
     if block_size is None:
         block_size = max(1, min(m, (1 << 22) // m))
-    _check_count("block_size", block_size, 1)
+    check_count("block_size", block_size, 1)
     x = x - x.mean(0)
     xx, xs = x.square().sum(1), (x * s).sum(1)
     total = torch.zeros((), dtype=torch.float64, device=x.device)
@@ -767,7 +757,8 @@ def _energy_scores(energy: Any, draws: dict[str, Tensor], fixed: dict[str, Tenso
     return out
 
 
-def ksd(post: Posterior, energy: Any, data: tuple[Tensor, Tensor], *,
+@renamed_args(post="posterior")
+def ksd(posterior: Posterior, energy: Any, data: tuple[Tensor, Tensor], *,
         params: Sequence[str] | None = None, c: float = 1.0, power: float = -0.5, thin: int = 1,
         include_diverged: bool = False,
         batch_size: int | None = None, chunk_size: int = 64, block_size: int | None = None) -> float:
@@ -796,7 +787,7 @@ def ksd(post: Posterior, energy: Any, data: tuple[Tensor, Tensor], *,
     in S), memory O(m d); thin the draws or restrict ``params`` for large nets.
 
     Args:
-        post: the draws; every sampled parameter must have been kept (``sample(keep=None)``), as
+        posterior: the draws; every sampled parameter must have been kept (``sample(keep=None)``), as
             U needs all of them.
         energy: the :class:`~pib_bayes.Energy` of the target (the same model, loss, prior and
             beta as the sampling run).
@@ -826,25 +817,26 @@ def ksd(post: Posterior, energy: Any, data: tuple[Tensor, Tensor], *,
     """
     from .energy import Energy
 
-    _check_post(post)
+    post = check_posterior("posterior", posterior)
     if not isinstance(energy, Energy):
         raise TypeError(f"energy: expected a pib_bayes.Energy (model, loss, prior, beta of the target), "
                         f"got {type(energy).__name__}")
     x, y = _check_data(data)
     c, power = _check_imq(c, power)
-    _check_count("thin", thin, 1)
-    _check_count("chunk_size", chunk_size, 1)
-    batch_size = x.shape[0] if batch_size is None else _check_count("batch_size", batch_size, 1)
+    check_count("thin", thin, 1)
+    check_count("chunk_size", chunk_size, 1)
+    batch_size = x.shape[0] if batch_size is None else check_count("batch_size", batch_size, 1)
     post.check_model(energy.model)
     sampled = list(post.metadata.get("sampled_params", post.param_names))
-    missing = [k for k in sampled if k not in post.draws]
+    known = set(post.draws)  # (`in` on a lazily read mapping would read the variable)
+    missing = [k for k in sampled if k not in known]
     if missing:
-        raise ValueError(f"post: the draws of {missing} were not kept (sample(keep=...)); the energy's "
+        raise ValueError(f"posterior: the draws of {missing} were not kept (sample(keep=...)); the energy's "
                          "gradient needs every sampled parameter, so sample with keep=None")
     names = post.param_names if params is None else list(params)
     if isinstance(params, str) or not names:
         raise ValueError(f"params: expected a non-empty list of parameter names, got {params!r}")
-    unknown = [k for k in names if k not in post.draws]
+    unknown = [k for k in names if k not in known]
     if unknown:
         raise ValueError(f"params: unknown parameter names {unknown}; the draws hold {post.param_names}")
     chains = _kept_chains(post, include_diverged)

@@ -32,7 +32,7 @@ from typing import Any, TypeVar
 
 import torch
 
-from ._validate import check_path
+from ._validate import check_path, is_int
 
 __all__ = ["FormatError", "LockedError", "atomic_write_bytes", "exclusive_lock", "save_payload",
            "load_payload", "writer_tag", "is_stale"]
@@ -237,7 +237,7 @@ def load_payload(path: str | os.PathLike, kind: str, supported_versions: tuple[i
     if header.get("kind") != kind:
         raise FormatError(f"{path}: holds a {header.get('kind')!r}, expected a {kind!r}")
     version = header.get("format_version")
-    if isinstance(version, bool) or not isinstance(version, int):
+    if not is_int(version):
         raise FormatError(f"{path}: format_version must be an int, got {version!r} "
                           f"({type(version).__name__}); the header is corrupt or not written by pib_bayes")
     if version not in supported_versions:
@@ -245,7 +245,7 @@ def load_payload(path: str | os.PathLike, kind: str, supported_versions: tuple[i
                           f"(this pib_bayes reads {supported_versions}); re-create it with a matching "
                           "version")
     size, digest = header.get("size"), header.get("sha256")
-    if isinstance(size, bool) or not isinstance(size, int) or not isinstance(digest, str):
+    if not is_int(size) or not isinstance(digest, str):
         raise FormatError(f"{path}: corrupt header (size must be an int and sha256 a string)")
     body = raw[nl + 1:]
     if len(body) != size or hashlib.sha256(body).hexdigest() != digest:

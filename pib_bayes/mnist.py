@@ -27,6 +27,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from ._validate import is_int
+
 __all__ = ["load_mnist", "read_idx", "write_idx", "find_idx_pair", "IDXError", "IMAGES_MAGIC", "LABELS_MAGIC"]
 
 IMAGES_MAGIC = 2051  # 0x00000803: unsigned byte, 3 dimensions
@@ -143,7 +145,7 @@ def load_mnist(path: str | os.PathLike, split: str = "auto", *, limit: int | Non
         raise IDXError(f"{images_path.name} holds {images.shape[0]} images but {labels_path.name} "
                        f"{labels.shape[0]} labels; they must match")
     if limit is not None:
-        if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
+        if not is_int(limit) or limit < 1:
             raise ValueError(f"limit: must be an int >= 1 or None, got {limit!r}")
         images, labels = images[:limit], labels[:limit]
     x = torch.from_numpy(images.astype(np.float32) / 255.0)

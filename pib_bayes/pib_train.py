@@ -38,6 +38,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from ._validate import check_count, is_real
 from .data import as_tensors
 from .energy import Energy, check_beta, check_positive_finite, resolve_loss
 from .iiw.fisher import _per_example, check_theta0, fisher
@@ -98,12 +99,6 @@ def _streams(seed: int) -> tuple[torch.Generator, torch.Generator, torch.Generat
     states = np.random.SeedSequence(int(seed)).spawn(3)
     return tuple(torch.Generator().manual_seed(int(s.generate_state(1, np.uint64)[0] >> np.uint64(1)))
                  for s in states)  # type: ignore[return-value]
-
-
-def _check_int(name: str, v: Any, low: int) -> int:
-    if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < low:
-        raise ValueError(f"{name}: must be an int >= {low}, got {v!r}")
-    return int(v)
 
 
 @torch.no_grad()
@@ -228,7 +223,7 @@ def train_pib(
         raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
     if mode not in MODES:
         raise ValueError(f"mode: expected one of {MODES}, got {mode!r}")
-    if isinstance(beta, bool) or not isinstance(beta, (int, float)) or not 0 <= beta < np.inf:
+    if not is_real(beta) or not 0 <= beta < np.inf:
         raise ValueError(f"beta: the penalty weight must be a finite float >= 0 (the authors: 0.1; 0 is the "
                          f"ablation without the IIW term), got {beta!r}")
     beta = float(beta)
@@ -245,11 +240,11 @@ def train_pib(
         val = as_tensors(val_data)
         if val is None:
             raise ValueError("val_data: needs (x, y) tensors or a TensorDataset")
-    epochs = _check_int("epochs", epochs, 1)
-    batch_size = _check_int("batch_size", batch_size, 1)
-    patience = _check_int("patience", patience, 1)
-    thin = _check_int("thin", thin, 1)
-    seed = _check_int("seed", seed, 0)
+    epochs = check_count("epochs", epochs, 1)
+    batch_size = check_count("batch_size", batch_size, 1)
+    patience = check_count("patience", patience, 1)
+    thin = check_count("thin", thin, 1)
+    seed = check_count("seed", seed, 0)
     check_paper_batches(iiw_num_batches, iiw_batch_size)
     gamma = check_positive_finite("gamma", gamma)
     if mode == "paper":
@@ -257,7 +252,7 @@ def train_pib(
     if milestones is not None and not isinstance(milestones, (list, tuple)):
         raise ValueError(f"milestones: expected a list of epochs at which lr is multiplied by gamma, e.g. "
                          f"[50, 80], got {milestones!r}")
-    milestones = tuple(_check_int("milestones", m, 0) for m in (milestones or ()))
+    milestones = tuple(check_count("milestones", m, 0) for m in (milestones or ()))
     names = [k for k, p in model.named_parameters() if p.requires_grad]
     if not names:
         raise ValueError("model: has no trainable parameters")
@@ -272,10 +267,9 @@ def train_pib(
         if gibbs_beta is not None or prior is not None or burn_in is not None or thin != 1:
             raise ValueError("gibbs_beta: gibbs_beta, prior, burn_in and thin belong to mode='langevin'")
         lr = 1e-4 if lr is None else check_positive_finite("lr", lr)
-        if isinstance(momentum, bool) or not isinstance(momentum, (int, float)) or not 0 <= momentum < 1:
+        if not is_real(momentum) or not 0 <= momentum < 1:
             raise ValueError(f"momentum: must be in [0, 1) (the authors use 0.9), got {momentum!r}")
-        if isinstance(noise_std, bool) or not isinstance(noise_std, (int, float)) or not (
-                0 <= noise_std < np.inf):
+        if not is_real(noise_std) or not 0 <= noise_std < np.inf:
             raise ValueError(f"noise_std: must be a finite float >= 0 (the authors: sqrt(1e-10) = 1e-5), got "
                              f"{noise_std!r}")
         settings.update(lr=lr, momentum=float(momentum), noise_std=float(noise_std), patience=patience,
@@ -291,7 +285,7 @@ def train_pib(
                              "default")
     gibbs_beta = 1.0 / n if gibbs_beta is None else check_beta(gibbs_beta)
     lr = 1e-4 * gibbs_beta if lr is None else check_positive_finite("lr", lr)
-    burn_in = epochs // 2 if burn_in is None else _check_int("burn_in", burn_in, 0)
+    burn_in = epochs // 2 if burn_in is None else check_count("burn_in", burn_in, 0)
     if burn_in >= epochs:
         raise ValueError(f"burn_in: must be < epochs ({epochs}) so that some draws are kept, got {burn_in}")
     if prior is None:

@@ -20,7 +20,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call, vmap
 
-from ._validate import check_bool, check_memory, itemsize
+from ._validate import check_bool, check_count, check_memory, is_int, itemsize
 from .batched import batched_forward
 from .io import FormatError, exclusive_lock, load_payload
 
@@ -573,8 +573,7 @@ class Posterior:
                              "(predictions over an empty batch are not defined)")
         if x.is_floating_point() and not bool(torch.isfinite(x).all()):
             raise ValueError(f"{name}: x contains NaN or Inf values")
-        if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int)
-                                       or chunk_size < 1):
+        if chunk_size is not None and (not is_int(chunk_size) or chunk_size < 1):
             raise ValueError(f"chunk_size: must be an int >= 1 or None (automatic), got {chunk_size!r}")
         if engine not in ENGINES:
             raise ValueError(f"engine: expected one of {ENGINES}, got {engine!r}")
@@ -822,9 +821,8 @@ class Posterior:
 
         if not isinstance(model, nn.Module):
             raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
-        for name, value, least in (("num_warmup", num_warmup, 0), ("thin", thin, 1)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < least:
-                raise ValueError(f"{name}: must be an int >= {least}, got {value!r}")
+        check_count("num_warmup", num_warmup, 0)
+        check_count("thin", thin, 1)
         loss_fn, energy = None, None
         if isinstance(loss, Energy):
             energy, loss = loss, loss.loss_fn
@@ -1070,9 +1068,8 @@ class DrawCollector:
     def __init__(self, model: nn.Module, *, params: Any = None, num_warmup: int = 0, thin: int = 1) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
-        for name, value, least in (("num_warmup", num_warmup, 0), ("thin", thin, 1)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < least:
-                raise ValueError(f"{name}: must be an int >= {least}, got {value!r}")
+        check_count("num_warmup", num_warmup, 0)
+        check_count("thin", thin, 1)
         if params is None:
             self.names = [n for n, p in model.named_parameters() if p.requires_grad]
             if not self.names:
@@ -1091,8 +1088,7 @@ class DrawCollector:
 
         Returns whether it was stored."""
         model = self.model if model is None else model
-        if isinstance(chain, bool) or not isinstance(chain, int) or chain < 0:
-            raise ValueError(f"chain: must be an int >= 0, got {chain!r}")
+        check_count("chain", chain, 0)
         calls = self._calls.get(chain, 0)
         self._calls[chain] = calls + 1
         if calls < self.num_warmup or (calls - self.num_warmup) % self.thin:

@@ -19,6 +19,8 @@ from typing import Protocol, runtime_checkable
 import torch
 from torch import Tensor, nn
 
+from ._validate import is_real
+
 __all__ = ["Prior", "GaussianPrior", "DistributionPrior", "FlatPrior", "as_prior", "check_prior_fits"]
 
 
@@ -34,7 +36,7 @@ def _check_std(name: str, s: object) -> float | Tensor:
         if not bool(torch.isfinite(s).all()) or not bool((s > 0).all()):
             raise ValueError(f"{name}: every prior standard deviation must be finite and > 0")
         return s
-    if isinstance(s, bool) or not isinstance(s, (int, float)):
+    if not is_real(s):
         raise TypeError(f"{name}: expected a finite number > 0 or a tensor, got {type(s).__name__} {s!r}")
     if not math.isfinite(s) or s <= 0:
         raise ValueError(f"{name}: the prior std must be finite and > 0, got {s!r}")
@@ -306,7 +308,17 @@ class GaussianPrior:
         return _ClosedForm(self, list(names), list(like), stds)  # type: ignore[arg-type]
 
     def sample_like(self, params: Mapping[str, Tensor], generator: torch.Generator | None = None) -> dict:
-        """One draw from the prior with the shapes of ``params``."""
+        """One draw from the prior with the shapes of ``params``, ``mean + std * N(0, I)``.
+
+        ``generator`` (a ``torch.Generator``; None: the global stream) rather than a ``seed``:
+        :func:`~pib_bayes.sample` hands each chain its own stream (``init="prior"``).
+
+        >>> import torch
+        >>> gen = torch.Generator().manual_seed(0)
+        >>> draw = GaussianPrior(std=0.5).sample_like({"w": torch.zeros(2, 3)}, gen)
+        >>> tuple(draw["w"].shape)
+        (2, 3)
+        """
         out = {}
         for name, w in params.items():
             s = torch.as_tensor(self.std_of(name), dtype=w.dtype)

@@ -37,6 +37,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from ._validate import is_int
 from .io import FormatError, atomic_path
 
 __all__ = ["CHUNK_BYTES", "UB_MAGIC", "write_store", "read_store"]
@@ -297,7 +298,7 @@ def read_store(path: str | os.PathLike, kind: str, supported_versions: tuple[int
             if header.get("kind") != kind:
                 raise FormatError(f"{path}: holds a {header.get('kind')!r}, expected a {kind!r}")
             version = header.get("format_version")
-            if isinstance(version, bool) or not isinstance(version, int) or version not in supported_versions:
+            if not is_int(version) or version not in supported_versions:
                 raise FormatError(f"{path}: format version {version!r} is not supported (this pib_bayes "
                                   f"reads {supported_versions}); re-create it with a matching version")
             groups: dict[str, dict[str, Tensor]] = {}

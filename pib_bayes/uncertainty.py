@@ -34,7 +34,7 @@ import torch
 from torch import Tensor
 from torch.distributions import Categorical, MixtureSameFamily, Normal
 
-from ._validate import check_int, check_real
+from ._validate import check_count, check_fraction, check_int, check_real, is_real, real_tensor
 from .posterior import Prediction
 
 __all__ = [
@@ -139,8 +139,7 @@ def expected_calibration_error(pred: Prediction | Tensor, y: Tensor, *,
     >>> round(ece, 4)  # bins (0.8, 0.9]: |0.5 - 0.9|, (0.5, 0.6]: |1 - 0.6|, each half the points
     0.4
     """
-    if isinstance(num_bins, bool) or not isinstance(num_bins, int) or num_bins < 1:
-        raise ValueError(f"num_bins: must be an int >= 1, got {num_bins!r}")
+    check_count("num_bins", num_bins, 1)
     probs = _per_draw_probs(pred)
     y = _labels(y, probs)
     mean = probs.mean(0).double()
@@ -212,26 +211,11 @@ def classification_uncertainty(pred: Prediction | Tensor, y: Tensor | None = Non
 
 # ---------------------------------------------------------------------------------- regression
 def _check_level(level: float) -> float:
-    if isinstance(level, bool) or not isinstance(level, (int, float)) or not 0 < level < 1:
-        raise ValueError(f"level: the credible level must lie in (0, 1), got {level!r}")
-    return float(level)
-
-
-def _real_tensor(name: str, t: Any, what: str = "a tensor") -> Tensor:
-    """``t`` as a floating-point tensor of finite values; TypeError/ValueError naming ``name``."""
-    if not isinstance(t, Tensor):
-        raise TypeError(f"{name}: expected {what}, got {type(t).__name__}; convert it with torch.as_tensor")
-    if t.dtype == torch.bool or t.is_complex():
-        raise TypeError(f"{name}: expected real numbers, got dtype {t.dtype}")
-    if not torch.is_floating_point(t):
-        t = t.to(torch.get_default_dtype())
-    if not bool(torch.isfinite(t).all()):
-        raise ValueError(f"{name}: contains NaN or infinite values; remove or impute them first")
-    return t
+    return check_fraction("level", level, "the credible level")
 
 
 def _check_variance(variance: Any, mean: Tensor, strict: bool) -> Tensor:
-    variance = _real_tensor("variance", variance)
+    variance = real_tensor("variance", variance)
     try:
         shape = torch.broadcast_shapes(variance.shape, mean.shape)
     except RuntimeError:
@@ -247,7 +231,7 @@ def _check_variance(variance: Any, mean: Tensor, strict: bool) -> Tensor:
 
 def _check_targets(y: Any, like: Tensor, other: str) -> Tensor:
     """Observed values ``y``: a finite tensor with one value per entry of ``like`` (reshaped to it)."""
-    y = _real_tensor("y", y, "a tensor of observed values")
+    y = real_tensor("y", y, "a tensor of observed values")
     if y.numel() != like.numel():
         raise ValueError(f"y: has {y.numel()} values but {other} has {like.numel()} "
                          f"(shape {tuple(like.shape)}); pass one observed value per prediction")
@@ -259,7 +243,7 @@ def _check_targets(y: Any, like: Tensor, other: str) -> Tensor:
 def _check_noise(noise_std: Any, point_shape: torch.Size, draws: int | None = None) -> Tensor:
     """The observation noise s as a float64 tensor broadcastable to ``point_shape``, or (with ``draws``)
     one per draw, of shape ``(draws, *point_shape)``; finite and > 0."""
-    if isinstance(noise_std, bool) or not isinstance(noise_std, (int, float, Tensor)):
+    if not (is_real(noise_std) or isinstance(noise_std, Tensor)):
         raise TypeError(f"noise_std: expected a positive number or a tensor of them, "
                         f"got {type(noise_std).__name__}")
     if isinstance(noise_std, Tensor) and (noise_std.dtype == torch.bool or noise_std.is_complex()):
@@ -289,7 +273,7 @@ def gaussian_interval(mean: Tensor, variance: Tensor, level: float = 0.9) -> tup
     1.96
     """
     level = _check_level(level)
-    mean = _real_tensor("mean", mean)
+    mean = real_tensor("mean", mean)
     variance = _check_variance(variance, mean, strict=False)
     z = Normal(0.0, 1.0).icdf(torch.tensor(0.5 + level / 2, dtype=torch.float64))
     half = z.to(mean.dtype) * variance.sqrt()
@@ -324,7 +308,7 @@ def credible_interval(per_draw: Tensor, level: float = 0.9, noise_std: float | T
         raise ValueError("per_draw: expected a tensor (draws, points, ...)")
     if per_draw.shape[0] == 0:
         raise ValueError("per_draw: holds no draws; pass at least one")
-    per_draw = _real_tensor("per_draw", per_draw)
+    per_draw = real_tensor("per_draw", per_draw)
     qs = (0.5 - level / 2, 0.5 + level / 2)
     f = per_draw.double()
     if noise_std is None:
@@ -355,8 +339,8 @@ def credible_interval(per_draw: Tensor, level: float = 0.9, noise_std: float | T
 def coverage(y: Tensor, lower: Tensor, upper: Tensor) -> float:
     """Fraction of observed values inside [lower, upper] (``lower <= upper`` everywhere, else a
     ``ValueError``)."""
-    lower = _real_tensor("lower", lower)
-    upper = _real_tensor("upper", upper)
+    lower = real_tensor("lower", lower)
+    upper = real_tensor("upper", upper)
     if upper.shape != lower.shape:
         raise ValueError(f"upper: shape {tuple(upper.shape)} differs from lower's {tuple(lower.shape)}")
     if bool((lower > upper).any()):
@@ -369,7 +353,7 @@ def coverage(y: Tensor, lower: Tensor, upper: Tensor) -> float:
 
 def gaussian_nll(y: Tensor, mean: Tensor, variance: Tensor) -> float:
     """-mean log N(y; mean, variance) over every output value (nats)."""
-    mean = _real_tensor("mean", mean)
+    mean = real_tensor("mean", mean)
     variance = _check_variance(variance, mean, strict=True)
     y = _check_targets(y, mean, "mean")
     dist = Normal(mean.double(), variance.double().sqrt())
@@ -385,7 +369,7 @@ def mixture_nll(y: Tensor, per_draw: Tensor, noise_std: float | Tensor) -> float
     """
     if not isinstance(per_draw, Tensor) or per_draw.dim() < 2 or per_draw.shape[0] == 0:
         raise ValueError("per_draw: expected a tensor (draws, points, ...) with at least one draw")
-    per_draw = _real_tensor("per_draw", per_draw)
+    per_draw = real_tensor("per_draw", per_draw)
     s = _check_noise(noise_std, per_draw.shape[1:], per_draw.shape[0])
     y = _check_targets(y, per_draw[0], "per_draw (per draw)")
     return float(-_mixture(per_draw.double(), s).log_prob(y.double()).mean())
@@ -452,7 +436,7 @@ def regression_uncertainty(pred: Prediction | Tensor, y: Tensor | None = None, *
         raise ValueError(f"pred: draws need shape (draws, points, ...), got {tuple(per_draw.shape)}")
     if per_draw.shape[0] == 0:
         raise ValueError("pred: holds no draws; pass at least one")
-    per_draw = _real_tensor("pred", per_draw, "a tensor of draws")
+    per_draw = real_tensor("pred", per_draw, "a tensor of draws")
     if noise is not None:
         noise = _check_noise(noise, per_draw.shape[1:], per_draw.shape[0]).to(per_draw.dtype)
     if y is not None:

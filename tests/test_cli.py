@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -34,9 +35,9 @@ temperature = 1.0
 [sampler]
 step_size = 2e-4
 [run]
-chains = 2
-warmup = 10
-draws = 8
+num_chains = 2
+num_warmup = 10
+num_draws = 8
 thin = 1
 batch_size = 32
 """
@@ -126,14 +127,15 @@ def test_bad_config_exits_2_naming_the_key(tmp_path, capsys):
     r = _cli("sample", "--config", "run.toml", "--output", "o", cwd=tmp_path)
     assert r.returncode == EXIT_USAGE
     assert "sampler.stepsize" in r.stderr and "step_size" in r.stderr
-    _write(tmp_path, TINY.format(source="spirals").replace("chains = 2", 'chains = "two"'))
+    _write(tmp_path, TINY.format(source="spirals").replace("num_chains = 2", 'num_chains = "two"'))
     capsys.readouterr()
     assert (
         main(["sample", "--config", str(tmp_path / "run.toml"), "--output", str(tmp_path / "o"), "--json"])
         == 2
     )
     err = json.loads(capsys.readouterr().out)
-    assert err["key"] == "run.chains" and err["exit_code"] == EXIT_USAGE and "chains = 4" in err["error"]
+    assert err["key"] == "run.num_chains" and err["exit_code"] == EXIT_USAGE
+    assert "num_chains = 4" in err["error"]
     assert not (tmp_path / "o").exists()
 
 
@@ -169,8 +171,8 @@ def _cfg(**sections):
     "raw, key",
     [
         ({"sampelr": {}}, "sampelr"),
-        ({"run": {"draws": 0}}, "run.draws"),
-        ({"run": {"chains": 1.5}}, "run.chains"),
+        ({"run": {"num_draws": 0}}, "run.num_draws"),
+        ({"run": {"num_chains": 1.5}}, "run.num_chains"),
         ({"posterior": {"beta": -1.0}}, "posterior.beta"),
         ({"posterior": {"beta": 0.1, "temperature": 1.0}}, "posterior.beta"),
         ({"sampler": {"name": "nuts"}}, "sampler.name"),
@@ -192,9 +194,9 @@ def test_validation_names_the_key(raw, key):
 
 def test_missing_source_and_defaults():
     with pytest.raises(ConfigError, match="data.source: is required"):
-        validate_config({"run": {"chains": 2}})
+        validate_config({"run": {"num_chains": 2}})
     cfg = validate_config(_cfg(sampler={"name": "csgld"}))
-    assert cfg["sampler"]["schedule"] == "cyclical" and cfg["run"]["chains"] == 4
+    assert cfg["sampler"]["schedule"] == "cyclical" and cfg["run"]["num_chains"] == 4
     assert cfg["posterior"]["beta"] is None and cfg["posterior"]["temperature"] is None
 
 
@@ -271,6 +273,80 @@ def test_regression_run_and_features_only_predict(tmp_path, capsys):
     assert np.all(np.array([float(r["sd"]) for r in rows]) >= 0.3 - 1e-6)
 
 
+def test_a_config_with_the_old_key_names_runs_with_warnings_and_the_same_draws(tmp_path):
+    """run.chains/warmup/draws and posterior.prior_std/prior_mean are deprecated names of
+    run.num_chains/num_warmup/num_draws and prior.std/mean (issue 17): same run, one FutureWarning per
+    old key."""
+    new = TINY.format(source="spirals").replace("[posterior]",
+                                                "[prior]\nstd = 0.5\nmean = \"zeros\"\n[posterior]")
+    old = (TINY.format(source="spirals").replace("num_chains = 2", "chains = 2")
+           .replace("num_warmup = 10", "warmup = 10")
+           .replace("num_draws = 8", "draws = 8")
+           .replace("[posterior]", "[posterior]\nprior_std = 0.5\nprior_mean = \"zeros\""))
+    draws = {}
+    for name, text in (("new", new), ("old", old)):
+        _write(tmp_path, text, f"{name}.toml")
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            code = main(["sample", "--config", str(tmp_path / f"{name}.toml"), "--output",
+                         str(tmp_path / name), "--quiet"])
+        assert code == EXIT_OK
+        renamed = [str(w.message) for w in caught if issubclass(w.category, FutureWarning)
+                   and "is deprecated" in str(w.message)]
+        assert len(renamed) == (5 if name == "old" else 0), renamed
+        draws[name] = Posterior.load(tmp_path / name / "posterior.pt").draws
+        cfg = json.loads((tmp_path / name / "config.json").read_text())
+        assert cfg["prior"] == {"std": 0.5, "mean": "zeros"} and cfg["run"]["num_draws"] == 8
+    assert draws["old"].keys() == draws["new"].keys()
+    for k in draws["new"]:
+        assert torch.equal(draws["old"][k], draws["new"][k])
+    # "would catch the bug": an old key that was ignored (prior std 1, mean init) changes the draws
+    _write(tmp_path, TINY.format(source="spirals"), "default.toml")
+    assert main(["sample", "--config", str(tmp_path / "default.toml"), "--output", str(tmp_path / "default"),
+                 "--quiet"]) == EXIT_OK
+    other = Posterior.load(tmp_path / "default" / "posterior.pt").draws
+    assert any(not torch.equal(other[k], draws["new"][k]) for k in other)
+
+
+def test_a_run_directory_written_with_the_old_key_names_still_predicts_the_same(tmp_path, capsys):
+    """The config.json of a run directory from before the renames loads with one FutureWarning per old
+    key and gives the same predictions and bounds as the directory with the new names."""
+    _write(tmp_path, TINY.format(source="spirals").replace("[posterior]", "[prior]\nstd = 0.5\n[posterior]"))
+    new_dir, old_dir = tmp_path / "new", tmp_path / "old"
+    assert main(["sample", "--config", str(tmp_path / "run.toml"), "--output", str(new_dir), "--quiet"]) == 0
+    import shutil
+
+    shutil.copytree(new_dir, old_dir)
+    cfg = json.loads((old_dir / "config.json").read_text())
+    run, prior = cfg["run"], cfg.pop("prior")
+    for old, new in (("chains", "num_chains"), ("warmup", "num_warmup"), ("draws", "num_draws")):
+        run[old] = run.pop(new)
+    cfg["posterior"].update(prior_std=prior["std"], prior_mean=prior["mean"])
+    (old_dir / "config.json").write_text(json.dumps(cfg))
+    def diagnose(run_dir: Path) -> str:
+        capsys.readouterr()
+        assert main(["diagnose", str(run_dir), "--json", "--no-plots"]) == 0
+        return capsys.readouterr().out.replace(str(run_dir), "RUN")
+
+    results = {}
+    for name, run_dir in (("new", new_dir), ("old", old_dir)):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            assert main(["predict", str(run_dir), "--json", "--output", str(tmp_path / f"{name}.csv")]) == 0
+            report = diagnose(run_dir)
+        renamed = [w for w in caught if issubclass(w.category, FutureWarning)
+                   and "is deprecated" in str(w.message)]
+        assert len(renamed) == (10 if name == "old" else 0)  # 5 old keys, read by predict and by diagnose
+        results[name] = ((tmp_path / f"{name}.csv").read_text(), report)
+    assert results["old"] == results["new"]
+    # "would catch the bug": with the old prior_std dropped (std 1, the default) the bounds differ
+    del cfg["posterior"]["prior_std"]
+    (old_dir / "config.json").write_text(json.dumps(cfg))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert diagnose(old_dir) != results["new"][1]
+
+
 def test_failed_run_leaves_nothing_and_all_diverged_exits_3(tmp_path, capsys):
     _write(tmp_path, TINY.format(source="spirals") + "\n[sampler.kwargs]\nfriction = 0.5\n")
     out = tmp_path / "fail"
@@ -333,9 +409,9 @@ def test_sample_under_torchrun_shares_the_chains_and_matches_one_process(tmp_pat
         source = "spirals"
         n = 200
         [run]
-        chains = 4
-        warmup = 20
-        draws = 10
+        num_chains = 4
+        num_warmup = 20
+        num_draws = 10
         chain_method = "sequential"
         [output]
         dir = "OUT"
@@ -362,7 +438,8 @@ def test_sample_killed_then_resumed_gives_the_uninterrupted_draws(tmp_path):
     import signal
     import time
 
-    text = TINY.format(source="spirals").replace("warmup = 10", "warmup = 4000") + "checkpoint_every = 50\n"
+    text = (TINY.format(source="spirals").replace("num_warmup = 10", "num_warmup = 4000")
+            + "checkpoint_every = 50\n")
     _write(tmp_path, text)
     r = _cli("sample", "--config", "run.toml", "--output", "runs/ref", "--quiet", cwd=tmp_path)
     assert r.returncode == EXIT_OK, r.stderr

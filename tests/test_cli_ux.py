@@ -32,9 +32,9 @@ steps = 30
 [sampler]
 step_size = 2e-4
 [run]
-chains = 2
-warmup = 10
-draws = 8
+num_chains = 2
+num_warmup = 10
+num_draws = 8
 thin = 1
 batch_size = 32
 """

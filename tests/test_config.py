@@ -23,7 +23,7 @@ def _minimal(**data):
 
 def test_defaults_fill_every_section():
     cfg = validate_config(_minimal())
-    assert cfg["sampler"]["name"] == "sgld" and cfg["run"]["chains"] == 4
+    assert cfg["sampler"]["name"] == "sgld" and cfg["run"]["num_chains"] == 4
     assert cfg["model"]["hidden"] == [64, 64] and cfg["model"]["activation"] == "tanh"
     assert cfg["data"]["test_fraction"] == 0.2 and cfg["output"]["dir"] == "runs/x"
     assert validate_config(_minimal(), output_dir="elsewhere")["output"]["dir"] == "elsewhere"
@@ -33,10 +33,10 @@ def test_errors_name_the_dotted_key_and_suggest_the_closest():
     with pytest.raises(ConfigError, match="^samplr: unknown section; did you mean 'sampler'") as err:
         validate_config({**_minimal(), "samplr": {}})
     assert err.value.key == "samplr" and isinstance(err.value, ValueError)
-    with pytest.raises(ConfigError, match=r"^run\.chians: .*did you mean 'chains'"):
-        validate_config({**_minimal(), "run": {"chians": 2}})
-    with pytest.raises(ConfigError, match=r"^run\.chains: "):
-        validate_config({**_minimal(), "run": {"chains": 0}})
+    with pytest.raises(ConfigError, match=r"^run\.num_chians: .*did you mean 'num_chains'"):
+        validate_config({**_minimal(), "run": {"num_chians": 2}})
+    with pytest.raises(ConfigError, match=r"^run\.num_chains: "):
+        validate_config({**_minimal(), "run": {"num_chains": 0}})
     with pytest.raises(ConfigError, match=r"^sampler\.name: "):
         validate_config({**_minimal(), "sampler": {"name": "hmc"}})
     with pytest.raises(ConfigError, match=r"^data\.source: "):
@@ -47,9 +47,9 @@ def test_errors_name_the_dotted_key_and_suggest_the_closest():
 
 def test_load_config_reads_toml_and_reports_bad_files(tmp_path):
     path = tmp_path / "run.toml"
-    path.write_text('[data]\nsource = "regression"\n[output]\ndir = "out"\n[run]\nchains = 2\n')
+    path.write_text('[data]\nsource = "regression"\n[output]\ndir = "out"\n[run]\nnum_chains = 2\n')
     cfg = load_config(path)
-    assert cfg["data"]["source"] == "regression" and cfg["run"]["chains"] == 2
+    assert cfg["data"]["source"] == "regression" and cfg["run"]["num_chains"] == 2
     (tmp_path / "bad.toml").write_text("[data\n")
     with pytest.raises(ConfigError, match="^<toml>: "):
         load_config(tmp_path / "bad.toml")
@@ -84,3 +84,54 @@ def test_load_data_splits_reproducibly_and_standardizes_on_the_training_split(tm
     assert rows == {tuple(r) for r in x.tolist()}  # a split: every example exactly once
     with pytest.raises(ConfigError, match=r"^data\.test_fraction: "):
         load_data(validate_config(_minimal(n=20, test_fraction=0.95))["data"])
+
+
+# --------------------------------------------------------------------------- renamed keys (issue 17)
+OLD_KEYS = [  # (old section, old key, value, new section, new key)
+    ("run", "chains", 3, "run", "num_chains"),
+    ("run", "warmup", 7, "run", "num_warmup"),
+    ("run", "draws", 9, "run", "num_draws"),
+    ("posterior", "prior_std", 0.3, "prior", "std"),
+    ("posterior", "prior_mean", "zeros", "prior", "mean"),
+]
+
+
+def test_the_renamed_keys_table_is_the_one_tested():
+    from pib_bayes.config import RENAMED_KEYS, SCHEMA
+
+    assert RENAMED_KEYS == {(s, k): (ns, nk) for s, k, _, ns, nk in OLD_KEYS}
+    for (section, key), (new_section, new_key) in RENAMED_KEYS.items():
+        assert key not in SCHEMA[section] and new_key in SCHEMA[new_section]
+
+
+@pytest.mark.parametrize(("section", "key", "value", "new_section", "new_key"), OLD_KEYS)
+def test_an_old_key_loads_with_a_warning_naming_the_new_key(section, key, value, new_section, new_key):
+    new = validate_config({**_minimal(), new_section: {new_key: value}})
+    message = rf"'{section}\.{key}' is deprecated, use '{new_section}\.{new_key}'"
+    with pytest.warns(FutureWarning, match=message):
+        old = validate_config({**_minimal(), section: {key: value}})
+    assert old == new and new[new_section][new_key] == value
+    # "would catch the bug": the default differs from the value, so an ignored old key would show
+    assert validate_config(_minimal())[new_section][new_key] != value
+
+
+def test_an_old_key_with_its_new_name_is_an_error():
+    with pytest.raises(ConfigError, match=r"^run\.draws: is the deprecated name of run\.num_draws"):
+        validate_config({**_minimal(), "run": {"draws": 3, "num_draws": 3}})
+    with pytest.raises(ConfigError, match=r"^posterior\.prior_std: .*keep only prior\.std"):
+        validate_config({**_minimal(), "posterior": {"prior_std": 1.0}, "prior": {"std": 2.0}})
+
+
+def test_an_old_key_with_a_bad_value_names_the_new_key():
+    with pytest.warns(FutureWarning), pytest.raises(ConfigError, match=r"^run\.num_draws: must be >= 1"):
+        validate_config({**_minimal(), "run": {"draws": 0}})
+
+
+def test_load_config_reads_a_file_with_the_old_keys(tmp_path):
+    path = tmp_path / "old.toml"
+    path.write_text('[data]\nsource = "spirals"\n[posterior]\nprior_std = 0.5\n[run]\nwarmup = 3\ndraws = 4\n'
+                    '[output]\ndir = "runs/x"\n')
+    with pytest.warns(FutureWarning) as caught:
+        cfg = load_config(path)
+    assert len(caught) == 3  # one per old key
+    assert (cfg["run"]["num_warmup"], cfg["run"]["num_draws"], cfg["prior"]["std"]) == (3, 4, 0.5)

@@ -418,7 +418,7 @@ def _grid():
         lambda v: D.summary(POST, data=v),
     )
     add("summary", "probe_x", ["x", X[:, :2], torch.full((2, 3), NAN)], lambda v: D.summary(POST, probe_x=v))
-    add("summary", "post", ["x", None, 3, make_post(num_draws=2)], lambda v: D.summary(v))
+    add("summary", "posterior", ["x", None, 3, make_post(num_draws=2)], lambda v: D.summary(v))
     # ---- uncertainty
     add(
         "entropy",

@@ -30,7 +30,7 @@ BASE: dict[str, dict[str, Any]] = {
     "model": {"hidden": [4]},
     "data": {"source": "spirals", "n": 60},
     "posterior": {"temperature": 1.0},
-    "run": {"chains": 2, "warmup": 3, "draws": 3, "batch_size": 16, "checkpoint_every": 0},
+    "run": {"num_chains": 2, "num_warmup": 3, "num_draws": 3, "batch_size": 16, "checkpoint_every": 0},
 }
 
 
@@ -163,16 +163,16 @@ def test_an_unknown_section_exits_2_naming_it(name):
 
 
 # ------------------------------------------------------------------------- hand-listed cases
-DEFAULT_SIZES = {"run": {"chains": 4, "draws": 200}}  # the defaults, as in the reports
+DEFAULT_SIZES = {"run": {"num_chains": 4, "num_draws": 200}}  # the defaults, as in the reports
 HAND: list[tuple[str, dict[str, Any], str]] = [
     # sizes far beyond memory: refused before allocating, naming the key
-    ("hidden-1e8", {**DEFAULT_SIZES, "model": {"hidden": [100000000]}}, "run.draws"),
+    ("hidden-1e8", {**DEFAULT_SIZES, "model": {"hidden": [100000000]}}, "run.num_draws"),
     ("hidden-1e12", {"model": {"hidden": [10**12]}}, "model.hidden"),
     ("hidden-deep-wide", {"model": {"hidden": [10**6, 10**6, 10**6]}}, "model.hidden"),
-    ("chains-1e8", {"run": {"chains": 100000000}}, "run.chains"),
-    ("chains-1e8-float", {"run": {"chains": 1e8}}, "run.chains"),
-    ("draws-1e10", {"run": {"draws": 10**10}}, "run.draws"),
-    ("draws-1e10-float", {"run": {"draws": 1e10}}, "run.draws"),
+    ("chains-1e8", {"run": {"num_chains": 100000000}}, "run.num_chains"),
+    ("chains-1e8-float", {"run": {"num_chains": 1e8}}, "run.num_chains"),
+    ("draws-1e10", {"run": {"num_draws": 10**10}}, "run.num_draws"),
+    ("draws-1e10-float", {"run": {"num_draws": 1e10}}, "run.num_draws"),
     ("data-n-1e12", {"data": {"n": 10**12}}, "data.n"),
     ("builtin-factory-huge", {"model": {"hidden": [4], "factory": "pib_bayes.config:build_mlp",
                                         "kwargs": {"hidden": [10**12]}}}, "model.hidden"),

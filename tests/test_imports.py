@@ -118,3 +118,57 @@ def test_each_module_imports_first_in_a_fresh_process(module):
     proc = subprocess.run([sys.executable, "-c", f"import {module}"], capture_output=True, text=True,
                           cwd=ROOT, timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
+
+
+# ------------------------------------------------------------------ tests/ mirrors the package (issue 17)
+#: Subpackages whose modules are the internal layout of one public function: their tests are the
+#: package's (``pib_bayes.driver`` is ``sample``; see its docstring), not one file per module.
+LAYOUT_PACKAGES = {"driver"}
+
+
+def public_modules(root: Path = PKG) -> list[str]:
+    """Dotted names below pib_bayes of the public modules and subpackages: no part starts with ``_``
+    (``__init__`` stands for its package), ``__main__`` is not a module to test."""
+    out = []
+    for f in sorted(root.rglob("*.py")):
+        parts = list(f.relative_to(root).with_suffix("").parts)
+        if parts[-1] == "__init__":
+            parts = parts[:-1]
+        if not parts or any(p.startswith("_") for p in parts):
+            continue
+        if parts[0] in LAYOUT_PACKAGES and len(parts) > 1:
+            continue
+        out.append(".".join(parts))
+    return out
+
+
+def missing_test_files(modules: list[str], tests: set[str]) -> list[str]:
+    """Each public module ``a.b`` needs tests/test_a_b.py; a subpackage ``a`` needs tests/test_a.py or
+    at least one tests/test_a_*.py."""
+    missing = []
+    for m in modules:
+        stem = "test_" + m.replace(".", "_")
+        if f"{stem}.py" in tests:
+            continue
+        is_package = (PKG / m.replace(".", "/") / "__init__.py").is_file()
+        if is_package and any(t.startswith(stem + "_") for t in tests):
+            continue
+        missing.append(f"pib_bayes.{m} -> tests/{stem}.py")
+    return missing
+
+
+def test_every_public_module_has_its_test_file():
+    tests = {p.name for p in (ROOT / "tests").glob("test_*.py")}
+    modules = public_modules()
+    expected = {"energy", "posterior", "config", "samplers", "samplers.kernels", "iiw.fisher", "driver"}
+    assert expected <= set(modules) and not any(m.startswith("driver.") for m in modules)
+    assert missing_test_files(modules, tests) == []
+
+
+def test_the_mirror_check_finds_a_module_without_tests():
+    # the would-catch twin: a new module (or a removed test file) is reported
+    tests = {p.name for p in (ROOT / "tests").glob("test_*.py")}
+    found = missing_test_files([*public_modules(), "newthing"], tests)
+    assert found == ["pib_bayes.newthing -> tests/test_newthing.py"]
+    assert missing_test_files(["iiw.result"], tests - {"test_iiw_result.py"}) == [
+        "pib_bayes.iiw.result -> tests/test_iiw_result.py"]

@@ -290,5 +290,5 @@ def test_ksd_bad_input_names_the_argument():
         with pytest.raises(err, match=f"^{name}: "):
             fn()
     kept = _linear_posterior(keep=["weight"])[0]
-    with pytest.raises(ValueError, match=r"^post: .*bias.*keep=None"):
+    with pytest.raises(ValueError, match=r"^posterior: .*bias.*keep=None"):
         ksd(kept, energy, data)

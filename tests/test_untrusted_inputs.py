@@ -21,9 +21,9 @@ n = 60
 [posterior]
 temperature = 1.0
 [run]
-chains = 2
-warmup = 5
-draws = 4
+num_chains = 2
+num_warmup = 5
+num_draws = 4
 batch_size = 16
 checkpoint_every = 0
 """

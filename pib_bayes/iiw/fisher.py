@@ -28,6 +28,7 @@ from torch import Tensor, nn
 from torch.func import functional_call, jvp, vmap
 from torch.utils.data import DataLoader
 
+from .._validate import is_int
 from ..data import as_tensors
 from ..energy import LossFn, check_beta, resolve_loss
 from ._groups import resolve_groups
@@ -460,7 +461,7 @@ def _paper_result(model, loss, data, theta, delta, grouped, fixed, num_batches, 
 
 
 def _jvp_sums(derivs, data, chunk_size) -> tuple[Tensor, int]:
-    if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int)
+    if chunk_size is not None and (not is_int(chunk_size)
                                    or chunk_size < 1):
         raise ValueError(f"chunk_size: must be an int >= 1 or None, got {chunk_size!r}")
     sums: Tensor | float = 0.0
@@ -482,7 +483,7 @@ def _minibatch_sums(model, loss, theta, tangents, data, num_batches, batch_size,
     x, y = tensors
     n = x.shape[0]
     for label, v in (("num_batches", num_batches), ("batch_size", batch_size)):
-        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+        if not is_int(v) or v < 1:
             raise ValueError(f"{label}: must be an int >= 1, got {v!r}")
     m = min(batch_size, n)
     gen = torch.Generator().manual_seed(seed)

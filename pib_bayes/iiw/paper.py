@@ -22,6 +22,8 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
+from .._validate import is_int
+
 __all__ = ["is_weight", "check_paper_batches", "paper_gradients", "paper_iiw"]
 
 
@@ -32,11 +34,11 @@ def is_weight(name: str) -> bool:
 
 def check_paper_batches(num_batches: int | str, batch_size: int) -> None:
     """Validate ``num_batches`` (an int >= 1 or ``"all"``) and ``batch_size`` (an int >= 1)."""
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+    if not is_int(batch_size) or batch_size < 1:
         raise ValueError(f"batch_size: must be an int >= 1 (the authors use 1000), got {batch_size!r}")
     if num_batches == "all":
         return
-    if isinstance(num_batches, bool) or not isinstance(num_batches, int) or num_batches < 1:
+    if not is_int(num_batches) or num_batches < 1:
         raise ValueError(f"num_batches: must be an int >= 1 (the authors use 10) or 'all' (every one of the "
                          f"ceil(n / batch_size) consecutive batches), got {num_batches!r}")
 
@@ -59,7 +61,9 @@ def paper_gradients(
     ``loss_fn`` returns one loss per example (``reduction="none"``); the batch loss is their mean. The
     model runs in train mode (as the authors' code), its own mode restored afterwards; buffers are
     copies, so BatchNorm running statistics are not changed. Random batches take
-    ``torch.randint(n, (batch_size,), generator=generator)``, one call per batch.
+    ``torch.randint(n, (batch_size,), generator=generator)``, one call per batch; a
+    ``torch.Generator`` rather than a ``seed``, since a training loop calls this every step and the
+    batches must continue one stream (:mod:`pib_bayes.pib_train` passes its own).
     """
     check_paper_batches(num_batches, batch_size)
     n = x.shape[0]

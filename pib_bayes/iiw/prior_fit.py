@@ -21,6 +21,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from .._validate import is_int, is_real
 from ..data import as_tensors
 from ..energy import resolve_loss
 
@@ -51,7 +52,7 @@ def random_split(x: Tensor, y: Tensor, fraction: float, seed: int, arg: str
                  ) -> tuple[tuple[Tensor, Tensor], tuple[Tensor, Tensor]]:
     """``fraction`` of the examples (at random, seeded) and the rest; ``arg`` names the fraction in errors.
     Shared by :func:`split_for_prior` and :func:`pib_bayes.bounds.split_data`."""
-    if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0 < fraction < 1:
+    if not is_real(fraction) or not 0 < fraction < 1:
         raise ValueError(f"{arg}: must be a float in (0, 1) (share of examples for the prior), got "
                          f"{fraction!r}")
     n = x.shape[0]
@@ -140,14 +141,13 @@ def fit_prior_mean(
     if tensors is None:
         raise TypeError("prior_data: needs (x, y) tensors or a TensorDataset (the held-out split)")
     for label, v in (("epochs", epochs), ("batch_size", batch_size)):
-        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+        if not is_int(v) or v < 1:
             raise ValueError(f"{label}: must be an int >= 1, got {v!r}")
-    if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not 0 < lr < float("inf"):
+    if not is_real(lr) or not 0 < lr < float("inf"):
         raise ValueError(f"lr: the learning rate must be a finite float > 0, e.g. 1e-2, got {lr!r}")
     if optimizer not in ("adam", "sgd"):
         raise ValueError(f"optimizer: expected 'adam' or 'sgd', got {optimizer!r}")
-    if isinstance(weight_decay, bool) or not isinstance(weight_decay, (int, float)) or not (
-            0 <= weight_decay < float("inf")):
+    if not is_real(weight_decay) or not 0 <= weight_decay < float("inf"):
         raise ValueError(f"weight_decay: must be a finite float >= 0 (the authors' prior uses 1e-5), got "
                          f"{weight_decay!r}")
     if reinit_std is not None:
@@ -170,7 +170,7 @@ def fit_prior_mean(
 
 
 def _check_std(std: float) -> None:
-    if isinstance(std, bool) or not isinstance(std, (int, float)) or not 0 < std < float("inf"):
+    if not is_real(std) or not 0 < std < float("inf"):
         raise ValueError(f"reinit_std: must be a finite float > 0 (the authors use 0.01), got {std!r}")
 
 

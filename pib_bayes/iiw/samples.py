@@ -26,7 +26,7 @@ import torch
 from torch import Tensor
 from torch.distributions import LowRankMultivariateNormal, MultivariateNormal, Normal
 
-from .._validate import check_bool, check_memory
+from .._validate import check_bool, check_memory, check_posterior, is_int, is_real
 from ..posterior import Posterior
 from ..prior import FlatPrior, GaussianPrior, Prior, check_prior_fits
 from ._groups import resolve_groups
@@ -73,7 +73,7 @@ def ledoit_wolf(x: Tensor) -> tuple[Tensor, float]:
 def _check_shrinkage(shrinkage: object) -> None:
     if shrinkage in (None, "auto", "ledoit-wolf"):
         return
-    if isinstance(shrinkage, bool) or not isinstance(shrinkage, (int, float)) or not 0 <= shrinkage <= 1:
+    if not is_real(shrinkage) or not 0 <= shrinkage <= 1:
         raise ValueError(f"shrinkage: expected 'auto', 'ledoit-wolf', None or a float in [0, 1], got "
                          f"{shrinkage!r}")
 
@@ -81,13 +81,13 @@ def _check_shrinkage(shrinkage: object) -> None:
 def _check_rank(rank: object) -> None:
     if rank is None:
         return
-    if isinstance(rank, bool) or not isinstance(rank, (int, np.integer)) or rank < 1:
+    if not is_int(rank) or rank < 1:
         raise ValueError(f"rank: the low-rank structure needs an int >= 1 (or None for min(20, draws - 2)), "
                          f"got {rank!r}")
 
 
 def _check_num_mc(num_mc: object) -> None:
-    if isinstance(num_mc, bool) or not isinstance(num_mc, (int, np.integer)) or num_mc < 2:
+    if not is_int(num_mc) or num_mc < 2:
         raise ValueError(f"num_mc: the Monte-Carlo cross-entropy needs an int >= 2 draws of q (e.g. the "
                          f"default 4096), got {num_mc!r}")
 
@@ -228,8 +228,7 @@ def _layout(post: Posterior, groups: Mapping[str, Sequence[str]] | None):
 
 def _good_chains(post: Posterior, what: str, stacklevel: int = 4) -> list[int]:
     """The non-diverged chains (a warning names the others), with at least 2 draws in total."""
-    if not isinstance(post, Posterior):
-        raise TypeError(f"{what}: expected a pib_bayes.Posterior, got {type(post).__name__}")
+    check_posterior(what, post)
     chains = post.good_chains
     if len(chains) < post.num_chains:
         warnings.warn(f"{what}: chains {sorted(set(range(post.num_chains)) - set(chains))} diverged and are "
@@ -381,9 +380,7 @@ def kl(
     >>> round(kl(post, GaussianPrior(std=1.0)).total, 1)  # exact: 3/2 (1/4 - 1 + log 4) = 0.95
     0.9
     """
-    if not isinstance(posterior, Posterior):
-        raise TypeError(f"posterior: expected a pib_bayes.Posterior (e.g. from pib_bayes.sample or "
-                        f"Posterior.load), got {type(posterior).__name__}")
+    check_posterior("posterior", posterior)
     _check_structure(structure)
     _check_shrinkage(shrinkage)
     _check_rank(rank)
@@ -551,11 +548,9 @@ def channel(
                          f"got {len(posteriors)}; sample on bootstrap resamples or fresh data sets (tens to "
                          "hundreds)")
     first = posteriors[0]
-    if not isinstance(first, Posterior):
-        raise TypeError(f"posteriors: expected Posterior objects, got {type(first).__name__}")
+    check_posterior("posteriors", first)
     for b, p in enumerate(posteriors):
-        if not isinstance(p, Posterior):
-            raise TypeError(f"posteriors[{b}]: expected a Posterior, got {type(p).__name__}")
+        check_posterior(f"posteriors[{b}]", p)
         if p.param_shapes != first.param_shapes:
             raise ValueError(f"posteriors[{b}]: holds different parameters/shapes than posteriors[0]; every "
                              "resample must sample the same model")

@@ -19,6 +19,7 @@ import torch
 from scipy.ndimage import uniform_filter1d
 from torch import Tensor, nn
 
+from .._validate import is_int
 from .fisher import fisher
 from .result import IIWResult
 
@@ -62,7 +63,7 @@ def peak(steps: Sequence[float] | np.ndarray, values: Sequence[float] | np.ndarr
         raise ValueError(f"values: need at least 2 recorded points to locate a peak, got {len(v)}")
     if not np.all(np.isfinite(v)):
         raise ValueError("values: contain NaN/Inf (a diverged run?); drop those points first")
-    if isinstance(window, bool) or not isinstance(window, (int, np.integer)) or window < 1:
+    if not is_int(window) or window < 1:
         raise ValueError(f"window: must be an int >= 1, got {window!r}")
     smooth = uniform_filter1d(v, size=min(int(window), len(v)), mode="nearest")
     i = int(np.argmax(smooth))
@@ -113,7 +114,7 @@ class IIWTracker:
         beta: float | None = None,
         **fisher_kwargs: Any,
     ) -> None:
-        if isinstance(every, bool) or not isinstance(every, int) or every < 1:
+        if not is_int(every) or every < 1:
             raise ValueError(f"every: must be an int >= 1 (record every k steps/epochs), got {every!r}")
         self.model, self.loss_fn, self.data, self.every = model, loss_fn, data, every
         self.theta_0 = ({n: p.detach().clone() for n, p in model.named_parameters()} if theta_0 is None
