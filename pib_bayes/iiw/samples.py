@@ -373,6 +373,11 @@ def kl(
     Returns:
         :class:`IIWResult` in nats, ``method="kl"``.
 
+    Memory: the draws are read chunk by chunk (:meth:`~pib_bayes.Posterior.iter_draws`), so a
+    lazily read posterior larger than RAM works; ``"diag"`` streams the per-coordinate moments in
+    one pass (memory O(chains x D)), the other structures fill the (draws, D) float64 matrix they
+    need a chunk at a time.
+
     >>> import torch
     >>> from pib_bayes import Posterior, GaussianPrior
     >>> g = torch.Generator().manual_seed(0)
@@ -536,6 +541,9 @@ def channel(
 
     Returns:
         :class:`IIWResult` in nats, ``method="channel"``.
+
+    Memory: as :func:`kl`; with ``"diag"`` the per-coordinate ESS of the correction is computed
+    in blocks of coordinates (one pass over a resample's draws per block).
     """
     _check_structure(structure)
     _check_shrinkage(shrinkage)
