@@ -7,7 +7,8 @@ included):
 
 * ``nuts``: Pyro NUTS with defaults, 300 warm-up + 1000 draws, one chain;
 * ``auto_sgld``: ``pb.sample(step_size="auto", num_chains=8, num_warmup=200, num_draws=1000)`` (SGLD);
-* ``auto_sghmc``: the same with ``sampler="sghmc"`` (eta and friction from the same lambda_max).
+* ``sampler_auto``: the same with ``sampler="auto"``, i.e. SGHMC with eta and friction from the same
+  lambda_max (``--arithmetic`` shows why no constant SGLD step meets the target reliably).
 
 Accuracy: max over coordinates of |mean error| / posterior sd (target <= 0.1) and of
 |sd estimate / posterior sd - 1| (target <= 0.1). A row meets its target when the candidate reaches
@@ -88,11 +89,11 @@ def _run_auto(x, y, sampler: str, warmup: int, draws: int, seed: int) -> tuple[n
 def time_to_accuracy(seeds: list[int], n: int, d: int, nuts_steps: tuple[int, int],
                      auto_steps: tuple[int, int]) -> dict:
     torch.set_num_threads(1)
-    per: dict[str, list[dict]] = {"nuts": [], "auto_sgld": [], "auto_sghmc": []}
+    per: dict[str, list[dict]] = {"nuts": [], "auto_sgld": [], "sampler_auto": []}
     xw, yw = _data(500, d, 999)  # one untimed warm-up call each: one-time import/JIT costs are not counted
     _run_nuts(xw, yw, 20, 20, 0)
     _run_auto(xw, yw, "sgld", 10, 10, 0)
-    _run_auto(xw, yw, "sghmc", 10, 10, 0)
+    _run_auto(xw, yw, "auto", 10, 10, 0)
     for seed in seeds:
         x, y = _data(n, d, seed)
         mu, sd = _exact(x, y)
@@ -121,16 +122,7 @@ def _net_check(quick: bool, warmup: int | None = None, samplers: tuple[str, ...]
     torch.set_num_threads(1)
     warmup, draws = ((100, 100) if quick else (1000, 1000)) if warmup is None else (warmup, 1000)
     rows = []
-    x, y = pb.data.make_classification_data(n=1000, num_classes=3, seed=0)
-    torch.manual_seed(0)
-    mlp = nn.Sequential(nn.Linear(2, 32), nn.Tanh(), nn.Linear(32, 32), nn.Tanh(), nn.Linear(32, 3))
-    g = torch.Generator().manual_seed(0)
-    labels = torch.randint(0, 3, (600,), generator=g)
-    patterns = torch.randn(3, 1, 8, 8, generator=g)
-    images = patterns[labels] + 1.5 * torch.randn(600, 1, 8, 8, generator=g)
-    torch.manual_seed(0)
-    cnn = nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 6 * 6, 3))
-    models = (("mlp 2-32-32-3", mlp, (x, y)), ("cnn conv4-fc3", cnn, (images, labels)))
+    models = _net_models()
     cases = [(f"{name} {sampler} {warmup}+{draws}", model, data, sampler)
              for name, model, data in models for sampler in samplers]
     for name, model, data, sampler in cases:
@@ -161,16 +153,195 @@ def _net_check(quick: bool, warmup: int | None = None, samplers: tuple[str, ...]
     return rows
 
 
+def _rule_sghmc(eps: float) -> float:
+    k = eps / (1 + eps)
+    return -k + math.sqrt(k * k + 4 * k)  # s = sqrt(eta lambda_max) = alpha (step_size.py, SGHMC rule)
+
+
+def step_arithmetic(replicates: int = 400, seed: int = 0) -> dict:
+    """Issue 21 (a): can ANY constant SGLD step meet both criteria on 5 seeds with 8 x 1000 draws?
+
+    Analytic (every direction at a = h lambda): AR(1) with integrated autocorrelation time
+    tau = (2 - a)/a, so the mean error has s.e. sqrt(tau / 8000) / sqrt(1 - a/2) posterior sd,
+    and the stationary sd is biased by (1 - a/2)^(-1/2) - 1. Exact: full-batch SGLD (and SGHMC at
+    its auto settings) simulated in the eigenbasis of each seed's posterior precision (the real
+    spectrum, lambda_max/lambda_min ~ 1.1-1.2), 8 chains x 1000 draws from stationarity, ``replicates``
+    times: the fraction of replicates meeting max|mean err| <= 0.1 sd and max|sd err| <= 0.1 on one
+    seed and on all five."""
+    rng = np.random.default_rng(seed)
+    total = 8000
+    analytic = []
+    for a in (0.05, 0.095, 0.15, 0.2, 0.25, 0.3, 0.4, 0.5):
+        tau = (2 - a) / a
+        se = math.sqrt(tau / total) / math.sqrt(1 - a / 2)
+        per = 1 - math.erfc(0.1 / se / math.sqrt(2))
+        analytic.append({"a": a, "tau": tau, "ess": total / tau, "mean_se": se,
+                         "sd_bias": (1 - a / 2) ** -0.5 - 1, "p_mean_ok_50_coords": per**50})
+        print(f"analytic a = h lambda {a:.3f}: tau {tau:6.2f}, ESS {total / tau:5.0f}, mean-err s.e. "
+              f"{se:.4f} sd, sd bias {(1 - a / 2) ** -0.5 - 1:.4f}, P(50 coordinates' mean ok) "
+              f"{per ** 50:.3f}", file=sys.stderr)
+    spectra = []
+    for s_ in range(5):
+        x, _ = _data(10_000, 10, s_)
+        xd = x.double().numpy()
+        prec = np.eye(10) + xd.T @ xd
+        lam, q = np.linalg.eigh(prec)
+        spectra.append((lam, q, np.sqrt(np.diag(np.linalg.inv(prec)))))
+    print(f"seed 0 spectrum: lambda_min {spectra[0][0][0]:.4g}, lambda_max {spectra[0][0][-1]:.4g}",
+          file=sys.stderr)
+
+    def simulate(kind: str, a: float) -> dict:
+        ok_all, ok_one, me, se_ = np.ones(replicates, bool), [], [], []
+        for lam, q, sd in spectra:
+            if kind == "sgld":
+                h = a / lam[-1]
+                z = rng.standard_normal((replicates, 8, 10)) / np.sqrt(lam * (1 - h * lam / 2))
+            else:  # SGHMC, eta = s^2 / lambda_max, alpha = s; 200 steps to stationarity first
+                alpha, eta = a, a * a / lam[-1]
+                z = rng.standard_normal((replicates, 8, 10)) / np.sqrt(lam)
+                v = rng.standard_normal((replicates, 8, 10)) * math.sqrt(eta)
+            s1 = np.zeros((replicates, 10))
+            s2 = np.zeros((replicates, 10))
+            for t in range(1000 if kind == "sgld" else 1200):
+                if kind == "sgld" or t >= 200:
+                    w = z @ q.T
+                    s1 += w.sum(1)
+                    s2 += (w * w).sum(1)
+                xi = rng.standard_normal((replicates, 8, 10))
+                if kind == "sgld":
+                    z = (1 - h * lam) * z + math.sqrt(2 * h) * xi
+                else:
+                    v = (1 - alpha) * v - eta * lam * z + math.sqrt(2 * alpha * eta) * xi
+                    z = z + v
+            m = s1 / total
+            sdv = np.sqrt(s2 / total - m * m)
+            merr, serr = (np.abs(m) / sd).max(1), np.abs(sdv / sd - 1).max(1)
+            ok = (merr <= 0.1) & (serr <= 0.1)
+            ok_all &= ok
+            ok_one.append(ok.mean())
+            me.append(np.median(merr))
+            se_.append(np.median(serr))
+        return {"p_one_seed": float(np.mean(ok_one)), "p_all_5_seeds": float(ok_all.mean()),
+                "median_max_mean_err": float(np.median(me)), "median_max_sd_err": float(np.median(se_))}
+
+    exact = []
+    for a in (0.095, 0.15, 0.2, 0.22, 0.25, 0.28, 0.3, 0.35):
+        got = {"kind": "sgld", "a": a, "eps": a / (2 - a), **simulate("sgld", a)}
+        exact.append(got)
+        print(f"SGLD  h lambda_max {a:.3f} (eps {a / (2 - a):.3f}): P(one seed) {got['p_one_seed']:.3f}, "
+              f"P(all 5 seeds) {got['p_all_5_seeds']:.3f}, median max|mean err| "
+              f"{got['median_max_mean_err']:.3f}, median max|sd err| {got['median_max_sd_err']:.3f}",
+              file=sys.stderr, flush=True)
+    for eps in (0.05, 0.1):
+        s_ = _rule_sghmc(eps)
+        got = {"kind": "sghmc", "a": s_, "eps": eps, **simulate("sghmc", s_)}
+        exact.append(got)
+        print(f"SGHMC auto eps {eps} (alpha = sqrt(eta lambda_max) = {s_:.3f}): P(one seed) "
+              f"{got['p_one_seed']:.3f}, P(all 5 seeds) {got['p_all_5_seeds']:.3f}, median max|mean err| "
+              f"{got['median_max_mean_err']:.3f}, median max|sd err| {got['median_max_sd_err']:.3f}",
+              file=sys.stderr, flush=True)
+    return {"analytic": analytic, "exact": exact, "replicates": replicates}
+
+
+def _net_models() -> list[tuple[str, nn.Module, tuple[torch.Tensor, torch.Tensor]]]:
+    """The MLP and CNN of the net check (fresh modules, seeded)."""
+    x, y = pb.data.make_classification_data(n=1000, num_classes=3, seed=0)
+    torch.manual_seed(0)
+    mlp = nn.Sequential(nn.Linear(2, 32), nn.Tanh(), nn.Linear(32, 32), nn.Tanh(), nn.Linear(32, 3))
+    g = torch.Generator().manual_seed(0)
+    labels = torch.randint(0, 3, (600,), generator=g)
+    patterns = torch.randn(3, 1, 8, 8, generator=g)
+    images = patterns[labels] + 1.5 * torch.randn(600, 1, 8, 8, generator=g)
+    torch.manual_seed(0)
+    cnn = nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 6 * 6, 3))
+    return [("mlp 2-32-32-3", mlp, (x, y)), ("cnn conv4-fc3", cnn, (images, labels))]
+
+
+def net_diagnosis(sampler: str = "sgld", warmup: int = 1000, draws: int = 1000, init: str = "model",
+                  step_size: object = "auto", sampler_kwargs: dict | None = None,
+                  batch_size: int | None = 100, gradient: str = "minibatch") -> list[dict]:
+    """Why the energy R-hat of the nets misses 1.05: per chain, the mean and sd of the energy U and of
+    |w|^2 / 2 (the prior's share of U) over the first and second half of the draws (a trend = still
+    drifting; flat halves at different levels = different basins), and the curvature spread at chain
+    0's last draw: lambda_max and the bottom of the spectrum, by power iteration on (lambda_max I - H)
+    (lambda_max - that = lambda_min), against the prior precision 1 (SPEC §2: the slowest direction
+    mixes in about 2 / (h lambda_min) steps)."""
+    import arviz as az
+
+    from pib_bayes.energy import Energy
+    from pib_bayes.samplers.step_size import energy_hvp, estimate_lambda_max
+
+    torch.set_num_threads(1)
+    rows = []
+    for name, model, (x, y) in _net_models():
+        start = time.process_time()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            post = pb.sample(model, "cross_entropy", (x, y), beta=1.0 / len(y), sampler=sampler,
+                             prior=pb.GaussianPrior(std=1.0), step_size=step_size, num_chains=4,
+                             num_warmup=warmup, num_draws=draws, batch_size=batch_size, seed=0, init=init,
+                             sampler_kwargs=sampler_kwargs, gradient=gradient,
+                             stat_fns={"half_sqnorm": lambda p: 0.5 * sum(float((t * t).sum())
+                                                                         for t in p.values())})
+        cpu = time.process_time() - start
+        u = post.sample_stats["energy"].double().numpy()
+        q = post.sample_stats["half_sqnorm"].double().numpy()
+        half = draws // 2
+        info = post.metadata.get("step_size_auto", {})
+        h = info.get("step_size", step_size)
+        if "adapted" in info and "step_size" in info["adapted"]:  # AutoStep(adapt=True)
+            print(f"{name}: adapted at step {info['adapted']['at_step']}: lambda_max "
+                  f"{info['lambda_max']:.4g} -> {info['adapted']['lambda_max']:.4g}, h {h:.3g} -> "
+                  f"{info['adapted']['step_size']:.3g}", file=sys.stderr, flush=True)
+            h = info["adapted"]["step_size"]
+        noise = post.metadata.get("gradient_noise", {})
+        print(f"{name} {sampler} {post.metadata['sampler_settings']} {warmup}+{draws} init={init} batch "
+              f"{batch_size} {gradient}: h {h:.3g}, energy R-hat {float(az.rhat(u)):.3f}, |w|^2/2 R-hat "
+              f"{float(az.rhat(q)):.3f}, diverged {int(post.diverged.sum())}, predicted noise inflation "
+              f"top/mean {noise.get('top_reshuffled', math.nan):.3f}/"
+              f"{noise.get('mean_reshuffled', math.nan):.3f}, cpu {cpu:.1f}s", file=sys.stderr, flush=True)
+        for c in range(u.shape[0]):
+            print(f"  chain {c}: U mean/sd 1st half {u[c, :half].mean():8.1f} / {u[c, :half].std():5.1f}"
+                  f"  2nd half {u[c, half:].mean():8.1f} / {u[c, half:].std():5.1f}   |w|^2/2 "
+                  f"{q[c, :half].mean():7.1f} -> {q[c, half:].mean():7.1f}", file=sys.stderr, flush=True)
+        energy = Energy(model, "cross_entropy", pb.GaussianPrior(std=1.0), 1.0 / len(y))
+        params = {k: v[0, -1].clone() for k, v in post.draws.items()}
+        idx = torch.randperm(len(y), generator=torch.Generator().manual_seed(0))[:400]
+        hvp = energy_hvp(energy, params, x[idx], y[idx])
+        like = list(params.values())
+        top = estimate_lambda_max(hvp, like, max_iters=100, min_iters=20)
+        shifted = lambda v, f=hvp, c=top.value: [c * a - b for a, b in zip(v, f(v), strict=True)]  # noqa: E731
+        bottom = estimate_lambda_max(shifted, like, max_iters=300, min_iters=50, tol=1e-4)
+        lam_min = top.value - bottom.value
+        dim = sum(t.numel() for t in like)
+        print(f"  curvature at chain 0's last draw: lambda_max {top.value:.4g}, lambda_min {lam_min:.4g} "
+              f"(converged {bottom.converged}), prior precision 1, D = {dim}; 2/(h lambda_min) = "
+              f"{2 / (h * max(lam_min, 1e-12)):.3g} steps, 1/(h * 1) = {1 / h:.3g} steps (prior scale)",
+              file=sys.stderr, flush=True)
+        rows.append({"model": name, "sampler": sampler, "settings": post.metadata["sampler_settings"],
+                     "batch_size": batch_size, "gradient": gradient,
+                     "noise_top_reshuffled": noise.get("top_reshuffled"),
+                     "warmup": warmup, "draws": draws, "init": init,
+                     "step_size": h, "energy_rhat": float(az.rhat(u)), "sqnorm_rhat": float(az.rhat(q)),
+                     "chain_u_halves": [[float(u[c, :half].mean()), float(u[c, half:].mean())]
+                                        for c in range(u.shape[0])],
+                     "chain_sqnorm_halves": [[float(q[c, :half].mean()), float(q[c, half:].mean())]
+                                             for c in range(u.shape[0])],
+                     "lambda_max": top.value, "lambda_min": lam_min, "cpu_s": cpu})
+    return rows
+
+
 def run(quick: bool = False, nets: bool = True) -> dict:
     nuts_steps, auto_steps = ((50, 100), (50, 100)) if quick else ((300, 1000), (200, 1000))
     seeds = [0] if quick else [0, 1, 2, 3, 4]
     per = time_to_accuracy(seeds, 2000 if quick else 10_000, 10, nuts_steps, auto_steps)
     nuts = statistics.median(r["cpu_s"] for r in per["nuts"])
     rows = []
-    for key in ("auto_sgld", "auto_sghmc"):
+    labels = {"auto_sgld": "step_size='auto' (SGLD)", "sampler_auto": "sampler='auto' (SGHMC)"}
+    for key in ("auto_sgld", "sampler_auto"):
         cand = statistics.median(r["cpu_s"] for r in per[key])
         every = all(r["ok"] for r in per[key])
-        rows.append({"name": f"time to accuracy vs NUTS: {key.replace('_', ' ')} (8 chains, "
+        rows.append({"name": f"time to accuracy vs NUTS: {labels[key]} (8 chains, "
                              f"{auto_steps[0]}+{auto_steps[1]})",
                      "baseline": f"nuts {nuts_steps[0]}+{nuts_steps[1]} {nuts:.2f}s",
                      "value": f"{cand:.2f}s, all seeds accurate: {every}",
@@ -182,6 +353,11 @@ def run(quick: bool = False, nets: bool = True) -> dict:
     out = {"rows": rows, "per_seed": per}
     if nets:
         out["nets"] = _net_check(quick)
+        for r in out["nets"]:  # met when no chain diverged and the energy R-hat <= 1.05
+            rows.append({"name": f"step_size='auto' on {r['model']}: energy R-hat (4 chains)",
+                         "baseline": "1.05", "value": f"{r['energy_rhat']:.3f}, diverged {r['diverged']}",
+                         "ratio": 1.05 / r["energy_rhat"] if r["diverged"] == 0 else 0.0,
+                         "target": None if quick else 1.0})
     return out
 
 
@@ -192,8 +368,31 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--nets-only", action="store_true", help="only the MLP/CNN check")
     ap.add_argument("--net-warmup", type=int, help="warm-up steps of the MLP/CNN check (default 1000)")
     ap.add_argument("--net-samplers", default="sgld", help="comma-separated samplers for the MLP/CNN check")
+    ap.add_argument("--diagnose-nets", action="store_true",
+                    help="per-chain energy halves and curvature spread of the MLP/CNN (issue 21 (b))")
+    ap.add_argument("--net-draws", type=int, default=1000, help="draws of --diagnose-nets")
+    ap.add_argument("--net-init", default="model", help="init of --diagnose-nets ('model' or 'prior')")
+    ap.add_argument("--net-kwargs", default="{}", help="sampler_kwargs of --diagnose-nets, as JSON")
+    ap.add_argument("--net-batch", default="100", help="batch size of --diagnose-nets ('none': full batch)")
+    ap.add_argument("--net-gradient", default="minibatch", help="gradient= of --diagnose-nets")
+    ap.add_argument("--net-adapt", action="store_true", help="--diagnose-nets with AutoStep(adapt=True)")
+    ap.add_argument("--arithmetic", action="store_true",
+                    help="issue 21 (a): can a constant SGLD step meet the target (arithmetic)")
     ap.add_argument("--out")
     args = ap.parse_args(argv)
+    if args.arithmetic:
+        print(json.dumps(step_arithmetic(), indent=1))
+        return 0
+    if args.diagnose_nets:
+        batch = None if args.net_batch == "none" else int(args.net_batch)
+        rows = [r for s in args.net_samplers.split(",")
+                for r in net_diagnosis(s, args.net_warmup or 1000, args.net_draws, args.net_init,
+                                       sampler_kwargs=json.loads(args.net_kwargs), batch_size=batch,
+                                       gradient=args.net_gradient,
+                                       step_size=pb.samplers.step_size.AutoStep(adapt=True)
+                                       if args.net_adapt else "auto")]
+        print(json.dumps(rows, indent=1, default=str))
+        return 0
     if args.nets_only:
         nets = _net_check(args.quick, args.net_warmup, tuple(args.net_samplers.split(",")))
         print(json.dumps(nets, indent=1, default=str))

@@ -487,6 +487,8 @@ def run_sample(
         task=data.task,
         sampler_kwargs=cfg["sampler"]["kwargs"],
     )
+    from .driver.checkpoint import remove_checkpoint
+
     checkpoint = Path(str(out_dir) + ".checkpoint")
     if run["checkpoint_every"]:
         sample_kwargs.update(checkpoint=checkpoint, checkpoint_every=run["checkpoint_every"], resume=resume)
@@ -547,7 +549,7 @@ def run_sample(
         if config_text is not None:
             _atomic_write_text(tmp / "config.toml", config_text)
         _atomic_write_text(tmp / "summary.json", _dumps(summary))
-    checkpoint.unlink(missing_ok=True)  # the run directory now holds everything
+    remove_checkpoint(checkpoint)  # the run directory now holds everything
     return summary, out_dir
 
 

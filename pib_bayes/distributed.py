@@ -495,6 +495,9 @@ def sample_distributed(
                         "pib_bayes.sample")
     if "chain_ids" in kwargs:
         raise ValueError("chain_ids: sample_distributed chooses each rank's chains itself; pass num_chains")
+    if kwargs.get("store") is not None:  # every rank would stream to the one file
+        raise ValueError("store: not supported by sample_distributed (the ranks' draws are gathered in "
+                         "memory); save the returned posterior with Posterior.save")
     if "beta" not in kwargs:
         raise TypeError("sample_distributed: missing the keyword argument 'beta' (as for pib_bayes.sample)")
     import torch.distributed as dist

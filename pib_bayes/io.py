@@ -115,18 +115,26 @@ def exclusive_lock(path: str | os.PathLike, argname: str = "path") -> Iterator[N
 _F = TypeVar("_F", bound=Callable[..., Any])
 
 
-def holds_lock(argname: str) -> Callable[[_F], _F]:
-    """Decorator: the call holds :func:`exclusive_lock` on its argument ``argname`` (if not None)."""
+def holds_lock(*argnames: str) -> Callable[[_F], _F]:
+    """Decorator: the call holds :func:`exclusive_lock` on each of its arguments ``argnames`` that
+    is not None (in that order); two of them naming one file is a ``ValueError``."""
     def wrap(fn: _F) -> _F:
         sig = inspect.signature(fn)
 
         @functools.wraps(fn)
         def locked(*args: Any, **kwargs: Any) -> Any:
-            path = sig.bind(*args, **kwargs).arguments.get(argname)
-            if path is None:
-                return fn(*args, **kwargs)
+            bound = sig.bind(*args, **kwargs).arguments
             # a bad path gets its clear error (naming argname) before any lock file is made beside it
-            with exclusive_lock(check_path(argname, path), argname):
+            paths = {a: check_path(a, bound[a]) for a in argnames if bound.get(a) is not None}
+            seen: dict[str, str] = {}
+            for a, p in paths.items():
+                key = os.path.abspath(p)
+                if key in seen:
+                    raise ValueError(f"{a}: must be another file than {seen[key]} (both are {str(p)!r})")
+                seen[key] = a
+            with contextlib.ExitStack() as stack:
+                for a, p in paths.items():
+                    stack.enter_context(exclusive_lock(p, a))
                 return fn(*args, **kwargs)
         return locked  # type: ignore[return-value]
     return wrap

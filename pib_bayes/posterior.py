@@ -29,7 +29,8 @@ __all__ = [
     "DRAW_CHUNK_BYTES", "is_lazy_draws",
 ]
 
-FORMAT_VERSION = 2  # netCDF4/HDF5 (pib_bayes.store)
+FORMAT_VERSION = 3  # netCDF4/HDF5 (pib_bayes.store), per-chunk XXH3-64 digests
+READABLE_VERSIONS = (3, 2)  # 2: the same layout with fletcher32 chunks (read-only)
 LEGACY_FORMAT_VERSION = 1  # the PIBBAYES torch payload: read-only
 
 ENGINES = ("auto", "batched", "vmap", "loop")
@@ -256,6 +257,8 @@ class Posterior:
         broken = torch.zeros(c, dtype=torch.bool)
         for v in ([] if lazy else self.draws.values()):
             if not (v.is_floating_point() or v.is_complex()):
+                continue
+            if v.numel() and bool(torch.isfinite(v.sum())):  # a NaN or Inf anywhere makes the sum non-finite
                 continue
             if v.numel() <= 2**24:
                 broken |= ~torch.isfinite(v.reshape(c, -1)).all(1)
@@ -903,10 +906,13 @@ class Posterior:
         >>> torch.equal(Posterior.load(path).draws["w"], post.draws["w"])
         True
         """
-        from .store import write_store
+        from .store import LazyDraws, write_store
 
+        # a lazily loaded posterior is copied chunk by chunk, never a whole variable in memory
+        draws = ({n: self.draws.source(n) for n in self.draws} if isinstance(self.draws, LazyDraws)
+                 else dict(self.draws))
         groups = {
-            "posterior": dict(self.draws), "sample_stats": dict(self.sample_stats), "fixed": dict(self.fixed),
+            "posterior": draws, "sample_stats": dict(self.sample_stats), "fixed": dict(self.fixed),
             "divergences": {"diverged": self.diverged, "divergence_step": self.divergence_step},
         }
         metadata = self.metadata if self.task is None else {**self.metadata, "task": self.task}
@@ -915,8 +921,15 @@ class Posterior:
             write_store(path, "posterior", FORMAT_VERSION, groups, metadata)
 
     @classmethod
-    def load(cls, path: str | os.PathLike, model: nn.Module | None = None) -> Posterior:
-        """Read a file written by :meth:`save`.
+    def load(cls, path: str | os.PathLike, model: nn.Module | None = None, *,
+             lazy: bool = False) -> Posterior:
+        """Read a file written by :meth:`save` (or streamed by ``sample(store=...)``).
+
+        ``lazy=True``: ``draws`` is a :class:`~pib_bayes.store.LazyDraws` over the file, read chunk
+        by chunk on demand (``draws.read(name, chains, draws)``), for posteriors larger than memory;
+        sample statistics, fixed tensors and divergence flags are read at once (they are small).
+        ``draws[name]`` gives the same tensor either way. (A file of format version 1 loads
+        eagerly.)
 
         A corrupt (a flipped byte in any chunk or header), truncated or foreign file, or another
         format version, raises one ``FormatError`` naming the file (and, for a data chunk, the
@@ -927,6 +940,7 @@ class Posterior:
         from .store import read_store
 
         path = os.fspath(path)
+        lazy = check_bool("lazy", lazy)
         if not os.path.isfile(path):
             raise FileNotFoundError(f"path: no file at {path!r}")
         with open(path, "rb") as fh:
@@ -943,7 +957,8 @@ class Posterior:
             except (KeyError, TypeError, ValueError, AttributeError, IndexError, RecursionError) as err:
                 raise FormatError(f"{path}: incomplete posterior payload ({err})") from None
         else:
-            groups, metadata = read_store(path, "posterior", (FORMAT_VERSION,))
+            groups, metadata = read_store(path, "posterior", READABLE_VERSIONS,
+                                          lazy=("posterior",) if lazy else ())
             div = groups["divergences"]
             parts = {"draws": groups["posterior"], "sample_stats": groups["sample_stats"],
                      "metadata": metadata, "fixed": groups["fixed"], "diverged": div.get("diverged"),

@@ -444,6 +444,7 @@ def test_sample_killed_then_resumed_gives_the_uninterrupted_draws(tmp_path):
     r = _cli("sample", "--config", "run.toml", "--output", "runs/ref", "--quiet", cwd=tmp_path)
     assert r.returncode == EXIT_OK, r.stderr
     assert not (tmp_path / "runs" / "ref.checkpoint").exists()  # removed once the run is written
+    assert not (tmp_path / "runs" / ".ref.checkpoint.segments").exists()  # its draws' segments too
     env = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}
     ckpt = tmp_path / "runs" / "b.checkpoint"
     proc = subprocess.Popen([sys.executable, "-m", "pib_bayes", "sample", "--config", "run.toml", "--output",

@@ -336,6 +336,7 @@ def test_one_rank_equals_sample_in_both_modes(one_rank):
     (dict(mode="both"), ValueError, "mode"),
     (dict(dst=1), ValueError, "dst"),
     (dict(chain_ids=[0]), ValueError, "chain_ids"),
+    (dict(store="post.nc"), ValueError, "store: not supported by sample_distributed"),
     (dict(num_chain=2), TypeError, "num_chain"),
     (dict(beta=None), TypeError, "beta"),
     (dict(num_chains=0), DistributedSamplingError, "num_chains"),

@@ -197,6 +197,10 @@ def test_auto_rejects_a_curvature_estimate_that_is_not_positive():
     ({"step_size": "fast"}, "step_size: expected a float"),
     ({"step_size": "auto", "sampler": "csgld"}, "step_size: 'auto' picks a constant step"),
     ({"gradient": "svrg"}, "gradient: expected one of"),
+    ({"step_size": AutoStep(adapt=True), "num_warmup": 1},
+     r"step_size: AutoStep\(adapt=True\) .* num_warmup >= 2"),
+    ({"step_size": AutoStep(adapt=True), "num_warmup": 4, "checkpoint": "/nonexistent/x.ckpt"},
+     r"step_size: AutoStep\(adapt=True\) cannot be combined with checkpoint="),
 ])
 def test_bad_arguments_name_themselves(kwargs, needle):
     x, y = _linear_data(n=50, d=2)
@@ -204,6 +208,10 @@ def test_bad_arguments_name_themselves(kwargs, needle):
         pb.sample(_model(2), "gaussian", (x, y), beta=0.1, num_draws=2, **kwargs)
     with pytest.raises(ValueError, match="step_size: eps"):
         AutoStep(eps=1.5)
+    with pytest.raises(ValueError, match="step_size: AutoStep.adapt_at"):
+        AutoStep(adapt=True, adapt_at=1.0)
+    with pytest.raises(ValueError, match="step_size: AutoStep.adapt must be True or False"):
+        AutoStep(adapt=1)
 
 
 # ---- control variates ------------------------------------------------------------------------------
@@ -454,3 +462,135 @@ def test_auto_with_a_dataloader_and_resume_from_checkpoint(tmp_path):
     again = _auto_run(checkpoint=ckpt, checkpoint_every=3, resume=True)  # finished run: same posterior
     for k in first.draws:
         assert torch.equal(first.draws[k], again.draws[k]), k
+
+
+# ---- AutoStep(adapt=True): the warm-up re-estimate ---------------------------------------------------
+
+
+def _far_logistic():
+    """Two-class logistic regression started far from its mode: the softmax saturates at the start, so
+    the curvature there (lambda_max ~ 19) is ~5x smaller than where the chains sample (~100)."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(400, 2, generator=g)
+    y = (x[:, 0] + 0.5 * torch.randn(400, generator=g) > 0).long()
+    model = nn.Linear(2, 2)
+    with torch.no_grad():
+        model.weight.copy_(torch.tensor([[8.0, -8.0], [-8.0, 8.0]]))
+        model.bias.zero_()
+    return model, x, y
+
+
+def _far_run(sampler, step_size, num_warmup, num_draws=20, **kw):
+    model, x, y = _far_logistic()
+    post = pb.sample(model, "cross_entropy", (x, y), beta=1 / 400, prior=pb.GaussianPrior(std=1.0),
+                     sampler=sampler, step_size=step_size, num_chains=3, num_warmup=num_warmup,
+                     num_draws=num_draws, seed=1, **kw)
+    return post, model, x, y
+
+
+@pytest.mark.parametrize("sampler", ["sgld", "psgld", "sghmc"])
+def test_adapt_reestimates_the_step_at_the_chains_weights_mid_warmup(sampler):
+    """AutoStep(adapt=True) at step t_a = num_warmup / 2 = 200 takes the rule's step for lambda_max at
+    chain 0's weights w_200. Oracle: w_200 from the non-adapting run (its first 200 steps are the same
+    steps), then auto_step_size there (full batch, the same examples; pSGLD: V = |diag H| exact for 6
+    weights; SGHMC: the friction kept). Twin: the step at the initial weights -- what a run that does
+    not adapt (or re-estimates at the wrong weights) uses -- fails the same 1% check."""
+    post, model, x, y = _far_run(sampler, AutoStep(adapt=True), 400)
+    info = post.metadata["step_size_auto"]
+    adapted = info["adapted"]
+    assert adapted["at_step"] == 200 and adapted["at"] == "chain 0's weights at warm-up step 200"
+    first, *_ = _far_run(sampler, AutoStep(), 200, num_draws=1)  # the same 200 warm-up steps, no adapt
+    settings = dict(post.metadata["sampler_settings"])
+    with torch.no_grad():
+        model.weight.copy_(first.draws["weight"][0, 0])
+        model.bias.copy_(first.draws["bias"][0, 0])
+    oracle = auto_step_size(model, "cross_entropy", (x, y), beta=1 / 400, prior=pb.GaussianPrior(std=1.0),
+                            sampler=sampler, sampler_kwargs=settings)
+    assert abs(adapted["step_size"] / oracle["step_size"] - 1) < 0.01, (adapted, oracle["step_size"])
+    assert adapted["initial_step_size"] == info["step_size"]
+    # the twin: the step chosen at the initial weights misses the same check by >= 10x its tolerance
+    # (SGLD, SGHMC: ~5x too large; pSGLD, whose preconditioner absorbs part of the change: 29%)
+    assert abs(info["step_size"] / oracle["step_size"] - 1) > 0.1, (info["step_size"], oracle["step_size"])
+    # every draw (after warm-up) was taken with the new step; the schedule records both
+    assert torch.all(post.sample_stats["step_size"] == adapted["step_size"])
+    assert post.metadata["schedule"] == {"type": "AdaptedConstant", "h": info["step_size"], "at": 200,
+                                         "adapted": adapted["step_size"]}
+    assert not bool(post.diverged.any())
+
+
+@pytest.mark.parametrize("sampler", ["psgld", "sghmc"])
+def test_adapt_gives_the_same_draws_sequential_and_vectorized(sampler):
+    """The first chain group to reach t_a estimates; the later sequential groups reuse that step and
+    reset their own kernel state (pSGLD's V, SGHMC's momentum scale) at t_a as the vectorized group."""
+    vec, *_ = _far_run(sampler, AutoStep(adapt=True), 40, num_draws=10, chain_method="vectorized")
+    seq, *_ = _far_run(sampler, AutoStep(adapt=True), 40, num_draws=10, chain_method="sequential")
+    assert vec.metadata["step_size_auto"]["adapted"] == seq.metadata["step_size_auto"]["adapted"] | {
+        "cpu_s": vec.metadata["step_size_auto"]["adapted"]["cpu_s"]}
+    for k in vec.draws:
+        assert torch.allclose(vec.draws[k], seq.draws[k], atol=1e-10), k
+    # and the reset matters: without it (adapt=False) the draws differ
+    plain, *_ = _far_run(sampler, AutoStep(), 40, num_draws=10, chain_method="vectorized")
+    assert not torch.allclose(plain.draws["weight"], vec.draws["weight"], atol=1e-6)
+
+
+# ---- sampler="auto" --------------------------------------------------------------------------------
+
+
+def test_sampler_auto_runs_sghmc_with_its_auto_settings_and_says_so():
+    """sampler='auto' is SGHMC with eta and friction from lambda_max: the same draws as naming it;
+    the default sampler stays SGLD (a different chain)."""
+    x, y = _linear_data(n=200, d=3)
+    base = dict(beta=1 / 200, step_size="auto", num_chains=2, num_warmup=20, num_draws=10, seed=4)
+    auto = pb.sample(_model(3), "gaussian", (x, y), sampler="auto", **base)
+    named = pb.sample(_model(3), "gaussian", (x, y), sampler="sghmc", **base)
+    default = pb.sample(_model(3), "gaussian", (x, y), **base)
+    assert auto.metadata["sampler"] == "sghmc" and auto.metadata["sampler_auto"]["chosen"] == "sghmc"
+    assert "sampler_auto" not in named.metadata and default.metadata["sampler"] == "sgld"
+    assert "gradient_noise" in auto.metadata and "gradient_noise" in default.metadata
+    assert auto.metadata["sampler_settings"] == named.metadata["sampler_settings"]
+    assert torch.equal(auto.draws["weight"], named.draws["weight"])
+    assert not torch.equal(auto.draws["weight"], default.draws["weight"])
+    with pytest.raises(ValueError, match=r"^sampler: 'auto' chooses the kernel together with its step size"):
+        pb.sample(_model(3), "gaussian", (x, y), beta=1 / 200, sampler="auto", step_size=1e-4, num_draws=2)
+
+
+def _sghmc_thermal_kinetic(eta_lam, alpha):
+    """Exact stationary E[v^2] / (2 eta) of SGHMC on a harmonic direction (2x2 discrete Lyapunov of
+    w' = (1 - eta lam) w + (1 - alpha) v + n, v' = -eta lam w + (1 - alpha) v + n, Var n = 2 alpha eta);
+    1 / (2 (1 - alpha/2)) as eta lam -> 0, not 1/2: the discretisation's own thermal value."""
+    a = np.array([[1 - eta_lam, 1 - alpha], [-eta_lam, 1 - alpha]])
+    b = np.full((2, 1), math.sqrt(2 * alpha))
+    return float(sl.solve_discrete_lyapunov(a, b @ b.T)[1, 1] / 2)
+
+
+def test_adapt_sghmc_rescales_the_momentum_so_the_kinetic_energy_stays_thermal(monkeypatch):
+    """SGHMC's v = sqrt(eta) p: at t_a the adapter multiplies v by sqrt(eta1/eta0), so the kinetic
+    energy sum v^2/(2 eta1) per weight stays at its thermal value, which the exact Lyapunov oracle
+    brackets between eta lam = 0 and eta1 lambda_max (within 4 Monte-Carlo s.e.). Measured at the
+    first draw, two steps after t_a, over 512 chains x 6 weights. Twin: without the rescale v keeps
+    eta0's scale (eta0/eta1 > 3) and two steps of friction ((1 - alpha)^4 ~ 0.14) do not forget it."""
+    def run():
+        model, x, y = _far_logistic()
+        return pb.sample(model, "cross_entropy", (x, y), beta=1 / 400, prior=pb.GaussianPrior(std=1.0),
+                         sampler="sghmc", step_size=AutoStep(adapt=True, adapt_at=200 / 201), num_chains=512,
+                         num_warmup=201, num_draws=1, seed=1)
+
+    def kinetic_per_weight(post):
+        ke = post.sample_stats["kinetic_energy"][:, 0].double() / 6
+        return float(ke.mean()), float(ke.std() / math.sqrt(ke.numel()))
+
+    post = run()
+    adapted = post.metadata["step_size_auto"]["adapted"]
+    assert adapted["at_step"] == 200
+    assert adapted["initial_step_size"] / adapted["step_size"] > 3  # the step did change a lot
+    alpha = post.metadata["sampler_settings"]["friction"]
+    grid = np.linspace(1e-9, adapted["step_size"] * adapted["lambda_max"], 50)
+    oracle = [_sghmc_thermal_kinetic(g, alpha) for g in grid]
+    lo, hi = min(oracle), max(oracle)
+    mean, se = kinetic_per_weight(post)
+    assert lo - 4 * se <= mean <= hi + 4 * se, (mean, se, lo, hi)
+    from pib_bayes.driver.warmup import _AutoAdapter
+
+    monkeypatch.setattr(_AutoAdapter, "momentum_ratio", lambda self: 1.0)  # the wrong variant
+    wrong, wrong_se = kinetic_per_weight(run())
+    assert not lo - 4 * wrong_se <= wrong <= hi + 4 * wrong_se, (wrong, wrong_se, lo, hi)

@@ -5,7 +5,9 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -16,43 +18,60 @@ from .chains import (
     _Group,
 )
 from .recorder import _Buffers, _Cursor
+from .stream import segments_dir
 
-CHECKPOINT_VERSION = 1
+CHECKPOINT_VERSION = 2  # 2: draws in segments (appended); 1: every draw in the payload (still resumed)
+
+
+def _diverging_from(stats: dict[str, Tensor], num_draws: int) -> Tensor:
+    """Per chain, the first draw flagged ``diverging`` (num_draws if none): the flag is set from a
+    chain's divergence to its last draw, so this index restores it."""
+    d = stats["diverging"]
+    none = torch.full_like(d[:, 0], num_draws, dtype=torch.long)
+    return torch.where(d.any(1), d.to(torch.uint8).argmax(1), none)
 
 
 class _Checkpointer:
-    """Atomic checkpoints of a whole run (see :func:`sample`'s ``checkpoint``).
+    """Checkpoints of a whole run (see :func:`sample`'s ``checkpoint``).
 
-    A checkpoint holds two fingerprints: ``setup`` (the arguments, the data's and the initial
-    weights' hashes: known before the model runs) and ``fingerprint`` (``setup``'s settings as the
-    run resolved them: chain method, automatic step size). Resuming compares both; a finished run
-    (``finished``, with its metadata) is handed back by :func:`sample` without sampling again."""
+    A checkpoint appends the draws kept since the previous one as a segment
+    (:mod:`pib_bayes.driver.stream`), then writes atomically the small payload: the group state,
+    the draws committed per chain group, the divergence flags. It holds two fingerprints: ``setup`` (the
+    arguments, the data's and the initial weights' hashes: known before the model runs) and
+    ``fingerprint`` (``setup``'s settings as the run resolved them: chain method, automatic step
+    size). Resuming compares both; a finished run (``finished``, with its metadata) is handed back by
+    :func:`sample` without sampling again."""
 
     def __init__(self, path: str | os.PathLike, fingerprint: str, setup: str, out: _Buffers,
-                 every: int) -> None:
+                 every: int, store: str | None = None) -> None:
         if isinstance(every, bool) or not isinstance(every, int) or every < 1:
             raise ValueError(f"checkpoint_every: must be an int >= 1 (steps), got {every!r}")
-        self.path, self.fingerprint, self.setup, self.out = path, fingerprint, setup, out
+        self.path, self.fingerprint, self.setup, self.out, self.store = path, fingerprint, setup, out, store
 
     def write(self, group_index: int, group_state: dict[str, Any] | None,
-              metadata: dict[str, Any] | None = None) -> None:
+              metadata: dict[str, Any] | None = None, group: _Group | None = None) -> None:
+        if group is not None and group_state is not None:
+            self.out.flush(group, int(group_state["kept"]))  # the new draws first, then the record of them
+        assert self.out.segments is not None
+        num_draws = next(iter(self.out.stats.values())).shape[1]
         save_payload(self.path, "checkpoint", CHECKPOINT_VERSION, {
             "fingerprint": self.fingerprint, "setup": self.setup, "group_index": group_index,
-            "group_state": group_state, "draws": self.out.draws, "stats": self.out.stats,
-            "diverged": self.out.diverged, "divergence_step": self.out.divergence_step,
+            "group_state": group_state, "committed": dict(self.out.segments.kept),
+            "stat_names": list(self.out.stats), "diverging_from": _diverging_from(self.out.stats, num_draws),
+            "diverged": self.out.diverged, "divergence_step": self.out.divergence_step, "store": self.store,
             **({"finished": True, "metadata_json": json.dumps(metadata, default=str)}
                if metadata is not None else {}),
         })
 
     def saver(self, group_index: int) -> Callable[[_Group, _Cursor], None]:
-        return lambda group, cursor: self.write(group_index, _group_state(group, cursor))
+        return lambda group, cursor: self.write(group_index, _group_state(group, cursor), group=group)
 
     @staticmethod
     def read(path: str | os.PathLike | None, setup: str) -> dict[str, Any] | None:
         """The checkpoint at ``path`` if there is one, after checking it comes from this run."""
         if path is None or not os.path.exists(path):
             return None
-        saved = load_payload(path, "checkpoint", (CHECKPOINT_VERSION,))
+        saved = load_payload(path, "checkpoint", (CHECKPOINT_VERSION, 1))
         if not isinstance(saved.get("setup"), str):
             raise ValueError(f"resume: the checkpoint {str(path)!r} predates the check that it comes from "
                              "the same data and initial weights (written by pib_bayes <= 0.2), so it "
@@ -60,18 +79,54 @@ class _Checkpointer:
         _check_same_run(path, saved["setup"], setup)
         return saved
 
+    @staticmethod
+    def restore(path: str | os.PathLike, out: _Buffers, saved: dict[str, Any]) -> None:
+        """Fill ``out`` (statistics, divergence flags; the draws too when held in memory) from a
+        checkpoint and its segments, and drop the segments it does not commit."""
+        try:
+            out.diverged.copy_(saved["diverged"])
+            out.divergence_step.copy_(saved["divergence_step"])
+            if "draws" in saved:  # a version-1 checkpoint: every draw in the payload
+                if out.window:
+                    raise ValueError(f"resume: the checkpoint {str(path)!r} was written by an older "
+                                     "pib_bayes, without store=; resume it without store= (or resume=False)")
+                out.draws.update(saved["draws"])
+                out.stats.update(saved["stats"])
+                return
+            assert out.segments is not None
+            out.segments.start({int(k): int(v) for k, v in saved["committed"].items()})
+            for name in saved["stat_names"]:
+                out.stat(name)
+            for seg in out.segments.written:
+                info = out.segments.info(seg)
+                assert info is not None
+                chains, k0, k1 = info
+                draws, stats = out.segments.read(seg)
+                for name, v in stats.items():
+                    out.stat(name)[chains, k0:k1] = v
+                if not out.window:
+                    for name, v in draws.items():
+                        out.draws[name][chains, k0:k1] = v
+            for c, k in enumerate(saved["diverging_from"].tolist()):
+                out.stats["diverging"][c, k:] = True
+        except (KeyError, IndexError, TypeError, RuntimeError) as err:
+            raise FormatError(f"{path}: incomplete checkpoint ({err})") from None
+
     def resume(self, groups: list[_Group], saved: dict[str, Any]) -> tuple[int, _Cursor | None]:
         _check_same_run(self.path, saved.get("fingerprint", "{}"), self.fingerprint)
+        self.restore(self.path, self.out, saved)
         try:
-            self.out.draws.update(saved["draws"])
-            self.out.stats.update(saved["stats"])
-            self.out.diverged.copy_(saved["diverged"])
-            self.out.divergence_step.copy_(saved["divergence_step"])
             gi = int(saved["group_index"])
             cursor = _restore_group(groups[gi], saved["group_state"]) if saved["group_state"] else None
         except (KeyError, IndexError, TypeError, RuntimeError) as err:
             raise FormatError(f"{self.path}: incomplete checkpoint ({err})") from None
         return gi, cursor
+
+
+def remove_checkpoint(path: str | os.PathLike) -> None:
+    """Delete a checkpoint: its payload file and its segments (``.NAME.segments/``)."""
+    Path(path).unlink(missing_ok=True)
+    shutil.rmtree(segments_dir(path), ignore_errors=True)
 
 
 _FINGERPRINT_LABELS = {"initial_weights": "initial weights", "n": "data (number of examples)"}

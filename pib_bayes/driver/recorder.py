@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -18,6 +18,7 @@ from .chains import (
     _Group,
     _Sampler,
 )
+from .stream import _Segments
 
 
 def _stat_value(key: str, value: object) -> float:
@@ -38,17 +39,60 @@ def _stat_value(key: str, value: object) -> float:
 
 @dataclass
 class _Buffers:
-    """Everything the run has produced so far, shared by the chain groups."""
+    """Everything the run has produced so far, shared by the chain groups.
+
+    In memory (``window == 0``), ``draws`` holds every draw, (chain, draw, *shape). Streamed
+    (``window > 0``, ``sample(store=...)``), it holds the current group's last ``window`` draws,
+    (group chain, row, *shape), row ``k - base`` for draw k; a full window is appended to
+    ``segments`` before its first row is reused. With ``segments`` (a store or a checkpoint),
+    :meth:`flush` appends the draws kept since the last flush (and their statistics) as one
+    segment. Statistics stay in memory whole (a few floats per draw)."""
 
     draws: dict[str, Tensor]
     stats: dict[str, Tensor]
     diverged: Tensor
     divergence_step: Tensor
+    segments: _Segments | None = None
+    window: int = 0
+    base: int = 0  # streamed: the draw held in row 0
+    flushed: int = 0  # the current group's draws [0, flushed) are in segments
+    shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)  # (chain, draw, *shape) of the run
 
     def stat(self, name: str) -> Tensor:
         if name not in self.stats:
             self.stats[name] = torch.full(self.stats["energy"].shape, math.nan, dtype=torch.float64)
         return self.stats[name]
+
+    def begin(self, group: _Group, kept: int) -> None:
+        """A group starts (or resumes) with ``kept`` draws already in segments."""
+        self.base = self.flushed = kept
+        if self.window:
+            dtype = next(iter(self.draws.values())).dtype
+            self.draws = {n: torch.full((len(group.chains), self.window, *s[2:]), math.nan, dtype=dtype)
+                          for n, s in self.shapes.items()}
+
+    def slot(self, group: _Group, idx: Tensor | slice, k: int) -> tuple[Tensor | slice, int]:
+        """Where draw ``k`` of ``group`` goes in ``draws``: (chain index, row)."""
+        if not self.window:
+            return idx, k
+        if k - self.base >= self.window:
+            self.flush(group, k)
+        return slice(None), k - self.base
+
+    def flush(self, group: _Group, kept: int) -> None:
+        """Append ``group``'s draws [flushed, kept) and their statistics as one segment."""
+        if self.segments is None or kept <= self.flushed:
+            return
+        k0 = self.flushed
+        if self.window:
+            draws = {n: v[:, k0 - self.base:kept - self.base] for n, v in self.draws.items()}
+        else:
+            draws = {n: v[:, k0:kept][group.chains] for n, v in self.draws.items()}
+        stats = {n: v[:, k0:kept][group.chains] for n, v in self.stats.items() if n != "diverging"}
+        self.segments.write(group.chains, k0, kept, draws, stats)
+        self.flushed = kept
+        if self.window:
+            self.base = kept
 
 
 @dataclass
@@ -134,6 +178,7 @@ def _steps(runner: _Sampler, group: _Group, names: list[str], keep_names: list[s
     schedule = runner.schedule
     limit_f: float | None = None  # single: the limit as a Python float (no tensor ops per step)
     u_f = math.nan
+    out.begin(group, cur.kept)
     while cur.kept < num_draws and (bool(cur.alive[0]) if single else bool(cur.alive.any())):
         t = cur.t
         if checkpoint is not None and checkpoint_every and t % checkpoint_every == 0 and t != resumed_at:
@@ -178,9 +223,10 @@ def _steps(runner: _Sampler, group: _Group, names: list[str], keep_names: list[s
             cur.counter += 1
         if record:
             k = cur.kept
+            di, row = out.slot(group, idx, k)
             with torch.no_grad():
                 for n, pos in zip(keep_names, keep_pos):
-                    out.draws[n][idx, k] = group.params[pos].detach()
+                    out.draws[n][di, row] = group.params[pos].detach()
                 if single:  # the same values, stored without tensor conversions
                     out.stats["energy"][idx, k] = u_f
                     out.stats["loss"][idx, k] = loss.item()
@@ -202,3 +248,4 @@ def _steps(runner: _Sampler, group: _Group, names: list[str], keep_names: list[s
             bar.update(1)
             if cur.t == num_warmup:
                 bar.set_description(phase(cur.t), refresh=False)
+    out.flush(group, cur.kept)  # the group is done: its last draws go to the segments

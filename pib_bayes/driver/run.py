@@ -57,17 +57,21 @@ from .checks import (
     _warn_low_precision,
 )
 from .recorder import _Buffers, _run_group
+from .stream import _Segments, consolidate, segments_dir, window_rows
 from .warmup import (
     _as_auto,
     _auto_step_stage,
     _CentreFinder,
     _check_loader_has_length,
     _full_data_chunks,
+    _make_adapter,
     _NoiseReport,
+    _resolve_sampler,
+    _with_adapter,
 )
 
 
-@holds_lock("checkpoint")
+@holds_lock("checkpoint", "store")
 def sample(
     model: nn.Module,
     loss_fn: str | LossFn,
@@ -98,6 +102,7 @@ def sample(
     checkpoint: str | os.PathLike | None = None,
     checkpoint_every: int = 1000,
     resume: bool = False,
+    store: str | os.PathLike | None = None,
     gradient: str = "minibatch",
     divergence_threshold: float | None = 1e4,
 ) -> Posterior:
@@ -133,7 +138,9 @@ def sample(
             initial weights), a torch distribution, or None (sigma_0 = 1).
         sampler: ``"sgld"``, ``"psgld"``, ``"sghmc"``, ``"sgnht"``, ``"csgld"`` (SGLD + a cyclical
             schedule) or a built :class:`~pib_bayes.samplers.Kernel`; ``sampler_kwargs`` go to its
-            builder.
+            builder. ``"auto"`` (with ``step_size="auto"`` only) lets the library choose the kernel
+            as well: SGHMC with eta and friction from lambda_max (``metadata["sampler_auto"]`` says
+            so); the default stays ``"sgld"``.
         step_size: a float (constant), a :class:`~pib_bayes.samplers.Schedule`, or ``"auto"``
             (an :class:`~pib_bayes.samplers.step_size.AutoStep` sets its options): a constant step
             from the energy's curvature at chain 0's initial weights, before any chain runs.
@@ -142,7 +149,9 @@ def sample(
             ``h = 2 eps / ((1 + eps) lambda_max)`` (relative variance bias <= eps = 0.05 in the
             stiffest direction, SPEC §2), pSGLD the same on the preconditioned Hessian, SGHMC
             ``eta`` and ``friction`` from it (:mod:`pib_bayes.samplers.step_size`). The choice,
-            lambda_max, iterations and CPU seconds land in ``metadata["step_size_auto"]``, and the
+            lambda_max, iterations and CPU seconds land in ``metadata["step_size_auto"]``
+            (``AutoStep(adapt=True)``: estimated again mid-warm-up at the first chain's weights, the
+            step reset, the second estimate under ``"adapted"``), and the
             predicted minibatch-noise inflation in ``metadata["gradient_noise"]`` (a
             :class:`~pib_bayes.samplers.step_size.GradientNoiseWarning` past 10%).
         num_chains, num_warmup, num_draws, thin: chain layout.
@@ -182,12 +191,14 @@ def sample(
             pass (:class:`~pib_bayes.samplers.core.NoisePrefetcher`): the same draws as without,
             faster by wall clock on models where the noise draw costs more than a thread
             hand-off and a CPU core is free (docs/performance.md); slower on small models.
-        checkpoint: a file to which the complete run state (weights, sampler state, every
-            chain's RNG states, data order, draws so far, step counters) is written atomically
-            every ``checkpoint_every`` steps, after each chain group and at the end. The call holds
-            an exclusive lock (``fcntl.flock`` of ``.NAME.lock`` beside it, dropped by the OS
-            however the process ends): a second run on the same checkpoint fails at once with
-            :class:`~pib_bayes.io.LockedError`.
+        checkpoint: a file to which the run state (weights, sampler state, every chain's RNG
+            states, data order, step counters) is written atomically every ``checkpoint_every``
+            steps, after each chain group and at the end. A checkpoint appends the draws kept since
+            the previous one, as one segment file in ``.NAME.segments/`` beside it, before the
+            state that commits them: its I/O is proportional to the new draws, not to the run
+            (docs/files.md). The call holds an exclusive lock (``fcntl.flock`` of ``.NAME.lock``
+            beside it, dropped by the OS however the process ends): a second run on the same
+            checkpoint fails at once with :class:`~pib_bayes.io.LockedError`.
         resume: continue from ``checkpoint`` if it exists (a bool). It must come from the same run: the same
             settings, the same data (its length and a blake2b hash of its shapes, dtypes and of at
             most 4096 evenly spaced rows, every row of smaller data) and the same initial weights
@@ -196,6 +207,14 @@ def sample(
             any moment and resumed gives draws bit-identical to an uninterrupted run; a DataLoader
             restarts its iteration (its data is hashed only over a TensorDataset). A finished
             run's checkpoint gives its posterior back without running the model at all.
+        store: stream the draws to this posterior file (the format of
+            :meth:`~pib_bayes.Posterior.save`) instead of holding them in memory: the run keeps one
+            chunk (:data:`pib_bayes.store.CHUNK_BYTES`, at least one draw) of draws per chain in
+            memory, appends each full window to segment files (beside ``checkpoint``, else in
+            ``.NAME.segments/`` beside the store), and at the end writes the store from them chunk
+            by chunk, atomically, and removes the segments (disk: about twice the draws' size while
+            that runs). Returns ``Posterior.load(store, lazy=True)``. Locked like ``checkpoint``
+            (a second writer gets :class:`~pib_bayes.io.LockedError`); must differ from it.
         gradient: ``"minibatch"`` (grad U_B) or ``"cv"``, control variates (Baker et al. 2019,
             :class:`~pib_bayes.gradients.ControlVariateGradient`): each chain's centre w_hat is
             the mean of its weights over the second half of warm-up (its initial weights when
@@ -240,6 +259,7 @@ def sample(
     energy = Energy(model, loss_fn, prior, beta, task)
     require_task(energy.task, energy.loss_fn)
     auto = _as_auto(step_size)
+    sampler, sampler_auto = _resolve_sampler(sampler, auto)  # sampler='auto' -> SGHMC (driver/warmup.py)
     if auto is not None and str(sampler).lower() == "csgld":
         raise ValueError("step_size: 'auto' picks a constant step; sampler='csgld' needs a "
                          "pib_bayes.samplers.Cyclical schedule (use sampler='sgld' with 'auto')")
@@ -271,6 +291,8 @@ def sample(
         raise ValueError(f"chain_method: expected 'auto', 'vectorized' or 'sequential', got {chain_method!r}")
     if checkpoint is not None:
         checkpoint = check_path("checkpoint", checkpoint)
+    if store is not None:
+        store = check_path("store", store)
 
     if params is None:
         named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
@@ -297,7 +319,9 @@ def sample(
     if unknown:
         raise ValueError(f"keep: unknown parameter names {unknown}; sampled parameters are {names}")
     check_prior_fits(energy.prior, {n: tuple(p.shape) for n, p in named})
-    _check_run_memory(named, keep_names, num_run, num_draws)
+    draw_bytes = sum(p.numel() * p.element_size() for n, p in named if n in keep_names)
+    window = window_rows(draw_bytes, num_draws) if store is not None else 0  # streamed: draws in memory
+    _check_run_memory(named, keep_names, num_run, window or num_draws)
     ids = list(range(total_chains)) if chain_ids is None else [int(c) for c in chain_ids]
     num_chains = num_run
     stat_fns = _check_stat_fns(stat_fns)
@@ -328,12 +352,43 @@ def sample(
     if checkpoint is None and resume:
         raise ValueError("resume: needs checkpoint=PATH (the file to resume from)")
     saved = _Checkpointer.read(checkpoint, setup_fingerprint) if resume else None
+    dtype = init_params[names[0]].dtype
+    shapes = {n: (num_run, num_draws, *init_params[n].shape[1:]) for n in keep_names}
+    out = _Buffers(
+        draws={n: torch.full(s if not window else (1, 1, *s[2:]), math.nan, dtype=dtype)
+               for n, s in shapes.items()},
+        stats={
+            "energy": torch.full((num_run, num_draws), math.nan, dtype=dtype),
+            "loss": torch.full((num_run, num_draws), math.nan, dtype=dtype),
+            "step_size": torch.full((num_run, num_draws), math.nan, dtype=torch.float64),
+            "diverging": torch.zeros((num_run, num_draws), dtype=torch.bool),
+        },
+        diverged=torch.zeros(num_run, dtype=torch.bool),
+        divergence_step=torch.full((num_run,), -1, dtype=torch.long),
+        segments=(_Segments(segments_dir(checkpoint if checkpoint is not None else store))
+                  if checkpoint is not None or store is not None else None),
+        window=window, shapes=shapes,
+    )
     if saved is not None and saved.get("finished"):
         try:
-            return Posterior(dict(saved["draws"]), dict(saved["stats"]), json.loads(saved["metadata_json"]),
-                             fixed, saved["diverged"], saved["divergence_step"], model=model)
-        except (KeyError, TypeError, ValueError) as err:
+            metadata = json.loads(saved["metadata_json"])
+            if saved.get("store") is not None:  # streamed: the store holds the finished run
+                if store is None or os.path.abspath(saved["store"]) != os.path.abspath(store):
+                    raise ValueError(f"store: the finished run of checkpoint {str(checkpoint)!r} was "
+                                     f"streamed to store={saved['store']!r}; pass that store= to get it back")
+                assert out.segments is not None
+                out.segments.remove()  # left by a run killed between its last checkpoint and this cleanup
+                return Posterior.load(store, model=model, lazy=True)
+            if store is not None:
+                raise ValueError(f"store: the finished run of checkpoint {str(checkpoint)!r} was held in "
+                                 "memory, not streamed; resume it without store=")
+            _Checkpointer.restore(checkpoint, out, saved)
+            return Posterior(out.draws, out.stats, metadata, fixed, out.diverged, out.divergence_step,
+                             model=model)
+        except (KeyError, TypeError) as err:
             raise FormatError(f"{checkpoint}: incomplete checkpoint ({err})") from None
+    if out.segments is not None and saved is None:
+        out.segments.start()  # a fresh run: segments of an earlier one are dropped
 
     auto_info: dict[str, Any] | None = None
     if auto is not None:
@@ -341,6 +396,9 @@ def sample(
             auto, energy, kernel, sampler, sampler_kwargs, named, init, init_params, all_seeds, fixed,
             tensors, data, batch_size, int(seed), names)
     noise_report = _NoiseReport(auto_info, num_warmup, names, gradient) if auto_info is not None else None
+    # AutoStep(adapt=True): a schedule whose step the adapter re-estimates mid-warm-up (driver/warmup.py)
+    schedule, adapter = _make_adapter(auto, auto_info, schedule, num_warmup, checkpoint, names, kernel,
+                                      noise_report)
     _warn_low_precision(named, schedule)  # at the step size the run uses ('auto': the chosen one)
 
     def make_batcher(chains: list[int]) -> TensorBatcher | LoaderBatcher:
@@ -370,6 +428,7 @@ def sample(
         dropout_seed = _dropout_seed([seeds[c] for c in chains]) if train_mode_dropout else None
         centre = (_CentreFinder(runner, num_warmup, lambda: _full_data_chunks(tensors, data, batch_size))
                   if gradient == "cv" else None)
+        centre = _with_adapter(adapter, centre)  # AutoStep(adapt=True): its hook runs before each step
         return _Group(chains, params, state, source, make_batcher(chains), vectorized, prefetcher,
                       dropout_seed=dropout_seed, centre=centre)
 
@@ -400,19 +459,6 @@ def sample(
     groups = ([make_group(list(range(num_chains)), True)] if method == "vectorized"
               else [make_group([c], False) for c in range(num_chains)])
 
-    dtype = init_params[names[0]].dtype
-    out = _Buffers(
-        draws={n: torch.full((num_chains, num_draws, *init_params[n].shape[1:]), math.nan, dtype=dtype)
-               for n in keep_names},
-        stats={
-            "energy": torch.full((num_chains, num_draws), math.nan, dtype=dtype),
-            "loss": torch.full((num_chains, num_draws), math.nan, dtype=dtype),
-            "step_size": torch.full((num_chains, num_draws), math.nan, dtype=torch.float64),
-            "diverging": torch.zeros((num_chains, num_draws), dtype=torch.bool),
-        },
-        diverged=torch.zeros(num_chains, dtype=torch.bool),
-        divergence_step=torch.full((num_chains,), -1, dtype=torch.long),
-    )
     fingerprint = json.dumps({
         "beta": energy.beta, "prior": repr(energy.prior), "sampler": kernel.name,
         "settings": kernel.settings, "schedule": schedule.to_dict(), "num_chains": total_chains,
@@ -426,7 +472,7 @@ def sample(
         **({"divergence_threshold": threshold} if threshold != 1e4 else {}),  # non-default only
         "data": setup["data"], "initial_weights": setup["initial_weights"],
     }, sort_keys=True, default=str)
-    ckpt = (_Checkpointer(checkpoint, fingerprint, setup_fingerprint, out, checkpoint_every)
+    ckpt = (_Checkpointer(checkpoint, fingerprint, setup_fingerprint, out, checkpoint_every, store)
             if checkpoint is not None else None)
     first_group, cursor = ckpt.resume(groups, saved) if ckpt is not None and saved is not None else (0, None)
     with _sampling_mode(model, train_mode_dropout):
@@ -437,7 +483,7 @@ def sample(
                            cursor if gi == first_group else None, save, checkpoint_every, threshold)
             if ckpt is not None and gi + 1 < len(groups):
                 ckpt.write(gi + 1, None)
-    draws, stats, diverged, divergence_step = out.draws, out.stats, out.diverged, out.divergence_step
+    stats, diverged, divergence_step = out.stats, out.diverged, out.divergence_step
 
     loss_desc = getattr(energy.loss_fn, "__name__", None) or repr(energy.loss_fn)
     metadata = {
@@ -457,14 +503,29 @@ def sample(
     }
     if auto_info is not None:
         metadata["step_size_auto"] = {k: v for k, v in auto_info.items()
-                                      if k not in ("gradient_noise", "report", "square_avg")}
+                                      if k not in ("gradient_noise", "report", "square_avg", "reestimate")}
+        if adapter is not None:
+            metadata["step_size_auto"]["adapted"] = adapter.summary()
         metadata["gradient_noise"] = {**noise_report.result, "warn_threshold": NOISE_WARN_THRESHOLD}
+    if sampler_auto is not None:
+        metadata["sampler_auto"] = sampler_auto
     if gradient == "cv":
         metadata["control_variate"] = {
             "centre": (f"mean of each chain's weights over warm-up steps [{num_warmup // 2}, {num_warmup})"
                        if num_warmup >= 2 else "each chain's initial weights"),
             "full_gradient_cpu_s": sum(g.centre.cpu_s for g in groups if g.centre is not None),
         }
+    if store is not None:
+        assert out.segments is not None
+        from ..posterior import FORMAT_VERSION
+
+        consolidate(out.segments, store, "posterior", FORMAT_VERSION, shapes, dtype, stats, fixed,
+                    {"diverged": diverged, "divergence_step": divergence_step},
+                    json.loads(json.dumps(metadata, default=str)))
     if ckpt is not None:  # the finished run, with what resume=True needs to hand it back unsampled
         ckpt.write(len(groups), None, metadata)
-    return Posterior(draws, stats, metadata, fixed, diverged, divergence_step, model=model)
+    if store is not None:
+        assert out.segments is not None
+        out.segments.remove()  # the store (and the finished checkpoint) hold the run now
+        return Posterior.load(store, model=model, lazy=True)
+    return Posterior(out.draws, stats, metadata, fixed, diverged, divergence_step, model=model)

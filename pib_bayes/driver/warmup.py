@@ -39,6 +39,29 @@ def _as_auto(step_size: object) -> AutoStep | None:
     return None
 
 
+AUTO_SAMPLER = "sghmc"  # what sampler="auto" runs (docs/samplers.md, "Which kernel: sampler='auto'")
+
+
+def _resolve_sampler(sampler: str | Kernel,
+                     auto: AutoStep | None) -> tuple[str | Kernel, dict[str, Any] | None]:
+    """``sampler="auto"``: the kernel is chosen with its settings, so it needs ``step_size="auto"``;
+    it is SGHMC (eta and friction from lambda_max). On a well-conditioned Gaussian posterior with
+    8 x 1000 draws no constant SGLD step meets both the 0.1-sd mean and the 10% sd criterion with
+    high probability (the best, h lambda_max ~ 0.2, does on 5 of 5 seeds with probability ~0.6;
+    ``benchmarks/bench_tuning.py --arithmetic``): SGLD's AR(1) trades the bias (1 - a/2)^(-1/2) - 1
+    against the autocorrelation time (2 - a)/a through one number a = h lambda, SGHMC's momentum
+    decorrelates at the same bias. Any other value passes through unchanged."""
+    if not (isinstance(sampler, str) and sampler.lower() == "auto"):
+        return sampler, None
+    if auto is None:
+        raise ValueError("sampler: 'auto' chooses the kernel together with its step size; pass "
+                         "step_size='auto' (or a pib_bayes.samplers.step_size.AutoStep) with it, or name a "
+                         "sampler ('sgld', 'psgld', 'sghmc', 'sgnht', 'csgld')")
+    return AUTO_SAMPLER, {"requested": "auto", "chosen": AUTO_SAMPLER,
+                          "reason": "momentum mixes faster than SGLD at the same variance bias "
+                                    "(docs/samplers.md)"}
+
+
 def _auto_seed(seed: int) -> int:
     """The curvature stage's own stream (its minibatches and start vector): no chain's streams move."""
     words = np.random.SeedSequence(int(seed), spawn_key=(2**31 - 21,)).generate_state(1, np.uint64)
@@ -89,7 +112,139 @@ def _auto_step_stage(auto: AutoStep, energy: Energy, kernel: Kernel, sampler: st
                              where=where)
     if info["settings"] and any(kernel.settings.get(k) != v for k, v in info["settings"].items()):
         kernel = build_kernel(sampler, **{**dict(sampler_kwargs or {}), **info["settings"]})
+    if auto.adapt:  # AutoStep(adapt=True): the same estimate again, on the same examples, mid-warm-up
+        keep = dict(kernel.settings)  # the kernel's settings stay (SGHMC's friction, SGNHT's A)
+
+        def reestimate(at: dict[str, Tensor], where_now: str) -> dict[str, Any]:
+            with _sampling_mode(energy.model, False):
+                return run_auto_step(energy, at, x, y, rule, auto, keep, batch_size=b, n=n, fixed=fixed,
+                                     precond_eps=float(kernel.settings.get("eps", 1e-5)),
+                                     seed=_auto_seed(seed) + 2, where=where_now)
+
+        info["reestimate"] = reestimate
     return kernel, Constant(info["step_size"]), info
+
+
+class _AdaptedStep(Schedule):
+    """AutoStep(adapt=True)'s schedule: ``h`` before step ``at``, the re-estimated ``adapted`` from then
+    on (set by :class:`_AutoAdapter` when the first chain group reaches step ``at``)."""
+
+    def __init__(self, step_size: float, at: int) -> None:
+        self.h, self.at = float(step_size), int(at)
+        self.adapted: float | None = None
+
+    def step_size(self, t: int) -> float:
+        return self.adapted if self.adapted is not None and t >= self.at else self.h
+
+    def to_dict(self) -> dict:
+        return {"type": "AdaptedConstant", "h": self.h, "at": self.at, "adapted": self.adapted}
+
+
+class _AutoAdapter:
+    """AutoStep(adapt=True): at warm-up step ``at`` the first chain group to get there re-estimates
+    lambda_max (pSGLD: and V = |diag H|) at its first finite chain's weights (the same chain whether
+    the chains run vectorized or sequentially) and sets the schedule's new step;
+    every group then resets its kernel state to what that step was chosen for (pSGLD: the RMSprop
+    average to V; SGHMC: the momentum form v = sqrt(eta) p rescaled by sqrt(eta1 / eta0))."""
+
+    def __init__(self, auto_info: dict[str, Any], schedule: _AdaptedStep, names: list[str], kernel: Kernel,
+                 noise_report: _NoiseReport | None) -> None:
+        self.reestimate, self.schedule, self.names = auto_info["reestimate"], schedule, names
+        self.at, self.kernel_name, self.noise_report = schedule.at, kernel.name, noise_report
+        self.result: dict[str, Any] | None = None
+        self.kept: str | None = None  # why the initial step was kept (no finite weights, no curvature)
+
+    def before_step(self, group: _Group, t: int) -> None:
+        if t != self.at:
+            return
+        if self.result is None and self.kept is None:
+            # the first chain whose weights are finite (a diverged chain holds NaN)
+            finite = [j for j in range(len(group.chains))
+                      if all(bool(torch.isfinite(p[j]).all()) for p in group.params)]
+            if not finite:
+                self.kept = f"no chain of the first group has finite weights at warm-up step {t}"
+            else:
+                j = finite[0]
+                params = {n: p[j].detach().clone() for n, p in zip(self.names, group.params, strict=True)}
+                where = f"chain {group.chains[j]}'s weights at warm-up step {t}"
+                try:
+                    self.result = self.reestimate(params, where)
+                except ValueError as err:  # flat or concave there: keep the initial step, say why
+                    self.kept = str(err)
+            if self.kept is not None:
+                warnings.warn(f"step_size: AutoStep(adapt=True) kept the initial step: {self.kept}",
+                              RuntimeWarning, stacklevel=2)
+                return
+            self.schedule.adapted = float(self.result["step_size"])
+            if self.noise_report is not None:  # the end-of-warm-up report is for the new step
+                self.noise_report.report = self.result["report"]
+        if self.result is None:
+            return
+        with torch.no_grad():
+            if self.result.get("square_avg") is not None and "square_avg" in group.state:
+                for buf, v in zip(group.state["square_avg"], self.result["square_avg"], strict=True):
+                    buf.copy_(v.to(buf.dtype).expand_as(buf))
+            if self.kernel_name == "sghmc" and "momentum" in group.state:
+                torch._foreach_mul_(group.state["momentum"], self.momentum_ratio())
+
+    def momentum_ratio(self) -> float:
+        """SGHMC: v = sqrt(eta) p, so p keeps its (thermal) scale when v is multiplied by sqrt(eta1/eta0)."""
+        assert self.schedule.adapted is not None
+        return (self.schedule.adapted / self.schedule.h) ** 0.5
+
+    def summary(self) -> dict[str, Any]:
+        if self.result is None:
+            why = self.kept or f"every chain diverged before warm-up step {self.at}"
+            return {"at_step": self.at, "kept_initial": why}
+        r = self.result
+        return {"at_step": self.at, "at": r["at"], "step_size": r["step_size"], "settings": r["settings"],
+                "lambda_max": r["lambda_max"], "iterations": r["iterations"], "converged": r["converged"],
+                "initial_step_size": self.schedule.h, "cpu_s": r["cpu_s"]}
+
+
+class _WarmupHooks:
+    """One chain group's per-step warm-up hooks behind the driver's ``group.centre`` slot: the
+    AutoStep adapter, then gradient='cv''s centre finder (whose state and cost it passes through)."""
+
+    def __init__(self, adapter: _AutoAdapter, centre: _CentreFinder | None) -> None:
+        self.adapter, self.centre = adapter, centre
+
+    @property
+    def cpu_s(self) -> float:
+        return self.centre.cpu_s if self.centre is not None else 0.0
+
+    def before_step(self, group: _Group, t: int) -> None:
+        self.adapter.before_step(group, t)
+        if self.centre is not None:
+            self.centre.before_step(group, t)
+
+    def state_dict(self, group: _Group) -> dict[str, Any]:
+        return self.centre.state_dict(group) if self.centre is not None else {}
+
+    def load_state_dict(self, group: _Group, state: dict[str, Any]) -> None:
+        if self.centre is not None:
+            self.centre.load_state_dict(group, state)
+
+
+def _make_adapter(auto: AutoStep | None, auto_info: dict[str, Any] | None, schedule: Schedule,
+                  num_warmup: int, checkpoint: object, names: list[str], kernel: Kernel,
+                  noise_report: _NoiseReport | None) -> tuple[Schedule, _AutoAdapter | None]:
+    """AutoStep(adapt=True): the adapting schedule and its adapter; (schedule, None) otherwise."""
+    if auto is None or not auto.adapt or auto_info is None:
+        return schedule, None
+    if num_warmup < 2:
+        raise ValueError(f"step_size: AutoStep(adapt=True) re-estimates the step during warm-up and needs "
+                         f"num_warmup >= 2, got num_warmup={num_warmup}")
+    if checkpoint is not None:
+        raise ValueError("step_size: AutoStep(adapt=True) cannot be combined with checkpoint= (the "
+                         "re-estimated step is not part of a checkpoint); use AutoStep(adapt=False) or "
+                         "run without a checkpoint")
+    adapted = _AdaptedStep(auto_info["step_size"], max(1, int(auto.adapt_at * num_warmup)))
+    return adapted, _AutoAdapter(auto_info, adapted, names, kernel, noise_report)
+
+
+def _with_adapter(adapter: _AutoAdapter | None, centre: _CentreFinder | None) -> Any:
+    return centre if adapter is None else _WarmupHooks(adapter, centre)
 
 
 def _check_loader_has_length(loader: Any) -> None:

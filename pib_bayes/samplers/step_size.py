@@ -155,10 +155,28 @@ class AutoStep:
             less than ``tol`` relatively (after at least ``min_iters`` products: with a clustered
             spectrum it creeps up slowly), or after ``max_iters`` Hessian-vector products.
         noise_probes: Rademacher probes for ``tr(C)`` in the minibatch-noise report.
+        adapt: warm-up adaptation. At warm-up step ``t_a = max(1, int(adapt_at * num_warmup))``
+            (before its gradient) ``lambda_max`` is estimated again, on the same examples, at the
+            weights of the first chain the call runs that has not diverged (global chain 0 in a
+            full run), and the step
+            from then on is the rule's step for that estimate: SGLD ``h1 = 2 eps / ((1 + eps)
+            lambda_max(w_ta))``; pSGLD also re-estimates its preconditioner (V = |diag H| at
+            w_ta) and resets every chain's RMSprop average there; SGHMC keeps its friction alpha
+            and takes ``eta1 = 2 (2 - alpha) eps / ((1 + eps) lambda_max(w_ta))``, rescaling the
+            momentum form v = sqrt(eta) p by ``sqrt(eta1 / eta0)``; SGNHT takes ``h1 = min(eps / A,
+            sqrt(2 eps / lambda_max(w_ta)))``. Both estimates land in
+            ``metadata["step_size_auto"]`` (the initial one at the top, the second under
+            ``"adapted"``). It pays when the chains start far from where they sample (curvature at
+            the start differs from curvature in the bulk of the posterior, e.g. a network started
+            at its initialisation). Needs ``num_warmup >= 2``; not combined with ``checkpoint=``
+            (the re-estimated step is not part of a checkpoint).
+        adapt_at: the fraction of warm-up after which ``adapt`` re-estimates, in (0, 1).
 
     Examples:
         >>> AutoStep(eps=0.1).eps
         0.1
+        >>> AutoStep(adapt=True).adapt_at
+        0.5
     """
 
     eps: float = 0.05
@@ -167,9 +185,17 @@ class AutoStep:
     tol: float = 1e-3
     noise_probes: int = 8
     min_iters: int = 10
+    adapt: bool = False
+    adapt_at: float = 0.5
 
     def __post_init__(self) -> None:
         _bias_fraction(self.eps)
+        if not isinstance(self.adapt, bool):
+            raise ValueError(f"step_size: AutoStep.adapt must be True or False, got {self.adapt!r}")
+        if (isinstance(self.adapt_at, bool) or not isinstance(self.adapt_at, (int, float))
+                or not 0 < self.adapt_at < 1):
+            raise ValueError(f"step_size: AutoStep.adapt_at (the fraction of warm-up after which "
+                             f"'adapt' re-estimates) must lie in (0, 1), got {self.adapt_at!r}")
         for name in ("num_batches", "max_iters", "noise_probes", "min_iters"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
