@@ -332,3 +332,39 @@ def test_lazy_channel_equals_eager_channel_without_whole_reads(structure, monkey
     assert a.per_group == pytest.approx(b.per_group, rel=1e-12, abs=1e-15)
     assert a.settings["mean_ess"] == pytest.approx(b.settings["mean_ess"], rel=1e-12)
     assert all(p[2].whole_reads == [] for p in pairs)
+
+
+# ------------------------------------------------------------------------------------ the real store
+def test_a_store_loaded_lazily_gives_the_eager_results_without_whole_reads(tmp_path, monkeypatch):
+    """Posterior.load(lazy=True) (pib_bayes.store.LazyDraws): predict, summary, to_arviz and the KL are
+    those of the eagerly loaded file, and no consumer reads a whole variable (``draws[name]`` raises)."""
+    from pib_bayes.store import LazyDraws
+
+    eager_mem, _, net = _mlp_posterior(False, draws=30)
+    path = tmp_path / "post.nc"
+    eager_mem.save(path)
+    eager = Posterior.load(path, model=net)
+    lazy = Posterior.load(path, model=net, lazy=True)
+    assert isinstance(lazy.draws, LazyDraws) and lazy.lazy
+
+    def no_whole_read(self, name):
+        raise AssertionError(f"whole read of {name!r}")
+
+    monkeypatch.setattr(LazyDraws, "__getitem__", no_whole_read)
+    with pytest.raises(AssertionError, match="whole read"):  # the guard bites: flat() reads every variable
+        lazy.flat()
+    monkeypatch.setattr(posterior_mod, "DRAW_CHUNK_BYTES", 8 * 4 * lazy.num_params)  # chunks of 8 draws
+    g = _gen(7)
+    x, y = torch.randn(10, 3, generator=g), torch.randint(0, 4, (10,), generator=g)
+    assert torch.equal(eager.predict(x).per_draw, lazy.predict(x).per_draw)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", diag.ConvergenceWarning)
+        for kw in ({"data": (x, y), "probe_x": x[:2]}, {"var_names": ["2.bias"]}):
+            pd.testing.assert_frame_equal(diag.summary(eager, **kw), diag.summary(lazy, **kw),
+                                          check_exact=True)
+    np.testing.assert_array_equal(diag.to_arviz(eager, params=["0.bias"]).posterior["0.bias"].values,
+                                  diag.to_arviz(lazy, params=["0.bias"]).posterior["0.bias"].values)
+    prior = GaussianPrior(std=1.0)
+    for structure in ("diag", "full"):
+        a, b = (iiw.kl(p, prior, structure=structure) for p in (eager, lazy))
+        assert a.total == b.total and a.per_group == b.per_group
