@@ -39,8 +39,10 @@ from ._validate import (
     check_bool,
     check_count,
     check_finite_tensor,
+    check_memory,
     check_posterior,
     check_tensors,
+    format_bytes,
     is_real,
     renamed_args,
 )
@@ -88,9 +90,8 @@ def _outputs(post: Posterior, x: Tensor, chains: Sequence[int], chunk_size: int,
     c, n = len(chains), post.num_draws
     if not c:
         raise ValueError("posterior: holds no draws to evaluate the model with")
-    draws = {k: v[list(chains)].reshape(c * n, *v.shape[2:]) for k, v in post.draws.items()}
-    with torch.no_grad():
-        out = post._run_over_draws(model, draws, x, chunk_size, "auto", name)
+    with torch.no_grad():  # the draws are read a chunk at a time (Posterior.iter_draws)
+        out = post._run_over_draws(model, list(chains), x, chunk_size, "auto", name)
     return out.reshape(c, n, *out.shape[1:])
 
 
@@ -185,38 +186,98 @@ def random_projections(posterior: Posterior, num_projections: int, seed: int = 0
     c, n = len(chains), post.num_draws
     acc = torch.zeros(c, n, num_projections, dtype=torch.float64)
     sq_norm = torch.zeros(num_projections, dtype=torch.float64)
-    for v in post.draws.values():
-        w = v[chains].reshape(c, n, -1).double()
-        g = torch.randn(w.shape[-1], num_projections, generator=gen, dtype=torch.float64)
-        acc += w @ g
-        sq_norm += g.square().sum(0)
+    directions = {}
+    for k, shape in post.param_shapes.items():  # drawn parameter by parameter, in order
+        directions[k] = torch.randn(math.prod(shape), num_projections, generator=gen, dtype=torch.float64)
+        sq_norm += directions[k].square().sum(0)
+    for _, sl, block in post.iter_draws(chains=chains):  # one chunk of draws at a time
+        for k, v in block.items():
+            acc[:, sl] += v.reshape(c, v.shape[1], -1).double() @ directions[k]
     return acc / sq_norm.sqrt()
 
 
-def _weight_names(post: Posterior) -> list[str]:
-    names = []
-    for k, v in post.draws.items():
-        shape = tuple(v.shape[2:])
-        if not shape:
-            names.append(k)
+WEIGHT_BLOCK_BYTES = 256 * 2**20
+"""Largest (chain, draw, coordinate) float64 block of weights :func:`summary` diagnoses at once."""
+
+
+def _parse_var_names(post: Posterior, var_names: Any) -> list[tuple[str, str, int]]:
+    """``(label, parameter, flat index)`` for each selected weight: a parameter name selects all its
+    coordinates (C order), ``name[i,j]`` one of them."""
+    if isinstance(var_names, str) or not isinstance(var_names, Sequence) or not var_names:
+        raise ValueError(f"var_names: expected a non-empty list of parameter names or coordinates "
+                         f"'name[i,j]', got {var_names!r}")
+    shapes = post.param_shapes
+    out: list[tuple[str, str, int]] = []
+    for entry in var_names:
+        if not isinstance(entry, str):
+            raise ValueError(f"var_names: entries must be strings, got {entry!r}")
+        name, idx = entry, None
+        if entry not in shapes and entry.endswith("]") and "[" in entry:
+            name, _, inner = entry[:-1].rpartition("[")
+            try:
+                idx = tuple(int(i) for i in inner.split(",")) if inner else ()
+            except ValueError:
+                raise ValueError(f"var_names: {entry!r}: the index must be integers, e.g. 'w[0,1]'") from None
+        if name not in shapes:
+            raise ValueError(f"var_names: {entry!r} is not a parameter (or 'parameter[i,j]'); available: "
+                             f"{list(shapes)}")
+        shape = shapes[name]
+        if idx is None:
+            for flat, coord in enumerate(np.ndindex(*shape)):
+                out.append((f"{name}[{','.join(map(str, coord))}]" if shape else name, name, flat))
             continue
-        for idx in np.ndindex(*shape):
-            names.append(f"{k}[{','.join(map(str, idx))}]")
-    return names
+        if len(idx) != len(shape) or any(not 0 <= i < s for i, s in zip(idx, shape, strict=False)):
+            raise ValueError(f"var_names: {entry!r} is outside the shape {shape} of {name!r}")
+        out.append((f"{name}[{','.join(map(str, idx))}]" if shape else name, name,
+                    int(np.ravel_multi_index(idx, shape)) if shape else 0))
+    return out
+
+
+def _gather(post: Posterior, selection: Sequence[tuple[str, str, int]], chains: Sequence[int]) -> Tensor:
+    """(C, N, len(selection)) float64 values of the selected weights, read chunk by chunk."""
+    c, n = len(chains), post.num_draws
+    check_memory("var_names", 8.0 * c * n * len(selection), f"{len(selection)} weights over {c} x {n} draws",
+                 "select fewer weights")
+    out = torch.empty(c, n, len(selection), dtype=torch.float64)
+    by_name: dict[str, tuple[list[int], list[int]]] = {}
+    for j, (_, name, flat) in enumerate(selection):
+        cols, idx = by_name.setdefault(name, ([], []))
+        cols.append(j)
+        idx.append(flat)
+    for _, sl, block in post.iter_draws(list(by_name), chains=list(chains)):
+        for name, (cols, idx) in by_name.items():
+            v = block[name]
+            out[:, sl, cols] = v.reshape(c, v.shape[1], -1)[:, :, idx].double()
+    return out
 
 
 @renamed_args(post="posterior")
 def scalar_quantities(posterior: Posterior, *, data: tuple[Tensor, Tensor] | None = None,
                       probe_x: Tensor | None = None, num_projections: int = 8, seed: int = 0,
                       max_weights: int = 32, include_diverged: bool = False,
-                      chunk_size: int = 64) -> tuple[dict[str, np.ndarray], dict[str, str], list[int]]:
+                      chunk_size: int = 64, var_names: Sequence[str] | None = None,
+                      ) -> tuple[dict[str, np.ndarray], dict[str, str], list[int]]:
     """The named scalar summaries that :func:`summary` diagnoses.
 
     Returns ``(values, kinds, chains)``: name -> array (chain, draw); name -> kind
     (``sample_stat``, ``log_likelihood``, ``prediction``, ``projection``, ``weight``); the
     indices of the chains used. Every weight is its own quantity when D <= ``max_weights``,
-    otherwise ``num_projections`` seeded random projections stand in for the weights.
+    otherwise ``num_projections`` seeded random projections stand in for the weights;
+    ``var_names`` (parameter names, or single coordinates ``"name[i,j]"``) selects the weights
+    that are their own quantities instead (no projections then). The draws are read chunk by
+    chunk (:meth:`~pib_bayes.Posterior.iter_draws`).
     """
+    return _quantities(posterior, data=data, probe_x=probe_x, num_projections=num_projections, seed=seed,
+                       max_weights=max_weights, include_diverged=include_diverged, chunk_size=chunk_size,
+                       var_names=var_names, weights_apart=False)
+
+
+def _quantities(posterior: Posterior, *, data: tuple[Tensor, Tensor] | None, probe_x: Tensor | None,
+                num_projections: int, seed: int, max_weights: int, include_diverged: bool, chunk_size: int,
+                var_names: Sequence[str] | None, weights_apart: bool
+                ) -> tuple[dict[str, np.ndarray], dict[str, str], list[int]]:
+    """:func:`scalar_quantities`; with ``weights_apart`` the selected weights are left out (summary
+    diagnoses them block by block)."""
     post = check_posterior("posterior", posterior)
     check_count("max_weights", max_weights, 0)
     check_count("chunk_size", chunk_size, 1)
@@ -255,16 +316,33 @@ def scalar_quantities(posterior: Posterior, *, data: tuple[Tensor, Tensor] | Non
             pred = pred.squeeze(-1) if pred.shape[-1] == 1 else pred
         for idx in np.ndindex(*pred.shape[2:]):
             add(f"pred[{','.join(map(str, idx))}]", "prediction", pred[(slice(None), slice(None), *idx)])
-    d = post.num_params
-    if d <= max_weights:
-        flat = post.flat()[chains]
-        for j, name in enumerate(_weight_names(post)):
-            add(name, "weight", flat[..., j])
-    else:
+    selection = _weight_selection(post, var_names, max_weights)
+    if selection is None:
         proj = random_projections(post, num_projections, seed, chains)
         for j in range(num_projections):
             add(f"proj[{j}]", "projection", proj[..., j])
+    elif not weights_apart:
+        w = _gather(post, selection, chains)
+        for j, (label, _, _) in enumerate(selection):
+            add(label, "weight", w[..., j])
     return values, kinds, chains
+
+
+def _weight_selection(post: Posterior, var_names: Any, max_weights: int) -> list[tuple[str, str, int]] | None:
+    """The weights diagnosed one by one: those ``var_names`` selects, else every weight when D <=
+    ``max_weights``; None means random projections instead."""
+    if var_names is not None:
+        return _parse_var_names(post, var_names)
+    if post.num_params <= max_weights:
+        return [(label, name, flat) for name, shape in post.param_shapes.items()
+                for flat, label in enumerate(_weight_names_of(name, shape))]
+    return None
+
+
+def _weight_names_of(name: str, shape: tuple[int, ...]) -> list[str]:
+    if not shape:
+        return [name]
+    return [f"{name}[{','.join(map(str, idx))}]" for idx in np.ndindex(*shape)]
 
 
 def _as_dataset(values: dict[str, np.ndarray], chains: Sequence[int]) -> xr.Dataset:
@@ -278,7 +356,7 @@ def _as_dataset(values: dict[str, np.ndarray], chains: Sequence[int]) -> xr.Data
 def summary(posterior: Posterior, *, data: tuple[Tensor, Tensor] | None = None, probe_x: Tensor | None = None,
             num_projections: int = 8, seed: int = 0, max_weights: int = 32, rhat_threshold: float = 1.01,
             min_ess_per_chain: float = 100.0, include_diverged: bool = False, chunk_size: int = 64,
-            warn: bool = True) -> pd.DataFrame:
+            warn: bool = True, var_names: Sequence[str] | None = None) -> pd.DataFrame:
     """Diagnose convergence on scalar summaries of the posterior, with ArviZ.
 
     For each quantity (see :func:`scalar_quantities`) the table has ``mean``, ``sd``,
@@ -293,6 +371,14 @@ def summary(posterior: Posterior, *, data: tuple[Tensor, Tensor] | None = None, 
         data: ``(x, y)`` adds ``log_lik`` = sum_i log p(y_i | x_i, w).
         probe_x: inputs whose predictions become ``pred[i]`` quantities.
         num_projections, seed: random projections of the weights when D > ``max_weights``.
+        var_names: weights diagnosed one by one instead of the projections: parameter names (all
+            their coordinates, labelled ``name[i,j]``) or single coordinates ``"name[i,j]"``.
+
+    Memory: the draws are read a chunk at a time (:meth:`~pib_bayes.Posterior.iter_draws`), so a
+    lazily read posterior larger than RAM is summarised in one pass per quantity family; the
+    per-weight quantities are gathered and diagnosed in blocks of at most
+    :data:`WEIGHT_BLOCK_BYTES` (chain x draw x coordinates in float64), one pass over the draws of
+    the selected parameters per block.
 
     The table's ``attrs`` hold the chains used, the excluded chains and the projection seed.
 
@@ -313,21 +399,40 @@ def summary(posterior: Posterior, *, data: tuple[Tensor, Tensor] | None = None, 
     if post.num_draws < 4:
         raise ValueError(f"posterior: ArviZ diagnostics need at least 4 draws per chain, "
                          f"got {post.num_draws}")
-    values, kinds, chains = scalar_quantities(
+    values, kinds, chains = _quantities(
         post, data=data, probe_x=probe_x, num_projections=num_projections, seed=seed, max_weights=max_weights,
-        include_diverged=include_diverged, chunk_size=chunk_size)
-    ds = _as_dataset(values, chains)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", RuntimeWarning)  # NaN R-hat with one chain is reported below
-        diag = compat.diagnose(ds)
+        include_diverged=include_diverged, chunk_size=chunk_size, var_names=var_names, weights_apart=True)
     cols = ("mcse_mean", "mcse_sd", "ess_bulk", "ess_tail", "r_hat")
     rows = {}
-    for name, arr in values.items():
-        rows[name] = {
-            "mean": float(np.mean(arr)), "sd": float(np.std(arr, ddof=1)) if arr.size > 1 else math.nan,
-            **{col: float(diag[col][name]) for col in cols},
-            "kind": kinds[name],
-        }
+    if values:
+        ds = _as_dataset(values, chains)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)  # NaN R-hat with one chain is reported below
+            diag = compat.diagnose(ds)
+        for name, arr in values.items():
+            rows[name] = {
+                "mean": float(np.mean(arr)), "sd": float(np.std(arr, ddof=1)) if arr.size > 1 else math.nan,
+                **{col: float(diag[col][name]) for col in cols},
+                "kind": kinds[name],
+            }
+    selection = _weight_selection(post, var_names, max_weights)
+    per_block = max(1, WEIGHT_BLOCK_BYTES // (8 * len(chains) * post.num_draws))
+    for b0 in range(0, len(selection or ()), per_block):
+        assert selection is not None
+        part = selection[b0:b0 + per_block]
+        arr = _gather(post, part, chains).numpy()  # (C, N, k): one variable over a coordinate dim
+        ds = xr.Dataset({"w": (("chain", "draw", "coord"), arr)},
+                        coords={"chain": list(chains), "draw": np.arange(arr.shape[1])})
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)
+            diag = compat.diagnose(ds)
+        stats = {col: np.asarray(diag[col]["w"]).reshape(-1) for col in cols}
+        flat = arr.reshape(-1, arr.shape[2])
+        means = flat.mean(0)
+        sds = flat.std(0, ddof=1) if flat.shape[0] > 1 else np.full(flat.shape[1], math.nan)
+        for j, (label, _, _) in enumerate(part):
+            rows[label] = {"mean": float(means[j]), "sd": float(sds[j]),
+                           **{col: float(stats[col][j]) for col in cols}, "kind": "weight"}
     table = pd.DataFrame.from_dict(rows, orient="index")
     excluded = [c for c in range(post.num_chains) if c not in chains]
     table.attrs.update({"chains": list(chains), "excluded_chains": excluded, "projection_seed": seed,
@@ -383,6 +488,9 @@ def _attr_value(v: Any) -> Any:
 LARGE_EXPORT = 10_000
 """Weights above which :func:`to_arviz` (all parameters) warns that per-weight diagnostics are slow."""
 
+LAZY_EXPORT_BYTES = 2**30
+"""Most bytes of draws :func:`to_arviz` reads into memory from a lazily read posterior."""
+
 
 @renamed_args(post="posterior")
 def to_arviz(posterior: Posterior, *, params: None | Sequence[str] | str = None, num_projections: int = 8,
@@ -402,6 +510,14 @@ def to_arviz(posterior: Posterior, *, params: None | Sequence[str] | str = None,
 
     The ``chain`` coordinate holds the original chain indices; diverged chains are left out with
     a warning unless ``include_diverged``. Metadata become attributes of every group.
+
+    A lazily read posterior (:attr:`~pib_bayes.Posterior.lazy`, e.g. a store larger than RAM):
+    the export holds its draws in memory, so the selected parameters are read (a chunk at a time)
+    only up to :data:`LAZY_EXPORT_BYTES` (1 GiB); above that a ``ValueError`` names the size and
+    points to ``params=[...]``, ``params="projections"`` (streamed),
+    :func:`summary` and :meth:`~pib_bayes.Posterior.iter_draws`, or to opening the file itself
+    lazily with ``xarray.open_dataset(path, group="posterior", engine="h5netcdf")``. The
+    log-likelihood and predictive groups (``data=``) stream the draws in any case.
 
     >>> import torch
     >>> from pib_bayes import Posterior
@@ -429,7 +545,8 @@ def to_arviz(posterior: Posterior, *, params: None | Sequence[str] | str = None,
         attrs["projection_seed"] = seed
     else:
         names = post.param_names if params is None else list(params)
-        size = sum(int(np.prod(post.draws[k].shape[2:])) for k in names if k in post.draws)
+        shapes = post.param_shapes  # (`k in post.draws` on a lazy Mapping would read the variable)
+        size = sum(math.prod(shapes[k]) for k in names if k in shapes)
         if size > LARGE_EXPORT:
             warnings.warn(
                 f"to_arviz: exporting {size:,} weights; az.summary over all of them is slow (about 8 s of "
@@ -437,20 +554,36 @@ def to_arviz(posterior: Posterior, *, params: None | Sequence[str] | str = None,
                 f"params=[...] (or az.summary's var_names), params='projections', or use "
                 f"pib_bayes.diagnostics.summary (scalar summaries)",
                 UserWarning, stacklevel=2)
-        unknown = [k for k in names if k not in post.draws]
+        unknown = [k for k in names if k not in shapes]
         if unknown:
             raise ValueError(f"params: unknown parameters {unknown}; available: {post.param_names}")
+        if post.lazy:
+            nbytes = len(chains) * n * sum(math.prod(post.param_shapes[k]) * post._dtype(k).itemsize
+                                           for k in names)
+            if nbytes > LAZY_EXPORT_BYTES:
+                raise ValueError(
+                    f"params: exporting {', '.join(names)} from a lazily read posterior would hold "
+                    f"{format_bytes(nbytes)} of draws in memory (limit {format_bytes(LAZY_EXPORT_BYTES)}); "
+                    "pass params=[a few parameters] or params='projections', use "
+                    "pib_bayes.diagnostics.summary or Posterior.iter_draws (chunk by chunk), or open the "
+                    "file lazily: xarray.open_dataset(path, group='posterior', engine='h5netcdf')")
         variables, coords = {}, dict(base)
         for k in names:
-            v = post.draws[k][chains].detach().numpy()
+            if post.lazy:  # filled a chunk at a time: one copy of the variable, no concatenation
+                buf = torch.empty(len(chains), n, *post.param_shapes[k], dtype=post._dtype(k))
+                for _, sl, block in post.iter_draws([k], chains=chains):
+                    buf[:, sl] = block[k]
+                v = buf.numpy()
+            else:
+                v = post.draws[k][chains].detach().numpy()
             dims = [f"{k}_dim_{i}" for i in range(v.ndim - 2)]
             coords.update({d: np.arange(s) for d, s in zip(dims, v.shape[2:], strict=True)})
             variables[k] = (("chain", "draw", *dims), v)
         posterior = xr.Dataset(variables, coords=coords)
 
     sample_stats = xr.Dataset({k: (("chain", "draw"), v[chains].detach().numpy())
-                               for k, v in post.sample_stats.items() if tuple(v.shape[:2]) == tuple(
-                                   post.draws[post.param_names[0]].shape[:2])}, coords=base)
+                               for k, v in post.sample_stats.items() if tuple(v.shape[:2]) == (
+                                   post.num_chains, post.num_draws)}, coords=base)
     groups: dict[str, xr.Dataset] = {"posterior": posterior, "sample_stats": sample_stats}
     if data is not None:
         x, y = data
@@ -695,14 +828,15 @@ def ksd(posterior: Posterior, energy: Any, data: tuple[Tensor, Tensor], *,
     batch_size = x.shape[0] if batch_size is None else check_count("batch_size", batch_size, 1)
     post.check_model(energy.model)
     sampled = list(post.metadata.get("sampled_params", post.param_names))
-    missing = [k for k in sampled if k not in post.draws]
+    known = set(post.draws)  # (`in` on a lazily read mapping would read the variable)
+    missing = [k for k in sampled if k not in known]
     if missing:
         raise ValueError(f"posterior: the draws of {missing} were not kept (sample(keep=...)); the energy's "
                          "gradient needs every sampled parameter, so sample with keep=None")
     names = post.param_names if params is None else list(params)
     if isinstance(params, str) or not names:
         raise ValueError(f"params: expected a non-empty list of parameter names, got {params!r}")
-    unknown = [k for k in names if k not in post.draws]
+    unknown = [k for k in names if k not in known]
     if unknown:
         raise ValueError(f"params: unknown parameter names {unknown}; the draws hold {post.param_names}")
     chains = _kept_chains(post, include_diverged)

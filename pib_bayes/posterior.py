@@ -12,7 +12,7 @@ import math
 import os
 import time
 import warnings
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -20,12 +20,13 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call, vmap
 
-from ._validate import check_bool, check_count, check_memory, is_int
+from ._validate import check_bool, check_count, check_memory, is_int, itemsize
 from .batched import batched_forward
 from .io import FormatError, exclusive_lock, load_payload
 
 __all__ = [
     "Posterior", "Prediction", "DrawCollector", "heteroscedastic_prediction", "FORMAT_VERSION", "ENGINES",
+    "DRAW_CHUNK_BYTES", "is_lazy_draws",
 ]
 
 FORMAT_VERSION = 3  # netCDF4/HDF5 (pib_bayes.store), per-chunk XXH3-64 digests
@@ -36,6 +37,25 @@ ENGINES = ("auto", "batched", "vmap", "loop")
 """How :meth:`Posterior.outputs` runs the model over the draws (see there)."""
 
 _OOM = getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError)  # torch < 2.5: only the CUDA name
+
+
+DRAW_CHUNK_BYTES = 64 * 2**20
+"""Default size of one chunk of :meth:`Posterior.iter_draws` (bytes over the requested variables and
+chains; at least one draw)."""
+
+
+def is_lazy_draws(draws: Any) -> bool:
+    """Whether ``draws`` is a lazily read draws mapping (e.g. :class:`pib_bayes.store.LazyDraws`):
+    a ``Mapping[str, Tensor]`` that also offers ``shape(name)`` (chain, draw, *param_shape),
+    ``dtype(name)`` and ``read(name, chains, draws)`` -> the tensor of those chains (a slice or a
+    list of ints) and that slice of draws. ``draws[name]`` reads the whole variable.
+
+    >>> import torch
+    >>> is_lazy_draws({"w": torch.zeros(2, 3)})
+    False
+    """
+    return isinstance(draws, Mapping) and all(callable(getattr(draws, a, None))
+                                              for a in ("shape", "dtype", "read"))
 
 
 _ACTIVATION_BUDGET = 2**18  # elements of one layer's activations over a chunk of draws (1 MB float32)
@@ -147,7 +167,9 @@ class Posterior:
     """Posterior draws of a torch model's weights.
 
     Attributes:
-        draws: name -> tensor (chain, draw, *param_shape).
+        draws: name -> tensor (chain, draw, *param_shape), or a lazily read mapping of the same
+            (:func:`is_lazy_draws`, e.g. a store on disk larger than memory): then nothing is read
+            until a consumer walks the draws with :meth:`iter_draws`, a chunk at a time.
         sample_stats: name -> tensor (chain, draw): ``energy`` (U_B at the kept step),
             ``loss`` (minibatch mean loss), ``step_size``, ``diverging`` (bool; true at every
             draw of a diverged chain from its divergence on, the draws that hold NaN), and
@@ -179,16 +201,25 @@ class Posterior:
     last_engine: str | None = field(default=None, init=False, repr=False, compare=False)
     last_engine_reason: str | None = field(default=None, init=False, repr=False, compare=False)
     _engine_cache: dict = field(default_factory=dict, init=False, repr=False, compare=False)
+    _lazy_cache: tuple = field(default=(None, False), init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if not isinstance(self.draws, Mapping):
             raise TypeError("draws: expected a mapping name -> tensor (chain, draw, *shape)")
         if not self.draws:
             raise ValueError("draws: a Posterior needs at least one parameter")
-        for name, v in self.draws.items():
-            if not isinstance(v, Tensor) or v.dim() < 2:
-                raise ValueError(f"draws: {name!r} must be a tensor with (chain, draw, ...) dimensions")
-        shapes = {tuple(v.shape[:2]) for v in self.draws.values()}
+        lazy = is_lazy_draws(self.draws)
+        if lazy:  # shapes from the store's own description: nothing is read
+            for name in self.draws:
+                full = self.draws.shape(name)
+                if not isinstance(full, tuple) or len(full) < 2:
+                    raise ValueError(f"draws: {name!r} must have (chain, draw, ...) dimensions, its shape() "
+                                     f"is {full!r}")
+        else:
+            for name, v in self.draws.items():
+                if not isinstance(v, Tensor) or v.dim() < 2:
+                    raise ValueError(f"draws: {name!r} must be a tensor with (chain, draw, ...) dimensions")
+        shapes = {self._full_shape(name)[:2] for name in self.draws}
         if len(shapes) != 1:
             raise ValueError(f"draws: every parameter needs the same (chain, draw) leading shape, "
                              f"got {shapes}")
@@ -221,8 +252,10 @@ class Posterior:
                 raise ValueError(f"{name}: must be a tensor with one entry per chain ({c})")
         # a chain holding NaN/Inf draws is diverged whether or not it was flagged: predictions and
         # diagnostics must not average it in silently
+        # lazy draws are checked chunk by chunk as iter_draws reads them (a scan here would read the
+        # whole store on every load); check_finite() scans once and flags
         broken = torch.zeros(c, dtype=torch.bool)
-        for v in self.draws.values():
+        for v in ([] if lazy else self.draws.values()):
             if not (v.is_floating_point() or v.is_complex()):
                 continue
             if v.numel() and bool(torch.isfinite(v.sum())):  # a NaN or Inf anywhere makes the sum non-finite
@@ -242,20 +275,42 @@ class Posterior:
 
     # ----------------------------------------------------------------- shape
     @property
+    def lazy(self) -> bool:
+        """Whether the draws are read on demand (:func:`is_lazy_draws`) rather than held in memory."""
+        source, flag = self._lazy_cache
+        if source is not self.draws:  # hot path (every chunk): the check once per draws object
+            flag = is_lazy_draws(self.draws)
+            self._lazy_cache = (self.draws, flag)
+        return flag
+
+    def _full_shape(self, name: str) -> tuple[int, ...]:
+        if self.lazy:
+            return tuple(int(s) for s in self.draws.shape(name))
+        return tuple(self.draws[name].shape)
+
+    def _dtype(self, name: str) -> torch.dtype:
+        return self.draws.dtype(name) if self.lazy else self.draws[name].dtype
+
+    @property
     def num_chains(self) -> int:
-        return next(iter(self.draws.values())).shape[0]
+        return self._full_shape(next(iter(self.draws)))[0]
 
     @property
     def num_draws(self) -> int:
-        return next(iter(self.draws.values())).shape[1]
+        return self._full_shape(next(iter(self.draws)))[1]
 
     @property
     def param_names(self) -> list[str]:
         return list(self.draws)
 
     @property
+    def param_shapes(self) -> dict[str, tuple[int, ...]]:
+        """name -> the parameter's own shape (without chain and draw); reads no draws."""
+        return {n: self._full_shape(n)[2:] for n in self.draws}
+
+    @property
     def num_params(self) -> int:
-        return sum(v[0, 0].numel() for v in self.draws.values())
+        return sum(math.prod(s) for s in self.param_shapes.values())
 
     @property
     def good_chains(self) -> list[int]:
@@ -279,18 +334,147 @@ class Posterior:
     def flat(self, names: Sequence[str] | None = None) -> Tensor:
         """All (or the named) parameters flattened: tensor (chain, draw, D) in parameter order."""
         names = list(names) if names is not None else self.param_names
-        unknown = [n for n in names if n not in self.draws]
+        unknown = [n for n in names if n not in set(self.draws)]
         if unknown:
             raise KeyError(f"names: unknown parameters {unknown}; available: {self.param_names}")
         c, n = self.num_chains, self.num_draws
         return torch.cat([self.draws[k].reshape(c, n, -1) for k in names], dim=2)
 
     def draws_for_prediction(self, include_diverged: bool = False) -> dict[str, Tensor]:
-        """name -> (M, *shape), M = kept chains x draws (chain-major)."""
+        """name -> (M, *shape), M = kept chains x draws (chain-major). This holds every kept draw in
+        memory (a lazily read posterior is read whole); :meth:`iter_draws` walks them by chunks."""
         chains = self.kept_chains(include_diverged)
         if len(chains) == self.num_chains:  # every chain kept: a view, no copy of the draws
             return {k: v.reshape(-1, *v.shape[2:]) for k, v in self.draws.items()}
         return {k: v[chains].reshape(-1, *v.shape[2:]) for k, v in self.draws.items()}
+
+    # ----------------------------------------------------------- chunks
+    def _chain_list(self, chains: Any) -> list[int]:
+        c = self.num_chains
+        if chains is None:
+            return list(range(c))
+        if isinstance(chains, slice):
+            chains = list(range(c))[chains]
+        if isinstance(chains, (str, bytes)) or not isinstance(chains, Sequence) or not chains or any(
+                isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < c for i in chains):
+            raise ValueError(f"chains: expected a non-empty list of chain indices in [0, {c}) or a slice, "
+                             f"got {chains!r}")
+        return list(chains)
+
+    def _read(self, name: str, chains: list[int], draws: slice) -> Tensor:
+        """Draws ``draws`` of ``chains`` of one variable: (len(chains), d, *shape); a view of a plain
+        tensor when the chains are a contiguous range."""
+        c0, c1 = chains[0], chains[-1] + 1
+        contiguous = len(chains) == c1 - c0 and chains == list(range(c0, c1))
+        if not self.lazy:
+            v = self.draws[name]
+            return v[c0:c1, draws] if contiguous else v[:, draws][chains]
+        t = self.draws.read(name, slice(c0, c1) if contiguous else list(chains), draws)
+        want = (len(chains), draws.stop - draws.start, *self._full_shape(name)[2:])
+        if not isinstance(t, Tensor) or tuple(t.shape) != want:
+            raise ValueError(f"draws: read({name!r}, ...) returned "
+                             f"{tuple(t.shape) if isinstance(t, Tensor) else type(t).__name__}, expected "
+                             f"a tensor of shape {want}")
+        return t
+
+    def iter_draws(self, names: Sequence[str] | None = None, *, chains: Sequence[int] | slice | None = None,
+                   draws: slice | None = None, draw_chunk: int | None = None
+                   ) -> Iterator[tuple[list[int], slice, dict[str, Tensor]]]:
+        """Walk the draws chunk by chunk: yields ``(chains, draw_slice, {name: (c, d, *shape)})``.
+
+        The one way consumers read the draws (:meth:`outputs`, :meth:`predict`,
+        :func:`~pib_bayes.diagnostics.summary`, the IIW estimators of
+        :mod:`pib_bayes.iiw.samples`): every chunk holds the draws ``draw_slice`` of the chains
+        ``chains`` (all requested chains in each chunk, draws in increasing order), so memory is one
+        chunk, never the run. Plain tensors are sliced (a view where the chains are contiguous);
+        lazily read draws (:func:`is_lazy_draws`, e.g. a store opened by
+        :class:`pib_bayes.store.LazyDraws`) are read with ``read(name, chains, draw_slice)``, and
+        a chunk holding NaN/Inf in a chain not flagged as diverged raises ``ValueError`` (see
+        :meth:`check_finite`).
+
+        Args:
+            names: variables to read (default: all).
+            chains: chain indices (a list or a slice; default: all).
+            draws: the range of draws (a slice with step 1; default: all).
+            draw_chunk: draws per chunk; default: as many as keep one chunk within
+                :data:`DRAW_CHUNK_BYTES` (at least one).
+
+        >>> import torch
+        >>> post = Posterior({"w": torch.arange(24.0).reshape(2, 6, 2)}, {}, {})
+        >>> [(c, s.start, s.stop, tuple(b["w"].shape)) for c, s, b in post.iter_draws(draw_chunk=4)]
+        [([0, 1], 0, 4, (2, 4, 2)), ([0, 1], 4, 6, (2, 2, 2))]
+        """
+        if isinstance(names, str):
+            raise ValueError(f"names: expected a list of parameter names, got the string {names!r}; pass "
+                             f"[{names!r}]")
+        names = self.param_names if names is None else list(names)
+        known = set(self.draws)  # iterating names: `in` on a Mapping would read the variable
+        unknown = [n for n in names if n not in known]
+        if unknown or not names:
+            raise ValueError(f"names: unknown parameters {unknown or names}; available: {self.param_names}")
+        chain_list = self._chain_list(chains)
+        n = self.num_draws
+        if draws is None:
+            draws = slice(0, n)
+        if not isinstance(draws, slice) or draws.step not in (None, 1):
+            raise ValueError(f"draws: expected a slice of draws with step 1, got {draws!r}")
+        start, stop, _ = draws.indices(n)
+        yield from self._walk(names, chain_list, start, stop, draw_chunk, check=self.lazy)
+
+    def _walk(self, names: list[str], chains: list[int], start: int, stop: int, draw_chunk: int | None,
+              check: bool) -> Iterator[tuple[list[int], slice, dict[str, Tensor]]]:
+        if draw_chunk is None:
+            per_draw = len(chains) * sum(math.prod(self._full_shape(k)[2:]) * itemsize(self._dtype(k))
+                                         for k in names)
+            draw_chunk = max(1, DRAW_CHUNK_BYTES // max(1, per_draw))
+        if isinstance(draw_chunk, bool) or not isinstance(draw_chunk, int) or draw_chunk < 1:
+            raise ValueError(f"draw_chunk: must be an int >= 1 or None (automatic), got {draw_chunk!r}")
+        for d0 in range(start, stop, draw_chunk):
+            sl = slice(d0, min(stop, d0 + draw_chunk))
+            block = {k: self._read(k, chains, sl) for k in names}
+            if check:
+                self._check_chunk(block, chains, sl)
+            yield chains, sl, block
+
+    def _check_chunk(self, block: Mapping[str, Tensor], chains: list[int], sl: slice) -> None:
+        assert self.diverged is not None
+        for k, v in block.items():
+            if not (v.is_floating_point() or v.is_complex()):
+                continue
+            for i, ci in enumerate(chains):
+                if not bool(self.diverged[ci]) and not bool(torch.isfinite(v[i]).all()):
+                    raise ValueError(f"draws: chain {ci} holds NaN/Inf in {k!r} at draws "
+                                     f"{sl.start}:{sl.stop} but is not flagged as diverged; call "
+                                     "post.check_finite() (one pass over the draws) to flag such chains, "
+                                     "then retry")
+
+    def check_finite(self, *, draw_chunk: int | None = None) -> list[int]:
+        """Scan every draw once (chunk by chunk) and flag each chain holding NaN/Inf as diverged
+        (with a warning), as the constructor does for draws held in memory; returns the chains
+        flagged now. Needed only for lazily read draws whose store did not flag them.
+
+        >>> import torch
+        >>> w = torch.zeros(2, 3, 1)
+        >>> w[1, 2] = float("nan")
+        >>> import warnings
+        >>> with warnings.catch_warnings(record=True):
+        ...     post = Posterior({"w": w}, {}, {})
+        >>> post.check_finite(), post.good_chains
+        ([], [0])
+        """
+        assert self.diverged is not None
+        broken = torch.zeros(self.num_chains, dtype=torch.bool)
+        for chains, _, block in self._walk(self.param_names, list(range(self.num_chains)), 0, self.num_draws,
+                                           draw_chunk, check=False):
+            for v in block.values():
+                if v.is_floating_point() or v.is_complex():
+                    broken[chains] |= ~torch.isfinite(v.reshape(len(chains), -1)).all(1)
+        new = broken & ~self.diverged.bool()
+        if bool(new.any()):
+            warnings.warn(f"draws: chains {torch.nonzero(new).flatten().tolist()} hold NaN/Inf draws; they "
+                          "are flagged as diverged now (divergence_step=-1, unknown)", stacklevel=2)
+            self.diverged = self.diverged.bool() | new
+        return torch.nonzero(new).flatten().tolist()
 
     # ------------------------------------------------------------- outputs
     def _model_for(self, model: nn.Module | None) -> nn.Module:
@@ -314,6 +498,11 @@ class Posterior:
         mode it came in. This is the one place the model runs over the draws: :meth:`predict`,
         :mod:`pib_bayes.diagnostics` (``log_lik``, ``pred[i]``, ``to_arviz``'s log-likelihood) and
         :mod:`pib_bayes.bounds` (through :meth:`predict`) all call it.
+
+        The draws are read ``chunk_size`` at a time (:meth:`iter_draws`; never more than
+        :data:`DRAW_CHUNK_BYTES` of draws per chunk, fewer draws when they are larger), so a lazily
+        read posterior larger than memory is evaluated chunk by chunk: memory is one chunk of draws
+        plus the (M, N, ...) outputs.
 
         Engines (``engine``): ``"batched"``, one batched matmul per layer over the draws
         (:func:`~pib_bayes.batched.batched_forward`; MLPs only); ``"vmap"``,
@@ -356,16 +545,30 @@ class Posterior:
             'loop'
         """
         model = self._model_for(model)
-        draws = self.draws_for_prediction(include_diverged)
-        return self._run_over_draws(model, draws, x, chunk_size, engine, "x")
+        return self._run_over_draws(model, self.kept_chains(include_diverged), x, chunk_size, engine, "x")
 
-    def _run_over_draws(self, model: nn.Module, draws: Mapping[str, Tensor], x: Tensor,
+    def _window(self, chains: list[int], start: int, stop: int) -> dict[str, Tensor]:
+        """name -> (stop - start, *shape): draws [start, stop) of the chain-major sequence of the draws of
+        ``chains``, read by :meth:`iter_draws`' chunk reader (one read per chain the window touches; a view of
+        plain tensors within one chain)."""
+        n, parts, pos, names = self.num_draws, [], start, self.param_names
+        while pos < stop:
+            ci, d0 = divmod(pos, n)
+            d1 = min(n, d0 + stop - pos)
+            _, _, block = next(self._walk(names, [chains[ci]], d0, d1, d1 - d0, check=self.lazy))
+            parts.append({k: v.reshape(-1, *v.shape[2:]) for k, v in block.items()})
+            pos += d1 - d0
+        if len(parts) == 1:
+            return parts[0]
+        return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
+
+    def _run_over_draws(self, model: nn.Module, chains: Sequence[int], x: Tensor,
                         chunk_size: int | None, engine: str, name: str,
                         finish: Callable[[Tensor, Tensor], None] | None = None,
                         dest_shape: Callable[[torch.Size], tuple[int, ...]] | None = None) -> Tensor:
-        """f(x; w_m) for the M draws in ``draws`` (name -> (M, *shape)) into one (M, N, ...) buffer;
-        ``finish(out, dest)`` writes a chunk's outputs (default: a copy). ``name`` is the argument x
-        came from, for the error messages."""
+        """f(x; w_m) for the M draws of ``chains`` (chain-major) into one (M, N, ...) buffer, the draws
+        read a chunk at a time through :meth:`iter_draws`; ``finish(out, dest)`` writes a chunk's outputs
+        (default: a copy). ``name`` is the argument x came from, for the error messages."""
         if not isinstance(x, Tensor):
             raise TypeError(f"{name}: expected a tensor, got {type(x).__name__}")
         if x.dim() == 0 or x.shape[0] == 0:
@@ -378,20 +581,26 @@ class Posterior:
         if engine not in ENGINES:
             raise ValueError(f"engine: expected one of {ENGINES}, got {engine!r}")
         finish = finish or (lambda out, dest: dest.copy_(out))
-        m = next(iter(draws.values())).shape[0]
+        chains = list(chains)
+        m = len(chains) * self.num_draws
+        shapes = self.param_shapes
         fixed = self.fixed
         trainable = {n for n, p in model.named_parameters() if p.requires_grad}
-        missing = sorted(trainable - set(draws) - set(fixed))
+        missing = sorted(trainable - set(shapes) - set(fixed))
         if missing:
             warnings.warn(f"predict: no draws of {missing} (sampled with keep=?); the module's current "
                           "values are used for them", stacklevel=3)
-        all_params = {n for n, _ in model.named_parameters()} == set(draws)
+        all_params = {n for n, _ in model.named_parameters()} == set(shapes)
         fast = batched_forward(model) if all_params and not fixed else None
         if engine == "batched" and fast is None:
             raise ValueError("engine: 'batched' needs an nn.Sequential MLP whose every parameter has draws "
                              "(pib_bayes.batched.batched_forward); use 'auto', 'vmap' or 'loop'")
         if chunk_size is None:
-            chunk_size = _auto_chunk(draws, x) if fast is not None else 64
+            meta = {k: torch.empty((1, *s), device="meta") for k, s in shapes.items()}
+            chunk_size = _auto_chunk(meta, x) if fast is not None else 64
+        # never more than one chunk of draws (DRAW_CHUNK_BYTES) in memory at once
+        per_draw = sum(math.prod(s) * itemsize(self._dtype(k)) for k, s in shapes.items())
+        chunk_size = min(chunk_size, max(1, DRAW_CHUNK_BYTES // max(1, per_draw)))
         per_draw: list[Tensor] = []  # one output buffer, made at the first output: no concatenation copy
 
         def write(start: int, out: Tensor) -> None:
@@ -404,18 +613,31 @@ class Posterior:
             finish(out, per_draw[0][start:start + out.shape[0]])
 
         def chunk(start: int, stop: int) -> dict[str, Tensor]:
-            return {k: v[start:stop] for k, v in draws.items()}
+            return self._window(chains, start, stop)
 
         vmapped = vmap(lambda q: functional_call(model, {**fixed, **q}, (x,)))
 
-        slots = _tensor_slots(model, [*draws, *fixed])
+        slots = _tensor_slots(model, [*shapes, *fixed])
 
         def run(kind: str, start: int, stop: int) -> None:
-            if kind == "loop" and slots is None:
+            if kind == "loop":  # a window of chunk_size draws at a time, one forward pass per draw
+                for lo in range(start, stop, chunk_size):
+                    loop(lo, min(stop, lo + chunk_size))
+            elif kind == "batched":
+                assert fast is not None
+                write(start, fast(chunk(start, stop), x=x, stacked=False))
+            else:
+                with warnings.catch_warnings():  # vmap's per-sample fallback for an op: the timing decides
+                    warnings.filterwarnings("ignore", message="There is a performance drop because")
+                    write(start, vmapped(chunk(start, stop)))
+
+        def loop(start: int, stop: int) -> None:
+            draws = chunk(start, stop)
+            if slots is None:
                 for i in range(start, stop):
-                    write(i, functional_call(model, {**fixed, **{k: v[i] for k, v in draws.items()}},
+                    write(i, functional_call(model, {**fixed, **{k: v[i - start] for k, v in draws.items()}},
                                              (x,)).unsqueeze(0))
-            elif kind == "loop":
+            else:
                 assert slots is not None
                 # the module's own tensors point at draw i's values (set_data, no copy), the plain forward
                 # runs, and every tensor gets its own storage back: functional_call's outputs, without its
@@ -426,18 +648,11 @@ class Posterior:
                         slots[k].data = v
                     for i in range(start, stop):
                         for k, v in draws.items():
-                            slots[k].data = v[i]
+                            slots[k].data = v[i - start]
                         write(i, model(x).unsqueeze(0))
                 finally:
                     for k, t in slots.items():
                         t.data = own[k]
-            elif kind == "batched":
-                assert fast is not None
-                write(start, fast(chunk(start, stop), x=x, stacked=False))
-            else:
-                with warnings.catch_warnings():  # vmap's per-sample fallback for an op: the timing decides
-                    warnings.filterwarnings("ignore", message="There is a performance drop because")
-                    write(start, vmapped(chunk(start, stop)))
 
         def try_run(kind: str, start: int, stop: int) -> str | None:
             """Run ``kind`` on draws [start, stop); the reason it cannot run, or None."""
@@ -557,10 +772,10 @@ class Posterior:
                              "otherwise have to guess whether to apply a softmax)")
         model = self._model_for(model)
         likelihood = self.metadata.get("likelihood")
-        draws = self.draws_for_prediction(include_diverged)
+        chains = self.kept_chains(include_diverged)
         finish = (_bernoulli_into if likelihood == "bernoulli"
                   else _softmax_into if self.task == "classification" else None)
-        per_draw = self._run_over_draws(model, draws, x, chunk_size, engine, "x", finish,
+        per_draw = self._run_over_draws(model, chains, x, chunk_size, engine, "x", finish,
                                         dest_shape=lambda shape: _probs_shape(shape, likelihood))
         mean = per_draw.mean(0)
         if self.task == "classification":
@@ -759,11 +974,11 @@ class Posterior:
     def check_model(self, model: nn.Module) -> None:
         """Raise ``ValueError`` unless every draw matches a parameter of ``model`` in shape."""
         shapes = {n: tuple(p.shape) for n, p in model.named_parameters()}
-        for name, v in self.draws.items():
+        for name, own in self.param_shapes.items():
             if name not in shapes:
                 raise ValueError(f"model: has no parameter {name!r} that the posterior holds")
-            if tuple(v.shape[2:]) != shapes[name]:
-                raise ValueError(f"model: {name!r} has shape {shapes[name]}, the draws {tuple(v.shape[2:])}")
+            if own != shapes[name]:
+                raise ValueError(f"model: {name!r} has shape {shapes[name]}, the draws {own}")
 
     def __repr__(self) -> str:
         assert self.diverged is not None

@@ -285,6 +285,9 @@ def _structure_digest(fh: Any, start: int, size: int, chunks: list[list[int]]) -
     return h.hexdigest()
 
 
+_MAX_USERBLOCK = 2**30  # a header line longer than this is not one this library wrote
+
+
 def _check_structure(path: Path, size: int) -> None:
     """Refuse a file whose HDF5 structure (everything but the data chunks) is not byte-exact."""
     with open(path, "rb") as fh:
@@ -292,6 +295,12 @@ def _check_structure(path: Path, size: int) -> None:
         if not head.startswith(UB_MAGIC):
             raise FormatError(f"{path}: not a pib_bayes file (bad magic bytes)")
         nl = head.find(b"\n", len(UB_MAGIC))
+        while nl < 0 and len(head) < min(size, _MAX_USERBLOCK):  # a store of many chunks: a longer header
+            more = fh.read(len(head))
+            if not more:
+                break
+            head += more
+            nl = head.find(b"\n", len(UB_MAGIC))
         try:
             info = json.loads(head[len(UB_MAGIC):nl]) if nl > 0 else None
         except (json.JSONDecodeError, UnicodeDecodeError, RecursionError):
@@ -302,6 +311,8 @@ def _check_structure(path: Path, size: int) -> None:
         ok = ok and isinstance(chunks, list) and all(
             isinstance(c, list) and len(c) == 2
             and all(isinstance(v, int) and not isinstance(v, bool) for v in c) for c in chunks)
+        if ok and len(head) < info["userblock"] <= min(size, _MAX_USERBLOCK):
+            head += fh.read(info["userblock"] - len(head))
         if not ok or head[:info["userblock"]] != _userblock_bytes(info).ljust(info["userblock"], b"\0"):
             raise FormatError(f"{path}: corrupt header (the userblock is damaged)")
         if info["size"] != size:

@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 from pib_bayes import Posterior
 from pib_bayes.io import MAGIC, FormatError, save_payload
 from pib_bayes.posterior import LEGACY_FORMAT_VERSION
-from pib_bayes.store import LazyDraws
+from pib_bayes.store import UB_MAGIC, LazyDraws
 
 DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16, torch.int64, torch.int32, torch.uint8,
           torch.bool]
@@ -280,3 +280,25 @@ def test_a_lazily_loaded_posterior_saves_chunk_by_chunk_to_the_same_file(tmp_pat
         assert torch.equal(back.draws[name], t), name
     if not same_path:
         assert target.read_bytes() == path.read_bytes()  # the same layout, digests and bytes
+
+
+def test_a_file_of_many_chunks_whose_header_passes_64_kib_loads(tmp_path, monkeypatch):
+    """A store of thousands of chunks has a userblock (chunk ranges) larger than the first 64 KiB the
+    header check once read (the 16 GB out-of-core run: 512 KiB); it loads, and a flipped byte past
+    64 KiB of that header is still caught."""
+    monkeypatch.setattr("pib_bayes.store.CHUNK_BYTES", 16)
+    draws = {"w": torch.randn(2, 3000, 4, generator=torch.Generator().manual_seed(0))}  # 6000 chunks
+    path = tmp_path / "many.nc"
+    Posterior(draws, {"energy": torch.zeros(2, 3000)}, {"task": "regression"}).save(path)
+    with open(path, "rb") as fh:
+        head = fh.read(2**20)
+    header_end = head.index(b"\n", len(UB_MAGIC))
+    assert header_end > 65536  # the case the test is about
+    assert torch.equal(Posterior.load(path).draws["w"], draws["w"])
+    assert torch.equal(Posterior.load(path, lazy=True).draws["w"], draws["w"])
+    raw = bytearray(path.read_bytes())
+    pos = 70000 + raw[70000:header_end].index(b",")  # a separator of the chunk ranges, past 64 KiB
+    raw[pos] = ord(";")
+    path.write_bytes(bytes(raw))
+    with pytest.raises(FormatError, match="userblock"):
+        Posterior.load(path)

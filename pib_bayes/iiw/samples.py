@@ -26,7 +26,7 @@ import torch
 from torch import Tensor
 from torch.distributions import LowRankMultivariateNormal, MultivariateNormal, Normal
 
-from .._validate import check_bool, check_posterior, is_int, is_real
+from .._validate import check_bool, check_memory, check_posterior, is_int, is_real
 from ..posterior import Posterior
 from ..prior import FlatPrior, GaussianPrior, Prior, check_prior_fits
 from ._groups import resolve_groups
@@ -35,6 +35,8 @@ from .result import IIWResult
 __all__ = ["kl", "channel", "ledoit_wolf", "STRUCTURES"]
 
 STRUCTURES = ("diag", "full", "lowrank", "block")
+
+_BLOCK_BYTES = 256 * 2**20  # largest float64 block of whole chains gathered for the per-coordinate ESS
 
 
 # --------------------------------------------------------------------------- covariance fits
@@ -107,15 +109,22 @@ def _full_cov(xc: Tensor, dof: int, shrinkage: object) -> tuple[Tensor, float | 
 class _Gauss:
     """A fitted covariance of one structure, restricted to index sets on demand."""
 
-    def __init__(self, xc: Tensor, dof: int, structure: str, groups: dict[str, Tensor], shrinkage: object,
-                 rank: int | None) -> None:
+    def __init__(self, xc: Tensor | None, dof: int, structure: str, groups: dict[str, Tensor],
+                 shrinkage: object, rank: int | None, var: Tensor | None = None) -> None:
+        """``xc``: the centred rows (M, d); for ``"diag"`` the per-coordinate ``var`` alone suffices
+        (streamed moments, xc=None)."""
         self.structure, self.groups = structure, groups
-        self.var = xc.square().sum(0) / dof
+        if var is None:
+            assert xc is not None
+            var = xc.square().sum(0) / dof
+        self.var = var
         if bool((self.var <= 0).any()):
             raise ValueError("draws: some coordinates never move (zero variance), so the Gaussian fit is "
                              "singular; leave frozen parameters out (keep=) or use more chains")
         self.shrinkage: dict[str, float | None] = {}
         self.floored = 0
+        if structure != "diag":
+            assert xc is not None
         if structure == "full":
             self.cov, self.shrinkage["all"] = _full_cov(xc, dof, shrinkage)
         elif structure == "block":
@@ -207,8 +216,9 @@ def _layout(post: Posterior, groups: Mapping[str, Sequence[str]] | None):
     grouped = resolve_groups(post.param_names, groups)
     names = [n for n in post.param_names if any(n in g for g in grouped.values())]
     slices, start = {}, 0
+    shapes = post.param_shapes
     for n in names:
-        size = post.draws[n][0, 0].numel()
+        size = math.prod(shapes[n])
         slices[n] = slice(start, start + size)
         start += size
     index = {g: torch.cat([torch.arange(slices[n].start, slices[n].stop) for n in members])
@@ -216,28 +226,90 @@ def _layout(post: Posterior, groups: Mapping[str, Sequence[str]] | None):
     return names, index, slices
 
 
-def _chains_of(post: Posterior, names: list[str], what: str) -> Tensor:
-    """(C, N, d) float64 draws of the non-diverged chains, validated."""
+def _good_chains(post: Posterior, what: str, stacklevel: int = 4) -> list[int]:
+    """The non-diverged chains (a warning names the others), with at least 2 draws in total."""
     check_posterior(what, post)
     chains = post.good_chains
     if len(chains) < post.num_chains:
         warnings.warn(f"{what}: chains {sorted(set(range(post.num_chains)) - set(chains))} diverged and are "
-                      "left out", stacklevel=3)
+                      "left out", stacklevel=stacklevel)
     if not chains:
         raise ValueError(f"{what}: every chain diverged (or holds NaN/Inf draws); nothing to estimate from")
-    x = post.flat(names)[chains].to(torch.float64)
-    if x.shape[0] * x.shape[1] < 2:
-        raise ValueError(f"{what}: needs at least 2 draws in total, got {x.shape[0] * x.shape[1]}; "
+    if len(chains) * post.num_draws < 2:
+        raise ValueError(f"{what}: needs at least 2 draws in total, got {len(chains) * post.num_draws}; "
                          "sample more draws (num_draws) or chains")
-    if not bool(torch.isfinite(x).all()):
-        raise ValueError(f"{what}: draws contain NaN/Inf; drop those chains or resample")
+    return chains
+
+
+def _chunks_of(post: Posterior, names: list[str], chains: list[int], what: str,
+               columns: Tensor | None = None):
+    """(draw slice, (C, d, k) float64) chunks of the flattened draws of ``names`` (the flat ``columns``
+    only, when given), read through :meth:`~pib_bayes.Posterior.iter_draws`, checked finite."""
+    c = len(chains)
+    sizes = [math.prod(post.param_shapes[n]) for n in names]
+    for _, sl, block in post.iter_draws(names, chains=chains):
+        x = torch.empty(c, sl.stop - sl.start, sum(sizes), dtype=torch.float64)  # no float32 concatenation
+        start = 0
+        for n, size in zip(names, sizes, strict=True):
+            x[:, :, start:start + size] = block[n].reshape(c, sl.stop - sl.start, -1)
+            start += size
+        del block
+        x = x if columns is None else x[:, :, columns]
+        if not bool(torch.isfinite(x).all()):
+            raise ValueError(f"{what}: draws contain NaN/Inf; drop those chains or resample")
+        yield sl, x
+
+
+def _chains_of(post: Posterior, names: list[str], what: str, columns: Tensor | None = None,
+               chains: list[int] | None = None) -> Tensor:
+    """(C, N, d) float64 draws of the non-diverged chains (the flat ``columns`` only, when given),
+    validated; filled a chunk at a time (the structures that need every draw at once)."""
+    chains = _good_chains(post, what) if chains is None else chains
+    shapes = post.param_shapes
+    d = sum(math.prod(shapes[n]) for n in names) if columns is None else len(columns)
+    check_memory(what, 8.0 * len(chains) * post.num_draws * d,
+                 f"the {len(chains)} x {post.num_draws} draws of {d} coordinates in float64",
+                 "use structure='diag' (streamed moments), fewer groups or fewer draws")
+    x = torch.empty(len(chains), post.num_draws, d, dtype=torch.float64)
+    for sl, chunk in _chunks_of(post, names, chains, what, columns):
+        x[:, sl] = chunk
     return x
+
+
+def _moments(post: Posterior, names: list[str], what: str) -> tuple[list[int], Tensor, Tensor]:
+    """Per chain: the mean (C, d) and the sum of squared deviations M2 (C, d) of the flattened draws of
+    the non-diverged chains, in one streamed pass (Chan, Golub & LeVeque 1979 pairwise update,
+    chunk by chunk: mean += delta n_b / n, M2 += M2_b + delta^2 n_a n_b / n, delta = mean_b - mean_a).
+    Returns ``(chains, mean, m2)``."""
+    chains = _good_chains(post, what)
+    mean = m2 = None
+    count = 0
+    for sl, x in _chunks_of(post, names, chains, what):
+        nb = sl.stop - sl.start
+        mb = x.mean(1)
+        m2b = (x - mb[:, None]).square_().sum(1)
+        if mean is None or m2 is None:
+            mean, m2 = mb, m2b
+        else:
+            delta = mb - mean
+            total = count + nb
+            mean = mean + delta * (nb / total)
+            m2 = m2 + m2b + delta.square() * (count * nb / total)
+        count += nb
+    assert mean is not None and m2 is not None
+    return chains, mean, m2
+
+
+def _pool(mean: Tensor, m2: Tensor, n: int) -> tuple[Tensor, Tensor]:
+    """Mean and M2 over all rows from C equal-sized per-chain ``(mean, m2)`` of n rows each."""
+    grand = mean.mean(0)
+    return grand, m2.sum(0) + n * (mean - grand).square().sum(0)
 
 
 def _prior_vectors(prior: GaussianPrior, post: Posterior, names: list[str]) -> tuple[Tensor, Tensor]:
     mus, sds = [], []
     for n in names:
-        shape = post.draws[n].shape[2:]
+        shape = post.param_shapes[n]
         m = prior.mean.get(n)
         if m is not None and tuple(m.shape) != tuple(shape):
             raise ValueError(f"prior: the mean of {n!r} has shape {tuple(m.shape)} but the draws have "
@@ -301,6 +373,11 @@ def kl(
     Returns:
         :class:`IIWResult` in nats, ``method="kl"``.
 
+    Memory: the draws are read chunk by chunk (:meth:`~pib_bayes.Posterior.iter_draws`), so a
+    lazily read posterior larger than RAM works; ``"diag"`` streams the per-coordinate moments in
+    one pass (memory O(chains x D)), the other structures fill the (draws, D) float64 matrix they
+    need a chunk at a time.
+
     >>> import torch
     >>> from pib_bayes import Posterior, GaussianPrior
     >>> g = torch.Generator().manual_seed(0)
@@ -317,12 +394,20 @@ def kl(
         raise ValueError("prior: the KL to an improper flat prior is infinite; pass a proper prior")
     if not isinstance(prior, Prior):
         raise TypeError(f"prior: expected a pib_bayes Prior (e.g. GaussianPrior), got {type(prior).__name__}")
-    check_prior_fits(prior, {n: tuple(v.shape[2:]) for n, v in posterior.draws.items()})
+    check_prior_fits(prior, posterior.param_shapes)
     names, index, slices = _layout(posterior, groups)
-    x = _chains_of(posterior, names, "posterior").reshape(-1, sum(s.stop - s.start for s in slices.values()))
-    m, d = x.shape
-    mean = x.mean(0)
-    fit = _Gauss(x - mean, m - 1, structure, index, shrinkage, rank)
+    if structure == "diag":  # one streamed pass: per-coordinate mean and variance, memory O(d)
+        used, chain_mean, chain_m2 = _moments(posterior, names, "posterior")
+        m = len(used) * posterior.num_draws
+        mean, m2 = _pool(chain_mean, chain_m2, posterior.num_draws)
+        d = mean.shape[0]
+        fit = _Gauss(None, m - 1, structure, index, shrinkage, rank, var=m2 / (m - 1))
+    else:  # the covariance structures need the (M, d) draws at once (filled chunk by chunk)
+        x = _chains_of(posterior, names, "posterior")
+        x = x.reshape(-1, x.shape[2])
+        m, d = x.shape
+        mean = x.mean(0)
+        fit = _Gauss(x - mean, m - 1, structure, index, shrinkage, rank)
 
     def gaussian_kl(idx: Tensor | None, group: str | None, mu0: Tensor, sd0: Tensor) -> float:
         mu_i = mean if idx is None else mean[idx]
@@ -347,8 +432,8 @@ def kl(
         params, start = {}, 0
         for n in members:
             size = slices[n].stop - slices[n].start
-            params[n] = w[:, start:start + size].reshape(num_mc, *posterior.draws[n].shape[2:]).to(
-                posterior.draws[n].dtype)
+            params[n] = w[:, start:start + size].reshape(num_mc, *posterior.param_shapes[n]).to(
+                posterior._dtype(n))
             start += size
         lp = prior.log_prob(params, batch_ndim=1).to(torch.float64)
         k = w.shape[1]
@@ -456,6 +541,9 @@ def channel(
 
     Returns:
         :class:`IIWResult` in nats, ``method="channel"``.
+
+    Memory: as :func:`kl`; with ``"diag"`` the per-coordinate ESS of the correction is computed
+    in blocks of coordinates (one pass over a resample's draws per block).
     """
     _check_structure(structure)
     _check_shrinkage(shrinkage)
@@ -471,29 +559,54 @@ def channel(
     check_posterior("posteriors", first)
     for b, p in enumerate(posteriors):
         check_posterior(f"posteriors[{b}]", p)
-        shapes = {n: tuple(v.shape[2:]) for n, v in p.draws.items()}
-        if shapes != {n: tuple(v.shape[2:]) for n, v in first.draws.items()}:
+        if p.param_shapes != first.param_shapes:
             raise ValueError(f"posteriors[{b}]: holds different parameters/shapes than posteriors[0]; every "
                              "resample must sample the same model")
     names, index, _ = _layout(first, groups)
-    chains = [_chains_of(p, names, f"posteriors[{b}]") for b, p in enumerate(posteriors)]
-    d = chains[0].shape[2]
-    # pooled within-chain deviations (each chain centred on its own mean)
-    within = torch.cat([(c - c.mean(1, keepdim=True)).reshape(-1, d) for c in chains])
-    dof = sum(c.shape[0] * (c.shape[1] - 1) for c in chains)
-    if dof < 1:
-        raise ValueError("posteriors: need at least 2 draws per chain to estimate the within-chain "
-                         "covariance")
-    means = torch.stack([c.reshape(-1, d).mean(0) for c in chains])
+    whats = [f"posteriors[{b}]" for b in range(len(posteriors))]
+    if structure == "diag":  # streamed per-chain moments: memory O(B C d), not the draws
+        moments = [_moments(p, names, w) for p, w in zip(posteriors, whats, strict=True)]
+        used = [ch for ch, _, _ in moments]
+        sizes = [(len(ch), p.num_draws) for ch, p in zip(used, posteriors, strict=True)]
+        dof = sum(c * (n - 1) for c, n in sizes)
+        if dof < 1:
+            raise ValueError("posteriors: need at least 2 draws per chain to estimate the within-chain "
+                             "covariance")
+        # pooled within-chain deviations (each chain centred on its own mean): the sum of the M2s
+        within_var = torch.stack([m2.sum(0) for _, _, m2 in moments]).sum(0) / dof
+        means = torch.stack([mean.mean(0) for _, mean, _ in moments])
+        d = means.shape[1]
+        fit = _Gauss(None, dof, structure, index, shrinkage, rank, var=within_var)
+    else:  # the covariance structures need every draw at once (filled chunk by chunk)
+        used = [_good_chains(p, w, 3) for p, w in zip(posteriors, whats, strict=True)]
+        chains = [_chains_of(p, names, w, chains=ch)
+                  for p, w, ch in zip(posteriors, whats, used, strict=True)]
+        d = chains[0].shape[2]
+        sizes = [(c.shape[0], c.shape[1]) for c in chains]
+        # pooled within-chain deviations (each chain centred on its own mean)
+        within = torch.cat([(c - c.mean(1, keepdim=True)).reshape(-1, d) for c in chains])
+        dof = sum(c.shape[0] * (c.shape[1] - 1) for c in chains)
+        if dof < 1:
+            raise ValueError("posteriors: need at least 2 draws per chain to estimate the within-chain "
+                             "covariance")
+        means = torch.stack([c.reshape(-1, d).mean(0) for c in chains])
+        fit = _Gauss(within, dof, structure, index, shrinkage, rank)
     nres = means.shape[0]
     z = (means - means.mean(0)) / math.sqrt(nres - 1)      # B_raw = zᵀ z
     if mc_correction:
-        ess = torch.stack(_ess_per_coordinate(chains))      # (B, d)
+        if structure == "diag":  # ESS needs whole chains: coordinate blocks, one pass over the draws each
+            ess = torch.empty(nres, d, dtype=torch.float64)
+            per = max(1, _BLOCK_BYTES // (8 * sum(c * n for c, n in sizes)))
+            for c0 in range(0, d, per):
+                cols = torch.arange(c0, min(d, c0 + per))
+                xs = [_chains_of(p, names, w, cols, ch)
+                      for p, w, ch in zip(posteriors, whats, used, strict=True)]
+                ess[:, cols] = torch.stack(_ess_per_coordinate(xs))
+        else:
+            ess = torch.stack(_ess_per_coordinate(chains))      # (B, d)
         inv_ess = (1.0 / ess).mean(0)
     else:
         ess, inv_ess = None, torch.zeros(d, dtype=torch.float64)
-
-    fit = _Gauss(within, dof, structure, index, shrinkage, rank)
     clamped = {"count": 0}
 
     def half_logdet(eig: Tensor) -> float:
@@ -538,7 +651,7 @@ def channel(
     total = value(None, None) if structure in ("full", "lowrank") else sum(per_group.values())
     settings: dict[str, Any] = {
         "structure": structure, "num_resamples": nres, "dimension": d, "within_dof": dof,
-        "draws_per_resample": [int(c.shape[0] * c.shape[1]) for c in chains],
+        "draws_per_resample": [int(c * n) for c, n in sizes],
         "mc_correction": bool(mc_correction),
         "mean_ess": float(ess.mean()) if ess is not None else None,
         "total_rule": "joint" if structure in ("full", "lowrank") else "sum of groups",
