@@ -10,6 +10,12 @@ live memory).
 
 Each configuration runs 3 times (1 with ``--quick``), each in a fresh process; the median counts.
 
+Issue 17's row (``--vs-sgd``): at ~10M weights (MLP 1000-3000-2300-10, 9.9M float32 weights, batch 128
+of 512 examples), the peak growth of a 20-step one-chain ``sample()`` (Gaussian prior sigma_0 = 1
+at the initial weights, ``keep`` one bias) against 20 steps of ``torch.optim.SGD`` on the same energy
+with a naive autograd prior ``sum_j ||w_j - w0_j||^2 / 2`` (``w0`` cloned inside the measured part, as
+sample() makes its prior mean): ratio sgd / sample, target >= 1 / 1.5.
+
 Rows:
 * steps: peak with 10 kept draws after 10 steps vs after 10 x ``thin`` steps (thinning), ratio
   peak(few steps) / peak(many steps), target >= 0.95 (flat in steps);
@@ -72,6 +78,78 @@ def one(num_draws: int, thin: int, warmup: int) -> dict:
             "params": d, "peak_growth_bytes": peak - before, "stored_bytes": stored}
 
 
+BIG = (1000, 3000, 2300, 10)
+
+
+def one_vs_sgd(which: str) -> dict:
+    """In this process: peak RSS growth of 20 steps of ``which`` ("sample" or "sgd") at ~10M weights."""
+    import torch
+    from torch import nn
+
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from bench_steps import mlp
+
+    import pib_bayes
+
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    model = mlp(BIG)
+    x, y = torch.randn(512, BIG[0]), torch.randint(0, BIG[-1], (512,))
+    last_bias = [n for n, _ in model.named_parameters()][-1]
+
+    def run_sample(steps: int) -> None:
+        pib_bayes.sample(model, "cross_entropy", (x, y), beta=1 / 512, prior=1.0, step_size=1e-9,
+                         batch_size=128, num_warmup=steps // 2, num_draws=steps - steps // 2,
+                         keep=[last_bias], seed=0)
+
+    def run_sgd(steps: int) -> None:
+        params = list(model.parameters())
+        w0 = [p.detach().clone() for p in params]
+        opt = torch.optim.SGD(params, lr=1e-12)
+        g = torch.Generator().manual_seed(0)
+        for _ in range(steps):
+            idx = torch.randint(0, 512, (128,), generator=g)
+            opt.zero_grad(set_to_none=True)
+            loss = nn.functional.cross_entropy(model(x[idx]), y[idx]) * 512
+            prior = sum(((w - m) ** 2).sum() for w, m in zip(params, w0)) / 2
+            (loss + prior).backward()
+            opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    run = run_sample if which == "sample" else run_sgd
+    run(4)  # lazily loaded code and the allocator's heap
+    gc.collect()
+    with open("/proc/self/clear_refs", "w") as fh:
+        fh.write("5")
+    before = _status("VmRSS")
+    run(20)
+    peak = _status("VmHWM")
+    return {"which": which, "params": sum(p.numel() for p in model.parameters()),
+            "peak_growth_bytes": peak - before}
+
+
+def _spawn_vs_sgd(which: str) -> dict:
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "131072"}
+    out = subprocess.run([sys.executable, os.path.abspath(__file__), "--one-vs-sgd", which], check=True,
+                         capture_output=True, text=True, env=env).stdout
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def run_vs_sgd(quick: bool = False) -> list[dict]:
+    repeats = 1 if quick else 3
+    got = {}
+    for which in ("sgd", "sample"):
+        runs = sorted((_spawn_vs_sgd(which) for _ in range(repeats)), key=lambda r: r["peak_growth_bytes"])
+        got[which] = {**runs[len(runs) // 2], "all_peak_growth_bytes": [r["peak_growth_bytes"] for r in runs]}
+    d = got["sample"]["params"]
+    return [{"name": f"memory sample() 1 chain vs torch SGD + naive prior, {d:,} params (20 steps)",
+             "baseline": "sgd", "value": "sample", "baseline_bytes": got["sgd"]["peak_growth_bytes"],
+             "value_bytes": got["sample"]["peak_growth_bytes"],
+             "ratio": got["sgd"]["peak_growth_bytes"] / got["sample"]["peak_growth_bytes"],
+             "target": round(1 / 1.5, 3), "weights_bytes": 4 * d,
+             "copies": {k: v["peak_growth_bytes"] / (4 * d) for k, v in got.items()}, "runs": got}]
+
+
 def _spawn(num_draws: int, thin: int, warmup: int) -> dict:
     # a fixed mmap threshold: every large tensor is its own mmap, returned to the OS when freed, so
     # the peak RSS is the peak of live memory (glibc's default moving threshold parks freed blocks
@@ -116,15 +194,21 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--out")
     ap.add_argument("--one", nargs=3, type=int, metavar=("DRAWS", "THIN", "WARMUP"), help=argparse.SUPPRESS)
+    ap.add_argument("--one-vs-sgd", choices=["sample", "sgd"], help=argparse.SUPPRESS)
+    ap.add_argument("--vs-sgd", action="store_true", help="only issue 17's row: sample() vs torch SGD at 10M")
     args = ap.parse_args(argv)
     if args.one:
         print(json.dumps(one(*args.one)))
         return 0
-    rows = run(args.quick)
+    if args.one_vs_sgd:
+        print(json.dumps(one_vs_sgd(args.one_vs_sgd)))
+        return 0
+    rows = run_vs_sgd(args.quick) if args.vs_sgd else run(args.quick) + run_vs_sgd(args.quick)
     for r in rows:
         print(f"{r['name']:72s} {r['baseline_bytes'] / 2**20:8.2f} MiB -> "
               f"{r['value_bytes'] / 2**20:8.2f} MiB "
-              f" ratio {r['ratio']:.3f}  (target >= {r['target']})", flush=True)
+              f" ratio {r['ratio']:.3f}  (target >= {r['target']})"
+              + (f"  copies of the weights {r['copies']}" if "copies" in r else ""), flush=True)
     if args.out:
         with open(args.out, "w") as fh:
             json.dump(rows, fh, indent=1)

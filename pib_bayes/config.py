@@ -399,7 +399,9 @@ def _renamed_keys(raw: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
 def _check_sampler_kwargs(name: str, kwargs: Mapping[str, Any]) -> None:
     """Build the kernel once so that unknown or out-of-range [sampler.kwargs] fail before any work."""
     from .samplers import KERNELS, build_kernel
+    from .samplers.schedules import SHORTHANDS
 
+    name = SHORTHANDS[name][0] if name in SHORTHANDS else name  # 'csgld': the SGLD kernel's settings
     valid = list(inspect.signature(KERNELS[name]).parameters)
     unknown = [k for k in kwargs if k not in valid]
     if unknown:

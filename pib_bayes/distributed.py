@@ -68,9 +68,8 @@ from torch import Tensor, nn
 from .data import as_tensors
 from .driver import sample
 from .posterior import Posterior
-from .samplers.core import Kernel
 from .samplers.kernels import build_kernel
-from .samplers.schedules import as_schedule
+from .samplers.schedules import expand_shorthand
 
 __all__ = ["sample_distributed", "shard", "chain_shares", "DistributedSamplingError", "start_process_group",
            "collective_timeout"]
@@ -316,22 +315,23 @@ def _raise_if_failed(statuses: list[str | None], rank: int, own: BaseException |
     raise DistributedSamplingError(f"sample_distributed stopped on every rank: {text}") from own
 
 
-# ----------------------------------------------------------------------- data parallel kernel
-class _AllReduceKernel:
-    """Wraps a kernel's ``step``: all-reduce the weighted gradient and the status flags, then call
-    the kernel's own step with the averaged gradient (no other update rule).
+# ----------------------------------------------------------------------- data parallel gradient
+class _AllReduceGradient:
+    """The data-parallel gradient transform (:class:`~pib_bayes.gradients.GradientTransform`): the
+    all-reduced size-weighted shard gradient ``grad U_S = sum_r (n_r/n) grad U_{S_r}`` and the chains
+    to stop (non-finite on any rank, or every chain once a rank has left), then the driver's kernel
+    step as for any run (no update rule or divergence handling of its own).
 
     The buffer, the same size on every rank: ``[K x D weighted gradient | K non-finite flags |
     done | failed]`` for the K chains of one ``sample`` call (tensors carry a leading chain dim).
     """
 
-    def __init__(self, inner: Kernel, weight: float, num_chains: int, numel: int, dtype: torch.dtype,
+    def __init__(self, weight: float, num_chains: int, numel: int, dtype: torch.dtype,
                  device: torch.device, group: Any, rank: int, world: int) -> None:
-        self.inner, self.weight = inner, float(weight)
+        self.weight = float(weight)
         self.k, self.d = int(num_chains), int(numel)
         self.dtype, self.device = dtype, device  # the same on every rank: the buffers must match
         self.group, self.rank, self.world = group, rank, world
-        self.kernel = Kernel(inner.name, inner.state_names, inner.init, self.step, dict(inner.settings))
 
     @property
     def size(self) -> int:
@@ -343,38 +343,31 @@ class _AllReduceKernel:
         _collective("gradient all-reduce", self.rank, dist.all_reduce, buf, group=self.group)
         return buf
 
-    def step(self, params: list[Tensor], grads: list[Tensor], state: dict[str, list[Tensor]],
-             step_size: float, noise: Any, noise_scale: float = 1.0, batch_ndim: int = 0,
-             with_stats: bool = False) -> dict[str, Tensor]:
+    def __call__(self, params: Sequence[Tensor], grads: Sequence[Tensor]) -> tuple[list[Tensor], Tensor]:
         k, d = self.k, self.d
         sizes = [g[0].numel() for g in grads]
-        if batch_ndim != 1 or grads[0].shape[0] != k or sum(sizes) != d:
+        if grads[0].shape[0] != k or sum(sizes) != d:
             raise RuntimeError(f"data-parallel step: expected {k} chains x {d} gradient entries, got "
-                               f"{[tuple(g.shape) for g in grads]} (batch_ndim={batch_ndim})")
-        buf = torch.empty(self.size, dtype=self.dtype, device=self.device)
-        grad = buf[:k * d].view(k, d)
-        torch.cat([g.reshape(k, -1).to(self.dtype) for g in grads], dim=1, out=grad)
-        grad.mul_(self.weight)
-        bad = buf[k * d:k * d + k]
-        bad.zero_()
-        for p in params:  # chains this rank has found non-finite (the driver set them to NaN)
-            bad.add_((~torch.isfinite(p.reshape(k, -1))).any(1).to(self.dtype))
-        buf[k * d + k:] = 0.0  # done, failed
-        self._all_reduce(buf)
-        done, failed = (float(v) for v in buf[k * d + k:].tolist())
-        if failed > 0:
-            raise _PeerFailed()
-        # a chain that is non-finite on any rank is dead on every rank; a rank only leaves the run
-        # early when all its chains diverged
-        dead = torch.ones(k, dtype=torch.bool, device=self.device) if done > 0 else bad > 0
-        reduced = [v.reshape(g.shape).to(g.dtype) for v, g in zip(grad.split(sizes, dim=1), grads)]
-        stats = {} if bool(dead.all()) else self.inner.step(
-            params, reduced, state, step_size, noise, noise_scale, batch_ndim, with_stats)
-        if bool(dead.any()):
-            with torch.no_grad():
-                for p in params:
-                    p[dead] = math.nan
-        return stats
+                               f"{[tuple(g.shape) for g in grads]}")
+        with torch.no_grad():
+            buf = torch.empty(self.size, dtype=self.dtype, device=self.device)
+            grad = buf[:k * d].view(k, d)
+            torch.cat([g.reshape(k, -1).to(self.dtype) for g in grads], dim=1, out=grad)
+            grad.mul_(self.weight)
+            bad = buf[k * d:k * d + k]
+            bad.zero_()
+            for p in params:  # chains this rank has found non-finite (the driver set them to NaN)
+                bad.add_((~torch.isfinite(p.reshape(k, -1))).any(1).to(self.dtype))
+            buf[k * d + k:] = 0.0  # done, failed
+            self._all_reduce(buf)
+            done, failed = (float(v) for v in buf[k * d + k:].tolist())
+            if failed > 0:
+                raise _PeerFailed()
+            # a chain that is non-finite on any rank is dead on every rank; a rank only leaves the run
+            # early when all its chains diverged
+            dead = torch.ones(k, dtype=torch.bool, device=self.device) if done > 0 else bad > 0
+            reduced = [v.reshape(g.shape).to(g.dtype) for v, g in zip(grad.split(sizes, dim=1), grads)]
+        return reduced, dead
 
     def finish(self, failed: bool) -> None:
         """Leave the run: keep answering the others' step all-reduces until every rank has left."""
@@ -546,14 +539,11 @@ class _Heartbeat:
             if float(flag) >= self.world:
                 return
 
-    def kernel(self, inner: Kernel) -> Kernel:
-        """``inner`` with a step that first raises if the heartbeat has failed (nothing else changes)."""
-        def step(*args: Any, **kwargs: Any) -> dict[str, Tensor]:
-            if self.error is not None:
-                raise _PeerFailed()
-            return inner.step(*args, **kwargs)
-
-        return Kernel(inner.name, inner.state_names, inner.init, step, dict(inner.settings))
+    def __call__(self, params: Sequence[Tensor], grads: Sequence[Tensor]) -> tuple[Sequence[Tensor], None]:
+        """A gradient transform that changes nothing but stops the run once the heartbeat has failed."""
+        if self.error is not None:
+            raise _PeerFailed()
+        return grads, None
 
     def finish(self, rank: int) -> None:
         """Wait until every rank has finished sampling (or the heartbeat broke), then close."""
@@ -586,14 +576,7 @@ def _chains(model: nn.Module, loss_fn: Any, data: Any, group: Any, rank: int, wo
         if shares[rank]:
             run_kwargs = _rank_checkpoint(kwargs, f"rank{rank}-of-{world}")
             if beat is not None:
-                sampler = run_kwargs.get("sampler", "sgld")
-                if str(sampler).lower() == "csgld" and not hasattr(
-                        as_schedule(run_kwargs.get("step_size", 1e-4)), "cycle_length"):
-                    raise ValueError("step_size: sampler='csgld' needs a pib_bayes.samplers.Cyclical "
-                                     "schedule")
-                inner = build_kernel(sampler, **dict(run_kwargs.get("sampler_kwargs") or {}))
-                run_kwargs = {k: v for k, v in run_kwargs.items() if k != "sampler_kwargs"}
-                run_kwargs["sampler"] = beat.kernel(inner)
+                run_kwargs = {**run_kwargs, "gradient_transform": beat}
             post = sample(model, loss_fn, data, chain_ids=shares[rank], **run_kwargs)
             part = _parts(post)
     except _PeerFailed:
@@ -635,10 +618,7 @@ def _data_parallel(model: nn.Module, loss_fn: Any, data: Any, group: Any, rank: 
         if kwargs.get("chain_method", "auto") not in ("auto", "vectorized", "sequential"):
             raise ValueError("chain_method: expected 'auto', 'vectorized' or 'sequential', got "
                              f"{kwargs['chain_method']!r}")
-        sampler = kwargs.get("sampler", "sgld")
-        if str(sampler).lower() == "csgld" and not hasattr(as_schedule(kwargs.get("step_size", 1e-4)),
-                                                           "cycle_length"):
-            raise ValueError("step_size: sampler='csgld' needs a pib_bayes.samplers.Cyclical schedule")
+        sampler = expand_shorthand(kwargs.get("sampler", "sgld"), kwargs.get("step_size", 1e-4))
         inner = build_kernel(sampler, **dict(kwargs.get("sampler_kwargs") or {}))
         trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
         if not trainable:
@@ -672,13 +652,13 @@ def _data_parallel(model: nn.Module, loss_fn: Any, data: Any, group: Any, rank: 
     calls = [list(range(num_chains))] if method == "vectorized" else [[k] for k in range(num_chains)]
     parts = []
     for ids in calls:
-        wrapper = _AllReduceKernel(inner, weight, len(ids), numel, dtype, device, group, rank, world)
+        wrapper = _AllReduceGradient(weight, len(ids), numel, dtype, device, group, rank, world)
         error, own = None, False
         post = None
         try:
             tag = f"chain{ids[0]}" if len(ids) == 1 else "chains"
             chain_kwargs = _rank_checkpoint(rest, f"rank{rank}-of-{world}.{tag}")
-            post = sample(model, loss_fn, data, sampler=wrapper.kernel, chain_ids=ids,
+            post = sample(model, loss_fn, data, sampler=inner, gradient_transform=wrapper, chain_ids=ids,
                           chain_method="vectorized" if len(ids) > 1 else "sequential", **chain_kwargs)
         except _PeerFailed:
             error = RuntimeError("stopped because another rank failed")

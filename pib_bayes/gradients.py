@@ -5,7 +5,8 @@ chain: ``params`` is the list of a chain group's weight tensors (each ``(K, *sha
 require grad), ``batched`` says whether the K chains run vectorized, ``stacked`` whether the
 minibatch has a leading chain dimension. The driver's plain estimator is the minibatch gradient
 ``grad U_B(w) = (1/beta) mean_{i in B} grad l_i(w) - grad log p(w)``; other estimators wrap it
-(control variates here; an all-reduce over ranks would wrap it the same way).
+(control variates here). A :class:`GradientTransform` then acts on the estimate before the kernel
+steps (the data-parallel all-reduce).
 """
 
 from __future__ import annotations
@@ -16,7 +17,8 @@ from typing import Protocol
 import torch
 from torch import Tensor
 
-__all__ = ["GradientEstimator", "ControlVariateGradient", "full_data_gradient", "GRADIENTS"]
+__all__ = ["GradientEstimator", "GradientTransform", "ControlVariateGradient", "full_data_gradient",
+           "GRADIENTS"]
 
 GRADIENTS = ("minibatch", "cv")
 
@@ -24,6 +26,23 @@ GRADIENTS = ("minibatch", "cv")
 class GradientEstimator(Protocol):
     def __call__(self, params: Sequence[Tensor], batched: bool, x: Tensor, y: Tensor,
                  stacked: bool) -> tuple[Tensor, Tensor, tuple[Tensor, ...]]: ...
+
+
+class GradientTransform(Protocol):
+    """What the driver applies to a chain group's gradient between the estimator and the kernel
+    (``pib_bayes.sample(gradient_transform=...)``): ``(params, grads) -> (grads', stop)``.
+
+    ``params`` and ``grads`` are the group's tensors, each ``(K, *shape)``; ``grads'`` is the gradient
+    the kernel steps on (e.g. the size-weighted all-reduce over data shards, grad U_S = sum_r (n_r/n)
+    grad U_{S_r}, :func:`pib_bayes.distributed.sample_distributed`), and ``stop`` a ``(K,)`` bool
+    mask of chains to stop now (None: none), which the driver handles as it handles a diverged chain:
+    their weights become NaN (every chain stopped: no step at all). It runs after the driver's
+    divergence test of the step, so a chain this process found diverging is already NaN in
+    ``params`` (a transform can pass that on, as the all-reduce does).
+    """
+
+    def __call__(self, params: Sequence[Tensor],
+                 grads: Sequence[Tensor]) -> tuple[Sequence[Tensor], Tensor | None]: ...
 
 
 def full_data_gradient(base: GradientEstimator, params: Sequence[Tensor], batched: bool,

@@ -335,10 +335,20 @@ class ScheduleLR(LRScheduler):
         super().__init__(optimizer, last_epoch)
 
     def get_lr(self) -> list[float]:  # type: ignore[override]
+        """The step size h_t of every group at the current step (no other effect)."""
+        t = max(self.last_epoch, 0)
+        return [self.schedule.step_size(t) for _ in self.optimizer.param_groups]
+
+    def step(self, epoch: int | None = None) -> None:  # type: ignore[override]
+        """Advance the step counter, then set every group's ``lr`` to h_t and ``noise_scale`` to the
+        schedule's noise scale at t (0 in a cyclical schedule's exploration phase)."""
+        if epoch is None:
+            super().step()
+        else:
+            super().step(epoch)
         t = max(self.last_epoch, 0)
         for group in self.optimizer.param_groups:
             group["noise_scale"] = self.schedule.noise_scale(t)
-        return [self.schedule.step_size(t) for _ in self.optimizer.param_groups]
 
     @property
     def collecting(self) -> bool:

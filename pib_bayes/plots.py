@@ -94,7 +94,9 @@ def _steps(post: Posterior) -> tuple[np.ndarray, str]:
     """Global step of each kept draw when the layout gives it (warmup + i * thin), else the draw index."""
     meta = post.metadata
     warm, thin = meta.get("num_warmup"), meta.get("thin")
-    cyclical = meta.get("sampler") == "csgld" or "cycle" in str(meta.get("schedule", "")).lower()
+    # a schedule that keeps only some steps (cyclical): the kept draws are not evenly spaced in steps
+    schedule = meta.get("schedule")
+    cyclical = isinstance(schedule, dict) and schedule.get("type") == "Cyclical"
     if isinstance(warm, int) and isinstance(thin, int) and not cyclical:
         return warm + thin * np.arange(post.num_draws), "sampler step"
     return np.arange(post.num_draws), "kept draw"

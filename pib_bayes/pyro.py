@@ -50,7 +50,7 @@ from .energy import check_beta
 from .posterior import Posterior
 from .samplers.core import GaussianNoise, Kernel
 from .samplers.kernels import build_kernel
-from .samplers.schedules import Cyclical, Schedule, as_schedule
+from .samplers.schedules import Cyclical, Schedule, as_schedule, expand_shorthand
 
 __all__ = ["LangevinKernel", "posterior_from_mcmc", "to_predictive_samples", "nuts_reference"]
 
@@ -173,10 +173,8 @@ class LangevinKernel(MCMCKernel):
         if not callable(model):
             raise TypeError(f"model: expected a Pyro model (a callable), got {type(model).__name__}")
         self.model = model
-        self.kernel = build_kernel(sampler, **dict(sampler_kwargs or {}))
-        if str(sampler).lower() == "csgld":
-            raise ValueError("sampler: 'csgld' needs draws dropped in its exploration phases, which "
-                             "pyro.infer.MCMC cannot do; use pib_bayes.sample, or plain 'sgld'")
+        # 'csgld' is SGLD on a Cyclical schedule, which is refused below
+        self.kernel = build_kernel(expand_shorthand(sampler, step_size), **dict(sampler_kwargs or {}))
         self.schedule = as_schedule(step_size)
         if isinstance(self.schedule, Cyclical):
             raise ValueError("step_size: a Cyclical schedule needs draws dropped in its exploration phases, "

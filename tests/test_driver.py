@@ -174,7 +174,8 @@ def test_optimizer_and_driver_produce_identical_trajectories(sampler, opt_cls, k
         assert torch.equal(post.draws["bias"][0, t], model.bias.detach()), t
         opt.zero_grad()
         u = energy.of_module(x, y)
-        assert torch.equal(post.sample_stats["energy"][0, t], u.detach())
+        # the same value; sample() sums ||w - m||^2 over one flat buffer, of_module per tensor
+        torch.testing.assert_close(post.sample_stats["energy"][0, t], u.detach(), rtol=1e-6, atol=0)
         u.backward()
         opt.step()
 
@@ -401,3 +402,23 @@ def test_one_chain_direct_step_equals_the_functional_step():
         assert torch.equal(direct.draws[n], functional.draws[n]), n
     assert torch.equal(direct.sample_stats["loss"], functional.sample_stats["loss"])
     torch.testing.assert_close(direct.sample_stats["energy"], functional.sample_stats["energy"])
+
+
+def test_sample_takes_an_energy_as_the_loss():
+    # an Energy carries loss, prior and beta: the same draws as giving them one by one
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 5), nn.ReLU(), nn.Linear(5, 2))
+    x, y = torch.randn(30, 3), torch.randint(0, 2, (30,))
+    kw = {"step_size": 1e-2, "num_warmup": 5, "num_draws": 10, "batch_size": 10, "seed": 2}
+    energy = Energy(model, "cross_entropy", prior=0.5, beta=1 / 30)
+    a = sample(model, energy, (x, y), **kw)
+    b = sample(model, "cross_entropy", (x, y), beta=1 / 30, prior=0.5, **kw)
+    for n in a.draws:
+        assert torch.equal(a.draws[n], b.draws[n]), n
+    assert a.metadata["beta"] == b.metadata["beta"] and a.metadata["prior"] == b.metadata["prior"]
+    with pytest.raises(ValueError, match="beta: the Energy"):
+        sample(model, energy, (x, y), beta=0.1, **kw)
+    with pytest.raises(ValueError, match="loss_fn: the Energy is built on another module"):
+        sample(nn.Linear(3, 2), energy, (x, y), **kw)
+    with pytest.raises(TypeError, match="beta: sample"):
+        sample(model, "cross_entropy", (x, y), **kw)

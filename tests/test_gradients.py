@@ -96,3 +96,49 @@ def test_sample_with_cv_records_its_centre_and_refuses_unknown_estimators():
     assert bool(torch.isfinite(post.draws["weight"]).all())
     with pytest.raises(ValueError, match="^gradient: expected one of"):
         sample(nn.Linear(2, 1), "gaussian", (x, y), beta=1 / 64, gradient="svrg")
+
+
+@pytest.mark.parametrize("chain_method", ["vectorized", "sequential"])
+def test_gradient_transform_is_applied_before_the_kernel_and_stops_chains(chain_method):
+    x, y = _data()
+    x, y = x.float(), y.float().unsqueeze(1)
+    kw = {"beta": 1 / 24, "step_size": 1e-3, "num_chains": 2, "num_warmup": 0, "num_draws": 8, "seed": 1,
+          "batch_size": 8, "chain_method": chain_method}
+    torch.manual_seed(0)
+    model = nn.Linear(3, 1)
+    plain = sample(model, "gaussian", (x, y), **kw)
+    seen = []
+
+    def identity(params, grads):
+        seen.append(tuple(g.shape for g in grads))
+        return grads, None
+
+    same = sample(model, "gaussian", (x, y), gradient_transform=identity, **kw)
+    k = 2 if chain_method == "vectorized" else 1  # chains per group: one call per step of each group
+    assert seen == [((k, 1, 3), (k, 1))] * (8 if k == 2 else 16)
+    for n in plain.draws:
+        assert torch.equal(same.draws[n], plain.draws[n]), n
+
+    def doubled(params, grads):  # twin: a transform that changes the gradient changes the draws
+        return [2 * g for g in grads], None
+
+    other = sample(model, "gaussian", (x, y), gradient_transform=doubled, **kw)
+    assert not torch.equal(other.draws["weight"][:, 1:], plain.draws["weight"][:, 1:])
+
+    calls = {"n": 0}
+
+    def stop_chain_1(params, grads):  # stop the second chain at its 4th step
+        k = grads[0].shape[0]
+        calls["n"] += 1
+        stop = torch.zeros(k, dtype=torch.bool)
+        if k == 2 and calls["n"] == 4:
+            stop[1] = True
+        elif k == 1 and int(params[0].shape[0]) == 1 and calls["n"] == 8 + 4:  # sequential: chain 1's 4th
+            stop[0] = True
+        return grads, stop
+
+    stopped = sample(model, "gaussian", (x, y), gradient_transform=stop_chain_1, **kw)
+    assert torch.equal(stopped.draws["weight"][0], plain.draws["weight"][0])  # chain 0 untouched
+    assert torch.equal(stopped.draws["weight"][1, :4], plain.draws["weight"][1, :4])
+    assert bool(torch.isnan(stopped.draws["weight"][1, 4:]).all())  # NaN weights: flagged at step 4
+    assert stopped.diverged.tolist() == [False, True] and int(stopped.divergence_step[1]) == 4

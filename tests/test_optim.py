@@ -133,6 +133,24 @@ def test_schedule_lr_sets_lr_and_noise_scale_from_a_cyclical_schedule():
         sched.step()
 
 
+def test_schedule_lr_get_lr_has_no_side_effect():
+    # get_lr only reports h_t; the noise scale is set by step() (it was written by get_lr before)
+    model, x, y = _problem()
+    schedule = Cyclical(0.1, cycle_length=4, exploration_fraction=0.5)
+    opt = SGLD(model.parameters(), lr=0.1)
+    sched = ScheduleLR(opt, schedule)
+    assert opt.param_groups[0]["noise_scale"] == 0.0  # t = 0: exploration phase, set at construction
+    opt.param_groups[0]["noise_scale"] = 0.25
+    assert sched.get_lr() == [schedule.step_size(0)]
+    assert opt.param_groups[0]["noise_scale"] == 0.25  # untouched by get_lr
+    for _ in range(2):  # t = 2: sampling phase
+        opt.zero_grad()
+        nn.functional.mse_loss(model(x), y).backward()
+        opt.step()
+        sched.step()
+    assert opt.param_groups[0]["noise_scale"] == 1.0
+
+
 @pytest.mark.parametrize("opt_cls,kwargs", OPTIMIZERS)
 def test_state_dict_round_trip_resumes_the_same_trajectory(opt_cls, kwargs):
     """Kernel state and the noise generator's state are saved: a resumed run equals the uninterrupted one."""

@@ -549,6 +549,42 @@ def test_csgld_requires_cyclical_schedule():
                          num_warmup=0, num_draws=2)
 
 
+def test_csgld_is_sgld_on_its_cyclical_schedule_and_says_so():
+    # the shorthand runs the SGLD kernel on the schedule: the same draws as spelling both out, and the
+    # metadata names the kernel and the schedule (it named no cyclical schedule as "csgld" before)
+    x, y, *_ = _linear_problem()
+    sched = Cyclical(0.01, cycle_length=6, exploration_fraction=0.5)
+    model = _linear_model()
+    runs = [pib_bayes.sample(model, "gaussian", (x, y), beta=1.0, sampler=name, step_size=sched,
+                             num_warmup=0, num_draws=6, seed=3) for name in ("csgld", "sgld")]
+    for n in runs[1].draws:
+        assert torch.equal(runs[0].draws[n], runs[1].draws[n]), n
+    meta = runs[0].metadata
+    assert meta["sampler"] == "sgld" and meta["schedule"]["type"] == "Cyclical"
+    with pytest.raises(ValueError, match="not a kernel"):
+        pib_bayes.samplers.build_kernel("csgld")
+
+
+@pytest.mark.parametrize("schedule", [pib_bayes.samplers.Constant(0.01),
+                                      pib_bayes.samplers.PolynomialDecay(1.0, 2.0, 0.6),
+                                      pib_bayes.samplers.Cosine(0.1, 100, 0.01), Cyclical(0.1, 10, 0.3)])
+def test_schedule_repr_is_its_constructor_call(schedule):
+    from pib_bayes.samplers import Constant, Cosine, PolynomialDecay  # noqa: F401  (names for eval)
+
+    rebuilt = eval(repr(schedule))
+    assert rebuilt == schedule and repr(rebuilt) == repr(schedule)
+    assert [rebuilt(t) for t in range(20)] == [schedule(t) for t in range(20)]
+    # twin: a schedule with another setting is not equal, so equality is not vacuous
+    other = eval(repr(schedule).replace("0.1", "0.2").replace("0.01", "0.02").replace("1.0", "1.5"))
+    assert other != schedule
+
+
+def test_collects_is_none_for_every_step_and_the_predicate_for_a_cycle():
+    assert pib_bayes.samplers.Constant(0.1).collects is None
+    cyc = Cyclical(1.0, cycle_length=4, exploration_fraction=0.5)
+    assert [cyc.collects(t) for t in range(4)] == [False, False, True, True]
+
+
 # ------------------------------------------------------------------------------------------------
 # Batched chains equal per-chain runs
 # ------------------------------------------------------------------------------------------------

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -14,8 +15,8 @@ from torch.func import vmap
 
 from ..batched import batched_forward
 from ..data import LoaderBatcher, TensorBatcher
-from ..energy import Energy
-from ..prior import GaussianPrior
+from ..energy import BoundEnergy, Energy
+from ..gradients import GradientTransform
 from ..samplers.core import GaussianNoise, Kernel, NoisePrefetcher
 from ..samplers.schedules import Schedule
 
@@ -61,7 +62,7 @@ class _Group:
     dropout_state: Tensor | None = None  # that stream's state restored from a checkpoint
     centre: _CentreFinder | None = None  # gradient="cv": finds w_hat in warm-up, then swaps the estimator
     estimator: Any = None  # a pib_bayes.gradients estimator; None: the plain minibatch gradient
-    direct: _Direct | None = None  # a one-chain group while it runs: the module called on its own weights
+    direct: BoundEnergy | None = None  # a one-chain group while it runs: the module called on its own weights
 
     def generator_states(self) -> list[Tensor]:
         """The noise generators' states as the synchronous sampler has them (none drawn ahead)."""
@@ -126,51 +127,12 @@ def _dropout_rng(group: _Group, device: torch.device) -> Iterator[None]:
         yield
 
 
-class _Direct:
-    """A one-chain group's weights as the module sees them while the group runs: leaf tensors of the
-    parameter shapes sharing memory with the group's (1, *shape) weights (the kernel's in-place moves
-    show through), put into the module once, and the prior's closed form on them (None: autograd).
-
-    With the closed form, the gradient lives in one persistent flat buffer: each step writes the prior's
-    ``(w - theta_0) / sigma_0^2`` into it and the backward pass accumulates the likelihood's gradient
-    into the same memory (the leaves' ``.grad`` are views of it), so the kernel gets
-    ``grad(loss)/beta + (w - theta_0)/sigma_0^2`` with no per-step allocation, view or extra add.
-    """
-
-    def __init__(self, leaves: list[Tensor], params: list[Tensor],
-                 prior: Any) -> None:
-        self.leaves, self.prior = leaves, prior
-        self.grads: tuple[Tensor, ...] = ()
-        if prior is not None:
-            like = params[0]
-            flat = torch.zeros(sum(p.numel() for p in params), dtype=like.dtype, device=like.device)
-            views, off = [], 0
-            for p in params:
-                views.append(flat[off:off + p.numel()].view(p.shape))
-                off += p.numel()
-            self.grads = tuple(views)  # (1, *shape): what the kernel takes
-            self.leaf_grads = [g.view(q.shape) for g, q in zip(views, leaves, strict=True)]
-            for q, g in zip(leaves, self.leaf_grads, strict=True):
-                q.grad = g
-
-    def prior_into_grads(self) -> Tensor:
-        """Write ``(w - theta_0)/sigma_0^2`` into the gradient buffer; return ``log p(w)`` (the numbers of
-        :meth:`~pib_bayes.GaussianPrior.closed_form`)."""
-        plan, grads = self.prior, self.leaf_grads
-        with torch.no_grad():
-            torch._foreach_copy_(grads, self.leaves)
-            torch._foreach_sub_(grads, plan.means)
-            norms = torch.stack(torch._foreach_norm(grads))
-            value = torch.dot(norms * plan.coef, norms) + plan.const
-            if plan.scale is not None:
-                torch._foreach_mul_(grads, plan.scale)
-        return value
-
-
 class _Sampler:
     def __init__(self, energy: Energy, names: list[str], fixed: dict[str, Tensor], kernel: Kernel,
-                 schedule: Schedule, stat_fns: Mapping[str, StatFn], dropout: bool = False) -> None:
+                 schedule: Schedule, stat_fns: Mapping[str, StatFn], dropout: bool = False,
+                 transform: GradientTransform | None = None) -> None:
         self.energy, self.names, self.fixed = energy, names, fixed
+        self.transform = transform  # between the estimator and the kernel (pib_bayes.gradients)
         self.kernel, self.schedule, self.stat_fns = kernel, schedule, dict(stat_fns)
         # train_mode_dropout: vmap draws a different dropout mask for each chain
         self.randomness = "different" if dropout else "error"
@@ -196,7 +158,7 @@ class _Sampler:
         """(U, loss) per chain of the group, each (K,), differentiable in the group's parameters."""
         params, batch_ndim = self._chain_params(group)
         loss = self.losses(params, batch_ndim, x, y, stacked)
-        return loss / self.energy.beta - self.energy.prior.log_prob(params, batch_ndim), loss
+        return self.energy.combine(loss, self.energy.prior.log_prob(params, batch_ndim)), loss
 
     def losses(self, params: dict[str, Tensor], batch_ndim: int, x: Tensor, y: Tensor,
                stacked: bool) -> Tensor:
@@ -220,11 +182,9 @@ class _Sampler:
             yield
             return
         leaves = [p.detach().view(p.shape[1:]).requires_grad_(True) for p in group.params]
-        prior = self.energy.prior
-        closed = prior.closed_form(self.names, leaves) if isinstance(prior, GaussianPrior) else None
         state = {**self.fixed, **dict(zip(self.names, leaves, strict=True))}
         with torch.nn.utils.stateless._reparametrize_module(self.energy.model, state, tie_weights=True):
-            group.direct = _Direct(leaves, group.params, closed)
+            group.direct = self.energy.bind(self.names, leaves, [p.shape for p in group.params])
             try:
                 yield
             finally:
@@ -245,58 +205,40 @@ class _Sampler:
                         y: Tensor) -> tuple[Tensor, Tensor, tuple[Tensor, ...]]:
         """:meth:`minibatch_gradient` of a one-chain group inside :meth:`bound`: the same numbers (the
         module's forward on the same weights, the prior's closed-form gradient added to the
-        likelihood's), without the per-step parameter substitution."""
+        likelihood's; :class:`~pib_bayes.energy.BoundEnergy`), without the per-step substitution."""
         direct = group.direct
         assert direct is not None
-        energy, leaves = self.energy, direct.leaves
-        if direct.prior is None:
-            with torch.enable_grad():
-                loss = energy.mean_loss(energy.model(x), y)
-                params = dict(zip(self.names, leaves, strict=True))
-                u = loss / energy.beta - energy.prior.log_prob(params, 0)
-                grads = torch.autograd.grad(u, leaves)
-            return (u.detach().reshape(1), loss.detach().reshape(1),
-                    tuple(g.view(p.shape) for g, p in zip(grads, group.params, strict=True)))
-        log_prior = direct.prior_into_grads()
-        with torch.enable_grad():
-            loss = energy.mean_loss(energy.model(x), y)
-            scaled = loss / energy.beta
-            scaled.backward(inputs=leaves)  # accumulates into the buffer that holds the prior's gradient
-        for q, g in zip(leaves, direct.leaf_grads, strict=True):
-            if q.grad is not g:  # autograd replaced it (out-of-place sum): keep the buffer authoritative
-                g.copy_(q.grad)
-                q.grad = g
-        return (scaled.detach() - log_prior).reshape(1), loss.detach().reshape(1), direct.grads
+        u, loss, grads = direct.value_and_grad(x, y)
+        return u.reshape(1), loss.reshape(1), grads
 
     def minibatch_gradient(self, tensors: Sequence[Tensor], vectorized: bool, x: Tensor, y: Tensor,
                            stacked: bool) -> tuple[Tensor, Tensor, tuple[Tensor, ...]]:
-        """The plain estimator: (U_B, loss_B) per chain and grad U_B w.r.t. ``tensors`` (leaves)."""
-        prior = self.energy.prior
-        analytic = getattr(prior, "log_prob_and_grad", None)
+        """The plain estimator: (U_B, loss_B) per chain and grad U_B w.r.t. ``tensors`` (leaves), from
+        :meth:`pib_bayes.Energy.value_and_grad` with the group's forward (vmap or hand-batched)."""
         params, batch_ndim = self._as_model_params(tensors, vectorized)
-        with torch.no_grad():
-            # a Gaussian prior's value and gradient in closed form, no autograd graph: the same numbers
-            # as backpropagating through log_prob (tested), a fraction of its cost
-            got = analytic(params, batch_ndim) if analytic is not None else None
-        with torch.enable_grad():
-            if got is None:
-                loss = self.losses(params, batch_ndim, x, y, stacked)
-                u = loss / self.energy.beta - prior.log_prob(params, batch_ndim)
-                # chains are independent, so the gradient of the sum is each chain's own gradient
-                return u.detach(), loss.detach(), torch.autograd.grad(u.sum(), list(tensors))
-            loss = self.losses(params, batch_ndim, x, y, stacked)
-            scaled = loss / self.energy.beta
-            grads = list(torch.autograd.grad(scaled.sum(), list(tensors)))
-        log_prior, prior_grads = got
-        torch._foreach_add_(grads, [g.view(p.shape) for g, p in zip(prior_grads, tensors, strict=True)])
-        return (scaled.detach() - log_prior).reshape(loss.shape), loss.detach(), tuple(grads)
+        u, loss, grads = self.energy.value_and_grad(
+            params, (x, y), batch_ndim, wrt=tensors,
+            loss=lambda p, xb, yb: self.losses(p, batch_ndim, xb, yb, stacked))
+        return u.reshape(loss.shape), loss, grads
 
     def move(self, group: _Group, grads: Sequence[Tensor], t: int, with_stats: bool) -> dict[str, Tensor]:
+        """The kernel's step on ``grads`` (after the gradient transform, if any); chains the transform
+        stops get NaN weights."""
+        stop = None
+        if self.transform is not None:
+            grads, stop = self.transform(group.params, grads)
         h, scale = self.schedule.step_size(t), self.schedule.noise_scale(t)
         noise: GaussianNoise | None = group.noise
         if group.prefetcher is not None:  # this step's noise was drawn during the gradient pass
             drawn = group.prefetcher.take([group.params] if scale != 0 else [])
             noise = drawn[0] if drawn else None
         with torch.no_grad():
-            return self.kernel.step(group.params, list(grads), group.state, h, noise, scale, batch_ndim=1,
-                                    with_stats=with_stats)
+            if stop is None:
+                return self.kernel.step(group.params, grads, group.state, h, noise, scale, batch_ndim=1,
+                                        with_stats=with_stats)
+            stats = {} if bool(stop.all()) else self.kernel.step(
+                group.params, grads, group.state, h, noise, scale, batch_ndim=1, with_stats=with_stats)
+            if bool(stop.any()):
+                for p in group.params:
+                    p[stop] = math.nan
+            return stats

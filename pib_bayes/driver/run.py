@@ -7,7 +7,8 @@ import dataclasses
 import json
 import math
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -19,13 +20,21 @@ from .._validate import check_bool, check_path
 from .._version import __version__
 from ..data import LoaderBatcher, TensorBatcher, as_tensors
 from ..energy import Energy, LossFn, loss_likelihood, require_task
-from ..gradients import GRADIENTS
+from ..gradients import GRADIENTS, GradientTransform
 from ..io import FormatError, holds_lock
 from ..posterior import Posterior
 from ..prior import GaussianPrior, Prior, check_prior_fits
-from ..samplers.core import NOISES, Kernel, NoisePrefetcher, make_noise
+from ..samplers.core import (
+    NOISES,
+    FlatTensors,
+    Kernel,
+    NoisePrefetcher,
+    flat_view,
+    flat_zeros_like,
+    make_noise,
+)
 from ..samplers.kernels import build_kernel
-from ..samplers.schedules import Constant, Schedule, as_schedule
+from ..samplers.schedules import Constant, Schedule, as_schedule, expand_shorthand
 from ..samplers.step_size import NOISE_WARN_THRESHOLD, AutoStep
 from ..subnet import Selection, select_params
 from .chains import (
@@ -71,13 +80,206 @@ from .warmup import (
 )
 
 
+def _flat_copy(tensors: Sequence[Tensor]) -> FlatTensors:
+    """Copies of ``tensors`` as views tiling one contiguous buffer (whole-buffer ops in the kernels)."""
+    with torch.no_grad():  # plain copies (leaves), whatever the sources require
+        out = flat_zeros_like(tensors)
+        if not isinstance(out, FlatTensors):  # mixed dtypes or devices: one tensor each
+            out = [t.detach().clone(memory_format=torch.contiguous_format) for t in tensors]
+        else:
+            torch._foreach_copy_(list(out), [t.detach() for t in tensors])
+    return out
+
+
+def _chain_weights(init_params: Mapping[str, Tensor], names: Sequence[str], chains: list[int],
+                   num_chains: int) -> Sequence[Tensor]:
+    """The weights a chain group moves in place (leaves that require grad), from the initial weights.
+
+    A group of every chain (vectorized, or the one chain of a one-chain run) takes ``init_params``
+    themselves, which nothing else moves (no copy: one fewer copy of the weights at peak); a group
+    of one chain out of several gets its own copy, as one flat buffer.
+    """
+    if chains == list(range(num_chains)):
+        tensors: Sequence[Tensor] = [init_params[n] for n in names]
+        flat = flat_view(tensors) if len(chains) == 1 else None
+        if flat is not None:
+            tensors = FlatTensors(tensors, flat)
+    else:
+        tensors = _flat_copy([init_params[n][chains] for n in names])
+    for t in tensors:
+        t.requires_grad_(True)
+    return tensors
+
+
+def _as_energy(model: nn.Module, loss_fn: str | LossFn | Energy, beta: float | None, prior: Any,
+               task: str | None) -> tuple[Energy, bool]:
+    """The run's :class:`~pib_bayes.Energy` and whether ``sample`` built its prior (None or a float)."""
+    if isinstance(loss_fn, Energy):
+        if loss_fn.model is not model:
+            raise ValueError("loss_fn: the Energy is built on another module than model; pass "
+                             "Energy(model, ...) for this model")
+        for name, value in (("beta", beta), ("prior", prior), ("task", task)):
+            if value is not None:
+                raise ValueError(f"{name}: the Energy given as loss_fn already holds its {name} "
+                                 f"({getattr(loss_fn, name)!r}); drop {name}=")
+        return loss_fn, False
+    if beta is None:
+        raise TypeError("beta: sample() needs beta= (the PIB trade-off > 0; 1/n is the Bayesian posterior), "
+                        "or an Energy as loss_fn")
+    own = prior is None or (isinstance(prior, (int, float)) and not isinstance(prior, bool))
+    return Energy(model, loss_fn, prior, beta, task), own
+
+
+@dataclass(frozen=True)
+class _RunSpec:
+    """Every argument of one :func:`sample` call that needs no model evaluation, checked once
+    (:func:`_run_spec`): what the run does, before it does anything."""
+
+    sampler: str | Kernel
+    sampler_auto: dict[str, Any] | None  # sampler='auto': what was chosen and why
+    kernel: Kernel
+    schedule: Schedule  # Constant(1.0) with step_size='auto' until the auto stage replaces it
+    auto: AutoStep | None
+    gradient: str
+    noise: str
+    prefetch_noise: bool
+    train_mode_dropout: bool
+    progress: bool
+    resume: bool
+    threshold: float
+    total_chains: int  # num_chains of the whole run
+    ids: tuple[int, ...]  # the chains this call runs
+    num_chains: int  # len(ids)
+    num_draws: int
+    num_warmup: int
+    thin: int
+    chain_method: str
+    checkpoint: str | os.PathLike | None
+    store: str | os.PathLike | None
+    named: tuple[tuple[str, Tensor], ...]  # the sampled parameters, in the module's order
+    names: tuple[str, ...]
+    keep_names: tuple[str, ...]
+    stat_fns: Mapping[str, StatFn]
+
+
+def _run_spec(model: nn.Module, sampler: str | Kernel, step_size: Any, sampler_kwargs: Any, gradient: Any,
+              noise: Any, prefetch_noise: Any, train_mode_dropout: Any, progress: Any, resume: Any,
+              divergence_threshold: Any, num_chains: Any, chain_ids: Any, num_draws: Any, num_warmup: Any,
+              thin: Any, chain_method: Any, checkpoint: Any, store: Any, params: Any, keep: Any,
+              stat_fns: Any) -> _RunSpec:
+    """The checks of :func:`sample`'s arguments, in the order it has always made them (the first bad
+    argument is the one named), into one :class:`_RunSpec`."""
+    auto = _as_auto(step_size)
+    sampler, sampler_auto = _resolve_sampler(sampler, auto)  # sampler='auto' -> SGHMC (driver/warmup.py)
+    sampler = expand_shorthand(sampler, step_size)  # 'csgld': SGLD on its Cyclical schedule
+    schedule = as_schedule(step_size) if auto is None else Constant(1.0)  # 'auto': replaced below
+    if sampler_kwargs is not None and not isinstance(sampler_kwargs, Mapping):
+        raise TypeError(f"sampler_kwargs: expected a mapping of keyword arguments for the sampler, got "
+                        f"{type(sampler_kwargs).__name__}")
+    kernel = build_kernel(sampler, **dict(sampler_kwargs or {}))
+    if gradient not in GRADIENTS:
+        raise ValueError(f"gradient: expected one of {list(GRADIENTS)}, got {gradient!r}")
+    if not isinstance(noise, str) or noise not in NOISES:
+        raise ValueError(f"noise: expected one of {sorted(NOISES)}, got {noise!r}")
+    if not isinstance(prefetch_noise, bool):
+        raise ValueError(f"prefetch_noise: expected True or False, got {prefetch_noise!r}")
+    if not isinstance(train_mode_dropout, bool):
+        raise ValueError(f"train_mode_dropout: expected True or False, got {train_mode_dropout!r}")
+    progress, resume = check_bool("progress", progress), check_bool("resume", resume)
+    threshold = _check_threshold(divergence_threshold)
+    total_chains = _positive_int("num_chains", num_chains)
+    if chain_ids is not None:
+        _check_chain_ids(chain_ids, total_chains)
+    num_run = total_chains if chain_ids is None else len(chain_ids)  # chains run by this call
+    num_draws = _positive_int("num_draws", num_draws)
+    num_warmup = _positive_int("num_warmup", num_warmup, minimum=0)
+    thin = _positive_int("thin", thin)
+    if chain_method not in ("auto", "vectorized", "sequential"):
+        raise ValueError(f"chain_method: expected 'auto', 'vectorized' or 'sequential', got {chain_method!r}")
+    if checkpoint is not None:
+        checkpoint = check_path("checkpoint", checkpoint)
+    if store is not None:
+        store = check_path("store", store)
+
+    if params is None:
+        named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        if not named:
+            raise ValueError("model: has no trainable parameters (requires_grad=True) to sample")
+    else:
+        chosen = set(select_params(model, params))
+        named = [(n, p) for n, p in model.named_parameters() if n in chosen]
+    names = [n for n, _ in named]
+    if isinstance(keep, (str, bytes)):
+        raise TypeError(f"keep: expected a list of parameter names, got the string {keep!r}; "
+                        f"use keep=[{keep!r}]")
+    if keep is not None and not isinstance(keep, (Sequence, set, frozenset)):
+        raise TypeError(f"keep: expected a list of parameter names, got {type(keep).__name__} {keep!r}")
+    keep_names = names if keep is None else list(keep)
+    if not keep_names:
+        raise ValueError(f"keep: is empty, so no draws would be stored; name at least one of {names} "
+                         "(or keep=None for all)")
+    unknown = [n for n in keep_names if n not in names]
+    if unknown:
+        raise ValueError(f"keep: unknown parameter names {unknown}; sampled parameters are {names}")
+    ids = list(range(total_chains)) if chain_ids is None else [int(c) for c in chain_ids]
+    return _RunSpec(sampler, sampler_auto, kernel, schedule, auto, gradient, noise, prefetch_noise,
+                    train_mode_dropout, progress, resume, threshold, total_chains, tuple(ids), num_run,
+                    num_draws, num_warmup, thin, chain_method, checkpoint, store, tuple(named),
+                    tuple(names), tuple(keep_names), _check_stat_fns(stat_fns))
+
+
+def _sampled_prior(energy: Energy, own_prior: bool, prior: Any, named: Sequence[tuple[str, Tensor]],
+                   subset: bool) -> None:
+    """The prior ``sample`` builds (``prior`` None or a float): centred on the initial weights of what
+    is sampled (frozen or not, with ``params=``), its means one flat buffer (``w - theta_0`` is then
+    one op per step, :class:`~pib_bayes.energy.BoundEnergy`). A given prior is left as it is."""
+    if not own_prior:
+        return
+    if subset:  # params= chose what is sampled
+        energy.prior = GaussianPrior(std=1.0 if prior is None else float(prior),
+                                     mean={n: p.detach() for n, p in named})
+    means = energy.prior.mean
+    means.update(zip(list(means), _flat_copy(list(means.values())), strict=True))
+
+
+def _plan_groups(runner: _Sampler, make_group: Callable[[list[int], bool], _Group], num_chains: int,
+                 chain_method: str, model: nn.Module, train_mode_dropout: bool, device: torch.device,
+                 progress: bool) -> tuple[str, str]:
+    """``(method, reason)``: run the chains ``"vectorized"`` (one group of every chain) or
+    ``"sequential"`` (one group per chain). ``"auto"`` and ``"vectorized"`` probe one energy
+    evaluation of the stacked chains first; ``"auto"`` falls back to sequential when it fails
+    (vmap cannot run every module), ``"vectorized"`` then raises."""
+    method, reason = chain_method, "requested"
+    if num_chains == 1:
+        method, reason = "sequential", "one chain"
+    elif chain_method in ("auto", "vectorized"):
+        probe = make_group(list(range(num_chains)), True)
+        try:
+            # in the mode sampling runs in, whatever mode the model came in (a BatchNorm in training mode
+            # would make the probe fail: it updates its statistics in place)
+            with _sampling_mode(model, train_mode_dropout), _dropout_rng(probe, device):
+                x, y, stacked = probe.batcher.next()
+                runner.energies(probe, x, y, stacked)
+            how = "batched matmul (pib_bayes.batched)" if runner.fast_forward is not None else "vmap"
+            method, reason = "vectorized", f"{how} runs the model" + ("" if chain_method == "auto" else
+                                                                        ", requested")
+        except Exception as err:  # vmap cannot run every module (data-dependent control flow, ...)
+            if chain_method == "vectorized":
+                raise ValueError(f"chain_method: 'vectorized' failed, vmap cannot run this model ({err}); "
+                                 "use chain_method='sequential'") from err
+            method, reason = "sequential", f"vmap failed: {type(err).__name__}: {err}"
+            if progress:
+                tqdm.write(f"pib_bayes.sample: chains run sequentially ({reason.splitlines()[0]})")
+    return method, reason
+
+
 @holds_lock("checkpoint", "store")
 def sample(
     model: nn.Module,
-    loss_fn: str | LossFn,
+    loss_fn: str | LossFn | Energy,
     data: tuple[Tensor, Tensor] | DataLoader | Any,
     *,
-    beta: float,
+    beta: float | None = None,
     prior: Prior | float | torch.distributions.Distribution | None = None,
     sampler: str | Kernel = "sgld",
     step_size: float | Schedule | str | AutoStep = 1e-4,
@@ -105,6 +307,7 @@ def sample(
     store: str | os.PathLike | None = None,
     gradient: str = "minibatch",
     divergence_threshold: float | None = 1e4,
+    gradient_transform: GradientTransform | None = None,
 ) -> Posterior:
     """Sample the PIB Gibbs posterior ``q*(w|S) ∝ p(w) exp(-L_S(w)/beta)`` (SPEC §1-2).
 
@@ -131,14 +334,23 @@ def sample(
             ``nn.CrossEntropyLoss()``); any other shape than ``(B,)`` (e.g. B-1 values) is a
             ``ValueError`` before the run (checked on tensor data; a DataLoader's batches are not
             inspected ahead).
+
+            Or an :class:`~pib_bayes.Energy` built on ``model`` (then ``beta``, ``prior`` and ``task``
+            stay None: the energy holds them): the energy is the loss, the prior and beta together,
+            so the one object a hand-written loop steps on (``Energy.of_module``) runs here as is.
+            It goes in the loss's place rather than as a separate ``energy=`` because it replaces
+            exactly the loss-side arguments, and two ways to give the loss could disagree.
         data: ``(x, y)`` tensors or a TensorDataset (minibatched here, per-chain shuffles),
             or a DataLoader (iterated as is).
-        beta: PIB trade-off > 0 (beta = T/n for temperature T).
+        beta: PIB trade-off > 0 (beta = T/n for temperature T); required unless ``loss_fn`` is an
+            :class:`~pib_bayes.Energy`.
         prior: a :class:`~pib_bayes.prior.Prior`, a float sigma_0 (Gaussian centred at the
             initial weights), a torch distribution, or None (sigma_0 = 1).
-        sampler: ``"sgld"``, ``"psgld"``, ``"sghmc"``, ``"sgnht"``, ``"csgld"`` (SGLD + a cyclical
-            schedule) or a built :class:`~pib_bayes.samplers.Kernel`; ``sampler_kwargs`` go to its
-            builder. ``"auto"`` (with ``step_size="auto"`` only) lets the library choose the kernel
+        sampler: ``"sgld"``, ``"psgld"``, ``"sghmc"``, ``"sgnht"`` or a built
+            :class:`~pib_bayes.samplers.Kernel`; ``sampler_kwargs`` go to its builder. ``"csgld"`` is
+            shorthand for ``"sgld"`` with a :class:`~pib_bayes.samplers.Cyclical` ``step_size``
+            (required); the metadata then records ``sampler="sgld"`` and the cyclical schedule.
+            ``"auto"`` (with ``step_size="auto"`` only) lets the library choose the kernel
             as well: SGHMC with eta and friction from lambda_max (``metadata["sampler_auto"]`` says
             so); the default stays ``"sgld"``.
         step_size: a float (constant), a :class:`~pib_bayes.samplers.Schedule`, or ``"auto"``
@@ -229,6 +441,11 @@ def sample(
             or where U or the weights are non-finite. Default 1e4 (a step size far too large, e.g.
             h = 1 on a 2-16-2 MLP, drives U from 2.4e2 to 4.2e6 in 2 steps, and to 1e9, with no
             NaN); ``None`` flags only non-finite values.
+        gradient_transform: an advanced hook (:class:`~pib_bayes.gradients.GradientTransform`),
+            ``(params, grads) -> (grads', stop)``, applied to every step's gradient after the
+            divergence test and before the kernel's step; ``stop`` marks chains to stop (NaN
+            weights). :func:`~pib_bayes.distributed.sample_distributed` all-reduces the shard
+            gradients with it. Default None: the estimator's gradient as is.
 
     Before anything is allocated, a run whose draw buffers and chain state would exceed the
     available memory (``MemAvailable``) is refused with a ``ValueError`` naming ``num_draws`` or
@@ -256,75 +473,26 @@ def sample(
     if not isinstance(model, nn.Module):
         raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
     _check_model_storage(model)
-    energy = Energy(model, loss_fn, prior, beta, task)
+    energy, own_prior = _as_energy(model, loss_fn, beta, prior, task)
     require_task(energy.task, energy.loss_fn)
-    auto = _as_auto(step_size)
-    sampler, sampler_auto = _resolve_sampler(sampler, auto)  # sampler='auto' -> SGHMC (driver/warmup.py)
-    if auto is not None and str(sampler).lower() == "csgld":
-        raise ValueError("step_size: 'auto' picks a constant step; sampler='csgld' needs a "
-                         "pib_bayes.samplers.Cyclical schedule (use sampler='sgld' with 'auto')")
-    schedule = as_schedule(step_size) if auto is None else Constant(1.0)  # 'auto': replaced below
-    if str(sampler).lower() == "csgld" and not hasattr(schedule, "cycle_length"):
-        raise ValueError("step_size: sampler='csgld' needs a pib_bayes.samplers.Cyclical schedule")
-    if sampler_kwargs is not None and not isinstance(sampler_kwargs, Mapping):
-        raise TypeError(f"sampler_kwargs: expected a mapping of keyword arguments for the sampler, got "
-                        f"{type(sampler_kwargs).__name__}")
-    kernel = build_kernel(sampler, **dict(sampler_kwargs or {}))
-    if gradient not in GRADIENTS:
-        raise ValueError(f"gradient: expected one of {list(GRADIENTS)}, got {gradient!r}")
-    if not isinstance(noise, str) or noise not in NOISES:
-        raise ValueError(f"noise: expected one of {sorted(NOISES)}, got {noise!r}")
-    if not isinstance(prefetch_noise, bool):
-        raise ValueError(f"prefetch_noise: expected True or False, got {prefetch_noise!r}")
-    if not isinstance(train_mode_dropout, bool):
-        raise ValueError(f"train_mode_dropout: expected True or False, got {train_mode_dropout!r}")
-    progress, resume = check_bool("progress", progress), check_bool("resume", resume)
-    threshold = _check_threshold(divergence_threshold)
-    total_chains = _positive_int("num_chains", num_chains)
-    if chain_ids is not None:
-        _check_chain_ids(chain_ids, total_chains)
-    num_run = total_chains if chain_ids is None else len(chain_ids)  # chains run by this call
-    num_draws = _positive_int("num_draws", num_draws)
-    num_warmup = _positive_int("num_warmup", num_warmup, minimum=0)
-    thin = _positive_int("thin", thin)
-    if chain_method not in ("auto", "vectorized", "sequential"):
-        raise ValueError(f"chain_method: expected 'auto', 'vectorized' or 'sequential', got {chain_method!r}")
-    if checkpoint is not None:
-        checkpoint = check_path("checkpoint", checkpoint)
-    if store is not None:
-        store = check_path("store", store)
-
-    if params is None:
-        named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-        if not named:
-            raise ValueError("model: has no trainable parameters (requires_grad=True) to sample")
-    else:
-        chosen = set(select_params(model, params))
-        named = [(n, p) for n, p in model.named_parameters() if n in chosen]
-    names = [n for n, _ in named]
-    if params is not None and (prior is None or isinstance(prior, (int, float))):
-        # a float sigma_0 centres the prior on the initial weights of what is sampled, frozen or not
-        energy.prior = GaussianPrior(std=1.0 if prior is None else float(prior),
-                                     mean={n: p.detach().clone() for n, p in named})
-    if isinstance(keep, (str, bytes)):
-        raise TypeError(f"keep: expected a list of parameter names, got the string {keep!r}; "
-                        f"use keep=[{keep!r}]")
-    if keep is not None and not isinstance(keep, (Sequence, set, frozenset)):
-        raise TypeError(f"keep: expected a list of parameter names, got {type(keep).__name__} {keep!r}")
-    keep_names = names if keep is None else list(keep)
-    if not keep_names:
-        raise ValueError(f"keep: is empty, so no draws would be stored; name at least one of {names} "
-                         "(or keep=None for all)")
-    unknown = [n for n in keep_names if n not in names]
-    if unknown:
-        raise ValueError(f"keep: unknown parameter names {unknown}; sampled parameters are {names}")
-    check_prior_fits(energy.prior, {n: tuple(p.shape) for n, p in named})
-    draw_bytes = sum(p.numel() * p.element_size() for n, p in named if n in keep_names)
-    window = window_rows(draw_bytes, num_draws) if store is not None else 0  # streamed: draws in memory
-    _check_run_memory(named, keep_names, num_run, window or num_draws)
-    ids = list(range(total_chains)) if chain_ids is None else [int(c) for c in chain_ids]
-    num_chains = num_run
-    stat_fns = _check_stat_fns(stat_fns)
+    spec = _run_spec(model, sampler, step_size, sampler_kwargs, gradient, noise, prefetch_noise,
+                     train_mode_dropout, progress, resume, divergence_threshold, num_chains, chain_ids,
+                     num_draws, num_warmup, thin, chain_method, checkpoint, store, params, keep, stat_fns)
+    _sampled_prior(energy, own_prior, prior, spec.named, subset=params is not None)
+    check_prior_fits(energy.prior, {n: tuple(p.shape) for n, p in spec.named})
+    draw_bytes = sum(p.numel() * p.element_size() for n, p in spec.named if n in spec.keep_names)
+    window = window_rows(draw_bytes, spec.num_draws) if spec.store is not None else 0  # streamed draws
+    _check_run_memory(list(spec.named), list(spec.keep_names), spec.num_chains, window or spec.num_draws)
+    # the validated values under the names the rest of the run reads
+    kernel, schedule, auto, sampler = spec.kernel, spec.schedule, spec.auto, spec.sampler
+    named, names, keep_names = list(spec.named), list(spec.names), list(spec.keep_names)
+    total_chains, ids, num_chains = spec.total_chains, list(spec.ids), spec.num_chains
+    num_run = num_chains  # chains run by this call
+    num_draws, num_warmup, thin, chain_method = spec.num_draws, spec.num_warmup, spec.thin, spec.chain_method
+    gradient, noise, prefetch_noise, progress = spec.gradient, spec.noise, spec.prefetch_noise, spec.progress
+    train_mode_dropout, resume, threshold = spec.train_mode_dropout, spec.resume, spec.threshold
+    checkpoint, store, stat_fns = spec.checkpoint, spec.store, dict(spec.stat_fns)
+    sampler_auto = spec.sampler_auto
     fixed = {n: b.detach().clone() for n, b in model.named_buffers()}
     fixed.update({n: p.detach().clone() for n, p in model.named_parameters() if n not in names})
 
@@ -332,6 +500,8 @@ def sample(
     all_seeds = chain_seeds(seed, total_chains)
     seeds = [all_seeds[c] for c in ids]
     init_params = _initial_params(named, init, num_chains, energy.prior, seeds)
+    if num_chains == 1:  # the one group moves these very tensors: one flat buffer, no copy
+        init_params = dict(zip(names, _flat_copy([init_params[n] for n in names]), strict=True))
     if gradient == "cv" and tensors is None:
         _check_loader_has_length(data)
 
@@ -408,13 +578,14 @@ def sample(
             return LoaderBatcher(data)
         return TensorBatcher(tensors[0], tensors[1], batch_size, [_generator(seeds[c][1]) for c in chains])
 
-    runner = _Sampler(energy, names, fixed, kernel, schedule, stat_fns, train_mode_dropout)
+    runner = _Sampler(energy, names, fixed, kernel, schedule, stat_fns, train_mode_dropout,
+                      gradient_transform)
     runner.noise_report = noise_report
     if tensors is not None:
         _check_model_takes_data(energy, {n: init_params[n][0] for n in names}, fixed, *tensors)
 
     def make_group(chains: list[int], vectorized: bool) -> _Group:
-        params = [init_params[n][chains].clone().requires_grad_(True) for n in names]
+        params = _chain_weights(init_params, names, chains, num_chains)
         gens = [_generator(seeds[c][0]) for c in chains]
         source = make_noise(noise, gens, batched=True)
         with torch.no_grad():
@@ -434,28 +605,8 @@ def sample(
 
     device = init_params[names[0]].device
 
-    method, reason = chain_method, "requested"
-    if num_chains == 1:
-        method, reason = "sequential", "one chain"
-    elif chain_method in ("auto", "vectorized"):
-        probe = make_group(list(range(num_chains)), True)
-        try:
-            # in the mode sampling runs in, whatever mode the model came in (a BatchNorm in training mode
-            # would make the probe fail: it updates its statistics in place)
-            with _sampling_mode(model, train_mode_dropout), _dropout_rng(probe, device):
-                x, y, stacked = probe.batcher.next()
-                runner.energies(probe, x, y, stacked)
-            how = "batched matmul (pib_bayes.batched)" if runner.fast_forward is not None else "vmap"
-            method, reason = "vectorized", f"{how} runs the model" + ("" if chain_method == "auto" else
-                                                                        ", requested")
-        except Exception as err:  # vmap cannot run every module (data-dependent control flow, ...)
-            if chain_method == "vectorized":
-                raise ValueError(f"chain_method: 'vectorized' failed, vmap cannot run this model ({err}); "
-                                 "use chain_method='sequential'") from err
-            method, reason = "sequential", f"vmap failed: {type(err).__name__}: {err}"
-            if progress:
-                tqdm.write(f"pib_bayes.sample: chains run sequentially ({reason.splitlines()[0]})")
-
+    method, reason = _plan_groups(runner, make_group, num_chains, chain_method, model, train_mode_dropout,
+                                  device, progress)
     groups = ([make_group(list(range(num_chains)), True)] if method == "vectorized"
               else [make_group([c], False) for c in range(num_chains)])
 

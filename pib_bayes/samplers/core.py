@@ -57,9 +57,13 @@ class GaussianNoise:
         self._rows: list[Tensor] = []
         self._views: list[Tensor] = []
         self._key: tuple = ()
+        self._like: Sequence[Tensor] | None = None
 
     def _layout(self, like: Sequence[Tensor]) -> None:
+        if like is self._like:  # the same immutable tiling as last time (a chain group's weights)
+            return
         key = _layout_key(like)
+        self._like = like if isinstance(like, FlatTensors) else None
         if key == self._key:
             return
         dtype, device = like[0].dtype, like[0].device
@@ -76,11 +80,14 @@ class GaussianNoise:
                 views.append(buf[:, off : off + n].view(t.shape))
                 off += n
             rows = list(buf.unbind(0))
+            if k == 1:  # one chain: the views tile the row's first sum(sizes) entries
+                views = FlatTensors(views, buf[0, : sum(sizes)])
         else:
             sizes = [t.numel() for t in like]
             total = -(-sum(sizes) // pad) * pad
             buf = torch.empty(total, dtype=dtype, device=device)
-            views = [v.view(t.shape) for v, t in zip(buf[: sum(sizes)].split(sizes), like, strict=True)]
+            views = FlatTensors([v.view(t.shape) for v, t in zip(buf[: sum(sizes)].split(sizes), like,
+                                                                  strict=True)], buf[: sum(sizes)])
             rows = [buf]
         self._buffer, self._rows, self._views, self._key = buf, rows, views, key
 
@@ -287,15 +294,25 @@ def langevin_move_(
     instead of freshly allocated tensors. With
     ``noise_scale == 0`` (or ``noise is None``) no noise is drawn: plain gradient descent.
     """
+    flat_t = _tiled(targets)
     if divide_by is None:
-        torch._foreach_add_(targets, drifts, alpha=-step_size)
+        flat_d = _tiled(drifts, flat_t) if flat_t is not None else None
+        if flat_d is not None:  # both tile one buffer: one op instead of one per tensor, same numbers
+            flat_t.add_(flat_d, alpha=-step_size)
+        else:
+            torch._foreach_add_(targets, drifts, alpha=-step_size)
     else:
         torch._foreach_addcdiv_(targets, drifts, divide_by, value=-step_size)
     if noise is None or noise_scale == 0.0:
         return
     xi = noise.draw(targets)
     if divide_by is None:
-        torch._foreach_add_(targets, xi, alpha=noise_scale * math.sqrt(2.0 * step_size * diffusion))
+        amp = noise_scale * math.sqrt(2.0 * step_size * diffusion)
+        flat_xi = _tiled(xi, flat_t) if flat_t is not None else None
+        if flat_xi is not None:
+            flat_t.add_(flat_xi, alpha=amp)
+        else:
+            torch._foreach_add_(targets, xi, alpha=amp)
         return
     std = workspace if workspace is not None else [torch.empty_like(m) for m in divide_by]
     flat_m, flat_w = flat_view(divide_by), flat_view(std)
@@ -305,6 +322,17 @@ def langevin_move_(
         for out, m in zip(std, divide_by, strict=True):
             torch.rsqrt(m, out=out)
     torch._foreach_addcmul_(targets, xi, std, value=noise_scale * math.sqrt(2.0 * step_size))
+
+
+def _tiled(tensors: Sequence[Tensor], like: Tensor | None = None) -> Tensor | None:
+    """The flat buffer of a :class:`FlatTensors` (no check of the tiling: it is one by construction),
+    None for any other sequence or, given ``like``, when its buffer differs from ``like`` in size or dtype."""
+    if not isinstance(tensors, FlatTensors):
+        return None
+    flat = tensors.flat
+    if like is not None and (flat.numel() != like.numel() or flat.dtype != like.dtype):
+        return None
+    return flat
 
 
 class FlatTensors(tuple):

@@ -13,6 +13,7 @@ import torch
 from torch import Tensor
 
 from .core import GaussianNoise, Kernel, Workspace, flat_view, flat_zeros_like, langevin_move_, reduce_sum
+from .schedules import SHORTHANDS
 from .step_size import PSGLD_RULE, SGHMC_RULE, SGLD_RULE, SGNHT_RULE
 
 __all__ = ["build_sgld", "build_psgld", "build_sghmc", "build_sgnht", "build_kernel", "KERNELS"]
@@ -217,18 +218,24 @@ def build_sgnht(diffusion: float = 1.0, init_thermostat: float | None = None) ->
                   {"diffusion": diffusion, "init_thermostat": xi0}, curvature_rule=SGNHT_RULE)
 
 
-KERNELS = {"sgld": build_sgld, "psgld": build_psgld, "sghmc": build_sghmc, "csgld": build_sgld,
-           "sgnht": build_sgnht}
+KERNELS = {"sgld": build_sgld, "psgld": build_psgld, "sghmc": build_sghmc, "sgnht": build_sgnht}
 
 
 def build_kernel(sampler: str | Kernel, **settings) -> Kernel:
-    """A kernel by name (``"sgld"``, ``"psgld"``, ``"sghmc"``, ``"csgld"``, ``"sgnht"``) or a built
-    :class:`Kernel`."""
+    """A kernel by name (``"sgld"``, ``"psgld"``, ``"sghmc"``, ``"sgnht"``) or a built :class:`Kernel`.
+
+    ``"csgld"`` is not a kernel but SGLD on a cyclical schedule: resolve it with
+    :func:`~pib_bayes.samplers.schedules.expand_shorthand` first (``pib_bayes.sample`` does).
+    """
     if isinstance(sampler, Kernel):
         if settings:
             raise ValueError("sampler_kwargs: pass settings to the build_* function of a pre-built kernel")
         return sampler
     key = str(sampler).lower()
+    if key in SHORTHANDS:
+        name, schedule = SHORTHANDS[key]
+        raise ValueError(f"sampler: {sampler!r} is the kernel {name!r} on a {schedule.__name__} schedule, "
+                         f"not a kernel; build {name!r} and pass the schedule as step_size")
     if key not in KERNELS:
         raise ValueError(f"sampler: unknown sampler {sampler!r}; choose one of {sorted(KERNELS)}")
     try:
