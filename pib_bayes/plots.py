@@ -22,6 +22,7 @@ from matplotlib.figure import Figure
 from torch import Tensor
 
 from . import _arviz_compat as compat
+from ._validate import renamed_args
 from .diagnostics import _as_dataset, scalar_quantities
 from .posterior import Posterior
 from .uncertainty import ClassificationUncertainty, RegressionUncertainty, ReliabilityData
@@ -102,28 +103,30 @@ def _steps(post: Posterior) -> tuple[np.ndarray, str]:
     return np.arange(post.num_draws), "kept draw"
 
 
-def plot_energy(post: Posterior, path: str | os.PathLike) -> str:
+@renamed_args(post="posterior")
+def plot_energy(posterior: Posterior, path: str | os.PathLike) -> str:
     """Energy U_B(w) = mean_B l / beta - log p(w) per chain over the steps, and IIW when tracked.
 
     One panel for ``energy`` and one per sample statistic named ``iiw`` or ``iiw*``; diverged
     chains are drawn too (dashed) since their last finite values show where they broke.
     """
-    if not isinstance(post, Posterior):
-        raise TypeError(f"post: expected a Posterior, got {type(post).__name__}")
-    keys = [k for k in ["energy"] + sorted(k for k in post.sample_stats if k.startswith("iiw"))
-            if k in post.sample_stats]
+    if not isinstance(posterior, Posterior):
+        raise TypeError(f"posterior: expected a Posterior, got {type(posterior).__name__}")
+    keys = [k for k in ["energy"] + sorted(k for k in posterior.sample_stats if k.startswith("iiw"))
+            if k in posterior.sample_stats]
     if not keys:
-        raise ValueError("post: sample_stats has neither 'energy' nor an 'iiw' statistic to plot")
-    steps, xlabel = _steps(post)
+        raise ValueError("posterior: sample_stats has neither 'energy' nor an 'iiw' statistic to plot")
+    steps, xlabel = _steps(posterior)
     fig = Figure(figsize=(8, 2.6 * len(keys)))
     axes = np.asarray(fig.subplots(len(keys), 1, sharex=True, squeeze=False)).ravel()
-    assert post.diverged is not None
+    assert posterior.diverged is not None
     for ax, key in zip(axes, keys, strict=True):
-        vals = post.sample_stats[key].detach().double().numpy()
-        for c in range(post.num_chains):
-            ax.plot(steps, vals[c], lw=0.8, ls="--" if bool(post.diverged[c]) else "-", label=f"chain {c}")
+        vals = posterior.sample_stats[key].detach().double().numpy()
+        for c in range(posterior.num_chains):
+            ls = "--" if bool(posterior.diverged[c]) else "-"
+            ax.plot(steps, vals[c], lw=0.8, ls=ls, label=f"chain {c}")
         ax.set_ylabel(key)
-    axes[0].legend(fontsize="small", ncol=min(post.num_chains, 4))
+    axes[0].legend(fontsize="small", ncol=min(posterior.num_chains, 4))
     axes[-1].set_xlabel(xlabel)
     fig.tight_layout()
     fig.savefig(_path(path))

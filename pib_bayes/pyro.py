@@ -44,6 +44,7 @@ from pyro.poutine.subsample_messenger import _Subsample
 from torch import Tensor
 from torch.distributions import biject_to
 
+from ._validate import is_int, renamed_args
 from ._version import __version__
 from .driver import chain_seeds
 from .energy import check_beta
@@ -469,7 +470,8 @@ def posterior_from_mcmc(mcmc: pyro.infer.MCMC, model: torch.nn.Module | None = N
     return Posterior(draws, stats, metadata, {}, diverged, divergence_step, model=model)
 
 
-def to_predictive_samples(post: Posterior, include_diverged: bool = False) -> dict[str, Tensor]:
+@renamed_args(post="posterior")
+def to_predictive_samples(posterior: Posterior, include_diverged: bool = False) -> dict[str, Tensor]:
     """The ``posterior_samples`` dict for ``pyro.infer.Predictive``: name -> (chain * draw, *shape).
 
     Chains flagged as diverged are left out (with a warning) unless ``include_diverged``.
@@ -479,16 +481,17 @@ def to_predictive_samples(post: Posterior, include_diverged: bool = False) -> di
     >>> to_predictive_samples(post)["w"].shape
     torch.Size([10, 3])
     """
-    if not isinstance(post, Posterior):
-        raise TypeError(f"post: expected a pib_bayes.Posterior, got {type(post).__name__}")
-    return post.draws_for_prediction(include_diverged)
+    if not isinstance(posterior, Posterior):
+        raise TypeError(f"posterior: expected a pib_bayes.Posterior, got {type(posterior).__name__}")
+    return posterior.draws_for_prediction(include_diverged)
 
 
+@renamed_args(num_samples="num_draws", warmup_steps="num_warmup")
 def nuts_reference(
     model: Callable[..., Any],
     *args: Any,
-    num_samples: int = 500,
-    warmup_steps: int = 500,
+    num_draws: int = 500,
+    num_warmup: int = 500,
     num_chains: int = 1,
     seed: int = 0,
     **kwargs: Any,
@@ -503,18 +506,18 @@ def nuts_reference(
     >>> import torch, pyro, pyro.distributions as dist
     >>> def model():
     ...     pyro.sample("w", dist.Normal(0.0, 1.0))
-    >>> nuts_reference(model, num_samples=20, warmup_steps=20).draws["w"].shape
+    >>> nuts_reference(model, num_draws=20, num_warmup=20).draws["w"].shape
     torch.Size([1, 20])
     """
-    for name, value in (("num_samples", num_samples), ("num_chains", num_chains)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+    for name, value in (("num_draws", num_draws), ("num_chains", num_chains)):
+        if not is_int(value) or value < 1:
             raise ValueError(f"{name}: must be an int >= 1, got {value!r}")
-    if isinstance(warmup_steps, bool) or not isinstance(warmup_steps, int) or warmup_steps < 0:
-        raise ValueError(f"warmup_steps: must be an int >= 0, got {warmup_steps!r}")
+    if not is_int(num_warmup) or num_warmup < 0:
+        raise ValueError(f"num_warmup: must be an int >= 0, got {num_warmup!r}")
     if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
         raise ValueError(f"seed: must be an int >= 0, got {seed!r}")
     pyro.set_rng_seed(seed)
-    mcmc = pyro.infer.MCMC(pyro.infer.NUTS(model), num_samples=num_samples, warmup_steps=warmup_steps,
+    mcmc = pyro.infer.MCMC(pyro.infer.NUTS(model), num_samples=num_draws, warmup_steps=num_warmup,
                            num_chains=num_chains, disable_progbar=True)
     try:
         mcmc.run(*args, **kwargs)

@@ -111,3 +111,41 @@ def test_a_wrong_posterior_is_named_posterior():
         D.summary("not a posterior")
     with pytest.raises(TypeError, match=r"^posterior: expected a pib_bayes.Posterior"):
         D.random_projections(3, 2)
+
+
+# ------------------------------------------- pyro and plots: post= -> posterior=, NUTS' Pyro-style names
+def test_to_predictive_samples_and_plot_energy_take_posterior(tmp_path):
+    from pib_bayes import plots
+    from pib_bayes.pyro import to_predictive_samples
+
+    for fn in (to_predictive_samples, plots.plot_energy):
+        assert list(inspect.signature(fn).parameters)[0] == "posterior"
+    new = to_predictive_samples(posterior=_posterior())
+    with pytest.warns(FutureWarning, match=r"to_predictive_samples\(\): the argument 'post' is deprecated"):
+        old = to_predictive_samples(post=_posterior())
+    assert _same(old, new)
+    other = _posterior()
+    for v in other.draws.values():
+        v += 1.0
+    assert not _same(to_predictive_samples(posterior=other), new)  # _same can fail
+    with pytest.warns(FutureWarning, match=r"plot_energy\(\): the argument 'post' is deprecated"):
+        assert plots.plot_energy(post=_posterior(), path=tmp_path / "e.png").endswith("e.png")
+
+
+def test_nuts_reference_num_samples_and_warmup_steps_are_deprecated_names():
+    import pyro
+    import pyro.distributions as dist
+
+    from pib_bayes.pyro import nuts_reference
+
+    def model():
+        pyro.sample("w", dist.Normal(0.0, 1.0))
+
+    new = nuts_reference(model, num_draws=6, num_warmup=4, seed=1)
+    with pytest.warns(FutureWarning, match=r"nuts_reference\(\): the argument 'num_samples' is deprecated, "
+                                           r"use 'num_draws'"):
+        with pytest.warns(FutureWarning, match="'warmup_steps' is deprecated, use 'num_warmup'"):
+            old = nuts_reference(model, num_samples=6, warmup_steps=4, seed=1)
+    assert torch.equal(old.draws["w"], new.draws["w"]) and old.metadata["num_warmup"] == 4
+    other = nuts_reference(model, num_draws=6, num_warmup=4, seed=2)
+    assert not torch.equal(other.draws["w"], new.draws["w"])  # the comparison can fail

@@ -207,7 +207,7 @@ def test_sghmc_matches_its_exact_lyapunov_covariance():
 def test_nuts_reference_and_sgld_agree_with_closed_form(full_batch_sgld):
     _, w_sgld = full_batch_sgld
     p, mu = closed_form(1.0)
-    post = nuts_reference(regression_model(1), num_samples=400, warmup_steps=200, seed=0)
+    post = nuts_reference(regression_model(1), num_draws=400, num_warmup=200, seed=0)
     assert isinstance(post, Posterior) and post.metadata["sampler"] == "nuts"
     w_nuts = post.draws["w"][0].numpy()  # (draws, 1, D)
     z = z_scores(w_nuts, mu, np.linalg.inv(p))
@@ -521,8 +521,8 @@ def test_model_errors_name_the_fix():
     assert mcmc.kernel.temperature == pytest.approx(0.7)
 
     with pytest.raises(ValueError, match="subsample_size=None"):
-        nuts_reference(regression_model(1), 10, num_samples=5, warmup_steps=5)
-    with pytest.raises(ValueError, match="num_samples"):
-        nuts_reference(regression_model(1), num_samples=0)
-    with pytest.raises(TypeError, match="post"):
+        nuts_reference(regression_model(1), 10, num_draws=5, num_warmup=5)
+    with pytest.raises(ValueError, match="num_draws"):
+        nuts_reference(regression_model(1), num_draws=0)
+    with pytest.raises(TypeError, match="posterior"):
         to_predictive_samples({"w": torch.zeros(3)})
