@@ -31,7 +31,7 @@ from torch import Tensor
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LRScheduler
 
-from .samplers.core import NOISES, GaussianNoise, Kernel, NoisePrefetcher, make_noise
+from .samplers.core import NOISES, SCRATCH, GaussianNoise, Kernel, NoisePrefetcher, Workspace, make_noise
 from .samplers.kernels import build_psgld, build_sghmc, build_sgld, build_sgnht
 from .samplers.schedules import Schedule
 
@@ -73,11 +73,12 @@ class _LangevinOptimizer(Optimizer):
         self._set_runtime(noise, generator if generator is not None else _default_generator(), prefetch_noise)
 
     def _set_runtime(self, noise: str, generator: torch.Generator, prefetch_noise: bool) -> None:
-        """The noise source and the per-group caches (not part of torch.optim's pickled state)."""
+        """The noise source and the caches (not part of torch.optim's pickled state)."""
         self.noise, self.generator, self.prefetch_noise = noise, generator, prefetch_noise
         self._prefetcher = NoisePrefetcher(noise, generator) if prefetch_noise else None
         self._noise: dict[int, GaussianNoise] = {}
-        self._kernels: dict[tuple, Kernel] = {}
+        self._kernels: dict[tuple, Kernel] = {}  # by hyper-parameter values: groups alike share one
+        self._scratch: dict[int, Workspace] = {}  # per group: the kernel state's scratch (SCRATCH)
         self._flat_state: dict[tuple[int, str], Sequence[Tensor]] = {}
 
     def __getstate__(self) -> dict[str, Any]:
@@ -126,12 +127,14 @@ class _LangevinOptimizer(Optimizer):
     def _build(self, **hyper: Any) -> Kernel:
         raise NotImplementedError
 
-    def _kernel(self, index: int, group: dict) -> Kernel:
-        # one kernel per group: a kernel may keep scratch buffers shaped like its group's tensors
-        key = (index, *(group[h] for h in self._hyper))
-        if key not in self._kernels:
-            self._kernels[key] = self._build(**{h: group[h] for h in self._hyper})
-        return self._kernels[key]
+    def _kernel(self, group: dict) -> Kernel:
+        # built once per setting of the hyper-parameters (groups may override them); a kernel keeps
+        # no buffers of its own, so groups with equal settings share it
+        key = tuple(group[h] for h in self._hyper)
+        kernel = self._kernels.get(key)
+        if kernel is None:
+            kernel = self._kernels[key] = self._build(**{h: group[h] for h in self._hyper})
+        return kernel
 
     def step(self, closure=None):  # type: ignore[override]
         """One Langevin step on every parameter that has a gradient.
@@ -172,7 +175,7 @@ class _LangevinOptimizer(Optimizer):
             ready = iter(self._prefetcher.take(drawing))
         for index, group, params in moves:
             grads = [p.grad for p in params]
-            kernel = self._kernel(index, group)
+            kernel = self._kernel(group)
             state = {}
             if kernel.state_names:
                 per_param = [self.state[p] for p in params]  # one (Python-level) tensor hash per param
@@ -191,7 +194,12 @@ class _LangevinOptimizer(Optimizer):
                 noise = self._noise.get(index)
                 if noise is None:
                     noise = self._noise[index] = make_noise(self.noise, self.generator)
+            scratch = self._scratch.get(index)
+            if scratch is not None:
+                state[SCRATCH] = scratch
             kernel.step(params, grads, state, float(group["lr"]), noise, float(group["noise_scale"]))
+            if scratch is None and SCRATCH in state:  # made on this first step: keep it for the next
+                self._scratch[index] = state[SCRATCH]
         return loss
 
     _hooked_step = Optimizer.profile_hook_step(_step)

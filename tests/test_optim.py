@@ -288,3 +288,32 @@ def test_optimizer_survives_deepcopy_and_pickle():
             for p in clone.param_groups[0]["params"]:
                 p.grad = torch.ones_like(p)
             clone.step()  # runs
+
+
+def test_psgld_groups_share_one_kernel_and_keep_their_own_scratch():
+    """Groups with equal settings share one kernel (it keeps no buffers); each group's scratch lives
+    with its state. The two-group trajectory is bit for bit that of one kernel stepping the two
+    states by hand, with the groups' noise drawn in order from the one generator."""
+    from pib_bayes.samplers.core import SCRATCH, GaussianNoise
+    from pib_bayes.samplers.kernels import build_psgld
+
+    a, b = torch.zeros(3, 2, requires_grad=True), torch.zeros(7, requires_grad=True)
+    c = torch.zeros(5, requires_grad=True)
+    opt = PSGLD([{"params": [a]}, {"params": [b]}, {"params": [c], "alpha": 0.5}], lr=1e-2, alpha=0.9,
+                generator=torch.Generator().manual_seed(4))
+    ref = [t.detach().clone() for t in (a, b, c)]
+    kernels = {0.9: build_psgld(alpha=0.9), 0.5: build_psgld(alpha=0.5)}
+    states = [kernels[al].init([t]) for t, al in zip(ref, (0.9, 0.9, 0.5), strict=True)]
+    gen = torch.Generator().manual_seed(4)
+    noises = [GaussianNoise(gen) for _ in ref]
+    for t in range(5):
+        for p in (a, b, c):
+            p.grad = torch.cos(p.detach() + t)
+        opt.step()
+        for r, st, al, nz in zip(ref, states, (0.9, 0.9, 0.5), noises, strict=True):
+            kernels[al].step([r], [torch.cos(r + t)], st, 1e-2, nz, 1.0)
+    for p, r in zip((a, b, c), ref, strict=True):
+        assert torch.equal(p.detach(), r)
+    assert len(opt._kernels) == 2  # one per setting of (alpha, eps), not one per group
+    assert len({id(w) for w in opt._scratch.values()}) == 3  # one scratch per group
+    assert all(SCRATCH not in st for st in opt.state_dict()["state"].values())  # never saved

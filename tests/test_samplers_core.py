@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from pib_bayes.samplers.core import GaussianNoise, Kernel, langevin_move_, make_noise
+from pib_bayes.samplers.core import SCRATCH, GaussianNoise, Kernel, langevin_move_, make_noise, scratch_of
 
 F64 = torch.float64
 
@@ -101,3 +101,31 @@ def test_kernel_init_state_passes_batch_ndim_only_to_an_init_that_takes_it():
     Kernel("a", (), plain_init, step).init_state([torch.zeros(2)], batch_ndim=1)
     Kernel("b", (), batched_init, step).init_state([torch.zeros(2)], batch_ndim=1)
     assert seen == {"plain": 1, "batched": 1}
+
+
+def test_kernel_checks_its_callables_and_names_itself():
+    def init(params):
+        return {}
+
+    def step(params, grads, state, step_size, noise, noise_scale=1.0, batch_ndim=0, with_stats=False):
+        return {}
+
+    Kernel("ok", (), init, step)
+    Kernel("kwargs", (), init, lambda *args, **kwargs: {})
+    with pytest.raises(TypeError, match=r"Kernel 'no_stats': step must accept .*with_stats"):
+        Kernel("no_stats", (), init, lambda params, grads, state, step_size, noise, noise_scale=1.0,
+               batch_ndim=0: {})
+    with pytest.raises(TypeError, match=r"Kernel 'short': step must accept step\(params, grads, state"):
+        Kernel("short", (), init, lambda params, grads: {})
+    with pytest.raises(TypeError, match=r"Kernel 'two_args': init must accept init\(params\)"):
+        Kernel("two_args", (), lambda params, extra: {}, step)
+    with pytest.raises(TypeError, match=r"Kernel 'none': init must be callable"):
+        Kernel("none", (), None, step)
+    with pytest.raises(ValueError, match=r"Kernel 'r': state_names: 'scratch' is reserved"):
+        Kernel("r", ("scratch",), init, step)
+
+
+def test_scratch_of_makes_one_workspace_per_state():
+    a, b = {}, {}
+    assert scratch_of(a) is scratch_of(a) is a[SCRATCH]
+    assert scratch_of(b) is not scratch_of(a)

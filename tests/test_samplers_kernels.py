@@ -134,3 +134,52 @@ def test_csgld_is_sgld_with_a_schedule():
         expand_shorthand("csgld", 0.01)
     with pytest.raises(ValueError, match="^sampler: 'csgld' is the kernel 'sgld' on a Cyclical schedule"):
         build_kernel("csgld")
+
+
+def test_one_psgld_kernel_steps_states_of_different_shapes_as_two_kernels_would():
+    """The scratch lives in the state (SCRATCH), so one kernel object alternating between two
+    states of different shapes gives bit for bit the draws of two kernels, each state keeping its
+    own scratch buffer across steps (not reallocated when the other state steps)."""
+    from pib_bayes.samplers.core import SCRATCH
+
+    shapes = {"a": [(3, 2), (4,)], "b": [(7, 5)]}
+
+    def setup():
+        ws = {n: [torch.zeros(s, dtype=F64) for s in shp] for n, shp in shapes.items()}
+        return ws, {n: _noise(10 + i) for i, n in enumerate(shapes)}
+
+    def grads(w, t):
+        return [torch.sin(p + t) + 0.1 * t for p in w]
+
+    shared = build_psgld(alpha=0.9, eps=1e-3)
+    w1, noise1 = setup()
+    states1 = {n: shared.init(w) for n, w in w1.items()}
+    separate = {n: build_psgld(alpha=0.9, eps=1e-3) for n in shapes}
+    w2, noise2 = setup()
+    states2 = {n: separate[n].init(w) for n, w in w2.items()}
+    scratch = {}
+    for t in range(6):
+        for n in shapes:  # a, b, a, b, ...
+            s1 = shared.step(w1[n], grads(w1[n], t), states1[n], 0.01, noise1[n], with_stats=True)
+            s2 = separate[n].step(w2[n], grads(w2[n], t), states2[n], 0.01, noise2[n], with_stats=True)
+            assert torch.equal(s1["precond_mean"], s2["precond_mean"])
+            buf = states1[n][SCRATCH].get(states1[n]["square_avg"], 1)[1][0]
+            assert scratch.setdefault(n, buf) is buf  # the state's own buffer, kept across steps
+    assert states1["a"][SCRATCH] is not states1["b"][SCRATCH]
+    for n in shapes:
+        for p1, p2 in zip(w1[n], w2[n], strict=True):
+            assert torch.equal(p1, p2)
+        for v1, v2 in zip(states1[n]["square_avg"], states2[n]["square_avg"], strict=True):
+            assert torch.equal(v1, v2)
+
+
+@pytest.mark.parametrize("name", sorted(KERNELS))
+def test_kernels_keep_no_buffers_of_their_own(name):
+    """A built kernel closes over its settings only (numbers): every buffer it uses is in the state,
+    so sharing one kernel between states cannot mix them."""
+    k = build_kernel(name)
+    w, g = _problem(4)
+    k.step(w, g, k.init(w), 0.01, _noise(5))
+    for fn in (k.init, k.step):
+        closed = [c.cell_contents for c in (fn.__closure__ or ())]
+        assert all(isinstance(c, (int, float)) and not isinstance(c, bool) for c in closed), (name, closed)

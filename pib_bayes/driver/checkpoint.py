@@ -14,6 +14,7 @@ import torch
 from torch import Tensor
 
 from ..io import FormatError, load_payload, save_payload
+from ..samplers.core import SCRATCH
 from .chains import (
     _Group,
 )
@@ -199,7 +200,8 @@ def _group_state(group: _Group, cur: _Cursor) -> dict[str, Any]:
         "t": cur.t, "kept": cur.kept, "counter": cur.counter, "alive": cur.alive.clone(),
         "energy_limit": None if cur.limit is None else cur.limit.clone(),
         "params": [p.detach().clone() for p in group.params],
-        "kernel_state": {k: [v.clone() for v in vs] for k, vs in group.state.items()},
+        # the kernel's state buffers; its scratch (SCRATCH) is dead between steps and is not saved
+        "kernel_state": {k: [v.clone() for v in vs] for k, vs in group.state.items() if k != SCRATCH},
         "noise_generators": group.generator_states(),
         "batcher": group.batcher.state_dict(),
         **({"dropout_rng": torch.get_rng_state()} if group.dropout_seed is not None else {}),

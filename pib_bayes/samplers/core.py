@@ -22,14 +22,15 @@ from __future__ import annotations
 
 import inspect
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from torch import Tensor
 
-__all__ = ["Kernel", "GaussianNoise", "RademacherNoise", "NOISES", "make_noise", "langevin_move_",
+__all__ = ["Kernel", "KernelInit", "KernelStep", "KernelState", "SCRATCH", "scratch_of",
+           "GaussianNoise", "RademacherNoise", "NOISES", "make_noise", "langevin_move_",
            "reduce_sum", "Workspace", "flat_view", "flat_zeros_like", "FlatTensors", "NoisePrefetcher"]
 
 
@@ -417,31 +418,124 @@ def reduce_sum(tensors: Sequence[Tensor], batch_ndim: int = 0) -> Tensor:
     return torch.stack(parts).sum(0)
 
 
+KernelState = dict[str, Any]
+"""A kernel's state: ``{state_name: [tensor per param]}`` for every name in ``Kernel.state_names``
+(what checkpoints and ``optimizer.state_dict()`` keep), plus at most one :data:`SCRATCH` entry."""
+
+SCRATCH = "scratch"
+"""The state entry holding a kernel's scratch buffers (a :class:`Workspace`, made by :func:`scratch_of`
+on the first step): owned by the state, so one kernel object can step many states of different
+shapes; never checkpointed (its contents are dead between steps)."""
+
+
+def scratch_of(state: KernelState) -> Workspace:
+    """The scratch :class:`Workspace` of ``state``, created (and stored under :data:`SCRATCH`) on first use.
+
+    >>> state = {}
+    >>> scratch_of(state) is scratch_of(state) is state[SCRATCH]
+    True
+    """
+    ws = state.get(SCRATCH)
+    if ws is None:
+        ws = state[SCRATCH] = Workspace()
+    return ws
+
+
+class KernelInit(Protocol):
+    """``init(params) -> state``: fresh state for the tensors ``params`` (see :class:`Kernel`).
+
+    An ``init`` whose state holds per-chain scalars also takes ``batch_ndim`` (a keyword, default 0).
+    """
+
+    def __call__(self, params: list[Tensor], /) -> KernelState: ...
+
+
+class KernelStep(Protocol):
+    """``step(params, grads, state, step_size, noise, noise_scale=1.0, batch_ndim=0, with_stats=False)
+    -> stats``: one move of ``params`` (and ``state``) in place, with
+    ``target <- target - h * drift + noise_scale * sqrt(2 h D) * xi`` (:func:`langevin_move_`);
+    returns ``{stat_name: tensor}`` (empty unless ``with_stats``)."""
+
+    def __call__(self, params: list[Tensor], grads: list[Tensor], state: KernelState, step_size: float,
+                 noise: GaussianNoise | None, noise_scale: float = 1.0, batch_ndim: int = 0,
+                 with_stats: bool = False) -> dict[str, Tensor]: ...
+
+
+_STEP_CALL = "step(params, grads, state, step_size, noise, noise_scale, batch_ndim=, with_stats=)"
+
+
+def _check_callable(kernel: str, what: str, fn: object, args: tuple, kwargs: dict, call: str) -> None:
+    if not callable(fn):
+        raise TypeError(f"Kernel {kernel!r}: {what} must be callable as {call}, got {type(fn).__name__}")
+    try:
+        signature = inspect.signature(fn)
+    except (TypeError, ValueError):  # no readable signature (some builtins): nothing to check
+        return
+    try:
+        signature.bind(*args, **kwargs)
+    except TypeError as err:
+        raise TypeError(f"Kernel {kernel!r}: {what} must accept {call}; its signature {what}{signature} "
+                        f"does not ({err})") from None
+
+
 @dataclass(frozen=True)
 class Kernel:
     """A Langevin sampler as a pair of functions (BlackJAX style).
 
+    A kernel holds no mutable state of its own (scratch buffers live in the state, see
+    :func:`scratch_of`), so one kernel object may step any number of states, of any shapes.
+
     Attributes:
         name: registry name ("sgld", "psgld", "sghmc", "sgnht").
         state_names: per-tensor state buffers the kernel keeps (e.g. ``("momentum",)``).
-        init: ``init(params) -> {state_name: [tensor per param]}``. A kernel whose state holds
-            per-chain scalars (SGNHT's thermostat) takes ``init(params, batch_ndim=0)``, told how
-            many leading dims of ``params`` are chain dims; call it through :meth:`init_state`.
-        step: ``step(params, grads, state, step_size, noise, noise_scale=1.0, batch_ndim=0,
-            with_stats=False) -> {stat_name: tensor}``; updates params and state in place.
+        init: a :class:`KernelInit`, ``init(params) -> {state_name: [tensor per param]}``. A kernel
+            whose state holds per-chain scalars (SGNHT's thermostat) takes
+            ``init(params, batch_ndim=0)``, told how many leading dims of ``params`` are chain dims;
+            call it through :meth:`init_state`.
+        step: a :class:`KernelStep`, ``step(params, grads, state, step_size, noise, noise_scale=1.0,
+            batch_ndim=0, with_stats=False) -> {stat_name: tensor}``; updates params and state in
+            place. Callers pass the first six positionally and the last two by keyword; a step
+            that cannot take them is a TypeError at construction.
         settings: the hyper-parameters it was built with (recorded in Posterior metadata).
         curvature_rule: how ``step_size="auto"`` maps the energy's lambda_max to the step size
             and settings (a :class:`~pib_bayes.samplers.step_size.CurvatureRule`); None: no "auto".
+
+    Examples:
+        >>> import torch
+        >>> def init(params):
+        ...     return {}
+        >>> def step(params, grads, state, step_size, noise, noise_scale=1.0, batch_ndim=0, with_stats=False):
+        ...     langevin_move_(params, grads, step_size, noise, 1.0, noise_scale)
+        ...     return {}
+        >>> k = Kernel("my_sgld", (), init, step)
+        >>> w = [torch.zeros(2)]
+        >>> _ = k.step(w, [torch.ones(2)], k.init_state(w), 0.5, None)
+        >>> w[0]
+        tensor([-0.5000, -0.5000])
+        >>> Kernel("bad", (), init, lambda params, grads: {})  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        ...
+        TypeError: Kernel 'bad': step must accept step(params, grads, state, step_size, noise, ...
     """
 
     name: str
     state_names: tuple[str, ...]
-    init: Callable[[list[Tensor]], dict[str, list[Tensor]]]
-    step: Callable[..., dict[str, Tensor]]
+    init: KernelInit
+    step: KernelStep
     settings: dict = field(default_factory=dict)
     curvature_rule: Any = None
 
-    def init_state(self, params: list[Tensor], batch_ndim: int = 0) -> dict[str, list[Tensor]]:
+    def __post_init__(self) -> None:
+        if SCRATCH in self.state_names:
+            raise ValueError(f"Kernel {self.name!r}: state_names: {SCRATCH!r} is reserved for scratch "
+                             "buffers (see scratch_of); name the state buffer otherwise")
+        w = [torch.zeros(0)]
+        _check_callable(self.name, "init", self.init, (w,), {}, "init(params)")
+        _check_callable(self.name, "step", self.step, (w, w, {}, 0.1, None, 1.0),
+                        {"batch_ndim": 0, "with_stats": False},
+                        _STEP_CALL)
+
+    def init_state(self, params: list[Tensor], batch_ndim: int = 0) -> KernelState:
         """``init(params)``, passing ``batch_ndim`` on to an ``init`` that takes it (see ``init``)."""
         if batch_ndim and "batch_ndim" in inspect.signature(self.init).parameters:
             return self.init(params, batch_ndim=batch_ndim)

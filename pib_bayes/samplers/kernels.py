@@ -12,7 +12,7 @@ import math
 import torch
 from torch import Tensor
 
-from .core import GaussianNoise, Kernel, Workspace, flat_view, flat_zeros_like, langevin_move_, reduce_sum
+from .core import GaussianNoise, Kernel, flat_view, flat_zeros_like, langevin_move_, reduce_sum, scratch_of
 from .schedules import SHORTHANDS
 from .step_size import PSGLD_RULE, SGHMC_RULE, SGLD_RULE, SGNHT_RULE
 
@@ -52,14 +52,23 @@ def build_psgld(alpha: float = 0.99, eps: float = 1e-5) -> Kernel:
     The correction term ``h Gamma(w)`` (derivative of G) is dropped, as in the paper's
     practical algorithm: its bias vanishes as the preconditioner settles. ``alpha = 1`` freezes
     V at its current value (set ``state["square_avg"]``), giving an exact preconditioned
-    Langevin chain; the state starts at V = 0, i.e. G = 1/eps, unless set.
+    Langevin chain; the state starts at V = 0, i.e. G = 1/eps, unless set. The scratch buffer for
+    M = eps + sqrt(V) lives in the state (``state["scratch"]``, made on the first step, never
+    checkpointed), so one kernel steps any number of states, of any shapes.
+
+    >>> import torch
+    >>> k = build_psgld(alpha=0.5, eps=1e-8)
+    >>> small, large = [torch.zeros(2)], [torch.zeros(3, 4)]
+    >>> s_small, s_large = k.init(small), k.init(large)  # one kernel, two states of different shapes
+    >>> _ = k.step(small, [torch.ones(2)], s_small, 0.1, noise=None)
+    >>> _ = k.step(large, [torch.ones(3, 4)], s_large, 0.1, noise=None)
+    >>> small[0]  # V = 0.5, w = -h g / sqrt(V)
+    tensor([-0.1414, -0.1414])
     """
     if not 0.0 <= alpha <= 1.0:
         raise ValueError(f"alpha: the RMSprop decay must lie in [0, 1], got {alpha}")
     if not eps > 0:
         raise ValueError(f"eps: must be > 0, got {eps}")
-
-    workspace = Workspace()  # per built kernel: one chain group / optimizer group at a time
 
     def init(params: list[Tensor]) -> dict[str, list[Tensor]]:
         # one flat buffer (views per parameter): state-only updates run as single ops
@@ -74,8 +83,8 @@ def build_psgld(alpha: float = 0.99, eps: float = 1e-5) -> Kernel:
             else:
                 torch._foreach_mul_(v, alpha)
             torch._foreach_addcmul_(v, grads, grads, value=1.0 - alpha)
-        # one scratch buffer reused across steps (fresh 1-MB tensors per step cost page faults)
-        (denom,), (flat_m,) = workspace.get(v, 1)
+        # one scratch buffer per state, reused across steps (fresh 1-MB tensors per step cost page faults)
+        (denom,), (flat_m,) = scratch_of(state).get(v, 1)
         if flat_v is not None and flat_m is not None:
             torch.sqrt(flat_v, out=flat_m)
             flat_m.add_(eps)
