@@ -118,6 +118,28 @@ def fixed_split(path: str, data: dict[str, Any], smoke: bool = False) -> dict[st
     return {k: (x[i], y[i]) for k, i in parts.items()}
 
 
+def provenance(config_path: str | None) -> dict[str, Any]:
+    """Where a result came from: the git commit of the checkout (and whether it had uncommitted changes),
+    the SHA-256 of the config file, and the process CPU seconds so far (``time.process_time``)."""
+    import hashlib
+    import subprocess
+
+    root = Path(__file__).resolve().parents[1]
+
+    def git(*a: str) -> str:
+        try:
+            done = subprocess.run(["git", *a], cwd=root, capture_output=True, text=True, check=True)
+        except (OSError, subprocess.CalledProcessError):
+            return ""
+        return done.stdout.strip()
+
+    digest = hashlib.sha256(Path(config_path).read_bytes()).hexdigest() if config_path else None
+    return {"git_commit": git("rev-parse", "HEAD") or None,
+            "git_dirty": bool(git("status", "--porcelain", "--untracked-files=no")),
+            "config": config_path, "config_sha256": digest,
+            "cpu_seconds": round(time.process_time(), 1), "torch_threads": torch.get_num_threads()}
+
+
 def sign_test(successes: int, n: int) -> float:
     """Exact two-sided sign test: P(a Binomial(n, 1/2) count at least as far from n/2 as ``successes``)."""
     from scipy.stats import binomtest

@@ -32,6 +32,7 @@ from _common import (  # noqa: E402
     load_split,
     mlp,
     peak_of,
+    provenance,
     pyplot,
     save_figure,
     setup,
@@ -207,7 +208,7 @@ def run_config(args, cfg: dict, out, timer) -> int:
     ok = all(c["passed"] for c in checks.values())
     write_json(out / "iiw_activations.json", {"claim": cfg["claim"], "config": args.config, "seeds": seeds,
                                               "smoke": args.smoke, "checks": checks, "passed": ok,
-                                              "seconds": timer()})
+                                              "seconds": timer(), **provenance(args.config)})
     print(f"CHECK (pre-registered) peak and fall >= 10% in every seed, sign test p < 0.05, per activation "
           f"and arm: {verdict(ok)} ({sum(c['passed'] for c in checks.values())}/{len(checks)}); {timer()} s; "
           f"outputs in {out}")
