@@ -17,6 +17,7 @@ and the held-out prior mean), with an exact sign test across seeds per activatio
 from __future__ import annotations
 
 import sys
+import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -138,6 +139,7 @@ def _iiw(arm: dict, model, x, y, theta_0, seed: int, smoke: bool) -> float:
 
 def run_config(args, cfg: dict, out, timer) -> int:
     """The pre-registered design of ``cfg`` (examples/configs/iiw_activations.toml)."""
+    prov = provenance(args.config)  # the checkout as the run starts
     split = fixed_split(args.data, cfg["data"], smoke=args.smoke)
     (x_tr, y_tr), prior_data, (x_te, y_te) = split["train"], split["prior"], split["test"]
     seeds = cfg["seeds"][:2] if args.smoke else cfg["seeds"]
@@ -208,7 +210,8 @@ def run_config(args, cfg: dict, out, timer) -> int:
     ok = all(c["passed"] for c in checks.values())
     write_json(out / "iiw_activations.json", {"claim": cfg["claim"], "config": args.config, "seeds": seeds,
                                               "smoke": args.smoke, "checks": checks, "passed": ok,
-                                              "seconds": timer(), **provenance(args.config)})
+                                              "seconds": timer(), **prov,
+                                              "cpu_seconds": round(time.process_time(), 1)})
     print(f"CHECK (pre-registered) peak and fall >= 10% in every seed, sign test p < 0.05, per activation "
           f"and arm: {verdict(ok)} ({sum(c['passed'] for c in checks.values())}/{len(checks)}); {timer()} s; "
           f"outputs in {out}")
