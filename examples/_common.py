@@ -122,7 +122,8 @@ def fixed_split(path: str, data: dict[str, Any], smoke: bool = False,
 
 def provenance(config_path: str | None) -> dict[str, Any]:
     """Where a result came from: the git commit of the checkout (and whether it had uncommitted changes),
-    the SHA-256 of the config file, and the process CPU seconds so far (``time.process_time``)."""
+    the SHA-256 of the config file, of _common.py and of the script that runs, and the process CPU seconds
+    so far (``time.process_time``)."""
     import hashlib
     import subprocess
 
@@ -135,9 +136,15 @@ def provenance(config_path: str | None) -> dict[str, Any]:
             return ""
         return done.stdout.strip()
 
-    digest = hashlib.sha256(Path(config_path).read_bytes()).hexdigest() if config_path else None
+    def sha(path: str | Path) -> str:
+        return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+    digest = sha(config_path) if config_path else None
+    script = Path(sys.argv[0]) if sys.argv and sys.argv[0].endswith(".py") else None
+    code = {p.name: sha(p) for p in (Path(__file__), script) if p is not None and p.is_file()}
     return {"git_commit": git("rev-parse", "HEAD") or None,
             "git_dirty": bool(git("status", "--porcelain", "--untracked-files=no")),
+            "code_sha256": code,  # the files that ran, whatever else the checkout held
             "config": config_path, "config_sha256": digest,
             "cpu_seconds": round(time.process_time(), 1), "torch_threads": torch.get_num_threads()}
 
