@@ -324,11 +324,11 @@ def arm_iiw(arm: dict[str, Any], model: nn.Module, x: torch.Tensor, y: torch.Ten
 
 def adam_steps(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, lr: float, epochs: int,
                batch_size: int, seed: int, every: int | None = None,
-               on_record: Any = None) -> int:
+               on_record: Any = None, max_steps: int | None = None) -> int:
     """Adam on the mean cross-entropy: ``epochs`` passes of a fresh seeded shuffle (generator seeded
-    ``seed + 1``) cut into batches of ``batch_size`` (the last one shorter); ``on_record(step, epoch)``
-    after step 0 (before training), then every ``every`` steps, or at the end of every epoch when
-    ``every`` is None. Returns the number of steps."""
+    ``seed + 1``) cut into batches of ``batch_size`` (the last one shorter), stopping after ``max_steps``
+    steps if given; ``on_record(step, epoch)`` after step 0 (before training), then every ``every``
+    steps, or at the end of every epoch when ``every`` is None. Returns the number of steps."""
     opt = torch.optim.Adam(model.parameters(), lr=lr)
     gen = torch.Generator().manual_seed(seed + 1)
     step = 0
@@ -347,8 +347,12 @@ def adam_steps(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, lr: float,
             step += 1
             if on_record is not None and every is not None and step % every == 0:
                 on_record(step, epoch + (j + 1) / len(starts))
+            if max_steps is not None and step >= max_steps:
+                break
         if on_record is not None and every is None:
             on_record(step, float(epoch + 1))
+        if max_steps is not None and step >= max_steps:
+            break
     model.eval()
     return step
 
