@@ -242,9 +242,14 @@ def paired_comparison(a: Sequence[float], b: Sequence[float], alpha: float = 0.0
                          f"{y.shape}")
     d = x - y
     n = len(d)
-    res = ttest_rel(x, y)
-    ci = res.confidence_interval(1 - alpha)
     sd = float(np.std(d, ddof=1))
+    if sd == 0:  # constant differences: the t statistic is undefined (0/0 or c/0)
+        t_stat, t_p = float("nan"), (1.0 if d[0] == 0 else 0.0)
+        ci_low = ci_high = float(d[0])
+    else:
+        res = ttest_rel(x, y)
+        ci = res.confidence_interval(1 - alpha)
+        t_stat, t_p, ci_low, ci_high = float(res.statistic), float(res.pvalue), float(ci.low), float(ci.high)
     if np.all(d == 0):
         w_p = 1.0
     else:
@@ -252,7 +257,7 @@ def paired_comparison(a: Sequence[float], b: Sequence[float], alpha: float = 0.0
     hl, lo, hi = signed_rank_ci(d, alpha)
     mde_sd = min_detectable_effect(n, alpha)
     return {"n": n, "mean_diff": float(d.mean()), "sd_diff": sd,
-            "t": float(res.statistic), "t_p": float(res.pvalue), "t_ci": [float(ci.low), float(ci.high)],
+            "t": t_stat, "t_p": t_p, "t_ci": [ci_low, ci_high],
             "wilcoxon_p": w_p, "hodges_lehmann": hl, "wilcoxon_ci": [lo, hi],
             "mde_sd_units": mde_sd, "mde": mde_sd * sd, "differences": d.tolist()}
 
