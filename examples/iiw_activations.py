@@ -27,6 +27,8 @@ import torch.nn.functional as F  # noqa: E402
 from _common import (  # noqa: E402
     Timer,
     accuracy_and_loss,
+    arm_iiw,
+    arm_theta0,
     base_parser,
     fixed_split,
     load_config,
@@ -43,8 +45,6 @@ from _common import (  # noqa: E402
     write_csv,
     write_json,
 )
-
-from pib_bayes.iiw import PAPER_PRIOR, fisher, fit_prior_mean  # noqa: E402
 
 ACTIVATIONS = ["linear", "tanh", "relu", "sigmoid"]
 
@@ -127,16 +127,6 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _iiw(arm: dict, model, x, y, theta_0, seed: int, smoke: bool) -> float:
-    spec = dict(arm["iiw"])
-    if spec["method"] == "paper":
-        b = min(int(spec["batch_size"]), 100) if smoke else int(spec["batch_size"])
-        return fisher(model, "cross_entropy", (x, y), theta_0, method="paper", batch_size=b,
-                      num_batches=int(spec["num_batches"]), seed=seed).raw_total
-    k = min(int(spec.get("examples", len(y))), len(y))
-    return fisher(model, "cross_entropy", (x[:k], y[:k]), theta_0).raw_total
-
-
 def run_config(args, cfg: dict, out, timer) -> int:
     """The pre-registered design of ``cfg`` (examples/configs/iiw_activations.toml)."""
     prov = provenance(args.config)  # the checkout as the run starts
@@ -153,11 +143,7 @@ def run_config(args, cfg: dict, out, timer) -> int:
                 lr, epochs = float(over.get("lr", arm["lr"])), int(over.get("epochs", arm["epochs"]))
                 epochs = min(epochs, 3) if args.smoke else epochs
                 model = mlp(hidden, act, seed)
-                if arm["prior"] == "paper":  # fit theta_0 on the prior split, then re-initialise the model
-                    theta_0 = fit_prior_mean(model, "cross_entropy", prior_data, seed=seed, **PAPER_PRIOR)
-                else:
-                    theta_0 = fit_prior_mean(model, "cross_entropy", prior_data, epochs=10, lr=1e-3,
-                                             seed=seed)
+                theta_0 = arm_theta0(arm, model, prior_data, seed)  # the paper prior also re-initialises
                 opt = torch.optim.Adam(model.parameters(), lr=lr)
                 gen = torch.Generator().manual_seed(seed + 1)
                 curve = []
@@ -174,8 +160,8 @@ def run_config(args, cfg: dict, out, timer) -> int:
                     tr_acc, _ = accuracy_and_loss(model, x_tr, y_tr)
                     te_acc, _ = accuracy_and_loss(model, x_te, y_te)
                     curve.append({"arm": arm_name, "run": act, "seed": seed, "epoch": epoch,
-                                  "iiw": _iiw(arm, model, x_tr, y_tr, theta_0, 1000 * seed + epoch,
-                                              args.smoke),
+                                  "iiw": arm_iiw(arm, model, x_tr, y_tr, theta_0, 1000 * seed + epoch,
+                                                 args.smoke),
                                   "train_acc": tr_acc, "test_acc": te_acc})
                 rows += curve
                 pk = peak_of(curve)
