@@ -276,8 +276,11 @@ def _evaluate(result, x: torch.Tensor, y: torch.Tensor) -> dict[str, float]:
 
 def run_config(args, cfg: dict, out, timer) -> int:
     """The pre-registered design of ``cfg`` (examples/configs/pib_vs_sgd.toml)."""
+    if cfg["name"] == "beta_frontier":
+        return run_frontier(args, cfg, out, timer)
     if cfg["name"] != "pib_vs_sgd":
-        usage_error(f"--config: {args.config} is {cfg['name']!r}; this script runs pib_vs_sgd")
+        usage_error(f"--config: {args.config} is {cfg['name']!r}; this script runs pib_vs_sgd and "
+                    "beta_frontier")
     prov = provenance(args.config)
     split = fixed_split(args.data, cfg["data"], smoke=args.smoke)
     (x_tr, y_tr), (x_te, y_te) = split["train"], split["test"]
@@ -343,6 +346,86 @@ def run_config(args, cfg: dict, out, timer) -> int:
     print(f"CHECK (pre-registered) a PIB arm beats SGD in test accuracy (paired t and Wilcoxon, Holm, "
           f"alpha 0.05): {verdict(ok)}; {timer()} s; outputs in {out}")
     return 0
+
+
+def run_frontier(args, cfg: dict, out, timer) -> int:
+    """The pre-registered β frontier (examples/configs/beta_frontier.toml): per seed the pretrained net of
+    pib_vs_sgd.toml's [common], then train_pib at every β of the sweep in both arms; per seed Spearman ρ of β
+    with IIW, with the gap and with the test accuracy, and a sign test of ρ < 0 across seeds for each."""
+    from _common import seeds_sign_test, spearman
+
+    prov = provenance(args.config)
+    common = load_config(str(Path(args.config).resolve().parent / "pib_vs_sgd.toml"))
+    split = fixed_split(args.data, cfg["data"], smoke=args.smoke)
+    (x_tr, y_tr), (x_te, y_te) = split["train"], split["test"]
+    n = len(y_tr)
+    seeds = cfg["seeds"][:2] if args.smoke else cfg["seeds"]
+    betas = [float(b) for b in cfg["sweep"]["betas"]]
+    rows, checks = [], {}
+    starts = {}
+    for seed in seeds:
+        starts[seed] = pretrained({**common, "model": cfg["model"]}, split, seed, args.smoke)
+    for arm_name, arm in cfg["arms"].items():
+        epochs = 3 if args.smoke else int(arm["epochs"])
+        rhos: dict[str, list[float]] = {"iiw": [], "gap": [], "test_acc": []}
+        for seed in seeds:
+            start, theta_0, _ = starts[seed]
+            per = []
+            for beta in betas:
+                t0 = time.process_time()
+                kw: dict[str, Any] = {}
+                if arm["mode"] == "langevin":
+                    assert arm["gibbs_beta"] == "1/n", arm["gibbs_beta"]
+                    kw = {"gibbs_beta": 1.0 / n, "burn_in": min(int(arm["burn_in_epochs"]), epochs - 1),
+                          "thin": 1 if args.smoke else int(arm["thin"])}
+                res = train_pib(copy.deepcopy(start), "cross_entropy", (x_tr, y_tr), beta=beta,
+                                mode=arm["mode"], theta_0=theta_0, val_data=split["prior"], epochs=epochs,
+                                batch_size=int(common["common"]["batch_size"]), seed=seed,
+                                iiw_batch_size=100 if args.smoke else 1000, **kw)
+                ev = _evaluate(res, x_te, y_te)
+                tr = _evaluate(res, x_tr, y_tr)["test_acc"]
+                per.append({"arm": arm_name, "seed": seed, "beta": beta, **ev, "train_acc": tr,
+                            "gap": tr - ev["test_acc"], "iiw": res.history["iiw"][-1],
+                            "epochs_run": len(res.history["epoch"]),
+                            "cpu_s": round(time.process_time() - t0, 2)})
+            rows += per
+            for key in rhos:
+                rhos[key].append(spearman(betas, [r[key] for r in per]))
+            print(f"{arm_name:>8} seed {seed}: rho(beta, IIW) {rhos['iiw'][-1]:+.2f}, gap "
+                  f"{rhos['gap'][-1]:+.2f}, test acc {rhos['test_acc'][-1]:+.2f}", flush=True)
+        for key in rhos:
+            test = seeds_sign_test(rhos[key], "negative")
+            passed = bool(test["k"] == test["n"] and test["p"] < 0.05)
+            checks[f"{arm_name}/{key}"] = {**test, "passed": passed}
+
+    plt = pyplot()
+    fig, axes = plt.subplots(1, 3, figsize=(12, 3.4))
+    for ax, key in zip(axes, ("test_acc", "gap", "iiw"), strict=True):
+        for i, arm_name in enumerate(cfg["arms"]):
+            rs = [r for r in rows if r["arm"] == arm_name]
+            ax.scatter([r["beta"] + 1e-3 for r in rs], [r[key] for r in rs], s=8, color=f"C{i}", alpha=0.5)
+            means = [_mean([r[key] for r in rs if r["beta"] == b]) for b in betas]
+            ax.plot([b + 1e-3 for b in betas], means, "-", color=f"C{i}", label=arm_name)
+        ax.set_xscale("log")
+        ax.set_xlabel("beta (+0.001)")
+        ax.set_title(key)
+        ax.legend(fontsize=8)
+    axes[2].set_yscale("log")
+    fig.suptitle(f"pre-registered information-accuracy frontier ({args.config}); dots: seeds, lines: means")
+    save_figure(fig, out / "beta_frontier.png")
+    write_csv(out / "beta_frontier.csv", rows)
+    ok = all(c["passed"] for c in checks.values())
+    write_json(out / "beta_frontier.json", {"claim": cfg["claim"], "seeds": seeds, "smoke": args.smoke,
+                                            "checks": checks, "rows": rows, "passed": ok, "seconds": timer(),
+                                            **prov, "cpu_seconds": round(time.process_time(), 1)})
+    n_ok = sum(c["passed"] for c in checks.values())
+    print(f"CHECK (pre-registered) rho(beta, IIW), rho(beta, gap), rho(beta, test acc) < 0 in every seed, "
+          f"sign test p < 0.05, per arm: {verdict(ok)} ({n_ok}/{len(checks)}); {timer()} s; outputs in {out}")
+    return 0
+
+
+def _mean(values: list[float]) -> float:
+    return sum(values) / len(values)
 
 
 if __name__ == "__main__":

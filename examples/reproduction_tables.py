@@ -36,9 +36,9 @@ NAMES = [
 ]
 # CPU-minute estimates (one seed timed at full size, --threads 1) for designs that may not have run
 ESTIMATES: dict[str, str] = {
-    "beta_frontier": "about 23 CPU-minutes at 20 epochs (6 betas x 2 arms x 6 seeds, 0.65 and 1.3 CPU s "
-    "per epoch for the paper and Langevin arms of pib_vs_sgd), about 115 at the "
-    "registered 100 epochs"
+    "beta_frontier": "about 111 CPU-minutes as registered (100 epochs) and about 22 at 20 epochs: 6 betas x "
+    "2 arms x 6 seeds at 0.65 (paper mode) and 0.7-1.3 (Langevin, without / with the IIW penalty) CPU s per "
+    "epoch, timed on one pib_vs_sgd seed at full size; the paper-mode arms may stop earlier (patience 10)"
 }
 
 

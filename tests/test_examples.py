@@ -257,3 +257,13 @@ def test_reproductions_page_matches_the_result_files():
     finally:
         sys.path.remove(str(EXAMPLES))
     assert reproduction_tables.main(["--check"]) == 0
+
+
+def test_beta_frontier_preregistered_config_smoke(idx_dir, tmp_path, capsys):
+    summary, cfg = _run_config("pib_sgld_vs_sgd", "beta_frontier", idx_dir, tmp_path, capsys)
+    assert set(summary["checks"]) == {f"{a}/{k}" for a in cfg["arms"] for k in ("iiw", "gap", "test_acc")}
+    _sign_checks_consistent(summary["checks"])
+    betas = [r["beta"] for r in summary["rows"] if r["arm"] == "sound" and r["seed"] == summary["seeds"][0]]
+    assert betas == cfg["sweep"]["betas"]
+    for r in summary["rows"]:
+        assert math.isclose(r["gap"], r["train_acc"] - r["test_acc"], abs_tol=1e-12)
