@@ -315,6 +315,9 @@ def run_config(args, cfg: dict, out, timer) -> int:
             print(f"seed {seed} {name:>16}: test acc {ev['test_acc']:.4f}, NLL {ev['test_nll']:.4f}, ECE "
                   f"{ev['test_ece']:.4f}, epochs {len(res.history['epoch'])}, {rows[-1]['cpu_s']} s",
                   flush=True)
+        # the seeds so far, in case the run is cut short (removed when the run completes)
+        write_json(out / "pib_vs_sgd.partial.json", {"partial": True, "seeds_done": seed, "rows": rows,
+                                                     **prov, "cpu_seconds": round(time.process_time(), 1)})
     ref = "sgd"
     acc = {a: [r["test_acc"] for r in rows if r["arm"] == a] for a in arms}
     comps = {a: paired_comparison(acc[a], acc[ref]) for a in arms if a != ref}
@@ -339,6 +342,7 @@ def run_config(args, cfg: dict, out, timer) -> int:
     save_figure(fig, out / "pib_vs_sgd.png")
     write_csv(out / "pib_vs_sgd.csv", rows)
     ok = any(c["significant"] and c["mean_diff"] > 0 for a, c in comps.items() if a.startswith("pib"))
+    (out / "pib_vs_sgd.partial.json").unlink(missing_ok=True)
     write_json(out / "pib_vs_sgd.json", {"claim": cfg["claim"], "seeds": seeds, "smoke": args.smoke,
                                          "epochs": epochs, "comparisons": comps, "rows": rows, "passed": ok,
                                          "seconds": timer(), **prov,
