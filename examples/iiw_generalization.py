@@ -225,6 +225,9 @@ def run_config(args, cfg: dict, out, timer) -> int:
                 coincide[sweep] += int(argmin_iiw == argmin_gap)
             print(f"{arm_name:>8} seed {seed}: rho(IIW, gap) batch {rhos['batch_size'][-1]:+.2f}, width "
                   f"{rhos['width'][-1]:+.2f}", flush=True)
+            # the runs so far, in case the run is cut short (removed when the run completes)
+            partial = {"partial": True, "rows": rows, **prov, "cpu_seconds": round(time.process_time(), 1)}
+            write_json(out / "iiw_generalization.partial.json", partial)
         for sweep in rhos:
             test = seeds_sign_test(rhos[sweep], "positive")
             checks[f"{arm_name}/{sweep}"] = {**test, "minima_coincide": coincide[sweep],
@@ -251,6 +254,7 @@ def run_config(args, cfg: dict, out, timer) -> int:
     save_figure(fig, out / "iiw_generalization.png")
     write_csv(out / "iiw_generalization.csv", rows)
     ok = all(c["passed"] for c in checks.values())
+    (out / "iiw_generalization.partial.json").unlink(missing_ok=True)
     write_json(out / "iiw_generalization.json", {"claim": cfg["claim"], "seeds": seeds, "smoke": args.smoke,
                                                  "checks": checks, "rows": rows, "passed": ok,
                                                  "seconds": timer(), **prov,
