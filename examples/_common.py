@@ -214,6 +214,8 @@ def min_detectable_effect(n_pairs: int, alpha: float = 0.05, power: float = 0.8)
     hi = 1.0
     while gap(hi) < 0:  # power rises with delta; bracket the root (nct is NaN far out, so step gently)
         hi *= 2
+    if not math.isfinite(gap(hi)):  # too few pairs: scipy's noncentral t fails before power 0.8
+        return float("nan")
     return float(brentq(gap, 1e-6, hi))
 
 
