@@ -98,12 +98,14 @@ def load_config(path: str) -> dict[str, Any]:
     raise AssertionError  # unreachable: usage_error exits
 
 
-def fixed_split(path: str, data: dict[str, Any], smoke: bool = False) -> dict[str, tuple[torch.Tensor, ...]]:
+def fixed_split(path: str, data: dict[str, Any], smoke: bool = False,
+                normalize: bool = True) -> dict[str, tuple[torch.Tensor, ...]]:
     """The config's fixed train / prior / test split of the IDX set at ``path``: one permutation seeded
     with ``data["split_seed"]``, the first ``train`` images, the next ``prior``, then ``test``; the same
-    for every seed. ``smoke`` keeps the proportions on at most 300 images (the CI set)."""
+    for every seed. ``smoke`` keeps the proportions on at most 300 images (the CI set). ``normalize=False``
+    gives pixels in [0, 1] instead of standardised ones (for :func:`authors_scaling`)."""
     try:
-        x, y = load_mnist(path)
+        x, y = load_mnist(path, normalize=normalize)
     except (FileNotFoundError, IDXError) as err:
         usage_error(f"--data: {err}")
     sizes = [int(data[k]) for k in ("train", "prior", "test")]
@@ -118,11 +120,255 @@ def fixed_split(path: str, data: dict[str, Any], smoke: bool = False) -> dict[st
     return {k: (x[i], y[i]) for k, i in parts.items()}
 
 
+def provenance(config_path: str | None) -> dict[str, Any]:
+    """Where a result came from: the git commit of the checkout (and whether it had uncommitted changes),
+    the SHA-256 of the config file, of _common.py and of the script that runs, and the process CPU seconds
+    so far (``time.process_time``)."""
+    import hashlib
+    import subprocess
+
+    root = Path(__file__).resolve().parents[1]
+
+    def git(*a: str) -> str:
+        try:
+            done = subprocess.run(["git", *a], cwd=root, capture_output=True, text=True, check=True)
+        except (OSError, subprocess.CalledProcessError):
+            return ""
+        return done.stdout.strip()
+
+    def sha(path: str | Path) -> str:
+        return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+    digest = sha(config_path) if config_path else None
+    script = Path(sys.argv[0]) if sys.argv and sys.argv[0].endswith(".py") else None
+    code = {p.name: sha(p) for p in (Path(__file__), script) if p is not None and p.is_file()}
+    return {"git_commit": git("rev-parse", "HEAD") or None,
+            "git_dirty": bool(git("status", "--porcelain", "--untracked-files=no")),
+            "code_sha256": code,  # the files that ran, whatever else the checkout held
+            "config": config_path, "config_sha256": digest,
+            "cpu_seconds": round(time.process_time(), 1), "torch_threads": torch.get_num_threads()}
+
+
 def sign_test(successes: int, n: int) -> float:
     """Exact two-sided sign test: P(a Binomial(n, 1/2) count at least as far from n/2 as ``successes``)."""
     from scipy.stats import binomtest
 
     return float(binomtest(int(successes), int(n), 0.5).pvalue) if n else float("nan")
+
+
+def seeds_sign_test(values: Sequence[float], direction: str) -> dict[str, Any]:
+    """Across-seed sign test of per-seed statistics (e.g. Spearman ρ) for the predicted ``direction``
+    (``"positive"`` or ``"negative"``): k = seeds strictly on the predicted side, out of all n seeds (a tie
+    or an undefined NaN value counts against the claim), two-sided exact binomial p (scipy binomtest)."""
+    if direction not in ("positive", "negative"):
+        raise ValueError(f"direction: expected 'positive' or 'negative', got {direction!r}")
+    vals = [float(v) for v in values]
+    k = sum((v > 0) if direction == "positive" else (v < 0) for v in vals if math.isfinite(v))
+    opposite = sum((v < 0) if direction == "positive" else (v > 0) for v in vals if math.isfinite(v))
+    return {"n": len(vals), "k": int(k), "opposite": int(opposite),
+            "undefined_or_tied": len(vals) - k - opposite, "p": sign_test(k, len(vals)),
+            "values": vals, "direction": direction}
+
+
+def signed_rank_ci(d: Sequence[float], alpha: float = 0.05) -> tuple[float, float, float]:
+    """Hodges-Lehmann estimate and the exact (1 - alpha) confidence interval of the pseudo-median of the
+    paired differences ``d``: with the M = n(n+1)/2 sorted Walsh averages (d_i + d_j)/2, i <= j, the
+    interval is [W_(c), W_(M+1-c)], c the largest integer with P(T <= c - 1) <= alpha/2 under the null
+    law of the Wilcoxon signed-rank statistic T (exact, by counting subsets of the ranks 1..n;
+    Hollander & Wolfe, Nonparametric Statistical Methods, §3.3). Returns (estimate, low, high)."""
+    import numpy as np
+
+    x = np.asarray(d, dtype=float)
+    n = len(x)
+    if n < 2:
+        return float("nan"), float("nan"), float("nan")
+    walsh = np.sort([(x[i] + x[j]) / 2 for i in range(n) for j in range(i, n)])
+    counts = np.zeros(n * (n + 1) // 2 + 1)
+    counts[0] = 1.0
+    for r in range(1, n + 1):  # subsets of {1..n} by their rank sum
+        counts[r:] = counts[r:] + counts[:-r].copy()
+    cdf = np.cumsum(counts) / 2.0**n
+    c = int(np.sum(cdf <= alpha / 2))  # P(T <= c - 1) <= alpha/2
+    est = float(np.median(walsh))
+    if c < 1:  # too few pairs for an exact interval at this level
+        return est, float("-inf"), float("inf")
+    return est, float(walsh[c - 1]), float(walsh[len(walsh) - c])
+
+
+def min_detectable_effect(n_pairs: int, alpha: float = 0.05, power: float = 0.8) -> float:
+    """The smallest true mean difference, in standard deviations of the paired differences, that a
+    two-sided paired t-test on ``n_pairs`` pairs detects with probability ``power`` at level ``alpha``:
+    δ solving P(|T'| > t_{1-alpha/2, n-1}) = power, T' ~ noncentral t(n - 1, δ √n)."""
+    from scipy.optimize import brentq
+    from scipy.stats import nct, t
+
+    df = n_pairs - 1
+    crit = t.ppf(1 - alpha / 2, df)
+
+    def gap(delta: float) -> float:
+        nc = delta * math.sqrt(n_pairs)
+        return float(nct.sf(crit, df, nc) + nct.cdf(-crit, df, nc)) - power
+
+    if n_pairs < 2:
+        return float("nan")
+    hi = 1.0
+    while gap(hi) < 0:  # power rises with delta; bracket the root (nct is NaN far out, so step gently)
+        hi *= 2
+    if not math.isfinite(gap(hi)):  # too few pairs: scipy's noncentral t fails before power 0.8
+        return float("nan")
+    return float(brentq(gap, 1e-6, hi))
+
+
+def holm(pvalues: dict[str, float]) -> dict[str, float]:
+    """Holm's step-down adjusted p-values: with p_(1) <= ... <= p_(m),
+    adj_(i) = max_{j <= i} min(1, (m - j + 1) p_(j)) (Holm 1979)."""
+    items = sorted(pvalues.items(), key=lambda kv: kv[1])
+    m, out, running = len(items), {}, 0.0
+    for j, (name, p) in enumerate(items):
+        running = max(running, min(1.0, (m - j) * p))
+        out[name] = running
+    return out
+
+
+def paired_comparison(a: Sequence[float], b: Sequence[float], alpha: float = 0.05) -> dict[str, Any]:
+    """Paired a - b over seeds: mean difference with the two-sided paired t-test (scipy ttest_rel) and its
+    (1 - alpha) t interval; the Wilcoxon signed-rank test (scipy wilcoxon, two-sided; exact when there are
+    no zero or tied differences) with the Hodges-Lehmann interval (:func:`signed_rank_ci`); the sd of the
+    differences and the minimal detectable effect (power 0.8) in the same units."""
+    import numpy as np
+    from scipy.stats import ttest_rel, wilcoxon
+
+    x, y = np.asarray(a, dtype=float), np.asarray(b, dtype=float)
+    if x.shape != y.shape or x.ndim != 1:
+        raise ValueError(f"a, b: need two equally long 1-d sequences (one value per seed), got {x.shape} and "
+                         f"{y.shape}")
+    d = x - y
+    n = len(d)
+    sd = float(np.std(d, ddof=1))
+    if sd == 0:  # constant differences: the t statistic is undefined (0/0 or c/0)
+        t_stat, t_p = float("nan"), (1.0 if d[0] == 0 else 0.0)
+        ci_low = ci_high = float(d[0])
+    else:
+        res = ttest_rel(x, y)
+        ci = res.confidence_interval(1 - alpha)
+        t_stat, t_p, ci_low, ci_high = float(res.statistic), float(res.pvalue), float(ci.low), float(ci.high)
+    if np.all(d == 0):
+        w_p = 1.0
+    else:
+        w_p = float(wilcoxon(d, alternative="two-sided").pvalue)
+    hl, lo, hi = signed_rank_ci(d, alpha)
+    mde_sd = min_detectable_effect(n, alpha)
+    return {"n": n, "mean_diff": float(d.mean()), "sd_diff": sd,
+            "t": t_stat, "t_p": t_p, "t_ci": [ci_low, ci_high],
+            "wilcoxon_p": w_p, "hodges_lehmann": hl, "wilcoxon_ci": [lo, hi],
+            "mde_sd_units": mde_sd, "mde": mde_sd * sd, "differences": d.tolist()}
+
+
+def scaled_split(path: str, data: dict[str, Any], scaling: str, smoke: bool = False
+                 ) -> dict[str, tuple[torch.Tensor, ...]]:
+    """:func:`fixed_split` with the inputs of an arm's ``scaling``: ``"once"`` = pixels / 255, standardised
+    (:func:`pib_bayes.mnist.load_mnist`); ``"255_squared"`` = the authors' loader (SPEC §5): train and test
+    pixels divided by 255 twice (in [0, 1/255]), the prior (their validation) split once (in [0, 1])."""
+    if scaling == "once":
+        return fixed_split(path, data, smoke)
+    if scaling != "255_squared":
+        usage_error(f"--config: unknown scaling {scaling!r} (expected 'once' or '255_squared')")
+    split = fixed_split(path, data, smoke, normalize=False)
+    return {k: ((x / 255.0 if k != "prior" else x), y) for k, (x, y) in split.items()}
+
+
+def authors_mlp(hidden: Sequence[int], activation: str, seed: int) -> nn.Module:
+    """The PIB authors' MNIST MLP (their ``src/models.py`` class, SPEC §5), seeded: ``hidden`` lists the
+    hidden widths ("layers" = len(hidden) + 1 weight matrices). With one hidden layer: Linear, activation,
+    Linear. With more: the first Linear has NO activation after it, every later hidden Linear has one."""
+    acts = {"relu": nn.ReLU, "tanh": nn.Tanh, "sigmoid": nn.Sigmoid, "linear": nn.Identity}
+    torch.manual_seed(seed)
+    dims = [784, *hidden]
+    layers: list[nn.Module] = []
+    for i in range(len(hidden)):
+        layers.append(nn.Linear(dims[i], dims[i + 1]))
+        if len(hidden) == 1 or i > 0:
+            layers.append(acts[activation]())
+    layers.append(nn.Linear(dims[-1], 10))
+    return nn.Sequential(*layers)
+
+
+def arm_theta0(arm: dict[str, Any], model: nn.Module, prior_data: tuple[torch.Tensor, ...], seed: int
+               ) -> dict[str, torch.Tensor]:
+    """θ₀ for an arm: ``prior = "paper"``: the authors' prior (``fit_prior_mean(**PAPER_PRIOR)`` on the
+    prior split, then the model re-initialised N(0, 0.01²)); ``"held_out_mean"``: ``fit_prior_mean``
+    (Adam lr 1e-3, 10 epochs) on the prior split, the model left as it is."""
+    from pib_bayes.iiw import PAPER_PRIOR, fit_prior_mean
+
+    if arm["prior"] == "paper":
+        return fit_prior_mean(model, "cross_entropy", prior_data, seed=seed, **PAPER_PRIOR)
+    if arm["prior"] == "held_out_mean":
+        return fit_prior_mean(model, "cross_entropy", prior_data, epochs=10, lr=1e-3, seed=seed)
+    usage_error(f"--config: unknown prior {arm['prior']!r} (expected 'paper' or 'held_out_mean')")
+    raise AssertionError  # unreachable
+
+
+def arm_iiw(arm: dict[str, Any], model: nn.Module, x: torch.Tensor, y: torch.Tensor,
+            theta_0: dict[str, torch.Tensor], seed: int, smoke: bool = False) -> float:
+    """An arm's IIW (raw scale, summed over its tensors): ``iiw.method = "paper"``: the authors' estimator
+    ``fisher(method="paper", batch_size, num_batches)`` (batches of at most 100 in smoke mode);
+    ``"jvp"``: the per-example Fisher on the first ``examples`` training images (eval mode)."""
+    from pib_bayes.iiw import fisher
+
+    spec = dict(arm["iiw"])
+    if spec["method"] == "paper":
+        b = min(int(spec["batch_size"]), 100) if smoke else int(spec["batch_size"])
+        return fisher(model, "cross_entropy", (x, y), theta_0, method="paper", batch_size=b,
+                      num_batches=int(spec["num_batches"]), seed=seed).raw_total
+    k = min(int(spec.get("examples", len(y))), len(y))
+    was = model.training
+    model.eval()
+    try:
+        return fisher(model, "cross_entropy", (x[:k], y[:k]), theta_0).raw_total
+    finally:
+        model.train(was)
+
+
+def adam_steps(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, lr: float, epochs: int,
+               batch_size: int, seed: int, every: int | None = None,
+               on_record: Any = None, max_steps: int | None = None) -> int:
+    """Adam on the mean cross-entropy: ``epochs`` passes of a fresh seeded shuffle (generator seeded
+    ``seed + 1``) cut into batches of ``batch_size`` (the last one shorter), stopping after ``max_steps``
+    steps if given; ``on_record(step, epoch)`` after step 0 (before training), then every ``every``
+    steps, or at the end of every epoch when ``every`` is None. Returns the number of steps."""
+    opt = torch.optim.Adam(model.parameters(), lr=lr)
+    gen = torch.Generator().manual_seed(seed + 1)
+    step = 0
+    if on_record is not None:
+        on_record(0, 0.0)
+    n = len(y)
+    for epoch in range(epochs):
+        model.train()
+        perm = torch.randperm(n, generator=gen)
+        starts = range(0, n, batch_size)
+        for j, start in enumerate(starts):
+            idx = perm[start:start + batch_size]
+            opt.zero_grad()
+            F.cross_entropy(model(x[idx]), y[idx]).backward()
+            opt.step()
+            step += 1
+            if on_record is not None and every is not None and step % every == 0:
+                on_record(step, epoch + (j + 1) / len(starts))
+            if max_steps is not None and step >= max_steps:
+                break
+        if on_record is not None and every is None:
+            on_record(step, float(epoch + 1))
+        if max_steps is not None and step >= max_steps:
+            break
+    model.eval()
+    return step
+
+
+def markdown_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    """A GitHub/mkdocs markdown table (floats as given: format them before)."""
+    lines = ["| " + " | ".join(map(str, header)) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(map(str, r)) + " |" for r in rows]
+    return "\n".join(lines)
 
 
 def mlp(

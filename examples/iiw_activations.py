@@ -17,6 +17,7 @@ and the held-out prior mean), with an exact sign test across seeds per activatio
 from __future__ import annotations
 
 import sys
+import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -26,12 +27,15 @@ import torch.nn.functional as F  # noqa: E402
 from _common import (  # noqa: E402
     Timer,
     accuracy_and_loss,
+    arm_iiw,
+    arm_theta0,
     base_parser,
     fixed_split,
     load_config,
     load_split,
     mlp,
     peak_of,
+    provenance,
     pyplot,
     save_figure,
     setup,
@@ -41,8 +45,6 @@ from _common import (  # noqa: E402
     write_csv,
     write_json,
 )
-
-from pib_bayes.iiw import PAPER_PRIOR, fisher, fit_prior_mean  # noqa: E402
 
 ACTIVATIONS = ["linear", "tanh", "relu", "sigmoid"]
 
@@ -125,18 +127,9 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _iiw(arm: dict, model, x, y, theta_0, seed: int, smoke: bool) -> float:
-    spec = dict(arm["iiw"])
-    if spec["method"] == "paper":
-        b = min(int(spec["batch_size"]), 100) if smoke else int(spec["batch_size"])
-        return fisher(model, "cross_entropy", (x, y), theta_0, method="paper", batch_size=b,
-                      num_batches=int(spec["num_batches"]), seed=seed).raw_total
-    k = min(int(spec.get("examples", len(y))), len(y))
-    return fisher(model, "cross_entropy", (x[:k], y[:k]), theta_0).raw_total
-
-
 def run_config(args, cfg: dict, out, timer) -> int:
     """The pre-registered design of ``cfg`` (examples/configs/iiw_activations.toml)."""
+    prov = provenance(args.config)  # the checkout as the run starts
     split = fixed_split(args.data, cfg["data"], smoke=args.smoke)
     (x_tr, y_tr), prior_data, (x_te, y_te) = split["train"], split["prior"], split["test"]
     seeds = cfg["seeds"][:2] if args.smoke else cfg["seeds"]
@@ -150,11 +143,7 @@ def run_config(args, cfg: dict, out, timer) -> int:
                 lr, epochs = float(over.get("lr", arm["lr"])), int(over.get("epochs", arm["epochs"]))
                 epochs = min(epochs, 3) if args.smoke else epochs
                 model = mlp(hidden, act, seed)
-                if arm["prior"] == "paper":  # fit theta_0 on the prior split, then re-initialise the model
-                    theta_0 = fit_prior_mean(model, "cross_entropy", prior_data, seed=seed, **PAPER_PRIOR)
-                else:
-                    theta_0 = fit_prior_mean(model, "cross_entropy", prior_data, epochs=10, lr=1e-3,
-                                             seed=seed)
+                theta_0 = arm_theta0(arm, model, prior_data, seed)  # the paper prior also re-initialises
                 opt = torch.optim.Adam(model.parameters(), lr=lr)
                 gen = torch.Generator().manual_seed(seed + 1)
                 curve = []
@@ -171,8 +160,8 @@ def run_config(args, cfg: dict, out, timer) -> int:
                     tr_acc, _ = accuracy_and_loss(model, x_tr, y_tr)
                     te_acc, _ = accuracy_and_loss(model, x_te, y_te)
                     curve.append({"arm": arm_name, "run": act, "seed": seed, "epoch": epoch,
-                                  "iiw": _iiw(arm, model, x_tr, y_tr, theta_0, 1000 * seed + epoch,
-                                              args.smoke),
+                                  "iiw": arm_iiw(arm, model, x_tr, y_tr, theta_0, 1000 * seed + epoch,
+                                                 args.smoke),
                                   "train_acc": tr_acc, "test_acc": te_acc})
                 rows += curve
                 pk = peak_of(curve)
@@ -207,7 +196,8 @@ def run_config(args, cfg: dict, out, timer) -> int:
     ok = all(c["passed"] for c in checks.values())
     write_json(out / "iiw_activations.json", {"claim": cfg["claim"], "config": args.config, "seeds": seeds,
                                               "smoke": args.smoke, "checks": checks, "passed": ok,
-                                              "seconds": timer()})
+                                              "seconds": timer(), **prov,
+                                              "cpu_seconds": round(time.process_time(), 1)})
     print(f"CHECK (pre-registered) peak and fall >= 10% in every seed, sign test p < 0.05, per activation "
           f"and arm: {verdict(ok)} ({sum(c['passed'] for c in checks.values())}/{len(checks)}); {timer()} s; "
           f"outputs in {out}")

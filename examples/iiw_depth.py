@@ -7,23 +7,40 @@ shows a peak followed by a fall of at least 10%, and the epoch of the peak decre
 
     python examples/iiw_depth.py --data ../shared/data/mnist
     python examples/iiw_depth.py --smoke
+
+With ``--config examples/configs/iiw_depth.toml`` it runs the pre-registered design instead: the authors'
+layer definition (:func:`_common.authors_mlp`, 1 to 4 weight matrices), IIW every 10 steps, three arms
+(the authors' recipe with their /255² inputs, the same with inputs scaled once, and a sound arm: the
+per-example Fisher, the held-out prior mean, one lr), per seed Spearman ρ(weight matrices, peak step)
+and an exact sign test of ρ < 0 across seeds per arm, with the train accuracy at every peak.
 """
 
 from __future__ import annotations
 
 import sys
+import time
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _common import (  # noqa: E402
     Timer,
+    accuracy_and_loss,
+    adam_steps,
+    arm_iiw,
+    arm_theta0,
+    authors_mlp,
     base_parser,
+    load_config,
     load_split,
     mlp,
     peak_of,
+    provenance,
     pyplot,
     save_figure,
+    scaled_split,
+    seeds_sign_test,
     setup,
     spearman,
     train_tracking_iiw,
@@ -40,8 +57,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--depths", type=int, nargs="+", default=[1, 2, 3, 4])
     p.add_argument("--activation", default="relu", choices=["linear", "tanh", "relu", "sigmoid"])
     p.add_argument("--evals-per-epoch", type=int, default=4, help="IIW evaluations per epoch")
+    p.add_argument("--config", default=None, help="a pre-registered config "
+                   "(examples/configs/iiw_depth.toml): its split, seeds and arms replace the flags above")
     args = p.parse_args(argv)
     out = setup(args, "iiw_depth")
+    if args.config:
+        return run_config(args, load_config(args.config), out, Timer())
     if args.smoke:
         args.evals_per_epoch = min(args.evals_per_epoch, 2)
     timer = Timer()
@@ -116,6 +137,108 @@ def main(argv: list[str] | None = None) -> int:
         f"CHECK every depth has a peak and a >= 10% fall: {all_peak}; Spearman rho(depth, peak epoch) = "
         f"{rho:.2f} (< 0 wanted): {verdict(ok)}; {timer()} s; outputs in {out}"
     )
+    return 0
+
+
+def _per_depth(value: Any, n_matrices: int) -> Any:
+    """A config value that may depend on the depth: ``{"1" = ..., default = ...}`` or one value."""
+    if isinstance(value, dict):
+        return value.get(str(n_matrices), value["default"])
+    return value
+
+
+def _one_run(args, arm_name: str, arm: dict, split: dict, hidden: list[int], activation: str, seed: int,
+             lr: float, epochs: int, bs: int, every: int) -> list[dict[str, Any]]:
+    """One net of one arm and seed, trained with Adam; a row (IIW, accuracies) every ``every`` steps."""
+    (x_tr, y_tr), prior_data, (x_te, y_te) = split["train"], split["prior"], split["test"]
+    model = authors_mlp(hidden, activation, seed)
+    theta_0 = arm_theta0(arm, model, prior_data, seed)
+    curve: list[dict[str, Any]] = []
+
+    def record(step: int, epoch: float) -> None:
+        model.eval()
+        tr_acc, _ = accuracy_and_loss(model, x_tr, y_tr)
+        te_acc, _ = accuracy_and_loss(model, x_te, y_te)
+        curve.append({"arm": arm_name, "seed": seed, "weight_matrices": len(hidden) + 1, "step": step,
+                      "epoch": round(epoch, 4),
+                      "iiw": arm_iiw(arm, model, x_tr, y_tr, theta_0, 100000 * seed + step, args.smoke),
+                      "train_acc": tr_acc, "test_acc": te_acc})
+
+    adam_steps(model, x_tr, y_tr, lr=lr, epochs=epochs, batch_size=bs, seed=seed, every=every,
+               on_record=record)
+    return curve
+
+
+def run_config(args, cfg: dict, out, timer) -> int:
+    """The pre-registered design of ``cfg`` (examples/configs/iiw_depth.toml)."""
+    prov = provenance(args.config)
+    seeds = cfg["seeds"][:2] if args.smoke else cfg["seeds"]
+    layers = [list(h) for h in cfg["model"]["layers"]]
+    if args.smoke:  # narrow nets, short runs, a record every step (CI)
+        layers = [[max(4, w // 32) for w in h] for h in layers]
+    rows, per_seed_rows, checks = [], [], {}
+    for arm_name, arm in cfg["arms"].items():
+        split = scaled_split(args.data, cfg["data"], arm["scaling"], smoke=args.smoke)
+        bs = 32 if args.smoke else int(arm["batch_size"])
+        every = 1 if args.smoke else int(arm["record_every_steps"])
+        rhos = []
+        for seed in seeds:
+            peaks = {}
+            for hidden in layers:
+                n_mat = len(hidden) + 1
+                lr = float(_per_depth(arm["lr"], n_mat))
+                epochs = int(_per_depth(arm["epochs"], n_mat))
+                epochs = min(epochs, 2) if args.smoke else epochs
+                curve = _one_run(args, arm_name, arm, split, hidden, cfg["model"]["activation"], seed, lr,
+                                 epochs, bs, every)
+                rows += curve
+                pk = peak_of([{"iiw": r["iiw"], "epoch": r["step"]} for r in curve])
+                at = curve[pk["index"]]
+                peaks[n_mat] = pk["epoch"]
+                per_seed_rows.append({"arm": arm_name, "seed": seed, "weight_matrices": n_mat,
+                                      "lr": lr, "epochs": epochs, "peak_step": pk["epoch"],
+                                      "peak_epoch": at["epoch"], "peak_iiw": pk["value"],
+                                      "interior": pk["interior"], "relative_fall": pk["relative_fall"],
+                                      "train_acc_at_peak": at["train_acc"],
+                                      "test_acc_at_peak": at["test_acc"],
+                                      "final_train_acc": curve[-1]["train_acc"],
+                                      "final_test_acc": curve[-1]["test_acc"]})
+            rho = spearman(list(peaks), list(peaks.values()))
+            rhos.append(rho)
+            print(f"{arm_name:>22} seed {seed}: peak steps {list(peaks.values())} -> rho {rho:+.2f}; "
+                  f"train acc at the peaks "
+                  f"{[round(r['train_acc_at_peak'], 2) for r in per_seed_rows[-len(layers):]]}", flush=True)
+        test = seeds_sign_test(rhos, "negative")
+        checks[arm_name] = {**test, "passed": bool(test["k"] == test["n"] and test["p"] < 0.05)}
+        print(f"{arm_name:>22}: rho < 0 in {test['k']}/{test['n']} seeds, sign test p = {test['p']:.3g}",
+              flush=True)
+
+    plt = pyplot()
+    arms = list(cfg["arms"])
+    fig, axes = plt.subplots(1, len(arms), figsize=(4.2 * len(arms), 3.4), squeeze=False)
+    for ax, arm_name in zip(axes[0], arms, strict=True):
+        for hidden in layers:
+            n_mat = len(hidden) + 1
+            c = [r for r in rows if r["arm"] == arm_name and r["seed"] == seeds[0]
+                 and r["weight_matrices"] == n_mat]
+            ax.plot([r["step"] for r in c], [r["iiw"] for r in c], "-", lw=1, label=f"{n_mat} layers")
+        ax.set_xscale("symlog", linthresh=10)
+        ax.set_xlabel("step")
+        ax.set_title(f"{arm_name} (rho<0: {checks[arm_name]['k']}/{checks[arm_name]['n']} seeds)", fontsize=9)
+        ax.legend(fontsize=7)
+    axes[0][0].set_ylabel(f"IIW (raw), seed {seeds[0]}")
+    fig.suptitle(f"pre-registered depth sweep ({args.config})")
+    save_figure(fig, out / "iiw_depth.png")
+    write_csv(out / "iiw_depth_curves.csv", rows)
+    write_csv(out / "iiw_depth.csv", per_seed_rows)
+    ok = all(c["passed"] for c in checks.values())
+    write_json(out / "iiw_depth.json", {"claim": cfg["claim"], "seeds": seeds, "smoke": args.smoke,
+                                        "checks": checks, "per_seed": per_seed_rows, "passed": ok,
+                                        "seconds": timer(), **prov,
+                                        "cpu_seconds": round(time.process_time(), 1)})
+    print(f"CHECK (pre-registered) rho(weight matrices, peak step) < 0 in every seed, sign test p < 0.05, "
+          f"per arm: {verdict(ok)} ({sum(c['passed'] for c in checks.values())}/{len(checks)}); {timer()} s; "
+          f"outputs in {out}")
     return 0
 
 

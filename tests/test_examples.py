@@ -152,3 +152,118 @@ def test_iiw_activations_preregistered_config_smoke(idx_dir, tmp_path, capsys):
     # re-initialises the net), so neither IIW curve starts at 0 as with θ₀ = the initialisation
     assert authors and sound and all(v > 0 for v in authors + sound)
     assert (tmp_path / "iiw_activations.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def _run_config(name: str, config: str, idx_dir: Path, out: Path, capsys) -> tuple[dict, dict]:
+    """Run ``examples/<name>.py --smoke --config examples/configs/<config>.toml``; (summary JSON, config)."""
+    import tomllib
+
+    path = EXAMPLES / "configs" / f"{config}.toml"
+    spec = importlib.util.spec_from_file_location(f"example_{name}_cfg", EXAMPLES / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.path.insert(0, str(EXAMPLES))
+    try:
+        spec.loader.exec_module(module)
+        argv = ["--smoke", "--data", str(idx_dir), "--out", str(out), "--config", str(path)]
+        assert module.main(argv) == 0
+    finally:
+        sys.path.remove(str(EXAMPLES))
+    assert "CHECK (pre-registered)" in capsys.readouterr().out
+    summary = json.loads((out / f"{config}.json").read_text())
+    assert summary["smoke"] is True and summary["config_sha256"] and summary["cpu_seconds"] > 0
+    assert not [p for p in out.iterdir() if p.name.startswith(".")]
+    assert (out / f"{config}.png").read_bytes()[:4] == b"\x89PNG"
+    return summary, tomllib.loads(path.read_text())
+
+
+def _sign_checks_consistent(checks: dict) -> None:
+    for c in checks.values():
+        assert c["k"] + c["opposite"] + c["undefined_or_tied"] == c["n"] == len(c["values"])
+        assert c["passed"] == (c["k"] == c["n"] and c["p"] < 0.05)
+
+
+def test_iiw_depth_preregistered_config_smoke(idx_dir, tmp_path, capsys):
+    summary, cfg = _run_config("iiw_depth", "iiw_depth", idx_dir, tmp_path, capsys)
+    assert summary["seeds"] == cfg["seeds"][:2] and set(summary["checks"]) == set(cfg["arms"])
+    _sign_checks_consistent(summary["checks"])
+    per_seed = summary["per_seed"]
+    assert {r["weight_matrices"] for r in per_seed} == {1, 2, 3, 4}  # the authors' "layers" = weight matrices
+    assert len(per_seed) == 4 * 2 * len(cfg["arms"])
+    assert all(0 <= r["train_acc_at_peak"] <= 1 for r in per_seed)
+
+
+def test_authors_loader_scaling_and_layer_definition(idx_dir):
+    sys.path.insert(0, str(EXAMPLES))
+    try:
+        import _common
+    finally:
+        sys.path.remove(str(EXAMPLES))
+    data = {"split_seed": 1, "train": 100, "prior": 50, "test": 50}
+    twice = _common.scaled_split(str(idx_dir), data, "255_squared")
+    assert float(twice["train"][0].max()) <= 1 / 255 and float(twice["test"][0].max()) <= 1 / 255
+    assert 1 / 255 < float(twice["prior"][0].max()) <= 1  # their validation images are divided once
+    once = _common.scaled_split(str(idx_dir), data, "once")
+    assert float(once["train"][0].min()) < 0  # standardised
+    import torch
+
+    kinds = [type(m).__name__ for m in _common.authors_mlp([512, 100], "relu", 0)]
+    assert kinds == ["Linear", "Linear", "ReLU", "Linear"]  # no activation after the first Linear
+    assert [type(m).__name__ for m in _common.authors_mlp([512], "tanh", 0)] == ["Linear", "Tanh", "Linear"]
+    assert [type(m).__name__ for m in _common.authors_mlp([], "relu", 0)] == ["Linear"]
+    assert _common.authors_mlp([8], "relu", 0)(torch.zeros(2, 784)).shape == (2, 10)
+
+
+def test_iiw_label_noise_preregistered_config_smoke(idx_dir, tmp_path, capsys):
+    summary, cfg = _run_config("iiw_label_noise", "iiw_label_noise", idx_dir, tmp_path, capsys)
+    assert set(summary["checks"]) == {f"{a}/{s}" for a in cfg["arms"] for s in ("noise_ratio", "sample_size")}
+    _sign_checks_consistent(summary["checks"])
+    rows = [r for r in summary["rows"] if r["seed"] == 0 and r["arm"] == "sound"]
+    assert [r["value"] for r in rows if r["sweep"] == "noise_ratio"] == cfg["sweeps"]["noise_ratio"]["values"]
+    sizes = [r["n_train"] for r in rows if r["sweep"] == "sample_size"]
+    assert sizes == sorted(sizes) and len(sizes) == len(cfg["sweeps"]["sample_size"]["values"])
+
+
+def test_iiw_generalization_preregistered_config_smoke(idx_dir, tmp_path, capsys):
+    summary, cfg = _run_config("iiw_generalization", "iiw_generalization", idx_dir, tmp_path, capsys)
+    assert set(summary["checks"]) == {f"{a}/{s}" for a in cfg["arms"] for s in ("batch_size", "width")}
+    _sign_checks_consistent(summary["checks"])
+    for r in summary["rows"]:
+        assert math.isclose(r["gap"], r["train_acc"] - r["test_acc"], abs_tol=1e-12)
+        if r["sweep"] == "batch_size":
+            assert r["steps"] == 40  # equal iterations for every batch size (smoke: 40)
+    assert all("best_record_step" in r for r in summary["rows"] if r["arm"] == "authors")
+
+
+def test_pib_vs_sgd_preregistered_config_smoke(idx_dir, tmp_path, capsys):
+    summary, cfg = _run_config("pib_sgld_vs_sgd", "pib_vs_sgd", idx_dir, tmp_path, capsys)
+    comps = summary["comparisons"]
+    temps = cfg["arms"]["sgld"]["temperatures"]
+    sgld = {f"sgld_T{t:g}" for t in temps}
+    assert set(comps) == {"pib_sgd_authors", "pib_sgd_beta0", "pib_langevin"} | sgld
+    arms = {r["arm"] for r in summary["rows"]}
+    assert len(summary["rows"]) == len(arms) * len(summary["seeds"])
+    for a, c in comps.items():
+        acc = {r["seed"]: r["test_acc"] for r in summary["rows"] if r["arm"] == a}
+        ref = {r["seed"]: r["test_acc"] for r in summary["rows"] if r["arm"] == "sgd"}
+        assert c["differences"] == pytest.approx([acc[s] - ref[s] for s in summary["seeds"]])
+        assert c["t_p_holm"] >= c["t_p"] and c["wilcoxon_p_holm"] >= c["wilcoxon_p"]
+
+
+def test_reproductions_page_matches_the_result_files():
+    """docs/reproductions.md's pre-registered tables are generated from docs/figures/prereg/*.json."""
+    sys.path.insert(0, str(EXAMPLES))
+    try:
+        import reproduction_tables
+    finally:
+        sys.path.remove(str(EXAMPLES))
+    assert reproduction_tables.main(["--check"]) == 0
+
+
+def test_beta_frontier_preregistered_config_smoke(idx_dir, tmp_path, capsys):
+    summary, cfg = _run_config("pib_sgld_vs_sgd", "beta_frontier", idx_dir, tmp_path, capsys)
+    assert set(summary["checks"]) == {f"{a}/{k}" for a in cfg["arms"] for k in ("iiw", "gap", "test_acc")}
+    _sign_checks_consistent(summary["checks"])
+    betas = [r["beta"] for r in summary["rows"] if r["arm"] == "sound" and r["seed"] == summary["seeds"][0]]
+    assert betas == cfg["sweep"]["betas"]
+    for r in summary["rows"]:
+        assert math.isclose(r["gap"], r["train_acc"] - r["test_acc"], abs_tol=1e-12)
