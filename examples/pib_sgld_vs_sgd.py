@@ -377,11 +377,12 @@ def run_frontier(args, cfg: dict, out, timer) -> int:
             per = []
             for beta in betas:
                 t0 = time.process_time()
-                kw: dict[str, Any] = {}
+                kw: dict[str, Any] = ({"milestones": [int(m) for m in arm["milestones"]]}
+                                      if "milestones" in arm else {})
                 if arm["mode"] == "langevin":
                     assert arm["gibbs_beta"] == "1/n", arm["gibbs_beta"]
-                    kw = {"gibbs_beta": 1.0 / n, "burn_in": min(int(arm["burn_in_epochs"]), epochs - 1),
-                          "thin": 1 if args.smoke else int(arm["thin"])}
+                    kw.update({"gibbs_beta": 1.0 / n, "burn_in": min(int(arm["burn_in_epochs"]), epochs - 1),
+                               "thin": 1 if args.smoke else int(arm["thin"])})
                 res = train_pib(copy.deepcopy(start), "cross_entropy", (x_tr, y_tr), beta=beta,
                                 mode=arm["mode"], theta_0=theta_0, val_data=split["prior"], epochs=epochs,
                                 batch_size=int(common["common"]["batch_size"]), seed=seed,
