@@ -558,6 +558,7 @@ class BoundEnergy:
                                                          torch.float64: float}.get(like.dtype)
         if self._round is not None:
             self._coef, self._const = plan.coef[0].item(), self._round(plan.const)
+            self._beta = torch.tensor(energy.beta, dtype=like.dtype, device=like.device)
 
     def _prior_into_grads(self) -> Tensor:
         """Write ``(w - theta_0)/sigma_0^2`` into the gradient buffer; return ``log p(w)``."""
@@ -636,7 +637,7 @@ class BoundEnergy:
             flat.mul_(plan.scale)
         with torch.enable_grad():
             loss = energy.mean_loss(energy.model(x), y)
-            scaled = loss / energy.beta
+            scaled = loss / self._beta  # beta as the 0-d tensor a Python scalar is cast to: the same quotient
             scaled.backward(inputs=leaves)
         for q, g in zip(leaves, self.leaf_grads, strict=True):
             if q.grad is not g:

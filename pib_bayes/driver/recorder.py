@@ -211,7 +211,8 @@ def _steps(runner: _Sampler, group: _Group, names: list[str], keep_names: list[s
     # here instead of through runner.gradients (two calls and two reshapes fewer per step)
     direct = group.direct if single and isinstance(group.batcher, TensorBatcher) else None
     next_one = group.batcher.next_one if direct is not None else None
-    while cur.kept < num_draws and (bool(cur.alive[0]) if single else bool(cur.alive.any())):
+    alive = bool(cur.alive[0]) if single else True  # single: the chain's flag as a Python bool
+    while cur.kept < num_draws and (alive if single else bool(cur.alive.any())):
         t = cur.t
         if checkpoint is not None and checkpoint_every and t % checkpoint_every == 0 and t != resumed_at:
             checkpoint(group, cur)
@@ -255,6 +256,7 @@ def _steps(runner: _Sampler, group: _Group, names: list[str], keep_names: list[s
                 out.divergence_step[group.chains[j]] = t
                 out.stats["diverging"][group.chains[j], cur.kept:] = True  # every draw from here on
             cur.alive &= ~newly
+            alive = bool(cur.alive[0]) if single else True
             with torch.no_grad():  # from here on a diverged chain holds NaN: never averaged in
                 for p in group.params:
                     p[newly] = math.nan
