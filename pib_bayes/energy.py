@@ -14,6 +14,7 @@ beta = T/n         cold/warm posterior at temperature T
 
 from __future__ import annotations
 
+import contextlib
 import math
 import struct
 from collections.abc import Callable, Mapping, Sequence
@@ -562,14 +563,25 @@ class BoundEnergy:
 
     def _prior_into_grads(self) -> Tensor:
         """Write ``(w - theta_0)/sigma_0^2`` into the gradient buffer; return ``log p(w)``."""
+        self._diff_into_grads()
+        return self._scale_and_value()
+
+    def _diff_into_grads(self) -> None:
+        """Write ``w - theta_0`` into the gradient buffer."""
         if self._flat_w is not None and self._flat_m is not None:
             # no tensor here requires grad (the weights' flat view is detached): nothing to record
             torch.sub(self._flat_w, self._flat_m, out=self._flat)
-            return self._scale_and_value()
+            return
         with torch.no_grad():
             torch._foreach_copy_(self.leaf_grads, self.leaves)
             torch._foreach_sub_(self.leaf_grads, self.plan.means)
-            return self._scale_and_value()
+
+    def _keep_buffer(self) -> None:
+        """After a backward pass: the leaves' ``.grad`` are the buffer's views again."""
+        for q, g in zip(self.leaves, self.leaf_grads, strict=True):
+            if q.grad is not g:  # autograd replaced it (out-of-place sum): keep the buffer authoritative
+                g.copy_(q.grad)
+                q.grad = g
 
     def _scale_and_value(self) -> Tensor:
         """With ``w - theta_0`` in the buffer: scale it by 1/sigma_0^2, return ``log p(w)``."""
@@ -607,10 +619,7 @@ class BoundEnergy:
                 loss = energy.mean_loss(energy.model(x), y)
                 scaled = loss / energy.beta
                 scaled.backward(inputs=leaves)
-        for q, g in zip(leaves, self.leaf_grads, strict=True):
-            if q.grad is not g:  # autograd replaced it (out-of-place sum): keep the buffer authoritative
-                g.copy_(q.grad)
-                q.grad = g
+        self._keep_buffer()
         return scaled.detach() - log_prior, loss.detach(), self.grads  # U = L_B/beta - log p
 
     def _value_and_grad_floats(self, x: Tensor, y: Tensor) -> tuple[float, float, tuple[Tensor, ...]]:
@@ -624,23 +633,14 @@ class BoundEnergy:
         if rnd is None:
             u, loss, grads = self.value_and_grad(x, y)
             return u.item(), loss.item(), grads
-        energy, leaves = self.energy, self.leaves
-        if self._flat_w is not None and self._flat_m is not None:
-            torch.sub(self._flat_w, self._flat_m, out=self._flat)
-        else:
-            with torch.no_grad():
-                torch._foreach_copy_(self.leaf_grads, self.leaves)
-                torch._foreach_sub_(self.leaf_grads, self.plan.means)
-        flat, plan = self._flat, self.plan
+        energy, leaves, flat, plan = self.energy, self.leaves, self._flat, self.plan
+        self._diff_into_grads()
         log_prior = rnd(rnd(torch.dot(flat, flat).item() * self._coef) + self._const)
         if plan.scale is not None:
             flat.mul_(plan.scale)
-        with torch.enable_grad():
+        with contextlib.nullcontext() if torch.is_grad_enabled() else torch.enable_grad():
             loss = energy.mean_loss(energy.model(x), y)
             scaled = loss / self._beta  # beta as the 0-d tensor a Python scalar is cast to: the same quotient
             scaled.backward(inputs=leaves)
-        for q, g in zip(leaves, self.leaf_grads, strict=True):
-            if q.grad is not g:
-                g.copy_(q.grad)
-                q.grad = g
+        self._keep_buffer()
         return rnd(scaled.item() - log_prior), loss.item(), self.grads
