@@ -14,7 +14,9 @@ beta = T/n         cold/warm posterior at temperature T
 
 from __future__ import annotations
 
+import contextlib
 import math
+import struct
 from collections.abc import Callable, Mapping, Sequence
 
 import torch
@@ -480,6 +482,17 @@ def _flat_tensors(views: list[Tensor], flat: Tensor) -> tuple[Tensor, ...]:
     return FlatTensors(views, flat)
 
 
+_F32 = struct.Struct("f")
+
+
+def _to_float32(v: float) -> float:
+    """``v`` rounded to the nearest float32 (ties to even), as a Python float; +-inf beyond its range."""
+    try:
+        return _F32.unpack(_F32.pack(v))[0]
+    except OverflowError:  # rounds to +-inf in float32
+        return math.copysign(math.inf, v)
+
+
 class BoundEnergy:
     """:meth:`Energy.value_and_grad` at the tensors a module holds as its parameters (no substitution
     per step): the module is called directly on ``leaves``, leaf tensors that the caller has put into
@@ -540,17 +553,35 @@ class BoundEnergy:
         if self._flat_m is not None and self._flat_m.numel() != flat.numel():
             self._flat_m = None
         self._one_sigma = len(set(plan.inv_vars)) == 1
+        # _value_and_grad_floats: the dtype's rounding of a Python float, and the prior's constants as
+        # the tensor ops see them (a Python scalar is cast to the tensor's dtype first)
+        self._round: Callable[[float], float] | None = {torch.float32: _to_float32,
+                                                         torch.float64: float}.get(like.dtype)
+        if self._round is not None:
+            self._coef, self._const = plan.coef[0].item(), self._round(plan.const)
+            self._beta = torch.tensor(energy.beta, dtype=like.dtype, device=like.device)
 
     def _prior_into_grads(self) -> Tensor:
         """Write ``(w - theta_0)/sigma_0^2`` into the gradient buffer; return ``log p(w)``."""
+        self._diff_into_grads()
+        return self._scale_and_value()
+
+    def _diff_into_grads(self) -> None:
+        """Write ``w - theta_0`` into the gradient buffer."""
         if self._flat_w is not None and self._flat_m is not None:
             # no tensor here requires grad (the weights' flat view is detached): nothing to record
             torch.sub(self._flat_w, self._flat_m, out=self._flat)
-            return self._scale_and_value()
+            return
         with torch.no_grad():
             torch._foreach_copy_(self.leaf_grads, self.leaves)
             torch._foreach_sub_(self.leaf_grads, self.plan.means)
-            return self._scale_and_value()
+
+    def _keep_buffer(self) -> None:
+        """After a backward pass: the leaves' ``.grad`` are the buffer's views again."""
+        for q, g in zip(self.leaves, self.leaf_grads, strict=True):
+            if q.grad is not g:  # autograd replaced it (out-of-place sum): keep the buffer authoritative
+                g.copy_(q.grad)
+                q.grad = g
 
     def _scale_and_value(self) -> Tensor:
         """With ``w - theta_0`` in the buffer: scale it by 1/sigma_0^2, return ``log p(w)``."""
@@ -588,8 +619,28 @@ class BoundEnergy:
                 loss = energy.mean_loss(energy.model(x), y)
                 scaled = loss / energy.beta
                 scaled.backward(inputs=leaves)
-        for q, g in zip(leaves, self.leaf_grads, strict=True):
-            if q.grad is not g:  # autograd replaced it (out-of-place sum): keep the buffer authoritative
-                g.copy_(q.grad)
-                q.grad = g
+        self._keep_buffer()
         return scaled.detach() - log_prior, loss.detach(), self.grads  # U = L_B/beta - log p
+
+    def _value_and_grad_floats(self, x: Tensor, y: Tensor) -> tuple[float, float, tuple[Tensor, ...]]:
+        """:meth:`value_and_grad` with U_B and L_B as Python floats: the same numbers and the same
+        gradient buffer, without the 0-d tensor ops that put U together (a sampler's one-chain step loop
+        reads U as a float anyway). With one sigma_0 and float32/float64 weights, the float32/float64
+        ops ``log p = dot * coef + const`` and ``U = L_B/beta - log p`` are redone on Python floats, each
+        result rounded to the dtype (an exact double result rounded once to float32 is the float32
+        op's result: 53 >= 2 * 24 + 2 bits); otherwise the tensors' values."""
+        rnd = self._round if self.plan is not None and self._one_sigma else None
+        if rnd is None:
+            u, loss, grads = self.value_and_grad(x, y)
+            return u.item(), loss.item(), grads
+        energy, leaves, flat, plan = self.energy, self.leaves, self._flat, self.plan
+        self._diff_into_grads()
+        log_prior = rnd(rnd(torch.dot(flat, flat).item() * self._coef) + self._const)
+        if plan.scale is not None:
+            flat.mul_(plan.scale)
+        with contextlib.nullcontext() if torch.is_grad_enabled() else torch.enable_grad():
+            loss = energy.mean_loss(energy.model(x), y)
+            scaled = loss / self._beta  # beta as the 0-d tensor a Python scalar is cast to: the same quotient
+            scaled.backward(inputs=leaves)
+        self._keep_buffer()
+        return rnd(scaled.item() - log_prior), loss.item(), self.grads

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import warnings
 
 import numpy as np
 import pytest
@@ -422,3 +423,27 @@ def test_sample_takes_an_energy_as_the_loss():
         sample(nn.Linear(3, 2), energy, (x, y), **kw)
     with pytest.raises(TypeError, match="beta: sample"):
         sample(model, "cross_entropy", (x, y), **kw)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_one_chain_fast_path_records_what_the_tensor_path_records(dtype):
+    """A one-chain CPU run writes its draws and scalars through numpy views, U and the loss as Python
+    floats; a stat function sends it down the tensor path: the same draws and statistics, to the bit
+    (bfloat16 has no numpy view: the tensor path in both)."""
+    torch.manual_seed(0)
+    x, y = torch.randn(40, 3).to(dtype), torch.randint(0, 2, (40,))
+
+    def run(**kw):
+        torch.manual_seed(1)
+        model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2)).to(dtype)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # bfloat16's precision warning
+            return sample(model, "cross_entropy", (x, y), beta=0.03, prior=0.6, step_size=1e-3, num_warmup=7,
+                          num_draws=11, thin=2, batch_size=8, seed=5, keep=["2.bias", "0.weight"], **kw)
+
+    fast, tensor = run(), run(stat_fns={"w": lambda p: p["2.bias"].sum()})
+    for name in ["2.bias", "0.weight"]:
+        assert torch.equal(fast.draws[name], tensor.draws[name])
+    for name in ["energy", "loss", "step_size"]:
+        a, b = torch.as_tensor(fast.sample_stats[name]), torch.as_tensor(tensor.sample_stats[name])
+        assert not a.isnan().any() and torch.equal(a, b)

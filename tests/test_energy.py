@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import math
 
 import pytest
@@ -220,3 +221,43 @@ def test_cross_entropy_batch_mean_is_the_mean_of_the_per_example_losses():
     out, target = torch.randn(50, 4), torch.randint(0, 4, (50,))
     loss = CrossEntropyLoss(label_smoothing=0.1)
     torch.testing.assert_close(loss.batch_mean(out, target), loss(out, target).mean())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("prior", [0.7, 1.0, GaussianPrior(std={"0.weight": 0.5}, default_std=2.0),
+                                   DistributionPrior(torch.distributions.Laplace(0.0, 1.0))])
+def test_bound_energy_floats_are_value_and_grads_numbers(dtype, prior):
+    """The one-chain sampler's float form: U and L to the bit, the same gradient buffer."""
+    model, energy, x, y = _setup(prior=prior, beta=0.3)
+    model, x, y = model.to(dtype), x.to(dtype), y.to(dtype)
+    twin = copy.deepcopy(model)
+    names = [n for n, _ in model.named_parameters()]
+    a = energy.bind(names, list(model.parameters()))
+    b = Energy(twin, "gaussian", prior=prior, beta=0.3).bind(names, list(twin.parameters()))
+    unrounded_differs = False
+    for step in range(5):
+        xb, yb = x[3 * step:3 * step + 8], y[3 * step:3 * step + 8]
+        u, loss, grads = a.value_and_grad(xb, yb)
+        u_f, loss_f, grads_f = b._value_and_grad_floats(xb, yb)
+        assert isinstance(u_f, float) and isinstance(loss_f, float)
+        assert u_f == u.item() and loss_f == loss.item()
+        for g, h in zip(grads, grads_f, strict=True):
+            assert torch.equal(g, h)
+        if dtype == torch.float32 and b.plan is not None and b._one_sigma:  # U in double: not the numbers
+            flat = b._flat / (b.plan.scale or 1.0)
+            plain = (loss_f / 0.3) - (torch.dot(flat, flat).item() * b._coef + b.plan.const)
+            unrounded_differs |= plain != u_f
+        with torch.no_grad():  # move both the same way
+            for p, q, g in zip(model.parameters(), twin.parameters(), grads, strict=True):
+                p.sub_(1e-3 * g)
+                q.sub_(1e-3 * g)
+    assert unrounded_differs == (dtype == torch.float32 and isinstance(prior, float))  # the twin fails
+
+
+def test_to_float32_rounds_like_a_float32_tensor():
+    from pib_bayes.energy import _to_float32
+
+    for v in [1 / 3, -2.5e-40, 3.4028235e38, 1e-50, 123456789.123]:
+        assert _to_float32(v) == torch.tensor(v, dtype=torch.float32).item()
+    assert _to_float32(3.5e38) == math.inf and _to_float32(-1e39) == -math.inf
+    assert math.isnan(_to_float32(math.nan))

@@ -139,6 +139,7 @@ class _Sampler:
         # hand-batched forward (e.g. baddbmm for MLPs) is much faster than vmap for small layers
         self.fast_forward = batched_forward(energy.model) if not fixed else None
         self.noise_report: _NoiseReport | None = None  # step_size='auto': re-evaluated after warm-up
+        self._no_grad = torch.no_grad()  # one context object for every step (not reentrant: not nested)
 
     # ---- energies -----------------------------------------------------------------
     def _one_loss(self, p: dict[str, Tensor], x: Tensor, y: Tensor) -> Tensor:
@@ -232,7 +233,7 @@ class _Sampler:
         if group.prefetcher is not None:  # this step's noise was drawn during the gradient pass
             drawn = group.prefetcher.take([group.params] if scale != 0 else [])
             noise = drawn[0] if drawn else None
-        with torch.no_grad():
+        with self._no_grad:
             if stop is None:
                 return self.kernel.step(group.params, grads, group.state, h, noise, scale, batch_ndim=1,
                                         with_stats=with_stats)
