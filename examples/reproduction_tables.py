@@ -253,12 +253,45 @@ def pib_vs_sgd(r: dict) -> str:
     return markdown_table(head, rows) + "\n\n" + _runtime(r)
 
 
+def _fmt_rho(v: float) -> str:
+    return "undefined" if v != v else f"{v:+.2f}"
+
+
+def beta_frontier(r: dict) -> str:
+    """Per arm and statistic the per-seed rho(beta, .) with its sign test, then per arm and beta the
+    values over seeds; a non-finite IIW (the run's last epoch diverged) is counted and shown as such."""
+    rows1 = []
+    for key, c in r["checks"].items():
+        arm, stat = key.split("/")
+        rows1.append([arm, stat, ", ".join(_fmt_rho(v) for v in c["values"]),
+                      f"{c['k']}/{c['n']}", str(c.get("undefined_or_tied", 0)), _p(c["p"]), sign_verdict(c)])
+    t1 = markdown_table(["arm", "rho(beta, .)", "per-seed Spearman rho", "rho < 0", "undefined or tied",
+                         "sign test p", "pre-registered verdict"], rows1)
+    rows2 = []
+    arms = list(dict.fromkeys(x["arm"] for x in r["rows"]))
+    betas = list(dict.fromkeys(x["beta"] for x in r["rows"]))
+    for arm in arms:
+        for b in betas:
+            s = [x for x in r["rows"] if x["arm"] == arm and x["beta"] == b]
+            finite = [x["iiw"] for x in s if x["iiw"] == x["iiw"] and abs(x["iiw"]) < 1e6]
+            bad = len(s) - len(finite)
+            iiw = (f"{statistics.mean(finite):.4g}" if finite else "-") + (f" ({bad}/{len(s)} diverged)"
+                                                                           if bad else "")
+            epochs = statistics.mean(x["epochs_run"] for x in s)
+            rows2.append([arm, f"{b:g}", iiw, _rng([x["test_acc"] for x in s], 4),
+                          _rng([x["gap"] for x in s], 4), f"{epochs:.1f}"])
+    iiw_head = "IIW at the last epoch (mean over the seeds where it stayed finite and below 1e6)"
+    t2 = markdown_table(["arm", "beta", iiw_head, "test acc", "gap", "epochs run"], rows2)
+    return t1 + "\n\n" + t2 + "\n\n" + _runtime(r)
+
+
 RENDER = {
     "iiw_activations": activations,
     "iiw_depth": depth,
     "iiw_label_noise": label_noise,
     "iiw_generalization": generalization,
     "pib_vs_sgd": pib_vs_sgd,
+    "beta_frontier": beta_frontier,
 }
 
 
