@@ -5,21 +5,13 @@ from __future__ import annotations
 
 import pytest
 import torch
+from iiw_helpers import tiny_classifier as _problem
 from torch import nn
 
 import pib_bayes as pb
 from pib_bayes.iiw import PAPER_PRIOR, fit_prior_mean, paper_init_, split_for_prior
 
 F64 = torch.float64
-
-
-def _problem(n=128, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(n, 4, generator=g, dtype=F64)
-    y = (x[:, :1] - 2 * x[:, 1:2] > 0).long().squeeze(1) + (x[:, 2] > 1).long()
-    torch.manual_seed(seed)
-    net = nn.Sequential(nn.Linear(4, 16), nn.Tanh(), nn.Linear(16, 3)).double()
-    return net, x, y
 
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from iiw_helpers import tiny_classifier as _problem
 from torch import nn
 
 import pib_bayes as pb
@@ -65,15 +66,6 @@ def test_peak_monotone_and_bad_inputs():
 
 
 # ----------------------------------------------------------------------------- tracker
-def _problem(n=128, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(n, 4, generator=g, dtype=F64)
-    y = (x[:, :1] - 2 * x[:, 1:2] > 0).long().squeeze(1) + (x[:, 2] > 1).long()
-    torch.manual_seed(seed)
-    net = nn.Sequential(nn.Linear(4, 16), nn.Tanh(), nn.Linear(16, 3)).double()
-    return net, x, y
-
-
 def test_tracker_with_optimizer_hook_matches_fisher():
     net, x, y = _problem()
     theta_0 = {k: v.clone() for k, v in net.state_dict().items()}

@@ -1,0 +1,18 @@
+"""The small classification problem the IIW tracking, regularizer and prior-fit tests share."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+F64 = torch.float64
+
+
+def tiny_classifier(n: int = 128, seed: int = 0) -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
+    """A 4-16-3 tanh MLP (float64, seeded) and n examples of 3 classes from a fixed rule of 4 inputs."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, 4, generator=g, dtype=F64)
+    y = (x[:, :1] - 2 * x[:, 1:2] > 0).long().squeeze(1) + (x[:, 2] > 1).long()
+    torch.manual_seed(seed)
+    net = nn.Sequential(nn.Linear(4, 16), nn.Tanh(), nn.Linear(16, 3)).double()
+    return net, x, y
