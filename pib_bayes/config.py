@@ -85,6 +85,8 @@ from torch import Tensor, nn
 
 # available_memory: one estimate of free memory for the API and the CLI
 from ._validate import available_memory, is_int, is_real, warn_renamed
+from .samplers.kernels import KERNELS
+from .samplers.schedules import SHORTHANDS, Constant, Cosine, Cyclical, PolynomialDecay, Schedule
 
 try:  # Python >= 3.11
     import tomllib
@@ -126,8 +128,12 @@ ACTIVATIONS: dict[str, type[nn.Module] | None] = {
     "gelu": nn.GELU,
 }
 BUILTIN_DATA = ("spirals", "regression")
-SAMPLERS = ("sgld", "psgld", "sghmc", "csgld", "sgnht")
-SCHEDULES = ("constant", "polynomial", "cosine", "cyclical")
+SAMPLERS = (*KERNELS, *SHORTHANDS)  # the kernels, and the names that stand for a kernel on a schedule
+#: the config's schedule names and the schedules they build (pib_bayes.cli makes them)
+SCHEDULE_CLASSES: dict[str, type[Schedule]] = {
+    "constant": Constant, "polynomial": PolynomialDecay, "cosine": Cosine, "cyclical": Cyclical,
+}
+SCHEDULES = tuple(SCHEDULE_CLASSES)
 
 
 @dataclass(frozen=True)
@@ -364,10 +370,12 @@ def validate_config(raw: Mapping[str, Any], output_dir: str | None = None) -> di
             "must lie in [0, 1] (0.5 < gamma <= 1 satisfies Robbins-Monro); write e.g. gamma = 0.55",
         )
     s = cfg["sampler"]
-    if s["name"] == "csgld" and s["schedule"] != "cyclical":
-        if "schedule" in raw.get("sampler", {}):
-            raise ConfigError("sampler.schedule", 'name = "csgld" needs schedule = "cyclical"')
-        s["schedule"] = "cyclical"
+    if s["name"] in SHORTHANDS:  # e.g. 'csgld': SGLD on the schedule samplers.schedules names for it
+        needed = next(k for k, c in SCHEDULE_CLASSES.items() if c is SHORTHANDS[s["name"]][1])
+        if s["schedule"] != needed:
+            if "schedule" in raw.get("sampler", {}):
+                raise ConfigError("sampler.schedule", f'name = "{s["name"]}" needs schedule = "{needed}"')
+            s["schedule"] = needed
     _check_sampler_kwargs(s["name"], s["kwargs"])
     if s["schedule"] == "cosine" and s["min_step_size"] > s["step_size"]:
         raise ConfigError("sampler.min_step_size", "must not exceed sampler.step_size")
@@ -398,8 +406,7 @@ def _renamed_keys(raw: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
 
 def _check_sampler_kwargs(name: str, kwargs: Mapping[str, Any]) -> None:
     """Build the kernel once so that unknown or out-of-range [sampler.kwargs] fail before any work."""
-    from .samplers import KERNELS, build_kernel
-    from .samplers.schedules import SHORTHANDS
+    from .samplers import build_kernel
 
     name = SHORTHANDS[name][0] if name in SHORTHANDS else name  # 'csgld': the SGLD kernel's settings
     valid = list(inspect.signature(KERNELS[name]).parameters)
