@@ -1,4 +1,4 @@
-"""The small classification problem the IIW tracking, regularizer and prior-fit tests share."""
+"""Models and problems the IIW tests share."""
 
 from __future__ import annotations
 
@@ -16,3 +16,15 @@ def tiny_classifier(n: int = 128, seed: int = 0) -> tuple[nn.Module, torch.Tenso
     torch.manual_seed(seed)
     net = nn.Sequential(nn.Linear(4, 16), nn.Tanh(), nn.Linear(16, 3)).double()
     return net, x, y
+
+
+class PaddedBag(nn.Module):
+    """Mean of token embeddings (row 0 the padding row: zero gradient) into a linear head, 3 classes."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Embedding(10, 4, padding_idx=0)
+        self.head = nn.Linear(4, 3)
+
+    def forward(self, x):
+        return self.head(self.embed(x).mean(1))

@@ -5,42 +5,20 @@ from __future__ import annotations
 import json
 import os
 import signal
-import subprocess
-import sys
-import textwrap
 import time
 
 import numpy as np
 import pytest
 import torch
-from crash_helpers import Crash, crashing_stat
+from crash_helpers import Crash, crashing_stat, start_run_child
 from torch import nn
 
 import pib_bayes as pb
 from pib_bayes.io import FormatError
 
-SCRIPT = textwrap.dedent("""
-    import sys, torch
-    from torch import nn
-    import pib_bayes as pb
-    torch.set_num_threads(1)
-    out, ckpt = sys.argv[1], (sys.argv[2] if len(sys.argv) > 2 else None)
-    torch.manual_seed(0)
-    x, y = pb.data.make_classification_data(n=256, num_classes=3, seed=1)
-    model = nn.Sequential(nn.Linear(2, 16), nn.Tanh(), nn.Linear(16, 3))
-    print("READY", flush=True)
-    post = pb.sample(model, "cross_entropy", (x, y), beta=1 / 256, step_size=1e-3, sampler="sghmc",
-                     num_chains=3, num_warmup=300, num_draws=150, thin=4, batch_size=32, seed=7,
-                     checkpoint=ckpt, checkpoint_every=5, resume=ckpt is not None)
-    post.save(out)
-""")
-
 
 def _child(tmp_path, out, ckpt=None):
-    script = tmp_path / "run.py"
-    script.write_text(SCRIPT)
-    args = [sys.executable, str(script), str(out)] + ([str(ckpt)] if ckpt else [])
-    return subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return start_run_child(tmp_path, out, ckpt=ckpt)
 
 
 def test_sigkill_at_random_moments_then_resume_is_bit_identical(tmp_path):

@@ -6,6 +6,7 @@ import math
 
 import pytest
 import torch
+from iiw_helpers import PaddedBag
 from torch import nn
 
 import pib_bayes as pb
@@ -354,16 +355,6 @@ class _Normed(nn.Module):
         return self.body(x)
 
 
-class _Bag(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.embed = nn.Embedding(10, 4, padding_idx=0)
-        self.head = nn.Linear(4, 3)
-
-    def forward(self, x):
-        return self.head(self.embed(x).mean(1))
-
-
 class _Attention(nn.Module):
     def __init__(self):
         super().__init__()
@@ -390,7 +381,7 @@ def _seq_data(g):
 
 @pytest.mark.parametrize("make, data, expect", [
     (_Normed, _normed_data, {"body.1": "layerwise", "body.5": "layerwise", "body.8": "layerwise"}),
-    (_Bag, _bag_data, {"embed": "layerwise", "head": "layerwise"}),
+    (PaddedBag, _bag_data, {"embed": "layerwise", "head": "layerwise"}),
     (_Attention, _seq_data, {"proj": "layerwise", "encoder.layers.0.self_attn": "jvp",
                              "encoder.layers.0.self_attn.out_proj": "jvp",
                              "encoder.layers.0.linear1": "layerwise", "encoder.layers.0.norm1": "layerwise",
@@ -430,7 +421,7 @@ def test_embedding_padding_row_moves_nothing():
     """The padding row's gradient is zero, so moving only that row gives IIW 0 (a tangent that looked the
     row up anyway would not)."""
     torch.manual_seed(0)
-    model = _Bag().double().eval()
+    model = PaddedBag().double().eval()
     theta_0 = {k: v.detach().clone() for k, v in model.state_dict().items()}
     with torch.no_grad():
         model.embed.weight[0] += 1.0

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from iiw_helpers import PaddedBag
 from iiw_helpers import tiny_classifier as _problem
 from torch import nn
 
@@ -155,17 +156,8 @@ def test_regularizer_bad_inputs():
 def test_regularizer_engines_agree_on_an_embedding_with_padding():
     """The padding row of an embedding counts zero in the layerwise and the JVP engine alike."""
 
-    class Bag(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.embed = nn.Embedding(10, 4, padding_idx=0)
-            self.head = nn.Linear(4, 3)
-
-        def forward(self, x):
-            return self.head(self.embed(x).mean(1))
-
     torch.manual_seed(0)
-    net = Bag().double()
+    net = PaddedBag().double()
     theta_0 = {k: v.clone() for k, v in net.state_dict().items()}
     with torch.no_grad():
         for p in net.parameters():

@@ -4,15 +4,12 @@ from __future__ import annotations
 
 import os
 import signal
-import subprocess
-import sys
-import textwrap
 import time
 
 import numpy as np
 import pytest
 import torch
-from crash_helpers import Crash, crashing_stat
+from crash_helpers import Crash, crashing_stat, start_run_child
 from torch import nn
 
 import pib_bayes as pb
@@ -147,31 +144,9 @@ def test_two_writers_on_one_store_get_one_clear_refusal(tmp_path):
         _run(tmp_path / "x", tmp_path / "x")
 
 
-SCRIPT = textwrap.dedent("""
-    import sys, torch
-    from torch import nn
-    import pib_bayes as pb
-    import pib_bayes.store, pib_bayes.driver.stream
-    pib_bayes.store.CHUNK_BYTES = pib_bayes.driver.stream.CHUNK_BYTES = 4096  # a segment every 10 draws
-    torch.set_num_threads(1)
-    out, store, ckpt = sys.argv[1], sys.argv[2], sys.argv[3]
-    store, ckpt = (None if store == "-" else store), (None if ckpt == "-" else ckpt)
-    torch.manual_seed(0)
-    x, y = pb.data.make_classification_data(n=256, num_classes=3, seed=1)
-    model = nn.Sequential(nn.Linear(2, 16), nn.Tanh(), nn.Linear(16, 3))
-    print("READY", flush=True)
-    post = pb.sample(model, "cross_entropy", (x, y), beta=1 / 256, step_size=1e-3, sampler="sghmc",
-                     num_chains=3, num_warmup=300, num_draws=150, thin=4, batch_size=32, seed=7,
-                     checkpoint=ckpt, checkpoint_every=5, resume=ckpt is not None, store=store)
-    post.save(out)
-""")
-
-
-def _child(tmp_path, out, store="-", ckpt="-"):
-    script = tmp_path / "run.py"
-    script.write_text(SCRIPT)
-    return subprocess.Popen([sys.executable, str(script), str(out), str(store), str(ckpt)],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+def _child(tmp_path, out, store=None, ckpt=None):
+    # 4 KiB chunks: a segment every 10 draws
+    return start_run_child(tmp_path, out, store=store, ckpt=ckpt, chunk_bytes=4096)
 
 
 def test_sigkill_at_random_moments_of_a_streamed_run_then_resume_is_bit_identical(tmp_path):
