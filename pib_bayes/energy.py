@@ -610,17 +610,18 @@ class BoundEnergy:
             return (u.detach(), loss.detach(),
                     tuple(g.view(s) for g, s in zip(grads, self._shapes, strict=True)))
         log_prior = self._prior_into_grads()
-        if torch.is_grad_enabled():  # (as in a sampler's step loop: no context switch per call)
-            loss = energy.mean_loss(energy.model(x), y)
-            scaled = loss / energy.beta
-            scaled.backward(inputs=leaves)  # accumulates into the buffer that holds the prior's gradient
-        else:
-            with torch.enable_grad():
-                loss = energy.mean_loss(energy.model(x), y)
-                scaled = loss / energy.beta
-                scaled.backward(inputs=leaves)
-        self._keep_buffer()
+        loss, scaled = self._loss_backward(x, y, energy.beta)
         return scaled.detach() - log_prior, loss.detach(), self.grads  # U = L_B/beta - log p
+
+    def _loss_backward(self, x: Tensor, y: Tensor, beta: float | Tensor) -> tuple[Tensor, Tensor]:
+        """``L_B`` and ``L_B / beta``, whose backward pass accumulates into the buffer that holds the
+        prior's gradient (no grad-mode context switch when grad is on, as in a sampler's step loop)."""
+        with contextlib.nullcontext() if torch.is_grad_enabled() else torch.enable_grad():
+            loss = self.energy.mean_loss(self.energy.model(x), y)
+            scaled = loss / beta
+            scaled.backward(inputs=self.leaves)
+        self._keep_buffer()
+        return loss, scaled
 
     def _value_and_grad_floats(self, x: Tensor, y: Tensor) -> tuple[float, float, tuple[Tensor, ...]]:
         """:meth:`value_and_grad` with U_B and L_B as Python floats: the same numbers and the same
@@ -633,14 +634,11 @@ class BoundEnergy:
         if rnd is None:
             u, loss, grads = self.value_and_grad(x, y)
             return u.item(), loss.item(), grads
-        energy, leaves, flat, plan = self.energy, self.leaves, self._flat, self.plan
+        flat, plan = self._flat, self.plan
         self._diff_into_grads()
         log_prior = rnd(rnd(torch.dot(flat, flat).item() * self._coef) + self._const)
         if plan.scale is not None:
             flat.mul_(plan.scale)
-        with contextlib.nullcontext() if torch.is_grad_enabled() else torch.enable_grad():
-            loss = energy.mean_loss(energy.model(x), y)
-            scaled = loss / self._beta  # beta as the 0-d tensor a Python scalar is cast to: the same quotient
-            scaled.backward(inputs=leaves)
-        self._keep_buffer()
+        # beta as the 0-d tensor a Python scalar is cast to: the same quotient
+        loss, scaled = self._loss_backward(x, y, self._beta)
         return rnd(scaled.item() - log_prior), loss.item(), self.grads
