@@ -1094,6 +1094,7 @@ def run_iiw(cfg: dict, base_dir: Path, progress: bool) -> tuple[dict, Path]:
     import torch
     from tqdm.auto import tqdm
 
+    from ._rng import seeded_global_rng
     from .config import build_model, load_data
 
     out_dir = _check_output_dir(cfg, "iiw")
@@ -1119,26 +1120,29 @@ def run_iiw(cfg: dict, base_dir: Path, progress: bool) -> tuple[dict, Path]:
     m = min(icfg["fisher_examples"], n)
     fisher_x, fisher_y = data.x_train[:m], data.y_train[:m]
     rows = []
-    for epoch in tqdm(range(icfg["epochs"] + 1), desc="epochs", disable=not progress, leave=False):
-        if epoch > 0:
-            model.train()
-            perm = torch.randperm(n, generator=gen)
-            for start in range(0, n - bs + 1, bs):
-                idx = perm[start : start + bs]
-                opt.zero_grad()
-                fn(model(data.x_train[idx]), data.y_train[idx]).mean().backward()
-                opt.step()
-        model.eval()
-        est = fisher_iiw(model, loss_fn, (fisher_x, fisher_y), theta_0)
-        point = _point_metrics(model, data)
-        rows.append(
-            {
-                "epoch": epoch,
-                "iiw": est["total"],
-                **{f"iiw[{k}]": v for k, v in est["per_group"].items()},
-                **point,
-            }
-        )
+    # dropout (a factory's model in training mode) draws from torch's global RNG: seeded from run.seed
+    # for the epochs, the caller's global state left as it was
+    with seeded_global_rng(run["seed"]):
+        for epoch in tqdm(range(icfg["epochs"] + 1), desc="epochs", disable=not progress, leave=False):
+            if epoch > 0:
+                model.train()
+                perm = torch.randperm(n, generator=gen)
+                for start in range(0, n - bs + 1, bs):
+                    idx = perm[start : start + bs]
+                    opt.zero_grad()
+                    fn(model(data.x_train[idx]), data.y_train[idx]).mean().backward()
+                    opt.step()
+            model.eval()
+            est = fisher_iiw(model, loss_fn, (fisher_x, fisher_y), theta_0)
+            point = _point_metrics(model, data)
+            rows.append(
+                {
+                    "epoch": epoch,
+                    "iiw": est["total"],
+                    **{f"iiw[{k}]": v for k, v in est["per_group"].items()},
+                    **point,
+                }
+            )
     curve = [r["iiw"] for r in rows]
     peak = iiw_peak(curve)
     result = {

@@ -84,6 +84,7 @@ import torch
 from torch import Tensor, nn
 
 # available_memory: one estimate of free memory for the API and the CLI
+from ._rng import seeded_global_rng
 from ._validate import available_memory, is_int, is_real, warn_renamed
 from .samplers.kernels import KERNELS
 from .samplers.schedules import SHORTHANDS, Constant, Cosine, Cyclical, PolynomialDecay, Schedule
@@ -536,6 +537,9 @@ def build_model(
     This imports and calls code: only pass a config the user wrote or vouches for (the CLI refuses
     a factory recorded in a run directory unless ``--trust-code`` is given).
 
+    The module is built with torch's global RNG seeded from ``seed`` (its initialisers draw from it);
+    the caller's global RNG state is left as it was (``torch.random.fork_rng``).
+
     >>> build_model({"hidden": [3], "activation": "tanh"}, 2, 1)
     Sequential(
       (0): Linear(in_features=2, out_features=3, bias=True)
@@ -543,7 +547,12 @@ def build_model(
       (2): Linear(in_features=3, out_features=1, bias=True)
     )
     """
-    torch.manual_seed(seed)
+    with seeded_global_rng(seed):
+        return _build_model(model_cfg, input_dim, output_dim, search_path)
+
+
+def _build_model(model_cfg: Mapping[str, Any], input_dim: int, output_dim: int,
+                 search_path: Sequence[str | os.PathLike]) -> nn.Module:
     if model_cfg.get("factory"):
         factory = _import_factory(model_cfg["factory"], search_path)
         kwargs = dict(model_cfg.get("kwargs") or {})

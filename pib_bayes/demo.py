@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ._rng import seeded_global_rng
 from .data import make_classification_data
 from .driver import sample
 
@@ -36,9 +37,20 @@ def _metrics(probs: torch.Tensor, y: torch.Tensor) -> dict[str, float]:
 
 
 def run_demo(quick: bool = False, seed: int = 0, progress: bool = False) -> dict:
-    """Run the demo; returns a dict of metrics (``quick`` shrinks it for smoke tests)."""
+    """Run the demo; returns a dict of metrics (``quick`` shrinks it for smoke tests).
+
+    ``seed`` seeds everything random (the data, the MLP's initial weights, the chains); the MLP is
+    built and trained with torch's global RNG seeded from it inside ``torch.random.fork_rng``, so
+    the caller's global RNG state is left as it was.
+    """
+    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+        raise ValueError(f"seed: must be an int >= 0, got {seed!r}")
+    with seeded_global_rng(seed):
+        return _run_demo(quick, seed, progress)
+
+
+def _run_demo(quick: bool, seed: int, progress: bool) -> dict:
     t0 = time.perf_counter()
-    torch.manual_seed(seed)
     n_train = 300 if quick else 400
     x, y = make_classification_data(n=n_train + 2000, num_classes=3, noise=0.6, seed=seed)
     x_tr, y_tr, x_te, y_te = x[:n_train], y[:n_train], x[n_train:], y[n_train:]

@@ -69,6 +69,33 @@ def test_build_model_mlp_and_factory():
         build_model({"factory": "pib_bayes.config:build_mlp", "kwargs": {"nope": 1}}, 3, 2)
 
 
+def _weights(net):
+    return torch.cat([p.detach().flatten() for p in net.parameters()])
+
+
+@pytest.mark.parametrize("model_cfg", [{"hidden": [5, 4], "activation": "relu"},
+                                       {"factory": "pib_bayes.config:build_mlp", "kwargs": {"hidden": [3]}}])
+def test_build_model_leaves_the_global_rng_alone_and_its_seed_decides(model_cfg):
+    torch.manual_seed(123)
+    before = torch.get_rng_state()
+    net = build_model(model_cfg, 3, 2, seed=1)
+    assert torch.equal(torch.get_rng_state(), before)  # the caller's global RNG is untouched
+    expected = torch.randn(3)  # what the caller draws next: as if build_model had not run
+    torch.manual_seed(123)
+    assert torch.equal(torch.randn(3), expected)
+    torch.randn(100)  # another global state: the same seed still gives the same weights
+    assert torch.equal(_weights(build_model(model_cfg, 3, 2, seed=1)), _weights(net))
+    # the would-catch twin: the seed is what decides (another seed, other weights)
+    assert not torch.equal(_weights(build_model(model_cfg, 3, 2, seed=2)), _weights(net))
+
+
+def test_build_model_gives_the_weights_torch_manual_seed_gave():
+    # the weights are those of torch.manual_seed(seed) followed by the build (no stream changed)
+    torch.manual_seed(5)
+    ref = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2))
+    assert torch.equal(_weights(build_model({"hidden": [4], "activation": "tanh"}, 3, 2, seed=5)), _weights(ref))
+
+
 def test_load_data_splits_reproducibly_and_standardizes_on_the_training_split(tmp_path):
     cfg = validate_config(_minimal(n=200, test_fraction=0.25, standardize=True))["data"]
     a, b = load_data(cfg), load_data(cfg)
