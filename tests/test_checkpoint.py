@@ -6,6 +6,7 @@ import json
 import os
 import signal
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -227,3 +228,63 @@ def test_data_fingerprint_hashes_a_fixed_sample_of_rows_of_big_data():
         changed = small.clone()
         changed[i, 1] = -1.0
         assert data_fingerprint((changed, y[:10])) != data_fingerprint((small, y[:10]))
+
+
+@pytest.mark.parametrize("change,named", [
+    ({"sampler": "psgld"}, r"sampler, sampler settings \(sampler_kwargs\)"),
+    ({"step_size": 2e-4}, r"schedule \(step_size\)"),
+    ({"prior": 0.5}, r"prior"),
+    ({"data": True}, r"data"),
+    ({"seed_model": 1}, r"initial weights"),
+])
+@pytest.mark.parametrize("finished", [False, True])
+def test_resume_of_a_run_differing_in_one_metadata_field_is_refused_naming_it(tmp_path, change, named,
+                                                                              finished):
+    """The fingerprint is derived from the run's metadata (and the data / initial-weight digests): a
+    checkpoint of a run that differs in one field is refused, the field named alone."""
+    ckpt = tmp_path / "c.ckpt"
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(20, 2, generator=g), torch.randn(20, 1, generator=g)
+    if finished:
+        _small_run(ckpt, x, y)
+    else:
+        _interrupt(ckpt, x, y)
+    kw = {k: v for k, v in change.items() if k not in ("data", "seed_model")}
+    y2 = y + 1.0 if "data" in change else y
+    with pytest.raises(ValueError, match=rf"^resume: .*different run \({named} differ\)"):
+        _small_run(ckpt, x, y2, seed_model=change.get("seed_model", 0), resume=True, **kw)
+    resumed = _small_run(ckpt, x, y, resume=True)  # the same run resumes
+    assert torch.equal(resumed.draws["weight"], _small_run(None, x, y).draws["weight"])
+
+
+def test_the_fingerprint_is_the_metadata_less_what_does_not_identify_a_run(tmp_path):
+    from pib_bayes.driver.checkpoint import NOT_IDENTIFYING, run_fingerprint
+
+    ckpt = tmp_path / "c.ckpt"
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(20, 2, generator=g), torch.randn(20, 1, generator=g)
+    post = _small_run(ckpt, x, y)
+    saved = pb.io.load_payload(ckpt, "checkpoint", (pb.driver.checkpoint.CHECKPOINT_VERSION,))
+    fp = json.loads(saved["fingerprint"])
+    hashes = {k: fp[k] for k in ("data", "initial_weights")}
+    assert saved["fingerprint"] == run_fingerprint(post.metadata, hashes)
+    assert set(fp) == set(post.metadata) - set(NOT_IDENTIFYING) | set(hashes)
+    # the would-catch twin: a metadata field changed after the fact no longer matches
+    assert saved["fingerprint"] != run_fingerprint({**post.metadata, "thin": 2}, hashes)
+
+
+def test_an_older_checkpoint_version_is_refused_with_one_error_naming_checkpoint(tmp_path):
+    """Decision: version-1/2 checkpoints are refused (not resumed): their fingerprints were built
+    beside the metadata, and recomputing them would keep that second description of a run alive.
+    tests/data/checkpoint_v2.ckpt is a mid-run checkpoint of _small_run written by pib_bayes main
+    14eb777 (checkpoint version 2)."""
+    ckpt = tmp_path / "c.ckpt"
+    ckpt.write_bytes((Path(__file__).parent / "data" / "checkpoint_v2.ckpt").read_bytes())
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(20, 2, generator=g), torch.randn(20, 1, generator=g)
+    with pytest.raises(ValueError, match=r"^checkpoint: .* older pib_bayes \(version 1 or 2.*resume=False"):
+        _small_run(ckpt, x, y, resume=True)
+    fresh = _small_run(ckpt, x, y)  # resume=False starts over, and writes a version-3 checkpoint
+    assert torch.equal(fresh.draws["weight"], _small_run(None, x, y).draws["weight"])
+    # the would-catch twin: the same run's current-version checkpoint resumes
+    assert torch.equal(_small_run(ckpt, x, y, resume=True).draws["weight"], fresh.draws["weight"])

@@ -93,7 +93,8 @@ def test_build_model_gives_the_weights_torch_manual_seed_gave():
     # the weights are those of torch.manual_seed(seed) followed by the build (no stream changed)
     torch.manual_seed(5)
     ref = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2))
-    assert torch.equal(_weights(build_model({"hidden": [4], "activation": "tanh"}, 3, 2, seed=5)), _weights(ref))
+    built = build_model({"hidden": [4], "activation": "tanh"}, 3, 2, seed=5)
+    assert torch.equal(_weights(built), _weights(ref))
 
 
 def test_load_data_splits_reproducibly_and_standardizes_on_the_training_split(tmp_path):

@@ -21,7 +21,33 @@ from .chains import (
 from .recorder import _Buffers, _Cursor
 from .stream import segments_dir
 
-CHECKPOINT_VERSION = 2  # 2: draws in segments (appended); 1: every draw in the payload (still resumed)
+# 3: the fingerprints derived from the run's metadata (run_fingerprint); 2: draws in segments (appended);
+# 1: every draw in the payload. Versions 1 and 2 are refused (their fingerprints were built beside the
+# metadata: this version cannot check them against a run)
+CHECKPOINT_VERSION = 3
+
+# metadata that does not identify a run (what wrote it, why a method was chosen, settings that give the
+# same numbers, results of the run itself): every other metadata field is part of the fingerprint
+NOT_IDENTIFYING = ("library", "version", "chain_method_reason", "prefetch_noise", "loss", "step_size_auto",
+                   "gradient_noise", "sampler_auto", "control_variate")
+
+
+def run_fingerprint(metadata: dict[str, Any], hashes: dict[str, Any]) -> str:
+    """What identifies a run, as a canonical JSON string: its ``metadata`` (a
+    :class:`~pib_bayes.Posterior`'s, as known before it samples) less :data:`NOT_IDENTIFYING`, with
+    ``hashes`` (the data's and the initial weights' digests, :func:`data_fingerprint`,
+    :func:`tensor_fingerprint`) added. A new metadata field is part of it unless listed there: the
+    fingerprint and the metadata cannot disagree.
+
+    >>> meta = {"version": "0.2", "beta": 0.1, "seed": 0}
+    >>> run_fingerprint(meta, {"data": "ab12"})
+    '{"beta": 0.1, "data": "ab12", "seed": 0}'
+    >>> newer = {**meta, "version": "0.3"}
+    >>> run_fingerprint(newer, {"data": "ab12"}) == run_fingerprint(meta, {"data": "ab12"})
+    True
+    """
+    identity = {k: v for k, v in metadata.items() if k not in NOT_IDENTIFYING}
+    return json.dumps({**identity, **hashes}, sort_keys=True, default=str)
 
 
 def _diverging_from(stats: dict[str, Tensor], num_draws: int) -> Tensor:
@@ -37,10 +63,11 @@ class _Checkpointer:
 
     A checkpoint appends the draws kept since the previous one as a segment
     (:mod:`pib_bayes.driver.stream`), then writes atomically the small payload: the group state,
-    the draws committed per chain group, the divergence flags. It holds two fingerprints: ``setup`` (the
-    arguments, the data's and the initial weights' hashes: known before the model runs) and
-    ``fingerprint`` (``setup``'s settings as the run resolved them: chain method, automatic step
-    size). Resuming compares both; a finished run (``finished``, with its metadata) is handed back by
+    the draws committed per chain group, the divergence flags. It holds two fingerprints, both
+    :func:`run_fingerprint` of the run's metadata: ``setup`` (the metadata as the arguments give it,
+    known before the model runs: ``chain_method`` as asked, ``schedule`` the requested step size)
+    and ``fingerprint`` (the metadata as the run resolved it: chain method, automatic step size).
+    Resuming compares both; a finished run (``finished``, with its metadata) is handed back by
     :func:`sample` without sampling again."""
 
     def __init__(self, path: str | os.PathLike, fingerprint: str, setup: str, out: _Buffers,
@@ -56,6 +83,7 @@ class _Checkpointer:
         assert self.out.segments is not None
         num_draws = next(iter(self.out.stats.values())).shape[1]
         save_payload(self.path, "checkpoint", CHECKPOINT_VERSION, {
+            "checkpoint_version": CHECKPOINT_VERSION,
             "fingerprint": self.fingerprint, "setup": self.setup, "group_index": group_index,
             "group_state": group_state, "committed": dict(self.out.segments.kept),
             "stat_names": list(self.out.stats), "diverging_from": _diverging_from(self.out.stats, num_draws),
@@ -72,7 +100,13 @@ class _Checkpointer:
         """The checkpoint at ``path`` if there is one, after checking it comes from this run."""
         if path is None or not os.path.exists(path):
             return None
-        saved = load_payload(path, "checkpoint", (CHECKPOINT_VERSION, 1))
+        saved = load_payload(path, "checkpoint", (CHECKPOINT_VERSION, 2, 1))
+        if saved.get("checkpoint_version") != CHECKPOINT_VERSION:
+            raise ValueError(f"checkpoint: {str(path)!r} is a checkpoint of an older pib_bayes (version 1 "
+                             f"or 2; this one writes version {CHECKPOINT_VERSION}, whose fingerprint is "
+                             "derived from the run's metadata), so it cannot be checked against this run; "
+                             "finish that run with the pib_bayes that wrote it, or pass resume=False to "
+                             "start over")
         if not isinstance(saved.get("setup"), str):
             raise ValueError(f"resume: the checkpoint {str(path)!r} predates the check that it comes from "
                              "the same data and initial weights (written by pib_bayes <= 0.2), so it "
@@ -87,13 +121,6 @@ class _Checkpointer:
         try:
             out.diverged.copy_(saved["diverged"])
             out.divergence_step.copy_(saved["divergence_step"])
-            if "draws" in saved:  # a version-1 checkpoint: every draw in the payload
-                if out.window:
-                    raise ValueError(f"resume: the checkpoint {str(path)!r} was written by an older "
-                                     "pib_bayes, without store=; resume it without store= (or resume=False)")
-                out.draws.update(saved["draws"])
-                out.stats.update(saved["stats"])
-                return
             assert out.segments is not None
             out.segments.start({int(k): int(v) for k, v in saved["committed"].items()})
             for name in saved["stat_names"]:
@@ -130,7 +157,13 @@ def remove_checkpoint(path: str | os.PathLike) -> None:
     shutil.rmtree(segments_dir(path), ignore_errors=True)
 
 
-_FINGERPRINT_LABELS = {"initial_weights": "initial weights", "n": "data (number of examples)"}
+# the fingerprint's keys (metadata fields, hashes) as the arguments that set them
+_FINGERPRINT_LABELS = {
+    "initial_weights": "initial weights", "n": "data (number of examples)",
+    "schedule": "schedule (step_size)",
+    "sampler_settings": "sampler settings (sampler_kwargs)", "sampled_params": "sampled parameters (params)",
+    "kept_params": "kept parameters (keep)",
+}
 
 
 def _check_same_run(path: str | os.PathLike, stored: str, current: str) -> None:

@@ -51,6 +51,7 @@ from .checkpoint import (
     _loader_length,
     _loader_tensors,
     data_fingerprint,
+    run_fingerprint,
     tensor_fingerprint,
 )
 from .checks import (
@@ -505,21 +506,39 @@ def sample(
     if gradient == "cv" and tensors is None:
         _check_loader_has_length(data)
 
-    # what identifies this run before any model evaluation: a finished checkpoint of the same run is
-    # returned from here without running the model or the loss even once
-    setup = {
-        "beta": energy.beta, "prior": repr(energy.prior), "sampler": kernel.name, "settings": kernel.settings,
-        "step_size": schedule.to_dict() if auto is None else dataclasses.asdict(auto),
-        "num_chains": total_chains, "chain_ids": ids, "num_warmup": num_warmup, "num_draws": num_draws,
-        "thin": thin, "batch_size": batch_size, "seed": int(seed), "chain_method": chain_method,
-        "noise": noise, "train_mode_dropout": train_mode_dropout, "gradient": gradient,
-        "params": {n: list(init_params[n].shape) for n in names}, "keep": keep_names,
-        "n": int(tensors[0].shape[0]) if tensors is not None else _loader_length(data),
-    }
-    if checkpoint is not None:  # the fingerprints identify a checkpoint's run; hashing costs ~0.3 ms
-        setup["data"] = data_fingerprint(tensors if tensors is not None else _loader_tensors(data))
-        setup["initial_weights"] = tensor_fingerprint([init_params[n] for n in names])
-    setup_fingerprint = json.dumps(setup, sort_keys=True, default=str)
+    loss_desc = getattr(energy.loss_fn, "__name__", None) or repr(energy.loss_fn)
+
+    def describe(kernel: Kernel, schedule: dict[str, Any], method: str, reason: str | None) -> dict[str, Any]:
+        """The run's metadata as known before it samples (a checkpoint's fingerprints derive from it)."""
+        return {
+            "library": "pib_bayes", "version": __version__, "beta": energy.beta, "prior": repr(energy.prior),
+            "sampler": kernel.name, "sampler_settings": dict(kernel.settings), "schedule": schedule,
+            "num_chains": num_chains, "chain_ids": ids, "num_warmup": num_warmup, "num_draws": num_draws,
+            "thin": thin,
+            "batch_size": batch_size if tensors is not None else getattr(data, "batch_size", None),
+            "n": int(tensors[0].shape[0]) if tensors is not None else None,
+            "seed": int(seed), "chain_method": method, "chain_method_reason": reason, "task": energy.task,
+            "noise": noise, "prefetch_noise": prefetch_noise, "train_mode_dropout": train_mode_dropout,
+            "divergence_threshold": None if math.isinf(threshold) else threshold,
+            "loss": loss_desc, "likelihood": loss_likelihood(energy.loss_fn),
+            "noise_std": getattr(energy.loss_fn, "noise_std", None), "init": init
+            if isinstance(init, str) else "given", "sampled_params": names, "kept_params": keep_names,
+            "gradient": gradient,
+        }
+
+    # the data's and the initial weights' digests (which, with the metadata, identify a checkpoint's
+    # run; hashing costs ~0.3 ms); a DataLoader over data that is not tensors: its length only
+    hashes: dict[str, Any] = {}
+    if checkpoint is not None:
+        hashes["data"] = data_fingerprint(tensors if tensors is not None else _loader_tensors(data))
+        hashes["initial_weights"] = tensor_fingerprint([init_params[n] for n in names])
+        if tensors is None:
+            hashes["n"] = _loader_length(data)
+    # what identifies this run before any model evaluation (the metadata as the arguments give it): a
+    # finished checkpoint of the same run is returned from here without running the model or the loss
+    setup_fingerprint = run_fingerprint(describe(
+        kernel, schedule.to_dict() if auto is None else {"auto": dataclasses.asdict(auto)}, chain_method,
+        None), hashes)
     if checkpoint is None and resume:
         raise ValueError("resume: needs checkpoint=PATH (the file to resume from)")
     saved = _Checkpointer.read(checkpoint, setup_fingerprint) if resume else None
@@ -611,19 +630,10 @@ def sample(
     groups = ([make_group(list(range(num_chains)), True)] if method == "vectorized"
               else [make_group([c], False) for c in range(num_chains)])
 
-    fingerprint = "" if checkpoint is None else json.dumps({
-        "beta": energy.beta, "prior": repr(energy.prior), "sampler": kernel.name,
-        "settings": kernel.settings, "schedule": schedule.to_dict(), "num_chains": total_chains,
-        "chain_ids": ids, "num_warmup": num_warmup, "num_draws": num_draws, "thin": thin,
-        "batch_size": batch_size, "seed": int(seed), "chain_method": method, "noise": noise,
-        **({"train_mode_dropout": True} if train_mode_dropout else {}),  # old checkpoints stay resumable
-        "params": {n: list(init_params[n].shape) for n in names}, "keep": keep_names,
-        "n": int(tensors[0].shape[0]) if tensors is not None else None,
-        **({"gradient": gradient} if gradient != "minibatch" else {}),
-        **({"step_size_auto": dataclasses.asdict(auto)} if auto is not None else {}),
-        **({"divergence_threshold": threshold} if threshold != 1e4 else {}),  # non-default only
-        "data": setup["data"], "initial_weights": setup["initial_weights"],
-    }, sort_keys=True, default=str)
+    # the metadata as the run resolved it (chain method, automatic step size), before it samples: the
+    # checkpoint's second fingerprint derives from it, the Posterior's metadata is it plus the results
+    metadata = describe(kernel, schedule.to_dict(), method, reason)
+    fingerprint = "" if checkpoint is None else run_fingerprint(metadata, hashes)
     ckpt = (_Checkpointer(checkpoint, fingerprint, setup_fingerprint, out, checkpoint_every, store)
             if checkpoint is not None else None)
     first_group, cursor = ckpt.resume(groups, saved) if ckpt is not None and saved is not None else (0, None)
@@ -637,22 +647,7 @@ def sample(
                 ckpt.write(gi + 1, None)
     stats, diverged, divergence_step = out.stats, out.diverged, out.divergence_step
 
-    loss_desc = getattr(energy.loss_fn, "__name__", None) or repr(energy.loss_fn)
-    metadata = {
-        "library": "pib_bayes", "version": __version__, "beta": energy.beta, "prior": repr(energy.prior),
-        "sampler": kernel.name, "sampler_settings": dict(kernel.settings), "schedule": schedule.to_dict(),
-        "num_chains": num_chains, "chain_ids": ids, "num_warmup": num_warmup, "num_draws": num_draws,
-        "thin": thin,
-        "batch_size": batch_size if tensors is not None else getattr(data, "batch_size", None),
-        "n": int(tensors[0].shape[0]) if tensors is not None else None,
-        "seed": int(seed), "chain_method": method, "chain_method_reason": reason, "task": energy.task,
-        "noise": noise, "prefetch_noise": prefetch_noise, "train_mode_dropout": train_mode_dropout,
-        "divergence_threshold": None if math.isinf(threshold) else threshold,
-        "loss": loss_desc, "likelihood": loss_likelihood(energy.loss_fn),
-        "noise_std": getattr(energy.loss_fn, "noise_std", None), "init": init
-        if isinstance(init, str) else "given", "sampled_params": names, "kept_params": keep_names,
-        "gradient": gradient,
-    }
+    metadata["schedule"] = schedule.to_dict()  # as it ran (AutoStep(adapt=True) re-estimates its step)
     if auto_info is not None:
         metadata["step_size_auto"] = {k: v for k, v in auto_info.items()
                                       if k not in ("gradient_noise", "report", "square_avg", "reestimate")}
