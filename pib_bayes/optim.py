@@ -69,8 +69,32 @@ class _LangevinOptimizer(Optimizer):
             raise TypeError(f"generator: expected a torch.Generator, got {type(generator).__name__}")
         if not isinstance(prefetch_noise, bool):
             raise TypeError(f"prefetch_noise: expected True or False, got {prefetch_noise!r}")
+        self._step_count = 0  # before Optimizer.__init__ (which may call add_param_group)
         super().__init__(params, defaults)
         self._set_runtime(noise, generator if generator is not None else _default_generator(), prefetch_noise)
+
+    @property
+    def step_count(self) -> int:
+        """The number of :meth:`step` calls: the step index t of the next one, the one step counter a
+        :class:`ScheduleLR` evaluates its schedule at. Saved by :meth:`state_dict` (``"step_count"``)
+        and restored by :meth:`load_state_dict`, with the kernel state and the generator's.
+
+        >>> import torch
+        >>> w = torch.zeros(2, requires_grad=True)
+        >>> opt = SGLD([w], lr=0.1, generator=torch.Generator().manual_seed(0))
+        >>> for _ in range(3):
+        ...     w.grad = torch.ones(2)
+        ...     opt.step()
+        >>> opt.step_count, opt.state_dict()["step_count"]
+        (3, 3)
+        """
+        return self._step_count
+
+    @step_count.setter
+    def step_count(self, value: int) -> None:
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise ValueError(f"step_count: must be an int >= 0 (steps taken), got {value!r}")
+        self._step_count = value
 
     def _set_runtime(self, noise: str, generator: torch.Generator, prefetch_noise: bool) -> None:
         """The noise source and the caches (not part of torch.optim's pickled state)."""
@@ -84,7 +108,8 @@ class _LangevinOptimizer(Optimizer):
     def __getstate__(self) -> dict[str, Any]:
         state = super().__getstate__()
         state.update(noise=self.noise, prefetch_noise=self.prefetch_noise,
-                     generator_device=self.generator.device, generator_state=self._generator_state())
+                     generator_device=self.generator.device, generator_state=self._generator_state(),
+                     step_count=self._step_count)
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
@@ -94,6 +119,7 @@ class _LangevinOptimizer(Optimizer):
         gen_state = state.pop("generator_state", None)
         if gen_state is not None:
             generator.set_state(gen_state)
+        self._step_count = int(state.pop("step_count", 0))
         super().__setstate__(state)
         self._set_runtime(noise, generator, prefetch)
 
@@ -200,6 +226,7 @@ class _LangevinOptimizer(Optimizer):
             kernel.step(params, grads, state, float(group["lr"]), noise, float(group["noise_scale"]))
             if scratch is None and SCRATCH in state:  # made on this first step: keep it for the next
                 self._scratch[index] = state[SCRATCH]
+        self._step_count += 1
         return loss
 
     _hooked_step = Optimizer.profile_hook_step(_step)
@@ -207,12 +234,19 @@ class _LangevinOptimizer(Optimizer):
     def state_dict(self) -> dict[str, Any]:  # type: ignore[override]
         out = super().state_dict()
         out["generator_state"] = self._generator_state()
+        out["step_count"] = self._step_count
         return out
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:  # type: ignore[override]
+        """As ``torch.optim.Optimizer.load_state_dict``, with the noise generator's state and
+        :attr:`step_count` (0 from a state dict saved without it, by pib_bayes before it was kept)."""
         state_dict = dict(state_dict)
         gen_state = state_dict.pop("generator_state", None)
+        count = state_dict.pop("step_count", 0)
+        if isinstance(count, bool) or not isinstance(count, int) or count < 0:
+            raise ValueError(f"state_dict: 'step_count' must be an int >= 0, got {count!r}")
         super().load_state_dict(state_dict)
+        self._step_count = count
         if gen_state is not None:
             if self._prefetcher is not None:
                 self._prefetcher.set_generator_states([gen_state])
@@ -336,28 +370,69 @@ class ScheduleLR(LRScheduler):
     With :class:`~pib_bayes.samplers.Cyclical` this is cyclical SGLD in a hand-written loop: call
     ``scheduler.step()`` after each ``optimizer.step()`` and keep draws where
     ``scheduler.collecting`` is true.
+
+    The step t the schedule is evaluated at (h_t, the noise scale, ``collecting``) is the
+    optimizer's own step count (:attr:`~pib_bayes.optim.SGLD.step_count`, the number of
+    ``optimizer.step()`` calls, saved in the optimizer's ``state_dict``), not a count of its own:
+    a scheduler built on a restored optimizer, or one whose state was not restored, continues where
+    the optimizer is; ``last_epoch`` mirrors that count after every ``step()``. With any other torch
+    optimizer (no step count) t is ``last_epoch``, as for a torch LR scheduler.
+
+    >>> import torch
+    >>> from pib_bayes.samplers import PolynomialDecay
+    >>> w = torch.zeros(2, requires_grad=True)
+    >>> opt = SGLD([w], lr=0.1, generator=torch.Generator().manual_seed(0))
+    >>> schedule = PolynomialDecay(0.1, 1.0, 0.55)
+    >>> sched = ScheduleLR(opt, schedule)
+    >>> for _ in range(3):
+    ...     w.grad = torch.ones(2)
+    ...     opt.step()
+    ...     sched.step()
+    >>> saved = opt.state_dict()
+    >>> again = SGLD([w], lr=0.1, generator=torch.Generator())
+    >>> again.load_state_dict(saved)
+    >>> ScheduleLR(again, schedule).get_last_lr() == [schedule.step_size(3)]  # resumes at t = 3
+    True
     """
 
     def __init__(self, optimizer: Optimizer, schedule: Schedule, last_epoch: int = -1) -> None:
         self.schedule = schedule
+        if isinstance(optimizer, _LangevinOptimizer) and last_epoch not in (-1, optimizer.step_count):
+            raise ValueError(f"last_epoch: {last_epoch!r}, but the optimizer has taken "
+                             f"{optimizer.step_count} steps (its step_count, restored by its "
+                             "load_state_dict), the step the schedule is evaluated at; leave last_epoch=-1")
         super().__init__(optimizer, last_epoch)
+
+    def _t(self) -> int:
+        """The step the schedule is evaluated at: the optimizer's step count, else ``last_epoch``."""
+        if isinstance(self.optimizer, _LangevinOptimizer):
+            return self.optimizer.step_count
+        return max(self.last_epoch, 0)
 
     def get_lr(self) -> list[float]:  # type: ignore[override]
         """The step size h_t of every group at the current step (no other effect)."""
-        t = max(self.last_epoch, 0)
+        t = self._t()
         return [self.schedule.step_size(t) for _ in self.optimizer.param_groups]
 
     def step(self, epoch: int | None = None) -> None:  # type: ignore[override]
-        """Advance the step counter, then set every group's ``lr`` to h_t and ``noise_scale`` to the
-        schedule's noise scale at t (0 in a cyclical schedule's exploration phase)."""
+        """Set every group's ``lr`` to h_t and ``noise_scale`` to the schedule's noise scale at t (0 in
+        a cyclical schedule's exploration phase), t the optimizer's step count (with another torch
+        optimizer: ``last_epoch``, advanced by one). A given ``epoch`` (deprecated in torch) sets
+        the optimizer's step count to it."""
         if epoch is None:
             super().step()
         else:
+            if isinstance(self.optimizer, _LangevinOptimizer):
+                self.optimizer.step_count = epoch  # the one counter moves, not a copy of it
             super().step(epoch)
-        t = max(self.last_epoch, 0)
+        t = self._t()
         for group in self.optimizer.param_groups:
             group["noise_scale"] = self.schedule.noise_scale(t)
+        if isinstance(self.optimizer, _LangevinOptimizer):
+            self.last_epoch = t  # torch's counter mirrors the optimizer's, never runs apart from it
 
     @property
     def collecting(self) -> bool:
-        return self.schedule.collect(max(self.last_epoch, 0))
+        """Whether the schedule collects the draw of the current step t (a cyclical schedule's
+        sampling phase)."""
+        return self.schedule.collect(self._t())

@@ -49,7 +49,7 @@ from ._version import __version__
 from .driver import chain_seeds
 from .energy import check_beta
 from .posterior import Posterior
-from .samplers.core import GaussianNoise, Kernel
+from .samplers.core import GaussianNoise, Kernel, KernelState, count_step, step_count
 from .samplers.kernels import build_kernel
 from .samplers.schedules import Cyclical, Schedule, as_schedule, expand_shorthand
 
@@ -204,9 +204,8 @@ class LangevinKernel(MCMCKernel):
         self._chain_count = 0
 
     def _reset_chain_state(self) -> None:
-        self._t = 0
         self._warmup_steps = 0
-        self._state: dict[str, list[Tensor]] = {}
+        self._state: KernelState = {}  # the kernel's buffers and the chain's step count
         self._energies: list[float] = []
         self._step_sizes: list[float] = []
         self._divergences: list[int] = []
@@ -342,9 +341,19 @@ class LangevinKernel(MCMCKernel):
         # MCMC sets this before each chain's setup(); setup() consumes it for that chain only
         self._pending_init.append(dict(params))
 
+    @property
+    def num_steps(self) -> int:
+        """Steps this chain has taken (warm-up included): the t its schedule is evaluated at next.
+
+        The chain's one step counter, kept in its sampler state
+        (:func:`~pib_bayes.samplers.core.step_count`, as :func:`pib_bayes.sample`'s chains keep it);
+        :meth:`setup` starts it at 0.
+        """
+        return step_count(self._state)
+
     def sample(self, params: Mapping[str, Tensor]) -> dict[str, Tensor]:
         """One Langevin step from ``params`` (unconstrained), returning the next draw."""
-        t = self._t
+        t = self.num_steps  # the chain's one step counter: its sampler state's
         h = self.schedule.step_size(t)
         index = t - self._warmup_steps - 1  # post-warm-up index of the draw `params` (when >= 0)
         if self._divergence_step >= 0:
@@ -367,7 +376,7 @@ class LangevinKernel(MCMCKernel):
             out = dict(zip(self._names, moved, strict=True))
         if index >= 0:
             self._energies.append(energy)
-        self._t += 1
+        count_step(self._state)
         if t >= self._warmup_steps:
             self._step_sizes.append(h)
             if self._divergence_step >= 0:
@@ -377,12 +386,12 @@ class LangevinKernel(MCMCKernel):
 
     # ---------------------------------------------------------- reporting
     def logging(self) -> OrderedDict:
-        return OrderedDict([("step size", f"{self.schedule.step_size(max(self._t - 1, 0)):.2e}"),
+        return OrderedDict([("step size", f"{self.schedule.step_size(max(self.num_steps - 1, 0)):.2e}"),
                             ("diverged", str(self._divergence_step >= 0))])
 
     def diagnostics(self) -> dict[str, Any]:
         """Per-chain statistics; ``divergences`` is what ``az.from_pyro`` reads (arviz 0.x)."""
-        num_draws = max(self._t - self._warmup_steps, 0)
+        num_draws = max(self.num_steps - self._warmup_steps, 0)
         if len(self._energies) < num_draws and self._last is not None:
             # the last draw's energy: one extra evaluation (no step follows it)
             if self._divergence_step >= 0:

@@ -288,3 +288,55 @@ def test_an_older_checkpoint_version_is_refused_with_one_error_naming_checkpoint
     assert torch.equal(fresh.draws["weight"], _small_run(None, x, y).draws["weight"])
     # the would-catch twin: the same run's current-version checkpoint resumes
     assert torch.equal(_small_run(ckpt, x, y, resume=True).draws["weight"], fresh.draws["weight"])
+
+
+def _collected_steps(schedule, num_warmup, num_draws, thin):
+    """The steps t whose draws a run keeps, from the schedule alone: every thin-th collected step after
+    warm-up (what the one step counter must give)."""
+    steps, t, collected = [], 0, 0
+    while len(steps) < num_draws:
+        if t >= num_warmup and schedule.collect(t):
+            if collected % thin == 0:
+                steps.append(t)
+            collected += 1
+        t += 1
+    return steps
+
+
+@pytest.mark.parametrize("num_chains", [1, 2])
+def test_the_group_step_count_is_what_the_schedule_the_recorded_step_size_and_a_resume_see(tmp_path,
+                                                                                            num_chains):
+    """One step counter per chain group (its sampler state's step count): the recorded step size of
+    every kept draw is h_t at the step the schedule collects it, in an uninterrupted run and in one
+    resumed mid-cycle from a checkpoint (the thinning count is derived from t, not kept apart)."""
+    from crash_helpers import Crash, crashing_stat
+
+    schedule = pb.samplers.Cyclical(0.01, cycle_length=6, exploration_fraction=0.5)
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(20, 2, generator=g), torch.randn(20, 1, generator=g)
+    ckpt = tmp_path / "c.ckpt"
+
+    def run(resume=False, crash=None, path=ckpt):
+        torch.manual_seed(0)
+        return pb.sample(nn.Linear(2, 1), "gaussian", (x, y), beta=0.1, step_size=schedule, num_warmup=4,
+                         num_draws=6, thin=2, num_chains=num_chains, seed=1, checkpoint=path,
+                         checkpoint_every=5, resume=resume, stat_fns={"w": crashing_stat(crash, "weight")})
+
+    expected = [schedule.step_size(t) for t in _collected_steps(schedule, 4, 6, 2)]
+    assert len(set(expected)) > 2  # the steps' sizes differ: a step count off by one shows
+    ref = run(path=None)
+    assert ref.sample_stats["step_size"].tolist() == [expected] * num_chains
+    with pytest.raises(Crash):
+        run(crash=2 * num_chains)  # killed at its 3rd kept draw (step 11), its last checkpoint at step 10
+    resumed = run(resume=True)
+    assert resumed.sample_stats["step_size"].tolist() == [expected] * num_chains
+    assert torch.equal(resumed.draws["weight"], ref.draws["weight"])
+    # the would-catch twin: a resume whose step counter restarted at 0 (as a second counter that the
+    # checkpoint did not restore would) records other step sizes
+    with pytest.raises(Crash):
+        run(crash=2 * num_chains)
+    saved = pb.io.load_payload(ckpt, "checkpoint", (pb.driver.checkpoint.CHECKPOINT_VERSION,))
+    assert saved["group_state"]["t"] == 10
+    saved["group_state"]["t"] = 0
+    pb.io.save_payload(ckpt, "checkpoint", pb.driver.checkpoint.CHECKPOINT_VERSION, saved)
+    assert run(resume=True).sample_stats["step_size"].tolist() != [expected] * num_chains

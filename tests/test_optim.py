@@ -14,11 +14,11 @@ import warnings
 import pytest
 import torch
 from torch import nn
-from torch.optim.lr_scheduler import StepLR
+from torch.optim.lr_scheduler import LRScheduler, StepLR
 from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
 
 from pib_bayes.optim import PSGLD, SGHMC, SGLD, SGNHT, ScheduleLR
-from pib_bayes.samplers import Cyclical
+from pib_bayes.samplers import Cyclical, PolynomialDecay
 
 OPTIMIZERS = [(SGLD, {}), (PSGLD, {"alpha": 0.9}), (SGHMC, {"friction": 0.2}), (SGNHT, {"diffusion": 0.5})]
 
@@ -317,3 +317,104 @@ def test_psgld_groups_share_one_kernel_and_keep_their_own_scratch():
     assert len(opt._kernels) == 2  # one per setting of (alpha, eps), not one per group
     assert len({id(w) for w in opt._scratch.values()}) == 3  # one scratch per group
     assert all(SCRATCH not in st for st in opt.state_dict()["state"].values())  # never saved
+
+
+class _OwnCounterLR(LRScheduler):
+    """The would-catch twin: ScheduleLR as it was, evaluating the schedule at a step count of its own
+    (torch's ``last_epoch``) instead of the optimizer's."""
+
+    def __init__(self, optimizer, schedule):
+        self.schedule = schedule
+        super().__init__(optimizer)
+
+    def get_lr(self):
+        return [self.schedule.step_size(max(self.last_epoch, 0)) for _ in self.optimizer.param_groups]
+
+
+def _lrs_after_restoring_the_optimizer(make_scheduler, scheduler_first: bool):
+    """The lr of three steps after a restart at t = 3 that restores the optimizer's state_dict (not the
+    scheduler's), against h_3, h_4, h_5; and the restored optimizer's step count after them."""
+    schedule = PolynomialDecay(0.1, 1.0, 0.55)
+    model, x, y = _problem()
+
+    def step(opt, sched):
+        opt.zero_grad()
+        nn.functional.mse_loss(model(x), y).backward()
+        opt.step()
+        sched.step()
+
+    opt = SGLD(model.parameters(), lr=0.1, generator=torch.Generator().manual_seed(0))
+    sched = make_scheduler(opt, schedule)
+    for _ in range(3):
+        step(opt, sched)
+    saved = copy.deepcopy(opt.state_dict())
+    again = SGLD(model.parameters(), lr=0.1, generator=torch.Generator().manual_seed(5))
+    if scheduler_first:  # torch's advice: build the scheduler, then load the optimizer's state
+        resumed = make_scheduler(again, schedule)
+        again.load_state_dict(saved)
+    else:
+        again.load_state_dict(saved)
+        resumed = make_scheduler(again, schedule)
+    seen = []
+    for _ in range(3):
+        seen.append(again.param_groups[0]["lr"])
+        step(again, resumed)
+    return seen, [schedule.step_size(t) for t in (3, 4, 5)], again.step_count, resumed
+
+
+@pytest.mark.parametrize("scheduler_first", [True, False])
+def test_the_optimizer_step_count_is_the_one_counter_schedule_lr_reads(scheduler_first):
+    """The schedule is evaluated at the optimizer's step count, which its state_dict round-trips: a
+    ScheduleLR on a restored optimizer continues at t = 3 whether or not the scheduler's state was
+    restored (and in either order of building it and loading the optimizer's state)."""
+    seen, expected, count, sched = _lrs_after_restoring_the_optimizer(ScheduleLR, scheduler_first)
+    assert seen == expected and count == 6 and sched.last_epoch == 6
+    # the would-catch twin: a scheduler counting steps itself restarts its schedule after the restore
+    twin_seen, _, _, _ = _lrs_after_restoring_the_optimizer(_OwnCounterLR, scheduler_first)
+    assert twin_seen != expected
+
+
+def test_step_count_round_trips_and_schedule_lr_reads_only_it():
+    model, x, y = _problem()
+    schedule = Cyclical(0.1, cycle_length=4, exploration_fraction=0.5)
+    opt = SGLD(model.parameters(), lr=0.1, generator=torch.Generator().manual_seed(0))
+    assert opt.step_count == 0
+    for _ in range(5):
+        opt.zero_grad()
+        nn.functional.mse_loss(model(x), y).backward()
+        opt.step()
+    assert opt.step_count == opt.state_dict()["step_count"] == 5
+    sched = ScheduleLR(opt, schedule)  # built on an optimizer at t = 5: starts there
+    group = opt.param_groups[0]
+    assert (group["lr"], group["noise_scale"], sched.collecting, sched.last_epoch) == (
+        schedule.step_size(5), schedule.noise_scale(5), schedule.collect(5), 5)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch deprecates step(epoch)
+        sched.step(1)  # an explicit epoch moves the one counter (the optimizer's), not a copy
+    assert opt.step_count == 1 and group["lr"] == schedule.step_size(1) and sched.last_epoch == 1
+    assert (group["noise_scale"], sched.collecting) == (0.0, False)  # t = 1: exploration phase
+    old = {k: v for k, v in opt.state_dict().items() if k != "step_count"}  # saved before the count
+    opt.load_state_dict(old)
+    assert opt.step_count == 0
+    with pytest.raises(ValueError, match=r"^state_dict: 'step_count'"):
+        opt.load_state_dict({**old, "step_count": -1})
+    with pytest.raises(ValueError, match=r"^last_epoch: 3, but the optimizer has taken 0 steps"):
+        ScheduleLR(opt, schedule, last_epoch=3)
+    with pytest.raises(ValueError, match=r"^step_count: "):
+        opt.step_count = 1.5
+    pickled = copy.deepcopy(opt)  # pickling keeps the count too
+    opt.step_count = 7
+    assert copy.deepcopy(opt).step_count == 7 and pickled.step_count == 0
+
+
+def test_schedule_lr_on_another_torch_optimizer_counts_with_last_epoch():
+    model, x, y = _problem()
+    schedule = PolynomialDecay(0.1, 1.0, 0.55)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    sched = ScheduleLR(opt, schedule)
+    for t in range(3):
+        assert opt.param_groups[0]["lr"] == schedule.step_size(t) and sched.last_epoch == t
+        opt.zero_grad()
+        nn.functional.mse_loss(model(x), y).backward()
+        opt.step()
+        sched.step()

@@ -29,7 +29,7 @@ from torch import nn
 from pib_bayes.posterior import Posterior
 from pib_bayes.pyro import LangevinKernel, nuts_reference, posterior_from_mcmc, to_predictive_samples
 from pib_bayes.samplers import Kernel, langevin_move_
-from pib_bayes.samplers.schedules import Cyclical
+from pib_bayes.samplers.schedules import Cyclical, PolynomialDecay
 
 Z_MAX = 4.0  # tolerance in MCSE units: P(|z| > 4) ~ 6e-5 per check for a correct sampler
 
@@ -444,6 +444,45 @@ def test_divergent_chain_is_flagged_and_reported_to_arviz():
     assert post.sample_stats["diverging"][0].tolist() == [i >= step for i in range(40)]
     idata = az.from_pyro(mcmc, log_likelihood=False)
     assert idata.sample_stats["diverging"].values[0].tolist() == [i >= step for i in range(40)]
+
+
+# ------------------------------------------------------------------------------ step counter
+class _CarriedCounterKernel(LangevinKernel):
+    """The would-catch twin: a step counter of its own beside the sampler state's, which setup()
+    does not reset (a second counter drifting from the state's)."""
+
+    carried = 0
+
+    @property
+    def num_steps(self) -> int:
+        return self.carried
+
+    def sample(self, params):
+        out = super().sample(params)
+        self.carried += 1
+        return out
+
+
+def _step_sizes_of_two_runs(kernel_cls, schedule):
+    kernel = kernel_cls(regression_model(2), "sgld", schedule, seed=0)
+    runs = []
+    for _ in range(2):  # a second run of the same kernel object: setup() starts the count at 0
+        mcmc = MCMC(kernel, num_samples=15, warmup_steps=5, disable_progbar=True)
+        mcmc.run()
+        stats = posterior_from_mcmc(mcmc).sample_stats  # step_size: when one per draw was recorded
+        runs.append((kernel.num_steps, kernel.diagnostics()["step_size"],
+                     stats["step_size"][0].tolist() if "step_size" in stats else None))
+    return runs
+
+
+def test_the_chain_step_count_is_what_the_schedule_and_the_recorded_step_size_see():
+    """The kernel's one step counter is its sampler state's (num_steps): every step is taken and
+    recorded at h_t, warm-up included, and each run's setup() starts it at 0."""
+    schedule = PolynomialDecay(1e-3, 1.0, 0.55)
+    expected = [schedule.step_size(t) for t in range(5, 20)]
+    assert _step_sizes_of_two_runs(LangevinKernel, schedule) == [(20, expected, expected)] * 2
+    twin = _step_sizes_of_two_runs(_CarriedCounterKernel, schedule)
+    assert twin[0] == (20, expected, expected) and twin[1] != (20, expected, expected)
 
 
 # ------------------------------------------------------------------------------ conversions

@@ -17,7 +17,7 @@ from ..batched import batched_forward
 from ..data import LoaderBatcher, TensorBatcher
 from ..energy import BoundEnergy, Energy
 from ..gradients import GradientTransform
-from ..samplers.core import GaussianNoise, Kernel, NoisePrefetcher
+from ..samplers.core import GaussianNoise, Kernel, NoisePrefetcher, count_step, step_count
 from ..samplers.schedules import Schedule
 
 if TYPE_CHECKING:  # annotations only: warmup builds on this module
@@ -222,12 +222,14 @@ class _Sampler:
             loss=lambda p, xb, yb: self.losses(p, batch_ndim, xb, yb, stacked))
         return u.reshape(loss.shape), loss, grads
 
-    def move(self, group: _Group, grads: Sequence[Tensor], t: int, with_stats: bool) -> dict[str, Tensor]:
-        """The kernel's step on ``grads`` (after the gradient transform, if any); chains the transform
-        stops get NaN weights."""
+    def move(self, group: _Group, grads: Sequence[Tensor], with_stats: bool) -> dict[str, Tensor]:
+        """The kernel's step t on ``grads`` (after the gradient transform, if any), t the group's one
+        step counter (its sampler state's :func:`~pib_bayes.samplers.core.step_count`), at the
+        schedule's h_t and noise scale; then t <- t + 1. Chains the transform stops get NaN weights."""
         stop = None
         if self.transform is not None:
             grads, stop = self.transform(group.params, grads)
+        t = step_count(group.state)
         h, scale = self.schedule.step_size(t), self.schedule.noise_scale(t)
         noise: GaussianNoise | None = group.noise
         if group.prefetcher is not None:  # this step's noise was drawn during the gradient pass
@@ -235,11 +237,13 @@ class _Sampler:
             noise = drawn[0] if drawn else None
         with self._no_grad:
             if stop is None:
-                return self.kernel.step(group.params, grads, group.state, h, noise, scale, batch_ndim=1,
-                                        with_stats=with_stats)
-            stats = {} if bool(stop.all()) else self.kernel.step(
-                group.params, grads, group.state, h, noise, scale, batch_ndim=1, with_stats=with_stats)
-            if bool(stop.any()):
-                for p in group.params:
-                    p[stop] = math.nan
-            return stats
+                stats = self.kernel.step(group.params, grads, group.state, h, noise, scale, batch_ndim=1,
+                                         with_stats=with_stats)
+            else:
+                stats = {} if bool(stop.all()) else self.kernel.step(
+                    group.params, grads, group.state, h, noise, scale, batch_ndim=1, with_stats=with_stats)
+                if bool(stop.any()):
+                    for p in group.params:
+                        p[stop] = math.nan
+        count_step(group.state)
+        return stats

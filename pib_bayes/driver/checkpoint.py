@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 
 from ..io import FormatError, load_payload, save_payload
-from ..samplers.core import SCRATCH
+from ..samplers.core import SCRATCH, STEP
 from .chains import (
     _Group,
 )
@@ -230,11 +230,13 @@ def _loader_length(data: object) -> int | None:
 
 def _group_state(group: _Group, cur: _Cursor) -> dict[str, Any]:
     return {
-        "t": cur.t, "kept": cur.kept, "counter": cur.counter, "alive": cur.alive.clone(),
+        # t: the group's one step counter (its state's STEP); the collected-step count is derived from it
+        "t": cur.t, "kept": cur.kept, "alive": cur.alive.clone(),
         "energy_limit": None if cur.limit is None else cur.limit.clone(),
         "params": [p.detach().clone() for p in group.params],
         # the kernel's state buffers; its scratch (SCRATCH) is dead between steps and is not saved
-        "kernel_state": {k: [v.clone() for v in vs] for k, vs in group.state.items() if k != SCRATCH},
+        "kernel_state": {k: [v.clone() for v in vs] for k, vs in group.state.items()
+                         if k not in (SCRATCH, STEP)},
         "noise_generators": group.generator_states(),
         "batcher": group.batcher.state_dict(),
         **({"dropout_rng": torch.get_rng_state()} if group.dropout_seed is not None else {}),
@@ -255,6 +257,7 @@ def _restore_group(group: _Group, saved: dict[str, Any]) -> _Cursor:
         group.dropout_state = saved["dropout_rng"]
     if group.centre is not None:
         group.centre.load_state_dict(group, saved["centre"])
+    group.state[STEP] = int(saved["t"])
     limit = saved.get("energy_limit")
-    return _Cursor(int(saved["t"]), int(saved["kept"]), int(saved["counter"]), saved["alive"].clone(),
+    return _Cursor(group.state, int(saved["kept"]), saved["alive"].clone(),
                    None if limit is None else limit.clone())

@@ -14,6 +14,7 @@ from tqdm.auto import tqdm
 
 from .._threads import warn_if_oversubscribed
 from ..data import TensorBatcher
+from ..samplers.core import KernelState, step_count
 from ..samplers.schedules import Schedule
 from .chains import (
     _Group,
@@ -98,13 +99,27 @@ class _Buffers:
 
 @dataclass
 class _Cursor:
-    """Where a chain group is: global step t, draws kept, sampling-phase steps seen, live chains."""
+    """Where a chain group is: its sampler state, whose step count is the group's one step counter t
+    (:func:`~pib_bayes.samplers.core.step_count`; :meth:`_Sampler.move` advances it), the draws
+    kept, the live chains."""
 
-    t: int
+    state: KernelState  # the group's kernel state (group.state)
     kept: int
-    counter: int
     alive: Tensor
     limit: Tensor | None = None  # per chain, the |U| above which the chain has diverged
+
+    @property
+    def t(self) -> int:
+        """The global step (warm-up included) the group takes next."""
+        return step_count(self.state)
+
+
+def _collected_before(schedule: Schedule, num_warmup: int, t: int) -> int:
+    """How many of the steps [num_warmup, t) the schedule collects: derived from t (a resumed group
+    thins where the uninterrupted one does), never counted apart from it."""
+    if type(schedule).collect is Schedule.collect:  # every step after warm-up is collected
+        return max(t - num_warmup, 0)
+    return sum(bool(schedule.collect(s)) for s in range(num_warmup, t))
 
 
 
@@ -147,7 +162,7 @@ def _run_group(runner: _Sampler, group: _Group, names: list[str], keep_names: li
     keep_pos = [names.index(n) for n in keep_names]
     resumed_at = cur.t if cur is not None else -1
     if cur is None:
-        cur = _Cursor(0, 0, 0, torch.ones(len(group.chains), dtype=torch.bool))
+        cur = _Cursor(group.state, 0, torch.ones(len(group.chains), dtype=torch.bool))
     floor = float(sum(p[0].numel() for p in group.params))
     desc = f"chain {group.chains[0]}" if len(group.chains) == 1 else f"{len(group.chains)} chains"
     warn_if_oversubscribed()
@@ -212,6 +227,7 @@ def _steps(runner: _Sampler, group: _Group, names: list[str], keep_names: list[s
     direct = group.direct if single and isinstance(group.batcher, TensorBatcher) else None
     next_one = group.batcher.next_one if direct is not None else None
     alive = bool(cur.alive[0]) if single else True  # single: the chain's flag as a Python bool
+    collected = _collected_before(schedule, num_warmup, cur.t)  # collected steps so far (thinning)
     while cur.kept < num_draws and (alive if single else bool(cur.alive.any())):
         t = cur.t
         if checkpoint is not None and checkpoint_every and t % checkpoint_every == 0 and t != resumed_at:
@@ -262,8 +278,8 @@ def _steps(runner: _Sampler, group: _Group, names: list[str], keep_names: list[s
                     p[newly] = math.nan
         record = t >= num_warmup and (plain_collect or schedule.collect(t))
         if record:
-            record = cur.counter % thin == 0
-            cur.counter += 1
+            record = collected % thin == 0
+            collected += 1
         if record and views is not None and not runner.stat_fns:
             k = cur.kept
             di, row = out.slot(group, idx, k)
@@ -292,11 +308,10 @@ def _steps(runner: _Sampler, group: _Group, names: list[str], keep_names: list[s
                             if bool(cur.alive[j]) else math.nan for j in range(len(group.chains))]
                     out.stat(name)[idx, k] = torch.tensor(vals, dtype=torch.float64)
             cur.kept += 1
-        step_stats = runner.move(group, grads, t, record)
+        step_stats = runner.move(group, grads, record)  # step t, then the group's count is t + 1
         if record:
             for name, val in step_stats.items():
                 out.stat(name)[idx, cur.kept - 1] = val.double()
-        cur.t += 1
         if bar is not None:  # None without progress: a disabled bar still costs a call per step
             bar.update(1)
             if cur.t == num_warmup:

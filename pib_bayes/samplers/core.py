@@ -29,7 +29,8 @@ from typing import Any, Protocol
 import torch
 from torch import Tensor
 
-__all__ = ["Kernel", "KernelInit", "KernelStep", "KernelState", "SCRATCH", "scratch_of",
+__all__ = ["Kernel", "KernelInit", "KernelStep", "KernelState", "SCRATCH", "scratch_of", "STEP", "step_count",
+           "count_step",
            "GaussianNoise", "RademacherNoise", "NOISES", "make_noise", "langevin_move_",
            "reduce_sum", "Workspace", "flat_view", "flat_zeros_like", "FlatTensors", "NoisePrefetcher"]
 
@@ -420,7 +421,31 @@ def reduce_sum(tensors: Sequence[Tensor], batch_ndim: int = 0) -> Tensor:
 
 KernelState = dict[str, Any]
 """A kernel's state: ``{state_name: [tensor per param]}`` for every name in ``Kernel.state_names``
-(what checkpoints and ``optimizer.state_dict()`` keep), plus at most one :data:`SCRATCH` entry."""
+(what checkpoints and ``optimizer.state_dict()`` keep), plus at most one :data:`SCRATCH` entry and
+one :data:`STEP` entry (the steps it has taken)."""
+
+STEP = "step"
+"""The state entry counting the steps a state has taken (a Python int; absent: 0). It is the one step
+counter t of a chain, the t its schedule is evaluated at (h_t, the noise scale, whether step t is
+collected), as optax and BlackJAX keep ``count`` in the state: :func:`pib_bayes.sample`'s chain
+groups and :class:`pib_bayes.pyro.LangevinKernel` read it (:func:`step_count`) and advance it once
+per step (:func:`count_step`); a checkpoint saves it as the group's step."""
+
+
+def step_count(state: KernelState) -> int:
+    """The steps ``state`` has taken: the index t of its next step (:data:`STEP`).
+
+    >>> state = {}
+    >>> step_count(state), count_step(state), count_step(state), step_count(state)
+    (0, 1, 2, 2)
+    """
+    return state.get(STEP, 0)
+
+
+def count_step(state: KernelState) -> int:
+    """Count one step of ``state`` (t <- t + 1, :data:`STEP`) and return the new count."""
+    t = state[STEP] = state.get(STEP, 0) + 1
+    return t
 
 SCRATCH = "scratch"
 """The state entry holding a kernel's scratch buffers (a :class:`Workspace`, made by :func:`scratch_of`
@@ -529,6 +554,9 @@ class Kernel:
         if SCRATCH in self.state_names:
             raise ValueError(f"Kernel {self.name!r}: state_names: {SCRATCH!r} is reserved for scratch "
                              "buffers (see scratch_of); name the state buffer otherwise")
+        if STEP in self.state_names:
+            raise ValueError(f"Kernel {self.name!r}: state_names: {STEP!r} is reserved for the step count "
+                             "(see step_count); name the state buffer otherwise")
         w = [torch.zeros(0)]
         _check_callable(self.name, "init", self.init, (w,), {}, "init(params)")
         _check_callable(self.name, "step", self.step, (w, w, {}, 0.1, None, 1.0),
