@@ -123,6 +123,16 @@ def test_kernel_checks_its_callables_and_names_itself():
         Kernel("none", (), None, step)
     with pytest.raises(ValueError, match=r"Kernel 'r': state_names: 'scratch' is reserved"):
         Kernel("r", ("scratch",), init, step)
+    with pytest.raises(ValueError, match=r"Kernel 'r': state_names: 'step' is reserved for the step count"):
+        Kernel("r", ("step",), init, step)
+
+
+def test_the_step_count_lives_in_the_state():
+    from pib_bayes.samplers.core import STEP, count_step, step_count
+
+    a, b = {}, {STEP: 41}
+    assert step_count(a) == 0 and count_step(a) == 1 and a[STEP] == 1
+    assert count_step(b) == 42 and step_count(a) == 1  # each state counts its own steps
 
 
 def test_scratch_of_makes_one_workspace_per_state():
