@@ -24,6 +24,7 @@ import io
 import json
 import os
 import socket
+import stat
 import tempfile
 import time
 from collections.abc import Callable, Iterator
@@ -176,6 +177,21 @@ def is_stale(tag: str, path: str | os.PathLike) -> bool:
         return False
 
 
+def _umask() -> int:
+    """The process's umask, read without changing it where Linux reports it (os.umask can only be
+    read by setting it, which races with other threads creating files)."""
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[str]:
     """A temporary path to write ``path``'s new content to; on leaving the block it is fsynced and
@@ -198,6 +214,13 @@ def atomic_path(path: str | os.PathLike) -> Iterator[str]:
     os.close(fd)
     try:
         yield tmp
+        # mkstemp makes the file private (0600): give it the mode a plain open() would (0666 less the
+        # umask), or the mode of the file it replaces, so that a shared folder stays shared.
+        try:
+            mode = stat.S_IMODE(os.stat(path).st_mode)
+        except FileNotFoundError:
+            mode = 0o666 & ~_umask()
+        os.chmod(tmp, mode)
         fd = os.open(tmp, os.O_RDONLY)
         try:
             os.fsync(fd)
