@@ -192,6 +192,17 @@ def _umask() -> int:
     return mask
 
 
+def give_plain_mode(tmp: str | os.PathLike, target: str | os.PathLike) -> None:
+    """Give ``tmp`` (made private, 0600/0700, by mkstemp/mkdtemp) the mode ``target`` has, or else
+    the one a plain ``open``/``mkdir`` would give it (0666/0777 less the umask), before it is
+    renamed to ``target``: a file written into a shared folder stays readable by the others."""
+    try:
+        mode = stat.S_IMODE(os.stat(target).st_mode)
+    except FileNotFoundError:
+        mode = (0o777 if os.path.isdir(tmp) else 0o666) & ~_umask()
+    os.chmod(tmp, mode)
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[str]:
     """A temporary path to write ``path``'s new content to; on leaving the block it is fsynced and
@@ -214,13 +225,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[str]:
     os.close(fd)
     try:
         yield tmp
-        # mkstemp makes the file private (0600): give it the mode a plain open() would (0666 less the
-        # umask), or the mode of the file it replaces, so that a shared folder stays shared.
-        try:
-            mode = stat.S_IMODE(os.stat(path).st_mode)
-        except FileNotFoundError:
-            mode = 0o666 & ~_umask()
-        os.chmod(tmp, mode)
+        give_plain_mode(tmp, path)
         fd = os.open(tmp, os.O_RDONLY)
         try:
             os.fsync(fd)

@@ -417,7 +417,7 @@ def _empty(shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
 
 
 class _Chunked:
-    """One variable of a version-3 or later file: its chunks read raw and checked against their XXH3-64 digests."""
+    """One variable of a version-3 or later file: its chunks read raw, checked against their digests."""
 
     def __init__(self, path: Path, gname: str, name: str, ds: Any) -> None:
         _check_numeric(path, gname, name, ds)
