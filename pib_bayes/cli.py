@@ -74,15 +74,10 @@ def _atomic_write_text(path: Path, text: str) -> None:
 
 
 def _atomic_savefig(fig: Any, path: Path) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
+    from .io import atomic_path
+
+    with atomic_path(path) as tmp:
         fig.savefig(tmp, format=path.suffix.lstrip(".") or "png", dpi=110, bbox_inches="tight")
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def _write_csv(path: Path, header: list[str], rows: list[list[Any]]) -> None:
@@ -164,13 +159,14 @@ class _StagedDir:
                     shutil.rmtree(p, ignore_errors=True)
 
     def __enter__(self) -> Path:
-        from .io import writer_tag
+        from .io import give_plain_mode, writer_tag
 
         try:
             self.target.parent.mkdir(parents=True, exist_ok=True)
             self._sweep()
             self.tmp = Path(tempfile.mkdtemp(dir=self.target.parent,
                                              prefix=f".{self.target.name}.partial-{writer_tag()}-"))
+            give_plain_mode(self.tmp, self.target)
         except OSError as err:
             raise UsageError("output.dir", f"cannot create {self.target} ({err.strerror or err}); choose "
                              "a directory you can write to") from None
@@ -847,6 +843,7 @@ def _bounds_report(cfg: dict, post: Any, data: Any, delta: float) -> Any:
 
 def _diagnostic_plots(post: Any, run_dir: Path, data: Any, args: argparse.Namespace) -> list[str]:
     """trace.png, rank.png (ArviZ, via :mod:`pib_bayes.plots`) and energy.png of a run."""
+    from .io import give_plain_mode
     from .plots import plot_energy, plot_rank, plot_trace
 
     probe = data.x_test[:2] if len(data.y_test) else None
@@ -873,6 +870,7 @@ def _diagnostic_plots(post: Any, run_dir: Path, data: Any, args: argparse.Namesp
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 job(tmp)
+            give_plain_mode(tmp, run_dir / name)
             os.replace(tmp, run_dir / name)
         finally:
             if os.path.exists(tmp):

@@ -24,6 +24,7 @@ import io
 import json
 import os
 import socket
+import stat
 import tempfile
 import time
 from collections.abc import Callable, Iterator
@@ -176,6 +177,32 @@ def is_stale(tag: str, path: str | os.PathLike) -> bool:
         return False
 
 
+def _umask() -> int:
+    """The process's umask, read without changing it where Linux reports it (os.umask can only be
+    read by setting it, which races with other threads creating files)."""
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def give_plain_mode(tmp: str | os.PathLike, target: str | os.PathLike) -> None:
+    """Give ``tmp`` (made private, 0600/0700, by mkstemp/mkdtemp) the mode ``target`` has, or else
+    the one a plain ``open``/``mkdir`` would give it (0666/0777 less the umask), before it is
+    renamed to ``target``: a file written into a shared folder stays readable by the others."""
+    try:
+        mode = stat.S_IMODE(os.stat(target).st_mode)
+    except FileNotFoundError:
+        mode = (0o777 if os.path.isdir(tmp) else 0o666) & ~_umask()
+    os.chmod(tmp, mode)
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[str]:
     """A temporary path to write ``path``'s new content to; on leaving the block it is fsynced and
@@ -198,6 +225,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[str]:
     os.close(fd)
     try:
         yield tmp
+        give_plain_mode(tmp, path)
         fd = os.open(tmp, os.O_RDONLY)
         try:
             os.fsync(fd)

@@ -29,8 +29,8 @@ __all__ = [
     "DRAW_CHUNK_BYTES", "is_lazy_draws",
 ]
 
-FORMAT_VERSION = 3  # netCDF4/HDF5 (pib_bayes.store), per-chunk XXH3-64 digests
-READABLE_VERSIONS = (3, 2)  # 2: the same layout with fletcher32 chunks (read-only)
+FORMAT_VERSION = 4  # netCDF4/HDF5 (pib_bayes.store), per-chunk XXH3-64 digests, a trailer
+READABLE_VERSIONS = (4, 3, 2)  # 3: the structure record in a userblock; 2: fletcher32 chunks (read-only)
 LEGACY_FORMAT_VERSION = 1  # the PIBBAYES torch payload: read-only
 
 ENGINES = ("auto", "batched", "vmap", "loop")

@@ -1,6 +1,6 @@
 """Posterior files: netCDF4/HDF5 written through h5netcdf, read by xarray and ArviZ directly.
 
-Layout (format version 3)::
+Layout (format version 4)::
 
     /                      attrs: pib_bayes (JSON: kind, format_version, metadata, variable order),
                                   pib_bayes_blake2b (hex digest of that JSON)
@@ -15,12 +15,17 @@ sample_stats chunk holds one chain: ``(1, d, *param_shape)``, or a part of one d
 parameter), written and read whole with HDF5's direct chunk I/O (no filter), and its
 XXH3-64 digest (``xxhash``) is kept in the variable's attribute ``pib_bayes_xxh3`` (16 hex
 digits a chunk, chunks in C order of the chunk grid). The file is written with
-``libver="latest"``; its userblock holds the file's size, the byte ranges of the data chunks and a
-blake2b digest of every other byte (superblock, object headers, dimensions, attributes, the
-digests themselves, chunk indices), checked before HDF5 parses the file. A flipped byte therefore
-raises one :class:`~pib_bayes.io.FormatError` naming the file and, in a data chunk, the variable
-and the chunk. Only plain numeric arrays and JSON strings are read: nothing is unpickled.
-Version-2 files (the same layout, chunks checked by HDF5's fletcher32 filter instead) still load.
+``libver="latest"`` and starts with HDF5's own signature, so that xarray and ArviZ recognise it
+without being told the engine. After the HDF5 bytes comes a trailer: one JSON line with the size
+of the HDF5 part, the byte ranges of the data chunks and a blake2b digest of every other byte
+(superblock, object headers, dimensions, attributes, the digests themselves, chunk indices), then
+its length in 16 hex digits and :data:`TRAILER_MAGIC`; it is checked before HDF5 parses the file
+(HDF5 ignores bytes past the end of its own data). A flipped byte therefore raises one
+:class:`~pib_bayes.io.FormatError` naming the file and, in a data chunk, the variable and the
+chunk. Only plain numeric arrays and JSON strings are read: nothing is unpickled.
+Version-3 files (the same layout with that information in an HDF5 userblock before the HDF5
+bytes: xarray could not guess their engine) and version-2 files (chunks checked by HDF5's
+fletcher32 filter instead) still load.
 
 Dtypes are kept exactly: float16/32/64 and integers natively; bool as int8 with the attribute
 ``dtype = "bool"`` (the convention xarray decodes back to bool); bfloat16, which has no netCDF type,
@@ -48,7 +53,7 @@ from torch import Tensor
 from ._validate import is_int
 from .io import FormatError, atomic_path
 
-__all__ = ["CHUNK_BYTES", "UB_MAGIC", "LazyDraws", "write_store", "read_store"]
+__all__ = ["CHUNK_BYTES", "TRAILER_MAGIC", "UB_MAGIC", "LazyDraws", "write_store", "read_store"]
 
 CHUNK_BYTES = 4 * 2**20  # the largest chunk written (bytes); a chunk is the unit of integrity checks
 GROUPS = ("posterior", "sample_stats", "fixed", "divergences")
@@ -199,14 +204,8 @@ def write_store(path: str | os.PathLike, kind: str, format_version: int,
             src, scalar = _as_source(where, v)
             np_dtype, attrs = _attrs_for(where, src.dtype, scalar)
             variables.append((gname, name, where, src, np_dtype, attrs))
-    n_chunks = sum(math.prod(math.ceil(a / c) for a, c in
-                             zip(src.shape, _chunks(src.shape, dt.itemsize, _lead(g)), strict=True))
-                   for g, _, _, src, dt, _ in variables if math.prod(src.shape))
-    userblock = 512
-    while userblock < 256 + 32 * n_chunks:
-        userblock *= 2
     with atomic_path(path) as tmp:
-        with h5netcdf.File(tmp, "w", libver="latest", track_order=True, userblock_size=userblock) as f:
+        with h5netcdf.File(tmp, "w", libver="latest", track_order=True) as f:
             f.attrs["pib_bayes"] = header
             f.attrs["pib_bayes_blake2b"] = hashlib.blake2b(header.encode()).hexdigest()
             grps = {}
@@ -239,13 +238,13 @@ def write_store(path: str | os.PathLike, kind: str, format_version: int,
                         var.attrs[DIGEST_ATTR] = _write_chunks(var._h5ds, src, np_dtype, chunk)
                     except TypeError as err:
                         raise TypeError(f"{where}: {err}") from None
-        _seal(tmp, userblock)
+        _seal(tmp)
 
 
-def _seal(tmp: str, userblock: int) -> None:
-    """Write the userblock: the file's size, the byte ranges of its data chunks (checked by their
-    own fletcher32 sums) and a blake2b digest of every other byte (the HDF5 structure), so that a
-    damaged structure is refused before HDF5 parses it."""
+def _seal(tmp: str) -> None:
+    """Append the trailer: the size of the HDF5 part, the byte ranges of its data chunks (checked by
+    their own XXH3-64 digests) and a blake2b digest of every other byte (the HDF5 structure), so that
+    a damaged structure is refused before HDF5 parses it."""
     import h5py
 
     chunks: list[list[int]] = []
@@ -259,16 +258,21 @@ def _seal(tmp: str, userblock: int) -> None:
     chunks.sort()
     size = os.path.getsize(tmp)
     with open(tmp, "r+b") as fh:
-        digest = _structure_digest(fh, userblock, size, chunks)
-        block = _userblock_bytes({"userblock": userblock, "size": size, "structure_blake2b": digest,
-                                  "chunks": chunks})
-        if len(block) > userblock:  # pragma: no cover - sized from the chunk count above
-            raise RuntimeError("pib_bayes.store: userblock too small")
-        fh.seek(0)
-        fh.write(block.ljust(userblock, b"\0"))
+        digest = _structure_digest(fh, 0, size, chunks)
+        body = _trailer_json({"hdf5_size": size, "structure_blake2b": digest, "chunks": chunks})
+        fh.seek(size)
+        fh.write(body + f"{len(body):016x}".encode() + TRAILER_MAGIC)
 
 
-UB_MAGIC = b"PIBBAYES-NETCDF\n"
+TRAILER_MAGIC = b"PIBBAYES-NC4-END"  # the last 16 bytes of a format-4 file
+_FOOTER = 16 + len(TRAILER_MAGIC)  # the trailer's length in hex digits, then the magic
+
+
+def _trailer_json(info: dict[str, Any]) -> bytes:
+    return json.dumps(info, sort_keys=True, separators=(",", ":")).encode()
+
+
+UB_MAGIC = b"PIBBAYES-NETCDF\n"  # the first bytes of a format-3 file (read-only)
 
 
 def _userblock_bytes(info: dict[str, Any]) -> bytes:
@@ -285,47 +289,93 @@ def _structure_digest(fh: Any, start: int, size: int, chunks: list[list[int]]) -
     return h.hexdigest()
 
 
-_MAX_USERBLOCK = 2**30  # a header line longer than this is not one this library wrote
+_MAX_USERBLOCK = 2**30  # a structure record longer than this is not one this library wrote
 
 
 def _check_structure(path: Path, size: int) -> None:
     """Refuse a file whose HDF5 structure (everything but the data chunks) is not byte-exact."""
     with open(path, "rb") as fh:
-        head = fh.read(65536)
-        if not head.startswith(UB_MAGIC):
+        head = fh.read(len(UB_MAGIC))
+        if head.startswith(UB_MAGIC):  # format 3 (and 2): the information in a userblock
+            _check_userblock(path, fh, size)
+            return
+        if not head.startswith(HDF5_SIGNATURE):
             raise FormatError(f"{path}: not a pib_bayes file (bad magic bytes)")
-        nl = head.find(b"\n", len(UB_MAGIC))
-        while nl < 0 and len(head) < min(size, _MAX_USERBLOCK):  # a store of many chunks: a longer header
-            more = fh.read(len(head))
-            if not more:
-                break
-            head += more
-            nl = head.find(b"\n", len(UB_MAGIC))
+        if size < len(HDF5_SIGNATURE) + _FOOTER:
+            raise FormatError(f"{path}: truncated file (no pib_bayes trailer)")
+        fh.seek(size - _FOOTER)
+        footer = fh.read(_FOOTER)
+        if footer[16:] != TRAILER_MAGIC:
+            raise FormatError(f"{path}: no pib_bayes trailer at its end (truncated, or bytes appended, "
+                              "or not a pib_bayes file): the file is corrupt")
+        length_hex = footer[:16]
+        if not all(c in b"0123456789abcdef" for c in length_hex) or int(length_hex, 16) > min(
+                size - _FOOTER, _MAX_USERBLOCK):
+            raise FormatError(f"{path}: corrupt trailer (its length)")
+        n = int(length_hex, 16)
+        fh.seek(size - _FOOTER - n)
+        body = fh.read(n)
         try:
-            info = json.loads(head[len(UB_MAGIC):nl]) if nl > 0 else None
+            info = json.loads(body)
         except (json.JSONDecodeError, UnicodeDecodeError, RecursionError):
             info = None
-        ok = (isinstance(info, dict) and isinstance(info.get("userblock"), int)
-              and isinstance(info.get("size"), int))
+        ok = isinstance(info, dict) and is_int(info.get("hdf5_size")) and isinstance(
+            info.get("structure_blake2b"), str)
         chunks = info.get("chunks") if ok else None
         ok = ok and isinstance(chunks, list) and all(
-            isinstance(c, list) and len(c) == 2
-            and all(isinstance(v, int) and not isinstance(v, bool) for v in c) for c in chunks)
-        if ok and len(head) < info["userblock"] <= min(size, _MAX_USERBLOCK):
-            head += fh.read(info["userblock"] - len(head))
-        if not ok or head[:info["userblock"]] != _userblock_bytes(info).ljust(info["userblock"], b"\0"):
-            raise FormatError(f"{path}: corrupt header (the userblock is damaged)")
-        if info["size"] != size:
-            raise FormatError(f"{path}: size mismatch: the file has {size} bytes, its header says "
-                              f"{info['size']} (truncated, or bytes appended): the file is corrupt")
-        pos = info["userblock"]
-        for off, n in chunks:
-            if off < pos or n < 0 or off + n > size:
-                raise FormatError(f"{path}: corrupt header (chunk ranges)")
-            pos = off + n
-        if _structure_digest(fh, info["userblock"], size, chunks) != info.get("structure_blake2b"):
-            raise FormatError(f"{path}: checksum mismatch in the HDF5 structure (dimensions, attributes, "
-                              "indices): the file is corrupt")
+            isinstance(c, list) and len(c) == 2 and all(is_int(v) for v in c) for c in chunks)
+        if not ok or body != _trailer_json(info):
+            raise FormatError(f"{path}: corrupt trailer (the pib_bayes structure record is damaged)")
+        if info["hdf5_size"] + n + _FOOTER != size:
+            raise FormatError(f"{path}: size mismatch: the file has {size} bytes, its trailer says "
+                              f"{info['hdf5_size'] + n + _FOOTER} (truncated, or bytes inserted): the file "
+                              "is corrupt")
+        _check_digest(path, fh, 0, info["hdf5_size"], chunks, info["structure_blake2b"])
+
+
+HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"
+
+
+def _check_digest(path: Path, fh: Any, start: int, end: int, chunks: list[list[int]], digest: Any) -> None:
+    pos = start
+    for off, n in chunks:
+        if off < pos or n < 0 or off + n > end:
+            raise FormatError(f"{path}: corrupt header (chunk ranges)")
+        pos = off + n
+    if _structure_digest(fh, start, end, chunks) != digest:
+        raise FormatError(f"{path}: checksum mismatch in the HDF5 structure (dimensions, attributes, "
+                          "indices): the file is corrupt")
+
+
+def _check_userblock(path: Path, fh: Any, size: int) -> None:
+    """The structure check of a format-3 file: its record is a JSON line in the HDF5 userblock."""
+    fh.seek(0)
+    head = fh.read(65536)
+    nl = head.find(b"\n", len(UB_MAGIC))
+    while nl < 0 and len(head) < min(size, _MAX_USERBLOCK):  # a store of many chunks: a longer header
+        more = fh.read(len(head))
+        if not more:
+            break
+        head += more
+        nl = head.find(b"\n", len(UB_MAGIC))
+    try:
+        info = json.loads(head[len(UB_MAGIC):nl]) if nl > 0 else None
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError):
+        info = None
+    ok = (isinstance(info, dict) and isinstance(info.get("userblock"), int)
+          and isinstance(info.get("size"), int))
+    chunks = info.get("chunks") if ok else None
+    ok = ok and isinstance(chunks, list) and all(
+        isinstance(c, list) and len(c) == 2
+        and all(isinstance(v, int) and not isinstance(v, bool) for v in c) for c in chunks)
+    if ok and len(head) < info["userblock"] <= min(size, _MAX_USERBLOCK):
+        head += fh.read(info["userblock"] - len(head))
+    if not ok or head[:info["userblock"]] != _userblock_bytes(info).ljust(info["userblock"], b"\0"):
+        raise FormatError(f"{path}: corrupt header (the userblock is damaged)")
+    if info["size"] != size:
+        raise FormatError(f"{path}: size mismatch: the file has {size} bytes, its header says "
+                          f"{info['size']} (truncated, or bytes appended): the file is corrupt")
+    _check_digest(path, fh, info["userblock"], size, chunks, info.get("structure_blake2b"))
 
 
 def _read_dataset(path: Path, gname: str, name: str, ds: Any) -> np.ndarray:
@@ -367,7 +417,7 @@ def _empty(shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
 
 
 class _Chunked:
-    """One version-3 variable: its chunks read raw and checked against their XXH3-64 digests."""
+    """One variable of a version-3 or later file: its chunks read raw, checked against their digests."""
 
     def __init__(self, path: Path, gname: str, name: str, ds: Any) -> None:
         _check_numeric(path, gname, name, ds)
@@ -613,9 +663,7 @@ class LazyDraws(Mapping[str, Tensor]):
     def __init__(self, path: str | os.PathLike, group: str = "posterior", *, kind: str = "posterior",
                  supported_versions: tuple[int, ...] | None = None) -> None:
         if supported_versions is None:
-            from .posterior import FORMAT_VERSION
-
-            supported_versions = (FORMAT_VERSION, 2)
+            from .posterior import READABLE_VERSIONS as supported_versions
         self.path = Path(path)
         self._f, header, self.version = _open(self.path, kind, supported_versions)
         self.group = group

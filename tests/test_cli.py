@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 
-from pib_bayes import Posterior
+from pib_bayes import Posterior, cli
 from pib_bayes.cli import EXIT_FAILED, EXIT_OK, EXIT_USAGE, iiw_peak, main
 from pib_bayes.config import ConfigError, build_model, load_data, validate_config
 from pib_bayes.mnist import write_idx
@@ -463,3 +463,19 @@ def test_sample_killed_then_resumed_gives_the_uninterrupted_draws(tmp_path):
     b = Posterior.load(tmp_path / "runs" / "b" / "posterior.pt")
     for k in a.draws:
         assert torch.equal(a.draws[k], b.draws[k]), k
+
+
+def test_a_run_directory_and_its_files_get_the_modes_a_plain_mkdir_and_open_give(tmp_path):
+    """The run directory is staged in a private mkdtemp folder (0700); what a colleague finds is
+    0777/0666 less the umask (here 0o022: 0755 and 0644), not the private modes."""
+    import stat as st
+
+    old = os.umask(0o022)
+    try:
+        with cli._StagedDir(tmp_path / "run", overwrite=False) as d:
+            (d / "x.txt").write_text("x")
+            cli._atomic_write_text(d / "y.txt", "y")
+    finally:
+        os.umask(old)
+    assert st.S_IMODE(os.stat(tmp_path / "run").st_mode) == 0o755
+    assert st.S_IMODE(os.stat(tmp_path / "run" / "y.txt").st_mode) == 0o644

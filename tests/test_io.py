@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import json
 import os
+import stat
 
 import pytest
 import torch
 
+from pib_bayes import Posterior
 from pib_bayes.io import MAGIC, FormatError, atomic_write_bytes, load_payload, save_payload
 
 
@@ -82,3 +84,21 @@ def test_pickled_code_in_a_payload_does_not_run(tmp_path):
     with pytest.raises(FormatError):
         load_payload(path, "posterior", (2,))
     assert not (tmp_path / "ran").exists()
+
+
+@pytest.mark.parametrize("umask, expected", [(0o022, 0o644), (0o027, 0o640), (0o077, 0o600)])
+def test_written_files_get_the_mode_a_plain_open_gives_not_mkstemps_private_one(tmp_path, umask, expected):
+    """A posterior saved into a shared folder is readable as the umask allows (a plain ``open``'s
+    0666 & ~umask), not 0600 as the temporary file it is renamed from (the 0o022 case would fail
+    on a private file); overwriting keeps the mode the old file had."""
+    old = os.umask(umask)
+    try:
+        atomic_write_bytes(tmp_path / "a.bin", b"x")
+        Posterior({"w": torch.zeros(1, 2, 3)}, {}, {"task": "regression"}).save(tmp_path / "p.nc")
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(os.stat(tmp_path / "a.bin").st_mode) == expected
+    assert stat.S_IMODE(os.stat(tmp_path / "p.nc").st_mode) == expected
+    os.chmod(tmp_path / "p.nc", 0o604)
+    Posterior({"w": torch.ones(1, 2, 3)}, {}, {"task": "regression"}).save(tmp_path / "p.nc")
+    assert stat.S_IMODE(os.stat(tmp_path / "p.nc").st_mode) == 0o604
