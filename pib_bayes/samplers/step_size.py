@@ -23,22 +23,27 @@ minibatches concatenated into one. Each kernel carries a :class:`CurvatureRule` 
   ``gamma = sqrt(lambda_max)`` (damping ratio 1/2 in the stiffest direction), i.e.
   ``alpha = sqrt(eta lambda_max)``, unless ``friction`` is given; both equations together are a
   quadratic in ``s = sqrt(eta lambda_max)``: ``s^2 + 2 k s - 4 k = 0`` with ``k = eps / (1 + eps)``.
-  *Wide spectra* (``lambda_max > 4 lambda_low``): the friction is capped at critical damping of the
-  slowest direction, ``alpha = min(sqrt(eta lambda_max), 2 sqrt(eta lambda_low))``. Per step a
-  harmonic direction of curvature lambda oscillates at ``omega = sqrt(eta lambda)``; its second
-  moments relax in about ``1 / alpha`` steps when underdamped (``alpha < 2 omega``) and in about
-  ``alpha / (2 omega^2)`` when overdamped, so over ``[lambda_low, lambda_max]`` the slowest relaxation
-  is smallest at ``alpha = 2 omega_min``: about ``1 / (2 omega_min)`` steps, ``omega_min =
-  sqrt(eta lambda_low)``, against ``alpha / (2 eta lambda_low)`` at the stiffest-direction friction
-  and ``1 / (2 h lambda_low)`` for SGLD. ``lambda_low = max(lambda_prior, theta_min)``: the prior
-  precision ``lambda_prior = min_j 1 / sigma_0j^2`` of a :class:`~pib_bayes.GaussianPrior` (the
-  curvature of the directions the data do not constrain, known exactly) and ``theta_min``, the
-  smallest Ritz value of a Lanczos run on the same Hessian-vector products
-  (:func:`lanczos_extremes`; ``theta_min >= lambda_min``, so a short run errs towards more
-  friction). With ``s = sqrt(eta)`` the capped branch solves
-  ``lambda_max s^2 + 4 k sqrt(lambda_low) s - 4 k = 0``; eta still meets the bias bound
-  ``eta lambda_max = 2 (2 - alpha) eps / (1 + eps)`` exactly (the stiff directions are then
-  underdamped, and the 2x2 Lyapunov variance above holds for any alpha).
+  *Wide spectra* (``lambda_max`` above about ``3.2 lambda_low`` at eps = 0.05): the friction is
+  capped at critical damping of the slowest direction,
+  ``alpha = min(sqrt(eta lambda_max), 2 omega_min - omega_min^2)``, ``omega_min = sqrt(eta lambda_low)``.
+  Per step a harmonic direction of curvature lambda oscillates at ``omega = sqrt(eta lambda)``; the
+  2x2 recursion's eigenvalues have modulus ``sqrt(1 - alpha)`` when underdamped (second moments
+  relax in about ``1 / alpha`` steps) and the slower one is about ``1 - omega^2 / alpha`` when
+  overdamped (about ``alpha / (2 omega^2)`` steps), so over ``[lambda_low, lambda_max]`` the slowest
+  relaxation is shortest where the slowest direction is critically damped: a double eigenvalue
+  ``1 - omega_min`` at ``alpha = 2 omega_min - omega_min^2`` (``2 sqrt(eta lambda_low)`` to first
+  order), about ``1 / (2 omega_min)`` steps for second moments, against ``alpha / (2 eta lambda_low)``
+  at the stiffest-direction friction and ``1 / (2 h lambda_low)`` for SGLD.
+  ``lambda_low = max(lambda_prior, theta_min)``: the prior precision ``lambda_prior = min_j 1 /
+  sigma_0j^2`` of a :class:`~pib_bayes.GaussianPrior` (the curvature of the directions the data do not
+  constrain, known exactly) and ``theta_min``, the smallest Ritz value of a Lanczos run on the same
+  Hessian-vector products (:func:`lanczos_extremes`; ``theta_min >= lambda_min``, so a short run errs
+  towards more friction). With ``r = sqrt(eta)`` the capped branch solves
+  ``(lambda_max - 2 k lambda_low) r^2 + 4 k sqrt(lambda_low) r - 4 k = 0``; eta still meets the bias
+  bound ``eta lambda_max = 2 (2 - alpha) eps / (1 + eps)`` exactly (the stiff directions are then
+  underdamped, and the 2x2 Lyapunov variance above holds for any alpha). The harmonic picture is a
+  prediction for the prior-dominated directions; on a network's non-convex energy the energy's
+  autocorrelation time is measured longer (docs/samplers.md).
 * SGNHT (time step h, diffusion A): the thermostat holds the mean of Var(p) at 1, so the relative
   variance bias is ``-h x / 2`` (x ~ A, under-dispersion) plus about ``h^2 lambda_max / 4`` in the
   stiffest direction; ``h = min(eps / A, sqrt(2 eps / lambda_max))`` holds each to eps / 2.
@@ -116,12 +121,14 @@ def _sghmc_choose(lam_max: float, eps: float, given: Mapping[str, Any],
         alpha = float(given["friction"])
         return {"step_size": 2.0 * (2.0 - alpha) * k / lam_max, "friction": alpha}
     s = -k + math.sqrt(k * k + 4.0 * k)  # s = sqrt(eta lambda_max) = alpha
-    if lambda_low is not None and 0.0 < lambda_low and 4.0 * lambda_low < lam_max:
-        # critical damping of the slowest direction, alpha = 2 sqrt(eta lambda_low), with
-        # eta lambda_max = 2 (2 - alpha) k: lambda_max r^2 + 4 k sqrt(lambda_low) r - 4 k = 0, r = sqrt(eta)
-        c = 2.0 * k * math.sqrt(lambda_low)
-        r = (-c + math.sqrt(c * c + 4.0 * k * lam_max)) / lam_max
-        alpha = 2.0 * r * math.sqrt(lambda_low)
+    if lambda_low is not None and 0.0 < lambda_low < lam_max:
+        # critical damping of the slowest direction: alpha = 2 w - w^2, w = r sqrt(lambda_low), r = sqrt(eta),
+        # with eta lambda_max = 2 (2 - alpha) k: (lambda_max - 2 k lambda_low) r^2 + 4 k sqrt(lambda_low) r
+        # - 4 k = 0
+        a2, c = lam_max - 2.0 * k * lambda_low, 2.0 * k * math.sqrt(lambda_low)
+        r = (-c + math.sqrt(c * c + 4.0 * k * a2)) / a2
+        w = r * math.sqrt(lambda_low)
+        alpha = 2.0 * w - w * w
         if alpha < s:
             return {"step_size": r * r, "friction": min(alpha, 1.0)}
     return {"step_size": s * s / lam_max, "friction": min(s, 1.0)}
@@ -336,7 +343,7 @@ def lanczos_extremes(hvp: Callable[[list[Tensor]], list[Tensor]], like: Sequence
     [lambda_min, lambda_max] and the smallest one decreases with k (Cauchy interlacing), so
     ``lambda_min`` here is an *upper* bound of the true bottom that tightens with more products; the
     bottom Ritz pair's residual ``|beta_(k+1) s_k|`` is the distance within which some eigenvalue lies.
-    Far fewer products than power iteration on ``c I - H`` for the bottom of a wide spectrum.
+    Both ends come from one run (power iteration on ``c I - H`` would need its own run for the bottom).
 
     Stops after ``max_iters`` products; when the bottom Ritz value moves by less than ``tol``
     relatively (after ``min_iters``); at an invariant subspace (``beta ~ 0``: exact); or, with
