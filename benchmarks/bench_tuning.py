@@ -147,7 +147,7 @@ def _net_check(quick: bool, warmup: int | None = None, samplers: tuple[str, ...]
     rows = []
     models = _net_models()
     batch = "full batch" if batch_size is None else f"batch {batch_size}"
-    cases = [(f"{name} {sampler} {warmup}+{draws} {batch}", model, data, sampler)
+    cases = [(f"{name} sampler={sampler} {warmup}+{draws} {batch}", model, data, sampler)
              for name, model, data in models for sampler in samplers]
     for name, model, data, sampler in cases:
         start = time.process_time()
