@@ -723,3 +723,25 @@ def test_lanczos_bottom_is_an_upper_bound_of_lambda_min_within_its_residual():
     neg = q @ torch.diag(torch.cat([torch.tensor([-20.0]), lam[1:]])) @ q.T
     got = lanczos_extremes(lambda v: [neg @ v[0]], [torch.zeros(300)], floor=1.0)
     assert got.lambda_min <= 1.0 and got.stopped == "at or below the floor"
+
+
+def test_sghmc_friction_without_a_known_floor_keeps_the_stiffest_direction_rule_on_negative_curvature():
+    """A prior that is not a GaussianPrior has no known precision floor; at a tanh MLP's initial weights
+    the Lanczos bottom is negative, so lambda_low is unknown and the friction stays sqrt(eta lambda_max)
+    (said in the metadata); the same net under GaussianPrior(1) takes the floor 1 and the capped friction."""
+
+    class PlainNormal:  # N(0, 1) through log_prob only (the autograd path, no closed form)
+        def log_prob(self, params):
+            return sum(-(w * w).sum() / 2 for w in params.values())
+
+    x, y = pb.data.make_classification_data(n=200, num_classes=3, seed=0)
+    torch.manual_seed(0)
+    mlp = nn.Sequential(nn.Linear(2, 16), nn.Tanh(), nn.Linear(16, 3))
+    kw = dict(beta=1 / 200, sampler="sghmc")
+    plain = auto_step_size(mlp, "cross_entropy", (x.double(), y), prior=PlainNormal(), **kw)
+    assert plain["lambda_low"] is None and plain["spectrum_bottom"]["from"] == "unknown"
+    assert plain["spectrum_bottom"]["theta_min"] < 0 and plain["spectrum_bottom"]["prior_precision"] is None
+    assert plain["settings"] == {"friction": SGHMC_RULE.choose(plain["lambda_max"], 0.05, {})["friction"]}
+    gauss = auto_step_size(mlp, "cross_entropy", (x.double(), y), prior=pb.GaussianPrior(std=1.0), **kw)
+    assert gauss["lambda_low"] == 1.0 and gauss["spectrum_bottom"]["from"] == "prior precision"
+    assert gauss["settings"]["friction"] < plain["settings"]["friction"] / 5
