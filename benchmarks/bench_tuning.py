@@ -45,7 +45,9 @@ import pib_bayes as pb
 # lambda_max and the friction capped at critical damping of the slowest direction, whose curvature is the
 # prior precision 1 on these nets (the minibatch Hessian has negative curvature at the initial weights,
 # so the Lanczos bottom falls below that floor at once). At the initial weights: MLP lambda_max 1450,
-# eta 1.30e-4, friction 0.0228; CNN lambda_max 9251, eta 2.05e-5, friction 0.0091. Full batch: the
+# eta 1.30e-4, friction 0.0228; CNN lambda_max 9251, eta 2.05e-5, friction 0.0091 (auto_step_size on the
+# full data; the driver's own draw gives 1457 / 9262, and the discrete form of the cap, 2w - w^2, adopted
+# in the next commit from theory, friction 0.0226 / 0.0090). Full batch: the
 # low friction makes the noise gain eta/alpha 5.7e-3 / 2.3e-3 (60x / 25x SGLD's auto step), and the
 # earlier friction-0.02 runs at batch 100 predicted 11.5%-680% covariance inflation. Predicted before
 # the run: energy relaxation ~1/alpha = 44 (MLP) / 110 (CNN) steps, split R-hat about
