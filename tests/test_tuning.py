@@ -594,3 +594,154 @@ def test_adapt_sghmc_rescales_the_momentum_so_the_kinetic_energy_stays_thermal(m
     monkeypatch.setattr(_AutoAdapter, "momentum_ratio", lambda self: 1.0)  # the wrong variant
     wrong, wrong_se = kinetic_per_weight(run())
     assert not lo - 4 * wrong_se <= wrong <= hi + 4 * wrong_se, (wrong, wrong_se, lo, hi)
+
+
+# ---- SGHMC's friction on a wide spectrum (issue 21 (c)) --------------------------------------------
+
+
+def _sghmc_matrix(eta_lam, alpha):
+    """SGHMC on a harmonic direction, (w, v) -> M (w, v) + (1, 1) sqrt(2 alpha eta) xi (w <- w + v')."""
+    return np.array([[1 - eta_lam, 1 - alpha], [-eta_lam, 1 - alpha]])
+
+
+def test_sghmc_rule_caps_the_friction_at_critical_damping_of_the_slowest_direction():
+    """A wide spectrum: alpha = 2 w - w^2, w = sqrt(eta lambda_low), is a double eigenvalue 1 - w of the
+    slowest direction's 2x2 recursion (critical damping) while eta still meets the exact bias bound in
+    the stiffest direction; continuous-time critical damping alpha = 2 w (the would-be bug) leaves two
+    eigenvalues. A narrow spectrum (lambda_max / lambda_low below about 3.2 at eps = 0.05) or no
+    lambda_low: the stiffest-direction rule as before."""
+    lam, eps = 1000.0, 0.05
+    s = SGHMC_RULE.choose(lam, eps, {}, lambda_low=1.0)
+    eta, alpha = s["step_size"], s["friction"]
+    w = math.sqrt(eta * 1.0)
+    assert alpha == pytest.approx(2 * w - w * w, rel=1e-12)
+    q = 2 * alpha * eta * np.ones((2, 2))
+    bias = sl.solve_discrete_lyapunov(_sghmc_matrix(eta * lam, alpha), q)[0, 0] * lam - 1
+    assert bias == pytest.approx(eps)
+    ev = np.linalg.eigvals(_sghmc_matrix(eta * 1.0, alpha))
+    assert abs(ev[0] - ev[1]) < 1e-6 and abs(ev[0] - (1 - w)) < 1e-6
+    ev = np.linalg.eigvals(_sghmc_matrix(eta * 1.0, 2 * w))  # the twin: a split of about 2 w^1.5
+    assert abs(ev[0] - ev[1]) > 1e-3
+    old = SGHMC_RULE.choose(lam, eps, {})
+    assert SGHMC_RULE.choose(lam, eps, {}, lambda_low=400.0) == old  # kappa = 2.5: the cap does not bind
+    assert SGHMC_RULE.choose(lam, eps, {}, lambda_low=300.0)["friction"] < old["friction"]  # 3.3: it does
+    assert SGHMC_RULE.choose(lam, eps, {}, lambda_low=None) == old
+    assert SGHMC_RULE.choose(lam, eps, {"friction": 0.3}, lambda_low=1.0)["friction"] == 0.3
+    assert alpha < old["friction"] / 10
+
+
+def _wide_spectrum_linear(d_flat=2000, n=50, lam_max=1000.0):
+    """Gaussian-linear posterior with precision diag(1, ..., 1, lam_max): d_flat coordinates the data
+    do not touch (curvature = the prior precision 1) and one the data pin (beta = 1/n, s = 1, y = 0)."""
+    x = torch.zeros(n, d_flat + 1)
+    x[:, -1] = math.sqrt((lam_max - 1.0) / n)
+    model = nn.Linear(d_flat + 1, 1, bias=False)
+    with torch.no_grad():
+        model.weight.zero_()
+    return model, x, torch.zeros(n, 1)
+
+
+def _exact_variance(eta_lam, alpha, eta, steps):
+    """Var(w_t) from w_0 = v_0 = 0 for steps 1..steps, and the stationary variance (exact recursion)."""
+    m, q = _sghmc_matrix(eta_lam, alpha), 2 * alpha * eta * np.ones((2, 2))
+    cov, out = np.zeros((2, 2)), []
+    for _ in range(steps):
+        cov = m @ cov @ m.T + q
+        out.append(cov[0, 0])
+    return np.array(out), sl.solve_discrete_lyapunov(m, q)[0, 0]
+
+
+def test_sampler_auto_relaxes_the_prior_directions_in_the_predicted_few_over_omega_steps():
+    """Precision spectrum {1 (x 2000), 1000}: the rule's friction (lambda_low = the prior precision 1
+    from the Lanczos bottom) relaxes the flat directions from w = 0 in about 1/omega_min steps,
+    omega_min = sqrt(eta): after T = 4/omega_min steps Var(w) over 2000 coordinates x 4 chains matches
+    the exact recursion within 5 Monte-Carlo s.e. (s.e. = sigma_t^2 sqrt(2/N)) and is >= 95% of its
+    stationary value. Twin: the stiffest-direction friction (the rule before the cap) matches its own
+    exact recursion too, but is overdamped on the flat directions (relaxation alpha/(2 eta) steps) and
+    still far from stationary at T."""
+    model, x, y = _wide_spectrum_linear()
+    kw = dict(beta=1 / x.shape[0], prior=pb.GaussianPrior(std=1.0), step_size="auto", num_chains=4,
+              num_warmup=0, seed=3)
+    got = auto_step_size(model, "gaussian", (x, y), beta=1 / x.shape[0], prior=pb.GaussianPrior(std=1.0),
+                         sampler="sghmc")
+    eta = got["step_size"]
+    steps = int(math.ceil(4 / math.sqrt(eta)))
+    post = pb.sample(model, "gaussian", (x, y), sampler="auto", num_draws=steps, **kw)
+    info = post.metadata["step_size_auto"]
+    assert abs(info["lambda_max"] - 1000.0) < 1e-6 and abs(info["lambda_low"] - 1.0) < 1e-6
+    alpha = post.metadata["sampler_settings"]["friction"]
+    assert info["step_size"] == eta and alpha == pytest.approx(2 * math.sqrt(eta) - eta, rel=1e-9)
+    assert info["damping_ratio"]["slowest"] == pytest.approx(1 - math.sqrt(eta) / 2, rel=1e-9)
+    stiff = SGHMC_RULE.choose(1000.0, 0.05, {})  # the twin: friction from the stiffest direction only
+    twin = pb.sample(model, "gaussian", (x, y), sampler="sghmc", num_draws=steps,
+                     sampler_kwargs={"friction": stiff["friction"]},
+                     **{**kw, "step_size": stiff["step_size"]})
+    cases = ((post, eta, alpha, True), (twin, stiff["step_size"], stiff["friction"], False))
+    for p, e, a, must_relax in cases:
+        flat = p.draws["weight"][:, :, 0, :-1].numpy()  # (chain, draw, coordinate)
+        pred, stationary = _exact_variance(e * 1.0, a, e, steps)
+        for t in (steps // 4, steps // 2, steps - 1):
+            measured = float((flat[:, t] ** 2).mean())
+            se = pred[t] * math.sqrt(2 / flat[:, t].size)
+            assert abs(measured - pred[t]) < 5 * se, (must_relax, t, measured, pred[t], se)
+        relaxed = float((flat[:, -1] ** 2).mean()) >= 0.95 * stationary
+        assert relaxed == must_relax, (must_relax, float((flat[:, -1] ** 2).mean()), stationary)
+
+
+def test_sampler_auto_keeps_the_stiffest_direction_friction_on_a_narrow_spectrum():
+    """The Gaussian-linear benchmark's regime (lambda_max / lambda_min ~ 1.3 < 4): the cap does not bind,
+    the friction is sqrt(eta lambda_max) (damping ratio 1/2 at the top) as before, and the metadata say
+    where lambda_low came from (the Lanczos bottom, above the prior precision 1)."""
+    x, y = _linear_data(n=300, d=3)
+    post = pb.sample(_model(3), pb.GaussianLoss(1.0), (x, y), beta=1 / 300, prior=pb.GaussianPrior(std=1.0),
+                     step_size="auto", sampler="auto", num_chains=2, num_warmup=5, num_draws=5)
+    info = post.metadata["step_size_auto"]
+    _, prec = _posterior(x, y, 1 / 300)
+    lam = torch.linalg.eigvalsh(prec)
+    assert info["spectrum_bottom"]["from"] == "Lanczos" and info["spectrum_bottom"]["prior_precision"] == 1.0
+    assert abs(info["lambda_low"] - float(lam[0])) < 1e-6 * float(lam[-1])  # 3 dims: Lanczos is exact
+    assert info["damping_ratio"]["stiffest"] == pytest.approx(0.5, rel=1e-9)
+    before = SGHMC_RULE.choose(info["lambda_max"], 0.05, {})  # the rule without lambda_low
+    assert info["step_size"] == before["step_size"]
+    assert post.metadata["sampler_settings"] == info["settings"] == {"friction": before["friction"]}
+
+
+def test_lanczos_bottom_is_an_upper_bound_of_lambda_min_within_its_residual():
+    """Ritz values lie inside the spectrum: theta_min >= lambda_min, and some eigenvalue lies within the
+    residual of theta_min; 40 products put theta_min inside the bottom cluster; a spectrum with a
+    negative eigenvalue is found below a floor of 1 and stops there."""
+    from pib_bayes.samplers.step_size import lanczos_extremes
+
+    g = torch.Generator().manual_seed(0)
+    q, _ = torch.linalg.qr(torch.randn(300, 300, generator=g))
+    lam = torch.cat([torch.linspace(1.0, 5.0, 200), torch.linspace(50.0, 3000.0, 100)])
+    h = q @ torch.diag(lam) @ q.T
+    got = lanczos_extremes(lambda v: [h @ v[0]], [torch.zeros(300)], max_iters=40, min_iters=10)
+    assert got.lambda_min >= 1.0 - 1e-9 and got.lambda_max <= 3000.0 + 1e-6
+    assert float((lam - got.lambda_min).abs().min()) <= got.residual + 1e-9
+    assert got.lambda_min < 5.0 and abs(got.lambda_max - 3000.0) < 1e-3  # inside the bottom cluster [1, 5]
+    neg = q @ torch.diag(torch.cat([torch.tensor([-20.0]), lam[1:]])) @ q.T
+    got = lanczos_extremes(lambda v: [neg @ v[0]], [torch.zeros(300)], floor=1.0)
+    assert got.lambda_min <= 1.0 and got.stopped == "at or below the floor"
+
+
+def test_sghmc_friction_without_a_known_floor_keeps_the_stiffest_direction_rule_on_negative_curvature():
+    """A prior that is not a GaussianPrior has no known precision floor; at a tanh MLP's initial weights
+    the Lanczos bottom is negative, so lambda_low is unknown and the friction stays sqrt(eta lambda_max)
+    (said in the metadata); the same net under GaussianPrior(1) takes the floor 1 and the capped friction."""
+
+    class PlainNormal:  # N(0, 1) through log_prob only (the autograd path, no closed form)
+        def log_prob(self, params):
+            return sum(-(w * w).sum() / 2 for w in params.values())
+
+    x, y = pb.data.make_classification_data(n=200, num_classes=3, seed=0)
+    torch.manual_seed(0)
+    mlp = nn.Sequential(nn.Linear(2, 16), nn.Tanh(), nn.Linear(16, 3))
+    kw = dict(beta=1 / 200, sampler="sghmc")
+    plain = auto_step_size(mlp, "cross_entropy", (x.double(), y), prior=PlainNormal(), **kw)
+    assert plain["lambda_low"] is None and plain["spectrum_bottom"]["from"] == "unknown"
+    assert plain["spectrum_bottom"]["theta_min"] < 0 and plain["spectrum_bottom"]["prior_precision"] is None
+    assert plain["settings"] == {"friction": SGHMC_RULE.choose(plain["lambda_max"], 0.05, {})["friction"]}
+    gauss = auto_step_size(mlp, "cross_entropy", (x.double(), y), prior=pb.GaussianPrior(std=1.0), **kw)
+    assert gauss["lambda_low"] == 1.0 and gauss["spectrum_bottom"]["from"] == "prior precision"
+    assert gauss["settings"]["friction"] < plain["settings"]["friction"] / 5

@@ -23,6 +23,27 @@ minibatches concatenated into one. Each kernel carries a :class:`CurvatureRule` 
   ``gamma = sqrt(lambda_max)`` (damping ratio 1/2 in the stiffest direction), i.e.
   ``alpha = sqrt(eta lambda_max)``, unless ``friction`` is given; both equations together are a
   quadratic in ``s = sqrt(eta lambda_max)``: ``s^2 + 2 k s - 4 k = 0`` with ``k = eps / (1 + eps)``.
+  *Wide spectra* (``lambda_max`` above about ``3.2 lambda_low`` at eps = 0.05): the friction is
+  capped at critical damping of the slowest direction,
+  ``alpha = min(sqrt(eta lambda_max), 2 omega_min - omega_min^2)``, ``omega_min = sqrt(eta lambda_low)``.
+  Per step a harmonic direction of curvature lambda oscillates at ``omega = sqrt(eta lambda)``; the
+  2x2 recursion's eigenvalues have modulus ``sqrt(1 - alpha)`` when underdamped (second moments
+  relax in about ``1 / alpha`` steps) and the slower one is about ``1 - omega^2 / alpha`` when
+  overdamped (about ``alpha / (2 omega^2)`` steps), so over ``[lambda_low, lambda_max]`` the slowest
+  relaxation is shortest where the slowest direction is critically damped: a double eigenvalue
+  ``1 - omega_min`` at ``alpha = 2 omega_min - omega_min^2`` (``2 sqrt(eta lambda_low)`` to first
+  order), about ``1 / (2 omega_min)`` steps for second moments, against ``alpha / (2 eta lambda_low)``
+  at the stiffest-direction friction and ``1 / (2 h lambda_low)`` for SGLD.
+  ``lambda_low = max(lambda_prior, theta_min)``: the prior precision ``lambda_prior = min_j 1 /
+  sigma_0j^2`` of a :class:`~pib_bayes.GaussianPrior` (the curvature of the directions the data do not
+  constrain, known exactly) and ``theta_min``, the smallest Ritz value of a Lanczos run on the same
+  Hessian-vector products (:func:`lanczos_extremes`; ``theta_min >= lambda_min``, so a short run errs
+  towards more friction). With ``r = sqrt(eta)`` the capped branch solves
+  ``(lambda_max - 2 k lambda_low) r^2 + 4 k sqrt(lambda_low) r - 4 k = 0``; eta still meets the bias
+  bound ``eta lambda_max = 2 (2 - alpha) eps / (1 + eps)`` exactly (the stiff directions are then
+  underdamped, and the 2x2 Lyapunov variance above holds for any alpha). The harmonic picture is a
+  prediction for the prior-dominated directions; on a network's non-convex energy the energy's
+  autocorrelation time is measured longer (docs/samplers.md).
 * SGNHT (time step h, diffusion A): the thermostat holds the mean of Var(p) at 1, so the relative
   variance bias is ``-h x / 2`` (x ~ A, under-dispersion) plus about ``h^2 lambda_max / 4`` in the
   stiffest direction; ``h = min(eps / A, sqrt(2 eps / lambda_max))`` holds each to eps / 2.
@@ -72,7 +93,8 @@ from torch import Tensor
 
 __all__ = ["AutoStep", "CurvatureRule", "PowerIteration", "GradientNoiseWarning", "estimate_lambda_max",
            "energy_hvp", "minibatch_noise", "auto_step_size", "reshuffling_factor", "SGLD_RULE", "PSGLD_RULE",
-           "SGHMC_RULE", "SGNHT_RULE", "NOISE_WARN_THRESHOLD", "hessian_diagonal"]
+           "SGHMC_RULE", "SGNHT_RULE", "NOISE_WARN_THRESHOLD", "hessian_diagonal", "Lanczos",
+           "lanczos_extremes", "prior_precision_floor"]
 
 NOISE_WARN_THRESHOLD = 0.1  # warn when the predicted relative variance inflation exceeds 10%
 
@@ -92,12 +114,23 @@ def _sgld_choose(lam_max: float, eps: float, given: Mapping[str, Any]) -> dict[s
     return {"step_size": 2.0 * _bias_fraction(eps) / lam_max}
 
 
-def _sghmc_choose(lam_max: float, eps: float, given: Mapping[str, Any]) -> dict[str, float]:
+def _sghmc_choose(lam_max: float, eps: float, given: Mapping[str, Any],
+                  lambda_low: float | None = None) -> dict[str, float]:
     k = _bias_fraction(eps)
     if "friction" in given:  # the user's friction: eta from the bias bound alone
         alpha = float(given["friction"])
         return {"step_size": 2.0 * (2.0 - alpha) * k / lam_max, "friction": alpha}
     s = -k + math.sqrt(k * k + 4.0 * k)  # s = sqrt(eta lambda_max) = alpha
+    if lambda_low is not None and 0.0 < lambda_low < lam_max:
+        # critical damping of the slowest direction: alpha = 2 w - w^2, w = r sqrt(lambda_low), r = sqrt(eta),
+        # with eta lambda_max = 2 (2 - alpha) k: (lambda_max - 2 k lambda_low) r^2 + 4 k sqrt(lambda_low) r
+        # - 4 k = 0
+        a2, c = lam_max - 2.0 * k * lambda_low, 2.0 * k * math.sqrt(lambda_low)
+        r = (-c + math.sqrt(c * c + 4.0 * k * a2)) / a2
+        w = r * math.sqrt(lambda_low)
+        alpha = 2.0 * w - w * w
+        if alpha < s:
+            return {"step_size": r * r, "friction": min(alpha, 1.0)}
     return {"step_size": s * s / lam_max, "friction": min(s, 1.0)}
 
 
@@ -115,7 +148,10 @@ class CurvatureRule:
     """How a kernel turns ``lambda_max`` into its settings (see the module docstring).
 
     Attributes:
-        choose: ``(lambda_max, eps, given_settings) -> {"step_size": h, **kernel settings}``.
+        choose: ``(lambda_max, eps, given_settings) -> {"step_size": h, **kernel settings}``;
+            with ``uses_bottom`` it also takes ``lambda_low=`` (the bottom of the spectrum, or None
+            when it is unknown).
+        uses_bottom: the rule needs ``lambda_low`` (SGHMC: its friction, module docstring).
         noise_gain: ``settings -> h_eff``; the predicted relative variance inflation along a
             direction u is ``h_eff * u^T C u / 2`` (SGLD: h; SGHMC: eta / alpha).
         preconditioned: estimate ``lambda_max`` of ``G^(1/2) H G^(1/2)`` (pSGLD).
@@ -125,16 +161,19 @@ class CurvatureRule:
         0.095238
     """
 
-    choose: Callable[[float, float, Mapping[str, Any]], dict[str, float]]
+    choose: Callable[..., dict[str, float]]
     noise_gain: Callable[[Mapping[str, float]], float] = field(default=lambda s: s["step_size"])
     preconditioned: bool = False
     first_order_ar1: bool = True  # the move is AR(1) per eigendirection (SGLD, pSGLD), not SGHMC's AR(2)
+    # the rule also takes lambda_low = max(prior precision, Lanczos theta_min), as choose(..., lambda_low=)
+    # (SGHMC's friction); estimated only when the settings it would set are not all given
+    uses_bottom: bool = False
 
 
 SGLD_RULE = CurvatureRule(_sgld_choose)
 PSGLD_RULE = CurvatureRule(_sgld_choose, preconditioned=True)
 SGHMC_RULE = CurvatureRule(_sghmc_choose, noise_gain=lambda s: s["step_size"] / s["friction"],
-                           first_order_ar1=False)
+                           first_order_ar1=False, uses_bottom=True)
 # SGNHT: the thermostat absorbs the gradient noise (xi -> A + B, B = h u^T C u / 2); the weights then
 # under-disperse by a further h B / 2 = -(h^2 / 2) u^T C u / 2: a negative "inflation"
 SGNHT_RULE = CurvatureRule(_sgnht_choose, noise_gain=lambda s: -s["step_size"] ** 2 / 2,
@@ -276,6 +315,109 @@ def estimate_lambda_max(hvp: Callable[[list[Tensor]], list[Tensor]], like: Seque
         top, v, more, ok = _power(hvp, v1, shift, max_iters, tol, min_iters)
         value, iters = top + shift, iters + more
     return PowerIteration(float(value), v, iters, ok, shift)
+
+
+@dataclass
+class Lanczos:
+    """Result of :func:`lanczos_extremes`: the extreme Ritz values, the residual bound of the bottom
+    one, the Hessian-vector products spent, and why it stopped."""
+
+    lambda_min: float
+    lambda_max: float
+    residual: float
+    iterations: int
+    converged: bool
+    stopped: str
+
+
+def lanczos_extremes(hvp: Callable[[list[Tensor]], list[Tensor]], like: Sequence[Tensor], *,
+                     max_iters: int = 50, tol: float = 1e-3, min_iters: int = 1, floor: float | None = None,
+                     generator: torch.Generator | None = None) -> Lanczos:
+    """The extreme eigenvalues of a symmetric operator by the Lanczos iteration (Lanczos 1950; Golub &
+    Van Loan, Matrix Computations, §10.1), plain three-term recurrence (Paige 1976: in floating point
+    the Ritz values stay inside the spectrum; lost orthogonality only repeats converged ones):
+
+        beta_(j+1) q_(j+1) = H q_j - alpha_j q_j - beta_j q_(j-1),   alpha_j = q_j^T H q_j
+
+    The Ritz values, the eigenvalues theta of the tridiagonal T_k = tridiag(beta, alpha, beta), lie in
+    [lambda_min, lambda_max] and the smallest one decreases with k (Cauchy interlacing), so
+    ``lambda_min`` here is an *upper* bound of the true bottom that tightens with more products; the
+    bottom Ritz pair's residual ``|beta_(k+1) s_k|`` is the distance within which some eigenvalue lies.
+    Both ends come from one run (power iteration on ``c I - H`` would need its own run for the bottom).
+
+    Stops after ``max_iters`` products; when the bottom Ritz value moves by less than ``tol``
+    relatively (after ``min_iters``); at an invariant subspace (``beta ~ 0``: exact); or, with
+    ``floor``, once it is at or below ``floor`` (it can only fall further, so ``max(floor, theta_min)``
+    is final).
+
+    Examples:
+        >>> import torch
+        >>> h = torch.diag(torch.tensor([1000.0, 3.0, 1.0, 1.0], dtype=torch.float64))
+        >>> got = lanczos_extremes(lambda v: [h @ v[0]], [torch.zeros(4, dtype=torch.float64)])
+        >>> round(got.lambda_min, 3), round(got.lambda_max, 1), got.stopped
+        (1.0, 1000.0, 'invariant subspace')
+    """
+    import numpy as np
+
+    gen = generator if generator is not None else torch.Generator().manual_seed(0)
+    q = [torch.randn(t.shape, generator=gen, dtype=t.dtype).to(t.device) for t in like]
+    norm = math.sqrt(_dot(q, q))
+    q = [t / norm for t in q]
+    prev: list[Tensor] | None = None
+    alphas: list[float] = []
+    betas: list[float] = []
+    low, high, resid, stopped, beta = math.nan, math.nan, math.nan, "max_iters", 0.0
+    for it in range(1, max_iters + 1):
+        w = hvp(q)
+        a = _dot(q, w)
+        if not math.isfinite(a):
+            return Lanczos(math.nan, math.nan, math.nan, it, False, "non-finite product")
+        w = [x - a * y for x, y in zip(w, q, strict=True)]
+        if prev is not None:
+            w = [x - beta * y for x, y in zip(w, prev, strict=True)]
+        alphas.append(a)
+        beta_next = math.sqrt(_dot(w, w))
+        theta, vecs = np.linalg.eigh(np.diag(alphas) + np.diag(betas, 1) + np.diag(betas, -1))
+        new_low, high = float(theta[0]), float(theta[-1])
+        resid = abs(beta_next * float(vecs[-1, 0]))
+        scale = max(abs(float(theta[0])), abs(float(theta[-1])))
+        if not math.isfinite(beta_next) or beta_next <= 1e-6 * scale:
+            low, stopped = new_low, "invariant subspace"
+            break
+        if floor is not None and new_low <= floor:
+            low, stopped = new_low, "at or below the floor"
+            break
+        if it >= min_iters and math.isfinite(low) and abs(new_low - low) <= tol * abs(new_low):
+            low, stopped = new_low, "converged"
+            break
+        low = new_low
+        prev, q = q, [x / beta_next for x in w]
+        betas.append(beta_next)
+        beta = beta_next
+    return Lanczos(low, high, resid, len(alphas), stopped != "max_iters", stopped)
+
+
+def prior_precision_floor(prior: Any, names: Sequence[str]) -> float | None:
+    """The smallest prior precision ``min_j 1 / sigma_0j^2`` over the parameters ``names`` of a
+    :class:`~pib_bayes.GaussianPrior`: the curvature of every direction the data do not constrain.
+    ``None`` for any other prior (its curvature is not known in closed form).
+
+    Examples:
+        >>> from pib_bayes import GaussianPrior
+        >>> prior_precision_floor(GaussianPrior(std={"a": 2.0}, default_std=1.0), ["a", "b"])
+        0.25
+        >>> prior_precision_floor(object(), ["a"]) is None
+        True
+    """
+    from ..prior import GaussianPrior
+
+    if not isinstance(prior, GaussianPrior) or not names:
+        return None
+    worst = 0.0
+    for name in names:
+        sd = prior.std_of(name)
+        worst = max(worst, float(sd.max()) if isinstance(sd, Tensor) else float(sd))
+    return 1.0 / (worst * worst)
 
 
 def _with_names(names: Sequence[str], tensors: Sequence[Tensor]) -> dict[str, Tensor]:
@@ -516,7 +658,33 @@ def run_auto_step(energy: Any, params: Mapping[str, Tensor], x: Tensor, y: Tenso
         raise ValueError(f"step_size: 'auto' needs a positive, finite curvature estimate, got lambda_max = "
                          f"{res.value!r} at {where} (the energy is flat, concave or non-finite there); "
                          "pass a float step_size instead")
-    settings = rule.choose(res.value, spec.eps, given)
+    bottom: dict[str, Any] = {}
+    if rule.uses_bottom:
+        settings = rule.choose(res.value, spec.eps, given, lambda_low=None)
+        if any(k not in given for k in settings if k != "step_size"):  # a setting the bottom decides
+            floor = prior_precision_floor(energy.prior, list(params))
+            lz = lanczos_extremes(hvp, [params[k] for k in params], max_iters=spec.max_iters, tol=spec.tol,
+                                  min_iters=spec.min_iters, floor=floor,
+                                  generator=torch.Generator().manual_seed(int(seed) + 7919))
+            theta = lz.lambda_min if math.isfinite(lz.lambda_min) else None
+            if floor is not None:
+                low = floor if theta is None else max(floor, theta)
+            else:
+                low = theta if theta is not None and theta > 0 else None
+            came = ("unknown" if low is None else "prior precision" if floor is not None and low == floor
+                    else "Lanczos")
+            bottom = {"lambda_low": low, "spectrum_bottom": {
+                "from": came, "prior_precision": floor, "theta_min": lz.lambda_min,
+                "theta_max": lz.lambda_max, "residual": lz.residual, "iterations": lz.iterations,
+                "stopped": lz.stopped}}
+            settings = rule.choose(res.value, spec.eps, given, lambda_low=low)
+            if "friction" in settings:  # SGHMC: zeta = alpha / (2 sqrt(eta lambda)) at both ends
+                eta, alpha = settings["step_size"], settings["friction"]
+                bottom["damping_ratio"] = {
+                    "stiffest": alpha / (2.0 * math.sqrt(eta * res.value)),
+                    "slowest": alpha / (2.0 * math.sqrt(eta * low)) if low is not None else None}
+    else:
+        settings = rule.choose(res.value, spec.eps, given)
     h_eff = rule.noise_gain(settings)
     noise_seed = int(torch.randint(0, 2**62, (1,), generator=gen))
 
@@ -532,7 +700,7 @@ def run_auto_step(energy: Any, params: Mapping[str, Tensor], x: Tensor, y: Tenso
         "settings": {k: v for k, v in settings.items() if k != "step_size"},
         "lambda_max": res.value, "iterations": res.iterations, "converged": res.converged,
         "shift": res.shift, "eps": spec.eps, "preconditioned": rule.preconditioned, "at": where,
-        "examples": int(x.shape[0]), "gradient_noise": noise, "cpu_s": time.process_time() - start,
+        "examples": int(x.shape[0]), "gradient_noise": noise, **bottom, "cpu_s": time.process_time() - start,
         "report": report, "square_avg": stationary_v,
     }
 
