@@ -199,8 +199,6 @@ def test_auto_rejects_a_curvature_estimate_that_is_not_positive():
     ({"gradient": "svrg"}, "gradient: expected one of"),
     ({"step_size": AutoStep(adapt=True), "num_warmup": 1},
      r"step_size: AutoStep\(adapt=True\) .* num_warmup >= 2"),
-    ({"step_size": AutoStep(adapt=True), "num_warmup": 4, "checkpoint": "/nonexistent/x.ckpt"},
-     r"step_size: AutoStep\(adapt=True\) cannot be combined with checkpoint="),
 ])
 def test_bad_arguments_name_themselves(kwargs, needle):
     x, y = _linear_data(n=50, d=2)
@@ -531,6 +529,73 @@ def test_adapt_gives_the_same_draws_sequential_and_vectorized(sampler):
     # and the reset matters: without it (adapt=False) the draws differ
     plain, *_ = _far_run(sampler, AutoStep(), 40, num_draws=10, chain_method="vectorized")
     assert not torch.allclose(plain.draws["weight"], vec.draws["weight"], atol=1e-6)
+
+
+class _CrashAt:
+    """A gradient transform that passes gradients through and raises Crash at its call number
+    ``at`` (one call per step of the group), or never (``at=None``): one object for the
+    interrupted, the resumed and the uninterrupted run alike."""
+
+    def __init__(self) -> None:
+        self.at, self.calls = None, 0
+
+    def __call__(self, params, grads):
+        self.calls += 1
+        if self.at is not None and self.calls == self.at:
+            raise Crash
+        return grads, None
+
+
+@pytest.mark.parametrize("sampler", ["psgld", "sghmc"])
+@pytest.mark.parametrize("chain_method, crash_at", [
+    ("vectorized", 12), ("vectorized", 31), ("vectorized", 47),  # before t_a = 20, before 40, drawing
+    ("sequential", 81),  # the second chain's step 31: the first chain re-estimated the step, then the kill
+])
+def test_adapt_resumes_from_a_checkpoint_with_the_same_step_and_the_same_draws(tmp_path, sampler,
+                                                                               chain_method, crash_at):
+    """AutoStep(adapt=True) with checkpoint=: the checkpoint keeps the weights the step was
+    re-estimated at, the resumed run estimates again from them (seeded: the same step, closures
+    included) and restores the noise report; killed before, between and after, the resumed run's
+    draws, step and reports equal an uninterrupted run's, bit for bit."""
+    transform = _CrashAt()
+    kw = {"checkpoint_every": 3, "gradient_transform": transform, "num_draws": 10,
+          "chain_method": chain_method}
+    full, *_ = _far_run(sampler, AutoStep(adapt=True), 40, **kw)
+    ckpt = tmp_path / "run.ckpt"
+    transform.at, transform.calls = crash_at, 0
+    with pytest.raises(Crash):
+        _far_run(sampler, AutoStep(adapt=True), 40, checkpoint=ckpt, **kw)
+    transform.at = None
+    resumed, *_ = _far_run(sampler, AutoStep(adapt=True), 40, checkpoint=ckpt, resume=True, **kw)
+    for k in full.draws:
+        assert torch.equal(full.draws[k], resumed.draws[k]), k
+    assert torch.equal(full.sample_stats["step_size"], resumed.sample_stats["step_size"])
+    a, b = full.metadata, resumed.metadata
+    assert a["schedule"] == b["schedule"] and a["schedule"]["adapted"] is not None
+    drop = ("cpu_s",)
+    assert ({k: v for k, v in a["step_size_auto"]["adapted"].items() if k not in drop}
+            == {k: v for k, v in b["step_size_auto"]["adapted"].items() if k not in drop})
+    assert ({k: v for k, v in a["gradient_noise"].items() if k not in drop}
+            == {k: v for k, v in b["gradient_noise"].items() if k not in drop})
+
+
+def test_a_resume_that_forgets_the_adapted_step_is_caught(tmp_path, monkeypatch):
+    """The twin: a checkpoint whose adapter state is not restored (the step re-estimated before the
+    kill forgotten) resumes between t_a and the end of warm-up with the initial step: the draws
+    differ from the uninterrupted run's, so the test above would catch it."""
+    from pib_bayes.driver.warmup import _AutoAdapter
+
+    transform = _CrashAt()
+    kw = {"checkpoint_every": 3, "gradient_transform": transform, "num_draws": 10}
+    full, *_ = _far_run("sghmc", AutoStep(adapt=True), 40, **kw)
+    ckpt = tmp_path / "run.ckpt"
+    transform.at, transform.calls = 31, 0
+    with pytest.raises(Crash):
+        _far_run("sghmc", AutoStep(adapt=True), 40, checkpoint=ckpt, **kw)
+    transform.at = None
+    monkeypatch.setattr(_AutoAdapter, "load_state_dict", lambda self, state: None)
+    resumed, *_ = _far_run("sghmc", AutoStep(adapt=True), 40, checkpoint=ckpt, resume=True, **kw)
+    assert not torch.equal(full.draws["weight"], resumed.draws["weight"])
 
 
 # ---- sampler="auto" --------------------------------------------------------------------------------

@@ -71,10 +71,13 @@ class _Checkpointer:
     :func:`sample` without sampling again."""
 
     def __init__(self, path: str | os.PathLike, fingerprint: str, setup: str, out: _Buffers,
-                 every: int, store: str | None = None) -> None:
+                 every: int, store: str | None = None, hooks: dict[str, Any] | None = None) -> None:
         if isinstance(every, bool) or not isinstance(every, int) or every < 1:
             raise ValueError(f"checkpoint_every: must be an int >= 1 (steps), got {every!r}")
         self.path, self.fingerprint, self.setup, self.out, self.store = path, fingerprint, setup, out, store
+        # the run's warm-up stages shared by every group (AutoStep's adapter, the noise report):
+        # objects with state_dict()/load_state_dict(), or None
+        self.hooks = {k: v for k, v in (hooks or {}).items() if v is not None}
 
     def write(self, group_index: int, group_state: dict[str, Any] | None,
               metadata: dict[str, Any] | None = None, group: _Group | None = None) -> None:
@@ -88,6 +91,7 @@ class _Checkpointer:
             "group_state": group_state, "committed": dict(self.out.segments.kept),
             "stat_names": list(self.out.stats), "diverging_from": _diverging_from(self.out.stats, num_draws),
             "diverged": self.out.diverged, "divergence_step": self.out.divergence_step, "store": self.store,
+            "hooks": {k: h.state_dict() for k, h in self.hooks.items()},
             **({"finished": True, "metadata_json": json.dumps(metadata, default=str)}
                if metadata is not None else {}),
         })
@@ -145,6 +149,8 @@ class _Checkpointer:
         self.restore(self.path, self.out, saved)
         try:
             gi = int(saved["group_index"])
+            for k, h in self.hooks.items():
+                h.load_state_dict(saved["hooks"][k])
             cursor = _restore_group(groups[gi], saved["group_state"]) if saved["group_state"] else None
         except (KeyError, IndexError, TypeError, RuntimeError) as err:
             raise FormatError(f"{self.path}: incomplete checkpoint ({err})") from None

@@ -587,8 +587,7 @@ def sample(
             tensors, data, batch_size, int(seed), names)
     noise_report = _NoiseReport(auto_info, num_warmup, names, gradient) if auto_info is not None else None
     # AutoStep(adapt=True): a schedule whose step the adapter re-estimates mid-warm-up (driver/warmup.py)
-    schedule, adapter = _make_adapter(auto, auto_info, schedule, num_warmup, checkpoint, names, kernel,
-                                      noise_report)
+    schedule, adapter = _make_adapter(auto, auto_info, schedule, num_warmup, names, kernel, noise_report)
     _warn_low_precision(named, schedule)  # at the step size the run uses ('auto': the chosen one)
 
     def make_batcher(chains: list[int]) -> TensorBatcher | LoaderBatcher:
@@ -634,7 +633,8 @@ def sample(
     # checkpoint's second fingerprint derives from it, the Posterior's metadata is it plus the results
     metadata = describe(kernel, schedule.to_dict(), method, reason)
     fingerprint = "" if checkpoint is None else run_fingerprint(metadata, hashes)
-    ckpt = (_Checkpointer(checkpoint, fingerprint, setup_fingerprint, out, checkpoint_every, store)
+    ckpt = (_Checkpointer(checkpoint, fingerprint, setup_fingerprint, out, checkpoint_every, store,
+                          hooks={"adapter": adapter, "noise_report": noise_report})
             if checkpoint is not None else None)
     first_group, cursor = ckpt.resume(groups, saved) if ckpt is not None and saved is not None else (0, None)
     with _sampling_mode(model, train_mode_dropout):

@@ -3,6 +3,7 @@ control-variate centre."""
 
 from __future__ import annotations
 
+import json
 import time
 import warnings
 from collections.abc import Callable, Mapping
@@ -153,6 +154,7 @@ class _AutoAdapter:
         self.at, self.kernel_name, self.noise_report = schedule.at, kernel.name, noise_report
         self.result: dict[str, Any] | None = None
         self.kept: str | None = None  # why the initial step was kept (no finite weights, no curvature)
+        self.estimated_at: tuple[dict[str, Tensor], str] | None = None  # the weights it ran at (checkpoints)
 
     def before_step(self, group: _Group, t: int) -> None:
         if t != self.at:
@@ -168,16 +170,13 @@ class _AutoAdapter:
                 params = {n: p[j].detach().clone() for n, p in zip(self.names, group.params, strict=True)}
                 where = f"chain {group.chains[j]}'s weights at warm-up step {t}"
                 try:
-                    self.result = self.reestimate(params, where)
+                    self._estimate(params, where)
                 except ValueError as err:  # flat or concave there: keep the initial step, say why
                     self.kept = str(err)
             if self.kept is not None:
                 warnings.warn(f"step_size: AutoStep(adapt=True) kept the initial step: {self.kept}",
                               RuntimeWarning, stacklevel=2)
                 return
-            self.schedule.adapted = float(self.result["step_size"])
-            if self.noise_report is not None:  # the end-of-warm-up report is for the new step
-                self.noise_report.report = self.result["report"]
         if self.result is None:
             return
         with torch.no_grad():
@@ -186,6 +185,30 @@ class _AutoAdapter:
                     buf.copy_(v.to(buf.dtype).expand_as(buf))
             if self.kernel_name == "sghmc" and "momentum" in group.state:
                 torch._foreach_mul_(group.state["momentum"], self.momentum_ratio())
+
+    def _estimate(self, params: dict[str, Tensor], where: str) -> None:
+        self.result = self.reestimate(params, where)
+        self.estimated_at = (params, where)
+        self.schedule.adapted = float(self.result["step_size"])
+        if self.noise_report is not None:  # the end-of-warm-up report is for the new step
+            self.noise_report.report = self.result["report"]
+
+    def state_dict(self) -> dict[str, Any]:
+        """What a checkpoint keeps: the weights the step was re-estimated at (the estimate itself,
+        closures included, is run again from them on resume: it is seeded, so it gives the same
+        step), or why the initial step was kept."""
+        params, where = self.estimated_at if self.estimated_at is not None else (None, None)
+        return {"params": params, "where": where, "kept": self.kept, "adapted": self.schedule.adapted}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.kept = state["kept"]
+        if state["params"] is not None:
+            self._estimate(dict(state["params"]), str(state["where"]))
+            if self.schedule.adapted != state["adapted"]:
+                raise RuntimeError(f"step_size: AutoStep(adapt=True)'s step re-estimated on resume is "
+                                   f"{self.schedule.adapted!r}, the checkpoint's run had "
+                                   f"{state['adapted']!r} (a different torch or thread count?): resume "
+                                   "with resume=False")
 
     def momentum_ratio(self) -> float:
         """SGHMC: v = sqrt(eta) p, so p keeps its (thermal) scale when v is multiplied by sqrt(eta1/eta0)."""
@@ -227,7 +250,7 @@ class _WarmupHooks:
 
 
 def _make_adapter(auto: AutoStep | None, auto_info: dict[str, Any] | None, schedule: Schedule,
-                  num_warmup: int, checkpoint: object, names: list[str], kernel: Kernel,
+                  num_warmup: int, names: list[str], kernel: Kernel,
                   noise_report: _NoiseReport | None) -> tuple[Schedule, _AutoAdapter | None]:
     """AutoStep(adapt=True): the adapting schedule and its adapter; (schedule, None) otherwise."""
     if auto is None or not auto.adapt or auto_info is None:
@@ -235,10 +258,6 @@ def _make_adapter(auto: AutoStep | None, auto_info: dict[str, Any] | None, sched
     if num_warmup < 2:
         raise ValueError(f"step_size: AutoStep(adapt=True) re-estimates the step during warm-up and needs "
                          f"num_warmup >= 2, got num_warmup={num_warmup}")
-    if checkpoint is not None:
-        raise ValueError("step_size: AutoStep(adapt=True) cannot be combined with checkpoint= (the "
-                         "re-estimated step is not part of a checkpoint); use AutoStep(adapt=False) or "
-                         "run without a checkpoint")
     adapted = _AdaptedStep(auto_info["step_size"], max(1, int(auto.adapt_at * num_warmup)))
     return adapted, _AutoAdapter(auto_info, adapted, names, kernel, noise_report)
 
@@ -281,6 +300,12 @@ class _NoiseReport:
         self.gradient = gradient
         self.result: dict[str, Any] = {**auto_info["gradient_noise"], "estimator": "minibatch"}
         self.done = False
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"result_json": json.dumps(self.result, default=float), "done": self.done}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.result, self.done = json.loads(state["result_json"]), bool(state["done"])
 
     def after_warmup(self, group: _Group) -> None:
         if self.done:

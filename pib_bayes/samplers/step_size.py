@@ -207,8 +207,8 @@ class AutoStep:
             ``metadata["step_size_auto"]`` (the initial one at the top, the second under
             ``"adapted"``). It pays when the chains start far from where they sample (curvature at
             the start differs from curvature in the bulk of the posterior, e.g. a network started
-            at its initialisation). Needs ``num_warmup >= 2``; not combined with ``checkpoint=``
-            (the re-estimated step is not part of a checkpoint).
+            at its initialisation). Needs ``num_warmup >= 2``; with ``checkpoint=`` the checkpoint
+            keeps the weights ``w_ta`` and a resumed run estimates again from them (the same step).
         adapt_at: the fraction of warm-up after which ``adapt`` re-estimates, in (0, 1).
 
     Examples:
