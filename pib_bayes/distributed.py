@@ -49,6 +49,18 @@ world group), so a dead peer stops the others within about a second.
 
 Nothing a peer sends is unpickled: statuses and layouts travel as JSON, the draws as
 ``torch.save`` bytes read back with ``weights_only=True`` (tensors, numbers, strings).
+
+``store=PATH`` (draws on disk, never all in one process's memory): each rank streams its
+``sample`` call(s) to its own file ``PATH.rank{r}-of-{R}`` (data mode: ``....chain{k}`` or
+``....chains``), then ``dst`` writes the one store ``PATH`` chunk by chunk in the order
+:func:`pib_bayes.store.write_store` writes them: a chunk (one chain's) of its own chains is read
+from its own file, another rank's is received from that rank (``send``/``recv`` of its raw bytes,
+one chunk at a time), so every process holds at most a chunk of draws; in ``mode="data"`` every
+rank holds the same draws and ``dst`` writes its own, NaN at the steps where any rank diverged
+(as in memory). The store is written to a temporary name and renamed over ``PATH`` only after every
+rank has reported success; then each rank deletes its own file and checkpoint. ``dst`` returns
+``Posterior.load(PATH, lazy=True)``, the others None; the draws equal those of the in-memory run bit
+for bit.
 """
 
 from __future__ import annotations
@@ -621,14 +633,18 @@ def sample_distributed(
             ``batch_size`` (per rank in ``mode="data"``), ``seed``, ...). ``chain_ids`` is chosen
             here and may not be passed. A ``checkpoint`` path gets a per-rank suffix
             (``.rank{r}-of-{R}``, plus ``.chain{k}`` or, vectorized, ``.chains`` in
-            ``mode="data"``); resume with the same number of ranks.
+            ``mode="data"``); resume with the same number of ranks. ``store=PATH``: every
+            rank streams to ``PATH`` with the same suffix, and ``dst`` (not None) writes the one
+            store ``PATH`` from them chunk by chunk (the module docstring); once it is written the
+            per-rank files and checkpoints are deleted (``resume=True`` then starts over).
 
     Returns:
         On ``dst`` (or every rank when ``dst=None``), the Posterior of all ``num_chains`` chains,
         chain k equal to chain k of ``pib_bayes.sample(model, loss_fn, full_data, **kwargs)``
         (exactly for ``mode="chains"`` with ``chain_method="sequential"``, to float tolerance
         otherwise, and for ``mode="data"`` with full batches); ``metadata["distributed"]`` records
-        the mode, world size, backend and split. ``None`` on the other ranks.
+        the mode, world size, backend and split. With ``store=``, ``Posterior.load(store,
+        lazy=True)``. ``None`` on the other ranks.
 
     Raises:
         DistributedSamplingError: on every rank, when any rank fails (its error is named).
