@@ -26,7 +26,9 @@ peak memory of ``sample`` above the resident set before it, in memory vs ``store
 weights x 2000 draws (764 MiB; 200 draws with ``--quick``), a fresh process each; for the streamed
 run also the peak before the Posterior it returns is built (``Posterior.load(store, lazy=True)``).
 
-    flock /tmp/pib_heavy.lock python benchmarks/bench_io.py [--quick] [--out rows.json]
+``--phases``: only where a full load's CPU time goes (:func:`phase_rows`).
+
+    flock /tmp/pib_heavy.lock python benchmarks/bench_io.py [--quick] [--phases] [--out rows.json]
 """
 
 from __future__ import annotations
@@ -120,6 +122,80 @@ def one(case: str, path: str, weights: int, draws: int) -> dict:
     cpu, wall = time.process_time() - c0, time.perf_counter() - w0
     peak = _peak()
     return {"case": case, "cpu_s": cpu, "wall_s": wall, "transient_bytes": peak - before - result_bytes}
+
+
+def phases_one(case: str, path: str) -> dict:
+    """Where a full load's CPU time goes, in a fresh process (as :func:`one`). ``ours``: the steps of
+    ``pib_bayes.store._Chunked.read_all`` on the file's one posterior variable, timed apart: the
+    populated allocation of the result, the raw chunk reads into it, the XXH3-64 digest of each chunk
+    and its NaN/Inf test (the last two while the chunk is in cache, as the load does them).
+    ``torch_pages``: paging in a fresh result from torch's allocator (a write to every 4 KiB page),
+    the part of torch.load that is not its copy from the page cache."""
+    import h5py
+    import numpy as np
+    import torch
+    import xxhash
+
+    from pib_bayes import store
+
+    torch.set_num_threads(1)
+    if case == "torch_pages":
+        n = os.path.getsize(path)
+        c0 = time.process_time()
+        a = torch.empty(n, dtype=torch.uint8).numpy()
+        a[::4096] = 1
+        return {"case": case, "pages_s": time.process_time() - c0}
+    with h5py.File(path, "r") as f:
+        ds = f["posterior/w"]
+        digests = ds.attrs[store.DIGEST_ATTR]
+        offs = list(store._grid(ds.shape, ds.chunks))
+        t = {"alloc_s": 0.0, "read_s": 0.0, "hash_s": 0.0, "scan_s": 0.0}
+        c0 = time.process_time()
+        out = store._empty(ds.shape, ds.dtype)
+        c1 = time.process_time()
+        t["alloc_s"] = c1 - c0
+        for i, off in enumerate(offs):
+            dest = out[store._region(ds.shape, ds.chunks, off)].reshape(-1)
+            a = time.process_time()
+            ds.id.read_direct_chunk(off, out=dest.view(np.uint8))
+            b = time.process_time()
+            ok = xxhash.xxh3_64_hexdigest(dest) == digests[16 * i:16 * i + 16]
+            c = time.process_time()
+            ok = ok and store._finite(dest)
+            d = time.process_time()
+            t["read_s"] += b - a
+            t["hash_s"] += c - b
+            t["scan_s"] += d - c
+            if not ok:
+                raise RuntimeError("a chunk failed its check")
+    return {"case": case, **t}
+
+
+def phase_rows(repeats: int = 3) -> list[dict]:
+    """Medians of ``repeats`` interleaved fresh-process rounds of :func:`phases_one` (both cases)
+    and of full loads on both sides, on the 229 MiB file of :func:`run`."""
+    weights, draws = 1_000_000, 60
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "131072", "OMP_NUM_THREADS": "1"}
+    res: dict[str, list[dict]] = {c: [] for c in ("ours", "torch_pages", "load", "torch_load")}
+    with tempfile.TemporaryDirectory() as tmp:
+        ours, theirs = os.path.join(tmp, "p.nc"), os.path.join(tmp, "p.pt")
+        _spawn("save", ours, weights, draws)
+        _spawn("torch_save", theirs, weights, draws)
+        for _ in range(repeats):
+            for case, path in (("ours", ours), ("torch_pages", theirs)):
+                out = subprocess.run([sys.executable, os.path.abspath(__file__), "--phase", case, path],
+                                     check=True, capture_output=True, text=True, env=env).stdout
+                res[case].append(json.loads(out.strip().splitlines()[-1]))
+            res["load"].append(_spawn("load", ours, weights, draws))
+            res["torch_load"].append(_spawn("torch_load", theirs, weights, draws))
+
+    def med(case: str, key: str) -> float:
+        return statistics.median(r[key] for r in res[case])
+
+    return [{"name": f"io Posterior.load phases, {weights:,} weights x {draws} draws (229 MiB)",
+             "load_cpu_s": med("load", "cpu_s"), "torch_load_cpu_s": med("torch_load", "cpu_s"),
+             "torch_pages_s": med("torch_pages", "pages_s"),
+             **{k: med("ours", k) for k in ("alloc_s", "read_s", "hash_s", "scan_s")}, "runs": res}]
 
 
 def _spawn(case: str, path: str, weights: int, draws: int) -> dict:
@@ -283,7 +359,24 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out")
     ap.add_argument("--one", nargs=4, metavar=("CASE", "PATH", "WEIGHTS", "DRAWS"), help=argparse.SUPPRESS)
     ap.add_argument("--stream", nargs=3, metavar=("STORE", "WEIGHTS_OUT", "DRAWS"), help=argparse.SUPPRESS)
+    ap.add_argument("--phase", nargs=2, metavar=("CASE", "PATH"), help=argparse.SUPPRESS)
+    ap.add_argument("--phases", action="store_true", help="only where a full load's time goes (fresh "
+                    "processes, --repeats rounds, default 3)")
     args = ap.parse_args(argv)
+    if args.phase:
+        print(json.dumps(phases_one(*args.phase)))
+        return 0
+    if args.phases:
+        for r in phase_rows(args.repeats or 3):
+            print(f"{r['name']}: load {r['load_cpu_s']:.4f} s = populated allocation {r['alloc_s']:.4f} + "
+                  f"chunk reads {r['read_s']:.4f} + XXH3-64 {r['hash_s']:.4f} + NaN/Inf test "
+                  f"{r['scan_s']:.4f} "
+                  f"+ the rest; torch.load {r['torch_load_cpu_s']:.4f} s, of which paging in its result "
+                  f"{r['torch_pages_s']:.4f} (medians)", flush=True)
+            if args.out:
+                with open(args.out, "w") as fh:
+                    json.dump(r, fh, indent=1)
+        return 0
     if args.stream:
         store, weights_out, draws = args.stream
         print(json.dumps(stream_one(None if store == "-" else store, int(weights_out), int(draws))))
