@@ -257,7 +257,9 @@ class Posterior:
         broken = torch.zeros(c, dtype=torch.bool)
         from .store import _ScannedDraws
 
-        scanned = self.draws.nonfinite if isinstance(self.draws, _ScannedDraws) else {}
+        scanned = {}
+        if isinstance(self.draws, _ScannedDraws):  # used once: a later Posterior of these draws scans
+            scanned, self.draws.nonfinite = self.draws.nonfinite, {}
         for name, v in ([] if lazy else self.draws.items()):
             if name in scanned:  # read from a file and scanned chunk by chunk as it was read
                 broken[sorted(scanned[name])] = True

@@ -365,10 +365,11 @@ def _empty(shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
     """An uninitialised array; a large one (:data:`_POPULATE_BYTES` or more) in an anonymous
     ``mmap`` with ``MAP_POPULATE`` (Linux), whose pages the kernel maps in one call instead of one
     page fault each when first written: paging in a fresh result is most of a full load's time
-    (229 MiB: 0.070 s of CPU with faults, about 0.061 s populated, benchmarks/bench_io.py). Not
-    numpy's allocator for those: it asks for transparent huge pages (``madvise``), about 6x faster
-    when the pages are at hand but, on a VM whose balloon takes freed memory back, up to 5x slower
-    than torch.load in a third of the rounds measured."""
+    (229 MiB on this project's VM: 0.080 s of CPU page by page from torch's allocator, 0.074 s
+    populated; ``benchmarks/bench_io.py --phases``). Not numpy's allocator: it asks for transparent
+    huge pages (``madvise``), with which a full load took 0.035 s in 7 of 11 fresh-process rounds
+    but 0.20 to 0.55 s in the other 4 on that VM (probably its memory balloon, which takes freed
+    memory back from the guest)."""
     nbytes = math.prod(shape) * dtype.itemsize
     populate = getattr(mmap, "MAP_POPULATE", None)
     if nbytes >= _POPULATE_BYTES and populate is not None:

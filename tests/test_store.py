@@ -324,6 +324,9 @@ def test_a_load_flags_the_chains_holding_nan_or_inf_found_while_reading(tmp_path
         post = Posterior.load(path)
     assert post.diverged.tolist() == [False, True, True, False]
     assert torch.equal(_bits(post.draws["w"]), _bits(w))
+    post.draws["w"][0, 0, 0] = float("nan")  # changed after the load: a new Posterior scans again
+    with pytest.warns(UserWarning, match=r"draws: chains \[0, 1, 2\] hold NaN/Inf draws"):
+        Posterior(post.draws, {}, {"task": "regression"})
     lazy = Posterior.load(path, lazy=True)  # the same flags once scanned
     with pytest.warns(UserWarning, match=r"draws: chains \[1, 2\] hold NaN/Inf draws"):
         assert lazy.check_finite() == [1, 2]
