@@ -571,36 +571,41 @@ def _send_blocks(shapes: dict[str, tuple[int, ...]], dtypes: dict[str, torch.dty
 
 def _write_gathered(store: str, gather: _Gather, rest: dict[str, Any], group: Any, rank: int,
                     world: int) -> None:
-    """On dst: the store, from the gather, under its lock; renamed into place only once every rank
-    has sent its chunks without error (a failure leaves the old file, if any, untouched)."""
-    from .io import exclusive_lock
+    """On dst: the store, from the gather, under its lock, to a temporary file renamed over
+    ``store`` only once every rank has sent its chunks without error (a failure leaves the old file,
+    if any, untouched; a killed dst leaves a temporary file the next writer of ``store`` removes)."""
+    from .io import atomic_path, exclusive_lock
     from .posterior import FORMAT_VERSION
     from .store import write_store
 
     error: BaseException | None = None
-    folder, base = os.path.split(os.path.abspath(store))
-    tmp = os.path.join(folder, f".{base}.gather-{os.getpid()}.nc")
-    with exclusive_lock(store, "store"):
-        try:
-            groups = {"posterior": {n: _GatheredSource(gather, n) for n in gather.shapes},
-                      "sample_stats": rest["sample_stats"], "fixed": rest["fixed"],
-                      "divergences": {"diverged": rest["diverged"],
-                                      "divergence_step": rest["divergence_step"]}}
-            metadata = json.loads(json.dumps(rest["metadata"], default=str))
-            write_store(tmp, "posterior", FORMAT_VERSION, groups, metadata)
-        except DistributedSamplingError:
-            raise
-        except Exception as err:
-            error = err
+    exchanged = False
+    try:
+        with exclusive_lock(store, "store"), atomic_path(store) as tmp:
+            try:
+                groups = {"posterior": {n: _GatheredSource(gather, n) for n in gather.shapes},
+                          "sample_stats": rest["sample_stats"], "fixed": rest["fixed"],
+                          "divergences": {"diverged": rest["diverged"],
+                                          "divergence_step": rest["divergence_step"]}}
+                metadata = json.loads(json.dumps(rest["metadata"], default=str))
+                write_store(tmp, "posterior", FORMAT_VERSION, groups, metadata, atomic=False)
+            except DistributedSamplingError:
+                raise
+            except Exception as err:  # e.g. the disk is full: the senders must still be answered
+                error = err
             gather.drain()
-        statuses = _all_gather(None if error is None else _describe(error), group, rank, world,
-                               "status of the gather")
-        try:
-            _raise_if_failed(statuses, rank, error)
-            os.replace(tmp, store)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
+            statuses = _all_gather(None if error is None else _describe(error), group, rank, world,
+                                   "status of the gather")
+            exchanged = True
+            _raise_if_failed(statuses, rank, error)  # inside atomic_path: the temporary file is removed
+    except DistributedSamplingError:
+        raise
+    except Exception as err:
+        if exchanged:  # the final rename failed, after every rank had succeeded
+            raise
+        gather.drain()  # the lock (another writer) or the temporary file failed: no chunk was taken
+        statuses = _all_gather(_describe(err), group, rank, world, "status of the gather")
+        _raise_if_failed(statuses, rank, err)
 
 
 # ----------------------------------------------------------------------- public entry point

@@ -30,6 +30,7 @@ stored with one dimension of size 1 and ``pib_bayes_scalar = 1``.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
@@ -181,11 +182,12 @@ def _write_chunks(ds: Any, src: BlockSource, np_dtype: np.dtype, chunk: tuple[in
 
 def write_store(path: str | os.PathLike, kind: str, format_version: int,
                 groups: Mapping[str, Mapping[str, Tensor | BlockSource]],
-                metadata: Mapping[str, Any]) -> None:
+                metadata: Mapping[str, Any], *, atomic: bool = True) -> None:
     """Write ``groups`` (group -> name -> tensor, or a :class:`BlockSource` filled chunk by chunk;
     posterior/sample_stats variables lead with (chain, draw)) and JSON ``metadata`` to ``path``
-    atomically (see :func:`read_store`). A tensor is written from its own memory, chunk by chunk:
-    the transient memory is at most one chunk (an edge chunk's zero padding)."""
+    atomically (see :func:`read_store`; ``atomic=False``: to ``path`` itself, a temporary file of
+    the caller's :func:`~pib_bayes.io.atomic_path`). A tensor is written from its own memory, chunk
+    by chunk: the transient memory is at most one chunk (an edge chunk's zero padding)."""
     import h5netcdf
 
     order = {g: list(groups.get(g, {})) for g in GROUPS}
@@ -207,7 +209,7 @@ def write_store(path: str | os.PathLike, kind: str, format_version: int,
     userblock = 512
     while userblock < 256 + 32 * n_chunks:
         userblock *= 2
-    with atomic_path(path) as tmp:
+    with atomic_path(path) if atomic else contextlib.nullcontext(os.fspath(path)) as tmp:
         with h5netcdf.File(tmp, "w", libver="latest", track_order=True, userblock_size=userblock) as f:
             f.attrs["pib_bayes"] = header
             f.attrs["pib_bayes_blake2b"] = hashlib.blake2b(header.encode()).hexdigest()

@@ -7,6 +7,7 @@ start has a deadline: a hang fails the test instead of blocking the suite.
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import json
 import os
@@ -234,6 +235,19 @@ def _scenario_store(rank: int, out: str) -> None:
             mem.save(os.path.join(out, f"store_data_{name}.memory.nc"))
 
 
+def _scenario_store_locked(rank: int, out: str) -> None:
+    """Another writer holds the store on dst (rank 0) when the gather starts: every rank must fail
+    with that error (none left waiting to send), and the old file stays as it was."""
+    from pib_bayes.io import exclusive_lock
+
+    path = os.path.join(out, "locked_store.nc")
+    if rank == 0:
+        with open(path, "wb") as f:
+            f.write(b"old")
+    with exclusive_lock(path, "store") if rank == 0 else contextlib.nullcontext():
+        sample_distributed(_model(), "gaussian", _data(), store=path, **CHAIN_ARGS)
+
+
 STORE_RUN = dict(CHAIN_ARGS, chain_method="sequential", checkpoint_every=6)
 
 
@@ -322,7 +336,7 @@ def _results(out, scenario: str) -> list[dict]:
 
 
 SCENARIOS = ["chains", "data", "fail_chains", "fail_data", "resume_data", "bad_input", "store", "fail_store",
-             "resume_store"]
+             "resume_store", "store_locked"]
 
 
 @pytest.fixture(scope="module")
@@ -534,7 +548,9 @@ def test_store_streams_each_ranks_draws_into_one_file_equal_to_the_in_memory_run
     diverged = Posterior.load(run_dir / "store_data_one_diverged.nc")
     assert diverged.diverged.tolist() == [False, True] and bool(diverged.draws["2.bias"][1].isnan().any())
     # the ranks' own files, segments and locks are gone: the store holds the run
-    left = sorted(p.name for p in run_dir.iterdir() if "store_" in p.name and not p.name.endswith(".nc"))
+    ours = ("store_chains", "store_data")
+    left = sorted(p.name for p in run_dir.iterdir()
+                  if p.name.lstrip(".").startswith(ours) and not p.name.endswith(".nc"))
     assert left == [], left
 
 
@@ -557,6 +573,13 @@ def test_a_failed_streamed_run_resumes_into_the_store_bit_identically(run_dir):
     for k in ref.sample_stats:
         assert torch.equal(got.sample_stats[k], ref.sample_stats[k]), k
     assert sorted(p.name for p in run_dir.iterdir() if "resumed_store" in p.name) == ["resumed_store.nc"]
+
+
+def test_a_failed_gather_into_the_store_stops_every_rank_and_keeps_the_old_file(run_dir):
+    for res in _results(run_dir, "store_locked"):
+        assert not res["ok"] and res["type"] == "DistributedSamplingError", res
+        assert "rank 0 failed: LockedError: store:" in res["message"], res["message"]
+    assert (run_dir / "locked_store.nc").read_bytes() == b"old"
 
 
 def test_ranks_with_different_models_fail_on_every_rank(run_dir):
