@@ -26,7 +26,10 @@ peak memory of ``sample`` above the resident set before it, in memory vs ``store
 weights x 2000 draws (764 MiB; 200 draws with ``--quick``), a fresh process each; for the streamed
 run also the peak before the Posterior it returns is built (``Posterior.load(store, lazy=True)``).
 
-    flock /tmp/pib_heavy.lock python benchmarks/bench_io.py [--quick] [--out rows.json]
+``--phases``: only where a full load's CPU time goes (:func:`phase_rows`). ``--distributed``: only
+the peak memory per rank of ``sample_distributed`` in memory vs ``store=`` (:func:`distributed_rows`).
+
+    flock /tmp/pib_heavy.lock python benchmarks/bench_io.py [--quick] [--phases] [--distributed] [--out F]
 """
 
 from __future__ import annotations
@@ -120,6 +123,142 @@ def one(case: str, path: str, weights: int, draws: int) -> dict:
     cpu, wall = time.process_time() - c0, time.perf_counter() - w0
     peak = _peak()
     return {"case": case, "cpu_s": cpu, "wall_s": wall, "transient_bytes": peak - before - result_bytes}
+
+
+def phases_one(case: str, path: str) -> dict:
+    """Where a full load's CPU time goes, in a fresh process (as :func:`one`). ``ours``: the steps of
+    ``pib_bayes.store._Chunked.read_all`` on the file's one posterior variable, timed apart: the
+    populated allocation of the result, the raw chunk reads into it, the XXH3-64 digest of each chunk
+    and its NaN/Inf test (the last two while the chunk is in cache, as the load does them).
+    ``torch_pages``: paging in a fresh result from torch's allocator (a write to every 4 KiB page),
+    the part of torch.load that is not its copy from the page cache."""
+    import h5py
+    import numpy as np
+    import torch
+    import xxhash
+
+    from pib_bayes import store
+
+    torch.set_num_threads(1)
+    if case == "torch_pages":
+        n = os.path.getsize(path)
+        c0 = time.process_time()
+        a = torch.empty(n, dtype=torch.uint8).numpy()
+        a[::4096] = 1
+        return {"case": case, "pages_s": time.process_time() - c0}
+    with h5py.File(path, "r") as f:
+        ds = f["posterior/w"]
+        digests = ds.attrs[store.DIGEST_ATTR]
+        offs = list(store._grid(ds.shape, ds.chunks))
+        t = {"alloc_s": 0.0, "read_s": 0.0, "hash_s": 0.0, "scan_s": 0.0}
+        c0 = time.process_time()
+        out = store._empty(ds.shape, ds.dtype)
+        c1 = time.process_time()
+        t["alloc_s"] = c1 - c0
+        for i, off in enumerate(offs):
+            dest = out[store._region(ds.shape, ds.chunks, off)].reshape(-1)
+            a = time.process_time()
+            ds.id.read_direct_chunk(off, out=dest.view(np.uint8))
+            b = time.process_time()
+            ok = xxhash.xxh3_64_hexdigest(dest) == digests[16 * i:16 * i + 16]
+            c = time.process_time()
+            ok = ok and store._finite(dest)
+            d = time.process_time()
+            t["read_s"] += b - a
+            t["hash_s"] += c - b
+            t["scan_s"] += d - c
+            if not ok:
+                raise RuntimeError("a chunk failed its check")
+    return {"case": case, **t}
+
+
+def phase_rows(repeats: int = 3) -> list[dict]:
+    """Medians of ``repeats`` interleaved fresh-process rounds of :func:`phases_one` (both cases)
+    and of full loads on both sides, on the 229 MiB file of :func:`run`."""
+    weights, draws = 1_000_000, 60
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "131072", "OMP_NUM_THREADS": "1"}
+    res: dict[str, list[dict]] = {c: [] for c in ("ours", "torch_pages", "load", "torch_load")}
+    with tempfile.TemporaryDirectory() as tmp:
+        ours, theirs = os.path.join(tmp, "p.nc"), os.path.join(tmp, "p.pt")
+        _spawn("save", ours, weights, draws)
+        _spawn("torch_save", theirs, weights, draws)
+        for _ in range(repeats):
+            for case, path in (("ours", ours), ("torch_pages", theirs)):
+                out = subprocess.run([sys.executable, os.path.abspath(__file__), "--phase", case, path],
+                                     check=True, capture_output=True, text=True, env=env).stdout
+                res[case].append(json.loads(out.strip().splitlines()[-1]))
+            res["load"].append(_spawn("load", ours, weights, draws))
+            res["torch_load"].append(_spawn("torch_load", theirs, weights, draws))
+
+    def med(case: str, key: str) -> float:
+        return statistics.median(r[key] for r in res[case])
+
+    return [{"name": f"io Posterior.load phases, {weights:,} weights x {draws} draws (229 MiB)",
+             "load_cpu_s": med("load", "cpu_s"), "torch_load_cpu_s": med("torch_load", "cpu_s"),
+             "torch_pages_s": med("torch_pages", "pages_s"),
+             **{k: med("ours", k) for k in ("alloc_s", "read_s", "hash_s", "scan_s")}, "runs": res}]
+
+
+def _dist_rank(rank: int, port: int, store: str | None, draws: int, out: str) -> None:
+    """One rank of :func:`distributed_rows`: ``sample_distributed`` of a 1000 -> 100 linear layer,
+    one chain a rank, in memory or to ``store``; writes its peak resident set above the one before."""
+    import datetime
+
+    import torch
+    import torch.distributed as dist
+    from torch import nn
+
+    from pib_bayes.distributed import sample_distributed
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2,
+                            timeout=datetime.timedelta(seconds=300))
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(32, 1000, generator=g), torch.randn(32, 100, generator=g)
+    torch.manual_seed(0)
+    model = nn.Linear(1000, 100)
+    kw = dict(beta=1 / 32, step_size=1e-6, num_chains=2, num_warmup=0, num_draws=draws, seed=0)
+    sample_distributed(nn.Linear(3, 1), "gaussian", (torch.randn(8, 3), torch.randn(8, 1)),
+                       **dict(kw, num_draws=2), store=None if store is None else store + ".tiny.nc")
+    _reset_peak()
+    before, c0 = _rss(), time.process_time()
+    post = sample_distributed(model, "gaussian", (x, y), store=store, **kw)
+    cpu, peak = time.process_time() - c0, _peak()
+    with open(os.path.join(out, f"rank{rank}.json"), "w") as fh:
+        json.dump({"peak_above_bytes": peak - before, "cpu_s": cpu,
+                   "draw_bytes": 2 * draws * 100_100 * 4 if post is not None else None}, fh)
+    dist.destroy_process_group()
+
+
+def distributed_rows(draws: int = 1000) -> list[dict]:
+    """Peak memory of ``sample_distributed`` on 2 gloo ranks (1 chain each, 100,100 weights), the
+    Posterior gathered in memory on rank 0 vs ``store=`` (rank 0 writes the one file chunk by
+    chunk); a fresh pair of processes per case."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    res = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for case in ("memory", "store"):
+            out = os.path.join(tmp, case)
+            os.mkdir(out)
+            with socket.socket() as sock:
+                sock.bind(("127.0.0.1", 0))
+                port = sock.getsockname()[1]
+            store = os.path.join(tmp, "post.nc") if case == "store" else None
+            mp.start_processes(_dist_rank, args=(port, store, draws, out), nprocs=2, start_method="spawn")
+            res[case] = [json.load(open(os.path.join(out, f"rank{r}.json"))) for r in range(2)]
+    return [{"name": f"io sample_distributed(store=) peak memory per rank vs in memory, 2 ranks x 1 chain x "
+                     f"100,100 weights x {draws} draws ({res['memory'][0]['draw_bytes'] / 2**20:.0f} MiB "
+                     "of draws)",
+             "baseline": "in memory", "value": "store=",
+             "baseline_peak_bytes": [r["peak_above_bytes"] for r in res["memory"]],
+             "value_peak_bytes": [r["peak_above_bytes"] for r in res["store"]],
+             "baseline_cpu_s": [r["cpu_s"] for r in res["memory"]],
+             "value_cpu_s": [r["cpu_s"] for r in res["store"]],
+             "ratio": res["memory"][0]["peak_above_bytes"] / res["store"][0]["peak_above_bytes"],
+             "target": None}]
 
 
 def _spawn(case: str, path: str, weights: int, draws: int) -> dict:
@@ -283,7 +422,37 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out")
     ap.add_argument("--one", nargs=4, metavar=("CASE", "PATH", "WEIGHTS", "DRAWS"), help=argparse.SUPPRESS)
     ap.add_argument("--stream", nargs=3, metavar=("STORE", "WEIGHTS_OUT", "DRAWS"), help=argparse.SUPPRESS)
+    ap.add_argument("--phase", nargs=2, metavar=("CASE", "PATH"), help=argparse.SUPPRESS)
+    ap.add_argument("--phases", action="store_true", help="only where a full load's time goes (fresh "
+                    "processes, --repeats rounds, default 3)")
+    ap.add_argument("--distributed", action="store_true", help="only the peak memory of "
+                    "sample_distributed, in memory vs store= (2 gloo ranks)")
     args = ap.parse_args(argv)
+    if args.distributed:
+        for r in distributed_rows():
+            mib = [f"{b / 2**20:.1f}" for b in r["baseline_peak_bytes"]]
+            got = [f"{b / 2**20:.1f}" for b in r["value_peak_bytes"]]
+            cpu = [f"{a:.2f} -> {b:.2f}" for a, b in zip(r["baseline_cpu_s"], r["value_cpu_s"], strict=True)]
+            print(f"{r['name']}: peak above the start, ranks 0 / 1: {' / '.join(mib)} MiB -> "
+                  f"{' / '.join(got)} MiB (cpu s {', '.join(cpu)})", flush=True)
+            if args.out:
+                with open(args.out, "w") as fh:
+                    json.dump(r, fh, indent=1)
+        return 0
+    if args.phase:
+        print(json.dumps(phases_one(*args.phase)))
+        return 0
+    if args.phases:
+        for r in phase_rows(args.repeats or 3):
+            print(f"{r['name']}: load {r['load_cpu_s']:.4f} s = populated allocation {r['alloc_s']:.4f} + "
+                  f"chunk reads {r['read_s']:.4f} + XXH3-64 {r['hash_s']:.4f} + NaN/Inf test "
+                  f"{r['scan_s']:.4f} "
+                  f"+ the rest; torch.load {r['torch_load_cpu_s']:.4f} s, of which paging in its result "
+                  f"{r['torch_pages_s']:.4f} (medians)", flush=True)
+            if args.out:
+                with open(args.out, "w") as fh:
+                    json.dump(r, fh, indent=1)
+        return 0
     if args.stream:
         store, weights_out, draws = args.stream
         print(json.dumps(stream_one(None if store == "-" else store, int(weights_out), int(draws))))

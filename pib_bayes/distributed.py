@@ -49,6 +49,18 @@ world group), so a dead peer stops the others within about a second.
 
 Nothing a peer sends is unpickled: statuses and layouts travel as JSON, the draws as
 ``torch.save`` bytes read back with ``weights_only=True`` (tensors, numbers, strings).
+
+``store=PATH`` (draws on disk, never all in one process's memory): each rank streams its
+``sample`` call(s) to its own file ``PATH.rank{r}-of-{R}`` (data mode: ``....chain{k}`` or
+``....chains``), then ``dst`` writes the one store ``PATH`` chunk by chunk in the order
+:func:`pib_bayes.store.write_store` writes them: a chunk (one chain's) of its own chains is read
+from its own file, another rank's is received from that rank (``send``/``recv`` of its raw bytes,
+one chunk at a time), so every process holds at most a chunk of draws; in ``mode="data"`` every
+rank holds the same draws and ``dst`` writes its own, NaN at the steps where any rank diverged
+(as in memory). The store is written to a temporary name and renamed over ``PATH`` only after every
+rank has reported success; then each rank deletes its own file and checkpoint. ``dst`` returns
+``Posterior.load(PATH, lazy=True)``, the others None; the draws equal those of the in-memory run bit
+for bit.
 """
 
 from __future__ import annotations
@@ -388,8 +400,15 @@ def _parts(post: Posterior) -> dict[str, Any]:
 
 def _merge(parts: Sequence[dict[str, Any]], model: nn.Module, info: dict[str, Any]) -> Posterior:
     """Concatenate per-chain-block posteriors (in chain order) along the chain axis."""
+    draws = {k: torch.cat([p["draws"][k] for p in parts]) for k in parts[0]["draws"]}
+    rest = _merge_rest(parts, info)
+    return Posterior(draws, rest["sample_stats"], rest["metadata"], rest["fixed"], rest["diverged"],
+                     rest["divergence_step"], model=model)
+
+
+def _merge_rest(parts: Sequence[dict[str, Any]], info: dict[str, Any]) -> dict[str, Any]:
+    """Everything but the draws of :func:`_merge`: statistics, metadata, fixed tensors, flags."""
     first = parts[0]
-    draws = {k: torch.cat([p["draws"][k] for p in parts]) for k in first["draws"]}
     names: list[str] = []
     for p in parts:
         names += [k for k in p["sample_stats"] if k not in names]
@@ -406,17 +425,187 @@ def _merge(parts: Sequence[dict[str, Any]], model: nn.Module, info: dict[str, An
     metadata.update({"num_chains": len(ids), "chain_ids": ids,
                      "chain_method": methods[0] if len(set(methods)) == 1 else "mixed",
                      "distributed": {**info, "chain_methods": methods}})
-    return Posterior(draws, stats, metadata, dict(first["fixed"]),
-                     torch.cat([p["diverged"] for p in parts]),
-                     torch.cat([p["divergence_step"] for p in parts]), model=model)
+    return {"sample_stats": stats, "metadata": metadata, "fixed": dict(first["fixed"]),
+            "diverged": torch.cat([p["diverged"] for p in parts]),
+            "divergence_step": torch.cat([p["divergence_step"] for p in parts])}
 
 
 def _rank_checkpoint(kwargs: dict[str, Any], tag: str) -> dict[str, Any]:
-    """A per-rank (and per-chain) checkpoint file next to the one asked for."""
-    if kwargs.get("checkpoint") is None:
-        return kwargs
-    path = os.fspath(kwargs["checkpoint"])
-    return {**kwargs, "checkpoint": f"{path}.{tag}"}
+    """A per-rank (and per-chain) checkpoint file and store file next to the ones asked for."""
+    for key in ("checkpoint", "store"):
+        if kwargs.get(key) is not None:
+            kwargs = {**kwargs, key: f"{os.fspath(kwargs[key])}.{tag}"}
+    return kwargs
+
+
+# ----------------------------------------------------------------------- store=: one file on dst
+def _rank_files(post: Posterior | None, kwargs: dict[str, Any]) -> None:
+    """Delete what a rank's streamed ``sample`` call left once the store holds the run: its own
+    store file and its checkpoint (which would point at that file)."""
+    from .driver.checkpoint import remove_checkpoint
+    from .store import LazyDraws
+
+    if post is not None and isinstance(post.draws, LazyDraws):
+        post.draws.close()
+    if kwargs.get("store") is not None:
+        try:
+            os.unlink(kwargs["store"])
+        except FileNotFoundError:
+            pass
+    if kwargs.get("checkpoint") is not None:
+        remove_checkpoint(kwargs["checkpoint"])
+
+
+def _layout(post: Posterior) -> dict[str, Any]:
+    """A rank's part without its draws, plus their shapes and dtypes (sent to dst, small)."""
+    part = {k: v for k, v in _parts(post).items() if k != "draws"}
+    part["draw_shapes"] = {n: list(post.draws.shape(n)) for n in post.draws}
+    part["draw_dtypes"] = {n: str(post.draws.dtype(n)).removeprefix("torch.") for n in post.draws}
+    return part
+
+
+def _schedule(shapes: dict[str, tuple[int, ...]], dtypes: dict[str, torch.dtype]) -> list[tuple[str, tuple]]:
+    """(variable, chunk region) in the order :func:`pib_bayes.store.write_store` writes the
+    posterior's chunks; every chunk holds one chain (``region[0]`` is one index wide)."""
+    from .store import _chunks, _grid, _region
+
+    out = []
+    for name, shape in shapes.items():
+        if not math.prod(shape):
+            continue
+        chunk = _chunks(shape, torch.empty((), dtype=dtypes[name]).element_size(), 1)
+        out += [(name, _region(shape, chunk, off)) for off in _grid(shape, chunk)]
+    return out
+
+
+class _GatheredSource:
+    """One posterior variable of the store written on dst (a :class:`pib_bayes.store.BlockSource`):
+    each chunk, one chain's, read from dst's own streamed file or received from the rank that
+    streamed that chain (raw bytes, point to point), so that no rank holds more than a chunk."""
+
+    def __init__(self, gather: _Gather, name: str) -> None:
+        self.gather, self.name = gather, name
+        self.shape = gather.shapes[name]
+        self.dtype = gather.dtypes[name]
+
+    def block(self, region: tuple[slice, ...]) -> Tensor:
+        return self.gather.next_block(self.name, region)
+
+
+class _Gather:
+    """dst's side of the chunk-by-chunk gather: the schedule, dst's own chains, the mask of draws
+    taken at a divergence step on any rank (``mode="data"``: NaN, as in memory)."""
+
+    def __init__(self, shapes: dict[str, tuple[int, ...]], dtypes: dict[str, torch.dtype],
+                 local: dict[int, tuple[Posterior, int]], owner: dict[int, int],
+                 masks: dict[int, Tensor] | None, group: Any, rank: int) -> None:
+        self.shapes, self.dtypes, self.local, self.owner = shapes, dtypes, local, owner
+        self.masks, self.group, self.rank = masks, group, rank
+        self.schedule = _schedule(shapes, dtypes)
+        self.done = 0  # chunks of the schedule taken so far
+
+    def next_block(self, name: str, region: tuple[slice, ...]) -> Tensor:
+        expected = self.schedule[self.done]
+        if expected[0] != name or expected[1] != region:  # pragma: no cover - the layouts are one code
+            raise RuntimeError(f"gather of the draws: chunk {name} {region} out of order")
+        c = region[0].start
+        if c in self.local:
+            post, i = self.local[c]
+            t = post.draws.source(name).block((slice(i, i + 1), *region[1:]))
+        else:
+            t = self._recv(name, region)
+        self.done += 1
+        mask = None if self.masks is None else self.masks[c][region[1]]
+        if mask is not None and bool(mask.any()):
+            t = t.clone()
+            t[0, mask] = math.nan
+        return t
+
+    def drain(self) -> None:
+        """Receive (and drop) the chunks still due after a failed write, so that no sender waits."""
+        for name, region in self.schedule[self.done:]:
+            c = region[0].start
+            if c not in self.local:
+                self._recv(name, region)
+        self.done = len(self.schedule)
+
+    def _recv(self, name: str, region: tuple[slice, ...]) -> Tensor:
+        return _recv_block(self.dtypes[name], region, self.owner[region[0].start], self.group, self.rank)
+
+
+def _recv_block(dtype: torch.dtype, region: tuple[slice, ...], src: int, group: Any, rank: int) -> Tensor:
+    import torch.distributed as dist
+
+    dims = [r.stop - r.start for r in region]
+    raw = torch.empty(math.prod(dims) * torch.empty((), dtype=dtype).element_size(), dtype=torch.uint8)
+    _collective("gather of the draws", rank, dist.recv, raw, group=group, group_src=src)
+    return raw.view(dtype).reshape(dims)
+
+
+def _send_blocks(shapes: dict[str, tuple[int, ...]], dtypes: dict[str, torch.dtype],
+                 local: dict[int, tuple[Posterior, int]], dst: int, group: Any,
+                 rank: int) -> BaseException | None:
+    """A sender's side: its chains' chunks, in the schedule's order; after a read error, zeros in
+    their place (dst must not wait; the error is reported in the status exchange that follows)."""
+    import torch.distributed as dist
+
+    error: BaseException | None = None
+    for name, region in _schedule(shapes, dtypes):
+        c = region[0].start
+        if c not in local:
+            continue
+        dims = [r.stop - r.start for r in region]
+        t = None
+        if error is None:
+            try:
+                post, i = local[c]
+                t = post.draws.source(name).block((slice(i, i + 1), *region[1:])).contiguous()
+            except Exception as err:  # a damaged rank file
+                error = err
+        if t is None:
+            t = torch.zeros(dims, dtype=dtypes[name])
+        _collective("gather of the draws", rank, dist.send, t.reshape(-1).view(torch.uint8), group=group,
+                    group_dst=dst)
+    return error
+
+
+def _write_gathered(store: str, gather: _Gather, rest: dict[str, Any], group: Any, rank: int,
+                    world: int) -> None:
+    """On dst: the store, from the gather, under its lock, to a temporary file renamed over
+    ``store`` only once every rank has sent its chunks without error (a failure leaves the old file,
+    if any, untouched; a killed dst leaves a temporary file the next writer of ``store`` removes)."""
+    from .io import atomic_path, exclusive_lock
+    from .posterior import FORMAT_VERSION
+    from .store import write_store
+
+    error: BaseException | None = None
+    exchanged = False
+    try:
+        with exclusive_lock(store, "store"), atomic_path(store) as tmp:
+            try:
+                groups = {"posterior": {n: _GatheredSource(gather, n) for n in gather.shapes},
+                          "sample_stats": rest["sample_stats"], "fixed": rest["fixed"],
+                          "divergences": {"diverged": rest["diverged"],
+                                          "divergence_step": rest["divergence_step"]}}
+                metadata = json.loads(json.dumps(rest["metadata"], default=str))
+                write_store(tmp, "posterior", FORMAT_VERSION, groups, metadata, atomic=False)
+            except DistributedSamplingError:
+                raise
+            except Exception as err:  # e.g. the disk is full: the senders must still be answered
+                error = err
+            gather.drain()
+            statuses = _all_gather(None if error is None else _describe(error), group, rank, world,
+                                   "status of the gather")
+            exchanged = True
+            _raise_if_failed(statuses, rank, error)  # inside atomic_path: the temporary file is removed
+    except DistributedSamplingError:
+        raise
+    except Exception as err:
+        if exchanged:  # the final rename failed, after every rank had succeeded
+            raise
+        gather.drain()  # the lock (another writer) or the temporary file failed: no chunk was taken
+        statuses = _all_gather(_describe(err), group, rank, world, "status of the gather")
+        _raise_if_failed(statuses, rank, err)
 
 
 # ----------------------------------------------------------------------- public entry point
@@ -449,14 +638,18 @@ def sample_distributed(
             ``batch_size`` (per rank in ``mode="data"``), ``seed``, ...). ``chain_ids`` is chosen
             here and may not be passed. A ``checkpoint`` path gets a per-rank suffix
             (``.rank{r}-of-{R}``, plus ``.chain{k}`` or, vectorized, ``.chains`` in
-            ``mode="data"``); resume with the same number of ranks.
+            ``mode="data"``); resume with the same number of ranks. ``store=PATH``: every
+            rank streams to ``PATH`` with the same suffix, and ``dst`` (not None) writes the one
+            store ``PATH`` from them chunk by chunk (the module docstring); once it is written the
+            per-rank files and checkpoints are deleted (``resume=True`` then starts over).
 
     Returns:
         On ``dst`` (or every rank when ``dst=None``), the Posterior of all ``num_chains`` chains,
         chain k equal to chain k of ``pib_bayes.sample(model, loss_fn, full_data, **kwargs)``
         (exactly for ``mode="chains"`` with ``chain_method="sequential"``, to float tolerance
         otherwise, and for ``mode="data"`` with full batches); ``metadata["distributed"]`` records
-        the mode, world size, backend and split. ``None`` on the other ranks.
+        the mode, world size, backend and split. With ``store=``, ``Posterior.load(store,
+        lazy=True)``. ``None`` on the other ranks.
 
     Raises:
         DistributedSamplingError: on every rank, when any rank fails (its error is named).
@@ -488,9 +681,13 @@ def sample_distributed(
                         "pib_bayes.sample")
     if "chain_ids" in kwargs:
         raise ValueError("chain_ids: sample_distributed chooses each rank's chains itself; pass num_chains")
-    if kwargs.get("store") is not None:  # every rank would stream to the one file
-        raise ValueError("store: not supported by sample_distributed (the ranks' draws are gathered in "
-                         "memory); save the returned posterior with Posterior.save")
+    if kwargs.get("store") is not None:
+        from ._validate import check_path
+
+        kwargs = {**kwargs, "store": check_path("store", kwargs["store"])}
+        if dst is None:
+            raise ValueError("dst: with store=, one rank writes the store (chunk by chunk, the others send "
+                             "their chains' draws to it); pass dst=RANK (default 0), not None")
     if "beta" not in kwargs:
         raise TypeError("sample_distributed: missing the keyword argument 'beta' (as for pib_bayes.sample)")
     import torch.distributed as dist
@@ -564,7 +761,9 @@ def _chains(model: nn.Module, loss_fn: Any, data: Any, group: Any, rank: int, wo
     import torch.distributed as dist
 
     error: BaseException | None = None
-    part = None
+    part, post = None, None
+    store = kwargs.get("store")
+    run_kwargs = _rank_checkpoint(kwargs, f"rank{rank}-of-{world}")
     # a peer that dies while this rank samples stops it within a heartbeat (world group only: a
     # new group is a collective of the whole world)
     beat = _Heartbeat(world) if group is None and world > 1 and dist.is_gloo_available() else None
@@ -574,11 +773,10 @@ def _chains(model: nn.Module, loss_fn: Any, data: Any, group: Any, rank: int, wo
         if shares is None:
             raise ValueError(f"num_chains: must be an int >= 1, got {num_chains!r}")
         if shares[rank]:
-            run_kwargs = _rank_checkpoint(kwargs, f"rank{rank}-of-{world}")
             if beat is not None:
                 run_kwargs = {**run_kwargs, "gradient_transform": beat}
             post = sample(model, loss_fn, data, chain_ids=shares[rank], **run_kwargs)
-            part = _parts(post)
+            part = _parts(post) if store is None else _layout(post)
     except _PeerFailed:
         pass  # the heartbeat's own error is raised by finish() below
     except Exception as err:  # reported to every rank below, so none waits for this one
@@ -589,10 +787,44 @@ def _chains(model: nn.Module, loss_fn: Any, data: Any, group: Any, rank: int, wo
     _raise_if_failed(statuses, rank, error)
     info = {**info, "chain_shares": shares}
     raw = _exchange_bytes(_encode_part(part), group, rank, world, "gather of the draws", dst)
+    if store is None:
+        if raw is None:
+            return None
+        parts = [_decode_part(r, rank, source) for source, r in enumerate(raw)]
+        return _merge([p for p in parts if p is not None], model, info)
+    # store=: each rank streamed its chains to its own file; dst writes the store chunk by chunk
+    assert shares is not None and dst is not None
+    local = {c: (post, i) for i, c in enumerate(shares[rank])} if post is not None else {}
     if raw is None:
-        return None
-    parts = [_decode_part(r, rank, source) for source, r in enumerate(raw)]
-    return _merge([p for p in parts if p is not None], model, info)
+        own: dict[str, tuple[int, ...]] = {} if post is None else {
+            n: (num_chains, *post.draws.shape(n)[1:]) for n in post.draws}
+        dtypes = {} if post is None else {n: post.draws.dtype(n) for n in post.draws}
+        failed = _send_blocks(own, dtypes, local, dst, group, rank)
+        statuses = _all_gather(None if failed is None else _describe(failed), group, rank, world,
+                               "status of the gather")
+        _raise_if_failed(statuses, rank, failed)
+    else:
+        parts = [p for p in (_decode_part(r, rank, source) for source, r in enumerate(raw)) if p is not None]
+        shapes, dtypes = _draw_layout(parts, num_chains, rank)
+        owner = {c: r for r, share in enumerate(shares) for c in share}
+        gather = _Gather(shapes, dtypes, local, owner, None, group, rank)
+        _write_gathered(store, gather, _merge_rest(parts, info), group, rank, world)
+    _rank_files(post, run_kwargs)
+    return Posterior.load(store, model=model, lazy=True) if rank == dst else None
+
+
+def _draw_layout(parts: Sequence[dict[str, Any]], num_chains: int,
+                 rank: int) -> tuple[dict[str, tuple[int, ...]], dict[str, torch.dtype]]:
+    """The store's posterior variables, (num_chains, draw, ...) and dtype, from the ranks' layouts."""
+    shapes, dtypes = {}, {}
+    for name, shape in parts[0]["draw_shapes"].items():
+        dtype = getattr(torch, str(parts[0]["draw_dtypes"][name]), None)
+        if not isinstance(dtype, torch.dtype) or any(
+                list(p["draw_shapes"].get(name, []))[1:] != list(shape)[1:] for p in parts):
+            raise DistributedSamplingError(f"rank {rank}: the ranks' draws of {name!r} differ in shape or "
+                                           "dtype")
+        shapes[name], dtypes[name] = (num_chains, *(int(a) for a in shape[1:])), dtype
+    return shapes, dtypes
 
 
 def _data_parallel(model: nn.Module, loss_fn: Any, data: Any, group: Any, rank: int, world: int,
@@ -650,7 +882,8 @@ def _data_parallel(model: nn.Module, loss_fn: Any, data: Any, group: Any, rank: 
     # early would start the next group while the others still step the previous one.
     method = kwargs.get("chain_method", "auto")
     calls = [list(range(num_chains))] if method == "vectorized" else [[k] for k in range(num_chains)]
-    parts = []
+    store = kwargs.get("store")
+    parts, call_kwargs = [], []
     for ids in calls:
         wrapper = _AllReduceGradient(weight, len(ids), numel, dtype, device, group, rank, world)
         error, own = None, False
@@ -672,16 +905,37 @@ def _data_parallel(model: nn.Module, loss_fn: Any, data: Any, group: Any, rank: 
         if error is not None:  # a peer failure that was not reported (cannot happen) -- be loud
             raise DistributedSamplingError(f"rank {rank}: {error}")
         assert post is not None
-        parts.append(_combine_shards(post, weight, device, group, rank, world))
-    merged = _merge([_parts(p) for p in parts], model, info)
-    merged.metadata["n"] = sum(sizes)
-    merged.metadata["batch_size_per_rank"] = kwargs.get("batch_size")
-    return merged if dst is None or rank == dst else None
+        parts.append(_combine_shards(post, weight, device, group, rank, world, mask_draws=store is None))
+        call_kwargs.append(chain_kwargs)
+    if store is None:
+        merged = _merge([_parts(p) for p in parts], model, info)
+        merged.metadata["n"] = sum(sizes)
+        merged.metadata["batch_size_per_rank"] = kwargs.get("batch_size")
+        return merged if dst is None or rank == dst else None
+    # store=: every rank holds the same draws; dst writes its own into the store, chunk by chunk,
+    # NaN at a divergence step of any rank (as _combine_shards does in memory)
+    if rank == dst:
+        rest = _merge_rest([_parts(p) for p in parts], info)
+        rest["metadata"]["n"] = sum(sizes)
+        rest["metadata"]["batch_size_per_rank"] = kwargs.get("batch_size")
+        first = parts[0].draws
+        shapes = {n: (num_chains, *first.shape(n)[1:]) for n in first}
+        local = {c: (p, i) for p, ids in zip(parts, calls, strict=True) for i, c in enumerate(ids)}
+        masks = {c: p.sample_stats["diverging"][i] for c, (p, i) in local.items()}
+        gather = _Gather(shapes, {n: first.dtype(n) for n in first}, local, {}, masks, group, rank)
+        _write_gathered(store, gather, rest, group, rank, world)
+    else:
+        statuses = _all_gather(None, group, rank, world, "status of the gather")
+        _raise_if_failed(statuses, rank, None)
+    for p, kw in zip(parts, call_kwargs, strict=True):
+        _rank_files(p, kw)
+    return Posterior.load(store, model=model, lazy=True) if rank == dst else None
 
 
 def _combine_shards(post: Posterior, weight: float, device: torch.device, group: Any, rank: int,
-                    world: int) -> Posterior:
-    """Full-data energy/loss (the weighted sum of the shard values) and one divergence record."""
+                    world: int, mask_draws: bool = True) -> Posterior:
+    """Full-data energy/loss (the weighted sum of the shard values) and one divergence record
+    (with ``mask_draws``, the draws taken at a divergence step of any rank set to NaN: in memory)."""
     import torch.distributed as dist
 
     stats = post.sample_stats
@@ -700,7 +954,8 @@ def _combine_shards(post: Posterior, weight: float, device: torch.device, group:
     first = [min((s[c] for s in steps if s[c] >= 0), default=-1) for c in range(len(steps[0]))]
     post.divergence_step = torch.tensor(first, dtype=torch.long)
     post.diverged = post.divergence_step >= 0
-    with torch.no_grad():  # a draw taken at or after the divergence step on any rank is NaN
-        for v in post.draws.values():
-            v[stats["diverging"]] = math.nan
+    if mask_draws:
+        with torch.no_grad():  # a draw taken at or after the divergence step on any rank is NaN
+            for v in post.draws.values():
+                v[stats["diverging"]] = math.nan
     return post

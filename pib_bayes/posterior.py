@@ -255,7 +255,15 @@ class Posterior:
         # lazy draws are checked chunk by chunk as iter_draws reads them (a scan here would read the
         # whole store on every load); check_finite() scans once and flags
         broken = torch.zeros(c, dtype=torch.bool)
-        for v in ([] if lazy else self.draws.values()):
+        from .store import _ScannedDraws
+
+        scanned = {}
+        if isinstance(self.draws, _ScannedDraws):  # used once: a later Posterior of these draws scans
+            scanned, self.draws.nonfinite = self.draws.nonfinite, {}
+        for name, v in ([] if lazy else self.draws.items()):
+            if name in scanned:  # read from a file and scanned chunk by chunk as it was read
+                broken[sorted(scanned[name])] = True
+                continue
             if not (v.is_floating_point() or v.is_complex()):
                 continue
             if v.numel() and bool(torch.isfinite(v.sum())):  # a NaN or Inf anywhere makes the sum non-finite

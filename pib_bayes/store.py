@@ -35,9 +35,11 @@ stored with one dimension of size 1 and ``pib_bayes_scalar = 1``.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
+import mmap
 import os
 import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -57,6 +59,7 @@ __all__ = ["CHUNK_BYTES", "TRAILER_MAGIC", "UB_MAGIC", "LazyDraws", "write_store
 
 CHUNK_BYTES = 4 * 2**20  # the largest chunk written (bytes); a chunk is the unit of integrity checks
 GROUPS = ("posterior", "sample_stats", "fixed", "divergences")
+_POPULATE_BYTES = 2**20  # results this large are allocated populated (see _empty)
 DIGEST_ATTR = "pib_bayes_xxh3"  # per variable: the XXH3-64 digests of its chunks, 16 hex digits each
 _NATIVE = {torch.float16: np.float16, torch.float32: np.float32, torch.float64: np.float64,
            torch.int8: np.int8, torch.int16: np.int16, torch.int32: np.int32, torch.int64: np.int64,
@@ -184,11 +187,12 @@ def _write_chunks(ds: Any, src: BlockSource, np_dtype: np.dtype, chunk: tuple[in
 
 def write_store(path: str | os.PathLike, kind: str, format_version: int,
                 groups: Mapping[str, Mapping[str, Tensor | BlockSource]],
-                metadata: Mapping[str, Any]) -> None:
+                metadata: Mapping[str, Any], *, atomic: bool = True) -> None:
     """Write ``groups`` (group -> name -> tensor, or a :class:`BlockSource` filled chunk by chunk;
     posterior/sample_stats variables lead with (chain, draw)) and JSON ``metadata`` to ``path``
-    atomically (see :func:`read_store`). A tensor is written from its own memory, chunk by chunk:
-    the transient memory is at most one chunk (an edge chunk's zero padding)."""
+    atomically (see :func:`read_store`; ``atomic=False``: to ``path`` itself, a temporary file of
+    the caller's :func:`~pib_bayes.io.atomic_path`). A tensor is written from its own memory, chunk
+    by chunk: the transient memory is at most one chunk (an edge chunk's zero padding)."""
     import h5netcdf
 
     order = {g: list(groups.get(g, {})) for g in GROUPS}
@@ -204,7 +208,7 @@ def write_store(path: str | os.PathLike, kind: str, format_version: int,
             src, scalar = _as_source(where, v)
             np_dtype, attrs = _attrs_for(where, src.dtype, scalar)
             variables.append((gname, name, where, src, np_dtype, attrs))
-    with atomic_path(path) as tmp:
+    with atomic_path(path) if atomic else contextlib.nullcontext(os.fspath(path)) as tmp:
         with h5netcdf.File(tmp, "w", libver="latest", track_order=True) as f:
             f.attrs["pib_bayes"] = header
             f.attrs["pib_bayes_blake2b"] = hashlib.blake2b(header.encode()).hexdigest()
@@ -410,10 +414,39 @@ def _check_numeric(path: Path, gname: str, name: str, ds: Any) -> None:
 
 
 def _empty(shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
-    """An uninitialised array in torch's CPU allocator (it asks for transparent huge pages: a
-    240 MiB result is paged in about 5x faster than numpy's), as a numpy view."""
-    flat = torch.empty(math.prod(shape) * dtype.itemsize, dtype=torch.uint8).numpy()
-    return flat.view(dtype).reshape(shape)
+    """An uninitialised array; a large one (:data:`_POPULATE_BYTES` or more) in an anonymous
+    ``mmap`` with ``MAP_POPULATE`` (Linux), whose pages the kernel maps in one call instead of one
+    page fault each when first written: paging in a fresh result is most of a full load's time
+    (229 MiB on this project's VM: 0.080 s of CPU page by page from torch's allocator, 0.074 s
+    populated; ``benchmarks/bench_io.py --phases``). Not numpy's allocator: it asks for transparent
+    huge pages (``madvise``), with which a full load took 0.035 s in 7 of 11 fresh-process rounds
+    but 0.20 to 0.55 s in the other 4 on that VM (probably its memory balloon, which takes freed
+    memory back from the guest)."""
+    nbytes = math.prod(shape) * dtype.itemsize
+    populate = getattr(mmap, "MAP_POPULATE", None)
+    if nbytes >= _POPULATE_BYTES and populate is not None:
+        try:
+            buf = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | populate)
+        except OSError:  # pragma: no cover - out of address space: let numpy report it
+            pass
+        else:
+            return np.frombuffer(buf, dtype=dtype).reshape(shape)
+    return np.empty(shape, dtype=dtype)
+
+
+def _finite(a: np.ndarray) -> bool:
+    """Whether every element of the float array ``a`` is finite: its sum is finite unless an element
+    is NaN or infinite or the sum overflows (then the elements are checked)."""
+    t = torch.from_numpy(a)
+    return bool(torch.isfinite(t.sum())) or bool(torch.isfinite(t).all())
+
+
+class _ScannedDraws(dict):
+    """The posterior group as :func:`read_store` read it: name -> tensor, with ``nonfinite``,
+    name -> the chains holding a NaN or infinite draw (found chunk by chunk as they were read), so
+    that :class:`~pib_bayes.Posterior` need not scan the draws again."""
+
+    nonfinite: dict[str, set[int]]
 
 
 class _Chunked:
@@ -461,9 +494,11 @@ class _Chunked:
         if xxhash.xxh3_64_hexdigest(dest) != self.digests[off]:
             raise self._bad(off, "XXH3-64 digest mismatch")
 
-    def read_all(self) -> np.ndarray:
+    def read_all(self, nonfinite: set[int] | None = None) -> np.ndarray:
         """The whole array, each chunk read straight into its place (an edge chunk through one
-        chunk of scratch memory)."""
+        chunk of scratch memory). With ``nonfinite`` (a float variable), each chunk is also checked
+        for NaN/Inf while it is in cache, and the first index of a chunk holding one (the chain,
+        for posterior variables) is added to ``nonfinite``."""
         out = _empty(self.shape, self.np_dtype)
         if self.chunk is None:
             return out
@@ -478,6 +513,8 @@ class _Chunked:
                     scratch = np.empty(self.nbytes, dtype=np.uint8)
                 self.read_chunk(off, scratch)
                 dest[...] = scratch.view(self.np_dtype)[:dest.size].reshape(dest.shape)
+            if nonfinite is not None and off[0] not in nonfinite and not _finite(dest.reshape(-1)):
+                nonfinite.add(off[0])
         return out
 
     def read(self, index: tuple[slice | np.ndarray, ...], into: np.ndarray | None = None) -> np.ndarray:
@@ -626,11 +663,21 @@ def read_store(path: str | os.PathLike, kind: str, supported_versions: tuple[int
             if gname in lazy:
                 groups[gname] = LazyDraws(path, gname, kind=kind, supported_versions=supported_versions)
                 continue
-            out: dict[str, Tensor] = {}
+            digested = _digested(kind, version)
+            out: dict[str, Tensor] = _ScannedDraws() if digested and gname == "posterior" else {}
+            if isinstance(out, _ScannedDraws):
+                out.nonfinite = {}
             for name, ds in _datasets(path, f, header, gname):
-                arr = (_Chunked(path, gname, name, ds).read_all() if _digested(kind, version)
-                       else _read_dataset(path, gname, name, ds))
-                out[name] = _decode(path, gname, name, arr, dict(ds.attrs))
+                attrs = dict(ds.attrs)
+                if not digested:
+                    arr = _read_dataset(path, gname, name, ds)
+                elif (isinstance(out, _ScannedDraws) and ds.dtype.kind == "f"
+                      and "pib_bayes_dtype" not in attrs):
+                    out.nonfinite[name] = set()
+                    arr = _Chunked(path, gname, name, ds).read_all(out.nonfinite[name])
+                else:  # bfloat16 bits (uint16) are scanned by Posterior itself, integers need none
+                    arr = _Chunked(path, gname, name, ds).read_all()
+                out[name] = _decode(path, gname, name, arr, attrs)
             groups[gname] = out
         return groups, header["metadata"]
 

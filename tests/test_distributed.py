@@ -7,6 +7,7 @@ start has a deadline: a hang fails the test instead of blocking the suite.
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import json
 import os
@@ -198,6 +199,83 @@ def _scenario_bad_input(rank: int, out: str) -> None:
     sample_distributed(model, "gaussian", shard((x, y)), mode="data", **DATA_ARGS)
 
 
+def _small_chunks() -> None:
+    """Chunks of 64 bytes (2 draws of the 4-weight layer a chunk, the 12-weight one split): many
+    chunks per chain to send, and segments of one draw."""
+    import pib_bayes.driver.stream
+    import pib_bayes.store
+
+    pib_bayes.store.CHUNK_BYTES = pib_bayes.driver.stream.CHUNK_BYTES = 64
+
+
+def _scenario_store(rank: int, out: str) -> None:
+    _small_chunks()
+    x, y = _data()
+    for dst in (0, 1):  # the store written by rank 0, then by rank 1 (rank 0 sending)
+        path = os.path.join(out, f"store_chains_dst{dst}.nc")
+        got = sample_distributed(_model(), "gaussian", (x, y), chain_method="sequential", dst=dst, store=path,
+                                 **CHAIN_ARGS)
+        mem = sample_distributed(_model(), "gaussian", (x, y), chain_method="sequential", dst=dst,
+                                 **CHAIN_ARGS)
+        if rank == dst:
+            assert got.lazy and mem is not None
+            mem.save(os.path.join(out, f"store_chains_dst{dst}.memory.nc"))
+        elif got is not None:
+            raise AssertionError(f"rank {rank} got a Posterior with dst={dst}")
+    xs, ys = shard(_data(DATA_N))
+    for name, loss, data, kw in (
+            ("sequential", "gaussian", (xs, ys), dict(DATA_ARGS, chain_method="sequential")),
+            ("one_diverged", _MarkerLoss(), shard(_marked_data()),  # NaN draws after a divergence on rank 1
+             dict(DATA_ARGS, num_warmup=0, chain_method="vectorized", init=_two_chain_init()))):
+        path = os.path.join(out, f"store_data_{name}.nc")
+        got = sample_distributed(_model(), loss, data, mode="data", store=path, **kw)
+        mem = sample_distributed(_model(), loss, data, mode="data", **kw)
+        if rank == 0:
+            assert got.lazy
+            mem.save(os.path.join(out, f"store_data_{name}.memory.nc"))
+
+
+def _scenario_store_locked(rank: int, out: str) -> None:
+    """Another writer holds the store on dst (rank 0) when the gather starts: every rank must fail
+    with that error (none left waiting to send), and the old file stays as it was."""
+    from pib_bayes.io import exclusive_lock
+
+    path = os.path.join(out, "locked_store.nc")
+    if rank == 0:
+        with open(path, "wb") as f:
+            f.write(b"old")
+    with exclusive_lock(path, "store") if rank == 0 else contextlib.nullcontext():
+        sample_distributed(_model(), "gaussian", _data(), store=path, **CHAIN_ARGS)
+
+
+STORE_RUN = dict(CHAIN_ARGS, chain_method="sequential", checkpoint_every=6)
+
+
+def _scenario_fail_store(rank: int, out: str) -> None:
+    """Rank 1 raises in its second chain (chain 4) after a few checkpoints; rank 0 finishes."""
+    _small_chunks()
+    loss = _FailingLoss(fail_at=70) if rank == 1 else _FailingLoss(fail_at=10**9)
+    try:
+        sample_distributed(_model(), loss, _data(), store=os.path.join(out, "resumed_store.nc"),
+                           checkpoint=os.path.join(out, "resumed_store.ckpt"), **STORE_RUN)
+    finally:
+        with open(os.path.join(out, f"fail_store.left{rank}"), "w") as f:
+            json.dump(sorted(n for n in os.listdir(out) if "resumed_store" in n), f)
+
+
+def _scenario_resume_store(rank: int, out: str) -> None:
+    """Resumed: rank 0 (finished) must not evaluate its loss at all, rank 1 continues (its calls
+    counted for the test)."""
+    _small_chunks()
+    loss = _FailingLoss(fail_at=1) if rank == 0 else _FailingLoss(fail_at=10**9)
+    try:
+        sample_distributed(_model(), loss, _data(), store=os.path.join(out, "resumed_store.nc"),
+                           checkpoint=os.path.join(out, "resumed_store.ckpt"), resume=True, **STORE_RUN)
+    finally:
+        with open(os.path.join(out, f"resume_store.calls{rank}"), "w") as f:
+            f.write(str(loss.calls))
+
+
 def _worker(rank: int, world: int, port: int, scenarios: list[str], out: str) -> None:
     """Run the scenarios one after another in ONE process group (starting processes is what costs):
     after a failing scenario the same group must still work, which the later scenarios check."""
@@ -257,7 +335,8 @@ def _results(out, scenario: str) -> list[dict]:
     return results
 
 
-SCENARIOS = ["chains", "data", "fail_chains", "fail_data", "resume_data", "bad_input"]
+SCENARIOS = ["chains", "data", "fail_chains", "fail_data", "resume_data", "bad_input", "store", "fail_store",
+             "resume_store", "store_locked"]
 
 
 @pytest.fixture(scope="module")
@@ -336,7 +415,8 @@ def test_one_rank_equals_sample_in_both_modes(one_rank):
     (dict(mode="both"), ValueError, "mode"),
     (dict(dst=1), ValueError, "dst"),
     (dict(chain_ids=[0]), ValueError, "chain_ids"),
-    (dict(store="post.nc"), ValueError, "store: not supported by sample_distributed"),
+    (dict(store="post.nc", dst=None), ValueError, "dst: with store=, one rank writes the store"),
+    (dict(store=b"post.nc"), TypeError, "store: expected a file path"),
     (dict(num_chain=2), TypeError, "num_chain"),
     (dict(beta=None), TypeError, "beta"),
     (dict(num_chains=0), DistributedSamplingError, "num_chains"),
@@ -439,6 +519,67 @@ def test_a_failed_data_parallel_run_leaves_checkpoints_that_resume_exactly(run_d
     x, y = _data(DATA_N)
     ref = sample(_model(), "gaussian", (x, y), chain_method="sequential", **dict(DATA_ARGS, num_chains=1))
     _assert_same(Posterior.load(tmp_path / "resumed.pt"), ref, exact=False)
+
+
+def _assert_bits(a: Posterior, b: Posterior) -> None:
+    """Equal bit for bit: draws (NaN where NaN), statistics, flags, metadata."""
+    assert list(a.draws) == list(b.draws) and list(a.sample_stats) == list(b.sample_stats)
+    for k in a.draws:
+        assert torch.equal(a.draws[k].view(torch.int64), b.draws[k].view(torch.int64)), k
+    for k in a.sample_stats:
+        assert torch.equal(a.sample_stats[k].nan_to_num(7.5), b.sample_stats[k].nan_to_num(7.5)), k
+    assert torch.equal(a.diverged, b.diverged) and torch.equal(a.divergence_step, b.divergence_step)
+    assert a.metadata == b.metadata
+
+
+def test_store_streams_each_ranks_draws_into_one_file_equal_to_the_in_memory_run(run_dir):
+    _ok(run_dir, "store")
+    for name in ("chains_dst0", "chains_dst1", "data_sequential", "data_one_diverged"):
+        got = Posterior.load(run_dir / f"store_{name}.nc", lazy=True)
+        assert got.lazy
+        _assert_bits(got, Posterior.load(run_dir / f"store_{name}.memory.nc"))
+    x, y = _data()  # and chain k is chain k of the single-process run
+    _assert_bits(Posterior.load(run_dir / "store_chains_dst1.nc"), Posterior.load(
+        run_dir / "store_chains_dst0.memory.nc"))
+    ref = sample(_model(), "gaussian", (x, y), chain_method="sequential", **CHAIN_ARGS)
+    got = Posterior.load(run_dir / "store_chains_dst0.nc")
+    for k in ref.draws:
+        assert torch.equal(got.draws[k], ref.draws[k]), k
+    diverged = Posterior.load(run_dir / "store_data_one_diverged.nc")
+    assert diverged.diverged.tolist() == [False, True] and bool(diverged.draws["2.bias"][1].isnan().any())
+    # the ranks' own files, segments and locks are gone: the store holds the run
+    ours = ("store_chains", "store_data")
+    left = sorted(p.name for p in run_dir.iterdir()
+                  if p.name.lstrip(".").startswith(ours) and not p.name.endswith(".nc"))
+    assert left == [], left
+
+
+def test_a_failed_streamed_run_resumes_into_the_store_bit_identically(run_dir):
+    assert all(not res["ok"] for res in _results(run_dir, "fail_store"))
+    for r in range(WORLD):  # no store; each rank's checkpoint and segments, rank 0's finished file
+        left = json.loads((run_dir / f"fail_store.left{r}").read_text())
+        assert "resumed_store.nc" not in left and "resumed_store.nc.rank0-of-2" in left, left
+        assert {f"resumed_store.ckpt.rank{k}-of-2" for k in range(WORLD)} <= set(left), left
+    _ok(run_dir, "resume_store")
+    calls = [int((run_dir / f"resume_store.calls{r}").read_text()) for r in range(WORLD)]
+    x, y = _data()
+    counting = _FailingLoss(fail_at=10**9)
+    sample(_model(), counting, (x, y), chain_ids=[3, 4], **dict(STORE_RUN, checkpoint_every=100))
+    assert calls[0] == 0 and 0 < calls[1] < counting.calls - 60  # rank 1 resumed in chain 4, not restarted
+    ref = sample(_model(), "gaussian", (x, y), **dict(STORE_RUN, checkpoint_every=100))
+    got = Posterior.load(run_dir / "resumed_store.nc", lazy=True)
+    for k in ref.draws:
+        assert torch.equal(got.draws[k], ref.draws[k]), k
+    for k in ref.sample_stats:
+        assert torch.equal(got.sample_stats[k], ref.sample_stats[k]), k
+    assert sorted(p.name for p in run_dir.iterdir() if "resumed_store" in p.name) == ["resumed_store.nc"]
+
+
+def test_a_failed_gather_into_the_store_stops_every_rank_and_keeps_the_old_file(run_dir):
+    for res in _results(run_dir, "store_locked"):
+        assert not res["ok"] and res["type"] == "DistributedSamplingError", res
+        assert "rank 0 failed: LockedError: store:" in res["message"], res["message"]
+    assert (run_dir / "locked_store.nc").read_bytes() == b"old"
 
 
 def test_ranks_with_different_models_fail_on_every_rank(run_dir):

@@ -347,3 +347,31 @@ def test_a_file_of_many_chunks_whose_trailer_is_long_loads(tmp_path, monkeypatch
     path.write_bytes(bytes(raw))
     with pytest.raises(FormatError, match="corrupt trailer"):
         Posterior.load(path)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_a_load_flags_the_chains_holding_nan_or_inf_found_while_reading(tmp_path, monkeypatch, dtype):
+    """The chunks are scanned for NaN/Inf as they are read (Posterior does not scan them again): a
+    chain with one NaN or Inf in any chunk is flagged; a chain of large finite values whose chunk
+    sum overflows is not; chunks of 2 draws (CHUNK_BYTES = 32 with 4 weights): the bad values sit
+    in the last, an edge chunk, and a middle one."""
+    monkeypatch.setattr("pib_bayes.store.CHUNK_BYTES", 8 * torch.empty((), dtype=dtype).element_size())
+    w = torch.ones(4, 5, 4, dtype=dtype)
+    w[1, 4, 2] = float("nan")  # the edge chunk (draw 4 of 5)
+    w[2, 2, 0] = -float("inf")
+    w[3] = torch.finfo(dtype).max  # finite, but its sums overflow
+    path = tmp_path / "post.nc"
+    with pytest.warns(UserWarning, match="not flagged"):
+        post = Posterior({"w": w}, {}, {"task": "regression"})
+    post.diverged = torch.zeros(4, dtype=torch.bool)  # a file whose flags do not say so
+    post.save(path)
+    with pytest.warns(UserWarning, match=r"draws: chains \[1, 2\] hold NaN/Inf draws"):
+        post = Posterior.load(path)
+    assert post.diverged.tolist() == [False, True, True, False]
+    assert torch.equal(_bits(post.draws["w"]), _bits(w))
+    post.draws["w"][0, 0, 0] = float("nan")  # changed after the load: a new Posterior scans again
+    with pytest.warns(UserWarning, match=r"draws: chains \[0, 1, 2\] hold NaN/Inf draws"):
+        Posterior(post.draws, {}, {"task": "regression"})
+    lazy = Posterior.load(path, lazy=True)  # the same flags once scanned
+    with pytest.warns(UserWarning, match=r"draws: chains \[1, 2\] hold NaN/Inf draws"):
+        assert lazy.check_finite() == [1, 2]

@@ -200,3 +200,57 @@ def test_a_crashed_run_without_checkpoint_leaves_no_store_and_the_next_starts_cl
     assert not store.exists() and any(segments_dir(store).iterdir())  # only its uncommitted segments
     _same(ref, _run(store=store))  # a fresh run: the old segments are dropped, not mixed in
     assert not segments_dir(store).exists()
+
+
+def _fake_disk(monkeypatch, free):
+    """shutil.disk_usage reporting ``free`` bytes free on every disk."""
+    import shutil
+
+    usage = shutil._ntuple_diskusage(2**50, 2**50 - free, free)
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage)
+
+
+def _needed(err: pytest.ExceptionInfo) -> int:
+    import re
+
+    return int(re.search(r"about [\d.]+ \w+ \(([\d,]+) bytes\)", str(err.value)).group(1).replace(",", ""))
+
+
+@pytest.mark.parametrize("kind", ["store", "checkpoint"])
+def test_a_run_whose_files_would_not_fit_on_the_disk_is_refused_before_sampling(monkeypatch, tmp_path, kind):
+    store = tmp_path / "post.nc" if kind == "store" else None
+    ckpt = tmp_path / "run.ckpt" if kind == "checkpoint" else None
+    _fake_disk(monkeypatch, 0)
+    with pytest.raises(ValueError, match=rf"^{kind}: the run would write about .* but only 0 B \(0 bytes\) "
+                                         "is free there") as err:
+        _run(store=store, ckpt=ckpt)
+    needed = _needed(err)
+    _fake_disk(monkeypatch, needed - 1)  # one byte short: still refused, and nothing was written
+    with pytest.raises(ValueError, match=f"^{kind}: the run would write"):
+        _run(store=store, ckpt=ckpt)
+    assert sorted(os.listdir(tmp_path)) == []
+    _fake_disk(monkeypatch, needed)  # the twin: exactly enough space passes and the run completes
+    post = _run(store=store, ckpt=ckpt)
+    assert post.num_draws == 25
+    if kind == "store":  # the estimate covers the file the run wrote
+        assert 0 < os.path.getsize(store) <= needed
+
+
+def test_the_disk_check_counts_the_draws_and_the_segments_a_resume_keeps(monkeypatch, tmp_path):
+    """The store's draws are counted twice (the segments exist while the store is written from
+    them); segments already in the folder are space the run reuses."""
+    _fake_disk(monkeypatch, 0)
+    with pytest.raises(ValueError) as small:
+        _run(store=tmp_path / "post.nc", num_draws=25)
+    with pytest.raises(ValueError) as large:
+        _run(store=tmp_path / "post.nc", num_draws=2025)
+    # 3 chains x 2000 more draws of the 51 float32 weights (2*8 + 8 + 8*3 + 3) and the statistics
+    # (energy, loss: float32; step_size, w0: float64; diverging: bool); no chunk is padded here
+    draw_bytes = 3 * 2000 * (51 * 4 + 4 + 4 + 8 + 8 + 1)
+    assert _needed(large) - _needed(small) == 2 * draw_bytes
+    seg = segments_dir(tmp_path / "post.nc")
+    seg.mkdir()
+    (seg / "seg-000000-000003-0000000000-0000000010.seg").write_bytes(b"\0" * 10_000)
+    with pytest.raises(ValueError) as resumed:
+        _run(store=tmp_path / "post.nc", num_draws=25)
+    assert _needed(resumed) == _needed(small) - 10_000

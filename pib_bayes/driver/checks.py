@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+import os
+import shutil
 import warnings
 from collections.abc import Mapping, Sequence
 
@@ -10,7 +12,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from .._validate import PrecisionWarning, check_memory, itemsize
+from .._validate import PrecisionWarning, check_memory, format_bytes, itemsize
 from ..energy import Energy, loss_likelihood
 from ..prior import GaussianPrior, Prior
 from ..samplers.schedules import Schedule
@@ -73,6 +75,81 @@ def _check_run_memory(named: list[tuple[str, Tensor]], keep_names: list[str], nu
     else:
         check_memory("num_chains", draws + state, f"the state of {num_chains} chain(s) of {d:,} weights",
                      "run fewer chains per call (chain_ids, or sequential calls)")
+
+
+def _stored_bytes(shape: tuple[int, ...], item: int, lead: int) -> int:
+    """Bytes of one variable in a posterior file: its chunks, stored whole (an edge chunk padded)."""
+    from ..store import _chunks
+
+    if not math.prod(shape):
+        return 0
+    chunk = _chunks(shape, item, lead)
+    return math.prod(math.ceil(a / c) for a, c in zip(shape, chunk, strict=True)) * math.prod(chunk) * item
+
+
+def _dir_bytes(path: str) -> int:
+    """Bytes of the files directly in ``path`` (0 if it does not exist)."""
+    try:
+        return sum(e.stat().st_size for e in os.scandir(path) if e.is_file(follow_symlinks=False))
+    except OSError:
+        return 0
+
+
+def _existing_folder(path: str) -> str:
+    folder = os.path.dirname(os.path.abspath(path))
+    while not os.path.isdir(folder):  # missing folders are created when the run writes (check_path)
+        folder = os.path.dirname(folder)
+    return folder
+
+
+def _check_run_disk(store: str | None, checkpoint: str | None, named: list[tuple[str, Tensor]],
+                    keep_names: list[str], num_chains: int, num_draws: int, num_stats: int,
+                    fixed_bytes: int) -> None:
+    """Refuse, before sampling, a run whose files would not fit on their disks
+    (``shutil.disk_usage(folder).free``, per file system).
+
+    A run with ``store=`` or ``checkpoint=`` writes every kept draw to disk as segment files in
+    ``.NAME.segments/`` (beside the checkpoint, else the store): C x N x (D_kept + the statistics)
+    values. With ``store=`` the store is then written from them, chunk by chunk, while they still
+    exist: the same draws again, each variable in whole chunks (an edge chunk padded), plus the
+    fixed tensors. With ``checkpoint=`` each checkpoint also replaces a payload of about four copies
+    of the C x D chain state (old and new file both exist for a moment). The segments already in
+    the folder (a resumed run keeps them, a fresh one deletes them) count as space available."""
+    if store is None and checkpoint is None:
+        return
+    item = itemsize(named[0][1].dtype)
+    d = sum(p.numel() for _, p in named)
+    kept = [(num_chains, num_draws, *p.shape) for n, p in named if n in keep_names]
+    stat_items = [item, item, 8, 1] + [8] * num_stats  # energy, loss, step_size, diverging, stat_fns
+    per_draw = sum(math.prod(s[2:]) for s in kept) * item + sum(stat_items)
+    from .stream import segments_dir
+
+    segs = os.fspath(segments_dir(checkpoint if checkpoint is not None else store))
+    needs: list[tuple[str, str, int]] = [  # (file system's folder, what, bytes)
+        (_existing_folder(segs), f"its draws as segments in {segs!r}",
+         max(0, num_chains * num_draws * per_draw - _dir_bytes(segs)))]
+    if store is not None:
+        file_bytes = (sum(_stored_bytes(s, item, 1) for s in kept)
+                      + sum(_stored_bytes((num_chains, num_draws), i, 1) for i in stat_items)
+                      + fixed_bytes + 2**20)  # + HDF5 structure and the trailer (about 32 B a chunk)
+        needs.append((_existing_folder(store), f"the store {store!r}", file_bytes))
+    if checkpoint is not None:
+        needs.append((_existing_folder(checkpoint), f"the checkpoint {checkpoint!r}",
+                      2 * 4 * num_chains * d * item))
+    by_disk: dict[int, list[tuple[str, str, int]]] = {}
+    for folder, what, n in needs:
+        by_disk.setdefault(os.stat(folder).st_dev, []).append((folder, what, n))
+    name = "store" if store is not None else "checkpoint"
+    for parts in by_disk.values():
+        total = sum(n for _, _, n in parts)
+        free = shutil.disk_usage(parts[0][0]).free
+        if total > free:
+            what = " and ".join(f"{w} ({format_bytes(n)})" for _, w, n in parts)
+            raise ValueError(
+                f"{name}: the run would write about {format_bytes(total)} ({total:,} bytes) to the disk of "
+                f"{parts[0][0]!r} ({what}) but only {format_bytes(free)} ({free:,} bytes) is free there; "
+                f"free space, put {name}= on a larger disk, or store fewer draws (num_draws, thin), fewer "
+                "parameters (keep=[...]) or fewer chains per call (chain_ids)")
 
 
 _LOW_PRECISION = {torch.float16: 10, torch.bfloat16: 7}  # explicit mantissa bits

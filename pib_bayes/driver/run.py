@@ -59,6 +59,7 @@ from .checks import (
     _check_chain_ids,
     _check_model_storage,
     _check_model_takes_data,
+    _check_run_disk,
     _check_run_memory,
     _check_stat_fns,
     _check_threshold,
@@ -484,6 +485,9 @@ def sample(
     draw_bytes = sum(p.numel() * p.element_size() for n, p in spec.named if n in spec.keep_names)
     window = window_rows(draw_bytes, spec.num_draws) if spec.store is not None else 0  # streamed draws
     _check_run_memory(list(spec.named), list(spec.keep_names), spec.num_chains, window or spec.num_draws)
+    _check_run_disk(spec.store, spec.checkpoint, list(spec.named), list(spec.keep_names), spec.num_chains,
+                    spec.num_draws, len(spec.stat_fns), sum(t.numel() * t.element_size() for n, t in [
+                        *model.named_buffers(), *model.named_parameters()] if n not in spec.names))
     # the validated values under the names the rest of the run reads
     kernel, schedule, auto, sampler = spec.kernel, spec.schedule, spec.auto, spec.sampler
     named, names, keep_names = list(spec.named), list(spec.names), list(spec.keep_names)
