@@ -61,6 +61,9 @@ CHUNK_BYTES = 4 * 2**20  # the largest chunk written (bytes); a chunk is the uni
 GROUPS = ("posterior", "sample_stats", "fixed", "divergences")
 _POPULATE_BYTES = 2**20  # results this large are allocated populated (see _empty)
 DIGEST_ATTR = "pib_bayes_xxh3"  # per variable: the XXH3-64 digests of its chunks, 16 hex digits each
+# per float posterior variable (format 4): JSON list of the chains holding a NaN or infinite draw, found
+# by the writer chunk by chunk (a reader trusts it: the chunks it describes are checked by their digests)
+NONFINITE_ATTR = "pib_bayes_nonfinite_chains"
 _NATIVE = {torch.float16: np.float16, torch.float32: np.float32, torch.float64: np.float64,
            torch.int8: np.int8, torch.int16: np.int16, torch.int32: np.int32, torch.int64: np.int64,
            torch.uint8: np.uint8}
@@ -164,8 +167,11 @@ def _as_source(where: str, v: Any) -> tuple[BlockSource, bool]:
     raise TypeError(f"{where}: expected a tensor, got {type(v).__name__}")
 
 
-def _write_chunks(ds: Any, src: BlockSource, np_dtype: np.dtype, chunk: tuple[int, ...]) -> str:
-    """Write every chunk of ``src`` raw (HDF5 direct chunk I/O); the hex XXH3-64 digests, in order."""
+def _write_chunks(ds: Any, src: BlockSource, np_dtype: np.dtype, chunk: tuple[int, ...],
+                  nonfinite: set[int] | None = None) -> str:
+    """Write every chunk of ``src`` raw (HDF5 direct chunk I/O); the hex XXH3-64 digests, in order.
+    With ``nonfinite`` (a float variable), the first index (the chain) of every chunk holding a NaN
+    or an infinity is added to it, tested while the chunk is in cache."""
     full = math.prod(chunk)
     pad: np.ndarray | None = None
     digests = []
@@ -181,6 +187,8 @@ def _write_chunks(ds: Any, src: BlockSource, np_dtype: np.dtype, chunk: tuple[in
             pad[arr.size:] = 0
             arr = pad
         digests.append(xxhash.xxh3_64_hexdigest(arr))
+        if nonfinite is not None and off[0] not in nonfinite and not _finite(arr.reshape(-1)):
+            nonfinite.add(off[0])
         ds.id.write_direct_chunk(off, arr)
     return "".join(digests)
 
@@ -239,7 +247,10 @@ def write_store(path: str | os.PathLike, kind: str, format_version: int,
                     var.attrs[k] = v
                 if size:
                     try:
-                        var.attrs[DIGEST_ATTR] = _write_chunks(var._h5ds, src, np_dtype, chunk)
+                        scan = set() if gname == "posterior" and np_dtype.kind == "f" else None
+                        var.attrs[DIGEST_ATTR] = _write_chunks(var._h5ds, src, np_dtype, chunk, scan)
+                        if scan is not None:
+                            var.attrs[NONFINITE_ATTR] = json.dumps(sorted(scan))
                     except TypeError as err:
                         raise TypeError(f"{where}: {err}") from None
         _seal(tmp)
@@ -439,6 +450,24 @@ def _finite(a: np.ndarray) -> bool:
     is NaN or infinite or the sum overflows (then the elements are checked)."""
     t = torch.from_numpy(a)
     return bool(torch.isfinite(t.sum())) or bool(torch.isfinite(t).all())
+
+
+def _nonfinite_record(path: Path, gname: str, name: str, ds: Any,
+                     attrs: Mapping[str, Any]) -> set[int] | None:
+    """The chains the writer found holding a NaN/Inf draw of this variable (format 4), or None when
+    the file has no record (format 3: the reader scans the chunks itself)."""
+    raw = attrs.get(NONFINITE_ATTR)
+    if raw is None:
+        return None
+    if isinstance(raw, bytes):
+        raw = raw.decode("ascii", errors="replace")
+    try:
+        chains = json.loads(raw) if isinstance(raw, str) else None
+    except (json.JSONDecodeError, RecursionError):
+        chains = None
+    if not (isinstance(chains, list) and all(is_int(c) and 0 <= c < ds.shape[0] for c in chains)):
+        raise FormatError(f"{path}: variable {gname}/{name}: corrupt attribute {NONFINITE_ATTR}")
+    return set(chains)
 
 
 class _ScannedDraws(dict):
@@ -673,8 +702,10 @@ def read_store(path: str | os.PathLike, kind: str, supported_versions: tuple[int
                     arr = _read_dataset(path, gname, name, ds)
                 elif (isinstance(out, _ScannedDraws) and ds.dtype.kind == "f"
                       and "pib_bayes_dtype" not in attrs):
-                    out.nonfinite[name] = set()
-                    arr = _Chunked(path, gname, name, ds).read_all(out.nonfinite[name])
+                    recorded = _nonfinite_record(path, gname, name, ds, attrs)
+                    out.nonfinite[name] = set() if recorded is None else recorded
+                    arr = _Chunked(path, gname, name, ds).read_all(
+                        out.nonfinite[name] if recorded is None else None)
                 else:  # bfloat16 bits (uint16) are scanned by Posterior itself, integers need none
                     arr = _Chunked(path, gname, name, ds).read_all()
                 out[name] = _decode(path, gname, name, arr, attrs)

@@ -375,3 +375,47 @@ def test_a_load_flags_the_chains_holding_nan_or_inf_found_while_reading(tmp_path
     lazy = Posterior.load(path, lazy=True)  # the same flags once scanned
     with pytest.warns(UserWarning, match=r"draws: chains \[1, 2\] hold NaN/Inf draws"):
         assert lazy.check_finite() == [1, 2]
+
+
+def test_the_writer_records_the_chains_with_nonfinite_draws_and_a_load_trusts_it(tmp_path, monkeypatch):
+    """Format 4: each float posterior variable carries the chains the writer found holding a NaN or
+    an infinity (pib_bayes_nonfinite_chains, covered by the structure digest, describing chunks
+    checked by their own digests), so a full load need not test every value again; the Posterior
+    still holds such a chain flagged. Twin: a format-3 file has no record, and its load scans the chunks."""
+    import pib_bayes.store as store
+
+    w = torch.randn(3, 4, 5)
+    w[1, 2, 3] = float("nan")
+    with pytest.warns(UserWarning, match=r"chains \[1\] hold NaN/Inf draws"):
+        Posterior({"w": w, "b": torch.randn(3, 4)}, {}, {"task": "regression"}).save(tmp_path / "p.nc")
+    with h5py.File(tmp_path / "p.nc", "r") as f:
+        assert f["posterior"]["w"].attrs["pib_bayes_nonfinite_chains"] == "[1]"
+        assert f["posterior"]["b"].attrs["pib_bayes_nonfinite_chains"] == "[]"
+    calls = []
+    real = store._finite
+    monkeypatch.setattr(store, "_finite", lambda a: calls.append(a.size) or real(a))
+    post = Posterior.load(tmp_path / "p.nc")  # flagged when it was saved: no warning now
+    assert calls == [] and post.diverged.tolist() == [False, True, False]
+    assert torch.equal(post.draws["w"].isnan(), w.isnan())
+    Posterior.load(Path(__file__).parent / "data" / "posterior_v3.nc")  # the twin: no record, a scan
+    assert calls
+
+
+@pytest.mark.parametrize("raw, expected", [
+    (None, None), ("[]", set()), ("[1]", {1}), (b"[0, 1]", {0, 1}), ("[2]", FormatError),
+    ("[-1]", FormatError), ("[true]", FormatError), ("{}", FormatError), ("[", FormatError),
+    (7, FormatError)])
+def test_the_nonfinite_record_is_read_strictly(raw, expected):
+    """A record that is not a JSON list of chain indices of the variable (here 2 chains) is a
+    FormatError naming the file and the variable (a file would need valid digests to get here)."""
+    from types import SimpleNamespace
+
+    from pib_bayes.store import _nonfinite_record
+
+    attrs = {} if raw is None else {"pib_bayes_nonfinite_chains": raw}
+    ds = SimpleNamespace(shape=(2, 3, 4))
+    if expected is FormatError:
+        with pytest.raises(FormatError, match=r"p\.nc: variable posterior/w: corrupt attribute"):
+            _nonfinite_record(Path("p.nc"), "posterior", "w", ds, attrs)
+    else:
+        assert _nonfinite_record(Path("p.nc"), "posterior", "w", ds, attrs) == expected
