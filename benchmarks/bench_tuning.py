@@ -61,6 +61,12 @@ NET_SAMPLER = "auto"
 NET_BATCH: int | None = None
 NET_STEPS = (1000, 1000)
 NET_LONG_DRAWS = 20000
+# A confirmation of the 1000 + 20000 budget on fresh seeds, fixed (2026-12-01 12:58 UTC, coordinator)
+# before it ran, since that budget was chosen after seeing the seed-0 runs: seeds 1, 2, 3, each seeding
+# the nets' initial weights (torch.manual_seed) and the sampler (seed=); the data as for seed 0;
+# sampler="auto", step_size="auto", full batch, 4 chains. Prediction: on every seed, both nets, no
+# divergence and energy R-hat <= 1.05 (seed 0: 1.010 / 1.021). Run with --confirm-nets.
+NET_CONFIRM_SEEDS = (1, 2, 3)
 
 
 def _data(n: int, d: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -140,16 +146,17 @@ def time_to_accuracy(seeds: list[int], n: int, d: int, nuts_steps: tuple[int, in
 
 
 def _net_check(quick: bool, warmup: int | None = None, samplers: tuple[str, ...] = (NET_SAMPLER,),
-               batch_size: int | None = NET_BATCH, draws: int | None = None) -> list[dict]:
+               batch_size: int | None = NET_BATCH, draws: int | None = None, seed: int = 0) -> list[dict]:
     import arviz as az
 
     torch.set_num_threads(1)
     warmup = (100 if quick else NET_STEPS[0]) if warmup is None else warmup
     draws = (100 if quick else NET_STEPS[1]) if draws is None else draws
     rows = []
-    models = _net_models()
+    models = _net_models(seed)
     batch = "full batch" if batch_size is None else f"batch {batch_size}"
-    cases = [(f"{name} sampler={sampler} {warmup}+{draws} {batch}", model, data, sampler)
+    tag = f" seed {seed}" if seed else ""
+    cases = [(f"{name} sampler={sampler} {warmup}+{draws} {batch}{tag}", model, data, sampler)
              for name, model, data in models for sampler in samplers]
     for name, model, data, sampler in cases:
         start = time.process_time()
@@ -157,7 +164,7 @@ def _net_check(quick: bool, warmup: int | None = None, samplers: tuple[str, ...]
             warnings.simplefilter("always")
             post = pb.sample(model, "cross_entropy", data, beta=1.0 / len(data[1]), sampler=sampler,
                              prior=pb.GaussianPrior(std=1.0), step_size="auto", num_chains=4,
-                             num_warmup=warmup, num_draws=draws, batch_size=batch_size, seed=0)
+                             num_warmup=warmup, num_draws=draws, batch_size=batch_size, seed=seed)
         cpu = time.process_time() - start
         energy = post.sample_stats["energy"].double().numpy()
         rhat = float(az.rhat(energy))
@@ -275,16 +282,17 @@ def step_arithmetic(replicates: int = 400, seed: int = 0) -> dict:
     return {"analytic": analytic, "exact": exact, "replicates": replicates}
 
 
-def _net_models() -> list[tuple[str, nn.Module, tuple[torch.Tensor, torch.Tensor]]]:
-    """The MLP and CNN of the net check (fresh modules, seeded)."""
+def _net_models(seed: int = 0) -> list[tuple[str, nn.Module, tuple[torch.Tensor, torch.Tensor]]]:
+    """The MLP and CNN of the net check (fresh modules, their initial weights from ``seed``; the data
+    always the same)."""
     x, y = pb.data.make_classification_data(n=1000, num_classes=3, seed=0)
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     mlp = nn.Sequential(nn.Linear(2, 32), nn.Tanh(), nn.Linear(32, 32), nn.Tanh(), nn.Linear(32, 3))
     g = torch.Generator().manual_seed(0)
     labels = torch.randint(0, 3, (600,), generator=g)
     patterns = torch.randn(3, 1, 8, 8, generator=g)
     images = patterns[labels] + 1.5 * torch.randn(600, 1, 8, 8, generator=g)
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     cnn = nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 6 * 6, 3))
     return [("mlp 2-32-32-3", mlp, (x, y)), ("cnn conv4-fc3", cnn, (images, labels))]
 
@@ -398,6 +406,8 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--no-nets", action="store_true", help="skip the MLP/CNN check")
+    ap.add_argument("--confirm-nets", action="store_true",
+                    help="the pre-registered confirmation of the 1000+20000 net budget on NET_CONFIRM_SEEDS")
     ap.add_argument("--nets-only", action="store_true", help="only the MLP/CNN check")
     ap.add_argument("--net-warmup", type=int, help="warm-up steps of the MLP/CNN check (default 1000)")
     ap.add_argument("--net-samplers", help="comma-separated samplers for the MLP/CNN check (default: "
@@ -428,6 +438,17 @@ def main(argv: list[str] | None = None) -> int:
                                        step_size=pb.samplers.step_size.AutoStep(adapt=True)
                                        if args.net_adapt else "auto")]
         print(json.dumps(rows, indent=1, default=str))
+        return 0
+    if args.confirm_nets:  # the pre-registered confirmation (NET_CONFIRM_SEEDS)
+        nets = [r for seed in NET_CONFIRM_SEEDS
+                for r in _net_check(False, NET_STEPS[0], (NET_SAMPLER,), NET_BATCH, NET_LONG_DRAWS, seed)]
+        print(json.dumps(nets, indent=1, default=str))
+        met = all(r["diverged"] == 0 and r["energy_rhat"] <= 1.05 for r in nets)
+        print(f"confirmation on seeds {NET_CONFIRM_SEEDS}: {'met' if met else 'NOT met'} "
+              f"(max energy R-hat {max(r['energy_rhat'] for r in nets):.3f})", flush=True)
+        if args.out:
+            with open(args.out, "w") as fh:
+                json.dump({"nets": nets}, fh, indent=1, default=str)
         return 0
     if args.nets_only:
         batch = (NET_BATCH if args.net_batch is None else None if args.net_batch == "none"
