@@ -445,15 +445,16 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(phases_one(*args.phase)))
         return 0
     if args.phases:
-        for r in phase_rows(args.repeats or 3):
+        phases = phase_rows(args.repeats or 3)
+        for r in phases:
             print(f"{r['name']}: load {r['load_cpu_s']:.4f} s = populated allocation {r['alloc_s']:.4f} + "
                   f"chunk reads {r['read_s']:.4f} + XXH3-64 {r['hash_s']:.4f} + NaN/Inf test "
                   f"{r['scan_s']:.4f} "
                   f"+ the rest; torch.load {r['torch_load_cpu_s']:.4f} s, of which paging in its result "
                   f"{r['torch_pages_s']:.4f} (medians)", flush=True)
-            if args.out:
-                with open(args.out, "w") as fh:
-                    json.dump(r, fh, indent=1)
+        if args.out:  # every row, once (not each row over the last)
+            with open(args.out, "w") as fh:
+                json.dump(phases, fh, indent=1)
         return 0
     if args.stream:
         store, weights_out, draws = args.stream
