@@ -109,8 +109,8 @@ class _Checkpointer:
             raise ValueError(f"checkpoint: {str(path)!r} is a checkpoint of an older pib_bayes (version 1 "
                              f"or 2; this one writes version {CHECKPOINT_VERSION}, whose fingerprint is "
                              "derived from the run's metadata), so it cannot be checked against this run; "
-                             "finish that run with the pib_bayes that wrote it, or pass resume=False to "
-                             "start over")
+                             "finish that run with the pib_bayes that wrote it, or pass resume=False "
+                             "(pib-bayes sample: leave out --resume) to start over")
         if not isinstance(saved.get("setup"), str):
             raise ValueError(f"resume: the checkpoint {str(path)!r} predates the check that it comes from "
                              "the same data and initial weights (written by pib_bayes <= 0.2), so it "
