@@ -65,6 +65,7 @@ for bit.
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import inspect
 import io
@@ -439,6 +440,13 @@ def _rank_checkpoint(kwargs: dict[str, Any], tag: str) -> dict[str, Any]:
 
 
 # ----------------------------------------------------------------------- store=: one file on dst
+def _gathering(store: str | None, num_chains: int) -> contextlib.AbstractContextManager[None]:
+    """dst's sample() call: its disk check also counts the store it gathers afterwards."""
+    from .driver.checks import gathered_store
+
+    return contextlib.nullcontext() if store is None else gathered_store(store, num_chains)
+
+
 def _rank_files(post: Posterior | None, kwargs: dict[str, Any]) -> None:
     """Delete what a rank's streamed ``sample`` call left once the store holds the run: its own
     store file and its checkpoint (which would point at that file)."""
@@ -775,7 +783,8 @@ def _chains(model: nn.Module, loss_fn: Any, data: Any, group: Any, rank: int, wo
         if shares[rank]:
             if beat is not None:
                 run_kwargs = {**run_kwargs, "gradient_transform": beat}
-            post = sample(model, loss_fn, data, chain_ids=shares[rank], **run_kwargs)
+            with _gathering(store if rank == dst else None, num_chains):
+                post = sample(model, loss_fn, data, chain_ids=shares[rank], **run_kwargs)
             part = _parts(post) if store is None else _layout(post)
     except _PeerFailed:
         pass  # the heartbeat's own error is raised by finish() below
@@ -891,8 +900,9 @@ def _data_parallel(model: nn.Module, loss_fn: Any, data: Any, group: Any, rank: 
         try:
             tag = f"chain{ids[0]}" if len(ids) == 1 else "chains"
             chain_kwargs = _rank_checkpoint(rest, f"rank{rank}-of-{world}.{tag}")
-            post = sample(model, loss_fn, data, sampler=inner, gradient_transform=wrapper, chain_ids=ids,
-                          chain_method="vectorized" if len(ids) > 1 else "sequential", **chain_kwargs)
+            with _gathering(store if rank == dst else None, num_chains):
+                post = sample(model, loss_fn, data, sampler=inner, gradient_transform=wrapper, chain_ids=ids,
+                              chain_method="vectorized" if len(ids) > 1 else "sequential", **chain_kwargs)
         except _PeerFailed:
             error = RuntimeError("stopped because another rank failed")
         except DistributedSamplingError:

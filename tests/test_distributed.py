@@ -251,6 +251,27 @@ def _scenario_store_locked(rank: int, out: str) -> None:
 STORE_RUN = dict(CHAIN_ARGS, chain_method="sequential", checkpoint_every=6)
 
 
+def _scenario_store_disk(rank: int, out: str) -> None:
+    """No disk space anywhere: every rank refuses before sampling, and dst's refusal also counts
+    the store it would gather (chains mode, then data mode)."""
+    import shutil
+
+    real = shutil.disk_usage
+    shutil.disk_usage = lambda path: shutil._ntuple_diskusage(2**40, 2**40, 0)
+    try:
+        for mode, data, kw in (("chains", _data(), CHAIN_ARGS), ("data", shard(_data(DATA_N)), DATA_ARGS)):
+            try:
+                sample_distributed(_model(), "gaussian", data, mode=mode,
+                                   store=os.path.join(out, f"disk_{mode}.nc"), **kw)
+            except DistributedSamplingError as err:
+                with open(os.path.join(out, f"store_disk_{mode}.rank{rank}.txt"), "w") as f:
+                    f.write(str(err))
+            else:
+                raise AssertionError(f"rank {rank}: mode={mode} sampled on a full disk")
+    finally:
+        shutil.disk_usage = real
+
+
 def _scenario_fail_store(rank: int, out: str) -> None:
     """Rank 1 raises in its second chain (chain 4) after a few checkpoints; rank 0 finishes."""
     _small_chunks()
@@ -336,7 +357,7 @@ def _results(out, scenario: str) -> list[dict]:
 
 
 SCENARIOS = ["chains", "data", "fail_chains", "fail_data", "resume_data", "bad_input", "store", "fail_store",
-             "resume_store", "store_locked"]
+             "resume_store", "store_locked", "store_disk"]
 
 
 @pytest.fixture(scope="module")
@@ -552,6 +573,17 @@ def test_store_streams_each_ranks_draws_into_one_file_equal_to_the_in_memory_run
     left = sorted(p.name for p in run_dir.iterdir()
                   if p.name.lstrip(".").startswith(ours) and not p.name.endswith(".nc"))
     assert left == [], left
+
+
+def test_a_full_disk_stops_every_rank_before_sampling_and_dst_counts_the_gathered_store(run_dir):
+    _ok(run_dir, "store_disk")
+    for mode in ("chains", "data"):
+        texts = [(run_dir / f"store_disk_{mode}.rank{r}.txt").read_text() for r in range(WORLD)]
+        assert texts[0] == texts[1]  # every rank raises the same DistributedSamplingError
+        dst_part, other_part = texts[0].split("; rank 1 failed: ")
+        assert "rank 0 failed: ValueError: store: the run would write" in dst_part
+        assert "gathered from every rank" in dst_part and "gathered" not in other_part
+        assert not list(run_dir.glob(f"disk_{mode}.nc*"))  # nothing written
 
 
 def test_a_failed_streamed_run_resumes_into_the_store_bit_identically(run_dir):

@@ -254,3 +254,29 @@ def test_the_disk_check_counts_the_draws_and_the_segments_a_resume_keeps(monkeyp
     with pytest.raises(ValueError) as resumed:
         _run(store=tmp_path / "post.nc", num_draws=25)
     assert _needed(resumed) == _needed(small) - 10_000
+
+
+def test_the_disk_check_of_dst_counts_the_store_it_gathers_from_every_rank(monkeypatch, tmp_path):
+    """sample_distributed's dst (driver.checks.gathered_store) streams its own chains and then writes
+    the store of every rank's chains: its disk check counts that store too, and the estimate covers
+    the file a run of all the chains writes. Twin: without the gathered store the need is smaller."""
+    from pib_bayes.driver.checks import gathered_store
+
+    def one_chain(**kw):
+        torch.manual_seed(0)
+        x, y = pb.data.make_classification_data(n=128, num_classes=3, seed=2)
+        model = nn.Sequential(nn.Linear(2, 8), nn.Tanh(), nn.Linear(8, 3))
+        return pb.sample(model, "cross_entropy", (x, y), beta=1 / 128, step_size=1e-3, num_chains=3,
+                         num_warmup=20, num_draws=25, batch_size=16, seed=3, **kw)
+
+    _fake_disk(monkeypatch, 0)
+    with pytest.raises(ValueError) as alone:
+        one_chain(chain_ids=[0], store=tmp_path / "post.nc.rank0-of-3")
+    with gathered_store(str(tmp_path / "post.nc"), 3), pytest.raises(
+            ValueError, match=r"gathered from every rank") as gathering:
+        one_chain(chain_ids=[0], store=tmp_path / "post.nc.rank0-of-3")
+    assert "gathered" not in str(alone.value)
+    extra = _needed(gathering) - _needed(alone)
+    monkeypatch.undo()
+    one_chain(store=tmp_path / "all.nc")  # the store of all 3 chains, as dst writes it
+    assert 0 < os.path.getsize(tmp_path / "all.nc") <= extra

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import math
 import os
 import shutil
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -102,6 +104,23 @@ def _existing_folder(path: str) -> str:
     return folder
 
 
+# sample_distributed on dst: the store it writes after sampling from every rank's draws (its path and
+# number of chains), which the disk check of dst's own sample() call counts too
+_GATHERED_STORE: contextvars.ContextVar[tuple[str, int] | None] = contextvars.ContextVar(
+    "pib_bayes_gathered_store", default=None)
+
+
+@contextlib.contextmanager
+def gathered_store(path: str, num_chains: int) -> Iterator[None]:
+    """Within the block, :func:`sample`'s disk check also counts a store of ``num_chains`` chains at
+    ``path`` (the one :func:`~pib_bayes.distributed.sample_distributed` gathers on ``dst``)."""
+    token = _GATHERED_STORE.set((path, num_chains))
+    try:
+        yield
+    finally:
+        _GATHERED_STORE.reset(token)
+
+
 def _check_run_disk(store: str | None, checkpoint: str | None, named: list[tuple[str, Tensor]],
                     keep_names: list[str], num_chains: int, num_draws: int, num_stats: int,
                     fixed_bytes: int) -> None:
@@ -114,7 +133,8 @@ def _check_run_disk(store: str | None, checkpoint: str | None, named: list[tuple
     exist: the same draws again, each variable in whole chunks (an edge chunk padded), plus the
     fixed tensors. With ``checkpoint=`` each checkpoint also replaces a payload of about four copies
     of the C x D chain state (old and new file both exist for a moment). The segments already in
-    the folder (a resumed run keeps them, a fresh one deletes them) count as space available."""
+    the folder (a resumed run keeps them, a fresh one deletes them) count as space available. On
+    ``sample_distributed``'s ``dst`` (:func:`gathered_store`) the gathered store counts too."""
     if store is None and checkpoint is None:
         return
     item = itemsize(named[0][1].dtype)
@@ -128,11 +148,18 @@ def _check_run_disk(store: str | None, checkpoint: str | None, named: list[tuple
     needs: list[tuple[str, str, int]] = [  # (file system's folder, what, bytes)
         (_existing_folder(segs), f"its draws as segments in {segs!r}",
          max(0, num_chains * num_draws * per_draw - _dir_bytes(segs)))]
+
+    def store_bytes(chains: int) -> int:
+        return (sum(_stored_bytes((chains, *s[1:]), item, 1) for s in kept)
+                + sum(_stored_bytes((chains, num_draws), i, 1) for i in stat_items)
+                + fixed_bytes + 2**20)  # + HDF5 structure and the trailer (about 32 B a chunk)
+
     if store is not None:
-        file_bytes = (sum(_stored_bytes(s, item, 1) for s in kept)
-                      + sum(_stored_bytes((num_chains, num_draws), i, 1) for i in stat_items)
-                      + fixed_bytes + 2**20)  # + HDF5 structure and the trailer (about 32 B a chunk)
-        needs.append((_existing_folder(store), f"the store {store!r}", file_bytes))
+        needs.append((_existing_folder(store), f"the store {store!r}", store_bytes(num_chains)))
+    gathered = _GATHERED_STORE.get()
+    if gathered is not None:
+        needs.append((_existing_folder(gathered[0]), f"the store {gathered[0]!r} gathered from every rank",
+                      store_bytes(gathered[1])))
     if checkpoint is not None:
         needs.append((_existing_folder(checkpoint), f"the checkpoint {checkpoint!r}",
                       2 * 4 * num_chains * d * item))
