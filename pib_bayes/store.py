@@ -334,21 +334,24 @@ def _check_structure(path: Path, size: int) -> None:
             info = json.loads(body)
         except (json.JSONDecodeError, UnicodeDecodeError, RecursionError):
             info = None
-        ok = isinstance(info, dict) and is_int(info.get("hdf5_size")) and isinstance(
-            info.get("structure_blake2b"), str)
-        chunks = info.get("chunks") if ok else None
-        ok = ok and isinstance(chunks, list) and all(
-            isinstance(c, list) and len(c) == 2 and all(is_int(v) for v in c) for c in chunks)
+        ok = (isinstance(info, dict) and is_int(info.get("hdf5_size"))
+              and isinstance(info.get("structure_blake2b"), str) and _is_chunk_list(info.get("chunks")))
         if not ok or body != _trailer_json(info):
             raise FormatError(f"{path}: corrupt trailer (the pib_bayes structure record is damaged)")
         if info["hdf5_size"] + n + _FOOTER != size:
             raise FormatError(f"{path}: size mismatch: the file has {size} bytes, its trailer says "
                               f"{info['hdf5_size'] + n + _FOOTER} (truncated, or bytes inserted): the file "
                               "is corrupt")
-        _check_digest(path, fh, 0, info["hdf5_size"], chunks, info["structure_blake2b"])
+        _check_digest(path, fh, 0, info["hdf5_size"], info["chunks"], info["structure_blake2b"])
 
 
 HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"
+
+
+def _is_chunk_list(chunks: Any) -> bool:
+    """Whether a structure record's ``chunks`` is a list of ``[offset, size]`` integer pairs."""
+    return isinstance(chunks, list) and all(
+        isinstance(c, list) and len(c) == 2 and all(is_int(v) for v in c) for c in chunks)
 
 
 def _check_digest(path: Path, fh: Any, start: int, end: int, chunks: list[list[int]], digest: Any) -> None:
@@ -378,11 +381,7 @@ def _check_userblock(path: Path, fh: Any, size: int) -> None:
     except (json.JSONDecodeError, UnicodeDecodeError, RecursionError):
         info = None
     ok = (isinstance(info, dict) and isinstance(info.get("userblock"), int)
-          and isinstance(info.get("size"), int))
-    chunks = info.get("chunks") if ok else None
-    ok = ok and isinstance(chunks, list) and all(
-        isinstance(c, list) and len(c) == 2
-        and all(isinstance(v, int) and not isinstance(v, bool) for v in c) for c in chunks)
+          and isinstance(info.get("size"), int) and _is_chunk_list(info.get("chunks")))
     if ok and len(head) < info["userblock"] <= min(size, _MAX_USERBLOCK):
         head += fh.read(info["userblock"] - len(head))
     if not ok or head[:info["userblock"]] != _userblock_bytes(info).ljust(info["userblock"], b"\0"):
@@ -390,7 +389,7 @@ def _check_userblock(path: Path, fh: Any, size: int) -> None:
     if info["size"] != size:
         raise FormatError(f"{path}: size mismatch: the file has {size} bytes, its header says "
                           f"{info['size']} (truncated, or bytes appended): the file is corrupt")
-    _check_digest(path, fh, info["userblock"], size, chunks, info.get("structure_blake2b"))
+    _check_digest(path, fh, info["userblock"], size, info["chunks"], info.get("structure_blake2b"))
 
 
 def _read_dataset(path: Path, gname: str, name: str, ds: Any) -> np.ndarray:
