@@ -78,6 +78,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from ._validate import itemsize
 from .data import as_tensors
 from .driver import sample
 from .posterior import Posterior
@@ -481,7 +482,7 @@ def _schedule(shapes: dict[str, tuple[int, ...]], dtypes: dict[str, torch.dtype]
     for name, shape in shapes.items():
         if not math.prod(shape):
             continue
-        chunk = _chunks(shape, torch.empty((), dtype=dtypes[name]).element_size(), 1)
+        chunk = _chunks(shape, itemsize(dtypes[name]), 1)
         out += [(name, _region(shape, chunk, off)) for off in _grid(shape, chunk)]
     return out
 
@@ -518,8 +519,7 @@ class _Gather:
             raise RuntimeError(f"gather of the draws: chunk {name} {region} out of order")
         c = region[0].start
         if c in self.local:
-            post, i = self.local[c]
-            t = post.draws.source(name).block((slice(i, i + 1), *region[1:]))
+            t = _local_block(self.local, name, region)
         else:
             t = self._recv(name, region)
         self.done += 1
@@ -541,11 +541,17 @@ class _Gather:
         return _recv_block(self.dtypes[name], region, self.owner[region[0].start], self.group, self.rank)
 
 
+def _local_block(local: dict[int, tuple[Posterior, int]], name: str, region: tuple[slice, ...]) -> Tensor:
+    """The store chunk ``region`` (one chain's) of ``name`` from this rank's own streamed file."""
+    post, i = local[region[0].start]
+    return post.draws.source(name).block((slice(i, i + 1), *region[1:]))
+
+
 def _recv_block(dtype: torch.dtype, region: tuple[slice, ...], src: int, group: Any, rank: int) -> Tensor:
     import torch.distributed as dist
 
     dims = [r.stop - r.start for r in region]
-    raw = torch.empty(math.prod(dims) * torch.empty((), dtype=dtype).element_size(), dtype=torch.uint8)
+    raw = torch.empty(math.prod(dims) * itemsize(dtype), dtype=torch.uint8)
     _collective("gather of the draws", rank, dist.recv, raw, group=group, group_src=src)
     return raw.view(dtype).reshape(dims)
 
@@ -566,8 +572,7 @@ def _send_blocks(shapes: dict[str, tuple[int, ...]], dtypes: dict[str, torch.dty
         t = None
         if error is None:
             try:
-                post, i = local[c]
-                t = post.draws.source(name).block((slice(i, i + 1), *region[1:])).contiguous()
+                t = _local_block(local, name, region).contiguous()
             except Exception as err:  # a damaged rank file
                 error = err
         if t is None:
@@ -917,17 +922,16 @@ def _data_parallel(model: nn.Module, loss_fn: Any, data: Any, group: Any, rank: 
         assert post is not None
         parts.append(_combine_shards(post, weight, device, group, rank, world, mask_draws=store is None))
         call_kwargs.append(chain_kwargs)
+    whole_data = {"n": sum(sizes), "batch_size_per_rank": kwargs.get("batch_size")}  # the merged metadata's
     if store is None:
         merged = _merge([_parts(p) for p in parts], model, info)
-        merged.metadata["n"] = sum(sizes)
-        merged.metadata["batch_size_per_rank"] = kwargs.get("batch_size")
+        merged.metadata.update(whole_data)
         return merged if dst is None or rank == dst else None
     # store=: every rank holds the same draws; dst writes its own into the store, chunk by chunk,
     # NaN at a divergence step of any rank (as _combine_shards does in memory)
     if rank == dst:
         rest = _merge_rest([_parts(p) for p in parts], info)
-        rest["metadata"]["n"] = sum(sizes)
-        rest["metadata"]["batch_size_per_rank"] = kwargs.get("batch_size")
+        rest["metadata"].update(whole_data)
         first = parts[0].draws
         shapes = {n: (num_chains, *first.shape(n)[1:]) for n in first}
         local = {c: (p, i) for p, ids in zip(parts, calls, strict=True) for i, c in enumerate(ids)}
