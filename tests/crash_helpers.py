@@ -3,9 +3,12 @@ and a child process that a test can SIGKILL at any moment."""
 
 from __future__ import annotations
 
+import os
+import signal
 import subprocess
 import sys
 import textwrap
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -41,6 +44,18 @@ def start_run_child(tmp_path: Path, out: Path, *, store: Path | None = None, ckp
     args = [out, store or "-", ckpt or "-", "-" if chunk_bytes is None else chunk_bytes]
     return subprocess.Popen([sys.executable, str(script), *map(str, args)], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
+
+
+def kill_after_ready(proc: subprocess.Popen, delay: float) -> bool:
+    """Wait for the child's READY line, then SIGKILL it ``delay`` seconds later unless it has already
+    finished, and reap it; True if the kill hit a running run."""
+    assert proc.stdout is not None and proc.stdout.readline().strip() == "READY"
+    time.sleep(delay)
+    killed = proc.poll() is None
+    if killed:
+        os.kill(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=60)
+    return killed
 
 
 class Crash(Exception):

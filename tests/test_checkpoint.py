@@ -3,15 +3,12 @@
 from __future__ import annotations
 
 import json
-import os
-import signal
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from crash_helpers import Crash, crashing_stat, start_run_child
+from crash_helpers import Crash, crashing_stat, kill_after_ready, start_run_child
 from torch import nn
 
 import pib_bayes as pb
@@ -30,12 +27,7 @@ def test_sigkill_at_random_moments_then_resume_is_bit_identical(tmp_path):
     kills = 0
     for _ in range(4):
         proc = _child(tmp_path, tmp_path / "resumed.pib", ckpt)
-        assert proc.stdout.readline().strip() == "READY"
-        time.sleep(float(rng.uniform(0.2, 1.5)))
-        if proc.poll() is None:
-            os.kill(proc.pid, signal.SIGKILL)
-            kills += 1
-        proc.wait(timeout=60)
+        kills += kill_after_ready(proc, float(rng.uniform(0.2, 1.5)))
         if ckpt.exists():  # whatever moment the kill hit, the checkpoint on disk is whole
             pb.io.load_payload(ckpt, "checkpoint", (pb.driver.checkpoint.CHECKPOINT_VERSION,))
     assert kills >= 1

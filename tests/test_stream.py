@@ -3,13 +3,11 @@
 from __future__ import annotations
 
 import os
-import signal
-import time
 
 import numpy as np
 import pytest
 import torch
-from crash_helpers import Crash, crashing_stat, start_run_child
+from crash_helpers import Crash, crashing_stat, kill_after_ready, start_run_child
 from torch import nn
 
 import pib_bayes as pb
@@ -157,12 +155,7 @@ def test_sigkill_at_random_moments_of_a_streamed_run_then_resume_is_bit_identica
     kills = 0
     for _ in range(5):
         proc = _child(tmp_path, tmp_path / "resumed.nc", store, ckpt)
-        assert proc.stdout.readline().strip() == "READY"
-        time.sleep(float(rng.uniform(0.2, 2.0)))
-        if proc.poll() is None:
-            os.kill(proc.pid, signal.SIGKILL)
-            kills += 1
-        proc.wait(timeout=60)
+        kills += kill_after_ready(proc, float(rng.uniform(0.2, 2.0)))
         if ckpt.exists():  # whatever moment the kill hit, the checkpoint and the segments it lists are whole
             pb.io.load_payload(ckpt, "checkpoint", (ckpt_mod.CHECKPOINT_VERSION,))
             segments = _Segments(segments_dir(ckpt))
