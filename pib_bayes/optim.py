@@ -31,6 +31,7 @@ from torch import Tensor
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LRScheduler
 
+from ._validate import check_count, is_int
 from .samplers.core import NOISES, SCRATCH, GaussianNoise, Kernel, NoisePrefetcher, Workspace, make_noise
 from .samplers.kernels import build_psgld, build_sghmc, build_sgld, build_sgnht
 from .samplers.schedules import Schedule
@@ -92,9 +93,7 @@ class _LangevinOptimizer(Optimizer):
 
     @step_count.setter
     def step_count(self, value: int) -> None:
-        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-            raise ValueError(f"step_count: must be an int >= 0 (steps taken), got {value!r}")
-        self._step_count = value
+        self._step_count = check_count("step_count", value, 0, "steps taken")
 
     def _set_runtime(self, noise: str, generator: torch.Generator, prefetch_noise: bool) -> None:
         """The noise source and the caches (not part of torch.optim's pickled state)."""
@@ -243,7 +242,7 @@ class _LangevinOptimizer(Optimizer):
         state_dict = dict(state_dict)
         gen_state = state_dict.pop("generator_state", None)
         count = state_dict.pop("step_count", 0)
-        if isinstance(count, bool) or not isinstance(count, int) or count < 0:
+        if not is_int(count) or count < 0:
             raise ValueError(f"state_dict: 'step_count' must be an int >= 0, got {count!r}")
         super().load_state_dict(state_dict)
         self._step_count = count
